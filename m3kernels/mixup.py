@@ -1,0 +1,82 @@
+"""M³ (Mixup Model Merge) mixing ratios: Beta(α, α) for two models, Dirichlet(α·1) beyond.
+
+One draw per merge from a seeded generator. We use NumPy's legacy ``RandomState``: its
+streams (including ``beta`` and ``dirichlet``) are frozen by NumPy's compatibility policy
+(NEP 19), so the same seed gives the same ratios with any NumPy version on any machine,
+which the newer ``Generator`` API does not promise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+
+def draw_mix_ratios(alpha: float, n: int, seed: int = 0) -> tuple[float, ...]:
+    """Draw the M³ ratios r_1..r_n (they sum to 1) for ``n`` models.
+
+    n = 1 gives (1.0,); n = 2 gives (λ, 1 − λ) with λ ~ Beta(α, α); n > 2 gives a
+    Dirichlet(α, ..., α) draw.
+    """
+    alpha = float(alpha)
+    if not alpha > 0 or math.isinf(alpha):
+        raise ValueError(f"mixup_alpha must be a finite number > 0, got {alpha}")
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"number of models must be >= 1, got {n}")
+    seed = int(seed)
+    if seed < 0 or seed >= 2**32:
+        raise ValueError(f"seed must be in [0, 2**32) for the M³ draw, got {seed}")
+    if n == 1:
+        return (1.0,)
+    rs = np.random.RandomState(seed)
+    if n == 2:
+        lam = float(rs.beta(alpha, alpha))
+        return (lam, 1.0 - lam)
+    return tuple(float(x) for x in rs.dirichlet([alpha] * n))
+
+
+def normalize_mix_ratios(mix_ratios, n: int) -> tuple[float, ...]:
+    """Validate user-given ratios; a scalar λ for two models means (λ, 1 − λ)."""
+    if isinstance(mix_ratios, (int, float)):
+        if n != 2:
+            raise ValueError(f"mix_ratios: a scalar λ needs exactly 2 models, got {n}")
+        lam = float(mix_ratios)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"mix_ratios: λ must be in [0, 1], got {lam}")
+        return (lam, 1.0 - lam)
+    ratios = tuple(float(x) for x in mix_ratios)
+    if len(ratios) != n:
+        raise ValueError(f"mix_ratios: expected {n} values (one per model), got {len(ratios)}")
+    for r in ratios:
+        if not math.isfinite(r) or r < 0:
+            raise ValueError(f"mix_ratios: values must be finite and >= 0, got {ratios}")
+    return ratios
+
+
+def resolve_mix_ratios(n: int, mix_ratios=None, mixup_alpha=None, seed: int = 0) -> tuple[float, ...]:
+    """Ratios from explicit ``mix_ratios``, or drawn from ``mixup_alpha``, or all ones."""
+    if mix_ratios is not None and mixup_alpha is not None:
+        raise ValueError("mix_ratios and mixup_alpha: give one or the other, not both")
+    if mix_ratios is not None:
+        return normalize_mix_ratios(mix_ratios, n)
+    if mixup_alpha is not None:
+        return draw_mix_ratios(mixup_alpha, n, seed)
+    return (1.0,) * n
+
+
+def as_per_model(value, n: int, arg: str) -> tuple[float, ...] | None:
+    """A scalar or one value per model -> tuple of n floats (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return (float(value),) * n
+    vals = tuple(float(v) for v in value)
+    if len(vals) != n:
+        raise ValueError(f"{arg}: expected a scalar or {n} values (one per model), got {len(vals)}")
+    return vals
+
+
+__all__ = ["draw_mix_ratios", "normalize_mix_ratios", "resolve_mix_ratios", "as_per_model"]

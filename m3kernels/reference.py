@@ -1,0 +1,124 @@
+"""Plain-PyTorch float64 implementation of the merge contract: the oracle for every test.
+
+Decisions (DARE keep, trim, sign vote) are made on the float32 deltas exactly as the kernels
+make them (SPEC: all kernel arithmetic is float32), so a reference and a kernel never
+disagree about *which* values are merged; the merged *values* are computed in float64.
+Thresholds come from a full sort, DARE masks from :mod:`m3kernels.philox`: nothing here
+shares code with the kernels' stage A or stage B.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .philox import dare_keep_mask
+from .recipe import MEAN, SUM, TIES, Recipe, make_recipe
+
+F32, F64 = torch.float32, torch.float64
+
+
+def _f32(x: float) -> torch.Tensor:
+    return torch.tensor(x, dtype=F32)
+
+
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    """The exact k-th largest entry of a float32 tensor (k >= 1), by full sort."""
+    flat = values.reshape(-1)
+    return float(torch.sort(flat, descending=True).values[k - 1])
+
+
+def sparsified_deltas(base, models, recipe: Recipe, name: str = ""):
+    """DARE-dropped deltas, before the trim: (float32 list, float64 list, keep masks)."""
+    shape = models[0].shape
+    b32 = base.to(F32) if recipe.uses_base else torch.zeros(shape, dtype=F32)
+    b64 = base.to(F64) if recipe.uses_base else torch.zeros(shape, dtype=F64)
+    d32 = [m.to(F32) - b32 for m in models]
+    d64 = [m.to(F64) - b64 for m in models]
+    masks = [None] * recipe.n
+    if recipe.dare_density is not None:
+        for i, dens in enumerate(recipe.dare_density):
+            keep = dare_keep_mask(recipe.seed, name, i, shape, dens)
+            if recipe.rescale == "density":
+                s64 = 1.0 / dens if dens > 0 else 0.0
+            elif recipe.rescale == "none":
+                s64 = 1.0
+            else:  # l1: Σ|δ| / Σ|kept δ|
+                total = float(d64[i].abs().sum())
+                kept = float((d64[i] * keep).abs().sum())
+                s64 = total / kept if kept > 0 else 1.0
+            d32[i] = torch.where(keep, d32[i] * _f32(s64), torch.zeros((), dtype=F32))
+            d64[i] = torch.where(keep, d64[i] * s64, torch.zeros((), dtype=F64))
+            masks[i] = keep
+    return d32, d64, masks
+
+
+def trim_k_values(recipe: Recipe, numel: int) -> list[Optional[int]]:
+    if recipe.trim_density is None:
+        return [None] * recipe.n
+    return [int(math.floor(d * numel)) for d in recipe.trim_density]
+
+
+def reference_thresholds(base, models, recipe: Recipe, name: str = "") -> list[Optional[float]]:
+    """Per-model trim threshold t_i (float32 value; inf = keep nothing; None = no trim)."""
+    d32, _, _ = sparsified_deltas(base, models, recipe, name)
+    out = []
+    for i, k in enumerate(trim_k_values(recipe, d32[0].numel())):
+        if k is None:
+            out.append(None)
+        elif k <= 0:
+            out.append(math.inf)
+        else:
+            out.append(kth_largest(d32[i].abs(), min(k, d32[i].numel())))
+    return out
+
+
+def reference_merge(base, models, recipe: Recipe, name: str = "",
+                    thresholds: Optional[Sequence[Optional[float]]] = None):
+    """Merge one tensor; returns (float64 result, info dict with thresholds, masks, sign)."""
+    d32, d64, masks = sparsified_deltas(base, models, recipe, name)
+    if thresholds is None:
+        thresholds = reference_thresholds(base, models, recipe, name)
+    for i, t in enumerate(thresholds):
+        if t is not None:
+            keep = d32[i].abs() >= t
+            d32[i] = torch.where(keep, d32[i], torch.zeros((), dtype=F32))
+            d64[i] = torch.where(keep, d64[i], torch.zeros((), dtype=F64))
+    coefs = recipe.coefs
+    sign = None
+    if recipe.combine == TIES:
+        vote = torch.zeros_like(d32[0])
+        for w, d in zip(recipe.weights, d32):
+            vote = vote + _f32(w) * d          # float32, model order, no fused multiply-add
+        sign = vote >= 0
+        num = torch.zeros_like(d64[0])
+        den = torch.zeros_like(d64[0])
+        for c, a, b in zip(coefs, d32, d64):
+            agree = (a != 0) & ((a > 0) == sign)
+            num = num + torch.where(agree, c * b, 0.0)
+            den = den + torch.where(agree, c, 0.0)
+        if recipe.normalize:
+            m = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+        else:
+            m = num
+    else:
+        m = sum(c * d for c, d in zip(coefs, d64))
+        if recipe.combine == MEAN:
+            m = m / sum(coefs)
+    b64 = base.to(F64) if recipe.uses_base else torch.zeros_like(d64[0])
+    out = b64 + recipe.lambda_ * m
+    return out, {"thresholds": list(thresholds), "dare_masks": masks, "sign": sign}
+
+
+def reference_merge_tensors(base, models, *, method, out_dtype=None, name="", thresholds=None,
+                            **kwargs) -> torch.Tensor:
+    """Same arguments as :func:`m3kernels.merge_tensors`; returns the float64 result."""
+    recipe = make_recipe(len(models), method=method, has_base=base is not None, **kwargs)
+    out, _ = reference_merge(base, list(models), recipe, name, thresholds)
+    return out
+
+
+__all__ = ["reference_merge", "reference_merge_tensors", "reference_thresholds", "kth_largest",
+           "sparsified_deltas"]
