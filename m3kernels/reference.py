@@ -97,10 +97,11 @@ def reference_merge(base, models, recipe: Recipe, name: str = "",
         den = torch.zeros_like(d64[0])
         for c, a, b in zip(coefs, d32, d64):
             agree = (a != 0) & ((a > 0) == sign)
-            num = num + torch.where(agree, c * b, 0.0)
-            den = den + torch.where(agree, c, 0.0)
+            num = num + agree.to(F64) * (c * b)
+            den = den + agree.to(F64) * c
         if recipe.normalize:
-            m = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+            safe = torch.where(den != 0, den, torch.ones_like(den))
+            m = torch.where(den != 0, num / safe, torch.zeros_like(num))
         else:
             m = num
     else:

@@ -1,0 +1,82 @@
+"""Test helpers: random merge inputs, the ulp tolerance, and the backends available here."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from m3kernels.backends import available_backends
+
+F32_EPS = 2.0 ** -23
+MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
+MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
+
+
+def have_backend(name: str) -> bool:
+    return available_backends().get(name) == "available"
+
+
+def make_inputs(shape, n, dtypes, gen, *, related=True, base=True):
+    """base + n models; fine-tunes = base + small noise when ``related`` (like real fine-tunes).
+
+    ``dtypes`` = (base dtype, [model dtypes]) .
+    """
+    base_dtype, model_dtypes = dtypes
+    b = torch.randn(shape, generator=gen, dtype=torch.float64)
+    models = []
+    for i in range(n):
+        if related:
+            x = b + 0.01 * torch.randn(shape, generator=gen, dtype=torch.float64)
+        else:
+            x = torch.randn(shape, generator=gen, dtype=torch.float64)
+        models.append(x.to(model_dtypes[i % len(model_dtypes)]))
+    return (b.to(base_dtype) if base else None), models
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` at |x| (float64 tensor), down to the subnormal spacing."""
+    m = MANTISSA_BITS[dtype]
+    emin = MIN_NORMAL_EXP[dtype]
+    ax = x.abs().to(torch.float64)
+    _, e = torch.frexp(ax)  # ax = f * 2**e with f in [0.5, 1)
+    e = torch.clamp(e - 1, min=emin)
+    return torch.ldexp(torch.ones_like(ax), (e - m).to(torch.int32))
+
+
+def assert_close_ulp(out: torch.Tensor, ref64: torch.Tensor, scale: torch.Tensor, what: str = ""):
+    """|out - ref| <= 1 ulp of out's dtype at ref, plus the float32-arithmetic error bound.
+
+    The SPEC's kernels compute in float32, so besides the final rounding (one output ulp)
+    an element can differ from the float64 result by a few float32 roundings of the terms
+    that were summed: ``8 * eps32 * scale`` with ``scale`` the sum of those terms' magnitudes.
+    """
+    assert not torch.isnan(out).any(), f"{what}: output has NaN (not fully written?)"
+    diff = (out.to(torch.float64) - ref64).abs()
+    tol = ulp(ref64, out.dtype) + 8 * F32_EPS * scale
+    bad = diff > tol
+    if bad.any():
+        idx = int(bad.reshape(-1).nonzero()[0])
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {out.numel()} elements off; first at {idx}: "
+            f"out={out.reshape(-1)[idx].item()!r} ref={ref64.reshape(-1)[idx].item()!r} "
+            f"tol={tol.reshape(-1)[idx].item()!r}")
+
+
+def term_scale(base, models, recipe) -> torch.Tensor:
+    """Magnitude of the terms in the merged value (for the float32 error bound)."""
+    s = torch.zeros(models[0].shape, dtype=torch.float64)
+    b = base.to(torch.float64) if (base is not None and recipe.uses_base) else torch.zeros_like(s)
+    inv = 1.0
+    if recipe.dare_density is not None:
+        inv = max((1.0 / d if d > 0 else 1.0) for d in recipe.dare_density)
+    if recipe.rescale == "l1":
+        inv = max(inv, 10.0)
+    coefs = [abs(c) for c in recipe.coefs]
+    den = abs(sum(recipe.coefs)) if recipe.combine == "mean" else 1.0
+    if recipe.combine == "ties" and recipe.normalize:
+        nz = [c for c in coefs if c > 0]
+        den = min(nz) if nz else 1.0
+    for c, m in zip(coefs, models):
+        s = s + (c / den) * inv * ((m.to(torch.float64) - b).abs() + b.abs())
+    return b.abs() + abs(recipe.lambda_) * s
