@@ -1,0 +1,638 @@
+"""mergekit-compatible YAML merge configs: parse, validate, resolve per-tensor parameters.
+
+``load_config`` reads a config (YAML file, YAML text or dict) into a :class:`MergeConfig`;
+``MergeConfig.tensor_kwargs`` resolves the parameters of one tensor (scalars, gradients over
+the layer index, substring filters) into the keyword arguments of
+:func:`m3kernels.merge_tensors` / :func:`m3kernels.recipe.make_recipe`. Every problem is a
+:class:`MergeConfigError` naming the key and what is supported. docs/CONFIG.md describes the
+format, our extensions and the differences from mergekit.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from .mixup import draw_mix_ratios, normalize_mix_ratios
+from .recipe import ALIASES, DEFAULT_TRIM_DENSITY, PRESETS, make_recipe
+
+
+class MergeConfigError(ValueError):
+    """A config problem; the message names the offending key/value and what is supported."""
+
+
+# ---------------------------------------------------------------------------------------
+# Vocabulary: keys, methods, dtypes
+# ---------------------------------------------------------------------------------------
+
+SUPPORTED_METHODS = tuple(sorted(set(PRESETS) | set(ALIASES)))
+# mergekit methods we know of but do not implement (named in the error for clarity)
+MERGEKIT_ONLY_METHODS = (
+    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
+    "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "sce", "slerp",
+)
+
+TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+                  "tokenizer_source", "seed", "trim_scope", "mixup", "name")
+# mergekit keys that change the output and that we do not implement (a null value is fine)
+REJECTED_TOP_LEVEL = {
+    "slices": "layer slicing (frankenmerges) is not supported; list whole models under 'models'",
+    "modules": "multi-module merges are not supported; list whole models under 'models'",
+    "tokenizer": "the tokenizer block (token unions, added tokens) is not supported; "
+                 "only 'tokenizer_source: base' is",
+    "chat_template": "writing a chat template is not supported; the base model's tokenizer "
+                     "files are copied unchanged",
+}
+
+PER_MODEL_PARAMETERS = ("weight", "density", "drop_rate")
+MERGE_WIDE_PARAMETERS = ("normalize", "rescale", "lambda", "int8_mask")
+ALL_PARAMETERS = PER_MODEL_PARAMETERS + MERGE_WIDE_PARAMETERS
+# how each parameter's leaf values are checked
+_PARAM_KIND = {"weight": "number", "lambda": "number", "density": "fraction",
+               "drop_rate": "fraction", "normalize": "bool", "int8_mask": "bool",
+               "rescale": "rescale"}
+
+_DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
+}
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+TRIM_SCOPES = ("tensor", "model")
+MAX_SEED = 2**64          # DARE seed range (recipe)
+MAX_MIXUP_SEED = 2**32    # the M³ draw's seed range (mixup.draw_mix_ratios)
+
+
+def canonical_dtype(value, key: str) -> Optional[str]:
+    """'bf16', 'torch.float16', 'FP32', ... -> 'bfloat16' | 'float16' | 'float32' (None stays)."""
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        value = str(value)
+    if isinstance(value, str):
+        name = value.strip().lower()
+        if name.startswith("torch."):
+            name = name[len("torch."):]
+        if name in _DTYPE_ALIASES:
+            return _DTYPE_ALIASES[name]
+    raise MergeConfigError(
+        f"{key}: unsupported dtype {value!r}; use float32, bfloat16 or float16 "
+        f"(aliases: {', '.join(sorted(k for k in _DTYPE_ALIASES if k not in _TORCH_DTYPES))})")
+
+
+# ---------------------------------------------------------------------------------------
+# Where a tensor sits in the model: the position t in [0, 1] that gradients are read at
+# ---------------------------------------------------------------------------------------
+
+# the leftmost "<container>.<i>." in the name is the decoder layer index
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
+# name components of the input embeddings (mergekit's "pre" weights, read at t = 0); every
+# other tensor outside the layers (final norm, lm_head, ...) is a "post" weight, read at t = 1
+_EMBEDDING_PARTS = frozenset({"embed_tokens", "embed_in", "tok_embeddings", "wte", "wpe",
+                              "embeddings", "embedding", "word_embeddings",
+                              "word_embeddings_layernorm"})
+
+
+def layer_index(tensor_name: str) -> Optional[int]:
+    """The decoder layer of a tensor (``model.layers.7.mlp...`` -> 7), None outside the layers."""
+    m = _LAYER_RE.search(tensor_name)
+    return int(m.group(1)) if m else None
+
+
+def tensor_position(tensor_name: str, num_layers: int) -> float:
+    """mergekit's t for a tensor: i / (L − 1) in layer i of L (1 when L = 1); 0 for the
+    input embeddings; 1 for the other tensors outside the layers (final norm, lm_head)."""
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise MergeConfigError(f"num_layers must be an integer >= 1, got {num_layers!r}")
+    idx = layer_index(tensor_name)
+    if idx is None:
+        parts = set(tensor_name.split("."))
+        return 0.0 if parts & _EMBEDDING_PARTS else 1.0
+    if idx >= num_layers:
+        raise MergeConfigError(
+            f"tensor {tensor_name!r} is in layer {idx} but the model has {num_layers} layers")
+    return idx / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# Parameter settings: a scalar, a gradient (list of numbers) or a list of filters
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    """One parameter as written: ``kind`` is 'scalar', 'gradient' or 'filters'.
+
+    scalar: ``value`` is the value; gradient: a tuple of floats; filters: a tuple of
+    (substring or None, Setting) pairs, the first match wins (None and '*' match all).
+    """
+
+    kind: str
+    value: Any
+    key: str  # where it was written, for messages
+
+    def at(self, tensor_name: str, t: float):
+        """The value for a tensor at position t (None: no filter matched)."""
+        if self.kind == "scalar":
+            return self.value
+        if self.kind == "gradient":
+            return interpolate_gradient(self.value, t)
+        for flt, inner in self.value:
+            if flt is None or flt == "*" or flt in tensor_name:
+                return inner.at(tensor_name, t)
+        return None
+
+    @property
+    def is_scalar(self) -> bool:
+        return self.kind == "scalar"
+
+
+def interpolate_gradient(values, t: float) -> float:
+    """Piecewise-linear interpolation of ``values`` placed evenly on [0, 1], read at t."""
+    last = len(values) - 1
+    pos = t * last
+    lo = int(pos)
+    hi = min(last, lo + 1)
+    frac = pos - lo
+    return (1.0 - frac) * values[lo] + frac * values[hi]
+
+
+def _leaf(value, kind: str, key: str):
+    """Check and normalise one scalar value of a parameter of the given kind."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise MergeConfigError(f"{key}: expected true or false, got {value!r}")
+    if kind == "rescale":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() == "l1":
+            return "l1"
+        raise MergeConfigError(f"{key}: expected true, false or 'l1', got {value!r}")
+    # number / fraction
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise MergeConfigError(f"{key}: expected a number, got {value!r}")
+    try:
+        x = float(value)  # strings: PyYAML reads 1e-3 (no dot) as a string
+    except ValueError:
+        raise MergeConfigError(f"{key}: expected a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise MergeConfigError(f"{key}: expected a finite number, got {value!r}")
+    if kind == "fraction" and not 0.0 <= x <= 1.0:
+        raise MergeConfigError(f"{key}: must be in [0, 1], got {value!r}")
+    return x
+
+
+def _value_setting(raw, kind: str, key: str) -> Setting:
+    """A scalar or a gradient (the 'value' of a filter entry, or a whole parameter)."""
+    if isinstance(raw, list):
+        if not raw:
+            raise MergeConfigError(f"{key}: an empty list is not a valid value")
+        if kind in ("bool", "rescale"):
+            raise MergeConfigError(
+                f"{key}: a gradient (list of values) is only supported for numeric parameters "
+                f"(weight, density, drop_rate, lambda), not here")
+        if any(isinstance(v, (list, dict)) for v in raw):
+            raise MergeConfigError(
+                f"{key}: a gradient must be a flat list of numbers, got {raw!r} "
+                f"(filters can not be nested inside a filter's value)")
+        return Setting("gradient", tuple(_leaf(v, kind, f"{key}[{j}]") for j, v in enumerate(raw)),
+                       key)
+    if isinstance(raw, dict):
+        raise MergeConfigError(f"{key}: filters can not be nested inside a filter's value")
+    if raw is None:
+        raise MergeConfigError(f"{key}: a value is required, got null")
+    return Setting("scalar", _leaf(raw, kind, key), key)
+
+
+def parse_setting(raw, name: str, key: str) -> Setting:
+    """A parameter as written in the YAML -> Setting (validated for that parameter)."""
+    kind = _PARAM_KIND[name]
+    if isinstance(raw, dict):  # a single filter entry
+        raw = [raw]
+    if isinstance(raw, list) and raw and any(isinstance(e, dict) for e in raw):
+        if not all(isinstance(e, dict) for e in raw):
+            raise MergeConfigError(
+                f"{key}: mixes filter entries ({{filter, value}}) and plain values")
+        entries = []
+        for j, e in enumerate(raw):
+            ekey = f"{key}[{j}]"
+            extra = set(e) - {"filter", "value"}
+            if extra:
+                raise MergeConfigError(
+                    f"{ekey}: unknown key(s) {sorted(extra)}; a filter entry has 'filter' "
+                    f"(substring of the tensor name, optional) and 'value'")
+            if "value" not in e:
+                raise MergeConfigError(f"{ekey}: a filter entry needs a 'value'")
+            flt = e.get("filter")
+            if flt is not None and not isinstance(flt, str):
+                raise MergeConfigError(f"{ekey}.filter: expected a string, got {flt!r}")
+            entries.append((flt, _value_setting(e["value"], kind, f"{ekey}.value")))
+        return Setting("filters", tuple(entries), key)
+    return _value_setting(raw, kind, key)
+
+
+# ---------------------------------------------------------------------------------------
+# The config
+# ---------------------------------------------------------------------------------------
+
+@dataclass
+class MergeConfig:
+    """A validated merge config (see docs/CONFIG.md)."""
+
+    method: str                   # our preset name (m3kernels.recipe.PRESETS key)
+    base_model: Optional[str]     # path as written
+    models: list                  # fine-tuned model paths, in order
+    dtype: Optional[str]          # 'float32' | 'bfloat16' | 'float16'
+    out_dtype: Optional[str]
+    tokenizer_source: Optional[str]  # None or 'base'
+    seed: int
+    trim_scope: str               # 'tensor' | 'model'
+    mixup: Optional[dict]         # {'alpha': a, 'seed': s} or {'lambda': l}
+    raw: dict                     # the config exactly as given
+    # parsed parameters: per model (aligned with `models`) and top level
+    model_parameters: list = field(default_factory=list, repr=False)
+    parameters: dict = field(default_factory=dict, repr=False)
+
+    def _per_model(self, name: str, tensor_name: str, t: float) -> list:
+        """A per-model parameter for each model: the model's own setting, else the top
+        level's (also when the model's filters match nothing), else None."""
+        out = []
+        top = self.parameters.get(name)
+        for params in self.model_parameters:
+            value = None
+            own = params.get(name)
+            if own is not None:
+                value = own.at(tensor_name, t)
+            if value is None and top is not None:
+                value = top.at(tensor_name, t)
+            out.append(value)
+        return out
+
+    def _merge_wide(self, name: str, tensor_name: str, t: float):
+        s = self.parameters.get(name)
+        return None if s is None else s.at(tensor_name, t)
+
+    def tensor_kwargs(self, tensor_name: str, num_layers: int) -> dict:
+        """Keyword arguments of ``merge_tensors`` / ``make_recipe`` for this tensor:
+        weights, density, drop_rate, normalize, rescale, lambda_ (no M³ arguments)."""
+        t = tensor_position(tensor_name, num_layers)
+        preset = PRESETS[self.method]
+        n = len(self.models)
+        weights = [1.0 if w is None else w for w in self._per_model("weight", tensor_name, t)]
+        dens = self._per_model("density", tensor_name, t)
+        drops = self._per_model("drop_rate", tensor_name, t)
+        density = drop_rate = None
+        if preset.dare and not preset.trim:  # dare_linear, dare_ties: density = 1 - drop_rate
+            density = []
+            for i in range(n):
+                d, p = dens[i], drops[i]
+                if d is None and p is None:
+                    raise MergeConfigError(
+                        f"models[{i}] ({self.models[i]!r}): method {self.method!r} needs a density "
+                        f"(or drop_rate) for tensor {tensor_name!r}; none is set")
+                if d is not None and p is not None and abs(d - (1.0 - p)) > 1e-12:
+                    raise MergeConfigError(
+                        f"models[{i}] ({self.models[i]!r}): density {d} and drop_rate {p} "
+                        f"disagree for tensor {tensor_name!r} (density must be 1 - drop_rate)")
+                density.append(d if d is not None else 1.0 - p)
+        elif preset.trim:  # ties, ties_dare: density is the trim density
+            if any(d is not None for d in dens):
+                density = [DEFAULT_TRIM_DENSITY if d is None else d for d in dens]
+            if preset.dare:  # ties_dare: drop_rate is the DARE drop
+                for i, p in enumerate(drops):
+                    if p is None:
+                        raise MergeConfigError(
+                            f"models[{i}] ({self.models[i]!r}): method 'ties_dare' needs a "
+                            f"drop_rate for tensor {tensor_name!r}; none is set")
+                drop_rate = drops
+        normalize = self._merge_wide("normalize", tensor_name, t)
+        rescale = self._merge_wide("rescale", tensor_name, t) if preset.dare else None
+        lam = self._merge_wide("lambda", tensor_name, t)
+        return {
+            "weights": weights,
+            "density": density,
+            "drop_rate": drop_rate,
+            "normalize": normalize,
+            "rescale": rescale,
+            "lambda_": 1.0 if lam is None else float(lam),
+        }
+
+    def out_torch_dtype(self, base_dtype=None) -> torch.dtype:
+        """The output dtype: out_dtype, else dtype, else the base model's dtype."""
+        name = self.out_dtype or self.dtype
+        if name is None:
+            if base_dtype is None:
+                raise MergeConfigError("out_dtype: the config sets neither out_dtype nor dtype "
+                                       "and no base dtype was given")
+            name = canonical_dtype(base_dtype, "base dtype")
+        return _TORCH_DTYPES[name]
+
+    def mix_ratios(self) -> Optional[tuple]:
+        """The M³ ratios of this merge (one draw, from mixup.seed), None without M³."""
+        if self.mixup is None:
+            return None
+        if "lambda" in self.mixup:
+            return normalize_mix_ratios(self.mixup["lambda"], len(self.models))
+        return draw_mix_ratios(self.mixup["alpha"], len(self.models), self.mixup["seed"])
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and validating
+# ---------------------------------------------------------------------------------------
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise MergeConfigError(f"{key}: key written twice (line {key_node.start_mark.line + 1})")
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        raise MergeConfigError(f"{origin}: not valid YAML (one document expected): {e}") from None
+
+
+def read_config_source(source) -> dict:
+    """A path to a YAML file, YAML text or a dict -> the config as a (fresh) dict."""
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    elif isinstance(source, (str, os.PathLike)):
+        s = os.fspath(source)
+        is_path = isinstance(source, os.PathLike) or (
+            "\n" not in s and (os.path.isfile(s) or s.lower().endswith((".yaml", ".yml"))))
+        if is_path:
+            try:
+                text = Path(s).read_text(encoding="utf-8")
+            except OSError as e:
+                raise MergeConfigError(f"config file {s!r} can not be read: {e}") from None
+            raw = _parse_yaml(text, s)
+        else:
+            raw = _parse_yaml(s, "config")
+    else:
+        raise MergeConfigError(
+            f"config: expected a path, YAML text or a dict, got {type(source).__name__}")
+    if not isinstance(raw, dict):
+        raise MergeConfigError(f"config: expected a mapping of keys (merge_method, models, ...), "
+                               f"got {type(raw).__name__}")
+    return raw
+
+
+def _model_path(value, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise MergeConfigError(f"{key}: expected a model directory path (string), got {value!r}")
+    if "+" in value:
+        raise MergeConfigError(
+            f"{key}: {value!r} names a LoRA ('model+adapter'); LoRA adapters are not supported, "
+            f"merge the adapter into a full checkpoint first")
+    if "@" in value:
+        raise MergeConfigError(
+            f"{key}: {value!r} names a revision ('model@revision'); only local checkpoint "
+            f"directories are supported")
+    return value
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.normpath(a) == os.path.normpath(b)
+
+
+def _parse_parameters(raw, key: str, allowed) -> dict:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise MergeConfigError(f"{key}: expected a mapping of parameter names, got {raw!r}")
+    out = {}
+    for name, value in raw.items():
+        if name not in ALL_PARAMETERS:
+            raise MergeConfigError(
+                f"{key}.{name}: unknown or unsupported parameter; supported: "
+                f"{', '.join(ALL_PARAMETERS)}")
+        if name not in allowed:
+            raise MergeConfigError(
+                f"{key}.{name}: a merge-wide parameter; set it in the top-level 'parameters' "
+                f"(mergekit ignores it per model). Per-model parameters: {', '.join(allowed)}")
+        out[name] = parse_setting(value, name, f"{key}.{name}")
+    return out
+
+
+def _check_int(value, key: str, upper: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < upper:
+        raise MergeConfigError(f"{key}: expected an integer in [0, {upper}), got {value!r}")
+    return value
+
+
+def _parse_mixup(raw, n: int, seed: int) -> Optional[dict]:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise MergeConfigError(f"mixup: expected a mapping {{alpha, seed}} or {{lambda}}, got {raw!r}")
+    extra = set(raw) - {"alpha", "seed", "lambda"}
+    if extra:
+        raise MergeConfigError(f"mixup.{sorted(extra)[0]}: unknown key; mixup takes alpha "
+                               f"(with optional seed) or lambda")
+    if "alpha" in raw and "lambda" in raw:
+        raise MergeConfigError("mixup: give alpha (drawn λ) or lambda (fixed λ), not both")
+    if "lambda" in raw:
+        if "seed" in raw:
+            raise MergeConfigError("mixup.seed: only used with mixup.alpha (a fixed lambda draws nothing)")
+        lam = _leaf(raw["lambda"], "fraction", "mixup.lambda")
+        if n != 2:
+            raise MergeConfigError(f"mixup.lambda: a fixed λ needs exactly 2 models, got {n}; "
+                                   f"use mixup.alpha (Dirichlet) for {n} models")
+        return {"lambda": lam}
+    if "alpha" not in raw:
+        raise MergeConfigError("mixup: needs alpha (Beta/Dirichlet concentration) or lambda")
+    alpha = _leaf(raw["alpha"], "number", "mixup.alpha")
+    if not alpha > 0:
+        raise MergeConfigError(f"mixup.alpha: must be > 0, got {raw['alpha']!r}")
+    if "seed" in raw:
+        mseed = _check_int(raw["seed"], "mixup.seed", MAX_MIXUP_SEED)
+    else:
+        if seed >= MAX_MIXUP_SEED:
+            raise MergeConfigError(f"seed: the M³ draw needs a seed below 2**32, got {seed}; "
+                                   f"set mixup.seed")
+        mseed = seed
+    return {"alpha": alpha, "seed": mseed}
+
+
+def _parse_method(raw) -> str:
+    if raw is None:
+        raise MergeConfigError(f"merge_method: required; supported: {', '.join(SUPPORTED_METHODS)}")
+    if not isinstance(raw, str):
+        raise MergeConfigError(f"merge_method: expected a string, got {raw!r}")
+    name = raw.strip().lower()
+    name = ALIASES.get(name, name)
+    if name not in PRESETS:
+        why = " (a mergekit method we do not implement)" if name in MERGEKIT_ONLY_METHODS else ""
+        raise MergeConfigError(f"merge_method: {raw!r} is not supported{why}; supported: "
+                               f"{', '.join(SUPPORTED_METHODS)}")
+    return name
+
+
+def _check_method_parameters(method: str, top: dict, per_model: list) -> None:
+    """Reject parameters the method does not use (mergekit ignores some of them silently)."""
+    preset = PRESETS[method]
+    placed = [("parameters", top)] + [(f"models[{i}].parameters", p) for i, p in per_model]
+    for where, params in placed:
+        if "density" in params and not (preset.dare or preset.trim):
+            raise MergeConfigError(
+                f"{where}.density: method {method!r} does not sparsify; density applies to "
+                f"ties, dare_linear, dare_ties, ties_dare")
+        if "drop_rate" in params and not preset.dare:
+            raise MergeConfigError(
+                f"{where}.drop_rate: method {method!r} does no DARE drop; drop_rate applies to "
+                f"dare_linear, dare_ties, ties_dare")
+    if "lambda" in top and method == "linear":
+        raise MergeConfigError("parameters.lambda: method 'linear' has no scaling coefficient "
+                               "(mergekit ignores it); use task_arithmetic")
+    if "rescale" in top and not preset.dare:
+        s = top["rescale"]
+        if not (s.is_scalar and s.value is False):
+            raise MergeConfigError(f"parameters.rescale: applies to DARE methods only "
+                                   f"(dare_linear, dare_ties, ties_dare), not {method!r}")
+        del top["rescale"]  # rescale: false is mergekit's default here: no effect
+
+
+def _check_model_trim(cfg: MergeConfig) -> None:
+    """trim_scope: model needs a trim and one density per model for every tensor."""
+    preset = PRESETS[cfg.method]
+    if not preset.trim:
+        raise MergeConfigError(f"trim_scope: 'model' applies to methods with a magnitude trim "
+                               f"(ties, ties_dare), not {cfg.method!r}")
+    for i, params in enumerate(cfg.model_parameters):
+        s = params.get("density", cfg.parameters.get("density"))
+        if s is not None and not s.is_scalar:
+            raise MergeConfigError(
+                f"{s.key}: trim_scope 'model' needs one density per model (a plain number), "
+                f"not a gradient or filters")
+
+
+# tensors used to dry-run the resolved arguments through make_recipe at load time
+_PROBE_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                  "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
+
+
+def _dry_run(cfg: MergeConfig) -> None:
+    ratios = cfg.mix_ratios()
+    for name in _PROBE_TENSORS:
+        kw = cfg.tensor_kwargs(name, 2)
+        try:
+            make_recipe(len(cfg.models), method=cfg.method, has_base=cfg.base_model is not None,
+                        seed=cfg.seed, mix_ratios=ratios, **kw)
+        except ValueError as e:
+            raise MergeConfigError(f"{e} (checking the parameters of tensor {name!r})") from None
+
+
+def parse_config(raw: dict) -> MergeConfig:
+    """Validate a config dict (as read from YAML) into a MergeConfig."""
+    for key in raw:
+        if key in REJECTED_TOP_LEVEL:
+            if raw[key] is not None:
+                raise MergeConfigError(f"{key}: {REJECTED_TOP_LEVEL[key]}")
+        elif key not in TOP_LEVEL_KEYS:
+            raise MergeConfigError(f"{key}: unknown key; supported: {', '.join(TOP_LEVEL_KEYS)}")
+
+    method = _parse_method(raw.get("merge_method"))
+    preset = PRESETS[method]
+
+    base = raw.get("base_model")
+    if base is not None:
+        base = _model_path(base, "base_model")
+    if preset.needs_base and base is None:
+        raise MergeConfigError(f"base_model: method {method!r} needs a base model")
+
+    entries = raw.get("models")
+    if not isinstance(entries, list) or not entries:
+        raise MergeConfigError("models: expected a non-empty list of {model: PATH, parameters: {...}} "
+                               "entries")
+    models, per_model, seen = [], [], []
+    base_listed = False
+    for i, entry in enumerate(entries):
+        key = f"models[{i}]"
+        if not isinstance(entry, dict):
+            raise MergeConfigError(f"{key}: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+        extra = set(entry) - {"model", "parameters"}
+        if extra:
+            raise MergeConfigError(f"{key}.{sorted(extra)[0]}: unknown key; a model entry has "
+                                   f"'model' and 'parameters'")
+        path = _model_path(entry.get("model"), f"{key}.model")
+        params = _parse_parameters(entry.get("parameters"), f"{key}.parameters",
+                                   PER_MODEL_PARAMETERS)
+        if any(_same_path(path, p) for p in seen):
+            raise MergeConfigError(f"{key}.model: {path!r} is listed twice")
+        seen.append(path)
+        if base is not None and _same_path(path, base):
+            base_listed = True
+            if preset.uses_base:  # the base is θ0, not one of the merged models
+                continue
+        models.append(path)
+        per_model.append((i, params))
+    if base is not None and not preset.uses_base and not base_listed:
+        raise MergeConfigError(
+            f"base_model: method {method!r} does not use a base model; mergekit would add an "
+            f"unlisted base_model as one more averaged model. List it under models (with its "
+            f"weight) to average it in, or remove base_model")
+    if not models:
+        raise MergeConfigError("models: no model to merge besides the base model")
+
+    top = _parse_parameters(raw.get("parameters"), "parameters", ALL_PARAMETERS)
+    _check_method_parameters(method, top, per_model)
+
+    dtype = canonical_dtype(raw.get("dtype"), "dtype")
+    out_dtype = canonical_dtype(raw.get("out_dtype"), "out_dtype")
+
+    tok = raw.get("tokenizer_source")
+    if tok is not None:
+        if tok != "base":
+            raise MergeConfigError(f"tokenizer_source: {tok!r} is not supported; only 'base' "
+                                   f"(copy the base model's tokenizer) or leaving it out")
+        if base is None:
+            raise MergeConfigError("tokenizer_source: 'base' needs a base_model")
+
+    seed = _check_int(raw.get("seed", 0), "seed", MAX_SEED)
+    scope = raw.get("trim_scope", "tensor")
+    if scope not in TRIM_SCOPES:
+        raise MergeConfigError(f"trim_scope: {scope!r} is not supported; use 'tensor' or 'model'")
+    name = raw.get("name")
+    if name is not None and not isinstance(name, str):
+        raise MergeConfigError(f"name: expected a string, got {name!r}")
+
+    cfg = MergeConfig(
+        method=method, base_model=base, models=models, dtype=dtype, out_dtype=out_dtype,
+        tokenizer_source=tok, seed=seed, trim_scope=scope,
+        mixup=_parse_mixup(raw.get("mixup"), len(models), seed), raw=raw,
+        model_parameters=[p for _, p in per_model], parameters=top)
+    if scope == "model":
+        _check_model_trim(cfg)
+    _dry_run(cfg)
+    return cfg
+
+
+def load_config(source) -> MergeConfig:
+    """Read and validate a merge config: a YAML file path (str or Path), YAML text or a dict."""
+    return parse_config(read_config_source(source))
+
+
+__all__ = ["load_config", "parse_config", "read_config_source", "MergeConfig", "MergeConfigError",
+           "Setting", "parse_setting", "interpolate_gradient", "tensor_position", "layer_index",
+           "canonical_dtype", "SUPPORTED_METHODS"]
