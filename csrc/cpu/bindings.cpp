@@ -1,0 +1,236 @@
+// Python bindings of the fused CPU kernels (module m3kernels._C).
+//
+// Tensors arrive as raw addresses (torch's data_ptr()) with dtype codes and an element count:
+// the extension never links libtorch. The per-tensor parameters are read from a
+// m3kernels.kernel_params.KernelParams object (attribute access, arrays cast to their C types).
+// The GIL is released around all kernel work.
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "dispatch.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <class T>
+using CArray = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+template <class T>
+CArray<T> param_array(py::handle p, const char* name, int n) {
+    py::object obj = p.attr(name);
+    CArray<T> arr = CArray<T>::ensure(obj);
+    if (!arr || arr.ndim() != 1 || arr.shape(0) != n)
+        throw py::value_error(std::string("KernelParams.") + name + ": expected a 1-d array of n = " +
+                              std::to_string(n) + " values");
+    return arr;
+}
+
+int check_dtype(int code, const char* what) {
+    if (code < 0 || code > 2)
+        throw py::value_error(std::string(what) + ": dtype code must be 0 (float32), 1 (bfloat16) "
+                              "or 2 (float16), got " + std::to_string(code));
+    return code;
+}
+
+// Keeps the cast parameter arrays alive while the kernel reads them.
+struct Call {
+    CArray<float> vote_w, coef, dare_scale;
+    CArray<uint8_t> dare;
+    CArray<uint32_t> key0, key1;
+    CArray<uint64_t> dare_thr, trim_min;
+    std::vector<const void*> models;
+    std::vector<int> dtypes;
+    m3k::TensorArgs args{};
+
+    Call(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<uintptr_t>& model_ptrs,
+         const std::vector<int>& model_dtypes, int64_t numel, int64_t index_offset) {
+        const int n = p.attr("n").cast<int>();
+        if (n < 1) throw py::value_error("KernelParams.n must be >= 1");
+        if (int(model_ptrs.size()) != n || int(model_dtypes.size()) != n)
+            throw py::value_error("expected " + std::to_string(n) + " model pointers and dtypes, got " +
+                                  std::to_string(model_ptrs.size()) + " and " +
+                                  std::to_string(model_dtypes.size()));
+        if (numel < 0) throw py::value_error("numel must be >= 0");
+        if (index_offset < 0) throw py::value_error("index_offset must be >= 0");
+        vote_w = param_array<float>(p, "vote_w", n);
+        coef = param_array<float>(p, "coef", n);
+        dare_scale = param_array<float>(p, "dare_scale", n);
+        dare = param_array<uint8_t>(p, "dare", n);
+        key0 = param_array<uint32_t>(p, "key0", n);
+        key1 = param_array<uint32_t>(p, "key1", n);
+        dare_thr = param_array<uint64_t>(p, "dare_thr", n);
+        bool has_trim = !p.attr("trim_min").is_none();
+        if (has_trim) trim_min = param_array<uint64_t>(p, "trim_min", n);
+        for (int i = 0; i < n; ++i) {
+            if (model_ptrs[i] == 0 && numel > 0) throw py::value_error("null model pointer");
+            models.push_back(reinterpret_cast<const void*>(model_ptrs[i]));
+            dtypes.push_back(check_dtype(model_dtypes[i], "models"));
+        }
+        args.n = n;
+        args.has_base = p.attr("has_base").cast<bool>() ? 1 : 0;
+        args.combine = p.attr("combine").cast<int>();
+        if (args.combine < 0 || args.combine > 2)
+            throw py::value_error("KernelParams.combine must be 0 (sum), 1 (mean) or 2 (ties)");
+        args.normalize = p.attr("normalize").cast<bool>() ? 1 : 0;
+        args.lam = p.attr("lam").cast<float>();
+        args.mean_den = p.attr("mean_den").cast<float>();
+        args.vote_w = vote_w.data();
+        args.coef = coef.data();
+        args.dare = dare.data();
+        args.key0 = key0.data();
+        args.key1 = key1.data();
+        args.dare_thr = dare_thr.data();
+        args.dare_scale = dare_scale.data();
+        args.trim_min = has_trim ? trim_min.data() : nullptr;
+        if (args.has_base) {
+            if (base_ptr == 0 && numel > 0) throw py::value_error("KernelParams.has_base but no base pointer");
+            args.base = reinterpret_cast<const void*>(base_ptr);
+            args.base_dtype = check_dtype(base_dtype, "base");
+        } else {
+            args.base = nullptr;
+            args.base_dtype = 0;
+        }
+        args.models = models.data();
+        args.model_dtypes = dtypes.data();
+        args.numel = numel;
+        args.index_offset = index_offset;
+    }
+};
+
+void merge(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<uintptr_t>& model_ptrs,
+           const std::vector<int>& model_dtypes, int64_t numel, uintptr_t out_ptr, int out_dtype,
+           int64_t index_offset) {
+    Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
+    check_dtype(out_dtype, "out");
+    if (out_ptr == 0 && numel > 0) throw py::value_error("null output pointer");
+    const m3k::KernelTable& t = m3k::active_table();
+    py::gil_scoped_release nogil;
+    t.merge(call.args, reinterpret_cast<void*>(out_ptr), out_dtype);
+}
+
+py::array_t<int64_t> histogram(py::handle p, uintptr_t base_ptr, int base_dtype,
+                               const std::vector<uintptr_t>& model_ptrs,
+                               const std::vector<int>& model_dtypes, int64_t numel, py::object prefix,
+                               int64_t index_offset) {
+    Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
+    const int n = call.args.n;
+    CArray<uint32_t> pre;
+    const uint32_t* pre_ptr = nullptr;
+    if (!prefix.is_none()) {
+        pre = CArray<uint32_t>::ensure(prefix);
+        if (!pre || pre.ndim() != 1 || pre.shape(0) != n)
+            throw py::value_error("prefix: expected a 1-d array of n = " + std::to_string(n) + " values");
+        pre_ptr = pre.data();
+        for (int i = 0; i < n; ++i)
+            if (pre_ptr[i] > 0xffffu) throw py::value_error("prefix values must be < 65536");
+    }
+    py::array_t<int64_t> hist({py::ssize_t(n), py::ssize_t(1) << 16});
+    int64_t* h = hist.mutable_data();
+    const m3k::KernelTable& t = m3k::active_table();
+    {
+        py::gil_scoped_release nogil;
+        std::memset(h, 0, sizeof(int64_t) * size_t(n) * (size_t(1) << 16));
+        t.histogram(call.args, pre_ptr, h);
+    }
+    return hist;
+}
+
+py::tuple l1_sums(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<uintptr_t>& model_ptrs,
+                  const std::vector<int>& model_dtypes, int64_t numel, int64_t index_offset) {
+    Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
+    const int n = call.args.n;
+    py::array_t<double> total(n), kept(n);
+    double* tp = total.mutable_data();
+    double* kp = kept.mutable_data();
+    const m3k::KernelTable& t = m3k::active_table();
+    {
+        py::gil_scoped_release nogil;
+        t.l1_sums(call.args, tp, kp);
+    }
+    return py::make_tuple(total, kept);
+}
+
+py::array_t<uint32_t> philox_u32(uint32_t key0, uint32_t key1, int64_t first, int64_t count) {
+    if (first < 0 || count < 0) throw py::value_error("first and count must be >= 0");
+    py::array_t<uint32_t> out(count);
+    uint32_t* o = out.mutable_data();
+    const m3k::KernelTable& t = m3k::active_table();
+    {
+        py::gil_scoped_release nogil;
+        t.philox_u32(key0, key1, first, count, o);
+    }
+    return out;
+}
+
+// Multi-threaded memcpy: the reference point ("copy bandwidth") of the benchmarks.
+void copy_bytes(uintptr_t dst, uintptr_t src, int64_t nbytes) {
+    if (nbytes <= 0) return;
+    char* d = reinterpret_cast<char*>(dst);
+    const char* s = reinterpret_cast<const char*>(src);
+    py::gil_scoped_release nogil;
+#pragma omp parallel
+    {
+        const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+        const int64_t per = ((nbytes / nt) + 4095) & ~int64_t(4095);
+        const int64_t lo = per * t < nbytes ? per * t : nbytes;
+        const int64_t hi = per * (t + 1) < nbytes ? per * (t + 1) : nbytes;
+        if (hi > lo) std::memcpy(d + lo, s + lo, size_t(hi - lo));
+    }
+}
+
+std::vector<std::string> simd_levels() {
+    const char* names[8];
+    int k = m3k::supported_levels(names, 8);
+    return std::vector<std::string>(names, names + k);
+}
+
+void set_simd_level(const std::string& name) {
+    if (!m3k::set_level(name.c_str()))
+        throw py::value_error("SIMD level '" + name + "' is unknown or not supported by this CPU; supported: auto, " +
+                              [] {
+                                  std::string s;
+                                  for (auto& x : simd_levels()) s += (s.empty() ? "" : ", ") + x;
+                                  return s;
+                              }());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "m3kernels fused CPU kernels (stage A statistics, stage B merge); see docs/KERNEL.md";
+    if (const char* err = m3k::init_level_from_env()) throw py::import_error(err);
+
+    m.def("merge", &merge, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("model_ptrs"),
+          py::arg("model_dtypes"), py::arg("numel"), py::arg("out_ptr"), py::arg("out_dtype"),
+          py::arg("index_offset") = 0,
+          "Stage B: the fused merge of docs/KERNEL.md into out (numel elements).");
+    m.def("histogram", &histogram, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
+          py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("prefix") = py::none(),
+          py::arg("index_offset") = 0,
+          "Stage A: int64[n, 65536] histogram of bits(|delta after DARE|), high 16 bits or (prefix) low 16.");
+    m.def("l1_sums", &l1_sums, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("model_ptrs"),
+          py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
+          "Stage A: (total, kept) float64[n] sums of |delta| for rescale: l1.");
+    m.def("philox_u32", &philox_u32, py::arg("key0"), py::arg("key1"), py::arg("first"), py::arg("count"),
+          "DARE stream words u32 for flat indices first .. first + count - 1.");
+    m.def("copy", &copy_bytes, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"),
+          "Multi-threaded memcpy (benchmark reference).");
+    m.def("simd_level", [] { return std::string(m3k::active_level()); }, "The kernel variant in use.");
+    m.def("simd_levels", &simd_levels, "The kernel variants this CPU supports (most portable first).");
+    m.def("set_simd_level", &set_simd_level, py::arg("name"),
+          "Use another supported variant ('generic', 'avx2', 'avx512' or 'auto').");
+    m.def("set_num_threads", [](int n) {
+        if (n < 1) throw py::value_error("num_threads must be >= 1");
+        omp_set_num_threads(n);
+    }, py::arg("n"), "OpenMP threads of later calls made from this thread.");
+    m.def("get_num_threads", [] { return omp_get_max_threads(); });
+}

@@ -1,0 +1,59 @@
+// The plain-C interface between the Python bindings and the per-ISA kernel variants.
+//
+// Everything a kernel needs for one tensor travels in `TensorArgs` (raw pointers, dtype codes,
+// the KernelParams arrays of m3kernels/kernel_params.py). Each SIMD variant (generic, AVX2,
+// AVX-512) is compiled in its own translation unit and exports one `KernelTable`; dispatch.cpp
+// picks the table at run time. No libtorch, no STL in this interface.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace m3k {
+
+// dtype codes: m3kernels.kernel_params.DTYPE_CODES
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+// combine codes: m3kernels.kernel_params.COMBINE_CODES
+enum Combine : int { kSum = 0, kMean = 1, kTies = 2 };
+
+struct TensorArgs {
+    int n;                       // number of fine-tuned models
+    int has_base;                // 0: base is zero
+    int combine;                 // Combine
+    int normalize;               // ties: divide by the agreeing weights
+    float lam;                   // scaling coefficient s
+    float mean_den;              // sum of coef (mean combine)
+    const float* vote_w;         // [n]
+    const float* coef;           // [n]
+    const uint8_t* dare;         // [n] 1: DARE drop on
+    const uint32_t* key0;        // [n]
+    const uint32_t* key1;        // [n]
+    const uint64_t* dare_thr;    // [n] keep iff u32 < thr (0 .. 2^32)
+    const float* dare_scale;     // [n]
+    const uint64_t* trim_min;    // [n] keep iff bits(|d|) >= trim_min; 0 keep all, 2^32 none
+    const void* base;            // nullptr when has_base == 0
+    int base_dtype;
+    const void* const* models;   // [n]
+    const int* model_dtypes;     // [n]
+    int64_t numel;
+    int64_t index_offset;        // flat index of element 0 (DARE counter); 0 for whole tensors
+};
+
+struct KernelTable {
+    const char* name;
+    // stage B: out[j] for j < numel
+    void (*merge)(const TensorArgs& a, void* out, int out_dtype);
+    // stage A: hist is int64[n][65536], zeroed by the caller, counts are added.
+    // prefix == nullptr: high-16 pass; else low-16 of elements whose high 16 equal prefix[i].
+    void (*histogram)(const TensorArgs& a, const uint32_t* prefix, int64_t* hist);
+    // stage A: float64 sums of |d| and of |d| over DARE-kept elements (fixed chunk order).
+    void (*l1_sums)(const TensorArgs& a, double* total, double* kept);
+    // Philox words u32 for flat indices [first, first + count) (tests and tools).
+    void (*philox_u32)(uint32_t key0, uint32_t key1, int64_t first, int64_t count, uint32_t* out);
+};
+
+const KernelTable& table_generic();
+const KernelTable& table_avx2();
+const KernelTable& table_avx512();
+
+}  // namespace m3k

@@ -1,0 +1,109 @@
+"""The fused CPU backend: stage A and stage B through the C++/OpenMP extension ``m3kernels._C``.
+
+Tensors are handed to C++ as raw addresses (``data_ptr()``) with dtype codes, so tensors that
+live in memory-mapped checkpoint files are read in place, never copied and never written.
+The kernel variant (generic / AVX2 / AVX-512) is chosen at run time (``simd_level()``;
+``M3KERNELS_SIMD=generic`` forces the portable one); every variant gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
+
+try:
+    from .. import _C
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # extension not built, or M3KERNELS_SIMD invalid
+    _C = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def available() -> bool:
+    """True when the compiled extension could be imported."""
+    return _C is not None
+
+
+def unavailable_reason() -> str:
+    """Why the backend is unavailable ('' when it is available)."""
+    if _C is not None:
+        return ""
+    return (f"the C++ extension m3kernels._C is not importable ({_IMPORT_ERROR}); "
+            "build it with `pip install --no-build-isolation -e .`")
+
+
+def supports(device) -> bool:
+    """The CPU backend runs on CPU tensors only."""
+    return torch.device(device).type == "cpu"
+
+
+def simd_level() -> str:
+    """The kernel variant in use: 'generic', 'avx2' or 'avx512'."""
+    return _C.simd_level()
+
+
+def simd_levels() -> list:
+    """The kernel variants this CPU supports, most portable first."""
+    return list(_C.simd_levels())
+
+
+def _tensor(t: torch.Tensor, what: str, numel: int) -> tuple[int, int]:
+    if t.device.type != "cpu":
+        raise ValueError(f"{what} is on {t.device}; the cpu backend needs CPU tensors")
+    if t.dtype not in DTYPE_CODES:
+        raise ValueError(f"{what} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+    if not t.is_contiguous():
+        raise ValueError(f"{what} must be contiguous")
+    if t.numel() != numel:
+        raise ValueError(f"{what} has {t.numel()} elements, expected {numel}")
+    return t.data_ptr(), DTYPE_CODES[t.dtype]
+
+
+def _inputs(p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor]):
+    models = list(models)
+    if len(models) != p.n:
+        raise ValueError(f"KernelParams is for {p.n} models, got {len(models)} tensors")
+    numel = models[0].numel()
+    ptrs, codes = [], []
+    for i, m in enumerate(models):
+        ptr, code = _tensor(m, f"models[{i}]", numel)
+        ptrs.append(ptr)
+        codes.append(code)
+    if p.has_base:
+        if base is None:
+            raise ValueError("KernelParams.has_base is set but base is None")
+        base_ptr, base_code = _tensor(base, "base", numel)
+    else:
+        base_ptr, base_code = 0, 0
+    return base_ptr, base_code, ptrs, codes, numel
+
+
+def l1_sums(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """float64[n] Σ|δ_i| and Σ|δ_i| over DARE-kept elements (fixed chunk order)."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    total, kept = _C.l1_sums(p, base_ptr, base_code, ptrs, codes, numel)
+    return np.asarray(total, dtype=np.float64), np.asarray(kept, dtype=np.float64)
+
+
+def histogram(p: KernelParams, base, models, prefix) -> np.ndarray:
+    """int64[n, 65536]: high-16 (prefix None) or matching low-16 counts of bits(|δ'_i|)."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    pre = None if prefix is None else np.ascontiguousarray(prefix, dtype=np.uint32)
+    hist = _C.histogram(p, base_ptr, base_code, ptrs, codes, numel, pre)
+    assert hist.shape == (p.n, HIST_BINS)
+    return hist
+
+
+def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
+    """Stage B: the fused single pass of docs/KERNEL.md, written into ``out``."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    out_ptr, out_code = _tensor(out, "out", numel)
+    _C.merge(p, base_ptr, base_code, ptrs, codes, numel, out_ptr, out_code)
+
+
+__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "merge",
+           "simd_level", "simd_levels"]
