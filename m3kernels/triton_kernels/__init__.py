@@ -1,0 +1,18 @@
+"""Triton kernels of the merge pipeline (docs/KERNEL.md): Philox DARE stream, stage A, stage B.
+
+Importing this package defines the ``@triton.jit`` kernels, and Triton decides at that moment
+whether they run compiled (GPU) or in its interpreter (``TRITON_INTERPRET=1``, CPU tensors):
+set the variable before the first import. :data:`INTERPRETED` records which it was.
+"""
+
+from triton.runtime.interpreter import InterpretedFunction
+
+from .params import param_table
+from .philox import dare_u32_kernel, philox_kernel
+from .stage_a import histogram_kernel, l1_partial_kernel
+from .stage_b import merge_kernel
+
+INTERPRETED = isinstance(merge_kernel, InterpretedFunction)
+
+__all__ = ["INTERPRETED", "param_table", "philox_kernel", "dare_u32_kernel", "histogram_kernel",
+           "l1_partial_kernel", "merge_kernel"]

@@ -1,0 +1,54 @@
+"""Per-element building blocks shared by stage A and stage B (docs/KERNEL.md, first lines).
+
+For one block of flat indices: load the base, form the float32 delta of model ``i`` and apply
+the DARE drop (Philox keep bit, multiply by the scale). Every float operation is one IEEE
+float32 operation in the order of docs/KERNEL.md. (Few, larger helpers: in Triton's interpreter
+every nested ``@triton.jit`` call has a fixed cost of a few milliseconds.)
+"""
+
+import triton
+import triton.language as tl
+
+from .params import KEEP_THR, KEY0, KEY1, SCALE
+from .philox import dare_u32
+
+
+@triton.jit
+def block_start(BLOCK: tl.constexpr, BIG: tl.constexpr):
+    """First flat index of this program's block (int64 when the tensor may pass 2**31)."""
+    pid = tl.program_id(0)
+    if BIG:
+        return pid.to(tl.int64) * BLOCK
+    else:
+        return pid * BLOCK
+
+
+@triton.jit
+def load_base(base_ptr, offs, mask, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+    """f32(base[j]) (exact for bf16/fp16), or 0.0 without a base."""
+    if HAS_BASE:
+        return tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        return tl.zeros([BLOCK], tl.float32)
+
+
+@triton.jit
+def model_keep(table, i: tl.constexpr, N: tl.constexpr, start, BLOCK: tl.constexpr, BIG: tl.constexpr):
+    """DARE keep bits of model ``i`` for the block at ``start``: u32 < thr, compared as int64."""
+    k0 = tl.load(table + KEY0 * N + i).to(tl.uint32)
+    k1 = tl.load(table + KEY1 * N + i).to(tl.uint32)
+    thr = tl.load(table + KEEP_THR * N + i)
+    return dare_u32(k0, k1, start, BLOCK, BIG).to(tl.int64) < thr
+
+
+@triton.jit
+def dare_delta(x_ptr, b, offs, mask, table, i: tl.constexpr, N: tl.constexpr, start,
+               DARE: tl.constexpr, BLOCK: tl.constexpr, BIG: tl.constexpr):
+    """Delta of model ``i`` after the DARE step (trim not applied):
+    d = f32(x[j]) - b, then kept ? d * scale : 0.0."""
+    d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - b
+    if DARE:
+        keep = model_keep(table, i, N, start, BLOCK, BIG)
+        scale = tl.load(table + SCALE * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+        d = tl.where(keep, d * scale, 0.0)
+    return d

@@ -1,0 +1,57 @@
+"""The per-tensor parameter table the Triton kernels read: its layout, and how it is built.
+
+A :class:`m3kernels.kernel_params.KernelParams` holds per-model numbers (Philox keys, keep
+thresholds, scale factors, trim thresholds, weights). Passing them as kernel scalars would make
+Triton specialise (and recompile) on their values, so they travel as one small int64 tensor of
+shape ``(FIELDS, n)``: row ``f`` holds field ``f`` for every model, floats as their float32 bit
+patterns. One host-to-device copy per tensor, no synchronisation. Kernels read field ``F`` of
+model ``i`` as ``tl.load(table + F * N + i)`` (floats: ``.to(tl.uint32).to(tl.float32, bitcast=True)``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import triton.language as tl
+
+KEY0 = tl.constexpr(0)      # Philox key word 0
+KEY1 = tl.constexpr(1)      # Philox key word 1
+KEEP_THR = tl.constexpr(2)  # DARE: keep iff u32 < value (0 .. 2**32); 2**32 for models without DARE
+SCALE = tl.constexpr(3)     # float32 bits: multiplier of kept values (1.0 for models without DARE)
+TRIM_MIN = tl.constexpr(4)  # keep iff bits(|d|) >= value, clamped to 2**31 (still "keep none")
+COEF = tl.constexpr(5)      # float32 bits: r_i * w_i
+VOTE_W = tl.constexpr(6)    # float32 bits: w_i (the TIES sign vote)
+PREFIX = tl.constexpr(7)    # histogram pass 2: the high 16 bits selected for model i
+FIELDS = 8
+
+# bits(|d|) <= 0x7fffffff, so any threshold above 2**31 keeps nothing; clamping lets the
+# kernel compare in uint32.
+_TRIM_CLAMP = 1 << 31
+
+
+def _f32_bits(values) -> np.ndarray:
+    return np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.int64)
+
+
+def param_table(p, device, prefix: Optional[np.ndarray] = None) -> torch.Tensor:
+    """The int64 ``(FIELDS, p.n)`` table of ``p`` on ``device`` (copied without a sync)."""
+    n = p.n
+    dare = np.asarray(p.dare, dtype=bool)
+    table = np.zeros((FIELDS, n), dtype=np.int64)
+    table[KEY0.value] = np.asarray(p.key0, dtype=np.int64)
+    table[KEY1.value] = np.asarray(p.key1, dtype=np.int64)
+    # A model without DARE keeps every element and multiplies it by exactly 1.0.
+    table[KEEP_THR.value] = np.where(dare, np.asarray(p.dare_thr, dtype=np.int64), 1 << 32)
+    table[SCALE.value] = np.where(dare, _f32_bits(p.dare_scale), _f32_bits(np.ones(n)))
+    trim = np.zeros(n, np.int64) if p.trim_min is None else np.asarray(p.trim_min, dtype=np.int64)
+    table[TRIM_MIN.value] = np.minimum(trim, _TRIM_CLAMP)
+    table[COEF.value] = _f32_bits(p.coef)
+    table[VOTE_W.value] = _f32_bits(p.vote_w)
+    if prefix is not None:
+        table[PREFIX.value] = np.asarray(prefix, dtype=np.int64)
+    host = torch.from_numpy(table)
+    if torch.device(device).type == "cpu":
+        return host
+    return host.to(device, non_blocking=True)

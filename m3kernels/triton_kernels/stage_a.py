@@ -1,0 +1,60 @@
+"""Stage A in Triton: magnitude histograms for the exact trim, and L1 sums for ``rescale: l1``.
+
+* ``histogram_kernel``: with ``d`` the delta after the DARE step, ``a = bits(|d|)``; pass 1
+  (``LOW=False``) counts ``a >> 16`` into 65536 bins per model, pass 2 (``LOW=True``) counts
+  ``a & 0xffff`` of the elements whose high half equals the model's prefix. Counts go straight
+  into a global histogram with relaxed atomics; integer counts make any block split exact.
+* ``l1_partial_kernel``: per block, float64 sums of ``|d|`` (raw delta) and of ``|d|`` over the
+  DARE-kept elements, written to ``partial[2 * i + {0, 1}, block]``; the host adds them in block
+  order, so the result does not depend on scheduling.
+"""
+
+import triton
+import triton.language as tl
+
+from .delta import block_start, dare_delta, load_base, model_keep
+from .params import PREFIX
+
+HIST_BINS = tl.constexpr(65536)
+
+
+@triton.jit
+def histogram_kernel(base_ptr, models, hist_ptr, table, numel,
+                     N: tl.constexpr, HAS_BASE: tl.constexpr, DARE: tl.constexpr,
+                     LOW: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr):
+    """Add this block's counts to ``hist[i, bin]`` (int32 or int64, zeroed by the caller)."""
+    start = block_start(BLOCK, BIG)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    b = load_base(base_ptr, offs, mask, HAS_BASE, BLOCK)
+    one = tl.full([BLOCK], 1, hist_ptr.dtype.element_ty)
+    for i in tl.static_range(N):
+        d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
+        a = d.to(tl.uint32, bitcast=True) & 0x7FFFFFFF  # bits(|d|)
+        hi = a >> 16
+        if LOW:
+            sel = mask & (hi == tl.load(table + PREFIX * N + i).to(tl.uint32))
+            bins = (a & 0xFFFF).to(tl.int32)
+        else:
+            sel = mask
+            bins = hi.to(tl.int32)
+        tl.atomic_add(hist_ptr + i * HIST_BINS + bins, one, mask=sel, sem="relaxed")
+
+
+@triton.jit
+def l1_partial_kernel(base_ptr, models, partial_ptr, table, numel, nblocks,
+                      N: tl.constexpr, HAS_BASE: tl.constexpr, BIG: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """partial[2i, block] = Σ|d_i|, partial[2i+1, block] = Σ|d_i|·keep_i (float64)."""
+    start = block_start(BLOCK, BIG)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    b = load_base(base_ptr, offs, mask, HAS_BASE, BLOCK)
+    pid = tl.program_id(0)
+    for i in tl.static_range(N):
+        d = tl.load(models[i] + offs, mask=mask, other=0.0).to(tl.float32) - b
+        a = tl.abs(d).to(tl.float64)
+        a = tl.where(mask, a, 0.0)
+        keep = model_keep(table, i, N, start, BLOCK, BIG)
+        tl.store(partial_ptr + (2 * i) * nblocks + pid, tl.sum(a, axis=0))
+        tl.store(partial_ptr + (2 * i + 1) * nblocks + pid, tl.sum(tl.where(keep, a, 0.0), axis=0))
