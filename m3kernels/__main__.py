@@ -1,0 +1,7 @@
+"""``python -m m3kernels ...``: the same as the ``m3kernels`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

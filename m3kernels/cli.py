@@ -1,0 +1,232 @@
+"""The ``m3kernels`` command: ``merge``, ``inspect``, ``demo`` and ``backends`` (alias ``info``).
+
+A thin layer over :func:`m3kernels.merge_checkpoints` and friends. Problems the user can fix
+(bad config, bad input, existing output, full disk) print one line and exit with status 2;
+``--verbose`` adds the traceback and progress details.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+from .errors import EXIT_USER_ERROR
+
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 1
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'5G' / '500M' / '1.5GiB' (binary: 2**30) or '5GB' (decimal, as transformers) or bytes."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5G, 500M, 2GB, 1048576)")
+    num, unit, suffix = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
+    power = "kmgt".index(unit) + 1 if unit else 0
+    base = 1000 if suffix == "b" and unit else 1024
+    value = int(num * base ** power)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from .orchestrator import DEFAULT_SHARD_SIZE
+
+    p = argparse.ArgumentParser(prog="m3kernels", description="Merge fine-tuned LLM checkpoints with exact, "
+                                "fused kernels (TIES, DARE, task arithmetic, linear, M³ mixup).")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    m = sub.add_parser("merge", help="merge the checkpoints a mergekit-style YAML config names",
+                       description="Merge the checkpoints CONFIG names into OUT_DIR (sharded safetensors, "
+                                   "config.json, tokenizer files, m3kernels_merge.yaml).")
+    m.add_argument("config", metavar="CONFIG.yaml", help="merge config (mergekit format + mixup, trim_scope)")
+    m.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created; must not exist without --force)")
+    m.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
+                   help="where the kernels run (default: auto = cuda if available)")
+    m.add_argument("--backend", choices=("auto", "cpu", "triton", "cuda"), default="auto",
+                   help="kernel backend (default: auto)")
+    m.add_argument("--out-shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, metavar="SIZE",
+                   help="largest output shard, in bytes; K/M/G suffixes are binary (5G = 5 GiB), KB/MB/GB "
+                        "decimal (default: 5G)")
+    m.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
+    m.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run of the same merge, reusing its finished shards")
+    m.add_argument("--seed", type=int, default=None, help="merge seed (overrides the config's 'seed')")
+    m.add_argument("--dry-run", action="store_true",
+                   help="validate the config and every input, print the plan, write nothing")
+    m.add_argument("--allow-bin", action="store_true",
+                   help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True))")
+    m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+    m.add_argument("-v", "--verbose", action="store_true", help="tracebacks and more details")
+
+    i = sub.add_parser("inspect", help="list a checkpoint's tensors (name, dtype, shape, shard, bytes)")
+    i.add_argument("path", metavar="PATH", help="checkpoint folder or .safetensors file")
+    i.add_argument("--allow-bin", action="store_true", help="accept PyTorch .bin weights")
+    i.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
+
+    d = sub.add_parser("demo", help="merge a tiny generated base + two fine-tunes with TIES + M³")
+    d.add_argument("--keep", metavar="DIR", default=None, help="write the demo models and output here "
+                   "(default: a temporary folder, removed afterwards)")
+    d.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    d.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
+
+    for name in ("backends", "info"):
+        b = sub.add_parser(name, help="which kernel backends work here, and why not")
+        b.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
+    return p
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record):
+        return f"m3kernels: {record.levelname.lower()}: {record.getMessage()}"
+
+
+def _setup_logging(verbose: bool) -> None:
+    log = logging.getLogger("m3kernels")
+    if not any(getattr(h, "_m3k_cli", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(_Formatter())
+        h._m3k_cli = True
+        log.addHandler(h)
+    log.setLevel(logging.INFO if verbose else logging.WARNING)
+    log.propagate = False
+
+
+def cmd_merge(args) -> int:
+    from .orchestrator import merge_checkpoints
+
+    result = merge_checkpoints(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
+                               force=args.force, resume=args.resume, seed=args.seed,
+                               progress=not args.quiet, dry_run=args.dry_run, allow_bin=args.allow_bin,
+                               backend=args.backend)
+    if args.dry_run:
+        print(result.summary())
+        print()
+        print(result.table())
+        print(f"\ndry run: nothing written; {args.out_dir} would get {len(result.shards)} shard(s)")
+    elif not args.quiet:
+        print(result.summary())
+    return 0
+
+
+def inspect_text(path, allow_bin: bool = False) -> str:
+    """The ``inspect`` table for a checkpoint folder or file."""
+    from .checkpoint import Checkpoint
+    from .safetensors_io import torch_dtype_name
+
+    ck = Checkpoint(path, role="checkpoint", allow_bin=allow_bin)
+    try:
+        rows = [("tensor", "dtype", "shape", "shard", "bytes")]
+        total_bytes = total_params = 0
+        for name in ck.names:
+            meta = ck.meta(name)
+            n = 1
+            for d in meta.shape:
+                n *= d
+            total_params += n
+            total_bytes += meta.nbytes
+            rows.append((name, torch_dtype_name(meta.dtype), "x".join(map(str, meta.shape)) or "scalar",
+                         meta.file, f"{meta.nbytes:,}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(5)]
+        lines = ["  ".join(v.rjust(w) if c == 4 else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        files = ck.files()
+        lines.append(f"total: {len(ck.names)} tensors, {total_params:,} parameters, {total_bytes:,} bytes "
+                     f"in {len(files)} file(s)")
+        merged = [f for f in ck._st.values() if "m3kernels_merge" in f.header.metadata]
+        if merged:
+            import json
+
+            rec = json.loads(merged[0].header.metadata["m3kernels_merge"])
+            ratios = rec.get("mix_ratios")
+            lines.append(f"merged by m3kernels {rec.get('m3kernels_version')}: method {rec.get('merge_method')}, "
+                         f"seed {rec.get('seed')}" + (f", M³ ratios {ratios}" if ratios else ""))
+        if ck.config is not None:
+            c = ck.config
+            lines.append("config.json: " + ", ".join(f"{k}={c[k]}" for k in ("model_type", "torch_dtype",
+                                                                             "num_hidden_layers", "vocab_size")
+                                                     if k in c))
+        return "\n".join(lines)
+    finally:
+        ck.close()
+
+
+def cmd_inspect(args) -> int:
+    print(inspect_text(args.path, args.allow_bin))
+    return 0
+
+
+def backends_text() -> str:
+    import torch
+
+    from .backends import available_backends
+
+    lines = []
+    for name, state in available_backends().items():
+        extra = ""
+        if name == "cpu" and state == "available":
+            from .backends import cpu
+
+            try:
+                extra = f" (kernel variant: {cpu.simd_level()})"
+            except Exception:  # an older extension without the query
+                extra = ""
+        lines.append(f"{name:7s} {'available' + extra if state == 'available' else 'not available: ' + state}")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    lines.append(f"torch {torch.__version__}; CUDA GPU: {gpu}")
+    return "\n".join(lines)
+
+
+def cmd_backends(args) -> int:
+    print(backends_text())
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    report = run_demo(keep=args.keep, device=args.device)
+    return 0 if report["ok"] else EXIT_INTERNAL
+
+
+COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "backends": cmd_backends,
+            "info": cmd_backends}
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of the ``m3kernels`` console script (returns the exit status)."""
+    from .config import MergeConfigError
+    from .errors import M3KError
+
+    args = _build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    _setup_logging(verbose)
+    try:
+        return COMMANDS[args.command](args)
+    except (M3KError, MergeConfigError) as exc:
+        if verbose:
+            traceback.print_exc()
+        print(f"m3kernels: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        hint = " (rerun with --resume to continue)" if args.command == "merge" else ""
+        print(f"m3kernels: interrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: keep the details one flag away
+        if verbose:
+            traceback.print_exc()
+        print(f"m3kernels: internal error: {type(exc).__name__}: {exc}"
+              + ("" if verbose else " (rerun with --verbose for the traceback)"), file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

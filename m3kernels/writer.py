@@ -1,0 +1,334 @@
+"""Writing the merged checkpoint safely: sharded safetensors, a resume journal, atomic publish.
+
+* Output goes into a temporary folder beside OUT_DIR (``.OUT_DIR.m3k-tmp-XXXX``); OUT_DIR
+  itself is created only by renaming the finished folder into place (after every file and the
+  folder are fsynced), so a killed run never leaves a folder that looks complete.
+* :class:`ShardedWriter` runs in its own thread and writes tensors, in plan order, straight from
+  the merged (or memory-mapped) tensors into ``model-0000i-of-0000N.safetensors``; every shard
+  header (tensor offsets and ``__metadata__``) is known in advance from the plan. A finished
+  shard is fsynced and recorded in the journal with its size and SHA-256.
+* The journal (``.m3k-journal.json``) also holds a fingerprint of the config, the inputs and the
+  plan; ``--resume`` reuses only a folder whose fingerprint matches and only shards whose size
+  and hash still check out.
+* OS errors become :class:`~m3kernels.errors.DiskFullError` (ENOSPC, EDQUOT) or
+  :class:`~m3kernels.errors.OutputWriteError`, naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import queue
+import secrets
+import shutil
+import struct
+import threading
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from .errors import DiskFullError, OutputExistsError, OutputWriteError
+from .safetensors_io import torch_dtype_name
+
+JOURNAL = ".m3k-journal.json"
+JOURNAL_FORMAT = 1
+TMP_MARK = ".m3k-tmp-"
+OLD_MARK = ".m3k-old-"
+HASH_CHUNK = 1 << 24
+
+
+# ------------------------------------------------------------------------------ OS helpers
+@contextlib.contextmanager
+def os_errors(path, tensor: Optional[str] = None):
+    """Turn OSError into a DiskFullError / OutputWriteError naming ``path`` (and ``tensor``)."""
+    try:
+        yield
+    except OSError as exc:
+        what = f" (tensor {tensor!r})" if tensor else ""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"{path}: no space left on the device while writing{what}",
+                                path=str(path), tensor=tensor) from None
+        raise OutputWriteError(f"{path}: cannot write{what}: {exc.strerror or exc}",
+                               path=str(path), tensor=tensor) from None
+
+
+def _write_bytes(f, data) -> None:
+    """Write a whole buffer (the one place output bytes go through; tests patch it)."""
+    f.write(data)
+
+
+def fsync_dir(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary name, fsync, rename."""
+    tmp = path.with_name(path.name + ".part")
+    with os_errors(path):
+        with open(tmp, "wb") as f:
+            _write_bytes(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def copy_file_durably(src: Path, dst: Path) -> None:
+    with os_errors(dst):
+        shutil.copyfile(src, dst)
+        with open(dst, "rb+") as f:
+            os.fsync(f.fileno())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(HASH_CHUNK)
+            if not chunk:
+                return h.hexdigest()
+            h.update(chunk)
+
+
+# ------------------------------------------------------------------------------ headers
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes (C order) as a memoryview, without a copy when it is contiguous."""
+    t = t.detach().contiguous().reshape(-1)
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+
+
+def shard_header(tensors, metadata: dict) -> bytes:
+    """The 8-byte length + JSON header (padded with spaces to 8 bytes) for ``tensors`` in order."""
+    obj = {"__metadata__": dict(metadata)}
+    pos = 0
+    for t in tensors:
+        obj[t.name] = {"dtype": torch_dtype_name(t.out_dtype), "shape": list(t.shape),
+                       "data_offsets": [pos, pos + t.nbytes]}
+        pos += t.nbytes
+    raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+# ------------------------------------------------------------------------------ journal
+class Journal:
+    """The temporary folder's record of finished shards (written atomically after each)."""
+
+    def __init__(self, folder: Path, fingerprint: str, data: Optional[dict] = None):
+        self.folder = Path(folder)
+        self.data = data or {"format": JOURNAL_FORMAT, "fingerprint": fingerprint, "shards": {}, "extra": {}}
+
+    @property
+    def fingerprint(self) -> str:
+        return self.data["fingerprint"]
+
+    @property
+    def shards(self) -> dict:
+        return self.data["shards"]
+
+    @classmethod
+    def load(cls, folder: Path) -> Optional["Journal"]:
+        try:
+            data = json.loads((Path(folder) / JOURNAL).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(data, dict) or data.get("format") != JOURNAL_FORMAT or not isinstance(
+                data.get("shards"), dict):
+            return None
+        data.setdefault("extra", {})
+        return cls(folder, data.get("fingerprint"), data)
+
+    def save(self) -> None:
+        write_file_durably(self.folder / JOURNAL, json.dumps(self.data, indent=1).encode())
+        with os_errors(self.folder):
+            fsync_dir(self.folder)
+
+    def shard_done(self, filename: str, size: int, sha256: str) -> None:
+        self.shards[filename] = {"bytes": size, "sha256": sha256}
+        self.save()
+
+    def verified_shards(self) -> tuple[set, list]:
+        """(file names whose size and hash still match, messages about the others)."""
+        good, bad = set(), []
+        for fname, rec in list(self.shards.items()):
+            p = self.folder / fname
+            try:
+                ok = p.stat().st_size == rec["bytes"] and file_sha256(p) == rec["sha256"]
+            except OSError:
+                ok = False
+            if ok:
+                good.add(fname)
+            else:
+                bad.append(f"{p}: size or hash changed since it was written; writing it again")
+                del self.shards[fname]
+        return good, bad
+
+
+# ------------------------------------------------------------------------------ folders
+def temp_prefix(out_dir: Path) -> str:
+    return f".{out_dir.name}{TMP_MARK}"
+
+
+def make_temp_dir(out_dir: Path) -> Path:
+    parent = out_dir.parent
+    with os_errors(parent):
+        parent.mkdir(parents=True, exist_ok=True)
+        tmp = parent / (temp_prefix(out_dir) + secrets.token_hex(4))
+        tmp.mkdir()
+        return tmp
+
+
+def partial_runs(out_dir: Path) -> list:
+    """[(folder, journal)] of unfinished runs for ``out_dir``, newest first."""
+    found = []
+    for p in out_dir.parent.glob(temp_prefix(out_dir) + "*"):
+        j = Journal.load(p) if p.is_dir() else None
+        if j is not None:
+            found.append((p, j))
+    found.sort(key=lambda pj: pj[0].stat().st_mtime_ns, reverse=True)
+    return found
+
+
+def publish(tmp: Path, out_dir: Path, force: bool) -> None:
+    """Rename the finished ``tmp`` folder to ``out_dir`` (replacing it only with ``force``)."""
+    with os_errors(tmp):
+        (tmp / JOURNAL).unlink(missing_ok=True)
+        fsync_dir(tmp)
+    old = None
+    if out_dir.exists() or out_dir.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{out_dir} appeared while merging; the finished merge is in {tmp} "
+                                    f"(rename it yourself, or rerun with --force)", path=str(out_dir))
+        old = out_dir.parent / f".{out_dir.name}{OLD_MARK}{secrets.token_hex(4)}"
+        with os_errors(out_dir):
+            os.rename(out_dir, old)
+    with os_errors(out_dir):
+        os.rename(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------ shard writer
+class ShardedWriter:
+    """Background thread writing planned tensors, in order, into their shard files.
+
+    ``put(planned, tensor, done)`` hands over one tensor (``done()`` is called once its bytes
+    are written, e.g. to release input pages); ``close()`` waits for the last shard and raises
+    any error the thread hit. ``skip`` holds shard indices already finished (resume).
+    """
+
+    def __init__(self, folder: Path, shards: list, metadata: dict, journal: Journal, *, skip=(),
+                 on_written: Optional[Callable] = None, after_shard: Optional[Callable] = None,
+                 queue_size: int = 1):
+        self.folder = Path(folder)
+        self.shards = shards
+        self.metadata = metadata
+        self.journal = journal
+        self.skip = set(skip)
+        self.on_written = on_written
+        self.after_shard = after_shard
+        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._error: Optional[BaseException] = None
+        self._expected = iter([(s, i, t) for s in shards if s.index not in self.skip
+                               for i, t in enumerate(s.tensors)])
+        self._file = None
+        self._hash = None
+        self._thread = threading.Thread(target=self._run, name="m3k-writer", daemon=True)
+        self._thread.start()
+
+    # -- main-thread side
+    def put(self, planned, tensor: torch.Tensor, done: Optional[Callable] = None) -> None:
+        if self._error is not None:
+            self._raise()
+        self._q.put((planned, tensor, done))
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join()
+        if self._error is not None:
+            self._raise()
+
+    def abort(self) -> None:
+        """Stop after an error in the producer (drops what is queued)."""
+        self._error = self._error or RuntimeError("aborted")
+        self._q.put(None)
+        self._thread.join()
+        if self._file is not None:
+            self._file.close()
+
+    def _raise(self):
+        err = self._error
+        if isinstance(err, BaseException):
+            raise err
+
+    # -- writer thread
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # keep draining so the producer never blocks
+            planned, tensor, done = item
+            try:
+                self._write(planned, tensor)
+                if done is not None:
+                    done()
+                if self.on_written is not None:
+                    self.on_written(planned)
+            except BaseException as exc:  # handed to the main thread
+                self._error = exc
+
+    def _write(self, planned, tensor: torch.Tensor) -> None:
+        shard, pos, want = next(self._expected)
+        if want is not planned:
+            raise RuntimeError(f"writer got tensor {planned.name!r} but expected {want.name!r}")
+        if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.out_dtype:
+            raise RuntimeError(f"tensor {want.name!r}: got {tensor.dtype} {tuple(tensor.shape)}, planned "
+                               f"{want.out_dtype} {want.shape}")
+        path = self.folder / shard.filename
+        if pos == 0:
+            with os_errors(path, want.name):
+                self._file = open(path, "wb")
+                self._hash = hashlib.sha256()
+                head = shard_header(shard.tensors, self.metadata)
+                _write_bytes(self._file, head)
+                self._hash.update(head)
+        data = tensor_bytes(tensor.cpu() if tensor.device.type != "cpu" else tensor)
+        with os_errors(path, want.name):
+            _write_bytes(self._file, data)
+        self._hash.update(data)
+        if pos == len(shard.tensors) - 1:
+            with os_errors(path, want.name):
+                self._file.flush()
+                os.fsync(self._file.fileno())
+                size = self._file.tell()
+                self._file.close()
+                self._file = None
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # written: no need to cache it
+                    os.close(fd)
+                except (AttributeError, OSError):
+                    pass
+            self.journal.shard_done(shard.filename, size, self._hash.hexdigest())
+            if self.after_shard is not None:
+                self.after_shard(shard)
+
+
+__all__ = ["ShardedWriter", "Journal", "shard_header", "tensor_bytes", "make_temp_dir", "partial_runs",
+           "publish", "write_file_durably", "copy_file_durably", "fsync_dir", "os_errors", "file_sha256",
+           "JOURNAL", "TMP_MARK"]
