@@ -389,6 +389,9 @@ def read_config_source(source) -> dict:
             raw = _parse_yaml(text, s)
         else:
             raw = _parse_yaml(s, "config")
+            if isinstance(raw, str) and "\n" not in s:
+                raise MergeConfigError(f"config: {s!r} is neither an existing file nor YAML text "
+                                       f"with merge_method, models, ...")
     else:
         raise MergeConfigError(
             f"config: expected a path, YAML text or a dict, got {type(source).__name__}")

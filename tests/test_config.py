@@ -566,6 +566,8 @@ def test_bad_sources(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(MergeConfigError, match="config"):
         load_config(42)
+    with pytest.raises(MergeConfigError, match="no/such/file.cfg"):
+        load_config("no/such/file.cfg")
 
 
 def test_dare_density_missing_for_a_filtered_tensor():
@@ -577,3 +579,15 @@ def test_dare_density_missing_for_a_filtered_tensor():
     assert cfg.tensor_kwargs("model.layers.0.mlp.up_proj.weight", 2)["density"] == [0.5]
     with pytest.raises(MergeConfigError, match="x.*model.rotary"):
         cfg.tensor_kwargs("model.rotary.inv_freq", 2)
+
+
+def test_the_full_example_in_docs_parses():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
+    text = doc.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = load_config(text)
+    assert cfg.method == "ties" and cfg.models == ["models/ft-math", "models/ft-code"]
+    kw = cfg.tensor_kwargs("model.layers.39.mlp.up_proj.weight", 40)
+    assert kw["weights"] == pytest.approx([0.6, 1.0]) and kw["density"] == [0.3, 0.25]
+    kw = cfg.tensor_kwargs("model.embed_tokens.weight", 40)
+    assert kw["weights"] == [1.0, 1.0] and kw["density"] == [0.2, 0.25] and kw["lambda_"] == 0.8
+    assert cfg.mixup == {"alpha": 2.0, "seed": 42} and cfg.seed == 1234
