@@ -17,6 +17,5 @@ if not torch.cuda.is_available():
 def gen():
     """A fresh, seeded torch generator per test (fresh random inputs, reproducible failures)."""
     seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("M3K_RANDOM_SEEDS") else 1234
-    g = torch.Generator().manual_seed(seed)
-    g.seed_value = seed
-    return g
+    print(f"random inputs from seed {seed}")  # shown with a failing test's captured output
+    return torch.Generator().manual_seed(seed)
