@@ -32,7 +32,7 @@ except Exception as exc:  # not installed, or broken
 # (the interpreter's cost is per program, not per element).
 BLOCK_GPU = 1024
 WARPS_GPU = 4
-BLOCK_INTERPRETED = 4096
+BLOCK_INTERPRETED = 8192
 INT32_LIMIT = 2**31
 
 
