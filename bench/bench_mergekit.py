@@ -437,12 +437,12 @@ def run_mergekit(exe: Path, cfg: Path, out: Path, time_exe: str, logs: Path, tag
 
 
 def fmt_table(rows: list[dict]) -> str:
-    head = f"{'method':<10} {'tool':<22} {'wall s':>8} {'peak RSS GB':>12} {'speed-up':>9} {'target':>8}"
+    head = f"{'method':<10} {'tool':<28} {'wall s':>8} {'peak RSS GB':>12} {'speed-up':>9} {'target':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         sp = f"{r['speedup']:.1f}x" if r.get("speedup") else ""
         tg = r.get("target", "")
-        lines.append(f"{r['method']:<10} {r['tool']:<22} {r['wall_s']:>8.2f} {r['peak_rss_gb']:>12.2f} "
+        lines.append(f"{r['method']:<10} {r['tool']:<28} {r['wall_s']:>8.2f} {r['peak_rss_gb']:>12.2f} "
                      f"{sp:>9} {tg:>8}")
     return "\n".join(lines)
 
