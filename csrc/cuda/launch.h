@@ -1,0 +1,34 @@
+// Host entry points of the CUDA kernels, as called by the pybind11 bindings (plain C++).
+//
+// Streams are passed as integers (the value of torch.cuda.Stream.cuda_stream), pointers
+// as raw device addresses inside MergeArgs. Launch errors are thrown as std::runtime_error.
+// The emulate_* functions run the very same chunk code on the host, on host pointers: they
+// let a machine without a GPU test the kernel bodies (vector/tail paths, dispatch, Philox).
+#pragma once
+
+#include <cstdint>
+
+#include "merge_args.h"
+
+namespace m3k {
+
+// Stage B: out = merge(base, models) for the whole tensor.
+void launch_merge(const MergeArgs& a, int device, uintptr_t stream);
+void emulate_merge(const MergeArgs& a);
+
+// Stage A histogram of model i into hist (65536 uint64 counters, added to, not cleared):
+// prefix < 0: counts of bits(|d_i|) >> 16; else counts of the low 16 bits of the elements
+// whose high 16 bits equal prefix.
+void launch_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* hist, int device,
+                      uintptr_t stream);
+void emulate_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* hist);
+
+// Stage A L1 sums of model i: partials[0][b] = Σ|d_i|, partials[1][b] = Σ|d_i|·keep_i over
+// the fixed element block b (l1_num_blocks(numel) blocks). The caller adds them in block
+// order, so the result depends on numel only, not on the GPU or the launch shape.
+int64_t l1_num_blocks(int64_t numel);
+void launch_l1_partials(const MergeArgs& a, int model, double* partials, int device,
+                        uintptr_t stream);
+void emulate_l1_partials(const MergeArgs& a, int model, double* partials);
+
+}  // namespace m3k

@@ -1,0 +1,201 @@
+// Stage A kernels: radix-select histograms and L1 partial sums, with launchers and host emulation.
+//
+// Pass-1 histograms use a 32768-bin uint32 sub-histogram per block in shared memory
+// (128 KiB: fits the opt-in limit of sm_80 and sm_90) flushed once per block with global
+// atomics; where it does not fit, and for pass 2 (which only counts the few elements in
+// the prefix bin), threads add straight to the global histogram. Each thread keeps a
+// (bin, count) run in registers, so long runs of one bin (the exact zeros DARE leaves)
+// cost one atomic per run instead of one per element.
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "launch.h"
+#include "launch_util.cuh"
+#include "stats_element.cuh"
+
+namespace m3k {
+namespace {
+
+constexpr int kHistSharedThreads = 1024;
+constexpr int kHistGlobalThreads = 256;
+constexpr size_t kHistSharedBytes = kPass1Bins * sizeof(uint32_t);
+constexpr int64_t kMaxElemsPerHistBlock = int64_t(1) << 30;  // keeps uint32 counts exact
+
+template <int DT, bool SHARED>
+__global__ void __launch_bounds__(1024)
+    hist_kernel(const __grid_constant__ MergeArgs a, int model, int64_t prefix, unsigned long long* hist) {
+  extern __shared__ uint32_t sub[];
+  if constexpr (SHARED) {
+    for (int t = threadIdx.x; t < kPass1Bins; t += blockDim.x) sub[t] = 0;
+    __syncthreads();
+  }
+  uint32_t run_bin = 0, run_count = 0;
+  auto flush = [&]() {
+    if (run_count == 0) return;
+    if constexpr (SHARED)
+      atomicAdd(&sub[run_bin], run_count);
+    else
+      atomicAdd(&hist[run_bin], static_cast<unsigned long long>(run_count));
+  };
+  const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nchunks; c += stride) {
+    uint32_t x[kHistEPT];
+    hist_chunk_bits<DT>(a, model, c, x);
+#pragma unroll
+    for (int k = 0; k < kHistEPT; ++k) {
+      uint32_t bin;
+      if (c * kHistEPT + k < a.numel && hist_bin(x[k], prefix, bin)) {
+        if (bin != run_bin) {
+          flush();
+          run_bin = bin;
+          run_count = 0;
+        }
+        ++run_count;
+      }
+    }
+  }
+  flush();
+  if constexpr (SHARED) {
+    __syncthreads();
+    for (int t = threadIdx.x; t < kPass1Bins; t += blockDim.x)
+      if (sub[t]) atomicAdd(&hist[t], static_cast<unsigned long long>(sub[t]));
+  }
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kL1Threads) l1_kernel(const __grid_constant__ MergeArgs a, int model,
+                                                        double* partials) {
+  __shared__ double s_total[kL1Threads];
+  __shared__ double s_kept[kL1Threads];
+  const int t = threadIdx.x;
+  double total, kept;
+  l1_thread<DT>(a, model, blockIdx.x, t, total, kept);
+  s_total[t] = total;
+  s_kept[t] = kept;
+  __syncthreads();
+  for (int s = kL1Threads / 2; s > 0; s >>= 1) {
+    if (t < s) {
+      s_total[t] += s_total[t + s];
+      s_kept[t] += s_kept[t + s];
+    }
+    __syncthreads();
+  }
+  if (t == 0) {
+    partials[blockIdx.x] = s_total[0];
+    partials[gridDim.x + blockIdx.x] = s_kept[0];
+  }
+}
+
+// Input dtype shared by the base (if used) and model i, or -1.
+int pair_dtype(const MergeArgs& a, int i) {
+  if (a.has_base && a.base_dtype != a.model_dtype[i]) return -1;
+  return a.model_dtype[i];
+}
+
+template <class F>
+void with_dtype(int dt, F&& f) {
+  switch (dt) {
+    case kF32: return f(std::integral_constant<int, kF32>{});
+    case kBF16: return f(std::integral_constant<int, kBF16>{});
+    case kF16: return f(std::integral_constant<int, kF16>{});
+    default: return f(std::integral_constant<int, -1>{});
+  }
+}
+
+void check_model(const MergeArgs& a, int model) {
+  if (model < 0 || model >= a.n) throw std::invalid_argument("m3kernels CUDA: model index out of range");
+}
+
+bool shared_pass1_fits(int device) {
+  int optin = 0;
+  check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "shared memory limit");
+  return static_cast<size_t>(optin) >= kHistSharedBytes;
+}
+
+}  // namespace
+
+void launch_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* hist, int device,
+                      uintptr_t stream) {
+  check_model(a, model);
+  if (a.numel <= 0) return;
+  use_device(device);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  auto* h = reinterpret_cast<unsigned long long*>(hist);
+  const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
+  const int64_t min_grid = (a.numel + kMaxElemsPerHistBlock - 1) / kMaxElemsPerHistBlock;
+  const bool shared = prefix < 0 && shared_pass1_fits(device);
+  with_dtype(pair_dtype(a, model), [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    if (shared) {
+      auto kernel = hist_kernel<DT, true>;
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(kHistSharedBytes)),
+                 "histogram shared memory");
+      const int64_t work = (nchunks + kHistSharedThreads - 1) / kHistSharedThreads;
+      unsigned grid = grid_size(reinterpret_cast<const void*>(kernel), device, kHistSharedThreads,
+                                kHistSharedBytes, work);
+      if (grid < min_grid) grid = static_cast<unsigned>(min_grid);
+      kernel<<<grid, kHistSharedThreads, kHistSharedBytes, s>>>(a, model, prefix, h);
+    } else {
+      auto kernel = hist_kernel<DT, false>;
+      const int64_t work = (nchunks + kHistGlobalThreads - 1) / kHistGlobalThreads;
+      unsigned grid = grid_size(reinterpret_cast<const void*>(kernel), device, kHistGlobalThreads, 0, work);
+      if (grid < min_grid) grid = static_cast<unsigned>(min_grid);
+      kernel<<<grid, kHistGlobalThreads, 0, s>>>(a, model, prefix, h);
+    }
+    check_cuda(cudaGetLastError(), "histogram kernel launch");
+  });
+}
+
+void emulate_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* hist) {
+  check_model(a, model);
+  const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
+  with_dtype(pair_dtype(a, model), [&](auto dt) {
+    for (int64_t c = 0; c < nchunks; ++c) {
+      uint32_t x[kHistEPT];
+      hist_chunk_bits<decltype(dt)::value>(a, model, c, x);
+      for (int k = 0; k < kHistEPT; ++k) {
+        uint32_t bin;
+        if (c * kHistEPT + k < a.numel && hist_bin(x[k], prefix, bin)) ++hist[bin];
+      }
+    }
+  });
+}
+
+int64_t l1_num_blocks(int64_t numel) { return numel <= 0 ? 0 : (numel + kL1BlockElems - 1) / kL1BlockElems; }
+
+void launch_l1_partials(const MergeArgs& a, int model, double* partials, int device, uintptr_t stream) {
+  check_model(a, model);
+  const int64_t blocks = l1_num_blocks(a.numel);
+  if (blocks == 0) return;
+  if (blocks > 0x7fffffff) throw std::invalid_argument("m3kernels CUDA: tensor too large for l1 sums");
+  use_device(device);
+  auto s = reinterpret_cast<cudaStream_t>(stream);
+  with_dtype(pair_dtype(a, model), [&](auto dt) {
+    l1_kernel<decltype(dt)::value><<<static_cast<unsigned>(blocks), kL1Threads, 0, s>>>(a, model, partials);
+    check_cuda(cudaGetLastError(), "l1 kernel launch");
+  });
+}
+
+void emulate_l1_partials(const MergeArgs& a, int model, double* partials) {
+  check_model(a, model);
+  const int64_t blocks = l1_num_blocks(a.numel);
+  with_dtype(pair_dtype(a, model), [&](auto dt) {
+    std::vector<double> total(kL1Threads), kept(kL1Threads);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      for (int t = 0; t < kL1Threads; ++t) l1_thread<decltype(dt)::value>(a, model, blk, t, total[t], kept[t]);
+      for (int s = kL1Threads / 2; s > 0; s >>= 1)
+        for (int t = 0; t < s; ++t) {
+          total[t] += total[t + s];
+          kept[t] += kept[t + s];
+        }
+      partials[blk] = total[0];
+      partials[blocks + blk] = kept[0];
+    }
+  });
+}
+
+}  // namespace m3k

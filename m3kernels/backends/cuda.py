@@ -1,0 +1,209 @@
+"""The CUDA backend: stage A and stage B through the nvcc-compiled extension ``m3kernels._cuda``.
+
+Tensors go to the extension as raw device addresses (``data_ptr()``) with dtype codes, and the
+kernels run on PyTorch's current stream of the tensors' device (passed as an integer handle), so
+the extension does not link libtorch (docs/GPU.md). Stage B launches one kernel and returns
+without synchronising; stage A reads its histograms / partial sums back to the host, which is
+what the radix select and the L1 rescale need.
+
+The ``emulate_*`` functions run the same kernel code on the host, on CPU tensors: they are how
+the tests check the CUDA kernel bodies on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
+
+try:
+    from .. import _cuda
+    _IMPORT_ERROR: Optional[str] = None
+except ImportError as exc:  # not built (no nvcc at install time) or libcudart missing
+    _cuda = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+MAX_MODELS = 16
+
+
+def extension_available() -> bool:
+    """True when the compiled extension ``m3kernels._cuda`` could be imported."""
+    return _cuda is not None
+
+
+def _device_present() -> bool:
+    try:
+        return bool(torch.cuda.is_available()) and torch.cuda.device_count() > 0
+    except Exception:  # a broken driver install reports through exceptions
+        return False
+
+
+def available() -> bool:
+    """True when the extension imports and a CUDA device is present."""
+    return _cuda is not None and _device_present()
+
+
+def unavailable_reason() -> str:
+    """Why the backend is unavailable ('' when it is available)."""
+    if _cuda is None:
+        return (f"the CUDA extension m3kernels._cuda is not importable ({_IMPORT_ERROR}); build it on a "
+                "machine with nvcc: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`")
+    if not _device_present():
+        return (f"no CUDA device (torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
+                f"torch.cuda.is_available()={torch.cuda.is_available()})")
+    return ""
+
+
+def supports(device) -> bool:
+    """The CUDA backend runs on CUDA tensors only."""
+    return torch.device(device).type == "cuda"
+
+
+def _ext():
+    if _cuda is None:
+        raise RuntimeError(f"the cuda backend is not available: {unavailable_reason()}")
+    return _cuda
+
+
+def _tensor(t: torch.Tensor, what: str, numel: int, device_type: str) -> tuple[int, int]:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != device_type:
+        raise ValueError(f"{what} is on {t.device}; the cuda backend needs {device_type} tensors")
+    if t.dtype not in DTYPE_CODES:
+        raise ValueError(f"{what} has dtype {t.dtype}; supported: float32, bfloat16, float16")
+    if not t.is_contiguous():
+        raise ValueError(f"{what} must be contiguous")
+    if t.numel() != numel:
+        raise ValueError(f"{what} has {t.numel()} elements, expected {numel}")
+    return t.data_ptr(), DTYPE_CODES[t.dtype]
+
+
+def kernel_args(p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
+                out: Optional[torch.Tensor] = None, device_type: str = "cuda") -> dict:
+    """The argument dict the extension reads: KernelParams plus pointers and dtype codes."""
+    models = list(models)
+    if len(models) != p.n:
+        raise ValueError(f"KernelParams is for {p.n} models, got {len(models)} tensors")
+    if p.n > MAX_MODELS:
+        raise ValueError(f"the cuda backend merges at most {MAX_MODELS} models per tensor, got {p.n}; "
+                         "use the cpu or triton backend")
+    numel = models[0].numel()
+    ptrs, codes = [], []
+    for i, m in enumerate(models):
+        ptr, code = _tensor(m, f"models[{i}]", numel, device_type)
+        ptrs.append(ptr)
+        codes.append(code)
+    device = models[0].device
+    for i, m in enumerate(models):
+        if m.device != device:
+            raise ValueError(f"models[{i}] is on {m.device}, models[0] on {device}")
+    base_ptr, base_code = 0, 0
+    if p.has_base:
+        if base is None:
+            raise ValueError("KernelParams.has_base is set but base is None")
+        base_ptr, base_code = _tensor(base, "base", numel, device_type)
+        if base.device != device:
+            raise ValueError(f"base is on {base.device}, models on {device}")
+    out_ptr, out_code = 0, 0
+    if out is not None:
+        out_ptr, out_code = _tensor(out, "out", numel, device_type)
+        if out.device != device:
+            raise ValueError(f"out is on {out.device}, models on {device}")
+    trim_min = p.trim_min if p.trim_min is not None else np.zeros(p.n, np.uint64)
+    return {
+        "n": p.n, "numel": numel,
+        "models": ptrs, "model_dtypes": codes,
+        "base": base_ptr, "base_dtype": base_code, "has_base": bool(p.has_base),
+        "out": out_ptr, "out_dtype": out_code,
+        "combine": int(p.combine), "normalize": bool(p.normalize),
+        "lam": float(p.lam), "mean_den": float(p.mean_den),
+        "vote_w": [float(x) for x in p.vote_w], "coef": [float(x) for x in p.coef],
+        "dare_scale": [float(x) for x in p.dare_scale], "dare": [int(x) for x in p.dare],
+        "key0": [int(x) for x in p.key0], "key1": [int(x) for x in p.key1],
+        "dare_thr": [int(x) for x in p.dare_thr], "trim_min": [int(x) for x in trim_min],
+    }
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ordered_sums(partials: np.ndarray) -> np.ndarray:
+    """Row sums of float64 partials, added left to right (block order)."""
+    if partials.shape[-1] == 0:
+        return np.zeros(partials.shape[:-1], np.float64)
+    return np.cumsum(partials, axis=-1)[..., -1]
+
+
+def l1_sums(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """float64[n] Σ|δ_i| and Σ|δ_i| over DARE-kept elements, in fixed block order."""
+    ext = _ext()
+    args = kernel_args(p, base, models)
+    device = models[0].device
+    blocks = ext.l1_num_blocks(args["numel"])
+    partials = torch.zeros((p.n, 2, blocks), dtype=torch.float64, device=device)
+    with torch.cuda.device(device):
+        for i in range(p.n):
+            ext.l1_partials(args, i, partials[i].data_ptr(), device.index, _stream(device))
+    sums = _ordered_sums(partials.cpu().numpy())
+    return sums[:, 0].copy(), sums[:, 1].copy()
+
+
+def histogram(p: KernelParams, base, models, prefix) -> np.ndarray:
+    """int64[n, 65536]: high-16 (prefix None) or matching low-16 counts of bits(|δ'_i|)."""
+    ext = _ext()
+    args = kernel_args(p, base, models)
+    device = models[0].device
+    hist = torch.zeros((p.n, HIST_BINS), dtype=torch.int64, device=device)
+    with torch.cuda.device(device):
+        for i in range(p.n):
+            pre = -1 if prefix is None else int(prefix[i])
+            ext.histogram(args, i, pre, hist[i].data_ptr(), device.index, _stream(device))
+    return hist.cpu().numpy()
+
+
+def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
+    """Stage B: the fused single pass of docs/KERNEL.md into ``out``, on the current stream."""
+    ext = _ext()
+    args = kernel_args(p, base, models, out)
+    with torch.cuda.device(out.device):
+        ext.merge(args, out.device.index, _stream(out.device))
+
+
+# Host emulation of the kernels above, on CPU tensors (tests without a GPU).
+
+def emulate_merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
+    """Run the stage-B kernel body on the host (CPU tensors)."""
+    _ext().emulate_merge(kernel_args(p, base, models, out, device_type="cpu"))
+
+
+def emulate_histogram(p: KernelParams, base, models, prefix) -> np.ndarray:
+    """The stage-A histogram kernel body on the host (CPU tensors)."""
+    ext = _ext()
+    args = kernel_args(p, base, models, device_type="cpu")
+    hist = np.zeros((p.n, HIST_BINS), dtype=np.uint64)
+    for i in range(p.n):
+        pre = -1 if prefix is None else int(prefix[i])
+        ext.emulate_histogram(args, i, pre, hist[i].ctypes.data)
+    return hist.astype(np.int64)
+
+
+def emulate_l1_sums(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """The stage-A L1 kernel body (same blocks, same reduction tree) on the host."""
+    ext = _ext()
+    args = kernel_args(p, base, models, device_type="cpu")
+    blocks = ext.l1_num_blocks(args["numel"])
+    partials = np.zeros((p.n, 2, blocks), dtype=np.float64)
+    for i in range(p.n):
+        ext.emulate_l1_partials(args, i, partials[i].ctypes.data)
+    sums = _ordered_sums(partials)
+    return sums[:, 0].copy(), sums[:, 1].copy()
+
+
+__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "merge",
+           "extension_available", "kernel_args", "emulate_merge", "emulate_histogram",
+           "emulate_l1_sums", "MAX_MODELS"]
