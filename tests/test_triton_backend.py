@@ -32,7 +32,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (see conftest)
 
 import m3kernels  # noqa: E402
-from m3kernels.api import thresholds_to_bits  # noqa: E402
 from m3kernels.backends import triton_backend  # noqa: E402
 from m3kernels.kernel_params import f32, make_params, trim_k  # noqa: E402
 from m3kernels.philox import dare_key, dare_keep_mask, dare_uniform_u32, philox4x32_10  # noqa: E402

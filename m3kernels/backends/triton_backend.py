@@ -56,9 +56,13 @@ def supports(device) -> bool:
     if not available():
         return False
     device = torch.device(device)
-    if device.type == "cuda":
-        return True
-    return device.type == "cpu" and _kernels().INTERPRETED
+    if device.type not in ("cuda", "cpu"):
+        return False
+    try:
+        interpreted = _kernels().INTERPRETED
+    except Exception:  # a Triton install that imports but cannot define kernels
+        return False
+    return device.type == "cuda" or interpreted
 
 
 def _block() -> int:
