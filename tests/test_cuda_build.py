@@ -1,0 +1,85 @@
+"""Every CUDA source compiles with nvcc (setup.py's flags, one architecture): no GPU needed.
+
+Skipped when nvcc is absent. Each ``csrc/cuda/*.cu`` is compiled with ``-c`` into a temporary
+directory for sm_90 (``M3KERNELS_TEST_CUDA_ARCH`` overrides), in parallel; the pybind11 binding
+file is syntax-checked with the C++ compiler against the CUDA and Python headers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CUDA_DIR = ROOT / "csrc" / "cuda"
+ARCH = os.environ.get("M3KERNELS_TEST_CUDA_ARCH", "90")
+
+
+def find_nvcc():
+    """nvcc as setup.py finds it: $CUDA_HOME/bin/nvcc, else the PATH."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def cuda_include(nvcc: str) -> Path:
+    """The toolkit's include dir (nvcc may be a wrapper script outside the toolkit)."""
+    out = subprocess.run([nvcc, "--dryrun", "-E", "-x", "cu", "/dev/null"], capture_output=True, text=True)
+    for line in (out.stdout + out.stderr).splitlines():
+        if "TOP=" in line:
+            return Path(line.split("TOP=", 1)[1].strip()) / "include"
+    return Path(nvcc).resolve().parent.parent / "include"
+
+
+NVCC = find_nvcc()
+pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found (set CUDA_HOME)")
+
+CU_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
+
+
+def _compile(src: Path, out_dir: Path) -> tuple[Path, int, str]:
+    cmd = [NVCC, "-c", str(src), "-o", str(out_dir / (src.stem + ".o")), "-O3", "-std=c++17", "-fmad=false",
+           "-Xcompiler", "-fPIC", f"-I{CUDA_DIR}", "-gencode", f"arch=compute_{ARCH},code=sm_{ARCH}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return src, proc.returncode, " ".join(cmd) + "\n" + proc.stdout + proc.stderr
+
+
+def test_there_are_cuda_sources():
+    assert CU_SOURCES, f"no .cu files in {CUDA_DIR}"
+    assert list(CUDA_DIR.glob("*.cpp")), "the pybind11 binding file is missing"
+
+
+def test_every_cu_file_compiles(tmp_path):
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        results = list(pool.map(lambda s: _compile(s, tmp_path), CU_SOURCES))
+    failed = [(src.name, log) for src, rc, log in results if rc != 0]
+    assert not failed, "\n\n".join(f"{name} failed to compile:\n{log}" for name, log in failed)
+    for src, _, log in results:
+        assert (tmp_path / (src.stem + ".o")).stat().st_size > 0, log
+        assert "warning" not in log.lower(), f"{src.name} compiled with warnings:\n{log}"
+
+
+def test_binding_file_compiles():
+    pybind11 = pytest.importorskip("pybind11")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    for src in sorted(CUDA_DIR.glob("*.cpp")):
+        cmd = [cxx, "-fsyntax-only", "-std=c++17", "-Wall", f"-I{CUDA_DIR}", f"-I{cuda_include(NVCC)}",
+               f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", str(src)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stderr
+        assert "warning" not in proc.stderr.lower(), proc.stderr
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
