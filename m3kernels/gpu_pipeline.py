@@ -264,13 +264,14 @@ def _run(jobs: Iterable[MergeJob], pipe: _Pipeline, depth: int) -> Iterator[tupl
             return None
         try:
             plan = _plan(job)
+            slot = pipe.slots[count % depth]
+            count += 1
+            if plan.inputs[0].numel() == 0:
+                return plan, slot, None, None
+            pipe.reserve(slot, plan)  # device memory first: an OOM stages nothing
+            return plan, slot, executor.submit(_stage, slot, plan), None
         except Exception as exc:  # reported in job order, after the jobs before it
             return None, None, None, exc
-        slot = pipe.slots[count % depth]
-        count += 1
-        if plan.inputs[0].numel() == 0:
-            return plan, slot, None, None
-        return plan, slot, executor.submit(_stage, slot, plan), None
 
     def drain(keep: int):
         while len(pending) > keep:
@@ -290,7 +291,6 @@ def _run(jobs: Iterable[MergeJob], pipe: _Pipeline, depth: int) -> Iterator[tupl
                     if future is None:  # zero elements: nothing to move
                         pending.append((plan.job, torch.empty(plan.shape, dtype=plan.job.out_dtype), None))
                     else:
-                        pipe.reserve(slot, plan)
                         future.result()
                         result, done = pipe.launch(slot, plan)
                         pending.append((plan.job, result, done))
