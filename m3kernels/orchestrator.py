@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -242,6 +244,40 @@ class Prefetcher:
         self.pool.shutdown(wait=True)
 
 
+class BufferPool:
+    """Reusable output buffers: the merge writes into one, the writer hands it back when written.
+
+    Fresh large allocations are fresh pages, and filling fresh pages costs a page fault each;
+    reusing a few buffers (the writer is usually idle, so two: one merged, one written) avoids
+    that without holding more memory than the pipeline needs anyway.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self.free: list = []
+        self.lock = threading.Lock()
+
+    def take(self, shape, dtype: torch.dtype):
+        """(tensor of ``shape``/``dtype`` on a pooled buffer, callback returning the buffer)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        with self.lock:
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+            if fits:
+                buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+            else:  # none is large enough: free the small ones before allocating a larger one
+                buf = None
+                self.free.clear()
+        if buf is None:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape), lambda: self._give_back(buf)
+
+    def _give_back(self, buf: torch.Tensor) -> None:
+        with self.lock:
+            self.free.append(buf)
+            if len(self.free) > self.keep:
+                self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
+
+
 def fill_extra_rows(pt: PlannedTensor, out: torch.Tensor) -> None:
     """VOCAB rows past the common ones: float32 mean of the models that have them (else the base's)."""
     bounds = sorted({pt.common_rows, pt.shape[0]} | {s.meta.shape[0] for s in pt.sources()})
@@ -257,14 +293,16 @@ def fill_extra_rows(pt: PlannedTensor, out: torch.Tensor) -> None:
         out[lo:hi] = acc
 
 
-def merge_one(pt: PlannedTensor, plan: MergePlan, backend: str, thresholds) -> torch.Tensor:
-    """One output tensor on the CPU, exactly as merge_tensors computes it."""
+def merge_one(pt: PlannedTensor, plan: MergePlan, backend: str, thresholds,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One output tensor on the CPU, exactly as merge_tensors computes it (into ``out`` if given)."""
     b, ms = pt.inputs()
+    if out is None:
+        out = torch.empty(pt.shape, dtype=pt.out_dtype)
     kw = dict(method=plan.config.method, **pt.kwargs, mix_ratios=plan.mix_ratios, seed=plan.seed,
               name=pt.name, out_dtype=pt.out_dtype, backend=backend, thresholds=thresholds)
     if pt.action != VOCAB:
-        return merge_tensors(b, ms, **kw)
-    out = torch.empty(pt.shape, dtype=pt.out_dtype)
+        return merge_tensors(b, ms, out=out, **kw)
     merge_tensors(b, ms, out=out[:pt.common_rows], **kw)
     fill_extra_rows(pt, out)
     return out
@@ -273,15 +311,17 @@ def merge_one(pt: PlannedTensor, plan: MergePlan, backend: str, thresholds) -> t
 def produce_cpu(plan: MergePlan, todo: list, backend: str, thresholds) -> Iterator:
     """(planned tensor, output tensor, callback after writing) in write order, merged on the CPU."""
     pre = Prefetcher(todo)
+    pool = BufferPool()
     try:
         for k, pt in enumerate(todo):
             pre.advance(k)
             if pt.action == COPY:
                 yield pt, pt.models[0].tensor(), pt.release
                 continue
-            out = merge_one(pt, plan, backend, thresholds)
+            out, give_back = pool.take(pt.shape, pt.out_dtype)
+            merge_one(pt, plan, backend, thresholds, out)
             pt.release()
-            yield pt, out, None
+            yield pt, out, give_back
     finally:
         pre.close()
 
@@ -301,6 +341,7 @@ def produce_gpu(plan: MergePlan, todo: list, device: torch.device, backend: str,
                            thresholds=thresholds, meta={"planned": pt})
 
     stream = gpu_merge_stream(jobs(), device=str(device), backend=backend, depth=2)
+    pool = BufferPool()
     try:
         for pt in todo:
             if pt.action == COPY:
@@ -309,15 +350,14 @@ def produce_gpu(plan: MergePlan, todo: list, device: torch.device, backend: str,
             job, out = next(stream)
             if job.meta.get("planned") is not pt:
                 raise RuntimeError(f"GPU pipeline returned {job.name!r}, expected {pt.name!r}")
+            full, give_back = pool.take(pt.shape, pt.out_dtype)  # the pipeline may reuse its host buffers
             if pt.action == VOCAB:
-                full = torch.empty(pt.shape, dtype=pt.out_dtype)
                 full[:pt.common_rows] = out
                 fill_extra_rows(pt, full)
-                out = full
             else:
-                out = out.clone()  # the pipeline may reuse its host buffers
+                full.copy_(out)
             pt.release()
-            yield pt, out, None
+            yield pt, full, give_back
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
