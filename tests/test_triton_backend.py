@@ -78,15 +78,6 @@ DTYPES = {  # (base, models (cycled), output)
 DTYPE_NAMES = list(DTYPES)
 
 
-@pytest.fixture
-def gen():
-    """Seeded generator (fresh seeds with M3K_RANDOM_SEEDS=1). Shadows conftest's ``gen``, which
-    sets an attribute that ``torch.Generator`` does not accept."""
-    seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("M3K_RANDOM_SEEDS") else 1234
-    print(f"generator seed {seed}")
-    return torch.Generator().manual_seed(seed)
-
-
 def kwargs_for(case: str, n: int) -> dict:
     kw = dict(METHODS[case])
     for k in ("weights", "density"):
