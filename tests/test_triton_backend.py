@@ -333,6 +333,10 @@ def test_int64_index_path_and_int64_histograms(gen, monkeypatch):
 # Stage A directly
 # ---------------------------------------------------------------------------------------------
 
+def gen_index(gen, n: int) -> int:
+    return int(torch.randint(n, (1,), generator=gen))
+
+
 def _dropped_deltas(base, models, recipe, name):
     p = make_params(recipe, name, True)
     out = []
@@ -364,10 +368,6 @@ def test_histograms_equal_direct_counts(method, gen):
     for i in range(3):
         sel = bits[i][(bits[i] >> 16) == int(prefix[i])]
         np.testing.assert_array_equal(h2[i], torch.bincount(sel & 0xFFFF, minlength=65536).numpy())
-
-
-def gen_index(gen, n):
-    return int(torch.randint(n, (1,), generator=gen))
 
 
 def test_l1_sums(gen):
