@@ -350,14 +350,14 @@ def produce_gpu(plan: MergePlan, todo: list, device: torch.device, backend: str,
             job, out = next(stream)
             if job.meta.get("planned") is not pt:
                 raise RuntimeError(f"GPU pipeline returned {job.name!r}, expected {pt.name!r}")
-            full, give_back = pool.take(pt.shape, pt.out_dtype)  # the pipeline may reuse its host buffers
-            if pt.action == VOCAB:
+            give_back = None
+            if pt.action == VOCAB:  # the common rows came from the GPU; add the others
+                full, give_back = pool.take(pt.shape, pt.out_dtype)
                 full[:pt.common_rows] = out
                 fill_extra_rows(pt, full)
-            else:
-                full.copy_(out)
+                out = full
             pt.release()
-            yield pt, full, give_back
+            yield pt, out, give_back  # a fresh pinned tensor we own (or a pooled one)
     finally:
         close = getattr(stream, "close", None)
         if close is not None:
