@@ -46,8 +46,9 @@ def sparsified_deltas(base, models, recipe: Recipe, name: str = ""):
             elif recipe.rescale == "none":
                 s64 = 1.0
             else:  # l1: Σ|δ| / Σ|kept δ|
-                total = float(d64[i].abs().sum())
-                kept = float((d64[i] * keep).abs().sum())
+                # sums of the float32 deltas' magnitudes, in float64 (docs/KERNEL.md)
+                total = float(d32[i].abs().to(F64).sum())
+                kept = float((d32[i].abs().to(F64) * keep).sum())
                 s64 = total / kept if kept > 0 else 1.0
             d32[i] = torch.where(keep, d32[i] * _f32(s64), torch.zeros((), dtype=F32))
             d64[i] = torch.where(keep, d64[i] * s64, torch.zeros((), dtype=F64))

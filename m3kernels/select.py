@@ -33,11 +33,13 @@ def select_thresholds(hist: Callable[[Optional[np.ndarray]], np.ndarray], ks: Se
                       total: int) -> np.ndarray:
     """Trim thresholds (uint64[n] bit patterns, keep iff bits(|δ|) >= value) for k-values ``ks``.
 
-    ``ks[i] is None`` means model i is not trimmed; k = 0 keeps nothing; k >= total keeps all.
+    ``ks[i] is None`` means model i is not trimmed; k = 0 keeps nothing; k >= total gives the
+    smallest |δ| (which keeps everything).
     """
     n = len(ks)
     out = np.full(n, TRIM_KEEP_ALL, dtype=np.uint64)
-    active = [i for i, k in enumerate(ks) if k is not None and 0 < k < total]
+    ks = [None if k is None else min(int(k), total) for k in ks]  # k = n: the smallest |δ|
+    active = [i for i, k in enumerate(ks) if k is not None and k > 0]
     for i, k in enumerate(ks):
         if k is not None and k <= 0:
             out[i] = TRIM_KEEP_NONE

@@ -27,6 +27,7 @@ METHOD_CASES = {
     "average_sum": dict(method="average", normalize=False, weights=0.5),
     "task_arith": dict(method="task_arithmetic", lambda_=0.7),
     "ties": dict(method="ties", density=0.3),
+    "ties_full": dict(method="ties", density=1.0),
     "ties_nonorm_w": dict(method="ties", density=[0.2, 0.5, 0.9], normalize=False, weights=[1.0, 0.6, 1.3]),
     "dare_linear": dict(method="dare_linear", density=0.6),
     "dare_lin_norescale": dict(method="dare_linear", drop_rate=0.3, rescale=False),
