@@ -15,10 +15,15 @@
 #if defined(__x86_64__) || defined(__i386__)
 #define M3K_VARIANT_ENABLED 1
 #pragma GCC push_options
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positives inside avx512fintrin.h
 #pragma GCC target("avx2,f16c,bmi,bmi2,popcnt")
 #define M3K_VARIANT avx2
+#define M3K_HAVE_AVX2 1
+#define M3K_HAVE_F16C 1
 #include "variant_impl.h"
 #undef M3K_VARIANT
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 

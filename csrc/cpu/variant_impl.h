@@ -4,7 +4,8 @@
 // after its `#pragma GCC target(...)` and with M3K_VARIANT naming a private namespace, so the
 // same source compiles three times without ODR clashes. It must not instantiate any std::
 // template (those would be shared between the variants); it uses plain loops, C library calls
-// and the intrinsics the target enables (__AVX2__, __F16C__, __AVX512F__ are set by the pragma).
+// and the intrinsics the variant enables through M3K_HAVE_AVX2 / M3K_HAVE_F16C /
+// M3K_HAVE_AVX512 (g++ does not update __AVX2__ etc. after `#pragma GCC target`).
 //
 // Work is cut into blocks of kBlock elements; inside a block every input is converted to float32
 // stack buffers, the per-element pipeline of docs/KERNEL.md runs on them in the order written
@@ -13,6 +14,15 @@
 
 #ifndef M3K_VARIANT
 #error "define M3K_VARIANT (the namespace of this variant) before including variant_impl.h"
+#endif
+#ifndef M3K_HAVE_AVX2
+#define M3K_HAVE_AVX2 0
+#endif
+#ifndef M3K_HAVE_F16C
+#define M3K_HAVE_F16C 0
+#endif
+#ifndef M3K_HAVE_AVX512
+#define M3K_HAVE_AVX512 0
 #endif
 
 namespace m3k {
@@ -40,6 +50,14 @@ static inline float bits_f32(uint32_t u) {
     float f;
     __builtin_memcpy(&f, &u, 4);
     return f;
+}
+
+// c ? a : b on the bit patterns. Both operands are always computed, so the compiler never has
+// to move a float operation under a condition (which -ftrapping-math forbids, and which would
+// stop the loops from vectorizing without AVX-512 masks).
+static inline float select_f(bool c, float a, float b) {
+    const uint32_t m = 0u - uint32_t(c);
+    return bits_f32((f32_bits(a) & m) | (f32_bits(b) & ~m));
 }
 
 // fp16 -> fp32, exact (normals by re-biasing, subnormals as em * 2^-24, NaN quieted like vcvtph2ps).
@@ -88,7 +106,8 @@ static inline uint16_t f32_to_bf16(float f) {
     uint32_t u = f32_bits(f);
     uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     uint32_t nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
-    return uint16_t(f != f ? nan : rounded);
+    const uint32_t m = 0u - uint32_t(f != f);
+    return uint16_t((nan & m) | (rounded & ~m));
 }
 
 // ---------------------------------------------------------------- dtype conversion of a block
@@ -97,18 +116,18 @@ static inline void load_f32(const void* src, int dtype, int64_t start, int64_t c
                             float* __restrict dst) {
     if (dtype == kF32) {
         const float* s = static_cast<const float*>(src) + start;
-        for (int64_t k = 0; k < cnt; ++k) dst[k] = s[k];
+                for (int64_t k = 0; k < cnt; ++k) dst[k] = s[k];
     } else if (dtype == kBF16) {
         const uint16_t* s = static_cast<const uint16_t*>(src) + start;
-        for (int64_t k = 0; k < cnt; ++k) dst[k] = bits_f32(uint32_t(s[k]) << 16);
+                for (int64_t k = 0; k < cnt; ++k) dst[k] = bits_f32(uint32_t(s[k]) << 16);
     } else {
         const uint16_t* s = static_cast<const uint16_t*>(src) + start;
         int64_t k = 0;
-#if defined(__AVX512F__)
+#if M3K_HAVE_AVX512
         for (; k + 16 <= cnt; k += 16)
             _mm512_storeu_ps(dst + k, _mm512_cvtph_ps(
                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + k))));
-#elif defined(__F16C__)
+#elif M3K_HAVE_F16C
         for (; k + 8 <= cnt; k += 8)
             _mm256_storeu_ps(dst + k, _mm256_cvtph_ps(
                 _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + k))));
@@ -121,18 +140,18 @@ static inline void store_out(const float* __restrict y, int64_t cnt, void* dst, 
                              int64_t start) {
     if (dtype == kF32) {
         float* o = static_cast<float*>(dst) + start;
-        for (int64_t k = 0; k < cnt; ++k) o[k] = y[k];
+                for (int64_t k = 0; k < cnt; ++k) o[k] = y[k];
     } else if (dtype == kBF16) {
         uint16_t* o = static_cast<uint16_t*>(dst) + start;
-        for (int64_t k = 0; k < cnt; ++k) o[k] = f32_to_bf16(y[k]);
+                for (int64_t k = 0; k < cnt; ++k) o[k] = f32_to_bf16(y[k]);
     } else {
         uint16_t* o = static_cast<uint16_t*>(dst) + start;
         int64_t k = 0;
-#if defined(__AVX512F__)
+#if M3K_HAVE_AVX512
         for (; k + 16 <= cnt; k += 16)
             _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k),
                                 _mm512_cvtps_ph(_mm512_loadu_ps(y + k), _MM_FROUND_TO_NEAREST_INT));
-#elif defined(__F16C__)
+#elif M3K_HAVE_F16C
         for (; k + 8 <= cnt; k += 8)
             _mm_storeu_si128(reinterpret_cast<__m128i*>(o + k),
                              _mm256_cvtps_ph(_mm256_loadu_ps(y + k), _MM_FROUND_TO_NEAREST_INT));
@@ -159,11 +178,26 @@ static inline PhiloxKeys philox_keys(uint32_t k0, uint32_t k1) {
     return k;
 }
 
+#if M3K_HAVE_AVX2
+// An empty asm makes the value opaque to the optimizer: without it GCC rewrites the 64-bit
+// lane products of vpmuludq into packed 32-bit lanes, vpmovzxdq and vpmullq (much slower).
+static inline __m256i opaque(__m256i x) {
+    __asm__("" : "+x"(x));
+    return x;
+}
+#endif
+#if M3K_HAVE_AVX512
+static inline __m512i opaque(__m512i x) {
+    __asm__("" : "+v"(x));
+    return x;
+}
+#endif
+
 // Words of counters q0 .. q0 + nq - 1 into out[4 * (q - q0) + w]. Writes up to the next
 // multiple of the variant's group size (out needs kPhiloxSlack spare words).
 static inline void philox_fill(const PhiloxKeys& key, uint64_t q0, int64_t nq,
                                uint32_t* __restrict out) {
-#if defined(__AVX512F__)
+#if M3K_HAVE_AVX512
     // 64-bit lanes, low halves hold the words (vpmuludq reads only those). Counter order in the
     // lanes (0,4,1,5,2,6,3,7) makes unpacklo/unpackhi emit 4 words per counter in index order.
     constexpr int U = 4;  // independent groups of 8 counters in flight
@@ -181,8 +215,8 @@ static inline void philox_fill(const PhiloxKeys& key, uint64_t q0, int64_t nq,
         for (int r = 0; r < 10; ++r) {
             const __m512i ka = _mm512_set1_epi64(key.ka[r]), kb = _mm512_set1_epi64(key.kb[r]);
             for (int u = 0; u < U; ++u) {
-                __m512i p0 = _mm512_mul_epu32(c0[u], m0);
-                __m512i p1 = _mm512_mul_epu32(c2[u], m1);
+                __m512i p0 = opaque(_mm512_mul_epu32(c0[u], m0));
+                __m512i p1 = opaque(_mm512_mul_epu32(c2[u], m1));
                 c0[u] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p1, 32), c1[u], ka, 0x96);
                 c1[u] = p1;
                 c2[u] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(p0, 32), c3[u], kb, 0x96);
@@ -197,7 +231,7 @@ static inline void philox_fill(const PhiloxKeys& key, uint64_t q0, int64_t nq,
             _mm512_storeu_si512(o + 16, _mm512_unpackhi_epi64(a, b));
         }
     }
-#elif defined(__AVX2__)
+#elif M3K_HAVE_AVX2
     // Same layout with 4 lanes: counter order (0,2,1,3).
     constexpr int U = 4;
     const __m256i lane = _mm256_setr_epi64x(0, 2, 1, 3);
@@ -214,8 +248,8 @@ static inline void philox_fill(const PhiloxKeys& key, uint64_t q0, int64_t nq,
         for (int r = 0; r < 10; ++r) {
             const __m256i ka = _mm256_set1_epi64x(key.ka[r]), kb = _mm256_set1_epi64x(key.kb[r]);
             for (int u = 0; u < U; ++u) {
-                __m256i p0 = _mm256_mul_epu32(c0[u], m0);
-                __m256i p1 = _mm256_mul_epu32(c2[u], m1);
+                __m256i p0 = opaque(_mm256_mul_epu32(c0[u], m0));
+                __m256i p1 = opaque(_mm256_mul_epu32(c2[u], m1));
                 c0[u] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1[u]), ka);
                 c1[u] = p1;
                 c2[u] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3[u]), kb);
@@ -310,6 +344,7 @@ struct Scratch {
     float* acc;     // sum/mean: m ; ties: vote
     float* num;     // ties numerator
     float* den;     // ties denominator
+    float* y;       // float32 result before the output cast
     uint32_t* u;    // Philox words (kBlock + kPhiloxSlack)
     uint32_t* idx;  // histogram pass 2: matching low halves
     void* mem;
@@ -317,7 +352,7 @@ struct Scratch {
 
 static inline bool scratch_alloc(Scratch& s, int n) {
     const size_t fl = size_t(kBlock) * sizeof(float);
-    size_t bytes = fl * (5 + size_t(n)) + sizeof(uint32_t) * size_t(2 * kBlock + kPhiloxSlack);
+    size_t bytes = fl * (6 + size_t(n)) + sizeof(uint32_t) * size_t(2 * kBlock + kPhiloxSlack);
     bytes = (bytes + 63) & ~size_t(63);
     char* m = static_cast<char*>(aligned_alloc(64, bytes));
     s.mem = m;
@@ -327,13 +362,18 @@ static inline bool scratch_alloc(Scratch& s, int n) {
     s.acc = s.b + kBlock;
     s.num = s.acc + kBlock;
     s.den = s.num + kBlock;
-    s.d = s.den + kBlock;
+    s.y = s.den + kBlock;
+    s.d = s.y + kBlock;
     s.u = reinterpret_cast<uint32_t*>(s.d + size_t(n) * kBlock);
     s.idx = s.u + kBlock + kPhiloxSlack;
     return true;
 }
 
 // ---------------------------------------------------------------- the per-element steps
+//
+// Row kernels: one loop over the cnt elements of a block. Buffers are passed as __restrict
+// parameters (GCC honours restrict reliably on parameters, not on local pointers), so every
+// loop vectorizes without run-time alias checks.
 
 static inline void load_base(const TensorArgs& a, int64_t start, int64_t cnt, float* __restrict b) {
     if (a.has_base) {
@@ -343,40 +383,148 @@ static inline void load_base(const TensorArgs& a, int64_t start, int64_t cnt, fl
     }
 }
 
-// d = f32(x) - b, then the DARE drop and rescale (KERNEL.md), no trim.
-static inline void delta_dare(const TensorArgs& a, const ModelPlan& p, int i, int64_t start,
-                              int64_t cnt, Scratch& s, float* __restrict d) {
-    const float* __restrict b = s.b;
-    float* __restrict x = s.x;
-    if (p.dare == 2) {
-        for (int64_t k = 0; k < cnt; ++k) d[k] = 0.0f;
-        return;
-    }
-    load_f32(a.models[i], a.model_dtypes[i], start, cnt, x);
-    if (p.dare == 0) {
-        for (int64_t k = 0; k < cnt; ++k) d[k] = x[k] - b[k];
-        return;
-    }
-    const uint32_t* __restrict u =
-        philox_block(p.key, uint64_t(a.index_offset + start), cnt, s.u);
-    const uint32_t le = p.dare_le;
-    const float scale = p.dare_scale;
+static inline void row_fill(int64_t cnt, float v, float* __restrict y) {
+    for (int64_t k = 0; k < cnt; ++k) y[k] = v;
+}
+
+// One model of one block: d = f32(x) - b, DARE drop/rescale, trim; acc = acc + c * d.
+// STORE_D keeps d for the TIES agreement pass.
+template <bool DARE, bool TRIM, bool STORE_D>
+static inline void row_model(int64_t cnt, const float* __restrict x, const float* __restrict b,
+                             const uint32_t* __restrict u, uint32_t dare_le, float scale,
+                             uint32_t trim_min, float c, float* __restrict acc,
+                             float* __restrict d) {
     for (int64_t k = 0; k < cnt; ++k) {
         float dk = x[k] - b[k];
-        d[k] = u[k] <= le ? dk * scale : 0.0f;
+        if (DARE) dk = select_f(u[k] <= dare_le, dk * scale, 0.0f);
+        if (TRIM) dk = select_f((f32_bits(dk) & 0x7fffffffu) >= trim_min, dk, 0.0f);
+        if (STORE_D) d[k] = dk;
+        acc[k] = acc[k] + c * dk;
     }
 }
 
-static inline void apply_trim(const ModelPlan& p, int64_t cnt, float* __restrict d) {
-    if (p.trim == 2) {
-        for (int64_t k = 0; k < cnt; ++k) d[k] = 0.0f;
-    } else if (p.trim == 1) {
-        const uint32_t tmin = p.trim_min;
-        for (int64_t k = 0; k < cnt; ++k) {
-            uint32_t ab = f32_bits(d[k]) & 0x7fffffffu;
-            d[k] = ab >= tmin ? d[k] : 0.0f;
-        }
+// A model whose every element is dropped (DARE density 0 or trim keeping nothing): d = 0.
+template <bool STORE_D>
+static inline void row_model_zero(int64_t cnt, float c, float* __restrict acc, float* __restrict d) {
+    const float zero = 0.0f;
+    for (int64_t k = 0; k < cnt; ++k) {
+        if (STORE_D) d[k] = zero;
+        acc[k] = acc[k] + c * zero;
     }
+}
+
+// Delta of model i after the DARE step (trim not applied): the quantity stage A measures.
+static inline void row_delta_dare(int64_t cnt, const float* __restrict x, const float* __restrict b,
+                                  const uint32_t* __restrict u, uint32_t dare_le, float scale,
+                                  float* __restrict d) {
+    for (int64_t k = 0; k < cnt; ++k) {
+        const float dk = x[k] - b[k];
+        d[k] = select_f(u[k] <= dare_le, dk * scale, 0.0f);
+    }
+}
+
+static inline void row_delta(int64_t cnt, const float* __restrict x, const float* __restrict b,
+                             float* __restrict d) {
+    for (int64_t k = 0; k < cnt; ++k) d[k] = x[k] - b[k];
+}
+
+// TIES: add model i where it agrees with the elected sign (vote >= 0: positive).
+static inline void row_agree(int64_t cnt, float c, const float* __restrict vote,
+                             const float* __restrict d, float* __restrict num,
+                             float* __restrict den) {
+    for (int64_t k = 0; k < cnt; ++k) {
+        const bool pos = vote[k] >= 0.0f;
+        const bool agree = (d[k] != 0.0f) & ((d[k] > 0.0f) == pos);  // &: no branch
+        const float nk = num[k] + c * d[k];
+        const float dk = den[k] + c;
+        num[k] = select_f(agree, nk, num[k]);
+        den[k] = select_f(agree, dk, den[k]);
+    }
+}
+
+// y = b + lam * m with m = num / den (0 where den == 0) or m = num.
+static inline void row_finish_ties(int64_t cnt, bool normalize, const float* __restrict num,
+                                   const float* __restrict den, const float* __restrict b,
+                                   float lam, float* __restrict y) {
+    if (normalize) {
+        for (int64_t k = 0; k < cnt; ++k) {
+            const float q = num[k] / den[k];
+            const float m = select_f(den[k] != 0.0f, q, 0.0f);
+            y[k] = b[k] + lam * m;
+        }
+    } else {
+        for (int64_t k = 0; k < cnt; ++k) y[k] = b[k] + lam * num[k];
+    }
+}
+
+// y = b + lam * m with m = acc / mean_den (mean) or m = acc (sum).
+static inline void row_finish_linear(int64_t cnt, bool mean, float mean_den,
+                                     const float* __restrict acc, const float* __restrict b,
+                                     float lam, float* __restrict y) {
+    if (mean) {
+        for (int64_t k = 0; k < cnt; ++k) y[k] = b[k] + lam * (acc[k] / mean_den);
+    } else {
+        for (int64_t k = 0; k < cnt; ++k) y[k] = b[k] + lam * acc[k];
+    }
+}
+
+// Model i of one block through row_model (sparsify + accumulate with weight c).
+template <bool STORE_D>
+static inline void model_step(const TensorArgs& a, const ModelPlan& p, int i, int64_t start,
+                              int64_t cnt, Scratch& s, float c, float* __restrict acc,
+                              float* __restrict d) {
+    if (p.dare == 2 || p.trim == 2) {
+        row_model_zero<STORE_D>(cnt, c, acc, d);
+        return;
+    }
+    load_f32(a.models[i], a.model_dtypes[i], start, cnt, s.x);
+    const bool trim = p.trim == 1;
+    if (p.dare == 1) {
+        const uint32_t* u = philox_block(p.key, uint64_t(a.index_offset + start), cnt, s.u);
+        if (trim)
+            row_model<true, true, STORE_D>(cnt, s.x, s.b, u, p.dare_le, p.dare_scale, p.trim_min, c, acc, d);
+        else
+            row_model<true, false, STORE_D>(cnt, s.x, s.b, u, p.dare_le, p.dare_scale, 0, c, acc, d);
+    } else {
+        if (trim)
+            row_model<false, true, STORE_D>(cnt, s.x, s.b, nullptr, 0, 1.0f, p.trim_min, c, acc, d);
+        else
+            row_model<false, false, STORE_D>(cnt, s.x, s.b, nullptr, 0, 1.0f, 0, c, acc, d);
+    }
+}
+
+// Delta after the DARE step (no trim) of model i into d: for the histograms.
+static inline void delta_dare(const TensorArgs& a, const ModelPlan& p, int i, int64_t start,
+                              int64_t cnt, Scratch& s, float* __restrict d) {
+    if (p.dare == 2) {
+        row_fill(cnt, 0.0f, d);
+        return;
+    }
+    load_f32(a.models[i], a.model_dtypes[i], start, cnt, s.x);
+    if (p.dare == 0) {
+        row_delta(cnt, s.x, s.b, d);
+    } else {
+        const uint32_t* u = philox_block(p.key, uint64_t(a.index_offset + start), cnt, s.u);
+        row_delta_dare(cnt, s.x, s.b, u, p.dare_le, p.dare_scale, d);
+    }
+}
+
+// Histogram pass 1: count the high 16 bits of bits(|d|).
+static inline void row_hist_high(int64_t cnt, const float* __restrict d, uint32_t* __restrict h) {
+    for (int64_t k = 0; k < cnt; ++k) h[(f32_bits(d[k]) & 0x7fffffffu) >> 16]++;
+}
+
+// Histogram pass 2: count the low 16 bits of the elements whose high 16 bits equal pre.
+// Matching values are first compacted without branches (the match rate is data dependent).
+static inline void row_hist_low(int64_t cnt, const float* __restrict d, uint32_t pre,
+                                uint32_t* __restrict idx, uint32_t* __restrict h) {
+    int64_t m = 0;
+    for (int64_t k = 0; k < cnt; ++k) {
+        const uint32_t ab = f32_bits(d[k]) & 0x7fffffffu;
+        idx[m] = ab & 0xffffu;
+        m += (ab >> 16) == pre;
+    }
+    for (int64_t k = 0; k < m; ++k) h[idx[k]]++;
 }
 
 // One block of stage B: out[start .. start + cnt).
@@ -384,59 +532,20 @@ static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t sta
                         Scratch& s, void* out, int out_dtype) {
     const int n = a.n;
     load_base(a, start, cnt, s.b);
-    float* __restrict acc = s.acc;
-    for (int64_t k = 0; k < cnt; ++k) acc[k] = 0.0f;
+    row_fill(cnt, 0.0f, s.acc);
     if (a.combine != kTies) {
-        float* __restrict d = s.d;
-        for (int i = 0; i < n; ++i) {
-            delta_dare(a, plans[i], i, start, cnt, s, d);
-            apply_trim(plans[i], cnt, d);
-            const float c = a.coef[i];
-            for (int64_t k = 0; k < cnt; ++k) acc[k] = acc[k] + c * d[k];
-        }
-        if (a.combine == kMean) {
-            const float den = a.mean_den;
-            for (int64_t k = 0; k < cnt; ++k) acc[k] = acc[k] / den;
-        }
+        for (int i = 0; i < n; ++i) model_step<false>(a, plans[i], i, start, cnt, s, a.coef[i], s.acc, nullptr);
+        row_finish_linear(cnt, a.combine == kMean, a.mean_den, s.acc, s.b, a.lam, s.y);
     } else {
-        for (int i = 0; i < n; ++i) {
-            float* __restrict d = s.d + int64_t(i) * kBlock;
-            delta_dare(a, plans[i], i, start, cnt, s, d);
-            apply_trim(plans[i], cnt, d);
-            const float w = a.vote_w[i];
-            for (int64_t k = 0; k < cnt; ++k) acc[k] = acc[k] + w * d[k];
-        }
-        float* __restrict num = s.num;
-        float* __restrict den = s.den;
-        for (int64_t k = 0; k < cnt; ++k) {
-            num[k] = 0.0f;
-            den[k] = 0.0f;
-        }
-        for (int i = 0; i < n; ++i) {
-            const float* __restrict d = s.d + int64_t(i) * kBlock;
-            const float c = a.coef[i];
-            for (int64_t k = 0; k < cnt; ++k) {
-                bool pos = acc[k] >= 0.0f;
-                bool agree = d[k] != 0.0f && ((d[k] > 0.0f) == pos);
-                float nk = num[k] + c * d[k];
-                float dk = den[k] + c;
-                num[k] = agree ? nk : num[k];
-                den[k] = agree ? dk : den[k];
-            }
-        }
-        if (a.normalize) {
-            for (int64_t k = 0; k < cnt; ++k) {
-                float q = num[k] / den[k];
-                acc[k] = den[k] != 0.0f ? q : 0.0f;
-            }
-        } else {
-            for (int64_t k = 0; k < cnt; ++k) acc[k] = num[k];
-        }
+        // the vote (user weights) accumulates in acc; deltas are kept for the agreement pass
+        for (int i = 0; i < n; ++i)
+            model_step<true>(a, plans[i], i, start, cnt, s, a.vote_w[i], s.acc, s.d + int64_t(i) * kBlock);
+        row_fill(cnt, 0.0f, s.num);
+        row_fill(cnt, 0.0f, s.den);
+        for (int i = 0; i < n; ++i) row_agree(cnt, a.coef[i], s.acc, s.d + int64_t(i) * kBlock, s.num, s.den);
+        row_finish_ties(cnt, a.normalize != 0, s.num, s.den, s.b, a.lam, s.y);
     }
-    const float lam = a.lam;
-    const float* __restrict b = s.b;
-    for (int64_t k = 0; k < cnt; ++k) acc[k] = b[k] + lam * acc[k];
-    store_out(acc, cnt, out, out_dtype, start);
+    store_out(s.y, cnt, out, out_dtype, start);
 }
 
 // ---------------------------------------------------------------- entry points
@@ -480,23 +589,13 @@ static void histogram_range(const TensorArgs& a, const ModelPlan* plans, const u
             const int64_t start = lo + bi * kBlock;
             const int64_t cnt = hi - start < kBlock ? hi - start : kBlock;
             load_base(a, start, cnt, s.b);
-            float* __restrict d = s.d;
             for (int i = 0; i < n; ++i) {
-                delta_dare(a, plans[i], i, start, cnt, s, d);
-                uint32_t* __restrict hm = h + size_t(i) * kBins;
-                if (prefix == nullptr) {
-                    for (int64_t k = 0; k < cnt; ++k) hm[(f32_bits(d[k]) & 0x7fffffffu) >> 16]++;
-                } else {
-                    const uint32_t pre = prefix[i];
-                    uint32_t* __restrict idx = s.idx;
-                    int64_t m = 0;
-                    for (int64_t k = 0; k < cnt; ++k) {
-                        uint32_t ab = f32_bits(d[k]) & 0x7fffffffu;
-                        idx[m] = ab & 0xffffu;
-                        m += (ab >> 16) == pre;
-                    }
-                    for (int64_t k = 0; k < m; ++k) hm[idx[k]]++;
-                }
+                delta_dare(a, plans[i], i, start, cnt, s, s.d);
+                uint32_t* hm = h + size_t(i) * kBins;
+                if (prefix == nullptr)
+                    row_hist_high(cnt, s.d, hm);
+                else
+                    row_hist_low(cnt, s.d, prefix[i], s.idx, hm);
             }
         }
         if (ok) {
@@ -520,7 +619,31 @@ static void histogram(const TensorArgs& a, const uint32_t* prefix, int64_t* hist
     free(plans);
 }
 
-// float64 lane sums of |d| and |d| * keep over one chunk (fixed lane order).
+// L1 sums of one block into kL1Lanes float64 accumulators (lane = position mod kL1Lanes).
+// MODE 0: no DARE (kept = all), 1: keep iff u <= dare_le, 2: nothing kept.
+template <int MODE>
+static inline void row_l1(int64_t cnt, const float* __restrict x, const float* __restrict b,
+                          const uint32_t* __restrict u, uint32_t dare_le, double* __restrict tot,
+                          double* __restrict kept) {
+    int64_t k = 0;
+    for (; k + kL1Lanes <= cnt; k += kL1Lanes) {
+        for (int l = 0; l < kL1Lanes; ++l) {
+            const float ad = __builtin_fabsf(x[k + l] - b[k + l]);
+            const float kd = MODE == 0 ? ad : (MODE == 1 ? select_f(u[k + l] <= dare_le, ad, 0.0f) : 0.0f);
+            tot[l] = tot[l] + double(ad);
+            kept[l] = kept[l] + double(kd);
+        }
+    }
+    for (int l = 0; k < cnt; ++k, ++l) {
+        const float ad = __builtin_fabsf(x[k] - b[k]);
+        const float kd = MODE == 0 ? ad : (MODE == 1 ? select_f(u[k] <= dare_le, ad, 0.0f) : 0.0f);
+        tot[l] = tot[l] + double(ad);
+        kept[l] = kept[l] + double(kd);
+    }
+}
+
+// float64 sums of |d| and |d| * keep over one chunk [start, end): blocks in order, lanes
+// combined in a fixed order, so the result depends on nothing but the data.
 static void l1_chunk(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t end,
                      Scratch& s, double* tot_out, double* kept_out) {
     const int n = a.n;
@@ -531,32 +654,14 @@ static void l1_chunk(const TensorArgs& a, const ModelPlan* plans, int64_t start,
         for (int64_t blk = start; blk < end; blk += kBlock) {
             const int64_t cnt = end - blk < kBlock ? end - blk : kBlock;
             load_base(a, blk, cnt, s.b);
-            float* __restrict x = s.x;
-            load_f32(a.models[i], a.model_dtypes[i], blk, cnt, x);
-            const float* __restrict b = s.b;
-            float* __restrict ad = s.d;            // |d|
-            float* __restrict kd = s.acc;          // |d| where kept, else 0
-            for (int64_t k = 0; k < cnt; ++k) ad[k] = __builtin_fabsf(x[k] - b[k]);
+            load_f32(a.models[i], a.model_dtypes[i], blk, cnt, s.x);
             if (p.dare == 1) {
-                const uint32_t* __restrict u =
-                    philox_block(p.key, uint64_t(a.index_offset + blk), cnt, s.u);
-                const uint32_t le = p.dare_le;
-                for (int64_t k = 0; k < cnt; ++k) kd[k] = u[k] <= le ? ad[k] : 0.0f;
+                const uint32_t* u = philox_block(p.key, uint64_t(a.index_offset + blk), cnt, s.u);
+                row_l1<1>(cnt, s.x, s.b, u, p.dare_le, tot, kept);
             } else if (p.dare == 2) {
-                for (int64_t k = 0; k < cnt; ++k) kd[k] = 0.0f;
+                row_l1<2>(cnt, s.x, s.b, nullptr, 0, tot, kept);
             } else {
-                for (int64_t k = 0; k < cnt; ++k) kd[k] = ad[k];
-            }
-            int64_t k = 0;
-            for (; k + kL1Lanes <= cnt; k += kL1Lanes) {
-                for (int l = 0; l < kL1Lanes; ++l) {
-                    tot[l] = tot[l] + double(ad[k + l]);
-                    kept[l] = kept[l] + double(kd[k + l]);
-                }
-            }
-            for (int l = 0; k < cnt; ++k, ++l) {
-                tot[l] = tot[l] + double(ad[k]);
-                kept[l] = kept[l] + double(kd[k]);
+                row_l1<0>(cnt, s.x, s.b, nullptr, 0, tot, kept);
             }
         }
         double t = 0.0, q = 0.0;
