@@ -64,6 +64,15 @@ COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "s
 CRASH_ENV = "M3KERNELS_TEST_CRASH_AFTER_SHARDS"   # test hook: SIGKILL ourselves after N shards
 
 
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            break
+        n /= 1024
+    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+
+
 @dataclass
 class MergeResult:
     """What a finished merge did."""
@@ -81,9 +90,10 @@ class MergeResult:
     notes: list = field(default_factory=list)
 
     def summary(self) -> str:
-        rate = self.total_bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
-        lines = [f"merged {self.num_tensors} tensors ({self.total_bytes / 1e6:,.1f} MB) into {self.out_dir} "
-                 f"[{len(self.files)} shard(s)] on {self.device} in {self.seconds:.1f} s ({rate:,.0f} MB/s)"]
+        rate = self.total_bytes / self.seconds if self.seconds > 0 else 0.0
+        lines = [f"merged {self.num_tensors} tensors ({human_bytes(self.total_bytes)}) into {self.out_dir} "
+                 f"[{len(self.files)} shard(s)] on {self.device} in {self.seconds:.1f} s "
+                 f"({human_bytes(rate)}/s)"]
         if self.mix_ratios is not None:
             lines.append("M³ ratios: " + ", ".join(f"{r:.6f}" for r in self.mix_ratios) + f" (seed {self.seed})")
         if self.thresholds is not None:

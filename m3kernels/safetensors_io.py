@@ -21,6 +21,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,20 +198,24 @@ class SafetensorsFile:
         self.header = header if header is not None else read_header(self.path)
         self._file = None
         self._map: Optional[mmap.mmap] = None
+        self._lock = threading.Lock()   # the read-ahead thread may map the file first
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
         return self.header.tensors
 
     def _mapping(self) -> mmap.mmap:
-        if self._map is None:
-            self._file = open(self.path, "rb")
-            size = os.fstat(self._file.fileno()).st_size
-            if size != self.header.file_size:
-                raise CheckpointError(f"{self.path}: file changed size since it was validated "
-                                      f"({self.header.file_size} -> {size} bytes)", path=str(self.path))
-            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._map
+        with self._lock:
+            if self._map is None:
+                f = open(self.path, "rb")
+                size = os.fstat(f.fileno()).st_size
+                if size != self.header.file_size:
+                    f.close()
+                    raise CheckpointError(f"{self.path}: file changed size since it was validated "
+                                          f"({self.header.file_size} -> {size} bytes)", path=str(self.path))
+                self._file = f
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._map
 
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as a view of the mapped file (copied only if its offset is misaligned)."""
@@ -227,13 +232,14 @@ class SafetensorsFile:
         return raw.view(dtype).reshape(info.shape)
 
     def _advise(self, advice: int, begin: int, end: int) -> None:
-        if self._map is None or end <= begin:
+        mm = self._map
+        if mm is None or end <= begin:
             return
         start = self.header.data_start + begin
         lo = start - start % PAGE
-        hi = min(self.header.data_start + end, len(self._map))
+        hi = min(self.header.data_start + end, len(mm))
         try:
-            self._map.madvise(advice, lo, hi - lo)
+            mm.madvise(advice, lo, hi - lo)
         except (OSError, ValueError):
             pass  # advice only: never fatal
 
@@ -250,6 +256,10 @@ class SafetensorsFile:
 
     def close(self) -> None:
         """Unmap (if no tensor view is alive any more; otherwise the map goes with the last view)."""
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
         if self._map is not None:
             try:
                 self._map.close()
