@@ -228,6 +228,10 @@ class Checkpoint:
             out.append({"name": rel, "bytes": p.stat().st_size})
         return out
 
+    def metadata(self) -> dict:
+        """{file name: the safetensors header's ``__metadata__``} for each safetensors file."""
+        return {rel: dict(f.header.metadata) for rel, f in self._st.items()}
+
     def file_stamps(self) -> list[tuple]:
         """(name, size, mtime_ns) per weight file: detects inputs changed between a crash and --resume."""
         stamps = []

@@ -141,11 +141,11 @@ def inspect_text(path, allow_bin: bool = False) -> str:
         files = ck.files()
         lines.append(f"total: {len(ck.names)} tensors, {total_params:,} parameters, {total_bytes:,} bytes "
                      f"in {len(files)} file(s)")
-        merged = [f for f in ck._st.values() if "m3kernels_merge" in f.header.metadata]
+        merged = [m for m in ck.metadata().values() if "m3kernels_merge" in m]
         if merged:
             import json
 
-            rec = json.loads(merged[0].header.metadata["m3kernels_merge"])
+            rec = json.loads(merged[0]["m3kernels_merge"])
             ratios = rec.get("mix_ratios")
             lines.append(f"merged by m3kernels {rec.get('m3kernels_version')}: method {rec.get('merge_method')}, "
                          f"seed {rec.get('seed')}" + (f", M³ ratios {ratios}" if ratios else ""))

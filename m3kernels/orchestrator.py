@@ -469,6 +469,8 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    for note in plan.notes:
+        log.warning(note)
     record = make_record(plan, out_shard_size)
     fp = fingerprint(plan, record)
     partial = partial_runs(out_dir)
@@ -539,8 +541,6 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
         raise
     except M3KError as exc:
         raise _with_hint(exc, hint) from None
-    for note in plan.notes:
-        log.warning(note)
     return MergeResult(out_dir, [s.filename for s in plan.shards], len(plan.tensors), plan.total_bytes,
                        time.perf_counter() - t0, str(device), plan.mix_ratios, plan.seed, thresholds,
                        [plan.shards[i].filename for i in sorted(done)], list(plan.notes))
