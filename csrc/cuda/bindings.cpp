@@ -109,6 +109,19 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("HIST_BINS") = 1 << 16;
 
   m.def(
+      "runtime_info",
+      []() {
+        const m3k::RuntimeInfo info = m3k::runtime_info();
+        py::dict d;
+        d["runtime_version"] = info.runtime_version;
+        d["driver_version"] = info.driver_version;
+        d["device_count"] = info.device_count;
+        d["error"] = info.error ? std::string(info.error) : std::string();
+        return d;
+      },
+      "CUDA runtime / driver versions and device count as seen by this extension's runtime.");
+
+  m.def(
       "merge",
       [](const py::dict& args, int device, uintptr_t stream) {
         const m3k::MergeArgs a = parse_args(args, true);

@@ -12,6 +12,14 @@
 
 namespace m3k {
 
+struct RuntimeInfo {
+  int runtime_version;   // e.g. 13000 for CUDA 13.0
+  int driver_version;    // the newest CUDA version the installed driver supports (0: no driver)
+  int device_count;      // 0 when the runtime cannot use any device
+  const char* error;     // nullptr, or why cudaGetDeviceCount failed
+};
+RuntimeInfo runtime_info();
+
 // Stage B: out = merge(base, models) for the whole tensor.
 void launch_merge(const MergeArgs& a, int device, uintptr_t stream);
 void emulate_merge(const MergeArgs& a);

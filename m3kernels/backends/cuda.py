@@ -41,9 +41,28 @@ def _device_present() -> bool:
         return False
 
 
+_runtime_problem: Optional[str] = None  # cached answer of _runtime_check()
+
+
+def _runtime_check() -> str:
+    """'' when the extension's own CUDA runtime sees a device, else why not (e.g. old driver)."""
+    global _runtime_problem
+    if _runtime_problem is None:
+        info = _cuda.runtime_info()
+        if info["device_count"] > 0:
+            _runtime_problem = ""
+        else:
+            rt, drv = info["runtime_version"], info["driver_version"]
+            _runtime_problem = (
+                f"the extension's CUDA runtime {rt // 1000}.{rt % 1000 // 10} sees no device "
+                f"({info['error'] or 'device count 0'}; the driver supports CUDA {drv // 1000}.{drv % 1000 // 10}); "
+                "rebuild m3kernels with a CUDA toolkit no newer than the driver")
+    return _runtime_problem
+
+
 def available() -> bool:
-    """True when the extension imports and a CUDA device is present."""
-    return _cuda is not None and _device_present()
+    """True when the extension imports, PyTorch sees a CUDA device and so does the extension."""
+    return _cuda is not None and _device_present() and _runtime_check() == ""
 
 
 def unavailable_reason() -> str:
@@ -54,7 +73,7 @@ def unavailable_reason() -> str:
     if not _device_present():
         return (f"no CUDA device (torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
                 f"torch.cuda.is_available()={torch.cuda.is_available()})")
-    return ""
+    return _runtime_check()
 
 
 def supports(device) -> bool:
