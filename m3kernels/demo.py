@@ -80,17 +80,21 @@ def run_demo(keep: Optional[str] = None, device: str = "auto", out: Callable = p
         out(result.summary())
         merged = load_file(str(root / "merged" / "model.safetensors"))
         identical, worst_ulps = 0, 0.0
+        out(f"{'tensor':42s} {'shape':>8s}  {'= merge_tensors':>15s}  {'max ulp vs reference':>20s}")
         for name in DEMO_SHAPES:
             kw = dict(method="ties", weights=[1.0, 1.0], density=[0.3, 0.3], normalize=True, lambda_=1.0,
                       mix_ratios=result.mix_ratios, seed=DEMO_SEED, name=name)
             direct = merge_tensors(base[name], [ft[name] for ft in fts], out_dtype=torch.bfloat16, **kw)
-            if torch.equal(direct.view(torch.int16), merged[name].view(torch.int16)):
-                identical += 1
+            same = torch.equal(direct.view(torch.int16), merged[name].view(torch.int16))
+            identical += same
             ref = reference_merge_tensors(base[name], [ft[name] for ft in fts], **kw)
             got = merged[name].to(torch.float64)
             # one bf16 ulp at the reference value (7 mantissa bits), floored at the smallest normal
             ulp = torch.ldexp(torch.ones_like(ref), torch.frexp(ref.abs().clamp_min(2.0 ** -126))[1] - 8)
-            worst_ulps = max(worst_ulps, float(((got - ref).abs() / ulp).max()))
+            ulps = float(((got - ref).abs() / ulp).max())
+            worst_ulps = max(worst_ulps, ulps)
+            shape = "x".join(map(str, merged[name].shape))
+            out(f"{name:42s} {shape:>8s}  {'bit-identical' if same else 'DIFFERENT':>15s}  {ulps:20.3f}")
         ok = identical == len(DEMO_SHAPES) and worst_ulps <= 1.0
         out(f"check: {identical}/{len(DEMO_SHAPES)} tensors bit-identical to merge_tensors on the same inputs; "
             f"largest distance to the float64 reference: {worst_ulps:.3f} bf16 ulp (limit 1)")

@@ -312,7 +312,12 @@ def publish(tmp: Path, out_dir: Path, force: bool) -> None:
         with os_errors(out_dir):
             os.rename(out_dir, old)
     with os_errors(out_dir):
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if old is not None:
+                os.rename(old, out_dir)  # put the previous folder back
+            raise
         fsync_dir(out_dir.parent)
     if old is not None:
         if old.is_dir() and not old.is_symlink():
