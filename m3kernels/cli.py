@@ -12,7 +12,6 @@ import logging
 import re
 import sys
 import traceback
-from pathlib import Path
 from typing import Optional
 
 from .errors import EXIT_USER_ERROR
@@ -86,7 +85,9 @@ def _build_parser() -> argparse.ArgumentParser:
 
 class _Formatter(logging.Formatter):
     def format(self, record):
-        return f"m3kernels: {record.levelname.lower()}: {record.getMessage()}"
+        msg = record.getMessage()
+        msg = msg[len("m3kernels: "):] if msg.startswith("m3kernels: ") else msg
+        return f"m3kernels: {record.levelname.lower()}: {msg}"
 
 
 def _setup_logging(verbose: bool) -> None:

@@ -20,17 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpoint_factory import (fine_tune, llama_config, llama_shapes, llama_tensors, random_tensors,
-                                write_checkpoint)
+from checkpoint_factory import fine_tune, llama_config, llama_tensors, random_tensors, write_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import m3kernels
 from m3kernels import cli
 from m3kernels.api import merge_tensors
+from m3kernels.checkpoint import Checkpoint
 from m3kernels.config import load_config
 from m3kernels.merge_plan import count_layers
-from m3kernels.checkpoint import Checkpoint
 from m3kernels.recipe import PRESETS, make_recipe
 from m3kernels.reference import reference_thresholds
 from m3kernels.safetensors_io import SafetensorsFile
