@@ -508,3 +508,33 @@ def test_cuda_merge_equals_cpu_merge(family, tmp_path, method):
     m3kernels.merge_checkpoints(cfg, tmp_path / "cuda", device="cuda", out_shard_size=4000, progress=False)
     for p in (tmp_path / "cpu").iterdir():
         assert p.read_bytes() == (tmp_path / "cuda" / p.name).read_bytes(), p.name
+
+
+def test_resume_reuses_model_thresholds_from_the_journal(family, tmp_path, monkeypatch):
+    from m3kernels import orchestrator
+
+    cfg = {"merge_method": "ties", "base_model": family["base"], "trim_scope": "model", "seed": 8,
+           "models": [{"model": family["ft1"], "parameters": {"density": 0.4}},
+                      {"model": family["ft3"], "parameters": {"density": 0.2}}]}
+    clean = m3kernels.merge_checkpoints(cfg, tmp_path / "clean", device="cpu", out_shard_size=3000, progress=False)
+
+    def crash_after_first_shard():
+        def after(shard):
+            raise RuntimeError("simulated crash")
+        return after
+
+    monkeypatch.setattr(orchestrator, "_crash_hook", crash_after_first_shard)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        m3kernels.merge_checkpoints(cfg, tmp_path / "out", device="cpu", out_shard_size=3000, progress=False)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+
+    def no_stats(*args, **kwargs):
+        raise AssertionError("the statistics pass ran again")
+
+    monkeypatch.setattr(orchestrator, "model_thresholds", no_stats)
+    result = m3kernels.merge_checkpoints(cfg, tmp_path / "out", device="cpu", out_shard_size=3000,
+                                         progress=False, resume=True)
+    assert result.resumed_shards == [clean.files[0]] and result.thresholds == clean.thresholds
+    for p in (tmp_path / "clean").iterdir():
+        assert p.read_bytes() == (tmp_path / "out" / p.name).read_bytes(), p.name
