@@ -431,6 +431,8 @@ def write_side_files(tmp: Path, plan: MergePlan, record: dict) -> None:
     if src.config is not None:
         conf = dict(src.config)
         conf["torch_dtype"] = _dtype_name(plan.out_dtype)
+        if "dtype" in conf:  # newer transformers write "dtype" instead of "torch_dtype"
+            conf["dtype"] = _dtype_name(plan.out_dtype)
         if plan.untied_head:
             conf["tie_word_embeddings"] = False
         if plan.out_vocab_rows is not None and "vocab_size" in conf:
