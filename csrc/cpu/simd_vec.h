@@ -1,0 +1,189 @@
+// Native-width float32 vectors (GCC vector extensions) and the dtype conversions of the kernels.
+//
+// Included inside a variant's namespace (see variant_impl.h). `vf` holds W floats: one zmm
+// (16) with AVX-512, one ymm (8) with AVX2, one xmm (4) in the generic build; every operation
+// is the same IEEE float32 operation per lane on every variant (no FMA: -ffp-contract=off),
+// which is why all variants give identical bits. Conversions that the ISA has (F16C) use
+// intrinsics; the generic variant uses exact scalar code that agrees with them bit for bit.
+
+#define M3K_INLINE static inline __attribute__((always_inline))
+
+// Lanes per vector: the variant's native register width, so no operation is split or spilled.
+// Results never depend on W (every lane runs the same float32 operations).
+#if M3K_HAVE_AVX512
+constexpr int W = 16;
+#elif M3K_HAVE_AVX2
+constexpr int W = 8;
+#else
+constexpr int W = 4;
+#endif
+
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+
+// ---------------------------------------------------------------- scalars
+
+M3K_INLINE uint32_t f32_bits(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    return u;
+}
+
+M3K_INLINE float bits_f32(uint32_t u) {
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+// fp16 -> fp32, exact (normals by re-biasing, subnormals as em * 2^-24 which is exact in float32,
+// NaN quieted as vcvtph2ps does).
+M3K_INLINE float f16_to_f32(uint16_t h) {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+    const uint32_t em = h & 0x7fffu;
+    uint32_t r;
+    if (em >= 0x7c00u) {
+        r = 0x7f800000u | (em << 13) | (em > 0x7c00u ? 0x00400000u : 0u);
+    } else if (em >= 0x0400u) {
+        r = (em << 13) + 0x38000000u;
+    } else {
+        r = f32_bits(float(int32_t(em)) * 0x1p-24f);
+    }
+    return bits_f32(r | sign);
+}
+
+// fp32 -> fp16: round to nearest even, overflow to inf, gradual underflow; NaN as vcvtps2ph
+// (quiet bit set, top payload bits and sign kept).
+M3K_INLINE uint16_t f32_to_f16(float f) {
+    const uint32_t x = f32_bits(f);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t a = x & 0x7fffffffu;
+    uint32_t h;
+    if (a > 0x7f800000u) {
+        h = 0x7e00u | ((a >> 13) & 0x3ffu);
+    } else if (a >= 0x477ff000u) {  // >= 65520 rounds to infinity
+        h = 0x7c00u;
+    } else if (a >= 0x38800000u) {  // normal fp16 range (>= 2^-14)
+        h = (a + 0x0fffu + ((a >> 13) & 1u) - 0x38000000u) >> 13;
+    } else {
+        const uint32_t e = a >> 23;
+        if (e < 102u) {  // below 2^-25: rounds to zero
+            h = 0;
+        } else {
+            const uint32_t m = (a & 0x7fffffu) | 0x800000u;
+            const uint32_t s = 126u - e;  // 14 .. 24
+            h = (m + (1u << (s - 1)) - 1u + ((m >> s) & 1u)) >> s;
+        }
+    }
+    return uint16_t(h | sign);
+}
+
+// ---------------------------------------------------------------- vector helpers
+
+M3K_INLINE vf vsplat(float x) { return vf{} + x; }
+
+// m ? a : b per lane (m is 0 or -1), on the bit patterns.
+M3K_INLINE vf vsel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+
+M3K_INLINE vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }
+
+// Bit l set iff lane l of the mask m (0 or -1 per lane) is set.
+M3K_INLINE uint32_t lane_bits(vi m) {
+#if M3K_HAVE_AVX512
+    return uint32_t(_mm512_movepi32_mask((__m512i)m));
+#elif M3K_HAVE_AVX2
+    return uint32_t(_mm256_movemask_ps((__m256)m));
+#elif defined(__SSE2__)
+    return uint32_t(_mm_movemask_ps((__m128)m));
+#else
+    uint32_t bits = 0;
+    for (int l = 0; l < W; ++l) bits |= uint32_t(m[l] & 1) << l;
+    return bits;
+#endif
+}
+
+// ---------------------------------------------------------------- loads (W elements -> vf)
+
+M3K_INLINE vf load_f16_vec(const uint16_t* p) {
+#if M3K_HAVE_AVX512
+    return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif M3K_HAVE_F16C
+    return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    vf r;
+    for (int l = 0; l < W; ++l) r[l] = f16_to_f32(p[l]);
+    return r;
+#endif
+}
+
+// Elements [k, k + W) of a tensor of dtype `dtype` as float32 (exact).
+M3K_INLINE vf load_vec(const void* src, int dtype, int64_t k) {
+    if (dtype == kBF16) {
+        vh h;
+        __builtin_memcpy(&h, static_cast<const uint16_t*>(src) + k, sizeof(h));
+        return (vf)(__builtin_convertvector(h, vu) << 16);
+    }
+    if (dtype == kF32) {
+        vf v;
+        __builtin_memcpy(&v, static_cast<const float*>(src) + k, sizeof(v));
+        return v;
+    }
+    return load_f16_vec(static_cast<const uint16_t*>(src) + k);
+}
+
+// The first `cnt` (< W) elements from k; the other lanes are 0.
+M3K_INLINE vf load_vec_partial(const void* src, int dtype, int64_t k, int cnt) {
+    alignas(64) unsigned char buf[4 * W] = {};
+    const int size = dtype == kF32 ? 4 : 2;
+    __builtin_memcpy(buf, static_cast<const unsigned char*>(src) + k * size, size_t(cnt) * size);
+    return load_vec(buf, dtype, 0);
+}
+
+M3K_INLINE vu load_u32(const uint32_t* p) {
+    vu v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+// ---------------------------------------------------------------- stores (vf -> W elements)
+
+// bf16: round to nearest even on the bits; NaN -> 0x7FC0 with its sign (docs/KERNEL.md).
+M3K_INLINE vh to_bf16(vf y) {
+    const vu u = (vu)y;
+    const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vu nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
+    const vi isnan = y != y;
+    const vu r = (vu)((isnan & (vi)nan) | (~isnan & (vi)rounded));
+    return __builtin_convertvector(r, vh);
+}
+
+M3K_INLINE void store_f16_vec(uint16_t* p, vf y) {
+#if M3K_HAVE_AVX512
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)y, _MM_FROUND_TO_NEAREST_INT));
+#elif M3K_HAVE_F16C
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)y, _MM_FROUND_TO_NEAREST_INT));
+#else
+    for (int l = 0; l < W; ++l) p[l] = f32_to_f16(y[l]);
+#endif
+}
+
+// Elements [k, k + W) of the output, rounded to its dtype.
+M3K_INLINE void store_vec(void* dst, int dtype, int64_t k, vf y) {
+    if (dtype == kBF16) {
+        const vh h = to_bf16(y);
+        __builtin_memcpy(static_cast<uint16_t*>(dst) + k, &h, sizeof(h));
+    } else if (dtype == kF32) {
+        __builtin_memcpy(static_cast<float*>(dst) + k, &y, sizeof(y));
+    } else {
+        store_f16_vec(static_cast<uint16_t*>(dst) + k, y);
+    }
+}
+
+// The first `cnt` (< W) lanes only.
+M3K_INLINE void store_vec_partial(void* dst, int dtype, int64_t k, int cnt, vf y) {
+    alignas(64) unsigned char buf[4 * W];
+    store_vec(buf, dtype, 0, y);
+    const int size = dtype == kF32 ? 4 : 2;
+    __builtin_memcpy(static_cast<unsigned char*>(dst) + k * size, buf, size_t(cnt) * size);
+}
