@@ -39,6 +39,32 @@ M3K_HD void hist_chunk_bits(const MergeArgs& a, int i, int64_t c, uint32_t (&x)[
   for (int k = 0; k < kHistEPT; ++k) x[k] = abs_bits(d[k]);
 }
 
+// One thread of the histogram kernels: chunks first, first + stride, ... of model i. Consecutive
+// elements of one bin are counted in registers and handed to flush(bin, count) per run, so the
+// exact zeros DARE leaves cost one atomic per run, not one per element.
+template <int DT, class Flush>
+M3K_HD void hist_thread(const MergeArgs& a, int i, int64_t prefix, int64_t first, int64_t stride, Flush&& flush) {
+  const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
+  uint32_t run_bin = 0, run_count = 0;
+  for (int64_t c = first; c < nchunks; c += stride) {
+    uint32_t x[kHistEPT];
+    hist_chunk_bits<DT>(a, i, c, x);
+#pragma unroll
+    for (int k = 0; k < kHistEPT; ++k) {
+      uint32_t bin;
+      if (c * kHistEPT + k < a.numel && hist_bin(x[k], prefix, bin)) {
+        if (bin != run_bin) {
+          if (run_count) flush(run_bin, run_count);
+          run_bin = bin;
+          run_count = 0;
+        }
+        ++run_count;
+      }
+    }
+  }
+  if (run_count) flush(run_bin, run_count);
+}
+
 constexpr int kL1Threads = 256;
 constexpr int kL1EPT = 8;
 constexpr int kL1Iters = 8;

@@ -3,9 +3,8 @@
 // Pass-1 histograms use a 32768-bin uint32 sub-histogram per block in shared memory
 // (128 KiB: fits the opt-in limit of sm_80 and sm_90) flushed once per block with global
 // atomics; where it does not fit, and for pass 2 (which only counts the few elements in
-// the prefix bin), threads add straight to the global histogram. Each thread keeps a
-// (bin, count) run in registers, so long runs of one bin (the exact zeros DARE leaves)
-// cost one atomic per run instead of one per element.
+// the prefix bin), threads add straight to the global histogram. Each thread counts runs of
+// one bin in registers (hist_thread), one atomic per run.
 #include <cstdint>
 #include <stdexcept>
 #include <vector>
@@ -30,33 +29,14 @@ __global__ void __launch_bounds__(1024)
     for (int t = threadIdx.x; t < kPass1Bins; t += blockDim.x) sub[t] = 0;
     __syncthreads();
   }
-  uint32_t run_bin = 0, run_count = 0;
-  auto flush = [&]() {
-    if (run_count == 0) return;
-    if constexpr (SHARED)
-      atomicAdd(&sub[run_bin], run_count);
-    else
-      atomicAdd(&hist[run_bin], static_cast<unsigned long long>(run_count));
-  };
-  const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nchunks; c += stride) {
-    uint32_t x[kHistEPT];
-    hist_chunk_bits<DT>(a, model, c, x);
-#pragma unroll
-    for (int k = 0; k < kHistEPT; ++k) {
-      uint32_t bin;
-      if (c * kHistEPT + k < a.numel && hist_bin(x[k], prefix, bin)) {
-        if (bin != run_bin) {
-          flush();
-          run_bin = bin;
-          run_count = 0;
-        }
-        ++run_count;
-      }
-    }
-  }
-  flush();
+  hist_thread<DT>(a, model, prefix, first, stride, [&](uint32_t bin, uint32_t count) {
+    if constexpr (SHARED)
+      atomicAdd(&sub[bin], count);
+    else
+      atomicAdd(&hist[bin], static_cast<unsigned long long>(count));
+  });
   if constexpr (SHARED) {
     __syncthreads();
     for (int t = threadIdx.x; t < kPass1Bins; t += blockDim.x)
@@ -150,18 +130,19 @@ void launch_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* h
   });
 }
 
+// flush() of the host emulation: plain additions (host + device so hist_thread stays HD-only).
+struct HostFlush {
+  uint64_t* hist;
+  M3K_HD void operator()(uint32_t bin, uint32_t count) const { hist[bin] += count; }
+};
+
 void emulate_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* hist) {
   check_model(a, model);
-  const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
+  // The device threads' loops, run one thread after the other over a small odd-sized grid.
+  constexpr int64_t kEmulatedThreads = 3 * 97;
   with_dtype(pair_dtype(a, model), [&](auto dt) {
-    for (int64_t c = 0; c < nchunks; ++c) {
-      uint32_t x[kHistEPT];
-      hist_chunk_bits<decltype(dt)::value>(a, model, c, x);
-      for (int k = 0; k < kHistEPT; ++k) {
-        uint32_t bin;
-        if (c * kHistEPT + k < a.numel && hist_bin(x[k], prefix, bin)) ++hist[bin];
-      }
-    }
+    for (int64_t t = 0; t < kEmulatedThreads; ++t)
+      hist_thread<decltype(dt)::value>(a, model, prefix, t, kEmulatedThreads, HostFlush{hist});
   });
 }
 
