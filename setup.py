@@ -34,6 +34,22 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+def find_cuda_home(nvcc):
+    """The toolkit root for ``nvcc``, also when ``nvcc`` on PATH is a wrapper script."""
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                 str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"):
+        if cand and (Path(cand) / "include" / "cuda_runtime.h").exists():
+            return Path(cand)
+    try:  # nvcc --dryrun prints the toolkit root as "#$ TOP=..."
+        out = subprocess.run([nvcc, "--dryrun", "-c", "x.cu"], capture_output=True, text=True).stderr
+        for line in out.splitlines():
+            if "TOP=" in line:
+                return Path(line.split("TOP=", 1)[1].strip())
+    except OSError:
+        pass
+    sys.exit(f"cannot find the CUDA toolkit (include/cuda_runtime.h) for {nvcc}: set CUDA_HOME")
+
+
 def want_cuda():
     flag = os.environ.get("M3KERNELS_BUILD_CUDA", "auto").lower()
     nvcc = find_nvcc()
@@ -53,7 +69,7 @@ class BuildExt(build_ext):
         cu = [s for s in ext.sources if s.endswith(".cu")]
         if cu:
             nvcc = find_nvcc()
-            cuda_home = Path(nvcc).resolve().parent.parent
+            cuda_home = find_cuda_home(nvcc)
             objs = []
             build_temp = Path(self.build_temp) / "cuda"
             build_temp.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ mixed freely):
 
 * ``l1_sums(p, base, models) -> (total, kept)``: float64[n] Σ|δ_i| and Σ|δ_i| over the
   DARE-kept elements (for ``rescale: l1``), summed in a fixed order (thread-count independent).
-* ``histogram(p, base, models, prefix) -> int64[n, 65536]``: counts of the high 16 bits
+* ``histogram(p, base, models, prefix) -> numpy int64[n, 65536]``: counts of the high 16 bits
   (``prefix is None``) or, for elements whose high 16 bits equal ``prefix[i]``, of the low 16
   bits of bits(|δ'_i|), where δ' is the delta after the DARE drop and rescale (stage A).
 * ``merge(p, base, models, out)``: stage B, the fused single pass of docs/KERNEL.md.
