@@ -190,6 +190,30 @@ def test_merge_bits_equal_float32_pipeline(kw, dtypes, numel, gen):
         assert_close_ulp(out, ref, term_scale(base, models, recipe), f"{kw} {dtypes}")
 
 
+def test_signed_zero_parameters():
+    """-0.0 weights and lambda are used as given (a broadcast must not turn -0 into +0)."""
+    base = torch.tensor([-0.0, 0.0, -0.0, 1.0, -0.0, 2.0, -0.0] * 3, dtype=F32)
+    models = [base.clone(), base + 0.5]
+    kw = dict(method="task_arithmetic", lambda_=-0.0, weights=[-0.0, 1.0])
+    _, p = kernel_params(base, models, kw)
+    out = run_merge(base, models, kw, F32)
+    assert_same_bits(out, float32_pipeline(p, base, models, F32, 7, "w"))
+    assert (out.view(torch.int32) < 0).sum() > 0  # some -0.0 survive: -0 + (-0 * m)
+
+
+@pytest.mark.parametrize("out_dt", [BF16, F32])
+def test_large_outputs_use_streaming_stores(out_dt, gen, restore_threads_and_simd):
+    """Outputs of 4 MiB and more are written with non-temporal stores: same bytes."""
+    numel = 2_100_003
+    base, models = make_inputs((numel,), 2, (BF16, [BF16, F16]), gen)
+    kw = dict(method="ties_dare", drop_rate=0.3, density=0.25)
+    _, p = kernel_params(base, models, kw)
+    expected = float32_pipeline(p, base, models, out_dt, 7, "w")
+    for level in _C.simd_levels():
+        _C.set_simd_level(level)
+        assert_same_bits(run_merge(base, models, kw, out_dt), expected, level)
+
+
 def test_merge_no_base_and_shapes(gen):
     """linear ignores the base; multi-dimensional, odd shapes; out allocated by merge_tensors."""
     base, models = make_inputs((3, 5, 7), 2, (F32, [BF16, F16]), gen)

@@ -81,7 +81,12 @@ M3K_INLINE uint16_t f32_to_f16(float f) {
 
 // ---------------------------------------------------------------- vector helpers
 
-M3K_INLINE vf vsplat(float x) { return vf{} + x; }
+// x in every lane (a broadcast: `vf{} + x` would add 0 and turn -0 into +0).
+M3K_INLINE vf vsplat(float x) {
+    vf v;
+    for (int l = 0; l < W; ++l) v[l] = x;
+    return v;
+}
 
 // m ? a : b per lane (m is 0 or -1), on the bit patterns.
 M3K_INLINE vf vsel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
@@ -117,13 +122,24 @@ M3K_INLINE vf load_f16_vec(const uint16_t* p) {
 #endif
 }
 
+// bf16 -> f32 is the 16 bits moved to the top of the word.
+M3K_INLINE vf load_bf16_vec(const uint16_t* p) {
+#if M3K_HAVE_AVX512
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif M3K_HAVE_AVX2
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#elif defined(__SSE2__)
+    return (vf)_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+    vh h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    return (vf)(__builtin_convertvector(h, vu) << 16);
+#endif
+}
+
 // Elements [k, k + W) of a tensor of dtype `dtype` as float32 (exact).
 M3K_INLINE vf load_vec(const void* src, int dtype, int64_t k) {
-    if (dtype == kBF16) {
-        vh h;
-        __builtin_memcpy(&h, static_cast<const uint16_t*>(src) + k, sizeof(h));
-        return (vf)(__builtin_convertvector(h, vu) << 16);
-    }
+    if (dtype == kBF16) return load_bf16_vec(static_cast<const uint16_t*>(src) + k);
     if (dtype == kF32) {
         vf v;
         __builtin_memcpy(&v, static_cast<const float*>(src) + k, sizeof(v));
@@ -178,6 +194,48 @@ M3K_INLINE void store_vec(void* dst, int dtype, int64_t k, vf y) {
     } else {
         store_f16_vec(static_cast<uint16_t*>(dst) + k, y);
     }
+}
+
+// store_vec with non-temporal (streaming) stores: the output goes to memory without being read
+// first (no read-for-ownership) and without evicting the inputs from the caches. Needs dst
+// aligned to 64 bytes (k is a multiple of W).
+M3K_INLINE void store_vec_stream(void* dst, int dtype, int64_t k, vf y) {
+#if M3K_HAVE_AVX512
+    if (dtype == kBF16)
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + k), (__m256i)to_bf16(y));
+    else if (dtype == kF32)
+        _mm512_stream_ps(static_cast<float*>(dst) + k, (__m512)y);
+    else
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + k),
+                            _mm512_cvtps_ph((__m512)y, _MM_FROUND_TO_NEAREST_INT));
+#elif M3K_HAVE_AVX2
+    if (dtype == kBF16)
+        _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + k), (__m128i)to_bf16(y));
+    else if (dtype == kF32)
+        _mm256_stream_ps(static_cast<float*>(dst) + k, (__m256)y);
+    else
+        _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + k),
+                         _mm256_cvtps_ph((__m256)y, _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__SSE2__) && defined(__x86_64__)
+    if (dtype == kF32) {
+        _mm_stream_ps(static_cast<float*>(dst) + k, (__m128)y);
+    } else {
+        alignas(16) uint16_t h[W];
+        store_vec(h, dtype, 0, y);
+        long long bits;
+        __builtin_memcpy(&bits, h, sizeof(bits));
+        _mm_stream_si64(reinterpret_cast<long long*>(static_cast<uint16_t*>(dst) + k), bits);
+    }
+#else
+    store_vec(dst, dtype, k, y);
+#endif
+}
+
+// Orders the streaming stores before anything that follows (call once per thread at the end).
+M3K_INLINE void stream_fence() {
+#if defined(__SSE2__) || M3K_HAVE_AVX2
+    _mm_sfence();
+#endif
 }
 
 // The first `cnt` (< W) lanes only.

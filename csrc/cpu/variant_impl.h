@@ -37,6 +37,7 @@ constexpr int64_t kL1Chunk = 1 << 16;             // L1 sums: fixed chunk (multi
 constexpr int kL1Lanes = 16;                      // L1 sums: float64 accumulators per chunk
 constexpr int64_t kHistRound = int64_t(1) << 31;  // per-thread uint32 counts stay exact
 constexpr int kBins = 1 << 16;
+constexpr int64_t kStreamBytes = int64_t(4) << 20;  // outputs from 4 MiB on: streaming stores
 constexpr int kHistCopies = 4;  // per-thread copies of each histogram: 4 independent
                                 // increment chains when many elements share a bin
 
@@ -78,12 +79,28 @@ static ModelPlan* make_plans(const TensorArgs& a) {
     return plans;
 }
 
+// What stage B needs of one model, copied into a local array of the block loop: the compiler
+// then knows the output stores cannot change it and keeps it in registers.
+struct ModelIn {
+    const void* src;
+    int dtype;
+    int dare;
+    int trim;
+    uint32_t dare_le;
+    uint32_t trim_min;
+    float dare_scale;
+    float coef;
+    float vote_w;
+    const uint32_t* u;
+};
+
 // ---------------------------------------------------------------- per-thread scratch
 
 struct Scratch {
     uint32_t* u;         // [n][kBlock + kPhiloxSlack] Philox words of the current block
     const uint32_t** uptr;  // [n] start of model i's words for the block (after the skip)
     vf* dv;              // [n] TIES: the deltas of the current vector
+    ModelIn* mi;         // [n] stage B: per-model inputs (models beyond the unrolled counts)
     uint32_t* keys;      // [kBlock] histograms: bits(|d|) of one model
     float* ad;           // [kBlock] L1 sums: |d|
     float* kd;           // [kBlock] L1 sums: |d| where kept
@@ -92,7 +109,7 @@ struct Scratch {
 
 static bool scratch_alloc(Scratch& s, int n) {
     const size_t ubytes = sizeof(uint32_t) * size_t(n) * size_t(kBlock + kPhiloxSlack);
-    const size_t vbytes = sizeof(vf) * size_t(n);
+    const size_t vbytes = (sizeof(vf) + sizeof(ModelIn) + 63) / 64 * 64 * size_t(n);
     const size_t ibytes = sizeof(uint32_t) * size_t(3 * kBlock);
     const size_t pbytes = sizeof(const uint32_t*) * size_t(n);
     size_t bytes = vbytes + ubytes + ibytes + pbytes;
@@ -101,6 +118,7 @@ static bool scratch_alloc(Scratch& s, int n) {
     s.mem = m;
     if (!m) return false;
     s.dv = reinterpret_cast<vf*>(m);
+    s.mi = reinterpret_cast<ModelIn*>(m + sizeof(vf) * size_t(n));
     s.u = reinterpret_cast<uint32_t*>(m + vbytes);
     s.keys = reinterpret_cast<uint32_t*>(m + vbytes + ubytes);
     s.ad = reinterpret_cast<float*>(s.keys + kBlock);
@@ -152,43 +170,96 @@ M3K_INLINE vf model_delta(const TensorArgs& a, const ModelPlan& p, const uint32_
     return d;
 }
 
-// Stage B for elements [g, g + W): combine, scale, add, round, store.
+// d_i of one model for elements [g, g + W) (k: position in the block).
 template <bool PARTIAL>
-M3K_INLINE void merge_vec(const TensorArgs& a, const ModelPlan* plans, const Scratch& s, int64_t g,
-                          int64_t k, int rem, void* out, int out_dtype) {
-    const int n = a.n;
-    const vf b = base_vec<PARTIAL>(a, g, rem);
-    vf m;
-    if (a.combine != kTies) {
-        vf acc = vf{};
-        for (int i = 0; i < n; ++i) {
-            const vf d = model_delta<PARTIAL, true>(a, plans[i], s.uptr[i], i, g, k, rem, b);
-            acc = acc + vsplat(a.coef[i]) * d;
+M3K_INLINE vf model_delta_in(const ModelIn& m, int64_t g, int64_t k, int rem, vf b) {
+    if (m.dare == 2 || m.trim == 2) return vf{};
+    const vf x = PARTIAL ? load_vec_partial(m.src, m.dtype, g, rem) : load_vec(m.src, m.dtype, g);
+    vf d = x - b;
+    if (m.dare == 1) {
+        vu uu;
+        if (PARTIAL) {
+            uu = vu{};
+            for (int l = 0; l < rem; ++l) uu[l] = m.u[k + l];
+        } else {
+            uu = load_u32(m.u + k);
         }
-        m = a.combine == kMean ? acc / vsplat(a.mean_den) : acc;
+        d = vsel(uu <= m.dare_le, d * vsplat(m.dare_scale), vf{});
+    }
+    if (m.trim == 1) d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
+    return d;
+}
+
+struct TensorIn {
+    const void* base;
+    int base_dtype;
+    int has_base;
+    int combine;
+    int normalize;
+    float lam;
+    float mean_den;
+    int stream;  // non-temporal output stores
+};
+
+// Stage B for elements [g, g + W): combine, scale, add, round, store. NM > 0 fixes the number
+// of models at compile time (loops unrolled, deltas in registers); NM = 0 reads it from n.
+template <int NM, bool PARTIAL>
+M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g,
+                          int64_t k, int rem, void* out, int out_dtype) {
+    if (NM > 0) n = NM;
+    vf b = vf{};
+    if (t.has_base)
+        b = PARTIAL ? load_vec_partial(t.base, t.base_dtype, g, rem) : load_vec(t.base, t.base_dtype, g);
+    vf m;
+    if (t.combine != kTies) {
+        vf acc = vf{};
+        for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * model_delta_in<PARTIAL>(mi[i], g, k, rem, b);
+        m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
         vf vote = vf{};  // the sign election uses the user weights only
         for (int i = 0; i < n; ++i) {
-            const vf d = model_delta<PARTIAL, true>(a, plans[i], s.uptr[i], i, g, k, rem, b);
-            s.dv[i] = d;
-            vote = vote + vsplat(a.vote_w[i]) * d;
+            dv[i] = model_delta_in<PARTIAL>(mi[i], g, k, rem, b);
+            vote = vote + vsplat(mi[i].vote_w) * dv[i];
         }
         const vi pos = vote >= vf{};
         vf num = vf{}, den = vf{};
         for (int i = 0; i < n; ++i) {
-            const vf d = s.dv[i];
-            const vf c = vsplat(a.coef[i]);
+            const vf d = dv[i];
+            const vf c = vsplat(mi[i].coef);
             const vi agree = (d != vf{}) & ((d > vf{}) == pos);
             num = vsel(agree, num + c * d, num);
             den = vsel(agree, den + c, den);
         }
-        m = a.normalize ? vsel(den != vf{}, num / den, vf{}) : num;
+        m = t.normalize ? vsel(den != vf{}, num / den, vf{}) : num;
     }
-    const vf y = b + vsplat(a.lam) * m;
+    const vf y = b + vsplat(t.lam) * m;
     if (PARTIAL)
         store_vec_partial(out, out_dtype, g, rem, y);
+    else if (t.stream)
+        store_vec_stream(out, out_dtype, g, y);
     else
         store_vec(out, out_dtype, g, y);
+}
+
+// One block of stage B: elements [start, start + cnt).
+template <int NM>
+static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t cnt,
+                        Scratch& s, void* out, int out_dtype, int stream) {
+    block_philox(a, plans, start, cnt, s);
+    const int n = NM > 0 ? NM : a.n;
+    ModelIn local[NM > 0 ? NM : 1];
+    ModelIn* mi = NM > 0 ? local : s.mi;
+    for (int i = 0; i < n; ++i) {
+        const ModelPlan& p = plans[i];
+        mi[i] = ModelIn{a.models[i], a.model_dtypes[i], p.dare, p.trim, p.dare_le, p.trim_min,
+                        p.dare_scale, a.coef[i], a.vote_w[i], s.uptr[i]};
+    }
+    const TensorIn t{a.base, a.base_dtype, a.has_base, a.combine, a.normalize, a.lam, a.mean_den, stream};
+    vf dv_local[NM > 0 ? NM : 1];
+    vf* dv = NM > 0 ? dv_local : s.dv;
+    const int64_t full = cnt / W * W;
+    for (int64_t k = 0; k < full; k += W) merge_vec<NM, false>(t, mi, n, dv, start + k, k, W, out, out_dtype);
+    if (full < cnt) merge_vec<NM, true>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype);
 }
 
 // ---------------------------------------------------------------- stage B
@@ -198,6 +269,10 @@ static void merge(const TensorArgs& a, void* out, int out_dtype) {
     ModelPlan* plans = make_plans(a);
     if (!plans) return;
     const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
+    auto block = a.n == 1 ? merge_block<1> : a.n == 2 ? merge_block<2> : a.n == 3 ? merge_block<3>
+               : a.n == 4 ? merge_block<4> : merge_block<0>;
+    const int64_t out_bytes = a.numel * (out_dtype == kF32 ? 4 : 2);
+    const int stream = out_bytes >= kStreamBytes && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
 #pragma omp parallel if (nblocks > 4)
     {
         Scratch s = {};
@@ -207,11 +282,9 @@ static void merge(const TensorArgs& a, void* out, int out_dtype) {
             if (!ok) continue;
             const int64_t start = bi * kBlock;
             const int64_t cnt = a.numel - start < kBlock ? a.numel - start : kBlock;
-            block_philox(a, plans, start, cnt, s);
-            const int64_t full = cnt / W * W;
-            for (int64_t k = 0; k < full; k += W) merge_vec<false>(a, plans, s, start + k, k, W, out, out_dtype);
-            if (full < cnt) merge_vec<true>(a, plans, s, start + full, full, int(cnt - full), out, out_dtype);
+            block(a, plans, start, cnt, s, out, out_dtype, stream);
         }
+        if (stream) stream_fence();
         free(s.mem);
     }
     free(plans);

@@ -1,0 +1,243 @@
+"""Tensor benchmark (CPU): the fused kernels against eager mergekit-style PyTorch on one tensor.
+
+One Llama-2-13B MLP-sized tensor (default 5120 x 13824, bf16): a base ~ N(0, 0.02²) and N
+fine-tunes bf16(base + N(0, 0.002²)), seeded. For each method (linear, task_arithmetic, ties,
+dare_linear, dare_ties, ties_dare, ties with M³) it times, in this one process:
+
+* ``full``: ``m3kernels.merge_tensors(..., backend="cpu")`` (stage A statistics + stage B);
+* ``stage B``: the fused merge pass alone, with the stage A parameters prepared beforehand;
+* ``eager``: ``eager_mergekit_style.eager_merge`` (argsort trim, bernoulli DARE, stacked
+  float32 temporaries), the way mergekit computes the same merge;
+
+and prints GB/s (bytes = every input read once + the output written once), that rate as a
+percentage of the machine's copy bandwidth measured in the same run (a multi-threaded memcpy
+through the extension, and torch's ``copy_``, over a buffer as large as the inputs), and the
+speed-up full vs eager. The 1-minute load average and the CPU time other processes used during
+each measurement are recorded: a non-zero ``other_cpu_s`` means the timing shared the cores.
+
+Usage::
+
+    python bench/bench_tensor.py --json bench/out/tensor.json
+    python bench/bench_tensor.py --size 1024x4096 --repeats 3 --eager-repeats 1   # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from eager_mergekit_style import eager_merge  # noqa: E402
+
+import m3kernels  # noqa: E402
+from m3kernels.api import prepare  # noqa: E402
+from m3kernels.backends import cpu as cpu_backend  # noqa: E402
+from m3kernels.mixup import draw_mix_ratios  # noqa: E402
+from m3kernels.recipe import make_recipe  # noqa: E402
+
+NAME = "model.layers.0.mlp.up_proj.weight"
+SEED = 0
+MIXUP_ALPHA = 0.5
+METHODS = {
+    "linear": dict(method="linear"),
+    "task_arithmetic": dict(method="task_arithmetic", lambda_=1.0),
+    "ties": dict(method="ties", density=0.2),
+    "dare_linear": dict(method="dare_linear", density=0.5),
+    "dare_ties": dict(method="dare_ties", density=0.5),
+    "ties_dare": dict(method="ties_dare", drop_rate=0.5, density=0.2),
+    "ties_m3": dict(method="ties", density=0.2, mixup_alpha=MIXUP_ALPHA),
+}
+
+
+# ----------------------------------------------------------------------------- machine
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def busy_cpu_seconds() -> float:
+    """CPU time (all processes, all cores) spent not idle since boot, from /proc/stat."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()[1:]
+        ticks = [int(x) for x in fields]
+        busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
+        return busy / os.sysconf("SC_CLK_TCK")
+    except OSError:
+        return float("nan")
+
+
+def own_cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class Timer:
+    """Wall times of repeated calls, and the CPU time other processes used meanwhile."""
+
+    def __init__(self, fn, repeats: int, warmup: int = 1):
+        for _ in range(warmup):
+            fn()
+        self.times = []
+        busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            self.times.append(time.perf_counter() - t)
+        self.other_cpu_s = max(0.0, (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0))
+
+    @property
+    def best(self) -> float:
+        return min(self.times)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+def make_tensors(shape, n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    base32 = torch.randn(shape, generator=gen) * 0.02
+    base = base32.to(torch.bfloat16)
+    models = []
+    for _ in range(n):
+        models.append((base.to(torch.float32) + torch.randn(shape, generator=gen) * 0.002)
+                      .to(torch.bfloat16))
+    return base, models
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> dict:
+    """Bytes moved per second (read + write) by a multi-threaded memcpy of nbytes."""
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    ext = Timer(lambda: cpu_backend._C.copy(dst.data_ptr(), src.data_ptr(), nbytes), repeats)
+    tch = Timer(lambda: dst.copy_(src), repeats)
+    return {"bytes": nbytes,
+            "extension_gbps": 2 * nbytes / ext.best / 1e9,
+            "torch_copy_gbps": 2 * nbytes / tch.best / 1e9,
+            "other_cpu_s": ext.other_cpu_s + tch.other_cpu_s}
+
+
+# ----------------------------------------------------------------------------- one method
+
+def bench_method(label: str, kw: dict, base, models, args, copy_gbps: float) -> dict:
+    n = len(models)
+    kw = dict(kw)
+    eager_kw = {k: v for k, v in kw.items() if k != "mixup_alpha"}
+    if "mixup_alpha" in kw:
+        eager_kw["mix_ratios"] = list(draw_mix_ratios(kw["mixup_alpha"], n, SEED))
+    recipe = make_recipe(n, has_base=True, seed=SEED, **kw)
+    uses_base = recipe.uses_base
+    elem = base.element_size()
+    nbytes = base.numel() * elem * (n + (1 if uses_base else 0) + 1)
+    out = torch.empty_like(base)
+
+    def full():
+        m3kernels.merge_tensors(base, models, backend="cpu", out=out, name=NAME, seed=SEED, **kw)
+
+    p, b = prepare(base, models, recipe, NAME, cpu_backend)
+
+    def stage_b():
+        cpu_backend.merge(p, b, models, out)
+
+    t_full = Timer(full, args.repeats)
+    t_b = Timer(stage_b, args.repeats)
+    ours = out.clone()
+    eager_out = {}
+
+    def eager():
+        eager_out["t"] = eager_merge(base, models, seed=SEED, **eager_kw)
+
+    t_eager = Timer(eager, args.eager_repeats, warmup=0)
+    same = float((eager_out["t"] == ours).to(torch.float64).mean())
+    res = {
+        "method": label, "args": kw, "bytes": nbytes,
+        "full_s": t_full.best, "full_median_s": t_full.median,
+        "stage_b_s": t_b.best, "stage_b_median_s": t_b.median,
+        "eager_s": t_eager.best,
+        "full_gbps": nbytes / t_full.best / 1e9,
+        "stage_b_gbps": nbytes / t_b.best / 1e9,
+        "eager_gbps": nbytes / t_eager.best / 1e9,
+        "stage_b_pct_copy": 100 * nbytes / t_b.best / 1e9 / copy_gbps,
+        "full_pct_copy": 100 * nbytes / t_full.best / 1e9 / copy_gbps,
+        "speedup_vs_eager": t_eager.best / t_full.best,
+        "equal_to_eager_fraction": same,
+        "other_cpu_s": {"full": t_full.other_cpu_s, "stage_b": t_b.other_cpu_s,
+                        "eager": t_eager.other_cpu_s},
+        "load_avg_1m": os.getloadavg()[0],
+    }
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", default="5120x13824", help="tensor shape, e.g. 5120x13824")
+    ap.add_argument("--n", type=int, default=2, help="number of fine-tuned models")
+    ap.add_argument("--repeats", type=int, default=5, help="timed calls of our kernels (best kept)")
+    ap.add_argument("--eager-repeats", type=int, default=1, help="timed calls of the eager merge")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    ap.add_argument("--json", help="write the results here")
+    args = ap.parse_args(argv)
+    shape = tuple(int(x) for x in args.size.lower().split("x"))
+    methods = [m for m in args.methods.split(",") if m]
+    for m in methods:
+        if m not in METHODS:
+            ap.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+
+    base, models = make_tensors(shape, args.n, SEED)
+    in_bytes = base.numel() * base.element_size() * (args.n + 1)
+    machine = {
+        "cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        "kernel_threads": cpu_backend._C.get_num_threads(), "simd": cpu_backend.simd_level(),
+        "simd_available": cpu_backend.simd_levels(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+    print(f"{machine['cpu']}, {machine['cores']} cores, kernel variant {machine['simd']}, "
+          f"{machine['kernel_threads']} threads; tensor {shape} bf16, N = {args.n}")
+    copy = copy_bandwidth(in_bytes, args.repeats)
+    copy_gbps = max(copy["extension_gbps"], copy["torch_copy_gbps"])
+    print(f"copy bandwidth (read + write, {in_bytes / 1e6:.0f} MB buffer): "
+          f"extension {copy['extension_gbps']:.1f} GB/s, torch copy_ {copy['torch_copy_gbps']:.1f} GB/s")
+    header = (f"{'method':16s} {'full ms':>8s} {'stageB ms':>9s} {'eager ms':>9s} {'full GB/s':>9s} "
+              f"{'B GB/s':>7s} {'B %copy':>7s} {'speed-up':>8s} {'=eager':>7s} {'other cpu s':>11s}")
+    print(header)
+    results = []
+    for m in methods:
+        r = bench_method(m, METHODS[m], base, models, args, copy_gbps)
+        results.append(r)
+        oc = r["other_cpu_s"]
+        print(f"{m:16s} {r['full_s'] * 1e3:8.1f} {r['stage_b_s'] * 1e3:9.1f} {r['eager_s'] * 1e3:9.0f} "
+              f"{r['full_gbps']:9.2f} {r['stage_b_gbps']:7.2f} {r['stage_b_pct_copy']:6.0f}% "
+              f"{r['speedup_vs_eager']:7.1f}x {100 * r['equal_to_eager_fraction']:6.1f}% "
+              f"{oc['full'] + oc['stage_b']:5.1f}/{oc['eager']:5.1f}", flush=True)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(
+            {"machine": machine, "shape": shape, "n": args.n, "copy": copy, "results": results},
+            indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
