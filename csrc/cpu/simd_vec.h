@@ -81,11 +81,20 @@ M3K_INLINE uint16_t f32_to_f16(float f) {
 
 // ---------------------------------------------------------------- vector helpers
 
-// x in every lane (a broadcast: `vf{} + x` would add 0 and turn -0 into +0).
+// x in every lane: one broadcast (`vf{} + x` would add 0 and turn -0 into +0; a lane loop is
+// sometimes lowered by GCC into W masked inserts).
 M3K_INLINE vf vsplat(float x) {
+#if M3K_HAVE_AVX512
+    return (vf)_mm512_set1_ps(x);
+#elif M3K_HAVE_AVX2
+    return (vf)_mm256_set1_ps(x);
+#elif defined(__SSE2__)
+    return (vf)_mm_set1_ps(x);
+#else
     vf v;
     for (int l = 0; l < W; ++l) v[l] = x;
     return v;
+#endif
 }
 
 // m ? a : b per lane (m is 0 or -1), on the bit patterns.
@@ -194,48 +203,6 @@ M3K_INLINE void store_vec(void* dst, int dtype, int64_t k, vf y) {
     } else {
         store_f16_vec(static_cast<uint16_t*>(dst) + k, y);
     }
-}
-
-// store_vec with non-temporal (streaming) stores: the output goes to memory without being read
-// first (no read-for-ownership) and without evicting the inputs from the caches. Needs dst
-// aligned to 64 bytes (k is a multiple of W).
-M3K_INLINE void store_vec_stream(void* dst, int dtype, int64_t k, vf y) {
-#if M3K_HAVE_AVX512
-    if (dtype == kBF16)
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + k), (__m256i)to_bf16(y));
-    else if (dtype == kF32)
-        _mm512_stream_ps(static_cast<float*>(dst) + k, (__m512)y);
-    else
-        _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + k),
-                            _mm512_cvtps_ph((__m512)y, _MM_FROUND_TO_NEAREST_INT));
-#elif M3K_HAVE_AVX2
-    if (dtype == kBF16)
-        _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + k), (__m128i)to_bf16(y));
-    else if (dtype == kF32)
-        _mm256_stream_ps(static_cast<float*>(dst) + k, (__m256)y);
-    else
-        _mm_stream_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(dst) + k),
-                         _mm256_cvtps_ph((__m256)y, _MM_FROUND_TO_NEAREST_INT));
-#elif defined(__SSE2__) && defined(__x86_64__)
-    if (dtype == kF32) {
-        _mm_stream_ps(static_cast<float*>(dst) + k, (__m128)y);
-    } else {
-        alignas(16) uint16_t h[W];
-        store_vec(h, dtype, 0, y);
-        long long bits;
-        __builtin_memcpy(&bits, h, sizeof(bits));
-        _mm_stream_si64(reinterpret_cast<long long*>(static_cast<uint16_t*>(dst) + k), bits);
-    }
-#else
-    store_vec(dst, dtype, k, y);
-#endif
-}
-
-// Orders the streaming stores before anything that follows (call once per thread at the end).
-M3K_INLINE void stream_fence() {
-#if defined(__SSE2__) || M3K_HAVE_AVX2
-    _mm_sfence();
-#endif
 }
 
 // The first `cnt` (< W) lanes only.

@@ -37,7 +37,6 @@ constexpr int64_t kL1Chunk = 1 << 16;             // L1 sums: fixed chunk (multi
 constexpr int kL1Lanes = 16;                      // L1 sums: float64 accumulators per chunk
 constexpr int64_t kHistRound = int64_t(1) << 31;  // per-thread uint32 counts stay exact
 constexpr int kBins = 1 << 16;
-constexpr int64_t kStreamBytes = int64_t(4) << 20;  // outputs from 4 MiB on: streaming stores
 constexpr int kHistCopies = 4;  // per-thread copies of each histogram: 4 independent
                                 // increment chains when many elements share a bin
 
@@ -198,7 +197,6 @@ struct TensorIn {
     int normalize;
     float lam;
     float mean_den;
-    int stream;  // non-temporal output stores
 };
 
 // Stage B for elements [g, g + W): combine, scale, add, round, store. NM > 0 fixes the number
@@ -235,8 +233,6 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
     const vf y = b + vsplat(t.lam) * m;
     if (PARTIAL)
         store_vec_partial(out, out_dtype, g, rem, y);
-    else if (t.stream)
-        store_vec_stream(out, out_dtype, g, y);
     else
         store_vec(out, out_dtype, g, y);
 }
@@ -244,7 +240,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
 // One block of stage B: elements [start, start + cnt).
 template <int NM>
 static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t cnt,
-                        Scratch& s, void* out, int out_dtype, int stream) {
+                        Scratch& s, void* out, int out_dtype) {
     block_philox(a, plans, start, cnt, s);
     const int n = NM > 0 ? NM : a.n;
     ModelIn local[NM > 0 ? NM : 1];
@@ -254,25 +250,37 @@ static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t sta
         mi[i] = ModelIn{a.models[i], a.model_dtypes[i], p.dare, p.trim, p.dare_le, p.trim_min,
                         p.dare_scale, a.coef[i], a.vote_w[i], s.uptr[i]};
     }
-    const TensorIn t{a.base, a.base_dtype, a.has_base, a.combine, a.normalize, a.lam, a.mean_den, stream};
+    const TensorIn t{a.base, a.base_dtype, a.has_base, a.combine, a.normalize, a.lam, a.mean_den};
     vf dv_local[NM > 0 ? NM : 1];
     vf* dv = NM > 0 ? dv_local : s.dv;
     const int64_t full = cnt / W * W;
-    for (int64_t k = 0; k < full; k += W) merge_vec<NM, false>(t, mi, n, dv, start + k, k, W, out, out_dtype);
-    if (full < cnt) merge_vec<NM, true>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype);
+    for (int64_t k = 0; k < full; k += W)
+        merge_vec<NM, false>(t, mi, n, dv, start + k, k, W, out, out_dtype);
+    if (full < cnt)
+        merge_vec<NM, true>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype);
 }
 
 // ---------------------------------------------------------------- stage B
+
+typedef void (*MergeBlockFn)(const TensorArgs&, const ModelPlan*, int64_t, int64_t, Scratch&, void*, int);
+
+// Models unrolled at compile time for N <= 4 (the common merges); any N through NM = 0.
+static MergeBlockFn pick_merge_block(int n) {
+    switch (n) {
+        case 1: return merge_block<1>;
+        case 2: return merge_block<2>;
+        case 3: return merge_block<3>;
+        case 4: return merge_block<4>;
+        default: return merge_block<0>;
+    }
+}
 
 static void merge(const TensorArgs& a, void* out, int out_dtype) {
     if (a.numel <= 0) return;
     ModelPlan* plans = make_plans(a);
     if (!plans) return;
     const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
-    auto block = a.n == 1 ? merge_block<1> : a.n == 2 ? merge_block<2> : a.n == 3 ? merge_block<3>
-               : a.n == 4 ? merge_block<4> : merge_block<0>;
-    const int64_t out_bytes = a.numel * (out_dtype == kF32 ? 4 : 2);
-    const int stream = out_bytes >= kStreamBytes && (reinterpret_cast<uintptr_t>(out) & 63) == 0;
+    const MergeBlockFn block = pick_merge_block(a.n);
 #pragma omp parallel if (nblocks > 4)
     {
         Scratch s = {};
@@ -282,9 +290,8 @@ static void merge(const TensorArgs& a, void* out, int out_dtype) {
             if (!ok) continue;
             const int64_t start = bi * kBlock;
             const int64_t cnt = a.numel - start < kBlock ? a.numel - start : kBlock;
-            block(a, plans, start, cnt, s, out, out_dtype, stream);
+            block(a, plans, start, cnt, s, out, out_dtype);
         }
-        if (stream) stream_fence();
         free(s.mem);
     }
     free(plans);
