@@ -437,14 +437,42 @@ def run_mergekit(exe: Path, cfg: Path, out: Path, time_exe: str, logs: Path, tag
 
 
 def fmt_table(rows: list[dict]) -> str:
-    head = f"{'method':<10} {'tool':<28} {'wall s':>8} {'peak RSS GB':>12} {'speed-up':>9} {'target':>8}"
+    """wall s (median for ours), CPU s of the tool, CPU s other processes took meanwhile."""
+    head = (f"{'method':<10} {'tool':<28} {'wall s':>8} {'cpu s':>7} {'other cpu s':>11} "
+            f"{'peak RSS GB':>11} {'speed-up':>9} {'target':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         sp = f"{r['speedup']:.1f}x" if r.get("speedup") else ""
-        tg = r.get("target", "")
-        lines.append(f"{r['method']:<10} {r['tool']:<28} {r['wall_s']:>8.2f} {r['peak_rss_gb']:>12.2f} "
-                     f"{sp:>9} {tg:>8}")
+        lines.append(f"{r['method']:<10} {r['tool']:<28} {r['wall_s']:>8.2f} {r['cpu_s']:>7.1f} "
+                     f"{r['other_cpu_s']:>11.1f} {r['peak_rss_gb']:>11.2f} {sp:>9} {r.get('target', ''):>9}")
     return "\n".join(lines)
+
+
+def describe_comparison(key: str, cmp: dict) -> str:
+    """One readable line per comparison (the JSON has everything)."""
+    if cmp["kind"] == "exact":
+        return (f"{key}: {cmp['elements']:,} elements, {cmp['excluded_trim_ties']:,} trim ties excluded; "
+                f"max {cmp['max_ulps']} bf16 ulps, {cmp['elements_over_1ulp']:,} over 1 ulp, "
+                f"{cmp['elements_differing']:,} differ (worst: {cmp['worst_tensor']})")
+    o, m, d = cmp["ours"], cmp["mergekit"], cmp["diff"]
+    return (f"{key}: changed fraction ours {o['fraction_nonzero']:.4f} / mergekit {m['fraction_nonzero']:.4f}; "
+            f"merged-base mean/std ours {o['mean']:.2e}/{o['std']:.4e}, mergekit {m['mean']:.2e}/{m['std']:.4e}; "
+            f"ours-mergekit mean/std {d['mean']:.2e}/{d['std']:.4e} (masks differ by design)")
+
+
+def cpu_seconds(run: dict) -> float:
+    return (run.get("user_s") or 0.0) + (run.get("sys_s") or 0.0)
+
+
+def git_revision() -> str:
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except OSError:
+        return "?"
 
 
 def main(argv=None) -> int:
@@ -488,7 +516,8 @@ def main(argv=None) -> int:
     configs = materialize_configs(methods, data, work)
 
     results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine_info(), "models": str(data), "params_per_model": shapes.n_params,
+               "machine": machine_info(), "m3kernels_revision": git_revision(),
+               "models": str(data), "params_per_model": shapes.n_params,
                "generation_s": gen_s, "mergekit": MERGEKIT_VERSION, "runs": {}, "comparisons": {},
                "targets": {"speedup": TARGET_SPEEDUP, "peak_rss_gb": TARGET_RSS_GB}}
     rows = []
@@ -503,11 +532,14 @@ def main(argv=None) -> int:
                                       f"{m}.ours.{r}", extra))
             print(f"  {m} ours run {r + 1}: {ours_runs[-1]['wall_s']:.2f} s, "
                   f"{ours_runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
+        mid = sorted(ours_runs, key=lambda x: x["wall_s"])[(len(ours_runs) - 1) // 2]
         ours = {"runs": ours_runs,
                 "wall_s": statistics.median(x["wall_s"] for x in ours_runs),
+                "cpu_s": cpu_seconds(mid), "other_cpu_s": mid["other_cpu_s"],
                 "peak_rss_gb": max(x["peak_rss_gb"] for x in ours_runs)}
         res["ours"] = ours
         rows.append({"method": m, "tool": "m3kernels", "wall_s": ours["wall_s"],
+                     "cpu_s": ours["cpu_s"], "other_cpu_s": ours["other_cpu_s"],
                      "peak_rss_gb": ours["peak_rss_gb"],
                      "target": f"<={TARGET_RSS_GB} GB"})
         if mk_exe is None:
@@ -523,7 +555,8 @@ def main(argv=None) -> int:
             print(f"  {m} mergekit ({v}): {mk['wall_s']:.2f} s, {mk['peak_rss_gb']:.2f} GB",
                   file=sys.stderr)
             rows.append({"method": m, "tool": f"mergekit ({'bf16 as written' if v == 'user' else 'dtype f32'})",
-                         "wall_s": mk["wall_s"], "peak_rss_gb": mk["peak_rss_gb"],
+                         "wall_s": mk["wall_s"], "cpu_s": cpu_seconds(mk),
+                         "other_cpu_s": mk["other_cpu_s"], "peak_rss_gb": mk["peak_rss_gb"],
                          "speedup": mk["speedup_ours"],
                          "target": f">={TARGET_SPEEDUP[m]}x" if v == "user" else ""})
             if not args.skip_compare:
@@ -539,7 +572,7 @@ def main(argv=None) -> int:
     print()
     print(fmt_table(rows))
     for key, cmp in results["comparisons"].items():
-        print(f"\n{key}: " + json.dumps({k: v for k, v in cmp.items() if k != "note"}, indent=None))
+        print(describe_comparison(key, cmp))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
