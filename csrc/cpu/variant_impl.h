@@ -93,6 +93,13 @@ struct ModelIn {
     const uint32_t* u;
 };
 
+// Model i's inputs for one block (u: its Philox words; trim = false in stage A).
+static inline ModelIn model_in(const TensorArgs& a, const ModelPlan& p, int i, const uint32_t* u,
+                               bool trim) {
+    return ModelIn{a.models[i], a.model_dtypes[i], p.dare, trim ? p.trim : 0, p.dare_le,
+                   p.trim_min, p.dare_scale, a.coef[i], a.vote_w[i], u};
+}
+
 // ---------------------------------------------------------------- per-thread scratch
 
 struct Scratch {
@@ -139,39 +146,10 @@ static void block_philox(const TensorArgs& a, const ModelPlan* plans, int64_t st
 
 // ---------------------------------------------------------------- the per-element pipeline
 
-// Base of elements [g, g + W) (g is the tensor index; rem lanes when PARTIAL).
+// d_i = f32(x_i) - b, the DARE drop and rescale, and the magnitude trim (m.trim = 0 in stage A)
+// for elements [g, g + W) of the tensor; k is g's position in the block (Philox words).
 template <bool PARTIAL>
-M3K_INLINE vf base_vec(const TensorArgs& a, int64_t g, int rem) {
-    if (!a.has_base) return vf{};
-    return PARTIAL ? load_vec_partial(a.base, a.base_dtype, g, rem) : load_vec(a.base, a.base_dtype, g);
-}
-
-// d_i = f32(x_i) - b, the DARE drop and rescale, and (TRIM) the magnitude trim. k is the
-// position of g inside the block (index into the Philox words).
-template <bool PARTIAL, bool TRIM>
-M3K_INLINE vf model_delta(const TensorArgs& a, const ModelPlan& p, const uint32_t* u, int i,
-                          int64_t g, int64_t k, int rem, vf b) {
-    if (p.dare == 2 || (TRIM && p.trim == 2)) return vf{};
-    const vf x = PARTIAL ? load_vec_partial(a.models[i], a.model_dtypes[i], g, rem)
-                         : load_vec(a.models[i], a.model_dtypes[i], g);
-    vf d = x - b;
-    if (p.dare == 1) {
-        vu uu;
-        if (PARTIAL) {
-            uu = vu{};
-            for (int l = 0; l < rem; ++l) uu[l] = u[k + l];
-        } else {
-            uu = load_u32(u + k);
-        }
-        d = vsel(uu <= p.dare_le, d * vsplat(p.dare_scale), vf{});
-    }
-    if (TRIM && p.trim == 1) d = vsel(((vu)d & 0x7fffffffu) >= p.trim_min, d, vf{});
-    return d;
-}
-
-// d_i of one model for elements [g, g + W) (k: position in the block).
-template <bool PARTIAL>
-M3K_INLINE vf model_delta_in(const ModelIn& m, int64_t g, int64_t k, int rem, vf b) {
+M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b) {
     if (m.dare == 2 || m.trim == 2) return vf{};
     const vf x = PARTIAL ? load_vec_partial(m.src, m.dtype, g, rem) : load_vec(m.src, m.dtype, g);
     vf d = x - b;
@@ -189,6 +167,7 @@ M3K_INLINE vf model_delta_in(const ModelIn& m, int64_t g, int64_t k, int rem, vf
     return d;
 }
 
+// The per-tensor scalars, copied like ModelIn.
 struct TensorIn {
     const void* base;
     int base_dtype;
@@ -199,24 +178,33 @@ struct TensorIn {
     float mean_den;
 };
 
+static inline TensorIn tensor_in(const TensorArgs& a) {
+    return TensorIn{a.base, a.base_dtype, a.has_base, a.combine, a.normalize, a.lam, a.mean_den};
+}
+
+// Base of elements [g, g + W) (zeros without a base; rem lanes when PARTIAL).
+template <bool PARTIAL>
+M3K_INLINE vf base_vec(const TensorIn& t, int64_t g, int rem) {
+    if (!t.has_base) return vf{};
+    return PARTIAL ? load_vec_partial(t.base, t.base_dtype, g, rem) : load_vec(t.base, t.base_dtype, g);
+}
+
 // Stage B for elements [g, g + W): combine, scale, add, round, store. NM > 0 fixes the number
 // of models at compile time (loops unrolled, deltas in registers); NM = 0 reads it from n.
 template <int NM, bool PARTIAL>
 M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g,
                           int64_t k, int rem, void* out, int out_dtype) {
     if (NM > 0) n = NM;
-    vf b = vf{};
-    if (t.has_base)
-        b = PARTIAL ? load_vec_partial(t.base, t.base_dtype, g, rem) : load_vec(t.base, t.base_dtype, g);
+    const vf b = base_vec<PARTIAL>(t, g, rem);
     vf m;
     if (t.combine != kTies) {
         vf acc = vf{};
-        for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * model_delta_in<PARTIAL>(mi[i], g, k, rem, b);
+        for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL>(mi[i], g, k, rem, b);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
         vf vote = vf{};  // the sign election uses the user weights only
         for (int i = 0; i < n; ++i) {
-            dv[i] = model_delta_in<PARTIAL>(mi[i], g, k, rem, b);
+            dv[i] = model_delta<PARTIAL>(mi[i], g, k, rem, b);
             vote = vote + vsplat(mi[i].vote_w) * dv[i];
         }
         const vi pos = vote >= vf{};
@@ -245,12 +233,8 @@ static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t sta
     const int n = NM > 0 ? NM : a.n;
     ModelIn local[NM > 0 ? NM : 1];
     ModelIn* mi = NM > 0 ? local : s.mi;
-    for (int i = 0; i < n; ++i) {
-        const ModelPlan& p = plans[i];
-        mi[i] = ModelIn{a.models[i], a.model_dtypes[i], p.dare, p.trim, p.dare_le, p.trim_min,
-                        p.dare_scale, a.coef[i], a.vote_w[i], s.uptr[i]};
-    }
-    const TensorIn t{a.base, a.base_dtype, a.has_base, a.combine, a.normalize, a.lam, a.mean_den};
+    for (int i = 0; i < n; ++i) mi[i] = model_in(a, plans[i], i, s.uptr[i], true);
+    const TensorIn t = tensor_in(a);
     vf dv_local[NM > 0 ? NM : 1];
     vf* dv = NM > 0 ? dv_local : s.dv;
     const int64_t full = cnt / W * W;
@@ -299,19 +283,19 @@ static void merge(const TensorArgs& a, void* out, int out_dtype) {
 
 // ---------------------------------------------------------------- stage A: histograms
 
-// bits(|d'|) of model i for the block's elements (d' = delta after the DARE step, no trim).
-static void block_keys(const TensorArgs& a, const ModelPlan& p, const uint32_t* u, int i,
-                       int64_t start, int64_t cnt, uint32_t* __restrict keys) {
+// bits(|d'|) of one model for the block's elements (d' = delta after the DARE step, no trim).
+static void block_keys(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt,
+                       uint32_t* __restrict keys) {
     int64_t k = 0;
     for (; k + W <= cnt; k += W) {
-        const vf b = base_vec<false>(a, start + k, W);
-        const vu ab = (vu)model_delta<false, false>(a, p, u, i, start + k, k, W, b) & 0x7fffffffu;
+        const vf b = base_vec<false>(t, start + k, W);
+        const vu ab = (vu)model_delta<false>(m, start + k, k, W, b) & 0x7fffffffu;
         __builtin_memcpy(keys + k, &ab, sizeof(ab));
     }
     if (k < cnt) {
         const int rem = int(cnt - k);
-        const vf b = base_vec<true>(a, start + k, rem);
-        const vu ab = (vu)model_delta<true, false>(a, p, u, i, start + k, k, rem, b) & 0x7fffffffu;
+        const vf b = base_vec<true>(t, start + k, rem);
+        const vu ab = (vu)model_delta<true>(m, start + k, k, rem, b) & 0x7fffffffu;
         for (int l = 0; l < rem; ++l) keys[k + l] = ab[l];
     }
 }
@@ -346,17 +330,17 @@ M3K_INLINE void count_low_vec(vf d, int rem, uint32_t pre, uint32_t* __restrict 
     }
 }
 
-static void block_count_low(const TensorArgs& a, const ModelPlan& p, const uint32_t* u, int i,
-                            int64_t start, int64_t cnt, uint32_t pre, uint32_t* __restrict h) {
+static void block_count_low(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt,
+                            uint32_t pre, uint32_t* __restrict h) {
     int64_t k = 0;
     for (; k + W <= cnt; k += W) {
-        const vf b = base_vec<false>(a, start + k, W);
-        count_low_vec<false>(model_delta<false, false>(a, p, u, i, start + k, k, W, b), W, pre, h);
+        const vf b = base_vec<false>(t, start + k, W);
+        count_low_vec<false>(model_delta<false>(m, start + k, k, W, b), W, pre, h);
     }
     if (k < cnt) {
         const int rem = int(cnt - k);
-        const vf b = base_vec<true>(a, start + k, rem);
-        count_low_vec<true>(model_delta<true, false>(a, p, u, i, start + k, k, rem, b), rem, pre, h);
+        const vf b = base_vec<true>(t, start + k, rem);
+        count_low_vec<true>(model_delta<true>(m, start + k, k, rem, b), rem, pre, h);
     }
 }
 
@@ -366,6 +350,7 @@ static void histogram_range(const TensorArgs& a, const ModelPlan* plans, const u
     const int n = a.n;
     const int64_t nblocks = (hi - lo + kBlock - 1) / kBlock;
     const size_t per_model = size_t(kHistCopies) * kBins;
+    const TensorIn t = tensor_in(a);
 #pragma omp parallel if (nblocks > 4)
     {
         Scratch s = {};
@@ -380,10 +365,11 @@ static void histogram_range(const TensorArgs& a, const ModelPlan* plans, const u
             block_philox(a, plans, start, cnt, s);
             for (int i = 0; i < n; ++i) {
                 uint32_t* hm = h + size_t(i) * per_model;
+                const ModelIn m = model_in(a, plans[i], i, s.uptr[i], false);
                 if (PASS2) {
-                    block_count_low(a, plans[i], s.uptr[i], i, start, cnt, prefix[i], hm);
+                    block_count_low(t, m, start, cnt, prefix[i], hm);
                 } else {
-                    block_keys(a, plans[i], s.uptr[i], i, start, cnt, s.keys);
+                    block_keys(t, m, start, cnt, s.keys);
                     count_high(s.keys, cnt, hm);
                 }
             }
@@ -435,25 +421,23 @@ static inline void l1_accumulate(const float* __restrict ad, const float* __rest
     }
 }
 
-// |d| and |d| * keep of model i for one block into s.ad / s.kd.
+// |d| and |d| * keep of one model for elements [g, g + W) into s.ad / s.kd (k: block position).
 template <bool PARTIAL>
-M3K_INLINE void l1_vec(const TensorArgs& a, const ModelPlan& p, const uint32_t* u, int i, int64_t g,
-                       int64_t k, int rem, Scratch& s) {
-    const vf b = base_vec<PARTIAL>(a, g, rem);
-    const vf x = PARTIAL ? load_vec_partial(a.models[i], a.model_dtypes[i], g, rem)
-                         : load_vec(a.models[i], a.model_dtypes[i], g);
+M3K_INLINE void l1_vec(const TensorIn& t, const ModelIn& m, int64_t g, int64_t k, int rem, Scratch& s) {
+    const vf b = base_vec<PARTIAL>(t, g, rem);
+    const vf x = PARTIAL ? load_vec_partial(m.src, m.dtype, g, rem) : load_vec(m.src, m.dtype, g);
     const vf ad = vabs(x - b);
     vf kd = ad;
-    if (p.dare == 1) {
+    if (m.dare == 1) {
         vu uu;
         if (PARTIAL) {
             uu = vu{};
-            for (int l = 0; l < rem; ++l) uu[l] = u[k + l];
+            for (int l = 0; l < rem; ++l) uu[l] = m.u[k + l];
         } else {
-            uu = load_u32(u + k);
+            uu = load_u32(m.u + k);
         }
-        kd = vsel(uu <= p.dare_le, ad, vf{});
-    } else if (p.dare == 2) {
+        kd = vsel(uu <= m.dare_le, ad, vf{});
+    } else if (m.dare == 2) {
         kd = vf{};
     }
     __builtin_memcpy(s.ad + k, &ad, sizeof(ad));
@@ -464,6 +448,7 @@ M3K_INLINE void l1_vec(const TensorArgs& a, const ModelPlan& p, const uint32_t* 
 // in a fixed order at the end, so the result depends on the data only.
 static void l1_chunk(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t end,
                      Scratch& s, double* tot_out, double* kept_out) {
+    const TensorIn t = tensor_in(a);
     for (int i = 0; i < a.n; ++i) {
         const ModelPlan& p = plans[i];
         double tot[kL1Lanes], kept[kL1Lanes];
@@ -472,12 +457,10 @@ static void l1_chunk(const TensorArgs& a, const ModelPlan* plans, int64_t start,
             const int64_t cnt = end - blk < kBlock ? end - blk : kBlock;
             const uint32_t* u = nullptr;
             if (p.dare == 1) u = philox_block(p.key, uint64_t(a.index_offset + blk), cnt, s.u);
+            const ModelIn m = model_in(a, p, i, u, false);
             int64_t k = 0;
-            for (; k + W <= cnt; k += W) l1_vec<false>(a, p, u, i, blk + k, k, W, s);
-            if (k < cnt) {
-                const int rem = int(cnt - k);
-                l1_vec<true>(a, p, u, i, blk + k, k, rem, s);
-            }
+            for (; k + W <= cnt; k += W) l1_vec<false>(t, m, blk + k, k, W, s);
+            if (k < cnt) l1_vec<true>(t, m, blk + k, k, int(cnt - k), s);
             l1_accumulate(s.ad, s.kd, cnt, tot, kept);
         }
         double t = 0.0, q = 0.0;
