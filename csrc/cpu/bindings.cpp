@@ -171,8 +171,10 @@ py::array_t<uint32_t> philox_u32(uint32_t key0, uint32_t key1, int64_t first, in
     return out;
 }
 
-// Multi-threaded memcpy: the reference point ("copy bandwidth") of the benchmarks.
-void copy_bytes(uintptr_t dst, uintptr_t src, int64_t nbytes) {
+// Multi-threaded memcpy: the reference point ("copy bandwidth") of the benchmarks. Each thread
+// copies one contiguous share; chunk > 0 copies it in memcpy calls of at most `chunk` bytes
+// (glibc switches to non-temporal stores for large calls, which are slow on some machines).
+void copy_bytes(uintptr_t dst, uintptr_t src, int64_t nbytes, int64_t chunk) {
     if (nbytes <= 0) return;
     char* d = reinterpret_cast<char*>(dst);
     const char* s = reinterpret_cast<const char*>(src);
@@ -183,7 +185,11 @@ void copy_bytes(uintptr_t dst, uintptr_t src, int64_t nbytes) {
         const int64_t per = ((nbytes / nt) + 4095) & ~int64_t(4095);
         const int64_t lo = per * t < nbytes ? per * t : nbytes;
         const int64_t hi = per * (t + 1) < nbytes ? per * (t + 1) : nbytes;
-        if (hi > lo) std::memcpy(d + lo, s + lo, size_t(hi - lo));
+        const int64_t step = chunk > 0 ? chunk : (hi - lo);
+        for (int64_t off = lo; off < hi; off += step) {
+            const int64_t len = hi - off < step ? hi - off : step;
+            std::memcpy(d + off, s + off, size_t(len));
+        }
     }
 }
 
@@ -223,7 +229,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("philox_u32", &philox_u32, py::arg("key0"), py::arg("key1"), py::arg("first"), py::arg("count"),
           "DARE stream words u32 for flat indices first .. first + count - 1.");
     m.def("copy", &copy_bytes, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"),
-          "Multi-threaded memcpy (benchmark reference).");
+          py::arg("chunk") = 0, "Multi-threaded memcpy (benchmark reference); chunk: bytes per call.");
     m.def("simd_level", [] { return std::string(m3k::active_level()); }, "The kernel variant in use.");
     m.def("simd_levels", &simd_levels, "The kernel variants this CPU supports (most portable first).");
     m.def("set_simd_level", &set_simd_level, py::arg("name"),

@@ -97,8 +97,8 @@ M3K_INLINE vf vsplat(float x) {
 #endif
 }
 
-// m ? a : b per lane (m is 0 or -1), on the bit patterns.
-M3K_INLINE vf vsel(vi m, vf a, vf b) { return (vf)((m & (vi)a) | (~m & (vi)b)); }
+// m ? a : b per lane (m is 0 or -1): a blend, both operands already computed.
+M3K_INLINE vf vsel(vi m, vf a, vf b) { return m ? a : b; }
 
 M3K_INLINE vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }
 
@@ -178,8 +178,7 @@ M3K_INLINE vh to_bf16(vf y) {
     const vu u = (vu)y;
     const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
     const vu nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
-    const vi isnan = y != y;
-    const vu r = (vu)((isnan & (vi)nan) | (~isnan & (vi)rounded));
+    const vu r = y != y ? nan : rounded;
     return __builtin_convertvector(r, vh);
 }
 

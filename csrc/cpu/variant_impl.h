@@ -148,10 +148,11 @@ static void block_philox(const TensorArgs& a, const ModelPlan* plans, int64_t st
 
 // d_i = f32(x_i) - b, the DARE drop and rescale, and the magnitude trim (m.trim = 0 in stage A)
 // for elements [g, g + W) of the tensor; k is g's position in the block (Philox words).
-template <bool PARTIAL>
+template <bool PARTIAL, int DT = -1>
 M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b) {
     if (m.dare == 2 || m.trim == 2) return vf{};
-    const vf x = PARTIAL ? load_vec_partial(m.src, m.dtype, g, rem) : load_vec(m.src, m.dtype, g);
+    const int dtype = DT >= 0 ? DT : m.dtype;
+    const vf x = PARTIAL ? load_vec_partial(m.src, dtype, g, rem) : load_vec(m.src, dtype, g);
     vf d = x - b;
     if (m.dare == 1) {
         vu uu;
@@ -183,28 +184,31 @@ static inline TensorIn tensor_in(const TensorArgs& a) {
 }
 
 // Base of elements [g, g + W) (zeros without a base; rem lanes when PARTIAL).
-template <bool PARTIAL>
+template <bool PARTIAL, int DT = -1>
 M3K_INLINE vf base_vec(const TensorIn& t, int64_t g, int rem) {
     if (!t.has_base) return vf{};
-    return PARTIAL ? load_vec_partial(t.base, t.base_dtype, g, rem) : load_vec(t.base, t.base_dtype, g);
+    const int dtype = DT >= 0 ? DT : t.base_dtype;
+    return PARTIAL ? load_vec_partial(t.base, dtype, g, rem) : load_vec(t.base, dtype, g);
 }
 
 // Stage B for elements [g, g + W): combine, scale, add, round, store. NM > 0 fixes the number
 // of models at compile time (loops unrolled, deltas in registers); NM = 0 reads it from n.
-template <int NM, bool PARTIAL>
+// DT >= 0: base, every model and the output have that dtype (no per-vector dtype branches).
+template <int NM, int DT, bool PARTIAL>
 M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g,
                           int64_t k, int rem, void* out, int out_dtype) {
     if (NM > 0) n = NM;
-    const vf b = base_vec<PARTIAL>(t, g, rem);
+    if (DT >= 0) out_dtype = DT;
+    const vf b = base_vec<PARTIAL, DT>(t, g, rem);
     vf m;
     if (t.combine != kTies) {
         vf acc = vf{};
-        for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL>(mi[i], g, k, rem, b);
+        for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
         vf vote = vf{};  // the sign election uses the user weights only
         for (int i = 0; i < n; ++i) {
-            dv[i] = model_delta<PARTIAL>(mi[i], g, k, rem, b);
+            dv[i] = model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
             vote = vote + vsplat(mi[i].vote_w) * dv[i];
         }
         const vi pos = vote >= vf{};
@@ -226,7 +230,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
 }
 
 // One block of stage B: elements [start, start + cnt).
-template <int NM>
+template <int NM, int DT>
 static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t cnt,
                         Scratch& s, void* out, int out_dtype) {
     block_philox(a, plans, start, cnt, s);
@@ -239,24 +243,35 @@ static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t sta
     vf* dv = NM > 0 ? dv_local : s.dv;
     const int64_t full = cnt / W * W;
     for (int64_t k = 0; k < full; k += W)
-        merge_vec<NM, false>(t, mi, n, dv, start + k, k, W, out, out_dtype);
+        merge_vec<NM, DT, false>(t, mi, n, dv, start + k, k, W, out, out_dtype);
     if (full < cnt)
-        merge_vec<NM, true>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype);
+        merge_vec<NM, DT, true>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype);
 }
 
 // ---------------------------------------------------------------- stage B
 
 typedef void (*MergeBlockFn)(const TensorArgs&, const ModelPlan*, int64_t, int64_t, Scratch&, void*, int);
 
-// Models unrolled at compile time for N <= 4 (the common merges); any N through NM = 0.
-static MergeBlockFn pick_merge_block(int n) {
+template <int DT>
+static MergeBlockFn pick_merge_block_n(int n) {
     switch (n) {
-        case 1: return merge_block<1>;
-        case 2: return merge_block<2>;
-        case 3: return merge_block<3>;
-        case 4: return merge_block<4>;
-        default: return merge_block<0>;
+        case 1: return merge_block<1, DT>;
+        case 2: return merge_block<2, DT>;
+        case 3: return merge_block<3, DT>;
+        case 4: return merge_block<4, DT>;
+        default: return merge_block<0, DT>;
     }
+}
+
+// Models unrolled at compile time for N <= 4 (the common merges; any N through NM = 0), and
+// a dtype-specialised loop when base, models and output share one dtype.
+static MergeBlockFn pick_merge_block(const TensorArgs& a, int out_dtype) {
+    bool uniform = !a.has_base || a.base_dtype == out_dtype;
+    for (int i = 0; i < a.n; ++i) uniform = uniform && a.model_dtypes[i] == out_dtype;
+    if (!uniform) return pick_merge_block_n<-1>(a.n);
+    if (out_dtype == kBF16) return pick_merge_block_n<kBF16>(a.n);
+    if (out_dtype == kF16) return pick_merge_block_n<kF16>(a.n);
+    return pick_merge_block_n<kF32>(a.n);
 }
 
 static void merge(const TensorArgs& a, void* out, int out_dtype) {
@@ -264,7 +279,7 @@ static void merge(const TensorArgs& a, void* out, int out_dtype) {
     ModelPlan* plans = make_plans(a);
     if (!plans) return;
     const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
-    const MergeBlockFn block = pick_merge_block(a.n);
+    const MergeBlockFn block = pick_merge_block(a, out_dtype);
 #pragma omp parallel if (nblocks > 4)
     {
         Scratch s = {};
