@@ -44,12 +44,17 @@ if have_backend("cpu"):
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 INT_VIEW = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
 
-# (base dtype, model dtypes, out dtype): uniform and mixed
+# (base dtype, model dtypes, out dtype): uniform and mixed, N = 1 .. 6 (the kernel unrolls
+# N <= 4 and has dtype-specialised loops when every tensor has the output's dtype)
 DTYPE_CASES = [
     (BF16, [BF16], BF16),
     (F32, [F16, BF16], F16),
     (F16, [F32, F16, BF16], F32),
     (BF16, [F16, F32], BF16),
+    (BF16, [BF16, BF16], BF16),
+    (F16, [F16] * 4, F16),
+    (F32, [F32] * 5, F32),
+    (BF16, [BF16, F16, F32, BF16, F16, F32], BF16),
 ]
 
 METHOD_CASES = [
@@ -69,10 +74,10 @@ METHOD_CASES = [
 
 
 def _trim_n(kw: dict, n: int) -> dict:
-    """The case's per-model lists cut to n models."""
+    """The case's per-model lists cut or cycled to n models."""
     out = {}
     for k, v in kw.items():
-        out[k] = v[:n] if isinstance(v, list) else v
+        out[k] = [v[i % len(v)] for i in range(n)] if isinstance(v, list) else v
     if "mix_ratios" in out:
         r = out["mix_ratios"]
         out["mix_ratios"] = [x / sum(r) for x in r]
@@ -234,7 +239,7 @@ def _numpy_hist(d32: torch.Tensor, prefix=None) -> np.ndarray:
 
 
 @pytest.mark.parametrize("numel", [1, 7, 4099, 70001])
-@pytest.mark.parametrize("dtypes", DTYPE_CASES[:3], ids=lambda d: f"{d[0]}-{len(d[1])}")
+@pytest.mark.parametrize("dtypes", DTYPE_CASES[:3] + DTYPE_CASES[6:], ids=lambda d: f"{d[0]}-{len(d[1])}")
 @pytest.mark.parametrize("kw", [dict(method="ties"),
                                 dict(method="ties_dare", drop_rate=0.35, density=0.3),
                                 dict(method="dare_ties", density=[0.5, 0.0, 1.0])],
@@ -527,3 +532,16 @@ def test_empty_tensors_and_argument_checks(gen):
     with pytest.raises(ValueError, match="dtype"):
         cpu.merge(p, base, models, torch.empty(10, dtype=torch.float64))
     assert cpu.supports("cpu") and not cpu.supports("meta")
+
+
+def test_benchmark_copy_and_read_helpers(restore_threads_and_simd):
+    src = torch.arange(1_000_003, dtype=torch.int64).to(torch.uint8)
+    words = src[: len(src) // 8 * 8].view(torch.int64)
+    expected_xor = int(np.bitwise_xor.reduce(words.numpy()).astype(np.uint64))
+    for threads in (1, 2):
+        _C.set_num_threads(threads)
+        for chunk in (0, 4096, 65536):
+            dst = torch.zeros_like(src)
+            _C.copy(dst.data_ptr(), src.data_ptr(), src.numel(), chunk)
+            assert torch.equal(dst, src)
+        assert _C.read(src.data_ptr(), src.numel()) == expected_xor

@@ -193,6 +193,18 @@ void copy_bytes(uintptr_t dst, uintptr_t src, int64_t nbytes, int64_t chunk) {
     }
 }
 
+// Multi-threaded read of nbytes (XOR of the 64-bit words, returned so the loop is kept): the
+// read-only memory rate, for comparison with the copy rate in the benchmarks.
+uint64_t read_bytes(uintptr_t src, int64_t nbytes) {
+    const uint64_t* s = reinterpret_cast<const uint64_t*>(src);
+    const int64_t nwords = nbytes / 8;
+    uint64_t all = 0;
+    py::gil_scoped_release nogil;
+#pragma omp parallel for schedule(static) reduction(^ : all)
+    for (int64_t k = 0; k < nwords; ++k) all ^= s[k];
+    return all;
+}
+
 std::vector<std::string> simd_levels() {
     const char* names[8];
     int k = m3k::supported_levels(names, 8);
@@ -230,6 +242,8 @@ PYBIND11_MODULE(_C, m) {
           "DARE stream words u32 for flat indices first .. first + count - 1.");
     m.def("copy", &copy_bytes, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"),
           py::arg("chunk") = 0, "Multi-threaded memcpy (benchmark reference); chunk: bytes per call.");
+    m.def("read", &read_bytes, py::arg("src_ptr"), py::arg("nbytes"),
+          "Multi-threaded read of nbytes (benchmark reference); returns the XOR of the words.");
     m.def("simd_level", [] { return std::string(m3k::active_level()); }, "The kernel variant in use.");
     m.def("simd_levels", &simd_levels, "The kernel variants this CPU supports (most portable first).");
     m.def("set_simd_level", &set_simd_level, py::arg("name"),
