@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
+
 import m3kernels
 from m3kernels.api import prepare, validate_inputs
 from m3kernels.kernel_params import make_params
@@ -45,36 +47,9 @@ def emulated_merge(base, models, *, out, name="", **kw):
     return p
 
 
-METHOD_CASES = {
-    "linear": dict(method="linear"),
-    "linear_w": dict(method="linear", weights=[0.3, 0.7, 1.1]),
-    "average_sum": dict(method="average", normalize=False, weights=0.5),
-    "task_arith": dict(method="task_arithmetic", lambda_=0.7),
-    "ties": dict(method="ties", density=0.3),
-    "ties_nonorm_w": dict(method="ties", density=[0.2, 0.5, 0.9], normalize=False, weights=[1.0, 0.6, 1.3]),
-    "dare_linear": dict(method="dare_linear", density=0.6),
-    "dare_lin_norescale": dict(method="dare_linear", drop_rate=0.3, rescale=False),
-    "dare_ties_l1": dict(method="dare_ties", density=0.5, rescale="l1"),
-    "ties_dare": dict(method="ties_dare", drop_rate=0.4, density=0.5),
-    "ties_m3": dict(method="ties", density=0.4, mixup_alpha=0.4, seed=11),
-    "dare_ties_m3": dict(method="dare_ties", density=0.7, mixup_alpha=0.5, seed=3),
-}
-
-DTYPE_CASES = {
-    "bf16": (BF16, [BF16], BF16),
-    "f16": (F16, [F16], F16),
-    "f32": (F32, [F32], F32),
-    "mixed": (BF16, [F32, F16, BF16], F16),
-    "mixed_f32out": (F16, [BF16, F32], F32),
-}
 
 
-def _kwargs_for(case, n):
-    kw = dict(METHOD_CASES[case])
-    for k in ("weights", "density"):
-        if isinstance(kw.get(k), list):
-            kw[k] = (kw[k] * 6)[:n]
-    return kw
+
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -83,7 +58,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _check(case, dtype_case, n, shape, gen, name="model.layers.0.mlp.down_proj.weight"):
     base_dt, model_dts, out_dt = DTYPE_CASES[dtype_case]
-    kw = _kwargs_for(case, n)
+    kw = kwargs_for(case, n)
     base, models = make_inputs(shape, n, (base_dt, model_dts), gen)
     out = torch.full(shape, float("nan"), dtype=out_dt)
     p = emulated_merge(base, models, out=out, name=name, **kw)

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
+
 import m3kernels
 from m3kernels import gpu_pipeline
 from m3kernels.backends import available_backends
@@ -49,44 +51,16 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({F32: torch.int32, BF16: torch.int16, F16: torch.int16}[t.dtype])
 
 
-METHOD_CASES = {
-    "linear": dict(method="linear"),
-    "linear_w": dict(method="linear", weights=[0.3, 0.7, 1.1]),
-    "average_sum": dict(method="average", normalize=False, weights=0.5),
-    "task_arith": dict(method="task_arithmetic", lambda_=0.7),
-    "ties": dict(method="ties", density=0.3),
-    "ties_nonorm_w": dict(method="ties", density=[0.2, 0.5, 0.9], normalize=False, weights=[1.0, 0.6, 1.3]),
-    "dare_linear": dict(method="dare_linear", density=0.6),
-    "dare_lin_norescale": dict(method="dare_linear", drop_rate=0.3, rescale=False),
-    "dare_ties_l1": dict(method="dare_ties", density=0.5, rescale="l1"),
-    "ties_dare": dict(method="ties_dare", drop_rate=0.4, density=0.5),
-    "ties_dare_sparse": dict(method="ties_dare", drop_rate=0.9, density=0.3),  # threshold 0: many zeros
-    "ties_m3": dict(method="ties", density=0.4, mixup_alpha=0.4, seed=11),
-    "dare_ties_m3": dict(method="dare_ties", density=0.7, mixup_alpha=0.5, seed=3),
-}
 
-DTYPE_CASES = {
-    "bf16": (BF16, [BF16], BF16),
-    "f16": (F16, [F16], F16),
-    "f32": (F32, [F32], F32),
-    "mixed": (BF16, [F32, F16, BF16], F16),
-    "mixed_f32out": (F16, [BF16, F32], F32),
-}
 
 SHAPES = [(1,), (7,), (1000003,), (37, 129)]
 
 
-def _kwargs_for(case, n):
-    kw = dict(METHOD_CASES[case])
-    for k in ("weights", "density"):
-        if isinstance(kw.get(k), list):
-            kw[k] = (kw[k] * 6)[:n]
-    return kw
 
 
 def _check_on_gpu(backend, case, dtype_case, n, shape, gen, name="model.layers.7.mlp.gate_proj.weight"):
     base_dt, model_dts, out_dt = DTYPE_CASES[dtype_case]
-    kw = _kwargs_for(case, n)
+    kw = kwargs_for(case, n)
     what = f"{backend}/{case}/{dtype_case}/N={n}/{list(shape)}"
     base, models = make_inputs(shape, n, (base_dt, model_dts), gen)
     gbase, gmodels = base.cuda(), [m.cuda() for m in models]

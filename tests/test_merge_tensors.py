@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
+
 import m3kernels
 from m3kernels.recipe import make_recipe
 from m3kernels.reference import reference_merge, reference_thresholds
@@ -21,45 +23,16 @@ from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
-METHOD_CASES = {
-    "linear": dict(method="linear"),
-    "linear_w": dict(method="linear", weights=[0.3, 0.7, 1.1]),
-    "average_sum": dict(method="average", normalize=False, weights=0.5),
-    "task_arith": dict(method="task_arithmetic", lambda_=0.7),
-    "ties": dict(method="ties", density=0.3),
-    "ties_full": dict(method="ties", density=1.0),
-    "ties_nonorm_w": dict(method="ties", density=[0.2, 0.5, 0.9], normalize=False, weights=[1.0, 0.6, 1.3]),
-    "dare_linear": dict(method="dare_linear", density=0.6),
-    "dare_lin_norescale": dict(method="dare_linear", drop_rate=0.3, rescale=False),
-    "dare_ties_l1": dict(method="dare_ties", density=0.5, rescale="l1"),
-    "ties_dare": dict(method="ties_dare", drop_rate=0.4, density=0.5),
-    "ties_m3": dict(method="ties", density=0.4, mixup_alpha=0.4, seed=11),
-    "task_m3": dict(method="task_arithmetic", mixup_alpha=2.0, seed=5, lambda_=0.9),
-    "dare_ties_m3": dict(method="dare_ties", density=0.7, mixup_alpha=0.5, seed=3),
-}
 
-DTYPE_CASES = {
-    "bf16": (BF16, [BF16], BF16),
-    "f16": (F16, [F16], F16),
-    "f32": (F32, [F32], F32),
-    "mixed": (BF16, [F32, F16, BF16], F16),
-    "mixed_f32out": (F16, [BF16, F32], F32),
-}
 
 BACKENDS = [b for b in ("cpu", "triton") if have_backend(b)]
 
 
-def _kwargs_for(case, n):
-    kw = dict(METHOD_CASES[case])
-    for k in ("weights", "density"):
-        if isinstance(kw.get(k), list):
-            kw[k] = kw[k][:n]
-    return kw
 
 
 def _run_and_check(backend, case, dtype_case, n, shape, gen, name="t.weight"):
     base_dt, model_dts, out_dt = DTYPE_CASES[dtype_case]
-    kw = _kwargs_for(case, n)
+    kw = kwargs_for(case, n)
     base, models = make_inputs(shape, n, (base_dt, model_dts), gen)
     out = torch.full(shape, float("nan"), dtype=out_dt)
     m3kernels.merge_tensors(base, models, out=out, name=name, backend=backend, **kw)
@@ -99,7 +72,7 @@ def test_matrix_large_cpu(case, dtype_case, n, gen):
 def test_unrelated_models_cpu(n, gen):
     """Independent random models (no shared base): sign votes and trims are far from trivial."""
     for case in ("ties", "dare_ties_l1", "ties_dare", "linear_w"):
-        kw = _kwargs_for(case, n)
+        kw = kwargs_for(case, n)
         base, models = make_inputs((4099,), n, (BF16, [BF16]), gen, related=False)
         out = torch.full((4099,), float("nan"), dtype=BF16)
         m3kernels.merge_tensors(base, models, out=out, backend="cpu", **kw)
