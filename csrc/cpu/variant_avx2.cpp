@@ -16,7 +16,7 @@
 #define M3K_VARIANT_ENABLED 1
 #pragma GCC push_options
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positives inside avx512fintrin.h
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positives in the intrinsic headers
 #pragma GCC target("avx2,f16c,bmi,bmi2,popcnt")
 #define M3K_VARIANT avx2
 #define M3K_HAVE_AVX2 1

@@ -1,4 +1,4 @@
-// Kernel variant "generic": Portable baseline (x86-64 SSE2 or the build's default ISA): no target pragma.
+// Kernel variant "generic": the portable baseline (x86-64 SSE2 or the build's default ISA): no target pragma.
 //
 // System headers come first, outside the target region, so nothing from the C/C++ library is
 // compiled with this variant's instruction set; the kernels live in namespace m3k::generic.
