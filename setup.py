@@ -97,6 +97,7 @@ ext_modules = [
         "m3kernels._C",
         CPU_SOURCES,
         include_dirs=["csrc/cpu"],
+        depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.h")),
         cxx_std=17,
         extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
         extra_link_args=["-fopenmp"],
