@@ -542,9 +542,7 @@ def main(argv=None) -> int:
                      "cpu_s": ours["cpu_s"], "other_cpu_s": ours["other_cpu_s"],
                      "peak_rss_gb": ours["peak_rss_gb"],
                      "target": f"<={TARGET_RSS_GB} GB"})
-        if mk_exe is None:
-            continue
-        variants = ["user"] if args.skip_f32 else ["user", "f32"]
+        variants = [] if mk_exe is None else ["user"] if args.skip_f32 else ["user", "f32"]
         for v in variants:
             warm_page_cache(inputs)
             mk_out = work / f"{m}.mergekit.{v}"
