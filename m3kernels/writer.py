@@ -95,14 +95,18 @@ def copy_file_durably(src: Path, dst: Path) -> None:
             os.fsync(f.fileno())
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path: Path, limit: Optional[int] = None) -> str:
+    """SHA-256 of the file's first ``limit`` bytes (all of it when ``limit`` is None)."""
     h = hashlib.sha256()
+    left = float("inf") if limit is None else int(limit)
     with open(path, "rb") as f:
-        while True:
-            chunk = f.read(HASH_CHUNK)
+        while left > 0:
+            chunk = f.read(int(min(HASH_CHUNK, left)))
             if not chunk:
-                return h.hexdigest()
+                break
             h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ headers
@@ -113,7 +117,13 @@ def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 class ShardFile:
-    """One output file written front to back, hashed on the way (SHA-256 of the whole file).
+    """One output file written front to back, fingerprinted on the way.
+
+    The fingerprint is the SHA-256 of the first write (the safetensors header, which names
+    every tensor with its offsets) or, with ``full_hash=True``, of the whole file. Hashing every
+    byte cost about 1 s per 2 GB on the writer thread, enough to slow the merge itself on a
+    2-core machine; a shard enters the resume journal only after it is complete and fsync'd,
+    so its size, modification time and header fingerprint are what resume needs to check.
 
     Bytes are gathered in a page-aligned staging buffer and written in large aligned blocks
     with ``O_DIRECT`` where the file system allows it: writing through the page cache costs
@@ -123,10 +133,12 @@ class ShardFile:
     buffered writes.
     """
 
-    def __init__(self, path: Path, staging: int = STAGING_BYTES):
+    def __init__(self, path: Path, staging: int = STAGING_BYTES, full_hash: bool = False):
         self.path = Path(path)
         self.size = 0
         self.hash = hashlib.sha256()
+        self.full_hash = full_hash
+        self.hashed = 0                                          # bytes covered by the fingerprint
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = hasattr(os, "O_DIRECT") and os.environ.get("M3KERNELS_NO_DIRECT_IO", "") in ("", "0")
         self.fd = -1
@@ -148,7 +160,9 @@ class ShardFile:
         n = data.numel()
         if n == 0:
             return
-        self.hash.update(memoryview(data.numpy()))
+        if self.full_hash or self.hashed == 0:
+            self.hash.update(memoryview(data.numpy()))
+            self.hashed += n
         cap = self._stage.numel()
         pos = 0
         while pos < n:
@@ -180,7 +194,7 @@ class ShardFile:
         self.direct = False
 
     def finish(self) -> tuple[int, str]:
-        """Write the tail, set the exact size, fsync, close; returns (size, sha256 hex)."""
+        """Write the tail, set the exact size, fsync, close; returns (size, fingerprint hex)."""
         if self._fill:
             if self.direct:
                 padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
@@ -252,8 +266,10 @@ class Journal:
         with os_errors(self.folder):
             fsync_dir(self.folder)
 
-    def shard_done(self, filename: str, size: int, sha256: str) -> None:
-        self.shards[filename] = {"bytes": size, "sha256": sha256}
+    def shard_done(self, filename: str, size: int, digest: str, hashed: int) -> None:
+        st = (self.folder / filename).stat()
+        self.shards[filename] = {"bytes": size, "sha256": digest, "hashed_bytes": hashed,
+                                 "mtime_ns": st.st_mtime_ns}
         self.save()
 
     def verified_shards(self) -> tuple[set, list]:
@@ -262,7 +278,9 @@ class Journal:
         for fname, rec in list(self.shards.items()):
             p = self.folder / fname
             try:
-                ok = p.stat().st_size == rec["bytes"] and file_sha256(p) == rec["sha256"]
+                st = p.stat()
+                ok = (st.st_size == rec["bytes"] and st.st_mtime_ns == rec.get("mtime_ns")
+                      and file_sha256(p, rec.get("hashed_bytes")) == rec["sha256"])
             except OSError:
                 ok = False
             if ok:
@@ -413,8 +431,9 @@ class ShardedWriter:
             if pos < len(shard.tensors) - 1:
                 return
             size, digest = self._file.finish()
+            hashed = self._file.hashed
             self._file = None
-            self.journal.shard_done(shard.filename, size, digest)
+            self.journal.shard_done(shard.filename, size, digest, hashed)
             if self.after_shard is not None:
                 self.after_shard(shard)
 
