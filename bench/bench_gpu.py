@@ -41,15 +41,9 @@ import m3kernels  # noqa: E402
 from m3kernels.api import prepare  # noqa: E402
 from m3kernels.backends import available_backends, get_backend  # noqa: E402
 from m3kernels.recipe import make_recipe  # noqa: E402
+from bench_cases import METHODS  # noqa: E402
 
-METHOD_KWARGS = {
-    "linear": dict(method="linear"),
-    "task_arithmetic": dict(method="task_arithmetic", lambda_=1.0),
-    "ties": dict(method="ties", density=0.2),
-    "dare_linear": dict(method="dare_linear", density=0.5),
-    "dare_ties": dict(method="dare_ties", density=0.5),
-    "ties_dare": dict(method="ties_dare", drop_rate=0.5, density=0.2),
-}
+METHOD_KWARGS = {k: v for k, v in METHODS.items() if k != "ties_m3"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TARGET_PCT_OF_COPY = 85.0
 TARGET_SPEEDUP = 20.0

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cases import METHODS, MIXUP_ALPHA  # noqa: E402
 from eager_mergekit_style import eager_merge  # noqa: E402
 
 import m3kernels  # noqa: E402
@@ -48,16 +49,6 @@ from m3kernels.recipe import make_recipe  # noqa: E402
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 SEED = 0
-MIXUP_ALPHA = 0.5
-METHODS = {
-    "linear": dict(method="linear"),
-    "task_arithmetic": dict(method="task_arithmetic", lambda_=1.0),
-    "ties": dict(method="ties", density=0.2),
-    "dare_linear": dict(method="dare_linear", density=0.5),
-    "dare_ties": dict(method="dare_ties", density=0.5),
-    "ties_dare": dict(method="ties_dare", drop_rate=0.5, density=0.2),
-    "ties_m3": dict(method="ties", density=0.2, mixup_alpha=MIXUP_ALPHA),
-}
 
 
 # ----------------------------------------------------------------------------- machine

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .tensor_args import pointer_and_code
 from ..kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
 
 try:
@@ -52,15 +53,7 @@ def simd_levels() -> list:
 
 
 def _tensor(t: torch.Tensor, what: str, numel: int) -> tuple[int, int]:
-    if t.device.type != "cpu":
-        raise ValueError(f"{what} is on {t.device}; the cpu backend needs CPU tensors")
-    if t.dtype not in DTYPE_CODES:
-        raise ValueError(f"{what} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-    if not t.is_contiguous():
-        raise ValueError(f"{what} must be contiguous")
-    if t.numel() != numel:
-        raise ValueError(f"{what} has {t.numel()} elements, expected {numel}")
-    return t.data_ptr(), DTYPE_CODES[t.dtype]
+    return pointer_and_code(t, what, numel, "cpu", "cpu")
 
 
 def _inputs(p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor]):

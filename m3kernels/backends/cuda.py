@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .tensor_args import pointer_and_code
 from ..kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
 
 try:
@@ -88,17 +89,7 @@ def _ext():
 
 
 def _tensor(t: torch.Tensor, what: str, numel: int, device_type: str) -> tuple[int, int]:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != device_type:
-        raise ValueError(f"{what} is on {t.device}; the cuda backend needs {device_type} tensors")
-    if t.dtype not in DTYPE_CODES:
-        raise ValueError(f"{what} has dtype {t.dtype}; supported: float32, bfloat16, float16")
-    if not t.is_contiguous():
-        raise ValueError(f"{what} must be contiguous")
-    if t.numel() != numel:
-        raise ValueError(f"{what} has {t.numel()} elements, expected {numel}")
-    return t.data_ptr(), DTYPE_CODES[t.dtype]
+    return pointer_and_code(t, what, numel, device_type, "cuda")
 
 
 def kernel_args(p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
