@@ -476,13 +476,23 @@ def test_float16_and_bfloat16_rounding_match_torch(gen, restore_threads_and_simd
         assert_same_bits(out, h.to(F32) + 0.0, f"{level} fp16 -> f32")
 
 
-def test_bf16_nan_keeps_its_sign():
-    x = torch.tensor([float("nan"), -float("nan"), 1.0], dtype=F32)
-    x[1] = -x[1].abs()
-    out = poisoned((3,), BF16)
-    m3kernels.merge_tensors(None, [x], method="linear", backend="cpu", out=out)
-    bits = out.view(torch.int16).to(torch.int64) & 0xFFFF
-    assert bits.tolist()[:2] == [0x7FC0, 0xFFC0]
+def test_nan_outputs_are_the_canonical_quiet_nan(restore_threads_and_simd):
+    """Whatever NaN the arithmetic propagates (sign, payload), the output is 0x7FC0.. (KERNEL.md)."""
+    x = torch.tensor([float("nan"), 1.0, 2.0, 3.0], dtype=F32)
+    x[0] = -x[0].abs()                                                    # negative NaN in
+    payload = torch.tensor([0x7FA12345], dtype=torch.int32).view(F32)     # signalling NaN with payload
+    y = torch.tensor([1.0, float("inf"), 2.0, 3.0], dtype=F32)
+    y[2] = payload[0]
+    expect = {BF16: (torch.int16, 0x7FC0, 0xFFFF), F16: (torch.int16, 0x7E00, 0xFFFF),
+              F32: (torch.int32, 0x7FC00000, 0xFFFFFFFF)}
+    for dt, (view, canon, mask) in expect.items():
+        for level in _C.simd_levels():
+            _C.set_simd_level(level)
+            out = poisoned((4,), dt)
+            # element 1: inf - inf in the mean is an invalid operation (x86's default NaN is negative)
+            m3kernels.merge_tensors(None, [x, y, -y], method="linear", backend="cpu", out=out)
+            bits = [int(v) & mask for v in out.view(view).tolist()]
+            assert bits[:3] == [canon] * 3, (dt, level, [hex(b) for b in bits])
 
 
 # ----------------------------------------------------------------------------- memory

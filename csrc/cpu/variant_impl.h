@@ -222,7 +222,8 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         }
         m = t.normalize ? vsel(den != vf{}, num / den, vf{}) : num;
     }
-    const vf y = b + vsplat(t.lam) * m;
+    const vf y0 = b + vsplat(t.lam) * m;
+    const vf y = vsel(y0 != y0, vsplat(__builtin_nanf("")), y0);  // one canonical NaN (KERNEL.md)
     if (PARTIAL)
         store_vec_partial(out, out_dtype, g, rem, y);
     else

@@ -120,7 +120,10 @@ M3K_HD void load_chunk(const void* p, int dt, int64_t j0, int64_t numel, bool ve
 
 // Write chunk [j0, j0 + EPT) of y (float32) to p in dtype dt, RNE cast, only inside numel.
 template <int EPT>
-M3K_HD void store_chunk(void* p, int dt, int64_t j0, int64_t numel, bool vec, const float (&y)[EPT]) {
+M3K_HD void store_chunk(void* p, int dt, int64_t j0, int64_t numel, bool vec, const float (&y_in)[EPT]) {
+  float y[EPT];  // every NaN becomes the canonical quiet NaN 0x7FC00000 (KERNEL.md)
+#pragma unroll
+  for (int k = 0; k < EPT; ++k) y[k] = y_in[k] != y_in[k] ? u2f(0x7fc00000u) : y_in[k];
   if (dt == kF32) {
     if (vec) {
       uint32_t w[EPT];

@@ -80,7 +80,8 @@ M3K_HD float f16_bits_to_f32(uint32_t h) {
   return __half2float(__half(r));
 }
 
-// float32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 with the sign kept (KERNEL.md).
+// float32 -> bf16 bits, round to nearest even; NaN -> 0x7FC0 with the sign kept (the store
+// canonicalises NaN first, so the output is always 0x7FC0; KERNEL.md).
 // Equal to __float2bfloat16_rn for every non-NaN input; written on the bits so that the
 // host emulation and every GPU generation give the same NaN pattern.
 M3K_HD uint32_t f32_to_bf16_bits(float y) {
@@ -91,6 +92,7 @@ M3K_HD uint32_t f32_to_bf16_bits(float y) {
 
 // float32 -> fp16 bits, IEEE round to nearest even (overflow to inf, gradual underflow).
 M3K_HD uint32_t f32_to_f16_bits(float y) {
+  if (y != y) return 0x7e00u;  // canonical quiet NaN (__float2half_rn would give 0x7FFF)
   const __half h = __float2half_rn(y);
   return static_cast<__half_raw>(h).x;
 }

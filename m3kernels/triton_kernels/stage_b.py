@@ -43,7 +43,9 @@ def to_f16_bits(y):
 
 @triton.jit
 def store_output(out_ptr, offs, mask, y, OUT_KIND: tl.constexpr):
-    """Write y (float32) as the output dtype."""
+    """Write y (float32) as the output dtype; every NaN as the canonical quiet NaN (KERNEL.md)."""
+    canon = tl.full(y.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)
+    y = tl.where(y != y, canon, y)
     if OUT_KIND == OUT_BF16:
         tl.store(out_ptr + offs, to_bf16_bits(y).to(tl.bfloat16, bitcast=True), mask=mask)
     elif OUT_KIND == OUT_F16:
