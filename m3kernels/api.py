@@ -73,10 +73,14 @@ def thresholds_to_bits(thresholds: Sequence[Optional[float]]) -> np.ndarray:
     for t in thresholds:
         if t is None:
             bits.append(TRIM_KEEP_ALL)
-        elif math.isinf(t) and t > 0:
+            continue
+        t = float(t)
+        if math.isnan(t) or t < 0:
+            raise ValueError(f"thresholds must be >= 0 (or None, or inf to keep nothing), got {t}")
+        if math.isinf(t):
             bits.append(TRIM_KEEP_NONE)
         else:
-            bits.append(int(np.array([abs(t)], dtype=np.float32).view(np.uint32)[0]))
+            bits.append(int(np.array([t], dtype=np.float32).view(np.uint32)[0]))
     return np.asarray(bits, dtype=np.uint64)
 
 
@@ -114,8 +118,12 @@ def merge_tensors(base, models, *, method, weights=None, density=None, drop_rate
                          density=density, drop_rate=drop_rate, normalize=normalize,
                          rescale=rescale, lambda_=lambda_, mix_ratios=mix_ratios,
                          mixup_alpha=mixup_alpha, seed=seed)
-    if thresholds is not None and len(thresholds) != recipe.n:
-        raise ValueError(f"thresholds: expected {recipe.n} values, got {len(thresholds)}")
+    if thresholds is not None:
+        if recipe.trim_density is None:
+            raise ValueError(f"thresholds: method {recipe.method!r} has no magnitude trim")
+        if len(thresholds) != recipe.n:
+            raise ValueError(f"thresholds: expected {recipe.n} values, got {len(thresholds)}")
+        thresholds_to_bits(thresholds)  # validates the values
     if not isinstance(name, str):
         raise ValueError(f"name must be a string, got {type(name).__name__}")
     be = get_backend(backend, models[0].device)

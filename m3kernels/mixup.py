@@ -9,6 +9,7 @@ which the newer ``Generator`` API does not promise.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ def draw_mix_ratios(alpha: float, n: int, seed: int = 0) -> tuple[float, ...]:
     n = 1 gives (1.0,); n = 2 gives (λ, 1 − λ) with λ ~ Beta(α, α); n > 2 gives a
     Dirichlet(α, ..., α) draw.
     """
-    alpha = float(alpha)
+    alpha = as_number(alpha, "mixup_alpha")
     if not alpha > 0 or math.isinf(alpha):
         raise ValueError(f"mixup_alpha must be a finite number > 0, got {alpha}")
     n = int(n)
@@ -40,14 +41,14 @@ def draw_mix_ratios(alpha: float, n: int, seed: int = 0) -> tuple[float, ...]:
 
 def normalize_mix_ratios(mix_ratios, n: int) -> tuple[float, ...]:
     """Validate user-given ratios; a scalar λ for two models means (λ, 1 − λ)."""
-    if isinstance(mix_ratios, (int, float)):
+    if is_scalar(mix_ratios) or isinstance(mix_ratios, bool):
         if n != 2:
             raise ValueError(f"mix_ratios: a scalar λ needs exactly 2 models, got {n}")
-        lam = float(mix_ratios)
+        lam = as_number(mix_ratios, "mix_ratios")
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"mix_ratios: λ must be in [0, 1], got {lam}")
         return (lam, 1.0 - lam)
-    ratios = tuple(float(x) for x in mix_ratios)
+    ratios = as_per_model(mix_ratios, n, "mix_ratios")
     if len(ratios) != n:
         raise ValueError(f"mix_ratios: expected {n} values (one per model), got {len(ratios)}")
     for r in ratios:
@@ -67,16 +68,35 @@ def resolve_mix_ratios(n: int, mix_ratios=None, mixup_alpha=None, seed: int = 0)
     return (1.0,) * n
 
 
+def as_number(value, arg: str) -> float:
+    """A real number (Python, NumPy or 0-d tensor scalar) as a float; anything else: ValueError."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        raise ValueError(f"{arg} must be a number, got {value!r}")
+    if hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise ValueError(f"{arg} must be a number, got {type(value).__name__}")
+
+
+def is_scalar(value) -> bool:
+    return isinstance(value, numbers.Real) or (hasattr(value, "ndim") and getattr(value, "ndim") == 0)
+
+
 def as_per_model(value, n: int, arg: str) -> tuple[float, ...] | None:
     """A scalar or one value per model -> tuple of n floats (None stays None)."""
     if value is None:
         return None
-    if isinstance(value, (int, float)):
-        return (float(value),) * n
-    vals = tuple(float(v) for v in value)
+    if is_scalar(value):
+        return (as_number(value, arg),) * n
+    try:
+        items = list(value.tolist() if hasattr(value, "tolist") else value)
+    except TypeError:
+        raise ValueError(f"{arg} must be a number or one number per model, got {value!r}") from None
+    vals = tuple(as_number(v, arg) for v in items)
     if len(vals) != n:
         raise ValueError(f"{arg}: expected a scalar or {n} values (one per model), got {len(vals)}")
     return vals
 
 
-__all__ = ["draw_mix_ratios", "normalize_mix_ratios", "resolve_mix_ratios", "as_per_model"]
+__all__ = ["draw_mix_ratios", "normalize_mix_ratios", "resolve_mix_ratios", "as_per_model", "as_number"]

@@ -9,10 +9,12 @@ keyword arguments of :func:`m3kernels.merge_tensors` (or a config file) into one
 from __future__ import annotations
 
 import math
+
+import numpy as np
 from dataclasses import dataclass
 from typing import Optional
 
-from .mixup import as_per_model, resolve_mix_ratios
+from .mixup import as_number, as_per_model, resolve_mix_ratios
 
 # combine rules
 SUM, MEAN, TIES = "sum", "mean", "ties"
@@ -66,6 +68,14 @@ class Recipe:
         return tuple(r * w for r, w in zip(self.mix_ratios, self.weights))
 
 
+def _check_f32(x: float, arg: str) -> float:
+    """x must be finite and, as the kernels use it, a finite float32 that is 0 only if x is."""
+    x32 = float(np.float32(x)) if math.isfinite(x) and abs(x) < 3.4e38 else math.inf
+    if not math.isfinite(x32) or (x32 == 0.0 and x != 0.0):
+        raise ValueError(f"{arg} must be finite and within float32 range (about 1e-38 to 3e38), got {x}")
+    return float(x)
+
+
 def _check_density(vals, arg):
     for v in vals:
         if not (0.0 <= v <= 1.0) or math.isnan(v):
@@ -114,12 +124,11 @@ def make_recipe(
 
     w = as_per_model(weights, n, "weights") or (1.0,) * n
     for x in w:
-        if not math.isfinite(x):
-            raise ValueError(f"weights must be finite, got {w}")
-    lam = float(lambda_)
-    if not math.isfinite(lam):
-        raise ValueError(f"lambda_ must be finite, got {lambda_}")
-    ratios = resolve_mix_ratios(n, mix_ratios, mixup_alpha, seed % 2**32)
+        _check_f32(x, "weights")
+    lam = _check_f32(as_number(lambda_, "lambda_"), "lambda_")
+    if mixup_alpha is not None and seed >= 2**32:
+        raise ValueError(f"seed must be below 2**32 when mixup_alpha draws the M³ ratios, got {seed}")
+    ratios = resolve_mix_ratios(n, mix_ratios, mixup_alpha, seed)
 
     dens = as_per_model(density, n, "density")
     drops = as_per_model(drop_rate, n, "drop_rate")
@@ -162,7 +171,7 @@ def make_recipe(
     elif combine == SUM and norm:
         combine = MEAN
     coefs = [r * x for r, x in zip(ratios, w)]
-    if combine == MEAN and sum(coefs) == 0:
+    if combine == MEAN and (sum(coefs) == 0 or float(np.float32(sum(coefs))) == 0):
         raise ValueError("weights: the weights (times the M³ ratios) sum to zero; cannot normalize")
 
     return Recipe(

@@ -48,12 +48,21 @@ def sparsified_deltas(base, models, recipe: Recipe, name: str = ""):
             else:  # l1: Σ|δ| / Σ|kept δ|
                 # sums of the float32 deltas' magnitudes, in float64 (docs/KERNEL.md)
                 total = float(d32[i].abs().to(F64).sum())
-                kept = float((d32[i].abs().to(F64) * keep).sum())
+                kept = float(torch.where(keep, d32[i].abs().to(F64), 0.0).sum())
                 s64 = total / kept if kept > 0 else 1.0
             d32[i] = torch.where(keep, d32[i] * _f32(s64), torch.zeros((), dtype=F32))
             d64[i] = torch.where(keep, d64[i] * s64, torch.zeros((), dtype=F64))
             masks[i] = keep
     return d32, d64, masks
+
+
+def trim_keep(d32: torch.Tensor, t: float) -> torch.Tensor:
+    """|δ| >= t compared as float32 bit patterns, as the kernels do (so NaN deltas are kept);
+    t = +inf keeps nothing."""
+    if math.isinf(t):
+        return torch.zeros(d32.shape, dtype=torch.bool)
+    t_bits = int(torch.tensor([t], dtype=F32).view(torch.int32)) & 0x7FFFFFFF
+    return (d32.view(torch.int32).to(torch.int64) & 0x7FFFFFFF) >= t_bits
 
 
 def trim_k_values(recipe: Recipe, numel: int) -> list[Optional[int]]:
@@ -84,7 +93,7 @@ def reference_merge(base, models, recipe: Recipe, name: str = "",
         thresholds = reference_thresholds(base, models, recipe, name)
     for i, t in enumerate(thresholds):
         if t is not None:
-            keep = d32[i].abs() >= t
+            keep = trim_keep(d32[i], t)
             d32[i] = torch.where(keep, d32[i], torch.zeros((), dtype=F32))
             d64[i] = torch.where(keep, d64[i], torch.zeros((), dtype=F64))
     coefs = recipe.coefs

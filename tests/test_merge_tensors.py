@@ -144,3 +144,23 @@ def test_out_argument_and_empty():
     buf = torch.full((10,), float("nan"), dtype=F32)
     res = m3kernels.merge_tensors(None, [x, x], method="linear", out=buf, backend="cpu")
     assert res is buf and torch.equal(buf, torch.ones(10))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_deltas_follow_the_kernel_contract(backend, gen):
+    """NaN deltas pass the trim (bit-pattern compare, KERNEL.md); an inf delta dropped by DARE does
+    not spoil the L1 sums; kernel and reference agree on where NaN/inf appear."""
+    base = torch.zeros(64)
+    y = torch.randn(64, generator=gen)
+    y[3] = float("nan")
+    z = torch.randn(64, generator=gen)
+    for kw in (dict(method="ties", density=1.0), dict(method="ties", density=0.5),
+               dict(method="ties_dare", drop_rate=0.3, density=0.5)):
+        out = m3kernels.merge_tensors(base, [y, z], backend=backend, **kw)
+        ref = reference_merge(base, [y, z], make_recipe(2, has_base=True, **kw), "")[0]
+        assert torch.equal(torch.isnan(out), torch.isnan(ref)), kw
+    w = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, float("inf")])
+    kw = dict(method="dare_linear", density=0.5, rescale="l1", seed=1)
+    out = m3kernels.merge_tensors(torch.zeros(8), [w], backend=backend, **kw)
+    ref = reference_merge(torch.zeros(8), [w], make_recipe(1, has_base=True, **kw), "")[0]
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)) and torch.equal(torch.isnan(out), torch.isnan(ref))

@@ -47,6 +47,17 @@ def call(**kw):
     (dict(rescale="l1"), "rescale"),
     (dict(seed=-1), "seed"),
     (dict(backend="tpu"), "backend"),
+    (dict(thresholds=[-0.25, None]), "thresholds"),
+    (dict(thresholds=[float("nan"), None]), "thresholds"),
+    (dict(method="task_arithmetic", thresholds=[3.0, 3.0]), "thresholds"),
+    (dict(method="task_arithmetic", lambda_=1e39), "lambda_"),
+    (dict(method="task_arithmetic", lambda_=None), "lambda_"),
+    (dict(method="linear", weights=[1e-46, 1e-46]), "weights"),
+    (dict(weights=[1e39, 1.0]), "weights"),
+    (dict(mixup_alpha=0.4, seed=2**32 + 5), "seed"),
+    (dict(mix_ratios=True), "mix_ratios"),
+    (dict(density="0.2"), "density"),
+    (dict(weights=object()), "weights"),
 ])
 def test_bad_arguments_raise_value_error_naming_the_argument(kw, arg):
     with pytest.raises(ValueError, match=arg):
@@ -79,3 +90,18 @@ def test_mix_ratios_reproducible_and_distributed():
     draws = np.array([draw_mix_ratios(0.5, 2, s)[0] for s in range(2000)])
     assert abs(draws.mean() - 0.5) < 0.03 and abs(draws.var() - 0.125) < 0.015  # Beta(.5,.5): var 1/8
     assert sum(draw_mix_ratios(0.3, 5, 2)) == pytest.approx(1.0)
+
+
+def test_numpy_and_tensor_scalars_are_accepted_as_numbers():
+    a = call(density=np.float32(0.5), weights=torch.tensor(0.5), lambda_=np.float64(0.9))
+    b = call(density=0.5, weights=0.5, lambda_=0.9)
+    assert torch.equal(a, b)
+    c = call(weights=np.array([0.3, 0.7]), density=torch.tensor([0.2, 0.4]))
+    assert torch.equal(c, call(weights=[0.3, 0.7], density=[0.2, 0.4]))
+
+
+def test_tiny_mixup_ratios_are_not_an_error():
+    """Dirichlet draws with a small alpha can fall below float32's range: still a valid merge."""
+    x = torch.randn(16)
+    out = m3kernels.merge_tensors(None, [x, x, x], method="linear", mix_ratios=[1e-50, 0.5, 0.5], backend="cpu")
+    assert torch.allclose(out, x)
