@@ -233,10 +233,12 @@ def _embedding_of(ckpt: Checkpoint, cols: Optional[int]) -> Optional[str]:
 
 
 def _source(ckpt: Checkpoint, name: str, head_cols: Optional[int]) -> tuple[Optional[Source], bool]:
-    """(source, stood_in): the tensor itself, or for a missing head the tied embedding."""
+    """(source, stood_in): the tensor itself, or for a missing head the tied embedding (unless the
+    model's config.json says ``tie_word_embeddings: false``: then the head is simply missing)."""
     if name in ckpt:
         return Source(ckpt, name, ckpt.meta(name)), False
-    if vocab_role(name) == "head":
+    declared_untied = isinstance(ckpt.config, dict) and ckpt.config.get("tie_word_embeddings") is False
+    if vocab_role(name) == "head" and not declared_untied:
         emb = _embedding_of(ckpt, head_cols)
         if emb is not None:
             return Source(ckpt, emb, ckpt.meta(emb)), True
@@ -296,20 +298,22 @@ def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_s
             if stood:
                 stand_ins.append(f"{ck.label} uses {s.name}")
         src0 = found[0]
-        if src0 is None or not src0.meta.dtype.is_floating_point:
-            if src0 is None:
-                raise _missing_error(name, inputs, found)
-            planned.append(PlannedTensor(name, COPY, src0.meta.shape, src0.meta.dtype, None, [src0]))
-            continue
         if any(s is None for s in found):
             raise _missing_error(name, inputs, found)
-        if stand_ins:
-            notes.append(f"{name}: tied head, {'; '.join(stand_ins)}")
-        if src0.meta.dtype not in MERGEABLE:
-            notes.append(f"{name}: dtype {torch_dtype_name(src0.meta.dtype)} cannot be merged; copied from "
-                         f"{src0.ckpt.label}")
+        if not src0.meta.dtype.is_floating_point or src0.meta.dtype not in MERGEABLE:
+            # copied from the base (or first model) unchanged, but it must exist alike everywhere
+            if len({s.meta.shape for s in found}) > 1:
+                odd = next(s for s in found if s.meta.shape != src0.meta.shape)
+                raise TensorMismatchError(
+                    f"tensor {name!r} has different shapes: " + "; ".join(s.describe() for s in found),
+                    tensor=name, path=str(odd.ckpt.path))
+            if src0.meta.dtype.is_floating_point:
+                notes.append(f"{name}: dtype {torch_dtype_name(src0.meta.dtype)} cannot be merged; copied "
+                             f"from {src0.ckpt.label}")
             planned.append(PlannedTensor(name, COPY, src0.meta.shape, src0.meta.dtype, None, [src0]))
             continue
+        if stand_ins:
+            notes.append(f"{name}: tied head, {'; '.join(stand_ins)}")
         for s in found:
             if s.meta.dtype not in MERGEABLE:
                 raise TensorMismatchError(

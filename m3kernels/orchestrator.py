@@ -524,6 +524,7 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
 
         writer = ShardedWriter(tmp, plan.shards, header_metadata(record), journal, skip=done,
                                on_written=written, after_shard=_crash_hook())
+        stream = None
         try:
             if device.type == "cpu":
                 stream = produce_cpu(plan, todo, backend, thresholds)
@@ -533,6 +534,8 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
                 writer.put(pt, out, after)
             writer.close()
         except BaseException:
+            if stream is not None:
+                stream.close()  # runs the producer's cleanup: its read-ahead thread stops now
             writer.abort()
             raise
         finally:

@@ -199,6 +199,7 @@ class SafetensorsFile:
         self._file = None
         self._map: Optional[mmap.mmap] = None
         self._lock = threading.Lock()   # the read-ahead thread may map the file first
+        self._closed = False            # after close(), read-ahead is a no-op (never re-opens)
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -206,6 +207,8 @@ class SafetensorsFile:
 
     def _mapping(self) -> mmap.mmap:
         with self._lock:
+            if self._closed:
+                raise CheckpointError(f"{self.path}: read after the file was closed", path=str(self.path))
             if self._map is None:
                 f = open(self.path, "rb")
                 size = os.fstat(f.fileno()).st_size
@@ -246,6 +249,8 @@ class SafetensorsFile:
     def prefetch(self, name: str) -> None:
         """Ask the OS to start reading tensor ``name`` (MADV_WILLNEED; returns at once)."""
         info = self.header.tensors[name]
+        if self._closed:
+            return  # a merge that failed or finished: nothing left to read ahead for
         self._mapping()
         self._advise(mmap.MADV_WILLNEED, info.begin, info.end)
 
@@ -257,6 +262,7 @@ class SafetensorsFile:
     def close(self) -> None:
         """Unmap (if no tensor view is alive any more; otherwise the map goes with the last view)."""
         with self._lock:
+            self._closed = True
             self._close()
 
     def _close(self) -> None:

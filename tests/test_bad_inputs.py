@@ -183,6 +183,36 @@ def test_mismatched_shapes(models, tmp_path, capsys):
                       "[8, 12]", "model 1", "base")
 
 
+def _rewrite(models, key, edit, **kw):
+    tensors = dict(models["tensors"])
+    edit(tensors)
+    shutil.rmtree(models[key])
+    write_checkpoint(models[key], tensors, shards=2, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
+def test_copied_tensors_are_still_checked_for_presence_and_shape(models, tmp_path, capsys, dtype):
+    """Int buffers (and float64 ones we only copy) must exist alike in every model (SPEC §4)."""
+    buf = "model.rotary_emb.buf"
+    for key, n in (("base", 5), ("ft1", 7), ("ft2", 5)):
+        _rewrite(models, key, lambda t, n=n: t.__setitem__(buf, torch.arange(n).to(dtype)))
+    status, err = merge(capsys, models, tmp_path / "out")
+    assert_user_error(status, err, buf, "different shapes", "model 1")
+    _rewrite(models, "ft1", lambda t: t.pop(buf, None))
+    status, err = merge(capsys, models, tmp_path / "out")
+    assert_user_error(status, err, buf, "missing", "model 1")
+
+
+def test_missing_head_of_an_untied_model_is_an_error(models, tmp_path, capsys):
+    """A model whose config says tie_word_embeddings: false may not borrow its embedding as a head."""
+    head = "lm_head.weight"
+    if head not in models["tensors"]:
+        pytest.skip("factory models have no separate head")
+    _rewrite(models, "ft1", lambda t: t.pop(head), config={"tie_word_embeddings": False})
+    status, err = merge(capsys, models, tmp_path / "out")
+    assert_user_error(status, err, head, "missing", "model 1")
+
+
 def test_vocab_rule_needs_equal_columns(models, tmp_path, capsys):
     tensors = dict(models["tensors"])
     tensors["lm_head.weight"] = torch.zeros(30, 9, dtype=torch.bfloat16)
