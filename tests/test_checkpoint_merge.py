@@ -332,16 +332,21 @@ def test_untied_base_with_tied_model_uses_its_embedding(tmp_path):
     assert same_bits(got, exp)
 
 
-def test_resume_after_crash_reuses_finished_shards(family, tmp_path):
-    cfg = method_configs(family)["dare_ties"]
+def crash_after_first_shard(family, tmp_path, method):
+    """Run the CLI merge of ``method`` in a subprocess killed (SIGKILL) after its first shard."""
     cfg_path = tmp_path / "merge.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
+    cfg_path.write_text(yaml.safe_dump(method_configs(family)[method]))
     out = tmp_path / "out"
     env = {**os.environ, "M3KERNELS_TEST_CRASH_AFTER_SHARDS": "1"}
     cmd = [sys.executable, "-m", "m3kernels", "merge", str(cfg_path), str(out), "--device", "cpu",
            "--out-shard-size", "3000", "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
+    return cfg_path, out
+
+
+def test_resume_after_crash_reuses_finished_shards(family, tmp_path):
+    cfg_path, out = crash_after_first_shard(family, tmp_path, "dare_ties")
     assert not out.exists()
     (tmp,) = tmp_path.glob(".out.m3k-tmp-*")
     (first_shard,) = [p for p in tmp.glob("model-00001-of-*.safetensors")]
@@ -361,14 +366,7 @@ def test_resume_after_crash_reuses_finished_shards(family, tmp_path):
 
 
 def test_resume_rewrites_a_finished_shard_changed_after_the_crash(family, tmp_path):
-    cfg = method_configs(family)["ties"]
-    cfg_path = tmp_path / "merge.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "out"
-    env = {**os.environ, "M3KERNELS_TEST_CRASH_AFTER_SHARDS": "1"}
-    cmd = [sys.executable, "-m", "m3kernels", "merge", str(cfg_path), str(out), "--device", "cpu",
-           "--out-shard-size", "3000", "--quiet"]
-    assert subprocess.run(cmd, env=env, capture_output=True, cwd=ROOT).returncode == -signal.SIGKILL
+    cfg_path, out = crash_after_first_shard(family, tmp_path, "ties")
     (tmp,) = tmp_path.glob(".out.m3k-tmp-*")
     (first_shard,) = tmp.glob("model-00001-of-*.safetensors")
     good = first_shard.read_bytes()
