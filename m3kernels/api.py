@@ -86,14 +86,15 @@ def thresholds_to_bits(thresholds: Sequence[Optional[float]]) -> np.ndarray:
 
 def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
     """Stage A for one tensor: kernel params with the L1 scale and trim thresholds filled in."""
+    trim_bits = thresholds_to_bits(thresholds) if thresholds is not None else None  # validates first
     p = make_params(recipe, name, base is not None)
     b = base if p.has_base else None
     if recipe.rescale == "l1":
         total, kept = backend.l1_sums(p, b, models)
         p = p.with_dare_scale([f32(t / k) if k > 0 else 1.0 for t, k in zip(total, kept)])
     if recipe.trim_density is not None:
-        if thresholds is not None:
-            p = p.with_trim(thresholds_to_bits(thresholds))
+        if trim_bits is not None:
+            p = p.with_trim(trim_bits)
         else:
             numel = models[0].numel()
             ks = [trim_k(d, numel) for d in recipe.trim_density]
@@ -123,7 +124,6 @@ def merge_tensors(base, models, *, method, weights=None, density=None, drop_rate
             raise ValueError(f"thresholds: method {recipe.method!r} has no magnitude trim")
         if len(thresholds) != recipe.n:
             raise ValueError(f"thresholds: expected {recipe.n} values, got {len(thresholds)}")
-        thresholds_to_bits(thresholds)  # validates the values
     if not isinstance(name, str):
         raise ValueError(f"name must be a string, got {type(name).__name__}")
     be = get_backend(backend, models[0].device)

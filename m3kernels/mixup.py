@@ -41,7 +41,7 @@ def draw_mix_ratios(alpha: float, n: int, seed: int = 0) -> tuple[float, ...]:
 
 def normalize_mix_ratios(mix_ratios, n: int) -> tuple[float, ...]:
     """Validate user-given ratios; a scalar λ for two models means (λ, 1 − λ)."""
-    if is_scalar(mix_ratios) or isinstance(mix_ratios, bool):
+    if is_scalar(mix_ratios):  # bool counts as a scalar here, and as_number rejects it
         if n != 2:
             raise ValueError(f"mix_ratios: a scalar λ needs exactly 2 models, got {n}")
         lam = as_number(mix_ratios, "mix_ratios")

@@ -146,6 +146,15 @@ static void block_philox(const TensorArgs& a, const ModelPlan* plans, int64_t st
 
 // ---------------------------------------------------------------- the per-element pipeline
 
+// The model's Philox words for block positions [k, k + W) (lanes past rem are 0 when PARTIAL).
+template <bool PARTIAL>
+M3K_INLINE vu dare_words(const ModelIn& m, int64_t k, int rem) {
+    if (!PARTIAL) return load_u32(m.u + k);
+    vu uu = vu{};
+    for (int l = 0; l < rem; ++l) uu[l] = m.u[k + l];
+    return uu;
+}
+
 // d_i = f32(x_i) - b, the DARE drop and rescale, and the magnitude trim (m.trim = 0 in stage A)
 // for elements [g, g + W) of the tensor; k is g's position in the block (Philox words).
 template <bool PARTIAL, int DT = -1>
@@ -154,16 +163,7 @@ M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b)
     const int dtype = DT >= 0 ? DT : m.dtype;
     const vf x = PARTIAL ? load_vec_partial(m.src, dtype, g, rem) : load_vec(m.src, dtype, g);
     vf d = x - b;
-    if (m.dare == 1) {
-        vu uu;
-        if (PARTIAL) {
-            uu = vu{};
-            for (int l = 0; l < rem; ++l) uu[l] = m.u[k + l];
-        } else {
-            uu = load_u32(m.u + k);
-        }
-        d = vsel(uu <= m.dare_le, d * vsplat(m.dare_scale), vf{});
-    }
+    if (m.dare == 1) d = vsel(dare_words<PARTIAL>(m, k, rem) <= m.dare_le, d * vsplat(m.dare_scale), vf{});
     if (m.trim == 1) d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
     return d;
 }
@@ -445,14 +445,7 @@ M3K_INLINE void l1_vec(const TensorIn& t, const ModelIn& m, int64_t g, int64_t k
     const vf ad = vabs(x - b);
     vf kd = ad;
     if (m.dare == 1) {
-        vu uu;
-        if (PARTIAL) {
-            uu = vu{};
-            for (int l = 0; l < rem; ++l) uu[l] = m.u[k + l];
-        } else {
-            uu = load_u32(m.u + k);
-        }
-        kd = vsel(uu <= m.dare_le, ad, vf{});
+        kd = vsel(dare_words<PARTIAL>(m, k, rem) <= m.dare_le, ad, vf{});
     } else if (m.dare == 2) {
         kd = vf{};
     }
