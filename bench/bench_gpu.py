@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE))
 import m3kernels  # noqa: E402
 from m3kernels.api import prepare  # noqa: E402
 from m3kernels.backends import available_backends, get_backend  # noqa: E402
-from m3kernels.recipe import make_recipe  # noqa: E402
+from m3kernels.merge.recipe import make_recipe  # noqa: E402
 from bench_cases import METHODS  # noqa: E402
 
 METHOD_KWARGS = {k: v for k, v in METHODS.items() if k != "ties_m3"}

@@ -35,8 +35,8 @@ sys.path.insert(0, str(HERE))
 
 from gen_models import llama2_13b, make_tensor, tensor_specs  # noqa: E402
 from m3kernels.backends import available_backends  # noqa: E402
-from m3kernels.job import MergeJob  # noqa: E402
-from m3kernels.recipe import make_recipe  # noqa: E402
+from m3kernels.checkpoint.job import MergeJob  # noqa: E402
+from m3kernels.merge.recipe import make_recipe  # noqa: E402
 
 TARGET_RATIO = 1.3
 LAYER_SHIFT = 64  # elements between the views of consecutive layers inside a pool buffer
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps({"skipped": msg, "sizes": sizes}, indent=2))
         return 0
-    from m3kernels.gpu_pipeline import gpu_merge_stream
+    from m3kernels.checkpoint.gpu_pipeline import gpu_merge_stream
 
     device = torch.device(args.device)
     recipe = make_recipe(args.n, method=args.method, has_base=True, seed=args.seed, **METHOD_KWARGS[args.method])

@@ -44,8 +44,8 @@ from eager_mergekit_style import eager_merge  # noqa: E402
 import m3kernels  # noqa: E402
 from m3kernels.api import prepare  # noqa: E402
 from m3kernels.backends import cpu as cpu_backend  # noqa: E402
-from m3kernels.mixup import draw_mix_ratios  # noqa: E402
-from m3kernels.recipe import make_recipe  # noqa: E402
+from m3kernels.merge.mixup import draw_mix_ratios  # noqa: E402
+from m3kernels.merge.recipe import make_recipe  # noqa: E402
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 SEED = 0

@@ -1,6 +1,6 @@
 """The tensor-level API: ``merge_tensors`` and its helpers, for this package and other tools.
 
-Validates the arguments, resolves the method preset (:mod:`m3kernels.recipe`), runs stage A
+Validates the arguments, resolves the method preset (:mod:`m3kernels.merge.recipe`), runs stage A
 (L1 sums and exact trim thresholds) and stage B on the chosen backend.
 """
 
@@ -12,10 +12,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .backends import get_backend
-from .kernel_params import DTYPE_CODES, TRIM_KEEP_ALL, TRIM_KEEP_NONE, f32, make_params, trim_k
-from .recipe import Recipe, make_recipe
-from .select import bits_to_float, select_thresholds
+from m3kernels.backends import get_backend
+from m3kernels.merge.kernel_params import DTYPE_CODES, TRIM_KEEP_ALL, TRIM_KEEP_NONE, f32, make_params, trim_k
+from m3kernels.merge.recipe import Recipe, make_recipe
+from m3kernels.merge.select import bits_to_float, select_thresholds
 
 SUPPORTED_DTYPES = tuple(DTYPE_CODES)
 

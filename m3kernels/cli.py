@@ -14,7 +14,7 @@ import sys
 import traceback
 from typing import Optional
 
-from .errors import EXIT_USER_ERROR
+from m3kernels.errors import EXIT_USER_ERROR
 
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 1
@@ -36,7 +36,7 @@ def parse_size(text: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .orchestrator import DEFAULT_SHARD_SIZE
+    from m3kernels.checkpoint.run import DEFAULT_SHARD_SIZE
 
     p = argparse.ArgumentParser(prog="m3kernels", description="Merge fine-tuned LLM checkpoints with exact, "
                                 "fused kernels (TIES, DARE, task arithmetic, linear, M³ mixup).")
@@ -102,7 +102,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_merge(args) -> int:
-    from .orchestrator import merge_checkpoints
+    from m3kernels.checkpoint.run import merge_checkpoints
 
     result = merge_checkpoints(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
                                force=args.force, resume=args.resume, seed=args.seed,
@@ -120,8 +120,8 @@ def cmd_merge(args) -> int:
 
 def inspect_text(path, allow_bin: bool = False) -> str:
     """The ``inspect`` table for a checkpoint folder or file."""
-    from .checkpoint import Checkpoint
-    from .safetensors_io import torch_dtype_name
+    from m3kernels.checkpoint.source import Checkpoint
+    from m3kernels.checkpoint.safetensors_io import torch_dtype_name
 
     ck = Checkpoint(path, role="checkpoint", allow_bin=allow_bin)
     try:
@@ -168,13 +168,13 @@ def cmd_inspect(args) -> int:
 def backends_text() -> str:
     import torch
 
-    from .backends import available_backends
+    from m3kernels.backends import available_backends
 
     lines = []
     for name, state in available_backends().items():
         extra = ""
         if name == "cpu" and state == "available":
-            from .backends import cpu
+            from m3kernels.backends import cpu
 
             try:
                 extra = f" (kernel variant: {cpu.simd_level()})"
@@ -192,7 +192,7 @@ def cmd_backends(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from m3kernels.demo import run_demo
 
     report = run_demo(keep=args.keep, device=args.device)
     return 0 if report["ok"] else EXIT_INTERNAL
@@ -204,8 +204,8 @@ COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "backe
 
 def main(argv: Optional[list] = None) -> int:
     """Entry point of the ``m3kernels`` console script (returns the exit status)."""
-    from .config import MergeConfigError
-    from .errors import M3KError
+    from m3kernels.checkpoint.config import MergeConfigError
+    from m3kernels.errors import M3KError
 
     args = _build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)

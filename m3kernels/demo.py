@@ -4,7 +4,7 @@ Writes a small Llama-shaped base model and two fine-tunes (base + seeded noise) 
 safetensors checkpoints, merges them with :func:`m3kernels.merge_checkpoints` (TIES, density
 0.3, λ ~ Beta(0.5, 0.5) drawn once from the seed), then checks every output tensor against
 ``merge_tensors`` on the same inputs (must be bit-identical) and against the float64 oracle
-``m3kernels.reference`` (must be within one output ulp plus float32 rounding).
+``m3kernels.merge.reference`` (must be within one output ulp plus float32 rounding).
 """
 
 from __future__ import annotations
@@ -60,9 +60,9 @@ def run_demo(keep: Optional[str] = None, device: str = "auto", out: Callable = p
     """Run the demo, printing what happens with ``out``; returns a small report dict."""
     from safetensors.torch import load_file
 
-    from .api import merge_tensors
-    from .orchestrator import merge_checkpoints
-    from .reference import reference_merge_tensors
+    from m3kernels.api import merge_tensors
+    from m3kernels.checkpoint.run import merge_checkpoints
+    from m3kernels.merge.reference import reference_merge_tensors
 
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="m3kernels-demo-"))
     try:

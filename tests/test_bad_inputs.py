@@ -18,9 +18,10 @@ import pytest
 import torch
 from checkpoint_factory import fine_tune, llama_tensors, write_checkpoint
 
-from m3kernels import cli, writer
+from m3kernels import cli
+from m3kernels.checkpoint import writer
 from m3kernels.errors import CheckpointError
-from m3kernels.safetensors_io import read_header
+from m3kernels.checkpoint.safetensors_io import read_header
 
 SIZES = dict(vocab=29, hidden=8, intermediate=12, layers=2, heads=2, kv_heads=1)
 

@@ -27,12 +27,12 @@ from safetensors.torch import load_file
 import m3kernels
 from m3kernels import cli
 from m3kernels.api import merge_tensors
-from m3kernels.checkpoint import Checkpoint
-from m3kernels.config import load_config
-from m3kernels.merge_plan import count_layers
-from m3kernels.recipe import PRESETS, make_recipe
-from m3kernels.reference import reference_thresholds
-from m3kernels.safetensors_io import SafetensorsFile
+from m3kernels.checkpoint.source import Checkpoint
+from m3kernels.checkpoint.config import load_config
+from m3kernels.checkpoint.plan import count_layers
+from m3kernels.merge.recipe import PRESETS, make_recipe
+from m3kernels.merge.reference import reference_thresholds
+from m3kernels.checkpoint.safetensors_io import SafetensorsFile
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -438,7 +438,7 @@ def test_layer_count_from_config_and_names(family):
 def test_shard_file_writes_exact_bytes_across_staging_blocks(tmp_path, monkeypatch, no_direct):
     import hashlib
 
-    from m3kernels.writer import ShardFile
+    from m3kernels.checkpoint.writer import ShardFile
 
     monkeypatch.setenv("M3KERNELS_NO_DIRECT_IO", no_direct)
     g = torch.Generator().manual_seed(0)
@@ -489,7 +489,8 @@ def _cpu_stream(jobs, device="cuda", backend="auto", depth=2):
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_gpu_path_feeds_jobs_in_order_between_copies(family, tmp_path, monkeypatch, method):
-    from m3kernels import gpu_pipeline, orchestrator
+    from m3kernels.checkpoint import gpu_pipeline
+    from m3kernels.checkpoint import run as orchestrator
 
     cfg = method_configs(family)[method]
     monkeypatch.setattr(gpu_pipeline, "gpu_merge_stream", _cpu_stream)
@@ -500,7 +501,8 @@ def test_gpu_path_feeds_jobs_in_order_between_copies(family, tmp_path, monkeypat
 
 
 def test_gpu_path_assembles_vocabulary_rows(tmp_path, monkeypatch):
-    from m3kernels import gpu_pipeline, orchestrator
+    from m3kernels.checkpoint import gpu_pipeline
+    from m3kernels.checkpoint import run as orchestrator
 
     shapes = {"model.embed_tokens.weight": (10, 6), "model.norm.weight": (6,)}
     base = random_tensors(shapes, 1)
@@ -532,7 +534,7 @@ def test_cuda_merge_equals_cpu_merge(family, tmp_path, method):
 
 
 def test_resume_reuses_model_thresholds_from_the_journal(family, tmp_path, monkeypatch):
-    from m3kernels import orchestrator
+    from m3kernels.checkpoint import run as orchestrator
 
     cfg = {"merge_method": "ties", "base_model": family["base"], "trim_scope": "model", "seed": 8,
            "models": [{"model": family["ft1"], "parameters": {"density": 0.4}},

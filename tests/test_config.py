@@ -1,7 +1,7 @@
 """The mergekit-compatible YAML config: parsing, per-tensor parameter resolution, rejections.
 
 Expected per-layer values are computed here from mergekit's documented rule, independently of
-m3kernels.config: layer i of L sits at t = i / (L - 1) (t = 1 when L = 1), the input embeddings
+m3kernels.checkpoint.config: layer i of L sits at t = i / (L - 1) (t = 1 when L = 1), the input embeddings
 at t = 0, the final norm and lm_head at t = 1; a gradient's values are spread evenly over
 [0, 1] and interpolated linearly (numpy.interp); filters match substrings, first match wins.
 """
@@ -16,9 +16,9 @@ import pytest
 import torch
 import yaml
 
-from m3kernels.config import MergeConfig, MergeConfigError, load_config
-from m3kernels.recipe import DEFAULT_TRIM_DENSITY, PRESETS, make_recipe
-from m3kernels.reference import reference_merge
+from m3kernels.checkpoint.config import MergeConfig, MergeConfigError, load_config
+from m3kernels.merge.recipe import DEFAULT_TRIM_DENSITY, PRESETS, make_recipe
+from m3kernels.merge.reference import reference_merge
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "python" / "configs"
 EXAMPLES = sorted(CONFIG_DIR.glob("*.yaml"))
@@ -391,7 +391,7 @@ def test_extensions_seed_trim_scope_mixup():
     cfg = load_config(base_cfg(seed=2**40, trim_scope="model", mixup={"alpha": 2, "seed": 5}))
     assert cfg.seed == 2**40 and cfg.trim_scope == "model"
     assert cfg.mixup == {"alpha": 2.0, "seed": 5}
-    from m3kernels.mixup import draw_mix_ratios
+    from m3kernels.merge.mixup import draw_mix_ratios
     assert cfg.mix_ratios() == draw_mix_ratios(2.0, 2, 5)
     # the M³ seed defaults to the merge seed
     assert load_config(base_cfg(seed=9, mixup={"alpha": 1.5})).mixup == {"alpha": 1.5, "seed": 9}

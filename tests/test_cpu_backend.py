@@ -30,10 +30,10 @@ import torch
 import m3kernels
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
 from m3kernels.api import prepare
-from m3kernels.kernel_params import DTYPE_CODES, HIST_BINS, make_params
-from m3kernels.philox import dare_key, dare_keep_mask, dare_uniform_u32, philox4x32_10
-from m3kernels.recipe import make_recipe
-from m3kernels.reference import reference_merge, reference_thresholds, sparsified_deltas
+from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, make_params
+from m3kernels.merge.philox import dare_key, dare_keep_mask, dare_uniform_u32, philox4x32_10
+from m3kernels.merge.recipe import make_recipe
+from m3kernels.merge.reference import reference_merge, reference_thresholds, sparsified_deltas
 
 pytestmark = pytest.mark.skipif(not have_backend("cpu"), reason="m3kernels._C is not built")
 

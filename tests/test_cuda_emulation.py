@@ -18,9 +18,9 @@ from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
 
 import m3kernels
 from m3kernels.api import prepare, validate_inputs
-from m3kernels.kernel_params import make_params
-from m3kernels.recipe import make_recipe
-from m3kernels.reference import reference_merge, sparsified_deltas
+from m3kernels.merge.kernel_params import make_params
+from m3kernels.merge.recipe import make_recipe
+from m3kernels.merge.reference import reference_merge, sparsified_deltas
 
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
 
@@ -67,7 +67,7 @@ def _check(case, dtype_case, n, shape, gen, name="model.layers.0.mlp.down_proj.w
     ref, info = reference_merge(base, models, recipe, name)
     assert_close_ulp(out, ref, term_scale(base, models, recipe), what)
     if recipe.trim_density is not None:
-        got = [m3kernels.select.bits_to_float(int(x)) for x in p.trim_min]
+        got = [m3kernels.merge.select.bits_to_float(int(x)) for x in p.trim_min]
         assert got == info["thresholds"], (what, got, info["thresholds"])
     if have_backend("cpu"):
         cpu = torch.full(shape, float("nan"), dtype=out_dt)

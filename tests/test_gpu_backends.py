@@ -23,12 +23,12 @@ import torch
 from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
 
 import m3kernels
-from m3kernels import gpu_pipeline
+from m3kernels.checkpoint import gpu_pipeline
 from m3kernels.backends import available_backends
-from m3kernels.gpu_pipeline import gpu_merge_stream
-from m3kernels.job import MergeJob
-from m3kernels.recipe import make_recipe
-from m3kernels.reference import reference_merge
+from m3kernels.checkpoint.gpu_pipeline import gpu_merge_stream
+from m3kernels.checkpoint.job import MergeJob
+from m3kernels.merge.recipe import make_recipe
+from m3kernels.merge.reference import reference_merge
 
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
 
@@ -144,7 +144,7 @@ def test_cuda_stage_a_equals_host_emulation(gen):
     """Device histograms (shared-memory pass 1, global pass 2) and L1 partials == the host emulation."""
     need_backend("cuda")
     from m3kernels.backends import cuda as cb
-    from m3kernels.kernel_params import make_params
+    from m3kernels.merge.kernel_params import make_params
 
     numel = 3_000_017
     base, models = make_inputs((numel,), 2, (BF16, [BF16, F32]), gen)

@@ -16,8 +16,8 @@ import torch
 from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
 
 import m3kernels
-from m3kernels.recipe import make_recipe
-from m3kernels.reference import reference_merge, reference_thresholds
+from m3kernels.merge.recipe import make_recipe
+from m3kernels.merge.reference import reference_merge, reference_thresholds
 
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from m3kernels import dare_keep_mask
-from m3kernels.philox import (dare_key, dare_uniform_u32, fnv1a64, keep_threshold, philox4x32_10,
+from m3kernels.merge.philox import (dare_key, dare_uniform_u32, fnv1a64, keep_threshold, philox4x32_10,
                               splitmix64)
 
 KAT = [  # Random123 philox4x32_10 known-answer tests

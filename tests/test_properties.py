@@ -8,8 +8,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import m3kernels
-from m3kernels.recipe import make_recipe
-from m3kernels.reference import reference_merge
+from m3kernels.merge.recipe import make_recipe
+from m3kernels.merge.reference import reference_merge
 
 from helpers import assert_close_ulp, have_backend, term_scale
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import m3kernels
-from m3kernels.mixup import draw_mix_ratios
-from m3kernels.recipe import make_recipe
+from m3kernels.merge.mixup import draw_mix_ratios
+from m3kernels.merge.recipe import make_recipe
 
 X = torch.zeros(8, dtype=torch.bfloat16)
 

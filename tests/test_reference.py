@@ -6,9 +6,9 @@ import random
 import pytest
 import torch
 
-from m3kernels.philox import dare_keep_mask
-from m3kernels.recipe import make_recipe
-from m3kernels.reference import reference_merge, reference_thresholds
+from m3kernels.merge.philox import dare_keep_mask
+from m3kernels.merge.recipe import make_recipe
+from m3kernels.merge.reference import reference_merge, reference_thresholds
 
 
 def naive_merge(base, models, method, weights, density, lam, ratios, normalize, dare=None, seed=0, name=""):

@@ -1,4 +1,4 @@
-"""The Triton backend (m3kernels/triton_kernels, m3kernels/backends/triton_backend.py).
+"""The Triton backend (m3kernels/backends/triton/kernels, m3kernels/backends/triton/__init__.py).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 is set
 before they are defined), so sizes stay small. Checked here:
@@ -32,11 +32,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined (see conftest)
 
 import m3kernels  # noqa: E402
-from m3kernels.backends import triton_backend  # noqa: E402
-from m3kernels.kernel_params import f32, make_params, trim_k  # noqa: E402
-from m3kernels.philox import dare_key, dare_keep_mask, dare_uniform_u32, philox4x32_10  # noqa: E402
-from m3kernels.recipe import make_recipe  # noqa: E402
-from m3kernels.reference import reference_merge, reference_thresholds  # noqa: E402
+from m3kernels.backends import triton as triton_backend  # noqa: E402
+from m3kernels.merge.kernel_params import f32, make_params, trim_k  # noqa: E402
+from m3kernels.merge.philox import dare_key, dare_keep_mask, dare_uniform_u32, philox4x32_10  # noqa: E402
+from m3kernels.merge.recipe import make_recipe  # noqa: E402
+from m3kernels.merge.reference import reference_merge, reference_thresholds  # noqa: E402
 
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale  # noqa: E402
 
@@ -45,7 +45,7 @@ if not triton_backend.supports(DEVICE):
     pytest.skip(f"the Triton backend does not run on {DEVICE} here (interpreter off?)",
                 allow_module_level=True)
 
-from m3kernels import triton_kernels  # noqa: E402  (after the TRITON_INTERPRET decision)
+from m3kernels.backends.triton import kernels as triton_kernels  # noqa: E402  (after the TRITON_INTERPRET decision)
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 BITS_VIEW = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
@@ -423,7 +423,7 @@ def test_import_without_triton():
         import sys
         sys.modules["triton"] = None  # import triton -> ImportError
         import m3kernels
-        from m3kernels.backends import triton_backend as tb
+        from m3kernels.backends import triton as tb
         assert not tb.available() and "triton" in tb.unavailable_reason()
         assert not tb.supports("cuda") and not tb.supports("cpu")
         assert "triton" in m3kernels.available_backends()["triton"]
@@ -440,7 +440,7 @@ def test_compiled_ptx_is_unfused_ieee_and_vectorised():
         import triton
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
-        from m3kernels.triton_kernels import INTERPRETED, merge_kernel
+        from m3kernels.backends.triton.kernels import INTERPRETED, merge_kernel
         assert not INTERPRETED
         aligned = [["tt.divisibility", 16]]
         sig = {"base_ptr": "*bf16", "models": ("*bf16", "*fp32"), "out_ptr": "*bf16", "table": "*i64",

@@ -2,7 +2,7 @@
 //
 // Tensors arrive as raw addresses (torch's data_ptr()) with dtype codes and an element count:
 // the extension never links libtorch. The per-tensor parameters are read from a
-// m3kernels.kernel_params.KernelParams object (attribute access, arrays cast to their C types).
+// m3kernels.merge.kernel_params.KernelParams object (attribute access, arrays cast to their C types).
 // The GIL is released around all kernel work.
 #include <omp.h>
 

@@ -1,7 +1,7 @@
 // The plain-C interface between the Python bindings and the per-ISA kernel variants.
 //
 // Everything a kernel needs for one tensor travels in `TensorArgs` (raw pointers, dtype codes,
-// the KernelParams arrays of m3kernels/kernel_params.py). Each SIMD variant (generic, AVX2,
+// the KernelParams arrays of m3kernels/merge/kernel_params.py). Each SIMD variant (generic, AVX2,
 // AVX-512) is compiled in its own translation unit and exports one `KernelTable`; dispatch.cpp
 // picks the table at run time. No libtorch, no STL in this interface.
 #pragma once
@@ -11,9 +11,9 @@
 
 namespace m3k {
 
-// dtype codes: m3kernels.kernel_params.DTYPE_CODES
+// dtype codes: m3kernels.merge.kernel_params.DTYPE_CODES
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
-// combine codes: m3kernels.kernel_params.COMBINE_CODES
+// combine codes: m3kernels.merge.kernel_params.COMBINE_CODES
 enum Combine : int { kSum = 0, kMean = 1, kTies = 2 };
 
 struct TensorArgs {

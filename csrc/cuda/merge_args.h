@@ -1,6 +1,6 @@
 // The per-tensor argument block every CUDA kernel receives by value (plain C++, no CUDA).
 //
-// It mirrors m3kernels.kernel_params.KernelParams plus the raw device pointers and dtype
+// It mirrors m3kernels.merge.kernel_params.KernelParams plus the raw device pointers and dtype
 // codes of the tensors. Passed by value as a kernel parameter (well under the 4 KiB limit),
 // so a launch needs no device allocation and no host-to-device copy of its own.
 #pragma once
@@ -11,7 +11,7 @@ namespace m3k {
 
 constexpr int kMaxModels = 16;  // N beyond this is refused with a clear error
 
-enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };   // m3kernels.kernel_params.DTYPE_CODES
+enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };   // m3kernels.merge.kernel_params.DTYPE_CODES
 enum Combine : int32_t { kSum = 0, kMean = 1, kTies = 2 };  // COMBINE_CODES
 
 struct MergeArgs {

@@ -1,6 +1,6 @@
 // Philox4x32-10 (Random123 constants) for the DARE keep decision, host and device.
 //
-// The key words come from Python (m3kernels/philox.py::dare_key); here only the rounds.
+// The key words come from Python (m3kernels/merge/philox.py::dare_key); here only the rounds.
 // Element j uses counter (j >> 2) and word (j & 3), see docs/RANDOMNESS.md.
 #pragma once
 

@@ -22,7 +22,7 @@ log = logging.getLogger("m3kernels")
 
 _MODULES = {
     "cpu": "m3kernels.backends.cpu",
-    "triton": "m3kernels.backends.triton_backend",
+    "triton": "m3kernels.backends.triton",
     "cuda": "m3kernels.backends.cuda",
 }
 _cache: dict = {}

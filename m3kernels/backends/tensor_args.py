@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernel_params import DTYPE_CODES
+from m3kernels.merge.kernel_params import DTYPE_CODES
 
 
 def pointer_and_code(t: torch.Tensor, what: str, numel: int, device_type: str, backend: str) -> tuple[int, int]:

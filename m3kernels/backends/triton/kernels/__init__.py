@@ -7,10 +7,10 @@ set the variable before the first import. :data:`INTERPRETED` records which it w
 
 from triton.runtime.interpreter import InterpretedFunction
 
-from .params import param_table
-from .philox import dare_u32_kernel, philox_kernel
-from .stage_a import histogram_kernel, l1_partial_kernel
-from .stage_b import merge_kernel
+from m3kernels.backends.triton.kernels.params import param_table
+from m3kernels.backends.triton.kernels.philox import dare_u32_kernel, philox_kernel
+from m3kernels.backends.triton.kernels.stage_a import histogram_kernel, l1_partial_kernel
+from m3kernels.backends.triton.kernels.stage_b import merge_kernel
 
 INTERPRETED = isinstance(merge_kernel, InterpretedFunction)
 

@@ -1,6 +1,6 @@
 """The per-tensor parameter table the Triton kernels read: its layout, and how it is built.
 
-A :class:`m3kernels.kernel_params.KernelParams` holds per-model numbers (Philox keys, keep
+A :class:`m3kernels.merge.kernel_params.KernelParams` holds per-model numbers (Philox keys, keep
 thresholds, scale factors, trim thresholds, weights). Passing them as kernel scalars would make
 Triton specialise (and recompile) on their values, so they travel as one small int64 tensor of
 shape ``(FIELDS, n)``: row ``f`` holds field ``f`` for every model, floats as their float32 bit

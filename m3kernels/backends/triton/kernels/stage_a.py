@@ -12,8 +12,8 @@
 import triton
 import triton.language as tl
 
-from .delta import block_start, dare_delta, load_base, model_keep
-from .params import PREFIX
+from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base, model_keep
+from m3kernels.backends.triton.kernels.params import PREFIX
 
 HIST_BINS = tl.constexpr(65536)
 

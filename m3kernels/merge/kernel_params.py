@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .philox import dare_key, keep_threshold
-from .recipe import MEAN, SUM, TIES, Recipe
+from m3kernels.merge.philox import dare_key, keep_threshold
+from m3kernels.merge.recipe import MEAN, SUM, TIES, Recipe
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 COMBINE_CODES = {SUM: 0, MEAN: 1, TIES: 2}

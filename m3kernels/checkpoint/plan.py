@@ -31,11 +31,11 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import Checkpoint, TensorMeta
-from .config import MergeConfig, MergeConfigError, layer_index
-from .errors import TensorMismatchError
-from .recipe import PRESETS, Recipe, make_recipe
-from .safetensors_io import torch_dtype_name
+from m3kernels.checkpoint.source import Checkpoint, TensorMeta
+from m3kernels.checkpoint.config import MergeConfig, MergeConfigError, layer_index
+from m3kernels.errors import TensorMismatchError
+from m3kernels.merge.recipe import PRESETS, Recipe, make_recipe
+from m3kernels.checkpoint.safetensors_io import torch_dtype_name
 
 MERGE, VOCAB, COPY = "merge", "vocab", "copy"
 MERGEABLE = (torch.float32, torch.bfloat16, torch.float16)

@@ -17,7 +17,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .kernel_params import TRIM_KEEP_ALL, TRIM_KEEP_NONE
+from m3kernels.merge.kernel_params import TRIM_KEEP_ALL, TRIM_KEEP_NONE
 
 
 def _locate(counts: np.ndarray, k: int) -> tuple[int, int]:

@@ -17,11 +17,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .tensor_args import pointer_and_code
-from ..kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
+from m3kernels.backends.tensor_args import pointer_and_code
+from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
 
 try:
-    from .. import _cuda
+    from m3kernels import _cuda
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # not built (no nvcc at install time) or libcudart missing
     _cuda = None

@@ -9,8 +9,8 @@ every nested ``@triton.jit`` call has a fixed cost of a few milliseconds.)
 import triton
 import triton.language as tl
 
-from .params import KEEP_THR, KEY0, KEY1, SCALE
-from .philox import dare_u32
+from m3kernels.backends.triton.kernels.params import KEEP_THR, KEY0, KEY1, SCALE
+from m3kernels.backends.triton.kernels.philox import dare_u32
 
 
 @triton.jit

@@ -3,7 +3,7 @@
 ``load_config`` reads a config (YAML file, YAML text or dict) into a :class:`MergeConfig`;
 ``MergeConfig.tensor_kwargs`` resolves the parameters of one tensor (scalars, gradients over
 the layer index, substring filters) into the keyword arguments of
-:func:`m3kernels.merge_tensors` / :func:`m3kernels.recipe.make_recipe`. Every problem is a
+:func:`m3kernels.merge_tensors` / :func:`m3kernels.merge.recipe.make_recipe`. Every problem is a
 :class:`MergeConfigError` naming the key and what is supported. docs/CONFIG.md describes the
 format, our extensions and the differences from mergekit.
 """
@@ -21,8 +21,8 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from .mixup import draw_mix_ratios, normalize_mix_ratios
-from .recipe import ALIASES, DEFAULT_TRIM_DENSITY, PRESETS, make_recipe
+from m3kernels.merge.mixup import draw_mix_ratios, normalize_mix_ratios
+from m3kernels.merge.recipe import ALIASES, DEFAULT_TRIM_DENSITY, PRESETS, make_recipe
 
 
 class MergeConfigError(ValueError):
@@ -248,7 +248,7 @@ def parse_setting(raw, name: str, key: str) -> Setting:
 class MergeConfig:
     """A validated merge config (see docs/CONFIG.md)."""
 
-    method: str                   # our preset name (m3kernels.recipe.PRESETS key)
+    method: str                   # our preset name (m3kernels.merge.recipe.PRESETS key)
     base_model: Optional[str]     # path as written
     models: list                  # fine-tuned model paths, in order
     dtype: Optional[str]          # 'float32' | 'bfloat16' | 'float16'

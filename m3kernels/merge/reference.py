@@ -3,7 +3,7 @@
 Decisions (DARE keep, trim, sign vote) are made on the float32 deltas exactly as the kernels
 make them (SPEC: all kernel arithmetic is float32), so a reference and a kernel never
 disagree about *which* values are merged; the merged *values* are computed in float64.
-Thresholds come from a full sort, DARE masks from :mod:`m3kernels.philox`: nothing here
+Thresholds come from a full sort, DARE masks from :mod:`m3kernels.merge.philox`: nothing here
 shares code with the kernels' stage A or stage B.
 """
 
@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .philox import dare_keep_mask
-from .recipe import MEAN, SUM, TIES, Recipe, make_recipe
+from m3kernels.merge.philox import dare_keep_mask
+from m3kernels.merge.recipe import MEAN, SUM, TIES, Recipe, make_recipe
 
 F32, F64 = torch.float32, torch.float64
 

@@ -13,11 +13,11 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .tensor_args import pointer_and_code
-from ..kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
+from m3kernels.backends.tensor_args import pointer_and_code
+from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
 
 try:
-    from .. import _C
+    from m3kernels import _C
     _IMPORT_ERROR: Optional[str] = None
 except ImportError as exc:  # extension not built, or M3KERNELS_SIMD invalid
     _C = None

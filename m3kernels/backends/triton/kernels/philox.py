@@ -4,8 +4,8 @@ All arithmetic is on uint32: ``tl.umulhi`` gives the high word of each 32x32 pro
 wrapping uint32 multiply the low word (``sanitize_overflow=False``: wrapping is intended, and the
 interpreter then skips its overflow checks). One Philox evaluation serves four consecutive elements:
 element ``j`` uses counter ``(j >> 2)`` (two 32-bit words, words 2 and 3 zero) and takes output
-word ``j & 3``. The keys come from :func:`m3kernels.philox.dare_key` via the parameter table,
-so the result equals :func:`m3kernels.philox.dare_uniform_u32` bit for bit.
+word ``j & 3``. The keys come from :func:`m3kernels.merge.philox.dare_key` via the parameter table,
+so the result equals :func:`m3kernels.merge.philox.dare_uniform_u32` bit for bit.
 """
 
 import triton

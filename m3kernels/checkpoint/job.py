@@ -18,6 +18,6 @@ class MergeJob:
     base: Optional[torch.Tensor]              # base tensor (CPU, may be memory-mapped) or None
     models: Sequence[torch.Tensor]            # one tensor per fine-tuned model, same shape
     out_dtype: torch.dtype                    # dtype of the merged tensor
-    recipe: Any                               # m3kernels.recipe.Recipe for this tensor
+    recipe: Any                               # m3kernels.merge.recipe.Recipe for this tensor
     thresholds: Optional[Sequence[Optional[float]]] = None  # whole-model trim thresholds
     meta: dict = field(default_factory=dict)  # orchestrator bookkeeping (shard, offsets, ...)

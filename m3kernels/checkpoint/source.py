@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from .errors import CheckpointError
-from .safetensors_io import SafetensorsFile, read_header, torch_dtype_name
+from m3kernels.errors import CheckpointError
+from m3kernels.checkpoint.safetensors_io import SafetensorsFile, read_header, torch_dtype_name
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"

@@ -3,7 +3,7 @@
 The flow (SPEC §5, issue 3):
 
 1. load the config, open and validate every input (headers checked, nothing read yet);
-2. build the plan (:mod:`m3kernels.merge_plan`): tensors, shapes, dtypes, shards; ``dry_run``
+2. build the plan (:mod:`m3kernels.checkpoint.plan`): tensors, shapes, dtypes, shards; ``dry_run``
    stops here and returns it;
 3. ``trim_scope: model``: a statistics pass sums the per-tensor magnitude histograms of every
    tensor into whole-model trim thresholds (one float per model);
@@ -13,7 +13,7 @@ The flow (SPEC §5, issue 3):
    (``MADV_DONTNEED``) once it is merged, so resident memory is a few tensors, whatever the
    model size. ``device="cuda"`` feeds the same tensors to :func:`gpu_merge_stream`;
 5. the finished folder (shards, index, config.json, tokenizer files, ``m3kernels_merge.yaml``)
-   is fsynced and renamed into place (:mod:`m3kernels.writer`).
+   is fsynced and renamed into place (:mod:`m3kernels.checkpoint.writer`).
 
 Every tensor is computed exactly as ``merge_tensors(base, models, method=..., **tensor_kwargs,
 mix_ratios=<one draw per merge>, seed=seed, name=name, out_dtype=...)`` would compute it.
@@ -38,17 +38,17 @@ import numpy as np
 import torch
 import yaml
 
-from . import __version__
-from .api import merge_tensors, prepare
-from .backends import get_backend
-from .checkpoint import Checkpoint
-from .config import MergeConfig, load_config, parse_config, read_config_source
-from .errors import M3KError, OutputExistsError
-from .job import MergeJob
-from .kernel_params import HIST_BINS, trim_k
-from .merge_plan import COPY, VOCAB, MergePlan, PlannedTensor, build_plan, shard_filenames
-from .select import bits_to_float, select_thresholds
-from .writer import (Journal, ShardedWriter, copy_file_durably, fsync_dir, make_temp_dir, partial_runs,
+from m3kernels import __version__
+from m3kernels.api import merge_tensors, prepare
+from m3kernels.backends import get_backend
+from m3kernels.checkpoint.source import Checkpoint
+from m3kernels.checkpoint.config import MergeConfig, load_config, parse_config, read_config_source
+from m3kernels.errors import M3KError, OutputExistsError
+from m3kernels.checkpoint.job import MergeJob
+from m3kernels.merge.kernel_params import HIST_BINS, trim_k
+from m3kernels.checkpoint.plan import COPY, VOCAB, MergePlan, PlannedTensor, build_plan, shard_filenames
+from m3kernels.merge.select import bits_to_float, select_thresholds
+from m3kernels.checkpoint.writer import (Journal, ShardedWriter, copy_file_durably, fsync_dir, make_temp_dir, partial_runs,
                      publish, write_file_durably)
 
 log = logging.getLogger("m3kernels")
@@ -338,7 +338,7 @@ def produce_cpu(plan: MergePlan, todo: list, backend: str, thresholds) -> Iterat
 
 def produce_gpu(plan: MergePlan, todo: list, device: torch.device, backend: str, thresholds) -> Iterator:
     """As :func:`produce_cpu`, with the merges run by :func:`gpu_merge_stream` on ``device``."""
-    from .gpu_pipeline import gpu_merge_stream  # lazily: needs a GPU stack
+    from m3kernels.checkpoint.gpu_pipeline import gpu_merge_stream  # lazily: needs a GPU stack
 
     merged = [pt for pt in todo if pt.action != COPY]
     pre = Prefetcher(merged)

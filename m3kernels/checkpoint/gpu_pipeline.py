@@ -1,6 +1,6 @@
 """GPU streaming merge: tensor t+1 uploads and tensor t-1 downloads while tensor t is merged.
 
-:func:`gpu_merge_stream` takes :class:`~m3kernels.job.MergeJob` s whose inputs are CPU tensors
+:func:`gpu_merge_stream` takes :class:`~m3kernels.checkpoint.job.MergeJob` s whose inputs are CPU tensors
 (possibly memory-mapped) and yields ``(job, result)`` in job order, ``result`` a CPU tensor
 (in pinned memory) of the job's shape and ``out_dtype``. Per job:
 
@@ -29,10 +29,10 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from .api import prepare
-from .backends import get_backend
-from .job import MergeJob
-from .kernel_params import DTYPE_CODES
+from m3kernels.api import prepare
+from m3kernels.backends import get_backend
+from m3kernels.checkpoint.job import MergeJob
+from m3kernels.merge.kernel_params import DTYPE_CODES
 
 ALIGN = 256  # byte alignment of every tensor inside a slot buffer (vector loads need 16)
 

@@ -11,8 +11,8 @@ merge), scales, adds the base and writes the output dtype once. Float operations
 import triton
 import triton.language as tl
 
-from .delta import block_start, dare_delta, load_base
-from .params import COEF, TRIM_MIN, VOTE_W
+from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base
+from m3kernels.backends.triton.kernels.params import COEF, TRIM_MIN, VOTE_W
 
 COMBINE_SUM = tl.constexpr(0)
 COMBINE_MEAN = tl.constexpr(1)

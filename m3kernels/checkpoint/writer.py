@@ -32,8 +32,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import DiskFullError, OutputExistsError, OutputWriteError
-from .safetensors_io import torch_dtype_name
+from m3kernels.errors import DiskFullError, OutputExistsError, OutputWriteError
+from m3kernels.checkpoint.safetensors_io import torch_dtype_name
 
 JOURNAL = ".m3k-journal.json"
 JOURNAL_FORMAT = 1

@@ -14,7 +14,7 @@ import numpy as np
 from dataclasses import dataclass
 from typing import Optional
 
-from .mixup import as_number, as_per_model, resolve_mix_ratios
+from m3kernels.merge.mixup import as_number, as_per_model, resolve_mix_ratios
 
 # combine rules
 SUM, MEAN, TIES = "sum", "mean", "ties"

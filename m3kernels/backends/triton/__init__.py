@@ -1,7 +1,7 @@
 """The Triton backend: stage A and stage B of docs/KERNEL.md as Triton kernels.
 
 Runs on CUDA tensors (compiled kernels) and, when Triton's interpreter is on
-(``TRITON_INTERPRET=1`` before :mod:`m3kernels.triton_kernels` is first imported), on CPU
+(``TRITON_INTERPRET=1`` before :mod:`m3kernels.backends.triton.kernels` is first imported), on CPU
 tensors, which is how the tests run without a GPU. Importing this module never fails because of
 Triton: :func:`available` says whether ``triton`` can be imported, and the kernels are imported
 on first use.
@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..kernel_params import DTYPE_CODES, HIST_BINS
+from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS
 
 try:
     import triton  # noqa: F401
@@ -46,7 +46,7 @@ def unavailable_reason() -> str:
 
 
 def _kernels():
-    from .. import triton_kernels
+    from m3kernels.backends.triton import kernels as triton_kernels
 
     return triton_kernels
 

@@ -29,7 +29,7 @@ from typing import Optional
 
 import torch
 
-from .errors import CheckpointError
+from m3kernels.errors import CheckpointError
 
 # safetensors dtype name -> (torch dtype, bytes per element)
 ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
