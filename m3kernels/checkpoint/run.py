@@ -21,46 +21,29 @@ mix_ratios=<one draw per merge>, seed=seed, name=name, out_dtype=...)`` would co
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import math
 import os
 import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
-import numpy as np
 import torch
-import yaml
 
-from m3kernels import __version__
-from m3kernels.api import merge_tensors, prepare
 from m3kernels.backends import get_backend
-from m3kernels.checkpoint.source import Checkpoint
-from m3kernels.checkpoint.config import MergeConfig, load_config, parse_config, read_config_source
 from m3kernels.errors import M3KError, OutputExistsError
-from m3kernels.checkpoint.job import MergeJob
-from m3kernels.merge.kernel_params import HIST_BINS, trim_k
-from m3kernels.checkpoint.plan import COPY, VOCAB, MergePlan, PlannedTensor, build_plan, shard_filenames
-from m3kernels.merge.select import bits_to_float, select_thresholds
-from m3kernels.checkpoint.writer import (Journal, ShardedWriter, copy_file_durably, fsync_dir, make_temp_dir, partial_runs,
-                     publish, write_file_durably)
+from m3kernels.checkpoint.plan import MergePlan, build_plan, shard_filenames
+from m3kernels.checkpoint.writer import (Journal, ShardedWriter, make_temp_dir, partial_runs,
+                     publish)
+from m3kernels.checkpoint.inputs import config_and_folder, open_inputs
+from m3kernels.checkpoint.model_stats import model_thresholds
+from m3kernels.checkpoint.produce import produce_cpu, produce_gpu, merge_one, fill_extra_rows
+from m3kernels.checkpoint.record import RECORD_FILE, fingerprint, header_metadata, make_record, write_side_files
 
 log = logging.getLogger("m3kernels")
 
 DEFAULT_SHARD_SIZE = 5 * 2**30
-PREFETCH_BYTES = 1 << 30      # how far ahead (input bytes) the read-ahead hints reach
-RECORD_FILE = "m3kernels_merge.yaml"
-INDEX_FILE = "model.safetensors.index.json"
-COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-                "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
-                "generation_config.json")
 CRASH_ENV = "M3KERNELS_TEST_CRASH_AFTER_SHARDS"   # test hook: SIGKILL ourselves after N shards
 
 
@@ -103,46 +86,6 @@ class MergeResult:
         return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------- inputs
-def _load_config(config, seed: Optional[int]) -> tuple[MergeConfig, Optional[Path]]:
-    """The config (with ``seed`` overriding its seed) and the folder relative paths may refer to."""
-    cfg_dir = None
-    if isinstance(config, (str, os.PathLike)) and "\n" not in os.fspath(config) and Path(config).is_file():
-        cfg_dir = Path(config).resolve().parent
-    if isinstance(config, MergeConfig):
-        cfg = config
-        if seed is not None:
-            cfg = parse_config({**cfg.raw, "seed": seed})
-    elif seed is not None:
-        cfg = parse_config({**read_config_source(config), "seed": seed})
-    else:
-        cfg = load_config(config)
-    return cfg, cfg_dir
-
-
-def _resolve_model_path(path: str, cfg_dir: Optional[Path]) -> Path:
-    p = Path(path).expanduser()
-    if not p.exists() and not p.is_absolute() and cfg_dir is not None and (cfg_dir / p).exists():
-        return cfg_dir / p  # relative to the config file when not relative to the working directory
-    return p
-
-
-def open_inputs(cfg: MergeConfig, cfg_dir: Optional[Path], allow_bin: bool):
-    """(base checkpoint or None, [model checkpoints]); a path listed twice is opened once."""
-    opened: dict = {}
-
-    def get(path: str, role: str) -> Checkpoint:
-        p = _resolve_model_path(path, cfg_dir)
-        key = str(p.resolve())
-        if key not in opened:
-            opened[key] = Checkpoint(p, role=role, allow_bin=allow_bin)
-        return opened[key]
-
-    base = get(cfg.base_model, "base") if cfg.base_model is not None else None
-    models = [get(m, f"model {i + 1}") for i, m in enumerate(cfg.models)]
-    return base, models, list(opened.values())
-
-
 def _check_out_dir(out_dir: Path, force: bool, inputs: list) -> None:
     real = out_dir.resolve()
     for ck in inputs:
@@ -178,274 +121,6 @@ def resolve_device(device: str, backend: str = "auto") -> torch.device:
     except (RuntimeError, ValueError) as exc:
         raise M3KError(f"no m3kernels backend for {dev}: {exc}") from None
     return dev
-
-
-# ---------------------------------------------------------------------------------------- record
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def make_record(plan: MergePlan, out_shard_size: int) -> dict:
-    """The merge as run: what ``m3kernels_merge.yaml`` and every shard header hold."""
-    cfg = plan.config
-
-    def inputs_of(ck: Checkpoint) -> dict:
-        return {"path": str(ck.path.resolve()), "files": [{"name": f["name"], "bytes": f["bytes"]}
-                                                          for f in ck.files()]}
-
-    return {
-        "m3kernels_version": __version__,
-        "merge_method": cfg.method,
-        "seed": plan.seed,
-        "mix_ratios": None if plan.mix_ratios is None else [float(r) for r in plan.mix_ratios],
-        "mixup": cfg.mixup,
-        "trim_scope": cfg.trim_scope,
-        "model_trim_thresholds": None,
-        "out_dtype": _dtype_name(plan.out_dtype),
-        "out_shard_size": out_shard_size,
-        "config": cfg.raw,
-        "inputs": {"base": inputs_of(plan.base) if plan.base is not None else None,
-                   "models": [inputs_of(m) for m in plan.models]},
-        "notes": list(plan.notes),
-    }
-
-
-def fingerprint(plan: MergePlan, record: dict) -> str:
-    """Hash of everything the output bytes depend on (config, inputs, plan), for --resume."""
-    inputs = [plan.base] if plan.base is not None else []
-    inputs += plan.models
-    obj = {
-        "record": record,
-        "stamps": [ck.file_stamps() for ck in inputs],
-        "plan": [(t.name, t.action, list(t.shape), str(t.out_dtype), t.shard, t.common_rows)
-                 for t in plan.tensors],
-        "shards": [s.filename for s in plan.shards],
-    }
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def header_metadata(record: dict) -> dict:
-    return {"format": "pt", "m3kernels_version": __version__,
-            "m3kernels_merge": json.dumps(record, default=str, separators=(",", ":"))}
-
-
-# ---------------------------------------------------------------------------------------- compute
-class Prefetcher:
-    """Asks the OS to read ahead the inputs of the next tensors, up to PREFETCH_BYTES, in a thread."""
-
-    def __init__(self, tensors: list, budget: int = PREFETCH_BYTES):
-        self.tensors = tensors
-        self.budget = budget
-        self.next = 0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3k-prefetch")
-
-    def advance(self, current: int) -> None:
-        ahead = 0
-        i = current + 1
-        while i < len(self.tensors) and (i == current + 1 or ahead < self.budget):
-            t = self.tensors[i]
-            ahead += sum(s.meta.nbytes for s in t.sources())
-            if i >= self.next:
-                self.pool.submit(t.prefetch)
-                self.next = i + 1
-            i += 1
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True)
-
-
-class BufferPool:
-    """Reusable output buffers: the merge writes into one, the writer hands it back when written.
-
-    Fresh large allocations are fresh pages, and filling fresh pages costs a page fault each;
-    reusing a few buffers (the writer is usually idle, so two: one merged, one written) avoids
-    that without holding more memory than the pipeline needs anyway.
-    """
-
-    def __init__(self, keep: int = 2):
-        self.keep = keep
-        self.free: list = []
-        self.lock = threading.Lock()
-
-    def take(self, shape, dtype: torch.dtype):
-        """(tensor of ``shape``/``dtype`` on a pooled buffer, callback returning the buffer)."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        with self.lock:
-            fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
-            if fits:
-                buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
-            else:  # none is large enough: free the small ones before allocating a larger one
-                buf = None
-                self.free.clear()
-        if buf is None:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return buf[:nbytes].view(dtype).reshape(shape), lambda: self._give_back(buf)
-
-    def _give_back(self, buf: torch.Tensor) -> None:
-        with self.lock:
-            self.free.append(buf)
-            if len(self.free) > self.keep:
-                self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
-
-
-def fill_extra_rows(pt: PlannedTensor, out: torch.Tensor) -> None:
-    """VOCAB rows past the common ones: float32 mean of the models that have them (else the base's)."""
-    bounds = sorted({pt.common_rows, pt.shape[0]} | {s.meta.shape[0] for s in pt.sources()})
-    for lo, hi in zip(bounds, bounds[1:]):
-        if lo < pt.common_rows:
-            continue
-        donors = [s for s in pt.models if s.meta.shape[0] >= hi] or [pt.fallback]
-        acc = donors[0].tensor()[lo:hi].to(torch.float32)
-        for s in donors[1:]:
-            acc = acc + s.tensor()[lo:hi].to(torch.float32)
-        if len(donors) > 1:
-            acc = acc / len(donors)
-        out[lo:hi] = acc
-
-
-def merge_one(pt: PlannedTensor, plan: MergePlan, backend: str, thresholds,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One output tensor on the CPU, exactly as merge_tensors computes it (into ``out`` if given)."""
-    b, ms = pt.inputs()
-    if out is None:
-        out = torch.empty(pt.shape, dtype=pt.out_dtype)
-    kw = dict(method=plan.config.method, **pt.kwargs, mix_ratios=plan.mix_ratios, seed=plan.seed,
-              name=pt.name, out_dtype=pt.out_dtype, backend=backend, thresholds=thresholds)
-    if pt.action != VOCAB:
-        return merge_tensors(b, ms, out=out, **kw)
-    merge_tensors(b, ms, out=out[:pt.common_rows], **kw)
-    fill_extra_rows(pt, out)
-    return out
-
-
-def produce_cpu(plan: MergePlan, todo: list, backend: str, thresholds) -> Iterator:
-    """(planned tensor, output tensor, callback after writing) in write order, merged on the CPU."""
-    pre = Prefetcher(todo)
-    pool = BufferPool()
-    try:
-        for k, pt in enumerate(todo):
-            pre.advance(k)
-            if pt.action == COPY:
-                yield pt, pt.models[0].tensor(), pt.release
-                continue
-            out, give_back = pool.take(pt.shape, pt.out_dtype)
-            merge_one(pt, plan, backend, thresholds, out)
-            pt.release()
-            yield pt, out, give_back
-    finally:
-        pre.close()
-
-
-def produce_gpu(plan: MergePlan, todo: list, device: torch.device, backend: str, thresholds) -> Iterator:
-    """As :func:`produce_cpu`, with the merges run by :func:`gpu_merge_stream` on ``device``."""
-    from m3kernels.checkpoint.gpu_pipeline import gpu_merge_stream  # lazily: needs a GPU stack
-
-    merged = [pt for pt in todo if pt.action != COPY]
-    pre = Prefetcher(merged)
-
-    def jobs():
-        for k, pt in enumerate(merged):
-            pre.advance(k)
-            b, ms = pt.inputs()
-            yield MergeJob(pt.name, b, ms, pt.out_dtype, pt.recipe,
-                           thresholds=thresholds, meta={"planned": pt})
-
-    stream = gpu_merge_stream(jobs(), device=str(device), backend=backend, depth=2)
-    pool = BufferPool()
-    try:
-        for pt in todo:
-            if pt.action == COPY:
-                yield pt, pt.models[0].tensor(), pt.release
-                continue
-            job, out = next(stream)
-            if job.meta.get("planned") is not pt:
-                raise RuntimeError(f"GPU pipeline returned {job.name!r}, expected {pt.name!r}")
-            give_back = None
-            if pt.action == VOCAB:  # the common rows came from the GPU; add the others
-                full, give_back = pool.take(pt.shape, pt.out_dtype)
-                full[:pt.common_rows] = out
-                fill_extra_rows(pt, full)
-                out = full
-            pt.release()
-            yield pt, out, give_back  # a fresh pinned tensor we own (or a pooled one)
-    finally:
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
-        pre.close()
-
-
-def model_thresholds(plan: MergePlan, device: torch.device, backend: str, progress: bool) -> list:
-    """``trim_scope: model``: exact whole-model trim thresholds from histograms summed over tensors."""
-    from tqdm import tqdm
-
-    pts = [pt for pt in plan.tensors if pt.action != COPY and pt.merged_numel > 0]
-    if not pts:
-        return []
-    recipe = pts[0].recipe
-    n = recipe.n
-    if recipe.trim_density is None:
-        return [None] * n
-    total = sum(pt.merged_numel for pt in pts)
-    ks = [trim_k(d, total) for d in recipe.trim_density]
-    be = get_backend(backend, device)
-    bar = tqdm(total=2 * sum(pt.merged_numel for pt in pts), desc="statistics", unit="el", unit_scale=True,
-               disable=not progress, leave=False)
-
-    def hist(prefix):
-        acc = np.zeros((n, HIST_BINS), dtype=np.int64)
-        pre = Prefetcher(pts)
-        try:
-            for k, pt in enumerate(pts):
-                pre.advance(k)
-                b, ms = pt.inputs()
-                if device.type != "cpu":
-                    b = b.to(device) if b is not None else None
-                    ms = [m.to(device) for m in ms]
-                p, bb = prepare(b, ms, pt.recipe, pt.name, be, thresholds=[None] * n)
-                h = be.histogram(p, bb, ms, prefix)
-                acc += h.cpu().numpy() if isinstance(h, torch.Tensor) else np.asarray(h, dtype=np.int64)
-                del b, ms, bb
-                pt.release()
-                bar.update(pt.merged_numel)
-        finally:
-            pre.close()
-        return acc
-
-    try:
-        bits = select_thresholds(hist, ks, total)
-    finally:
-        bar.close()
-    return [bits_to_float(int(x)) for x in bits]
-
-
-# ---------------------------------------------------------------------------------------- output
-def write_side_files(tmp: Path, plan: MergePlan, record: dict) -> None:
-    """Index, config.json, tokenizer/generation files and the merge record, each fsynced."""
-    if len(plan.shards) > 1:
-        index = {"metadata": {"total_size": plan.total_bytes},
-                 "weight_map": {t.name: plan.shards[t.shard].filename for t in sorted(plan.tensors,
-                                                                                      key=lambda t: t.name)}}
-        write_file_durably(tmp / INDEX_FILE, json.dumps(index, indent=2).encode())
-    src = plan.config_source
-    if src.config is not None:
-        conf = dict(src.config)
-        conf["torch_dtype"] = _dtype_name(plan.out_dtype)
-        if "dtype" in conf:  # newer transformers write "dtype" instead of "torch_dtype"
-            conf["dtype"] = _dtype_name(plan.out_dtype)
-        if plan.untied_head:
-            conf["tie_word_embeddings"] = False
-        if plan.out_vocab_rows is not None and "vocab_size" in conf:
-            conf["vocab_size"] = plan.out_vocab_rows
-        write_file_durably(tmp / "config.json", (json.dumps(conf, indent=2) + "\n").encode())
-    if src.path.is_dir():
-        for name in COPIED_FILES:
-            if (src.root / name).is_file():
-                copy_file_durably(src.root / name, tmp / name)
-    text = "# The merge as run by m3kernels (also in every shard header's __metadata__).\n"
-    text += yaml.safe_dump(json.loads(json.dumps(record, default=str)), sort_keys=False, allow_unicode=True)
-    write_file_durably(tmp / RECORD_FILE, text.encode("utf-8"))
-    fsync_dir(tmp)
 
 
 def _crash_hook():
@@ -564,7 +239,7 @@ def merge_checkpoints(config, out_dir, *, device: str = "auto", out_shard_size: 
     """
     if isinstance(out_shard_size, bool) or not isinstance(out_shard_size, int) or out_shard_size < 1:
         raise M3KError(f"out_shard_size must be a positive number of bytes, got {out_shard_size!r}")
-    cfg, cfg_dir = _load_config(config, seed)
+    cfg, cfg_dir = config_and_folder(config, seed)
     out_dir = Path(out_dir).expanduser().absolute()
     base, models, opened = open_inputs(cfg, cfg_dir, allow_bin)
     try:

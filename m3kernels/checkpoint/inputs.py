@@ -1,0 +1,57 @@
+"""Opening a merge's inputs: the config (with a seed override) and the checkpoints it names.
+
+Relative model paths are tried against the working directory, then the config file's folder;
+a checkpoint listed twice is opened once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+
+from m3kernels.checkpoint.source import Checkpoint
+from m3kernels.checkpoint.config import MergeConfig, load_config, parse_config, read_config_source
+
+log = logging.getLogger("m3kernels")
+
+
+def config_and_folder(config, seed: Optional[int]) -> tuple[MergeConfig, Optional[Path]]:
+    """The config (with ``seed`` overriding its seed) and the folder relative paths may refer to."""
+    cfg_dir = None
+    if isinstance(config, (str, os.PathLike)) and "\n" not in os.fspath(config) and Path(config).is_file():
+        cfg_dir = Path(config).resolve().parent
+    if isinstance(config, MergeConfig):
+        cfg = config
+        if seed is not None:
+            cfg = parse_config({**cfg.raw, "seed": seed})
+    elif seed is not None:
+        cfg = parse_config({**read_config_source(config), "seed": seed})
+    else:
+        cfg = load_config(config)
+    return cfg, cfg_dir
+
+
+def _resolve_model_path(path: str, cfg_dir: Optional[Path]) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists() and not p.is_absolute() and cfg_dir is not None and (cfg_dir / p).exists():
+        return cfg_dir / p  # relative to the config file when not relative to the working directory
+    return p
+
+
+def open_inputs(cfg: MergeConfig, cfg_dir: Optional[Path], allow_bin: bool):
+    """(base checkpoint or None, [model checkpoints]); a path listed twice is opened once."""
+    opened: dict = {}
+
+    def get(path: str, role: str) -> Checkpoint:
+        p = _resolve_model_path(path, cfg_dir)
+        key = str(p.resolve())
+        if key not in opened:
+            opened[key] = Checkpoint(p, role=role, allow_bin=allow_bin)
+        return opened[key]
+
+    base = get(cfg.base_model, "base") if cfg.base_model is not None else None
+    models = [get(m, f"model {i + 1}") for i, m in enumerate(cfg.models)]
+    return base, models, list(opened.values())

@@ -1,0 +1,169 @@
+"""Producers of merged tensors for the writer, in write order: on the CPU (kernels in this
+process, read-ahead hints in a helper thread) or through the GPU pipeline.
+
+Each yields ``(planned tensor, output tensor, callback once written)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Optional
+
+import torch
+
+from m3kernels.api import merge_tensors
+from m3kernels.checkpoint.job import MergeJob
+from m3kernels.checkpoint.plan import COPY, VOCAB, MergePlan, PlannedTensor
+
+log = logging.getLogger("m3kernels")
+
+
+PREFETCH_BYTES = 1 << 30      # how far ahead (input bytes) the read-ahead hints reach
+
+
+class Prefetcher:
+    """Asks the OS to read ahead the inputs of the next tensors, up to PREFETCH_BYTES, in a thread."""
+
+    def __init__(self, tensors: list, budget: int = PREFETCH_BYTES):
+        self.tensors = tensors
+        self.budget = budget
+        self.next = 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3k-prefetch")
+
+    def advance(self, current: int) -> None:
+        ahead = 0
+        i = current + 1
+        while i < len(self.tensors) and (i == current + 1 or ahead < self.budget):
+            t = self.tensors[i]
+            ahead += sum(s.meta.nbytes for s in t.sources())
+            if i >= self.next:
+                self.pool.submit(t.prefetch)
+                self.next = i + 1
+            i += 1
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class BufferPool:
+    """Reusable output buffers: the merge writes into one, the writer hands it back when written.
+
+    Fresh large allocations are fresh pages, and filling fresh pages costs a page fault each;
+    reusing a few buffers (the writer is usually idle, so two: one merged, one written) avoids
+    that without holding more memory than the pipeline needs anyway.
+    """
+
+    def __init__(self, keep: int = 2):
+        self.keep = keep
+        self.free: list = []
+        self.lock = threading.Lock()
+
+    def take(self, shape, dtype: torch.dtype):
+        """(tensor of ``shape``/``dtype`` on a pooled buffer, callback returning the buffer)."""
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        with self.lock:
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+            if fits:
+                buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+            else:  # none is large enough: free the small ones before allocating a larger one
+                buf = None
+                self.free.clear()
+        if buf is None:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).reshape(shape), lambda: self._give_back(buf)
+
+    def _give_back(self, buf: torch.Tensor) -> None:
+        with self.lock:
+            self.free.append(buf)
+            if len(self.free) > self.keep:
+                self.free.pop(min(range(len(self.free)), key=lambda i: self.free[i].numel()))
+
+
+def fill_extra_rows(pt: PlannedTensor, out: torch.Tensor) -> None:
+    """VOCAB rows past the common ones: float32 mean of the models that have them (else the base's)."""
+    bounds = sorted({pt.common_rows, pt.shape[0]} | {s.meta.shape[0] for s in pt.sources()})
+    for lo, hi in zip(bounds, bounds[1:]):
+        if lo < pt.common_rows:
+            continue
+        donors = [s for s in pt.models if s.meta.shape[0] >= hi] or [pt.fallback]
+        acc = donors[0].tensor()[lo:hi].to(torch.float32)
+        for s in donors[1:]:
+            acc = acc + s.tensor()[lo:hi].to(torch.float32)
+        if len(donors) > 1:
+            acc = acc / len(donors)
+        out[lo:hi] = acc
+
+
+def merge_one(pt: PlannedTensor, plan: MergePlan, backend: str, thresholds,
+              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One output tensor on the CPU, exactly as merge_tensors computes it (into ``out`` if given)."""
+    b, ms = pt.inputs()
+    if out is None:
+        out = torch.empty(pt.shape, dtype=pt.out_dtype)
+    kw = dict(method=plan.config.method, **pt.kwargs, mix_ratios=plan.mix_ratios, seed=plan.seed,
+              name=pt.name, out_dtype=pt.out_dtype, backend=backend, thresholds=thresholds)
+    if pt.action != VOCAB:
+        return merge_tensors(b, ms, out=out, **kw)
+    merge_tensors(b, ms, out=out[:pt.common_rows], **kw)
+    fill_extra_rows(pt, out)
+    return out
+
+
+def produce_cpu(plan: MergePlan, todo: list, backend: str, thresholds) -> Iterator:
+    """(planned tensor, output tensor, callback after writing) in write order, merged on the CPU."""
+    pre = Prefetcher(todo)
+    pool = BufferPool()
+    try:
+        for k, pt in enumerate(todo):
+            pre.advance(k)
+            if pt.action == COPY:
+                yield pt, pt.models[0].tensor(), pt.release
+                continue
+            out, give_back = pool.take(pt.shape, pt.out_dtype)
+            merge_one(pt, plan, backend, thresholds, out)
+            pt.release()
+            yield pt, out, give_back
+    finally:
+        pre.close()
+
+
+def produce_gpu(plan: MergePlan, todo: list, device: torch.device, backend: str, thresholds) -> Iterator:
+    """As :func:`produce_cpu`, with the merges run by :func:`gpu_merge_stream` on ``device``."""
+    from m3kernels.checkpoint.gpu_pipeline import gpu_merge_stream  # lazily: needs a GPU stack
+
+    merged = [pt for pt in todo if pt.action != COPY]
+    pre = Prefetcher(merged)
+
+    def jobs():
+        for k, pt in enumerate(merged):
+            pre.advance(k)
+            b, ms = pt.inputs()
+            yield MergeJob(pt.name, b, ms, pt.out_dtype, pt.recipe,
+                           thresholds=thresholds, meta={"planned": pt})
+
+    stream = gpu_merge_stream(jobs(), device=str(device), backend=backend, depth=2)
+    pool = BufferPool()
+    try:
+        for pt in todo:
+            if pt.action == COPY:
+                yield pt, pt.models[0].tensor(), pt.release
+                continue
+            job, out = next(stream)
+            if job.meta.get("planned") is not pt:
+                raise RuntimeError(f"GPU pipeline returned {job.name!r}, expected {pt.name!r}")
+            give_back = None
+            if pt.action == VOCAB:  # the common rows came from the GPU; add the others
+                full, give_back = pool.take(pt.shape, pt.out_dtype)
+                full[:pt.common_rows] = out
+                fill_extra_rows(pt, full)
+                out = full
+            pt.release()
+            yield pt, out, give_back  # a fresh pinned tensor we own (or a pooled one)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
+        pre.close()
