@@ -21,8 +21,17 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from m3kernels.merge.mixup import draw_mix_ratios, normalize_mix_ratios
-from m3kernels.merge.recipe import ALIASES, DEFAULT_TRIM_DENSITY, PRESETS, make_recipe
+from m3kernels.merge.mixup import MIXUP_SEED_LIMIT, SEED_LIMIT, draw_mix_ratios, normalize_mix_ratios
+from m3kernels.merge.recipe import SparsityError, make_recipe, not_taken, resolve_sparsity
+from m3kernels.merge.registry import (
+    MERGE_WIDE,
+    MERGEKIT_ONLY_METHODS,
+    PER_MODEL,
+    all_config_params,
+    get_method,
+    method_names,
+    param_kind,
+)
 
 
 class MergeConfigError(ValueError):
@@ -33,12 +42,7 @@ class MergeConfigError(ValueError):
 # Vocabulary: keys, methods, dtypes
 # ---------------------------------------------------------------------------------------
 
-SUPPORTED_METHODS = tuple(sorted(set(PRESETS) | set(ALIASES)))
-# mergekit methods we know of but do not implement (named in the error for clarity)
-MERGEKIT_ONLY_METHODS = (
-    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
-    "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "sce", "slerp",
-)
+SUPPORTED_METHODS = method_names()
 
 TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
                   "tokenizer_source", "seed", "trim_scope", "mixup", "name")
@@ -52,13 +56,12 @@ REJECTED_TOP_LEVEL = {
                      "files are copied unchanged",
 }
 
-PER_MODEL_PARAMETERS = ("weight", "density", "drop_rate")
-MERGE_WIDE_PARAMETERS = ("normalize", "rescale", "lambda", "int8_mask")
+# parameter names of all methods, from the registry (m3kernels.merge.registry)
+PER_MODEL_PARAMETERS = all_config_params(PER_MODEL)
+MERGE_WIDE_PARAMETERS = all_config_params(MERGE_WIDE)
 ALL_PARAMETERS = PER_MODEL_PARAMETERS + MERGE_WIDE_PARAMETERS
-# how each parameter's leaf values are checked
-_PARAM_KIND = {"weight": "number", "lambda": "number", "density": "fraction",
-               "drop_rate": "fraction", "normalize": "bool", "int8_mask": "bool",
-               "rescale": "rescale"}
+# a parameter a method does not take is an error, except mergekit's own no-op default for it
+NO_OP_WHEN_NOT_TAKEN = {"rescale": False}
 
 _DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
@@ -68,8 +71,8 @@ _DTYPE_ALIASES = {
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 TRIM_SCOPES = ("tensor", "model")
-MAX_SEED = 2**64          # DARE seed range (recipe)
-MAX_MIXUP_SEED = 2**32    # the M³ draw's seed range (mixup.draw_mix_ratios)
+MAX_SEED = SEED_LIMIT              # DARE seed range
+MAX_MIXUP_SEED = MIXUP_SEED_LIMIT  # the M³ draw's seed range
 
 
 def canonical_dtype(value, key: str) -> Optional[str]:
@@ -215,7 +218,7 @@ def _value_setting(raw, kind: str, key: str) -> Setting:
 
 def parse_setting(raw, name: str, key: str) -> Setting:
     """A parameter as written in the YAML -> Setting (validated for that parameter)."""
-    kind = _PARAM_KIND[name]
+    kind = param_kind(name)
     if isinstance(raw, dict):  # a single filter entry
         raw = [raw]
     if isinstance(raw, list) and raw and any(isinstance(e, dict) for e in raw):
@@ -248,7 +251,7 @@ def parse_setting(raw, name: str, key: str) -> Setting:
 class MergeConfig:
     """A validated merge config (see docs/CONFIG.md)."""
 
-    method: str                   # our preset name (m3kernels.merge.recipe.PRESETS key)
+    method: str                   # the registry's method name (m3kernels.merge.registry)
     base_model: Optional[str]     # path as written
     models: list                  # fine-tuned model paths, in order
     dtype: Optional[str]          # 'float32' | 'bfloat16' | 'float16'
@@ -285,37 +288,25 @@ class MergeConfig:
         """Keyword arguments of ``merge_tensors`` / ``make_recipe`` for this tensor:
         weights, density, drop_rate, normalize, rescale, lambda_ (no M³ arguments)."""
         t = tensor_position(tensor_name, num_layers)
-        preset = PRESETS[self.method]
-        n = len(self.models)
+        method = get_method(self.method)
         weights = [1.0 if w is None else w for w in self._per_model("weight", tensor_name, t)]
         dens = self._per_model("density", tensor_name, t)
         drops = self._per_model("drop_rate", tensor_name, t)
+        try:
+            dare_density, trim_density = resolve_sparsity(method, dens, drops)
+        except SparsityError as exc:
+            who = "" if exc.model is None else f"models[{exc.model}] ({self.models[exc.model]!r}): "
+            raise MergeConfigError(f"{who}{exc} for tensor {tensor_name!r}") from None
         density = drop_rate = None
-        if preset.dare and not preset.trim:  # dare_linear, dare_ties: density = 1 - drop_rate
-            density = []
-            for i in range(n):
-                d, p = dens[i], drops[i]
-                if d is None and p is None:
-                    raise MergeConfigError(
-                        f"models[{i}] ({self.models[i]!r}): method {self.method!r} needs a density "
-                        f"(or drop_rate) for tensor {tensor_name!r}; none is set")
-                if d is not None and p is not None and abs(d - (1.0 - p)) > 1e-12:
-                    raise MergeConfigError(
-                        f"models[{i}] ({self.models[i]!r}): density {d} and drop_rate {p} "
-                        f"disagree for tensor {tensor_name!r} (density must be 1 - drop_rate)")
-                density.append(d if d is not None else 1.0 - p)
-        elif preset.trim:  # ties, ties_dare: density is the trim density
+        if method.dare and not method.trim:  # dare_linear, dare_ties: the resolved keep densities
+            density = list(dare_density)
+        elif method.trim:  # ties, ties_dare: density is the trim density
             if any(d is not None for d in dens):
-                density = [DEFAULT_TRIM_DENSITY if d is None else d for d in dens]
-            if preset.dare:  # ties_dare: drop_rate is the DARE drop
-                for i, p in enumerate(drops):
-                    if p is None:
-                        raise MergeConfigError(
-                            f"models[{i}] ({self.models[i]!r}): method 'ties_dare' needs a "
-                            f"drop_rate for tensor {tensor_name!r}; none is set")
+                density = list(trim_density)
+            if method.dare:  # ties_dare: drop_rate is the DARE drop
                 drop_rate = drops
         normalize = self._merge_wide("normalize", tensor_name, t)
-        rescale = self._merge_wide("rescale", tensor_name, t) if preset.dare else None
+        rescale = self._merge_wide("rescale", tensor_name, t) if method.dare else None
         lam = self._merge_wide("lambda", tensor_name, t)
         return {
             "weights": weights,
@@ -483,43 +474,31 @@ def _parse_method(raw) -> str:
         raise MergeConfigError(f"merge_method: required; supported: {', '.join(SUPPORTED_METHODS)}")
     if not isinstance(raw, str):
         raise MergeConfigError(f"merge_method: expected a string, got {raw!r}")
-    name = raw.strip().lower()
-    name = ALIASES.get(name, name)
-    if name not in PRESETS:
-        why = " (a mergekit method we do not implement)" if name in MERGEKIT_ONLY_METHODS else ""
-        raise MergeConfigError(f"merge_method: {raw!r} is not supported{why}; supported: "
-                               f"{', '.join(SUPPORTED_METHODS)}")
-    return name
+    try:
+        return get_method(raw, what="").name
+    except ValueError as exc:
+        raise MergeConfigError(f"merge_method:{exc}") from None
 
 
 def _check_method_parameters(method: str, top: dict, per_model: list) -> None:
-    """Reject parameters the method does not use (mergekit ignores some of them silently)."""
-    preset = PRESETS[method]
+    """Reject parameters the method does not take (mergekit ignores some of them silently),
+    as the registry declares them; drop mergekit's no-op defaults (NO_OP_WHEN_NOT_TAKEN)."""
+    m = get_method(method)
     placed = [("parameters", top)] + [(f"models[{i}].parameters", p) for i, p in per_model]
     for where, params in placed:
-        if "density" in params and not (preset.dare or preset.trim):
-            raise MergeConfigError(
-                f"{where}.density: method {method!r} does not sparsify; density applies to "
-                f"ties, dare_linear, dare_ties, ties_dare")
-        if "drop_rate" in params and not preset.dare:
-            raise MergeConfigError(
-                f"{where}.drop_rate: method {method!r} does no DARE drop; drop_rate applies to "
-                f"dare_linear, dare_ties, ties_dare")
-    if "lambda" in top and method == "linear":
-        raise MergeConfigError("parameters.lambda: method 'linear' has no scaling coefficient "
-                               "(mergekit ignores it); use task_arithmetic")
-    if "rescale" in top and not preset.dare:
-        s = top["rescale"]
-        if not (s.is_scalar and s.value is False):
-            raise MergeConfigError(f"parameters.rescale: applies to DARE methods only "
-                                   f"(dare_linear, dare_ties, ties_dare), not {method!r}")
-        del top["rescale"]  # rescale: false is mergekit's default here: no effect
+        for name in list(params):
+            if m.takes(name, in_config=True):
+                continue
+            s = params[name]
+            if name in NO_OP_WHEN_NOT_TAKEN and s.is_scalar and s.value == NO_OP_WHEN_NOT_TAKEN[name]:
+                del params[name]  # e.g. rescale: false, mergekit's default: no effect
+                continue
+            raise MergeConfigError(f"{where}.{not_taken(m, name)}")
 
 
 def _check_model_trim(cfg: MergeConfig) -> None:
     """trim_scope: model needs a trim and one density per model for every tensor."""
-    preset = PRESETS[cfg.method]
-    if not preset.trim:
+    if not get_method(cfg.method).trim:
         raise MergeConfigError(f"trim_scope: 'model' applies to methods with a magnitude trim "
                                f"(ties, ties_dare), not {cfg.method!r}")
     for i, params in enumerate(cfg.model_parameters):
@@ -556,7 +535,7 @@ def parse_config(raw: dict) -> MergeConfig:
             raise MergeConfigError(f"{key}: unknown key; supported: {', '.join(TOP_LEVEL_KEYS)}")
 
     method = _parse_method(raw.get("merge_method"))
-    preset = PRESETS[method]
+    preset = get_method(method)
 
     base = raw.get("base_model")
     if base is not None:

@@ -34,7 +34,8 @@ import torch
 from m3kernels.checkpoint.source import Checkpoint, TensorMeta
 from m3kernels.checkpoint.config import MergeConfig, MergeConfigError, layer_index
 from m3kernels.errors import TensorMismatchError
-from m3kernels.merge.recipe import PRESETS, Recipe, make_recipe
+from m3kernels.merge.recipe import Recipe, make_recipe
+from m3kernels.merge.registry import get_method
 from m3kernels.checkpoint.safetensors_io import torch_dtype_name
 
 MERGE, VOCAB, COPY = "merge", "vocab", "copy"
@@ -103,7 +104,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.out_dtype).element_size()
+        return self.numel * self.out_dtype.itemsize
 
     @property
     def merged_numel(self) -> int:
@@ -262,7 +263,7 @@ def _recipe(cfg: MergeConfig, name: str, kwargs: dict, n: int, has_base: bool, r
 
 def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_shard_size: int) -> MergePlan:
     """Match tensors across the inputs, apply SPEC §4, choose dtypes and shards."""
-    preset = PRESETS[cfg.method]
+    preset = get_method(cfg.method)
     source = base if base is not None else models[0]
     inputs = ([base] if base is not None else []) + list(models)
     num_layers = count_layers(source)
@@ -375,7 +376,7 @@ def assign_shards(tensors: list, max_bytes: int) -> list:
     names = shard_filenames(len(groups))
     shards = []
     for i, (g, fname) in enumerate(zip(groups, names)):
-        g = sorted(g, key=lambda t: -torch.empty((), dtype=t.out_dtype).element_size())  # stable: aligned data
+        g = sorted(g, key=lambda t: -t.out_dtype.itemsize)  # stable: aligned data
         for t in g:
             t.shard = i
         shards.append(Shard(i, fname, g))

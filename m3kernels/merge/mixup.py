@@ -14,6 +14,18 @@ from typing import Sequence
 
 import numpy as np
 
+SEED_LIMIT = 2**64        # the merge seed (keys the DARE stream): an integer in [0, 2**64)
+MIXUP_SEED_LIMIT = 2**32  # the M³ draw's seed (NumPy's RandomState takes 32 bits): [0, 2**32)
+
+
+def check_seed(seed, arg: str = "seed", limit: int = SEED_LIMIT) -> int:
+    """``seed`` as an int in [0, limit), else ValueError naming ``arg`` (the one seed check)."""
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or not 0 <= seed < limit:
+        bound = "2**32" if limit == MIXUP_SEED_LIMIT else "2**64" if limit == SEED_LIMIT else str(limit)
+        why = " (the M³ draw's seed)" if limit == MIXUP_SEED_LIMIT else ""
+        raise ValueError(f"{arg} must be an integer in [0, {bound}){why}, got {seed!r}")
+    return int(seed)
+
 
 def draw_mix_ratios(alpha: float, n: int, seed: int = 0) -> tuple[float, ...]:
     """Draw the M³ ratios r_1..r_n (they sum to 1) for ``n`` models.
@@ -27,9 +39,7 @@ def draw_mix_ratios(alpha: float, n: int, seed: int = 0) -> tuple[float, ...]:
     n = int(n)
     if n < 1:
         raise ValueError(f"number of models must be >= 1, got {n}")
-    seed = int(seed)
-    if seed < 0 or seed >= 2**32:
-        raise ValueError(f"seed must be in [0, 2**32) for the M³ draw, got {seed}")
+    seed = check_seed(int(seed), "seed", MIXUP_SEED_LIMIT)
     if n == 1:
         return (1.0,)
     rs = np.random.RandomState(seed)

@@ -1,49 +1,36 @@
-"""Merge methods as presets of SPEC §1, and validation of the user's arguments.
+"""One merge's arguments, validated against the method registry, as a :class:`Recipe`.
 
 A :class:`Recipe` is everything about a merge that does not depend on the tensor: the
 per-model weights, densities, M³ ratios, combine rule and flags. ``make_recipe`` turns the
-keyword arguments of :func:`m3kernels.merge_tensors` (or a config file) into one, raising
-``ValueError`` naming the offending argument.
+keyword arguments of :func:`m3kernels.merge_tensors` (or of a config, per tensor) into one,
+raising ``ValueError`` naming the offending argument. What each method takes and defaults to
+is declared in :mod:`m3kernels.merge.registry`; the rules shared by the API and the config
+(density = 1 − drop_rate, the trim default, which method takes what) live here, once.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import numpy as np
-from dataclasses import dataclass
-from typing import Optional
 
-from m3kernels.merge.mixup import as_number, as_per_model, resolve_mix_ratios
+from m3kernels.merge.mixup import MIXUP_SEED_LIMIT, as_number, as_per_model, check_seed, resolve_mix_ratios
+from m3kernels.merge.registry import (
+    ALIASES,
+    DEFAULT_TRIM_DENSITY,
+    MEAN,
+    SUM,
+    TIES,
+    Method,
+    get_method,
+    method_names,
+    methods_taking,
+)
+from m3kernels.merge.registry import METHODS as PRESETS  # name -> Method (the registry)
 
-# combine rules
-SUM, MEAN, TIES = "sum", "mean", "ties"
-
-
-@dataclass(frozen=True)
-class MethodPreset:
-    name: str
-    uses_base: bool          # delta against the base model (False: base treated as zero)
-    needs_base: bool
-    combine: str             # SUM | MEAN | TIES
-    default_normalize: bool  # for TIES: disjoint mean; for SUM/linear: mean instead of sum
-    dare: bool               # random drop (DARE)
-    trim: bool               # magnitude trim (TIES)
-
-
-PRESETS = {
-    "linear": MethodPreset("linear", False, False, MEAN, True, False, False),
-    "task_arithmetic": MethodPreset("task_arithmetic", True, True, SUM, False, False, False),
-    "ties": MethodPreset("ties", True, True, TIES, True, False, True),
-    "dare_linear": MethodPreset("dare_linear", True, True, SUM, False, True, False),
-    "dare_ties": MethodPreset("dare_ties", True, True, TIES, False, True, False),
-    "ties_dare": MethodPreset("ties_dare", True, True, TIES, True, True, True),
-}
-ALIASES = {"average": "linear"}
-METHODS = tuple(sorted(set(PRESETS) | set(ALIASES)))
-
-DEFAULT_TRIM_DENSITY = 0.2
-
+METHODS = method_names()  # every name a user may write
 
 @dataclass(frozen=True)
 class Recipe:
@@ -78,7 +65,7 @@ def _check_f32(x: float, arg: str) -> float:
 
 def _check_density(vals, arg):
     for v in vals:
-        if not (0.0 <= v <= 1.0) or math.isnan(v):
+        if v is not None and (not (0.0 <= v <= 1.0) or math.isnan(v)):
             raise ValueError(f"{arg} must be in [0, 1], got {v}")
     return vals
 
@@ -91,6 +78,52 @@ def _rescale_mode(rescale) -> str:
     if isinstance(rescale, str) and rescale.lower() in ("l1", "density", "none", "true", "false"):
         return {"true": "density", "false": "none"}.get(rescale.lower(), rescale.lower())
     raise ValueError(f"rescale must be True, False or 'l1', got {rescale!r}")
+
+
+class SparsityError(ValueError):
+    """A density / drop_rate problem; ``model`` is the model's index when it concerns one."""
+
+    def __init__(self, message: str, arg: str, model: Optional[int] = None):
+        super().__init__(message)
+        self.arg = arg
+        self.model = model
+
+
+def not_taken(method: Method, arg: str) -> str:
+    """The message for a parameter ``method`` does not take, naming the methods that do."""
+    others = methods_taking(arg) or ["none"]
+    return f"{arg}: method {method.name!r} does not take it; methods that do: {', '.join(others)}"
+
+
+def resolve_sparsity(method: Method, dens: Sequence, drops: Sequence):
+    """(DARE keep densities or None, trim densities or None) from per-model ``density`` and
+    ``drop_rate`` values (an entry is None where that model sets none). The one place where
+    density = 1 − drop_rate and the trim default are applied; SparsityError otherwise."""
+    prog = method.program
+    if prog.dare and prog.trim:  # ties_dare: DARE with drop_rate, then trim with density
+        for i, p in enumerate(drops):
+            if p is None:
+                raise SparsityError(f"method {method.name!r} needs drop_rate (DARE) besides density (trim)",
+                                    "drop_rate", i)
+        return tuple(1.0 - p for p in drops), tuple(DEFAULT_TRIM_DENSITY if d is None else d for d in dens)
+    if prog.dare:
+        out = []
+        for i, (d, p) in enumerate(zip(dens, drops)):
+            if d is None and p is None:
+                raise SparsityError(f"method {method.name!r} needs density (or drop_rate = 1 - density)",
+                                    "density", i)
+            if d is not None and p is not None and abs(d - (1.0 - p)) > 1e-12:
+                raise SparsityError(f"density {d} and drop_rate {p} disagree (density must equal "
+                                    f"1 - drop_rate)", "drop_rate", i)
+            out.append(d if d is not None else 1.0 - p)
+        return tuple(out), None
+    if any(p is not None for p in drops):
+        raise SparsityError(not_taken(method, "drop_rate"), "drop_rate")
+    if prog.trim:
+        return None, tuple(DEFAULT_TRIM_DENSITY if d is None else d for d in dens)
+    if any(d is not None for d in dens):
+        raise SparsityError(not_taken(method, "density"), "density")
+    return None, None
 
 
 def make_recipe(
@@ -108,64 +141,36 @@ def make_recipe(
     mixup_alpha=None,
     seed=0,
 ) -> Recipe:
-    """Validate the merge arguments for ``n`` models and resolve the method preset."""
-    if not isinstance(method, str):
-        raise ValueError(f"method must be a string, one of {', '.join(METHODS)}")
-    key = ALIASES.get(method.lower(), method.lower())
-    if key not in PRESETS:
-        raise ValueError(f"method {method!r} is not supported; choose one of {', '.join(METHODS)}")
-    preset = PRESETS[key]
+    """Validate the merge arguments for ``n`` models against the method's registry entry."""
+    preset = get_method(method)
+    key = preset.name
     if n < 1:
         raise ValueError("models: at least one model is needed (N = 0)")
     if preset.needs_base and not has_base:
         raise ValueError(f"base: method {key!r} needs a base model, got base=None")
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0 or seed >= 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    check_seed(seed)
 
     w = as_per_model(weights, n, "weights") or (1.0,) * n
     for x in w:
         _check_f32(x, "weights")
     lam = _check_f32(as_number(lambda_, "lambda_"), "lambda_")
-    if mixup_alpha is not None and seed >= 2**32:
-        raise ValueError(f"seed must be below 2**32 when mixup_alpha draws the M³ ratios, got {seed}")
+    if mixup_alpha is not None:
+        check_seed(seed, "seed", MIXUP_SEED_LIMIT)
     ratios = resolve_mix_ratios(n, mix_ratios, mixup_alpha, seed)
 
-    dens = as_per_model(density, n, "density")
-    drops = as_per_model(drop_rate, n, "drop_rate")
-    if dens is not None:
-        _check_density(dens, "density")
-    if drops is not None:
-        _check_density(drops, "drop_rate")
+    dens = _check_density(as_per_model(density, n, "density") or (None,) * n, "density")
+    drops = _check_density(as_per_model(drop_rate, n, "drop_rate") or (None,) * n, "drop_rate")
+    try:
+        dare_density, trim_density = resolve_sparsity(preset, dens, drops)
+    except SparsityError as exc:
+        raise ValueError(f"{exc.arg}: {exc}" if not str(exc).startswith(exc.arg) else str(exc)) from None
 
-    dare_density = trim_density = None
-    if preset.dare and preset.trim:  # ties_dare: DARE with drop_rate, then trim with density
-        if drops is None:
-            raise ValueError("drop_rate: method 'ties_dare' needs drop_rate (DARE) besides density (trim)")
-        dare_density = tuple(1.0 - p for p in drops)
-        trim_density = dens if dens is not None else (DEFAULT_TRIM_DENSITY,) * n
-    elif preset.dare:
-        if dens is None and drops is None:
-            raise ValueError(f"density: method {key!r} needs density (or drop_rate = 1 - density)")
-        if dens is not None and drops is not None:
-            if any(abs(d - (1.0 - p)) > 1e-12 for d, p in zip(dens, drops)):
-                raise ValueError("density and drop_rate disagree (density must equal 1 - drop_rate)")
-        dare_density = dens if dens is not None else tuple(1.0 - p for p in drops)
-    elif preset.trim:
-        if drops is not None:
-            raise ValueError(f"drop_rate: method {key!r} does no DARE drop; use dare_ties or ties_dare")
-        trim_density = dens if dens is not None else (DEFAULT_TRIM_DENSITY,) * n
-    else:
-        if dens is not None:
-            raise ValueError(f"density: method {key!r} does not sparsify")
-        if drops is not None:
-            raise ValueError(f"drop_rate: method {key!r} does not sparsify")
-
-    if rescale is not None and not preset.dare:
-        raise ValueError(f"rescale: applies to DARE methods only, not {key!r}")
-    mode = _rescale_mode(rescale) if preset.dare else None
+    if rescale is not None and not preset.takes("rescale"):
+        raise ValueError(not_taken(preset, "rescale"))
+    mode = _rescale_mode(rescale) if preset.program.dare else None
 
     norm = preset.default_normalize if normalize is None else bool(normalize)
-    combine = preset.combine
+    combine = preset.program.combine
     if combine == MEAN and not norm:
         combine = SUM
     elif combine == SUM and norm:
@@ -177,7 +182,7 @@ def make_recipe(
     return Recipe(
         method=key,
         n=n,
-        uses_base=preset.uses_base and has_base,
+        uses_base=preset.program.uses_base and has_base,
         combine=combine,
         normalize=norm,
         weights=w,
