@@ -30,6 +30,7 @@ from m3kernels.merge.registry import (
     all_config_params,
     get_method,
     method_names,
+    param_allows_gradient,
     param_kind,
 )
 
@@ -194,12 +195,12 @@ def _leaf(value, kind: str, key: str):
     return x
 
 
-def _value_setting(raw, kind: str, key: str) -> Setting:
+def _value_setting(raw, kind: str, key: str, gradient: bool) -> Setting:
     """A scalar or a gradient (the 'value' of a filter entry, or a whole parameter)."""
     if isinstance(raw, list):
         if not raw:
             raise MergeConfigError(f"{key}: an empty list is not a valid value")
-        if kind in ("bool", "rescale"):
+        if not gradient:
             raise MergeConfigError(
                 f"{key}: a gradient (list of values) is only supported for numeric parameters "
                 f"(weight, density, drop_rate, lambda), not here")
@@ -218,7 +219,7 @@ def _value_setting(raw, kind: str, key: str) -> Setting:
 
 def parse_setting(raw, name: str, key: str) -> Setting:
     """A parameter as written in the YAML -> Setting (validated for that parameter)."""
-    kind = param_kind(name)
+    kind, gradient = param_kind(name), param_allows_gradient(name)
     if isinstance(raw, dict):  # a single filter entry
         raw = [raw]
     if isinstance(raw, list) and raw and any(isinstance(e, dict) for e in raw):
@@ -238,9 +239,9 @@ def parse_setting(raw, name: str, key: str) -> Setting:
             flt = e.get("filter")
             if flt is not None and not isinstance(flt, str):
                 raise MergeConfigError(f"{ekey}.filter: expected a string, got {flt!r}")
-            entries.append((flt, _value_setting(e["value"], kind, f"{ekey}.value")))
+            entries.append((flt, _value_setting(e["value"], kind, f"{ekey}.value", gradient)))
         return Setting("filters", tuple(entries), key)
-    return _value_setting(raw, kind, key)
+    return _value_setting(raw, kind, key, gradient)
 
 
 # ---------------------------------------------------------------------------------------

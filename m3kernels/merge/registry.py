@@ -24,8 +24,9 @@ PER_MODEL, MERGE_WIDE = "per-model", "merge-wide"
 # parameter kinds: how a value is checked (config: m3kernels.checkpoint.config._leaf)
 NUMBER, FRACTION, BOOL, RESCALE = "number", "fraction", "bool", "rescale"
 # stage-A statistics a method may need (m3kernels.api.prepare computes them)
-TRIM_HISTOGRAM = "trim thresholds (exact k-th largest |δ|, two 65,536-bin histogram passes)"
-L1_SUMS = "L1 sums Σ|δ| and Σ|δ| over DARE-kept elements (rescale: l1)"
+# (the exact k-th largest magnitude per model; the L1 sums of the deltas and of their DARE-kept part)
+TRIM_HISTOGRAM = "trim thresholds"
+L1_SUMS = "L1 sums (rescale: l1 only)"
 
 DEFAULT_TRIM_DENSITY = 0.2
 MERGEKIT_DOCS = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
@@ -35,11 +36,12 @@ MERGEKIT_DOCS = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_metho
 class Param:
     """One parameter a method takes.
 
-    ``name`` is the config (mergekit) name, ``api`` the keyword of ``merge_tensors``. ``default``
+    ``name`` is the config (mergekit) name, ``api`` the keyword of ``merge_tensors`` ("": none).
+    ``default``
     is what an unset parameter means (``REQUIRED``: the method cannot run without it).
     ``config=False``: the tensor API takes it but a config may not set it (mergekit has no such
-    parameter for the method). ``gradient``: a list of values over the layers, or filters by
-    tensor name, are allowed in a config.
+    parameter for the method). ``gradient``: a list of values over the layers is allowed in a
+    config (filters by tensor name are allowed for every parameter).
     """
 
     name: str
@@ -53,8 +55,8 @@ class Param:
 
     @property
     def range(self) -> str:
-        return {NUMBER: "finite float32", FRACTION: "[0, 1]", BOOL: "true | false",
-                RESCALE: "true | false | l1"}[self.kind]
+        return {NUMBER: "finite float32", FRACTION: "[0, 1]", BOOL: "true, false",
+                RESCALE: "true, false, l1"}[self.kind]
 
 
 REQUIRED = "required"
@@ -87,7 +89,7 @@ class Method:
     def param(self, name: str) -> Optional[Param]:
         """The parameter by config name or API keyword (None: the method does not take it)."""
         for p in self.params:
-            if name in (p.name, p.api):
+            if name == p.name or (p.api and name == p.api):
                 return p
         return None
 
@@ -162,7 +164,7 @@ def _rescale() -> Param:
                  gradient=False)
 
 
-_INT8_MASK = Param("int8_mask", "int8_mask", MERGE_WIDE, BOOL, False,
+_INT8_MASK = Param("int8_mask", "", MERGE_WIDE, BOOL, False,
                    "accepted for mergekit compatibility; no effect (masks are never materialised)",
                    gradient=False, config=True)
 
@@ -268,6 +270,14 @@ def param_kind(name: str) -> str:
     return kinds.pop()
 
 
+def param_allows_gradient(name: str) -> bool:
+    """Whether a config parameter may be a gradient (the same for every method that takes it)."""
+    flags = {p.gradient for m in METHODS.values() for p in m.params if p.name == name}
+    if len(flags) != 1:
+        raise KeyError(name)
+    return flags.pop()
+
+
 def methods_taking(name: str) -> list:
     return [m.name for m in METHODS.values() if m.takes(name, in_config=True)]
 
@@ -292,22 +302,39 @@ def markdown_tables() -> str:
     lines = [DOC_BEGIN, "", "| method | aliases | base | stage A | what it does | reference |",
              "|---|---|---|---|---|---|"]
     for m in METHODS.values():
-        stage = "; ".join(s.split(" (")[0] for s in m.stage_a) or "—"
+        stage = "; ".join(m.stage_a) or "—"
         lines.append(f"| `{m.name}` | {', '.join(f'`{a}`' for a in m.aliases) or '—'} | "
                      f"{'required' if m.needs_base else 'not used'} | {stage} | {m.summary} | "
                      f"[link]({m.reference}) |")
     for m in METHODS.values():
         lines += ["", f"**`{m.name}`**", "", "| parameter | API keyword | scope | values | default | "
-                  "gradient/filters | meaning |", "|---|---|---|---|---|---|---|"]
+                  "gradient | meaning |", "|---|---|---|---|---|---|---|"]
         for p in m.params:
             name = f"`{p.name}`" if p.config else f"(`{p.name}`: API only)"
-            lines.append(f"| {name} | `{p.api}` | {p.scope} | {p.range} | {_default_text(p)} | "
+            api = f"`{p.api}`" if p.api else "—"
+            lines.append(f"| {name} | {api} | {p.scope} | {p.range} | {_default_text(p)} | "
                          f"{'yes' if p.gradient else 'no'} | {p.doc} |")
     lines += ["", DOC_END]
     return "\n".join(lines)
 
 
+def refresh_doc(path) -> bool:
+    """Rewrite the generated block of ``path`` (docs/CONFIG.md) from the registry; True if it changed.
+
+    ``python -c "from m3kernels.merge.registry import refresh_doc; refresh_doc('docs/CONFIG.md')"``
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text(encoding="utf-8")
+    a, b = text.index(DOC_BEGIN), text.index(DOC_END) + len(DOC_END)
+    new = text[:a] + markdown_tables() + text[b:]
+    if new != text:
+        p.write_text(new, encoding="utf-8")
+    return new != text
+
+
 __all__ = ["Method", "Param", "Program", "METHODS", "ALIASES", "register", "get_method", "method_names",
            "supported", "markdown_tables", "MERGEKIT_ONLY_METHODS", "DEFAULT_TRIM_DENSITY", "SUM", "MEAN",
-           "TIES", "PER_MODEL", "MERGE_WIDE", "REQUIRED", "all_config_params", "param_kind",
-           "methods_taking"]
+           "TIES", "PER_MODEL", "MERGE_WIDE", "REQUIRED", "all_config_params", "param_kind", "param_allows_gradient",
+           "methods_taking", "refresh_doc", "DOC_BEGIN", "DOC_END"]
