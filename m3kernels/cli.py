@@ -1,4 +1,4 @@
-"""The ``m3kernels`` command: ``merge``, ``inspect``, ``demo`` and ``backends`` (alias ``info``).
+"""The ``m3kernels`` command: ``merge``, ``inspect``, ``methods``, ``demo``, ``backends`` (alias ``info``).
 
 A thin layer over :func:`m3kernels.merge_checkpoints` and friends. Problems the user can fix
 (bad config, bad input, existing output, full disk) print one line and exit with status 2;
@@ -70,6 +70,10 @@ def _build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", metavar="PATH", help="checkpoint folder or .safetensors file")
     i.add_argument("--allow-bin", action="store_true", help="accept PyTorch .bin weights")
     i.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
+
+    t = sub.add_parser("methods", help="the merge methods and their parameters (names, scopes, defaults)")
+    t.add_argument("names", nargs="*", metavar="METHOD", help="only these methods (default: all)")
+    t.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
 
     d = sub.add_parser("demo", help="merge a tiny generated base + two fine-tunes with TIES + M³")
     d.add_argument("--keep", metavar="DIR", default=None, help="write the demo models and output here "
@@ -191,6 +195,35 @@ def cmd_backends(args) -> int:
     return 0
 
 
+def methods_text(names=()) -> str:
+    """Every registered method (or the named ones) with its parameters, from the registry."""
+    from m3kernels.merge.registry import METHODS, get_method
+
+    chosen = [get_method(n) for n in names] if names else list(METHODS.values())
+    lines = []
+    for m in chosen:
+        alias = f" (alias {', '.join(m.aliases)})" if m.aliases else ""
+        lines.append(f"{m.name}{alias}: {m.summary}")
+        lines.append(f"  base model: {'required' if m.needs_base else 'not used'}; stage A: "
+                     f"{'; '.join(m.stage_a) or 'none'}; reference: {m.reference}")
+        for q in m.params:
+            default = q.default if not isinstance(q.default, bool) else str(q.default).lower()
+            where = q.scope + ("" if q.config else ", tensor API only")
+            lines.append(f"  {q.name:10s} {where}, {q.range}, default {default}"
+                         f"{', gradient allowed' if q.gradient else ''}: {q.doc}")
+    return "\n".join(lines)
+
+
+def cmd_methods(args) -> int:
+    try:
+        print(methods_text(args.names))
+    except ValueError as exc:
+        from m3kernels.errors import M3KError
+
+        raise M3KError(str(exc)) from None
+    return 0
+
+
 def cmd_demo(args) -> int:
     from m3kernels.demo import run_demo
 
@@ -199,7 +232,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "backends": cmd_backends,
-            "info": cmd_backends}
+            "info": cmd_backends, "methods": cmd_methods}
 
 
 def main(argv: Optional[list] = None) -> int:
