@@ -4,7 +4,7 @@ end to end vs an eager-PyTorch mergekit-style TIES on the same GPU.
 1. Ceiling: a large device-to-device ``copy_`` timed with CUDA events; bandwidth counts the bytes
    read plus the bytes written.
 2. One 5120×13824 bf16 tensor (Llama-2-13B MLP), base + N = 2 fine-tunes (fine-tune = base +
-   N(0, 0.002²), as SPEC §6): stage B of each method through the Triton and the CUDA backend
+   N(0, 0.002²), as docs/SPEC.md §6): stage B of each method through the Triton and the CUDA backend
    (stage A done once beforehand), as GB/s of bytes read + written and % of the ceiling
    (target ≥ 85 %).
 3. Full TIES (stage A histograms + stage B, ``merge_tensors``, host syncs included) per backend,

@@ -1,4 +1,4 @@
-"""GPU streaming benchmark: the ``l13`` model (SPEC §6) through ``gpu_merge_stream``.
+"""GPU streaming benchmark: the ``l13`` model (docs/SPEC.md §6) through ``gpu_merge_stream``.
 
 Llama-2-13B shapes, 40 layers (``--layers`` shrinks it), bf16, base + 2 fine-tunes, from a
 synthetic in-memory source: per distinct tensor size, one seeded pool buffer per model (generated

@@ -374,7 +374,7 @@ def compare_outputs(method: str, cfg_path: Path, ours_dir: Path, mk_dir: Path) -
 
     * ``ties``: exact, in bf16 ulps, excluding the trim ties: elements where some model's
       |δ| equals its trim threshold (mergekit's argsort keeps exactly k of those, we keep all
-      of them, SPEC §1).
+      of them, docs/SPEC.md §1).
     * ``linear``: exact, in ulps, nothing excluded.
     * ``dare_ties``: distribution statistics only (see :class:`DistStats`).
     """
@@ -415,7 +415,7 @@ def compare_outputs(method: str, cfg_path: Path, ours_dir: Path, mk_dir: Path) -
 
 
 def trim_k(density: float, numel: int) -> int:
-    """k = floor(density · n) of the magnitude trim (SPEC §1)."""
+    """k = floor(density · n) of the magnitude trim (docs/SPEC.md §1)."""
     return int(math.floor(density * numel))
 
 

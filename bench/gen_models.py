@@ -1,4 +1,4 @@
-"""Seeded synthetic Llama checkpoints for the benchmarks (SPEC §6).
+"""Seeded synthetic Llama checkpoints for the benchmarks (docs/SPEC.md §6).
 
 * ``l13x2``: Llama-2-13B tensor shapes (hidden 5120, intermediate 13824, vocab 32000, 40
   heads) with 2 decoder layers, bf16: a base model and fine-tunes (fine-tune = base +
@@ -48,7 +48,7 @@ import torch
 CHUNK = 1 << 22                # elements per seeded chunk (fixed: part of the definition)
 BASE_STD = 0.02                # std of the base weights
 NORM_MEAN = 1.0                # RMSNorm weights are centred on 1
-FINETUNE_STD = 0.002           # std of the fine-tune noise (SPEC §6)
+FINETUNE_STD = 0.002           # std of the fine-tune noise (docs/SPEC.md §6)
 DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB" shards
 FORMAT_VERSION = 1             # bump when the generated values change
 

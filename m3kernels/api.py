@@ -15,7 +15,8 @@ import torch
 from m3kernels.backends import get_backend
 from m3kernels.merge.kernel_params import DTYPE_CODES, TRIM_KEEP_ALL, TRIM_KEEP_NONE, f32, make_params, trim_k
 from m3kernels.merge.recipe import Recipe, make_recipe
-from m3kernels.merge.select import bits_to_float, select_thresholds
+from m3kernels.merge.philox import philox4x32_10
+from m3kernels.merge.select import bits_to_float, select_from_keys, select_thresholds
 
 SUPPORTED_DTYPES = tuple(DTYPE_CODES)
 
@@ -84,8 +85,52 @@ def thresholds_to_bits(thresholds: Sequence[Optional[float]]) -> np.ndarray:
     return np.asarray(bits, dtype=np.uint64)
 
 
+SMALL_TENSOR_NUMEL = 1 << 16  # up to this many elements, stage A selects the trim thresholds directly
+
+
+def _delta_keys_f32(p, base, models) -> np.ndarray:
+    """uint32[n, numel] bits(|δ'_i|) on CPU tensors, transcribing the first lines of docs/KERNEL.md:
+    d = f32(x) - b (one float32 subtraction, also without a base), then for DARE models
+    u < thr ? d * scale : 0 with u from the Philox words of kernel_params' keys."""
+    numel = models[0].numel()
+    b = base.reshape(-1).to(torch.float32) if p.has_base else torch.zeros(numel, dtype=torch.float32)
+    keys = np.empty((p.n, numel), dtype=np.uint32)
+    ctr = None
+    for i, m in enumerate(models):
+        d = m.reshape(-1).to(torch.float32) - b
+        if p.dare[i]:
+            if ctr is None:
+                q = np.arange((numel + 3) // 4, dtype=np.uint64)
+                ctr = np.zeros((q.shape[0], 4), dtype=np.uint64)
+                ctr[:, 0] = q & np.uint64(0xFFFFFFFF)
+                ctr[:, 1] = q >> np.uint64(32)
+            u = philox4x32_10(ctr, (int(p.key0[i]), int(p.key1[i]))).reshape(-1)[:numel]
+            keep = torch.from_numpy(u < np.uint64(p.dare_thr[i]))
+            d = torch.where(keep, d * torch.tensor(p.dare_scale[i], dtype=torch.float32), 0.0)
+        keys[i] = d.view(torch.int32).numpy().view(np.uint32) & np.uint32(0x7FFFFFFF)
+    return keys
+
+
+def small_tensor_keys(p, base, models, backend) -> Optional[np.ndarray]:
+    """bits(|δ'_i|) of every element (uint32[n, numel], δ' = the delta after the DARE step), the
+    values ``backend.histogram`` counts: from the backend's ``delta_keys`` when it has one (the
+    same kernel code as its histograms), for CPU tensors from the float32 transcription, else
+    None (the histograms are used)."""
+    fn = getattr(backend, "delta_keys", None)
+    if fn is not None:
+        return fn(p, base, models)
+    if models[0].device.type == "cpu":
+        return _delta_keys_f32(p, base, models)
+    return None
+
+
 def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
-    """Stage A for one tensor: kernel params with the L1 scale and trim thresholds filled in."""
+    """Stage A for one tensor: kernel params with the L1 scale and trim thresholds filled in.
+
+    Trim thresholds are the exact k-th largest bits(|δ'|): two histogram passes, or for tensors
+    of at most SMALL_TENSOR_NUMEL elements a selection among the bit patterns themselves (the
+    same result, without the fixed cost of two 65,536-bin histograms).
+    """
     trim_bits = thresholds_to_bits(thresholds) if thresholds is not None else None  # validates first
     p = make_params(recipe, name, base is not None)
     b = base if p.has_base else None
@@ -98,8 +143,12 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
         else:
             numel = models[0].numel()
             ks = [trim_k(d, numel) for d in recipe.trim_density]
-            p = p.with_trim(select_thresholds(lambda prefix: backend.histogram(p, b, models, prefix),
-                                              ks, numel))
+            keys = small_tensor_keys(p, b, models, backend) if numel <= SMALL_TENSOR_NUMEL else None
+            if keys is not None:
+                p = p.with_trim(select_from_keys(keys, ks, numel))
+            else:
+                p = p.with_trim(select_thresholds(lambda prefix: backend.histogram(p, b, models, prefix),
+                                                  ks, numel))
     return p, b
 
 
@@ -109,10 +158,52 @@ def merge_tensors(base, models, *, method, weights=None, density=None, drop_rate
                   thresholds=None) -> torch.Tensor:
     """Merge one tensor of N fine-tuned models (and an optional base) by ``method``.
 
-    See SPEC §1 for the methods and their defaults. ``mix_ratios`` (or ``mixup_alpha`` with
-    ``seed``) turn on M³; ``name`` keys the DARE random stream; ``thresholds`` (one float
-    per model) overrides the per-tensor trim thresholds, e.g. with whole-model ones.
-    Returns ``out`` (allocated when not given) holding the merged tensor.
+    The result is the per-element program of docs/KERNEL.md (the contract: docs/SPEC.md §1),
+    computed by one fused pass (stage B) after the statistics the method needs (stage A).
+    ``m3kernels methods`` (or docs/CONFIG.md) lists each method's parameters and defaults.
+
+    Args:
+        base: the base model's tensor θ0 (float32, bfloat16 or float16), or None. Every method
+            but ``linear`` needs it; ``linear`` ignores it.
+        models: sequence of N ≥ 1 tensors, one per fine-tuned model, the base's shape, on the
+            base's device; dtypes may differ.
+        method: a registered name (``m3kernels.METHODS``): ``linear`` / ``average``,
+            ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``ties_dare``.
+        weights: w_i, a scalar or one per model (default 1). Finite float32 values.
+        density: a scalar or one per model in [0, 1]. TIES methods: the fraction of the largest
+            |δ_i| the trim keeps (k = ⌊density·numel⌋; default 0.2). DARE methods: the keep
+            probability (required, unless ``drop_rate`` is given).
+        drop_rate: DARE drop probability p, a scalar or one per model: ``dare_*`` take it as
+            density = 1 − p (both may be given if they agree); ``ties_dare`` requires it (the
+            DARE step) besides ``density`` (the trim).
+        normalize: divide by the (agreeing) weights. Default per method: True for ``linear``,
+            ``ties``, ``ties_dare``; False for the others (``task_arithmetic`` then sums).
+        rescale: DARE methods only: True (default; kept values × 1/density), False (unscaled),
+            or ``"l1"`` (kept values × Σ|δ_i| / Σ|δ_i kept|, per model and tensor).
+        lambda_: the scale s of the merged delta: θ = θ0 + s·m (default 1).
+        mix_ratios: M³ ratios r_i given directly: one per model (≥ 0), or a scalar λ for two
+            models, meaning (λ, 1 − λ). The combine weights become r_i·w_i.
+        mixup_alpha: M³ with drawn ratios: λ ~ Beta(α, α) for two models, Dirichlet(α·1)
+            beyond, one draw from ``seed`` (see :func:`m3kernels.draw_mix_ratios`). Not with
+            ``mix_ratios``.
+        seed: integer in [0, 2**64) keying the DARE stream (below 2**32 with ``mixup_alpha``).
+        name: the tensor's name; with ``seed`` and the model index it keys the DARE mask, so
+            the same (seed, name) gives the same mask on every backend and machine.
+        out_dtype: float32, bfloat16 or float16 (default: ``out``'s dtype, else the base's,
+            else the first model's).
+        backend: ``"auto"`` (CPU kernel on CPU tensors; CUDA, else Triton, on CUDA tensors),
+            ``"cpu"``, ``"triton"`` or ``"cuda"``.
+        out: an optional contiguous output tensor (shape of the models, dtype ``out_dtype``,
+            their device); written in place and returned.
+        thresholds: one trim threshold per model (a float ≥ 0, None to keep all, inf to keep
+            none) instead of the per-tensor ones, e.g. whole-model thresholds. Trim methods only.
+
+    Returns:
+        ``out`` (allocated when not given) holding the merged tensor.
+
+    Raises:
+        ValueError: naming the offending argument (unknown method, bad shape, dtype or device,
+            value out of range, a parameter the method does not take, a missing base).
     """
     base, models, out_dtype = validate_inputs(base, models, out, out_dtype)
     recipe = make_recipe(len(models), method=method, has_base=base is not None, weights=weights,

@@ -26,11 +26,24 @@ class CheckpointError(M3KError):
 
 
 class TensorMismatchError(M3KError):
-    """A tensor is missing in some inputs or has different shapes (SPEC §4)."""
+    """A tensor is missing in some inputs or has different shapes (docs/SPEC.md §4)."""
 
 
 class OutputExistsError(M3KError):
     """OUT_DIR exists and ``force`` was not given (or it would overwrite an input)."""
+
+
+class OutputIsInputError(OutputExistsError):
+    """OUT would be inside, equal to, or a parent of an input model folder (refused whatever the flags)."""
+
+
+class OutputLockedError(OutputExistsError):
+    """Another merge holds the lock on OUT (``holder``: its pid, when its lock file says so)."""
+
+    def __init__(self, message: str, *, path: Optional[str] = None, tensor: Optional[str] = None,
+                 holder: Optional[int] = None):
+        super().__init__(message, path=path, tensor=tensor)
+        self.holder = holder
 
 
 class DiskFullError(M3KError):
@@ -42,4 +55,4 @@ class OutputWriteError(M3KError):
 
 
 __all__ = ["M3KError", "CheckpointError", "TensorMismatchError", "OutputExistsError",
-           "DiskFullError", "OutputWriteError", "EXIT_USER_ERROR"]
+           "OutputIsInputError", "OutputLockedError", "DiskFullError", "OutputWriteError", "EXIT_USER_ERROR"]

@@ -193,7 +193,7 @@ def _rewrite(models, key, edit, **kw):
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float64])
 def test_copied_tensors_are_still_checked_for_presence_and_shape(models, tmp_path, capsys, dtype):
-    """Int buffers (and float64 ones we only copy) must exist alike in every model (SPEC §4)."""
+    """Int buffers (and float64 ones we only copy) must exist alike in every model (docs/SPEC.md §4)."""
     buf = "model.rotary_emb.buf"
     for key, n in (("base", 5), ("ft1", 7), ("ft2", 5)):
         _rewrite(models, key, lambda t, n=n: t.__setitem__(buf, torch.arange(n).to(dtype)))

@@ -1,4 +1,4 @@
-"""merge_tensors on every compiled backend against the float64 reference (SPEC §1-§3).
+"""merge_tensors on every compiled backend against the float64 reference (docs/SPEC.md §1-§3).
 
 Methods × dtypes (incl. mixed) × N ∈ {1, 2, 3} × odd sizes; output poisoned with NaN first;
 values within one output ulp (plus the float32 arithmetic bound), thresholds exact, DARE
@@ -111,7 +111,7 @@ def test_mixup_equals_explicit_ratios(backend, gen):
 
 @pytest.mark.skipif(not have_backend("cpu"), reason="CPU extension not built")
 def test_paper_variants_cpu(gen):
-    """M³ formulas of SPEC §2 written out directly, N = 2, λ fixed."""
+    """M³ formulas of docs/SPEC.md §2 written out directly, N = 2, λ fixed."""
     base, (m1, m2) = make_inputs((2001,), 2, (F32, [F32]), gen)
     lam = 0.3
     b, x1, x2 = (t.double() for t in (base, m1, m2))
@@ -125,7 +125,7 @@ def test_paper_variants_cpu(gen):
 
 @pytest.mark.skipif(not have_backend("cpu"), reason="CPU extension not built")
 def test_trim_ties_at_threshold_all_kept():
-    """Many equal magnitudes at the threshold: all of them are kept (SPEC §1)."""
+    """Many equal magnitudes at the threshold: all of them are kept (docs/SPEC.md §1)."""
     base = torch.zeros(100, dtype=F32)
     d = torch.tensor([1.0] * 10 + [0.5] * 30 + [0.25] * 60, dtype=F32)
     out = m3kernels.merge_tensors(base, [d], method="ties", density=0.2, backend="cpu")

@@ -1,4 +1,4 @@
-"""Argument validation (ValueError naming the argument) and the method presets of SPEC §1."""
+"""Argument validation (ValueError naming the argument) and the method presets of docs/SPEC.md §1."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""The oracle itself, checked against element-by-element Python written from SPEC §1-§2."""
+"""The oracle itself, checked against element-by-element Python written from docs/SPEC.md §1-§2."""
 
 import math
 import random

@@ -1,7 +1,7 @@
 """The merge plan: which output tensor comes from which inputs, how, and in which shard.
 
 Built once from the validated config and the opened checkpoints, before anything is written
-(``--dry-run`` prints it and stops). The rules of SPEC §4 live here:
+(``--dry-run`` prints it and stops). The rules of docs/SPEC.md §4 live here:
 
 * the output holds the tensors of the base model (or, without one, of the first model);
 * a float tensor (float32/bfloat16/float16) with the same shape everywhere is **merged**;
@@ -262,7 +262,7 @@ def _recipe(cfg: MergeConfig, name: str, kwargs: dict, n: int, has_base: bool, r
 
 
 def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_shard_size: int) -> MergePlan:
-    """Match tensors across the inputs, apply SPEC §4, choose dtypes and shards."""
+    """Match tensors across the inputs, apply docs/SPEC.md §4, choose dtypes and shards."""
     preset = get_method(cfg.method)
     source = base if base is not None else models[0]
     inputs = ([base] if base is not None else []) + list(models)

@@ -1,6 +1,6 @@
 """Counter-based DARE randomness: Philox4x32-10 and the (seed, name, model) key derivation.
 
-This module is the single definition of the DARE random stream (SPEC §3). Every backend
+This module is the single definition of the DARE random stream (docs/SPEC.md §3). Every backend
 receives the two 32-bit key words and the integer keep threshold computed here, so the key
 derivation exists once, in Python; only the Philox rounds are re-implemented per backend.
 

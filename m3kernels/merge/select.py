@@ -1,10 +1,11 @@
-"""Exact k-th largest |δ| by radix select over float32 bit patterns (SPEC §5, stage A).
+"""Exact k-th largest |δ| by radix select over float32 bit patterns (docs/SPEC.md §5, stage A).
 
 |δ| is non-negative, so its float32 bit pattern (as uint32) orders exactly like its value.
 Pass 1 histograms the high 16 bits; the bin holding the k-th largest is found from the
 top; pass 2 histograms the low 16 bits of the elements in that bin. Two passes give the
 exact threshold. Histograms are plain counts, so they add across chunks, threads and
 tensors: ``trim_scope: model`` sums pass-1 histograms over all tensors, then pass-2.
+Small tensors skip the histograms: :func:`select_from_keys` selects from the bit patterns.
 
 A backend supplies ``hist(prefix)``: with ``prefix=None`` a (n, 65536) int64 array of
 high-16 counts per model; with ``prefix`` (uint32[n]) the low-16 counts of the elements
@@ -59,6 +60,25 @@ def select_thresholds(hist: Callable[[Optional[np.ndarray]], np.ndarray], ks: Se
     return out
 
 
+def select_from_keys(keys: np.ndarray, ks: Sequence[Optional[int]], total: int) -> np.ndarray:
+    """What :func:`select_thresholds` returns, from the keys themselves: ``keys`` is
+    uint32[n, total], row i holding bits(|δ'_i|) of every element (the values the histograms
+    count). The k-th largest comes from ``np.partition`` (an exact selection, no histogram), which
+    is what small tensors want: two 65,536-bin passes cost far more than their few elements.
+    """
+    n = len(ks)
+    out = np.full(n, TRIM_KEEP_ALL, dtype=np.uint64)
+    for i, k in enumerate(ks):
+        if k is None:
+            continue
+        k = min(int(k), total)  # k = n: the smallest |δ|
+        if k <= 0:
+            out[i] = TRIM_KEEP_NONE
+            continue
+        out[i] = int(np.partition(keys[i], total - k)[total - k])
+    return out
+
+
 def bits_to_float(bits: int) -> float:
     """The float32 value of a threshold bit pattern (inf for 'keep none')."""
     if bits >= TRIM_KEEP_NONE:
@@ -66,4 +86,4 @@ def bits_to_float(bits: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
-__all__ = ["select_thresholds", "bits_to_float"]
+__all__ = ["select_thresholds", "select_from_keys", "bits_to_float"]
