@@ -21,6 +21,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
+from m3kernels.errors import M3KError
 from m3kernels.merge.mixup import MIXUP_SEED_LIMIT, SEED_LIMIT, draw_mix_ratios, normalize_mix_ratios
 from m3kernels.merge.recipe import SparsityError, make_recipe, not_taken, resolve_sparsity
 from m3kernels.merge.registry import (
@@ -35,8 +36,11 @@ from m3kernels.merge.registry import (
 )
 
 
-class MergeConfigError(ValueError):
-    """A config problem; the message names the offending key/value and what is supported."""
+class MergeConfigError(M3KError, ValueError):
+    """A config problem; the message names the offending key/value and what is supported.
+
+    Part of the package's one error hierarchy (:class:`m3kernels.errors.M3KError`), and a
+    ``ValueError`` like every other bad-argument error of the API."""
 
 
 # ---------------------------------------------------------------------------------------
