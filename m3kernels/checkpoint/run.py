@@ -1,6 +1,6 @@
 """``merge_checkpoints``: stream a whole-checkpoint merge tensor by tensor, with bounded memory.
 
-The flow (SPEC §5, issue 3):
+The flow (docs/SPEC.md §5, issue 3):
 
 1. load the config, open and validate every input (headers checked, nothing read yet);
 2. build the plan (:mod:`m3kernels.checkpoint.plan`): tensors, shapes, dtypes, shards; ``dry_run``
@@ -37,6 +37,7 @@ from m3kernels.checkpoint.plan import MergePlan, build_plan, shard_filenames
 from m3kernels.checkpoint.writer import (Journal, ShardedWriter, make_temp_dir, partial_runs,
                      publish)
 from m3kernels.checkpoint.inputs import config_and_folder, open_inputs
+from m3kernels.checkpoint.output_guard import OutputLock, check_out_dir
 from m3kernels.checkpoint.model_stats import model_thresholds
 from m3kernels.checkpoint.produce import produce_cpu, produce_gpu, merge_one, fill_extra_rows
 from m3kernels.checkpoint.record import RECORD_FILE, fingerprint, header_metadata, make_record, write_side_files
@@ -84,18 +85,6 @@ class MergeResult:
         if self.resumed_shards:
             lines.append(f"resumed: reused {len(self.resumed_shards)} finished shard(s)")
         return "\n".join(lines)
-
-
-def _check_out_dir(out_dir: Path, force: bool, inputs: list) -> None:
-    real = out_dir.resolve()
-    for ck in inputs:
-        root = ck.root.resolve()
-        if real == root or real in root.parents:
-            raise OutputExistsError(f"{out_dir}: the output folder would replace the input {ck.label}",
-                                    path=str(out_dir))
-    if (out_dir.exists() or out_dir.is_symlink()) and not force:
-        raise OutputExistsError(f"{out_dir} already exists; choose another folder or pass --force "
-                                f"(force=True) to replace it", path=str(out_dir))
 
 
 def resolve_device(device: str, backend: str = "auto") -> torch.device:
@@ -243,13 +232,15 @@ def merge_checkpoints(config, out_dir, *, device: str = "auto", out_shard_size: 
     out_dir = Path(out_dir).expanduser().absolute()
     base, models, opened = open_inputs(cfg, cfg_dir, allow_bin)
     try:
-        _check_out_dir(out_dir, force, opened)
+        check_out_dir(out_dir, force, opened)  # before anything is created or deleted
         plan = build_plan(cfg, base, models, out_shard_size)
         if dry_run:
             return plan
         dev = resolve_device(device, backend)
-        return run_merge(plan, out_dir, device=dev, backend=backend, out_shard_size=out_shard_size,
-                         force=force, resume=resume, progress=progress)
+        with OutputLock(out_dir):  # OUT and its temporary folders are ours until publish is done
+            check_out_dir(out_dir, force, opened, under_lock=True)  # again: another run may have published it
+            return run_merge(plan, out_dir, device=dev, backend=backend, out_shard_size=out_shard_size,
+                             force=force, resume=resume, progress=progress)
     finally:
         for ck in opened:
             ck.close()

@@ -33,6 +33,7 @@ from typing import Callable, Optional
 import torch
 
 from m3kernels.errors import DiskFullError, OutputExistsError, OutputWriteError
+from m3kernels.checkpoint.output_guard import assert_lock_held
 from m3kernels.checkpoint.safetensors_io import torch_dtype_name
 
 JOURNAL = ".m3k-journal.json"
@@ -307,9 +308,18 @@ def make_temp_dir(out_dir: Path) -> Path:
 
 def partial_runs(out_dir: Path) -> list:
     """[(folder, journal)] of unfinished runs for ``out_dir``, newest first."""
+    prefix = temp_prefix(out_dir)
+    try:
+        names = os.listdir(out_dir.parent)  # not a glob: OUT's name may hold glob characters (out[1])
+    except OSError:
+        return []
     found = []
-    for p in out_dir.parent.glob(temp_prefix(out_dir) + "*"):
-        j = Journal.load(p) if p.is_dir() else None
+    for name in names:
+        # the rest is a random hex tag: not the temporary folder of an OUT named "OUT.m3k-tmp-x"
+        if not name.startswith(prefix) or "." in name[len(prefix):]:
+            continue
+        p = out_dir.parent / name
+        j = Journal.load(p) if p.is_dir() and not p.is_symlink() else None
         if j is not None:
             found.append((p, j))
     found.sort(key=lambda pj: pj[0].stat().st_mtime_ns, reverse=True)
@@ -317,7 +327,17 @@ def partial_runs(out_dir: Path) -> list:
 
 
 def publish(tmp: Path, out_dir: Path, force: bool) -> None:
-    """Rename the finished ``tmp`` folder to ``out_dir`` (replacing it only with ``force``)."""
+    """Rename the finished ``tmp`` folder to ``out_dir`` (replacing it only with ``force``).
+
+    Only under OUT's lock (:mod:`m3kernels.checkpoint.output_guard`), held by this process on
+    the file now at the lock path, and only a real temporary folder of ``out_dir``: those are
+    used by no other run, so nothing another run is writing is renamed or deleted.
+    """
+    assert_lock_held(out_dir)
+    if (tmp.parent != out_dir.parent or not tmp.name.startswith(temp_prefix(out_dir)) or tmp.is_symlink()
+            or not tmp.is_dir()):
+        raise OutputWriteError(f"{tmp}: not a temporary folder of {out_dir} written by this run; "
+                               f"not publishing it", path=str(tmp))
     with os_errors(tmp):
         (tmp / JOURNAL).unlink(missing_ok=True)
         fsync_dir(tmp)

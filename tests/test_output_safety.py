@@ -1,0 +1,345 @@
+"""The output never touches an input, and only one merge at a time writes an OUT (issue 14).
+
+* OUT inside, equal to, or a parent of an input folder (a shard file, ``config.json``, a
+  sub-folder, a symlink to the folder), with or without ``--force``/``--resume``: exit 2 and
+  nothing created, deleted or changed anywhere.
+* The output lock: while another process (this test, or a merge paused in a subprocess) holds
+  it, a merge on the same OUT fails at once naming that process, with and without
+  ``--force``/``--resume``, and leaves a published OUT alone; publish refuses to run without
+  the lock; a merge killed -9 while holding it leaves a run that ``--resume`` finishes.
+* Three merges started on one OUT at staggered times: each exits 0 or 2, and the published
+  folder equals an uninterrupted run bit for bit.
+* An OUT whose name holds glob characters (``out[1]``) finds its partial run on ``--resume``.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from checkpoint_factory import fine_tune, llama_config, llama_tensors, write_checkpoint
+
+import m3kernels
+from m3kernels import cli
+from m3kernels.checkpoint import writer
+from m3kernels.checkpoint.output_guard import LOCK_SUFFIX, OutputLock, lock_path, read_holder
+from m3kernels.errors import OutputIsInputError, OutputLockedError, OutputWriteError
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = dict(vocab=29, hidden=8, intermediate=12, layers=2, heads=2, kv_heads=1)
+SHARD = "1K"   # several output shards from a tiny model
+
+# A merge in a subprocess whose output writes can be slowed (M3K_TEST_DELAY seconds each) or
+# paused for good at the N-th write (M3K_TEST_PAUSE_AT=N; it touches M3K_TEST_PAUSED first).
+WRAPPER = r"""
+import os, sys, time
+from m3kernels.checkpoint import writer
+real, calls = writer._write_bytes, [0]
+delay = float(os.environ.get("M3K_TEST_DELAY", "0"))
+pause_at = int(os.environ.get("M3K_TEST_PAUSE_AT", "0"))
+def write(fd, data):
+    calls[0] += 1
+    if calls[0] == pause_at:
+        open(os.environ["M3K_TEST_PAUSED"], "w").close()
+        while True:
+            time.sleep(1)
+    if delay:
+        time.sleep(delay)
+    real(fd, data)
+writer._write_bytes = write
+from m3kernels import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture
+def models(tmp_path):
+    """base (2 shards) + two fine-tunes (2 shards), each with config.json, and a ties config."""
+    base = llama_tensors(seed=1, **SIZES)
+    cfg = llama_config(**SIZES)
+    dirs = {"base": write_checkpoint(tmp_path / "base", base, shards=2, config=cfg)}
+    for i in (1, 2):
+        dirs[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, 10 + i), shards=2, config=cfg)
+    merge_cfg = {"merge_method": "ties", "base_model": str(dirs["base"]),
+                 "models": [{"model": str(dirs["ft1"]), "parameters": {"density": 0.5}},
+                            {"model": str(dirs["ft2"]), "parameters": {"density": 0.5}}]}
+    (tmp_path / "merge.yaml").write_text(json.dumps(merge_cfg))
+    dirs["config"] = tmp_path / "merge.yaml"
+    return dirs
+
+
+def tree(folder: Path, skip_locks: bool = False) -> dict:
+    """Every entry under ``folder``: files by (SHA-256, inode, mtime), links by target, folders."""
+    out = {}
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            p = Path(root, name)
+            if skip_locks and name.endswith(LOCK_SUFFIX):
+                continue
+            rel = str(p.relative_to(folder))
+            if p.is_symlink():
+                out[rel] = "-> " + os.readlink(p)
+            elif p.is_file():
+                st = p.stat()
+                out[rel] = (hashlib.sha256(p.read_bytes()).hexdigest(), st.st_ino, st.st_mtime_ns)
+            else:
+                out[rel] = "dir"
+    return out
+
+
+def merge(capsys, models, out, *extra):
+    """cli.main merge -> (status, stderr)."""
+    status = cli.main(["merge", str(models["config"]), str(out), "--device", "cpu", "--quiet",
+                       "--out-shard-size", SHARD, *map(str, extra)])
+    return status, capsys.readouterr().err
+
+
+def assert_user_error(status, err, *needles):
+    assert status == 2, err
+    assert "Traceback" not in err and err.count("m3kernels: error:") == 1, err
+    for n in needles:
+        assert str(n) in err, (n, err)
+
+
+def temp_folders(parent: Path, name: str = "out") -> list:
+    return sorted(n for n in os.listdir(parent) if n.startswith(f".{name}{writer.TMP_MARK}"))
+
+
+def assert_same_files(out: Path, clean: Path):
+    names = sorted(p.name for p in clean.iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    for name in names:
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+
+
+def start(models, out, *extra, **env):
+    cmd = [sys.executable, "-c", WRAPPER, "merge", str(models["config"]), str(out), "--device", "cpu",
+           "--quiet", "--out-shard-size", SHARD, *extra]
+    env = {k: v for k, v in os.environ.items() if k != "M3KERNELS_TEST_CRASH_AFTER_SHARDS"} | env
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(cond, what, timeout=60.0, proc=None):
+    t0 = time.monotonic()
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: the merge ended first: {proc.returncode} {proc.communicate()}")
+        assert time.monotonic() - t0 < timeout, what
+        time.sleep(0.02)
+
+
+# ------------------------------------------------------------------------------ OUT vs the inputs
+OUTS = {  # where OUT is -> (OUT, the input the message names)
+    "folder inside an input": lambda d: (d["base"] / "merged", "base ("),
+    "an input shard": lambda d: (d["base"] / "model-00001-of-00002.safetensors", "base ("),
+    "an input's config.json": lambda d: (d["ft2"] / "config.json", "model 2 ("),
+    "an input folder": lambda d: (d["ft1"], "model 1 ("),
+    "a parent of the inputs": lambda d: (d["base"].parent, "base ("),
+    "deep inside an input": lambda d: (d["ft1"] / "a" / "b", "model 1 ("),
+}
+FLAGS = [(), ("--force",), ("--force", "--resume"), ("--resume",), ("--dry-run",)]
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=lambda f: " ".join(f) or "no flags")
+@pytest.mark.parametrize("where", list(OUTS))
+def test_out_touching_an_input_is_refused_whatever_the_flags(models, tmp_path, capsys, where, flags):
+    out, label = OUTS[where](models)
+    before = tree(tmp_path)
+    status, err = merge(capsys, models, out, *flags)
+    assert_user_error(status, err, out, "input", label, "whatever the flags")
+    assert tree(tmp_path) == before  # nothing created, deleted or changed: no lock, no temp folder
+
+
+@pytest.mark.parametrize("flags", [(), ("--force",)], ids=["no flags", "--force"])
+def test_out_through_a_symlink_to_an_input_is_refused(models, tmp_path, capsys, flags):
+    (tmp_path / "link").symlink_to(models["base"], target_is_directory=True)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "up").symlink_to(models["ft2"], target_is_directory=True)
+    before = tree(tmp_path)
+    for out in (tmp_path / "link", tmp_path / "link" / "merged", tmp_path / "sub" / "up" / "merged"):
+        status, err = merge(capsys, models, out, *flags)
+        assert_user_error(status, err, out, "input")
+    assert tree(tmp_path) == before
+
+
+def test_single_file_input_protects_its_folder(models, tmp_path):
+    single = write_checkpoint(tmp_path / "single", llama_tensors(seed=1, **SIZES), config=llama_config(**SIZES))
+    cfg = {"merge_method": "linear", "models": [{"model": str(single / "model.safetensors")},
+                                                {"model": str(models["ft1"])}]}
+    before = tree(tmp_path)
+    for out in (single / "merged", single / "model.safetensors", single):
+        with pytest.raises(OutputIsInputError, match="model 1"):
+            m3kernels.merge_checkpoints(cfg, out, device="cpu", progress=False, force=True)
+    assert tree(tmp_path) == before
+
+
+def test_out_beside_the_inputs_is_fine(models, tmp_path, capsys):
+    status, err = merge(capsys, models, tmp_path / "merged")
+    assert status == 0, err
+    assert (tmp_path / "merged" / "model.safetensors.index.json").is_file()
+    assert lock_path(tmp_path / "merged").is_file()  # left behind, unlocked: harmless
+    assert not temp_folders(tmp_path, "merged")
+
+
+# ------------------------------------------------------------------------------ the output lock
+def test_a_held_lock_refuses_a_second_merge_at_once(models, tmp_path, capsys):
+    out = tmp_path / "out"
+    status, err = merge(capsys, models, out)
+    assert status == 0, err
+    before = tree(tmp_path, skip_locks=True)
+    with OutputLock(out) as lock:
+        assert lock.exclusive
+        assert read_holder(out)["pid"] == os.getpid()
+        for flags in [(), ("--force",), ("--resume",), ("--force", "--resume")]:
+            t0 = time.monotonic()
+            status, err = merge(capsys, models, out, *flags)
+            assert time.monotonic() - t0 < 5
+            assert_user_error(status, err, out, "in use by", f"pid {os.getpid()}")
+        with pytest.raises(OutputLockedError) as info:
+            m3kernels.merge_checkpoints(models["config"], out, device="cpu", progress=False, force=True)
+        assert info.value.holder == os.getpid()
+        status, err = merge(capsys, models, out, "--dry-run", "--force")  # reads only: no lock needed
+        assert status == 0, err
+        with pytest.raises(OutputLockedError):
+            OutputLock(out).acquire()
+    assert tree(tmp_path, skip_locks=True) == before  # the published OUT untouched, no temp folder
+    status, err = merge(capsys, models, out, "--force")  # released: works again
+    assert status == 0, err
+
+
+def test_publish_needs_the_lock_and_a_temp_folder_of_out(tmp_path):
+    out = tmp_path / "out"
+    tmp = writer.make_temp_dir(out)
+    (tmp / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(OutputLockedError, match="does not hold"):
+        writer.publish(tmp, out, force=True)
+    with OutputLock(out):
+        other = tmp_path / "elsewhere"
+        other.mkdir()
+        with pytest.raises(OutputWriteError, match="not a temporary folder"):
+            writer.publish(other, out, force=True)
+        assert other.is_dir()
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        lock.path.unlink()  # someone removed the lock file: another run locks a new one
+        fd = os.open(lock.path, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OutputLockedError, match="does not hold"):
+            writer.publish(tmp, out, force=True)
+        with pytest.raises(OutputLockedError, match="no longer holds"):
+            lock.check()
+        os.close(fd)
+    finally:
+        lock.release()
+    assert tmp.is_dir() and not out.exists()
+
+
+def test_merge_paused_in_another_process_then_killed(models, tmp_path, capsys):
+    """A merge paused mid-run holds OUT: others fail at once naming it; after kill -9, --resume finishes."""
+    out = tmp_path / "out"
+    paused = tmp_path / "paused"
+    # write 1: the journal; 2, 3: shard 1 and the journal again; pause at 4 (shard 2)
+    proc = start(models, out, M3K_TEST_PAUSE_AT="4", M3K_TEST_PAUSED=str(paused))
+    try:
+        wait_for(paused.exists, "the merge pauses", proc=proc)
+        assert read_holder(out)["pid"] == proc.pid
+        for flags in [(), ("--force",), ("--resume",), ("--force", "--resume")]:
+            status, err = merge(capsys, models, out, *flags)
+            assert_user_error(status, err, out, f"pid {proc.pid}")
+        assert not out.exists()
+        (tmp,) = temp_folders(tmp_path)
+        (first,) = (tmp_path / tmp).glob("model-00001-of-*.safetensors")
+        st = first.stat()
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    status, err = merge(capsys, models, out, "--resume")
+    assert status == 0, err
+    assert not temp_folders(tmp_path)
+    assert (out / first.name).stat().st_ino == st.st_ino  # its finished shard was reused
+    status, err = merge(capsys, models, tmp_path / "clean")
+    assert status == 0, err
+    assert_same_files(out, tmp_path / "clean")
+
+
+def test_three_merges_on_one_out_started_at_staggered_times(models, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    status, err = merge(capsys, models, tmp_path / "clean")
+    assert status == 0, err
+    # an interrupted run for --resume (the disk fills at the 4th write: after shard 1)
+    real, calls = writer._write_bytes, [0]
+
+    def full_disk(fd, data):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(writer, "_write_bytes", full_disk)
+    status, err = merge(capsys, models, out)
+    assert_user_error(status, err, "no space left")
+    monkeypatch.setattr(writer, "_write_bytes", real)
+    assert len(temp_folders(tmp_path)) == 1
+    procs = []
+    for flags in [("--resume",), ("--resume",), ("--resume", "--force")]:
+        procs.append(start(models, out, *flags, M3K_TEST_DELAY="0.02"))
+        time.sleep(0.15)
+    results = [(p.pid, p.wait(timeout=120), p.communicate()[1]) for p in procs]
+    for pid, rc, err in results:
+        assert rc in (0, 2), (rc, err)
+        assert "Traceback" not in err and "internal error" not in err, err
+        if rc == 2:
+            assert "in use by another m3kernels merge (pid" in err or "already exists" in err, err
+    assert any(rc == 0 for _, rc, _ in results), results
+    assert_same_files(out, tmp_path / "clean")
+    assert not temp_folders(tmp_path)
+
+
+# ------------------------------------------------------------------------------ glob characters
+def test_resume_finds_the_partial_run_of_an_out_named_like_a_glob(models, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out[1]"
+    real, calls = writer._write_bytes, [0]
+
+    def full_disk(fd, data):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(writer, "_write_bytes", full_disk)
+    status, err = merge(capsys, models, out)
+    assert_user_error(status, err, "no space left", "--resume")
+    monkeypatch.setattr(writer, "_write_bytes", real)
+    (tmp,) = temp_folders(tmp_path, "out[1]")
+    (first,) = (tmp_path / tmp).glob("model-00001-of-*.safetensors")
+    ino = first.stat().st_ino
+    assert [p.name for p, _ in writer.partial_runs(out)] == [tmp]
+    status, err = merge(capsys, models, out, "--resume")
+    assert status == 0, err
+    assert not temp_folders(tmp_path, "out[1]")
+    assert (out / first.name).stat().st_ino == ino
+    status, err = merge(capsys, models, tmp_path / "clean")
+    assert status == 0, err
+    assert_same_files(out, tmp_path / "clean")
+
+
+def test_partial_runs_are_only_this_outs(tmp_path):
+    journal = json.dumps({"format": 1, "fingerprint": "f" * 64, "shards": {}})
+    for name in (".out.m3k-tmp-0a1b2c3d", ".out.m3k-tmp-ab.m3k-tmp-11223344", ".out2.m3k-tmp-55667788"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / writer.JOURNAL).write_text(journal)
+    assert [p.name for p, _ in writer.partial_runs(tmp_path / "out")] == [".out.m3k-tmp-0a1b2c3d"]
+    assert [p.name for p, _ in writer.partial_runs(tmp_path / "out.m3k-tmp-ab")] == [
+        ".out.m3k-tmp-ab.m3k-tmp-11223344"]
+    assert writer.partial_runs(tmp_path / "missing" / "out") == []
