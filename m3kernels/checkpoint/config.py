@@ -14,6 +14,7 @@ import copy
 import math
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -41,6 +42,18 @@ class MergeConfigError(M3KError, ValueError):
 
     Part of the package's one error hierarchy (:class:`m3kernels.errors.M3KError`), and a
     ``ValueError`` like every other bad-argument error of the API."""
+
+    def __init__(self, message: str, **kwargs):
+        super().__init__(one_line(message), **kwargs)
+
+
+MAX_MESSAGE = 2000
+
+
+def one_line(message: str) -> str:
+    """A message as one printable line: control characters escaped, at most MAX_MESSAGE long."""
+    text = "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(message))
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + " … (message cut)"
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,28 +358,115 @@ class MergeConfig:
 # Reading and validating
 # ---------------------------------------------------------------------------------------
 
+# Bounds on what a config may be (docs/CONFIG.md, "Bounded parsing"): a config is a few
+# hundred bytes; these leave room for large slice lists while keeping a hostile file cheap.
+MAX_CONFIG_BYTES = 1 << 20   # 1 MiB
+MAX_YAML_DEPTH = 32          # nested mappings/sequences
+MAX_YAML_NODES = 100_000     # scalars, mappings and sequences in all
+MAX_INT_DIGITS = 40          # an integer literal (a 2**64 seed has 20 digits)
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that rejects a key written twice in one mapping."""
+    """SafeLoader with bounds: no aliases (no "billion laughs"), a depth and node limit, short
+    integer literals, and no key written twice in one mapping."""
+
+    origin = "config"
+
+    def _fail(self, mark, what: str):
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise MergeConfigError(f"{self.origin}{where}: {what}")
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            ev = self.peek_event()
+            self._fail(ev.start_mark, f"YAML aliases (*{ev.anchor}) are not supported in a merge config; "
+                                      f"write the value out")
+        depth = getattr(self, "_m3k_depth", 0) + 1
+        nodes = getattr(self, "_m3k_nodes", 0) + 1
+        self._m3k_depth, self._m3k_nodes = depth, nodes
+        if depth > MAX_YAML_DEPTH:
+            self._fail(self.peek_event().start_mark, f"nested deeper than {MAX_YAML_DEPTH} levels")
+        if nodes > MAX_YAML_NODES:
+            self._fail(self.peek_event().start_mark, f"more than {MAX_YAML_NODES} values")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._m3k_depth = depth - 1
 
 
 def _construct_mapping(loader, node, deep=False):
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        try:
+            hash(key)
+        except TypeError:
+            loader._fail(key_node.start_mark, "a mapping key must be a plain value, not a list or mapping")
         if key in seen:
-            raise MergeConfigError(f"{key}: key written twice (line {key_node.start_mark.line + 1})")
+            raise MergeConfigError(f"{_short(key)}: key written twice (line {key_node.start_mark.line + 1})")
         seen.add(key)
     return yaml.SafeLoader.construct_mapping(loader, node, deep)
 
 
+def _construct_int(loader, node):
+    digits = sum(ch.isdigit() for ch in str(node.value))
+    if digits > MAX_INT_DIGITS:
+        loader._fail(node.start_mark, f"an integer of {digits} digits (at most {MAX_INT_DIGITS})")
+    return yaml.SafeLoader.construct_yaml_int(loader, node)
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters, for messages."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _parse_yaml(text: str, origin: str) -> Any:
+    loader = None
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        loader = _StrictLoader(text)  # the reader checks the characters here
+        loader.origin = origin
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = " ".join(str(e.problem or e.context or "syntax error").split())
+        raise MergeConfigError(f"{origin}{where}: not valid YAML: {what}") from None
     except yaml.YAMLError as e:
-        raise MergeConfigError(f"{origin}: not valid YAML (one document expected): {e}") from None
+        what = " ".join(str(e).split())[:200]
+        raise MergeConfigError(f"{origin}: not valid YAML (one document expected): {what}") from None
+    except RecursionError:
+        raise MergeConfigError(f"{origin}: nested too deeply") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _read_config_file(path: str) -> str:
+    """The text of a config file: a regular file, at most MAX_CONFIG_BYTES, UTF-8."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise MergeConfigError(f"config file {path!r} can not be read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise MergeConfigError(f"config file {path!r} is not a regular file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise MergeConfigError(f"config file {path!r} has {st.st_size:,} bytes; a merge config may have at "
+                               f"most {MAX_CONFIG_BYTES:,}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise MergeConfigError(f"config file {path!r} can not be read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MergeConfigError(f"config file {path!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at "
+                               f"offset {e.start})") from None
 
 
 def read_config_source(source) -> dict:
@@ -378,12 +478,10 @@ def read_config_source(source) -> dict:
         is_path = isinstance(source, os.PathLike) or (
             "\n" not in s and (os.path.isfile(s) or s.lower().endswith((".yaml", ".yml"))))
         if is_path:
-            try:
-                text = Path(s).read_text(encoding="utf-8")
-            except OSError as e:
-                raise MergeConfigError(f"config file {s!r} can not be read: {e}") from None
-            raw = _parse_yaml(text, s)
+            raw = _parse_yaml(_read_config_file(s), s)
         else:
+            if len(s) > MAX_CONFIG_BYTES:
+                raise MergeConfigError(f"config: {len(s):,} characters of YAML; at most {MAX_CONFIG_BYTES:,}")
             raw = _parse_yaml(s, "config")
             if isinstance(raw, str) and "\n" not in s:
                 raise MergeConfigError(f"config: {s!r} is neither an existing file nor YAML text "
