@@ -14,9 +14,10 @@ import sys
 import traceback
 from typing import Optional
 
-from m3kernels.errors import EXIT_USER_ERROR
+from m3kernels.errors import EXIT_USER_ERROR, M3KError, one_line
 
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_INTERNAL = 1
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
@@ -36,7 +37,7 @@ def parse_size(text: str) -> int:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from m3kernels.checkpoint.run import DEFAULT_SHARD_SIZE
+    from m3kernels.checkpoint import DEFAULT_SHARD_SIZE
 
     p = argparse.ArgumentParser(prog="m3kernels", description="Merge fine-tuned LLM checkpoints with exact, "
                                 "fused kernels (TIES, DARE, task arithmetic, linear, M³ mixup).")
@@ -235,31 +236,59 @@ COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "backe
             "info": cmd_backends, "methods": cmd_methods}
 
 
-def main(argv: Optional[list] = None) -> int:
-    """Entry point of the ``m3kernels`` console script (returns the exit status)."""
-    from m3kernels.checkpoint.config import MergeConfigError
-    from m3kernels.errors import M3KError
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C: a clean message, the unfinished merge kept for --resume."""
 
-    args = _build_parser().parse_args(argv)
-    verbose = getattr(args, "verbose", False)
-    _setup_logging(verbose)
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _install_sigterm() -> Optional[object]:
+    """SIGTERM -> Terminated in the main thread (the previous handler is returned)."""
+    import signal
+
     try:
+        return signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (main() called from a worker): leave signals alone
+        return None
+
+
+def main(argv: Optional[list] = None) -> int:
+    """Entry point of the ``m3kernels`` console script (returns the exit status).
+
+    Every path ends in one line on stderr and an exit status: 0 done, 2 a problem the user can
+    fix (M3KError, config errors included), 130 Ctrl-C, 143 SIGTERM, 1 a bug (with --verbose,
+    its traceback). Ctrl-C and SIGTERM are caught from the first moment, start-up included.
+    """
+    import signal
+
+    previous = _install_sigterm()
+    command, verbose = None, False
+    try:
+        args = _build_parser().parse_args(argv)
+        command, verbose = args.command, getattr(args, "verbose", False)
+        _setup_logging(verbose)
         return COMMANDS[args.command](args)
-    except (M3KError, MergeConfigError) as exc:
+    except M3KError as exc:
         if verbose:
             traceback.print_exc()
         print(f"m3kernels: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        hint = " (rerun with --resume to continue)" if args.command == "merge" else ""
-        print(f"m3kernels: interrupted{hint}", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        hint = " (rerun with --resume to continue)" if command == "merge" else ""
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"m3kernels: {what}{hint}", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(exc, Terminated) else EXIT_INTERRUPTED
     except Exception as exc:  # a bug: keep the details one flag away
         if verbose:
             traceback.print_exc()
-        print(f"m3kernels: internal error: {type(exc).__name__}: {exc}"
+        print(f"m3kernels: internal error: {type(exc).__name__}: {one_line(exc)}"
               + ("" if verbose else " (rerun with --verbose for the traceback)"), file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

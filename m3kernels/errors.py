@@ -10,13 +10,22 @@ from __future__ import annotations
 from typing import Optional
 
 EXIT_USER_ERROR = 2
+MAX_MESSAGE = 2000
+
+
+def one_line(message) -> str:
+    """A message as one printable line: control characters (from file names, tensor names,
+    config values) escaped, at most MAX_MESSAGE characters."""
+    text = "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(message))
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + " … (message cut)"
 
 
 class M3KError(Exception):
-    """A merge cannot go on for a reason the user can fix; ``str()`` is the full message."""
+    """A merge cannot go on for a reason the user can fix; ``str()`` is the full message, one
+    printable line."""
 
     def __init__(self, message: str, *, path: Optional[str] = None, tensor: Optional[str] = None):
-        super().__init__(message)
+        super().__init__(one_line(message))
         self.path = None if path is None else str(path)
         self.tensor = tensor
 

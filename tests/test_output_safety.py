@@ -343,3 +343,42 @@ def test_partial_runs_are_only_this_outs(tmp_path):
     assert [p.name for p, _ in writer.partial_runs(tmp_path / "out.m3k-tmp-ab")] == [
         ".out.m3k-tmp-ab.m3k-tmp-11223344"]
     assert writer.partial_runs(tmp_path / "missing" / "out") == []
+
+
+# ------------------------------------------------------------------------------ signals
+@pytest.mark.parametrize("sig,status,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_mid_merge_is_a_clean_stop_that_resume_finishes(models, tmp_path, capsys, sig, status, word):
+    """SIGTERM is handled like Ctrl-C: one line, no traceback, the unfinished run kept and resumable."""
+    out = tmp_path / "out"
+    proc = start(models, out, M3K_TEST_DELAY="0.15")
+
+    def first_shard_written():
+        tmps = temp_folders(tmp_path)
+        return bool(tmps) and any((tmp_path / tmps[0]).glob("model-00001-of-*.safetensors"))
+
+    try:
+        wait_for(first_shard_written, "the first shard is written", proc=proc)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, err
+    assert "Traceback" not in err and err.strip() == f"m3kernels: {word} (rerun with --resume to continue)", err
+    assert not out.exists() and len(temp_folders(tmp_path)) == 1
+    st, err = merge(capsys, models, out, "--resume")
+    assert st == 0, err
+    st, err = merge(capsys, models, tmp_path / "clean")
+    assert st == 0, err
+    assert_same_files(out, tmp_path / "clean")
+
+
+def test_a_signal_during_start_up_prints_no_traceback(tmp_path):
+    """SIGTERM right after start (imports, config) ends with one line, never a traceback."""
+    for delay in (0.05, 0.2, 0.4):
+        proc = subprocess.Popen([sys.executable, "-m", "m3kernels", "merge", str(tmp_path / "none.yaml"),
+                                 str(tmp_path / "out")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        assert "Traceback" not in err, err
+        assert proc.returncode in (2, 143, -signal.SIGTERM), (proc.returncode, err)

@@ -43,18 +43,6 @@ class MergeConfigError(M3KError, ValueError):
     Part of the package's one error hierarchy (:class:`m3kernels.errors.M3KError`), and a
     ``ValueError`` like every other bad-argument error of the API."""
 
-    def __init__(self, message: str, **kwargs):
-        super().__init__(one_line(message), **kwargs)
-
-
-MAX_MESSAGE = 2000
-
-
-def one_line(message: str) -> str:
-    """A message as one printable line: control characters escaped, at most MAX_MESSAGE long."""
-    text = "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(message))
-    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + " … (message cut)"
-
 
 # ---------------------------------------------------------------------------------------
 # Vocabulary: keys, methods, dtypes

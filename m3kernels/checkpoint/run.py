@@ -42,9 +42,10 @@ from m3kernels.checkpoint.model_stats import model_thresholds
 from m3kernels.checkpoint.produce import produce_cpu, produce_gpu, merge_one, fill_extra_rows
 from m3kernels.checkpoint.record import RECORD_FILE, fingerprint, header_metadata, make_record, write_side_files
 
+from m3kernels.checkpoint import DEFAULT_SHARD_SIZE  # re-exported
+
 log = logging.getLogger("m3kernels")
 
-DEFAULT_SHARD_SIZE = 5 * 2**30
 CRASH_ENV = "M3KERNELS_TEST_CRASH_AFTER_SHARDS"   # test hook: SIGKILL ourselves after N shards
 
 
