@@ -15,7 +15,6 @@ import torch
 from m3kernels.backends import get_backend
 from m3kernels.merge.kernel_params import DTYPE_CODES, TRIM_KEEP_ALL, TRIM_KEEP_NONE, f32, make_params, trim_k
 from m3kernels.merge.recipe import Recipe, make_recipe
-from m3kernels.merge.philox import philox4x32_10
 from m3kernels.merge.select import bits_to_float, select_from_keys, select_thresholds
 
 SUPPORTED_DTYPES = tuple(DTYPE_CODES)
@@ -88,40 +87,13 @@ def thresholds_to_bits(thresholds: Sequence[Optional[float]]) -> np.ndarray:
 SMALL_TENSOR_NUMEL = 1 << 16  # up to this many elements, stage A selects the trim thresholds directly
 
 
-def _delta_keys_f32(p, base, models) -> np.ndarray:
-    """uint32[n, numel] bits(|δ'_i|) on CPU tensors, transcribing the first lines of docs/KERNEL.md:
-    d = f32(x) - b (one float32 subtraction, also without a base), then for DARE models
-    u < thr ? d * scale : 0 with u from the Philox words of kernel_params' keys."""
-    numel = models[0].numel()
-    b = base.reshape(-1).to(torch.float32) if p.has_base else torch.zeros(numel, dtype=torch.float32)
-    keys = np.empty((p.n, numel), dtype=np.uint32)
-    ctr = None
-    for i, m in enumerate(models):
-        d = m.reshape(-1).to(torch.float32) - b
-        if p.dare[i]:
-            if ctr is None:
-                q = np.arange((numel + 3) // 4, dtype=np.uint64)
-                ctr = np.zeros((q.shape[0], 4), dtype=np.uint64)
-                ctr[:, 0] = q & np.uint64(0xFFFFFFFF)
-                ctr[:, 1] = q >> np.uint64(32)
-            u = philox4x32_10(ctr, (int(p.key0[i]), int(p.key1[i]))).reshape(-1)[:numel]
-            keep = torch.from_numpy(u < np.uint64(p.dare_thr[i]))
-            d = torch.where(keep, d * torch.tensor(p.dare_scale[i], dtype=torch.float32), 0.0)
-        keys[i] = d.view(torch.int32).numpy().view(np.uint32) & np.uint32(0x7FFFFFFF)
-    return keys
-
-
 def small_tensor_keys(p, base, models, backend) -> Optional[np.ndarray]:
-    """bits(|δ'_i|) of every element (uint32[n, numel], δ' = the delta after the DARE step), the
-    values ``backend.histogram`` counts: from the backend's ``delta_keys`` when it has one (the
-    same kernel code as its histograms), for CPU tensors from the float32 transcription, else
-    None (the histograms are used)."""
+    """bits(|δ'_i|) of every element (uint32[n, numel], δ' = the delta after the DARE step): the
+    values ``backend.histogram`` counts, from the backend's ``delta_keys`` (the CPU extension runs
+    the same kernel code as for its histograms). None for a backend without it (Triton, CUDA:
+    their histograms are used)."""
     fn = getattr(backend, "delta_keys", None)
-    if fn is not None:
-        return fn(p, base, models)
-    if models[0].device.type == "cpu":
-        return _delta_keys_f32(p, base, models)
-    return None
+    return None if fn is None else fn(p, base, models)
 
 
 def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):

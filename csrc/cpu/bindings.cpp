@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -144,6 +145,24 @@ py::array_t<int64_t> histogram(py::handle p, uintptr_t base_ptr, int base_dtype,
     return hist;
 }
 
+// bits(|d'_i|) of every element (uint32[n, numel]): the small-tensor stage A (exact select).
+py::array_t<uint32_t> delta_keys(py::handle p, uintptr_t base_ptr, int base_dtype,
+                                 const std::vector<uintptr_t>& model_ptrs,
+                                 const std::vector<int>& model_dtypes, int64_t numel,
+                                 int64_t index_offset) {
+    Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
+    py::array_t<uint32_t> keys({py::ssize_t(call.args.n), py::ssize_t(numel)});
+    uint32_t* k = keys.mutable_data();
+    const m3k::KernelTable& t = m3k::active_table();
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = t.delta_keys(call.args, k);
+    }
+    if (!ok) throw std::bad_alloc();
+    return keys;
+}
+
 py::tuple l1_sums(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<uintptr_t>& model_ptrs,
                   const std::vector<int>& model_dtypes, int64_t numel, int64_t index_offset) {
     Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
@@ -235,6 +254,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("prefix") = py::none(),
           py::arg("index_offset") = 0,
           "Stage A: int64[n, 65536] histogram of bits(|delta after DARE|), high 16 bits or (prefix) low 16.");
+    m.def("delta_keys", &delta_keys, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
+          py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
+          "Stage A, small tensors: uint32[n, numel] bits(|delta after DARE|), the values the histograms count.");
     m.def("l1_sums", &l1_sums, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("model_ptrs"),
           py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
           "Stage A: (total, kept) float64[n] sums of |delta| for rescale: l1.");

@@ -50,6 +50,9 @@ struct KernelTable {
     void (*l1_sums)(const TensorArgs& a, double* total, double* kept);
     // Philox words u32 for flat indices [first, first + count) (tests and tools).
     void (*philox_u32)(uint32_t key0, uint32_t key1, int64_t first, int64_t count, uint32_t* out);
+    // stage A, small tensors: keys is uint32[n][numel], filled with bits(|d'|) (the values the
+    // high-16 pass counts); false when scratch memory could not be allocated.
+    bool (*delta_keys)(const TensorArgs& a, uint32_t* keys);
 };
 
 const KernelTable& table_generic();

@@ -19,7 +19,8 @@
 namespace m3k {
 
 const KernelTable& table_generic() {
-    static const KernelTable t = {"generic", generic::merge, generic::histogram, generic::l1_sums, generic::philox_u32};
+    static const KernelTable t = {"generic", generic::merge, generic::histogram, generic::l1_sums, generic::philox_u32,
+                                  generic::delta_keys};
     return t;
 }
 

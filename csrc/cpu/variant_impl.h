@@ -418,6 +418,31 @@ static void histogram(const TensorArgs& a, const uint32_t* prefix, int64_t* hist
     free(plans);
 }
 
+// Stage A for small tensors: keys[i * numel + j] = bits(|d'_i[j]|), exactly the values pass 1
+// counts (block_keys, d' = delta after the DARE step), so the caller can select the k-th
+// largest directly. One thread: meant for tensors far smaller than one OpenMP split is worth.
+static bool delta_keys(const TensorArgs& a, uint32_t* keys) {
+    if (a.numel <= 0) return true;
+    ModelPlan* plans = make_plans(a);
+    if (!plans) return false;
+    Scratch s = {};
+    const bool ok = scratch_alloc(s, a.n);
+    if (ok) {
+        const TensorIn t = tensor_in(a);
+        for (int64_t start = 0; start < a.numel; start += kBlock) {
+            const int64_t cnt = a.numel - start < kBlock ? a.numel - start : kBlock;
+            block_philox(a, plans, start, cnt, s);
+            for (int i = 0; i < a.n; ++i) {
+                const ModelIn m = model_in(a, plans[i], i, s.uptr[i], false);
+                block_keys(t, m, start, cnt, keys + size_t(i) * size_t(a.numel) + size_t(start));
+            }
+        }
+    }
+    free(s.mem);
+    free(plans);
+    return ok;
+}
+
 // ---------------------------------------------------------------- stage A: L1 sums
 
 // Add |d| (ad) and |d| * keep (kd) of cnt elements into kL1Lanes float64 lanes; lane = position

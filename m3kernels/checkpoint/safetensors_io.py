@@ -53,6 +53,7 @@ TORCH_TO_ST = {dt: name for name, (dt, _) in ST_DTYPES.items()}
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the safetensors library's own limit
 PAGE = mmap.PAGESIZE
+RELEASE_BATCH = 4 << 20   # consecutive released tensors are dropped together once they span this
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,10 @@ class SafetensorsFile:
         self._map: Optional[mmap.mmap] = None
         self._lock = threading.Lock()   # the read-ahead thread may map the file first
         self._closed = False            # after close(), read-ahead is a no-op (never re-opens)
+        self._bytes: Optional[torch.Tensor] = None  # the whole mapping as uint8: tensors are slices
+        self._release_lock = threading.Lock()
+        self._pending = (0, 0)          # [begin, end) of released tensors not yet dropped
+        self._ahead = (0, 0)            # [begin, end) last asked to be read ahead
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -220,6 +225,17 @@ class SafetensorsFile:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
             return self._map
 
+    def _whole(self) -> torch.Tensor:
+        """The mapped file as one uint8 tensor (made once; every tensor is a slice of it)."""
+        mm = self._mapping()  # raises once the file is closed
+        whole = self._bytes
+        if whole is None:
+            with warnings.catch_warnings():  # read-only buffer: we never write through these views
+                warnings.simplefilter("ignore", UserWarning)
+                whole = torch.frombuffer(mm, dtype=torch.uint8)
+            self._bytes = whole
+        return whole
+
     def tensor(self, name: str) -> torch.Tensor:
         """Tensor ``name`` as a view of the mapped file (copied only if its offset is misaligned)."""
         info = self.header.tensors[name]
@@ -227,9 +243,7 @@ class SafetensorsFile:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         start = self.header.data_start + info.begin
-        with warnings.catch_warnings():  # read-only buffer: we never write through these views
-            warnings.simplefilter("ignore", UserWarning)
-            raw = torch.frombuffer(self._mapping(), dtype=torch.uint8, offset=start, count=info.nbytes)
+        raw = self._whole()[start:start + info.nbytes]
         if raw.data_ptr() % size:
             raw = raw.clone()  # rare: a writer that did not align the data; kernels want aligned loads
         return raw.view(dtype).reshape(info.shape)
@@ -247,17 +261,39 @@ class SafetensorsFile:
             pass  # advice only: never fatal
 
     def prefetch(self, name: str) -> None:
-        """Ask the OS to start reading tensor ``name`` (MADV_WILLNEED; returns at once)."""
+        """Ask the OS to start reading tensor ``name`` (MADV_WILLNEED; returns at once). A small
+        tensor asks for RELEASE_BATCH bytes from its start, so the small ones after it need no
+        further system call."""
         info = self.header.tensors[name]
         if self._closed:
             return  # a merge that failed or finished: nothing left to read ahead for
+        lo, hi = self._ahead
+        if lo <= info.begin and info.end <= hi:
+            return  # asked for already
         self._mapping()
-        self._advise(mmap.MADV_WILLNEED, info.begin, info.end)
+        end = max(info.end, min(info.begin + RELEASE_BATCH, self.header.file_size - self.header.data_start))
+        self._ahead = (info.begin, end)
+        self._advise(mmap.MADV_WILLNEED, info.begin, end)
 
     def release(self, name: str) -> None:
-        """Drop tensor ``name``'s pages from this process (MADV_DONTNEED; data stays on disk)."""
+        """Drop tensor ``name``'s pages from this process (MADV_DONTNEED; data stays on disk).
+
+        Tensors released one after the other in file order are dropped together, in one call
+        once they span RELEASE_BATCH bytes (or when the next one is elsewhere in the file): one
+        system call per few MiB, not one per small tensor."""
         info = self.header.tensors[name]
-        self._advise(mmap.MADV_DONTNEED, info.begin, info.end)
+        with self._release_lock:
+            lo, hi = self._pending
+            if lo < hi and info.begin == hi:
+                hi = info.end
+            else:
+                if lo < hi:
+                    self._advise(mmap.MADV_DONTNEED, lo, hi)
+                lo, hi = info.begin, info.end
+            if hi - lo >= RELEASE_BATCH:
+                self._advise(mmap.MADV_DONTNEED, lo, hi)
+                lo = hi = 0
+            self._pending = (lo, hi)
 
     def close(self) -> None:
         """Unmap (if no tensor view is alive any more; otherwise the map goes with the last view)."""
@@ -266,6 +302,7 @@ class SafetensorsFile:
             self._close()
 
     def _close(self) -> None:
+        self._bytes = None
         if self._map is not None:
             try:
                 self._map.close()

@@ -42,7 +42,7 @@ class TensorMeta:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
 
 def _inside(root: Path, name: str, index: Path) -> Path:

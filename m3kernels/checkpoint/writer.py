@@ -16,13 +16,13 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import hashlib
 import json
 import mmap
 import os
-import queue
 import secrets
 import shutil
 import struct
@@ -365,6 +365,53 @@ def publish(tmp: Path, out_dir: Path, force: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ shard writer
+SMALL_BATCH_BYTES = 16 << 20   # beyond queue_size tensors, more may queue while they total this little
+WAKE_BYTES = 1 << 20           # an idle writer thread is woken for this many queued bytes ...
+WAKE_ITEMS = 256               # ... or tensors (or a last one)
+
+
+class _Handover:
+    """Tensors from the producer to the writer thread, in order.
+
+    Holds up to ``count`` tensors of any size or, beyond that, more while they total at most
+    SMALL_BATCH_BYTES. The writer takes everything queued at once and an idle writer is woken
+    only when there is a batch worth writing, so a checkpoint of many small tensors crosses in a
+    few thread switches, not two per tensor; large tensors go one by one, as through a queue of
+    ``count``. (Producer and writer never wait at the same time: one waits for room, the other
+    for items.)
+    """
+
+    def __init__(self, count: int):
+        self.count = max(1, int(count))
+        self.items: collections.deque = collections.deque()
+        self.bytes = 0
+        self.cond = threading.Condition(threading.Lock())
+        self.idle = False
+
+    def put(self, item, nbytes: int = 0) -> None:
+        with self.cond:
+            while (self.items and len(self.items) >= self.count
+                   and self.bytes + nbytes > SMALL_BATCH_BYTES):
+                self.cond.notify()  # full: the writer may be idle below the wake-up sizes
+                self.cond.wait()
+            self.items.append(item)
+            self.bytes += nbytes
+            if self.idle and (item is None or self.bytes >= WAKE_BYTES or len(self.items) >= WAKE_ITEMS):
+                self.cond.notify()
+
+    def take(self) -> list:
+        with self.cond:
+            while not self.items:
+                self.idle = True
+                self.cond.wait()
+            self.idle = False
+            batch = list(self.items)
+            self.items.clear()
+            self.bytes = 0
+            self.cond.notify()  # a producer waiting for room
+            return batch
+
+
 class ShardedWriter:
     """Background thread writing planned tensors, in order, into their shard files.
 
@@ -383,7 +430,7 @@ class ShardedWriter:
         self.skip = set(skip)
         self.on_written = on_written
         self.after_shard = after_shard
-        self._q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._q = _Handover(queue_size)
         self._error: Optional[BaseException] = None
         self._expected = iter([(s, i, t) for s in shards if s.index not in self.skip
                                for i, t in enumerate(s.tensors)])
@@ -395,7 +442,7 @@ class ShardedWriter:
     def put(self, planned, tensor: torch.Tensor, done: Optional[Callable] = None) -> None:
         if self._error is not None:
             self._raise()
-        self._q.put((planned, tensor, done))
+        self._q.put((planned, tensor, done), tensor.nbytes)
 
     def close(self) -> None:
         self._q.put(None)
@@ -419,20 +466,20 @@ class ShardedWriter:
     # -- writer thread
     def _run(self) -> None:
         while True:
-            item = self._q.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue  # keep draining so the producer never blocks
-            planned, tensor, done = item
-            try:
-                self._write(planned, tensor)
-                if done is not None:
-                    done()
-                if self.on_written is not None:
-                    self.on_written(planned)
-            except BaseException as exc:  # handed to the main thread
-                self._error = exc
+            for item in self._q.take():
+                if item is None:
+                    return
+                if self._error is not None:
+                    continue  # keep draining so the producer never blocks
+                planned, tensor, done = item
+                try:
+                    self._write(planned, tensor)
+                    if done is not None:
+                        done()
+                    if self.on_written is not None:
+                        self.on_written(planned)
+                except BaseException as exc:  # handed to the main thread
+                    self._error = exc
 
     def _write(self, planned, tensor: torch.Tensor) -> None:
         shard, pos, want = next(self._expected)

@@ -91,6 +91,12 @@ def histogram(p: KernelParams, base, models, prefix) -> np.ndarray:
     return hist
 
 
+def delta_keys(p: KernelParams, base, models) -> np.ndarray:
+    """uint32[n, numel]: bits(|δ'_i|) of every element, the values ``histogram`` counts (small tensors)."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    return _C.delta_keys(p, base_ptr, base_code, ptrs, codes, numel)
+
+
 def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
     """Stage B: the fused single pass of docs/KERNEL.md, written into ``out``."""
     base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
@@ -98,5 +104,5 @@ def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
     _C.merge(p, base_ptr, base_code, ptrs, codes, numel, out_ptr, out_code)
 
 
-__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "merge",
+__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "delta_keys", "merge",
            "simd_level", "simd_levels"]
