@@ -1,4 +1,13 @@
-"""The method and dtype cases every backend's test matrix runs (one table for all backends)."""
+"""The method and dtype cases every backend's test matrix runs (one table for all backends).
+
+``METHOD_CASES`` x ``DTYPE_CASES`` x N is the matrix of test_merge_tensors (CPU, Triton),
+test_triton_backend, test_cuda_emulation, test_gpu_backends and test_cpu_backend's bit-for-bit
+stage B; tests/cuda_sanitize_driver.py and bench/bench_cases.py pick entries by name. A new
+method gets its rows here and every backend's tests run it.
+
+``N_DTYPE_CASES`` and ``EDGE_CASES`` are the extra rows of the fast bit-for-bit matrix
+(test_cpu_backend): N up to 6 with each model's dtype spelled out, and parameter edge cases.
+"""
 
 import torch
 
@@ -14,6 +23,8 @@ METHOD_CASES = {
     "ties_nonorm_w": dict(method="ties", density=[0.2, 0.5, 0.9], normalize=False, weights=[1.0, 0.6, 1.3]),
     "dare_linear": dict(method="dare_linear", density=0.6),
     "dare_lin_norescale": dict(method="dare_linear", drop_rate=0.3, rescale=False),
+    "dare_linear_l1": dict(method="dare_linear", density=[0.3, 0.8, 0.6], rescale="l1", lambda_=0.8),
+    "dare_ties": dict(method="dare_ties", density=[0.5, 0.7, 0.4]),
     "dare_ties_l1": dict(method="dare_ties", density=0.5, rescale="l1"),
     "ties_dare": dict(method="ties_dare", drop_rate=0.4, density=0.5),
     "ties_dare_sparse": dict(method="ties_dare", drop_rate=0.9, density=0.3),  # threshold 0: many zeros
@@ -28,13 +39,44 @@ DTYPE_CASES = {  # (base dtype, model dtypes (cycled), out dtype)
     "f32": (F32, [F32], F32),
     "mixed": (BF16, [F32, F16, BF16], F16),
     "mixed_f32out": (F16, [BF16, F32], F32),
+    "mixed_bf16out": (F32, [F16, BF16], BF16),
+}
+
+# (base dtype, [the dtype of each model], out dtype): N = 1 .. 6, uniform and mixed (the CPU kernel
+# unrolls N <= 4 and has dtype-specialised loops when every tensor has the output's dtype)
+N_DTYPE_CASES = [
+    (BF16, [BF16], BF16),
+    (F32, [F16, BF16], F16),
+    (F16, [F32, F16, BF16], F32),
+    (BF16, [F16, F32], BF16),
+    (BF16, [BF16, BF16], BF16),
+    (F16, [F16] * 4, F16),
+    (F32, [F32] * 5, F32),
+    (BF16, [BF16, F16, F32, BF16, F16, F32], BF16),
+]
+
+EDGE_CASES = {  # negative weights, lambda != 1, explicit mix ratios, default density, rates 0 and 1
+    "linear_neg_w": dict(method="linear", weights=[0.7, -0.2, 1.1]),
+    "task_neg_w": dict(method="task_arithmetic", lambda_=0.6, weights=[1.0, -0.5, 0.25]),
+    "ties_default": dict(method="ties"),
+    "ties_nonorm_lam": dict(method="ties", density=0.45, normalize=False, lambda_=1.3),
+    "ties_mix_ratios": dict(method="ties", mix_ratios=[0.3, 0.5, 0.2], weights=[1.0, 2.0, 0.5]),
+    "dare_linear_07": dict(method="dare_linear", density=0.7),
+    "dare_lin_norescale_w": dict(method="dare_linear", density=[0.5, 0.9, 0.3], rescale=False),
+    "dare_linear_l1_06": dict(method="dare_linear", density=0.6, rescale="l1"),
+    "dare_ties_w": dict(method="dare_ties", density=0.5, weights=[1.0, 0.6, 1.4]),
+    "ties_dare_03": dict(method="ties_dare", drop_rate=0.3, density=0.4),
+    "ties_dare_edges": dict(method="ties_dare", drop_rate=[0.0, 1.0, 0.5], density=[0.2, 0.5, 0.0]),
 }
 
 
 def kwargs_for(case: str, n: int) -> dict:
-    """merge_tensors keyword arguments of ``case`` for ``n`` models (per-model lists cycled to n)."""
-    kw = dict(METHOD_CASES[case])
-    for k in ("weights", "density", "drop_rate"):
+    """merge_tensors keyword arguments of ``case`` (in METHOD_CASES or EDGE_CASES) for ``n`` models:
+    per-model lists cycled to n, mix ratios then normalised to sum 1."""
+    kw = dict(METHOD_CASES[case] if case in METHOD_CASES else EDGE_CASES[case])
+    for k in ("weights", "density", "drop_rate", "mix_ratios"):
         if isinstance(kw.get(k), list):
             kw[k] = [kw[k][i % len(kw[k])] for i in range(n)]
+    if "mix_ratios" in kw:
+        kw["mix_ratios"] = [x / sum(kw["mix_ratios"]) for x in kw["mix_ratios"]]
     return kw

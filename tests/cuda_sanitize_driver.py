@@ -3,8 +3,8 @@
     compute-sanitizer --tool memcheck  --error-exitcode 9 python3 tests/cuda_sanitize_driver.py
     compute-sanitizer --tool racecheck --error-exitcode 9 python3 tests/cuda_sanitize_driver.py --small
 
-Small tensors (odd sizes, unaligned views, N = 1..3 and 16, every dtype mix) so the sanitizer's
-slow-down stays bearable; each result is also compared with the CPU backend, so a kernel that
+Small tensors (odd sizes, unaligned views, N = 1..3 and 16, uniform and mixed dtypes; the method
+and dtype cases of tests/cases.py) so the sanitizer's slow-down stays bearable; each result is also compared with the CPU backend, so a kernel that
 reads out of bounds without crashing still shows up as a mismatch. Exits non-zero on a mismatch.
 """
 
@@ -17,17 +17,13 @@ import torch
 
 import m3kernels
 
-METHODS = {
-    "linear": dict(method="linear"),
-    "task_arithmetic": dict(method="task_arithmetic", lambda_=0.8),
-    "ties": dict(method="ties", density=0.3),
-    "dare_linear": dict(method="dare_linear", density=0.6),
-    "dare_ties_l1": dict(method="dare_ties", density=0.5, rescale="l1"),
-    "ties_dare": dict(method="ties_dare", drop_rate=0.4, density=0.5),
-    "ties_m3": dict(method="ties", density=0.4, mixup_alpha=0.4, seed=11),
-}
-DTYPES = [(torch.bfloat16, torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16, torch.bfloat16),
-          (torch.float16, torch.float32, torch.float32)]
+from cases import DTYPE_CASES, METHOD_CASES, kwargs_for  # tests/ is this script's folder: on sys.path
+
+# tests/cases.py entries: one per kernel variant (sum, mean, ties, DARE, L1, trim + DARE, M³) and
+# three dtype mixes, so the sanitizer's slow-down stays within gpu_session.sh's time limits
+METHODS = ["linear", "task_arith", "ties", "dare_linear", "dare_ties_l1", "ties_dare", "ties_m3"]
+DTYPES = ["bf16", "mixed_bf16out", "mixed_f32out"]
+assert set(METHODS) <= set(METHOD_CASES) and set(DTYPES) <= set(DTYPE_CASES)
 
 
 def main(argv=None) -> int:
@@ -43,12 +39,15 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(0)
     bad = 0
     runs = 0
-    for name, kw in METHODS.items():
-        for bdt, mdt, odt in DTYPES:
+    for name in METHODS:
+        for dtype_case in DTYPES:
+            bdt, mdts, odt = DTYPE_CASES[dtype_case]
             for n in counts:
+                kw = kwargs_for(name, n)
                 for size in sizes:
                     base = torch.randn(size + 1, generator=g)
-                    models = [(base + 0.01 * torch.randn(size + 1, generator=g)).to(mdt) for _ in range(n)]
+                    models = [(base + 0.01 * torch.randn(size + 1, generator=g)).to(mdts[i % len(mdts)])
+                              for i in range(n)]
                     base = base.to(bdt)
                     # element 1 onwards: unaligned views on the device
                     dev = [t.cuda()[1:] for t in [base, *models]]
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
                     runs += 1
                     if not torch.equal(out.cpu(), ref) and not (torch.isnan(ref).any()):
                         bad += 1
-                        print(f"MISMATCH {name} dtypes={bdt},{mdt},{odt} N={n} size={size}")
+                        print(f"MISMATCH {name} dtypes={dtype_case} N={n} size={size}")
     torch.cuda.synchronize()
     print(f"{runs} merges on {args.backend}, {bad} mismatches against the CPU backend")
     return 1 if bad else 0

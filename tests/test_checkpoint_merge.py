@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpoint_factory import fine_tune, llama_config, llama_tensors, random_tensors, write_checkpoint
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -33,6 +32,7 @@ from m3kernels.checkpoint.plan import count_layers
 from m3kernels.merge.recipe import PRESETS, make_recipe
 from m3kernels.merge.reference import reference_thresholds
 from m3kernels.checkpoint.safetensors_io import SafetensorsFile
+from m3kernels.synthetic import fine_tune, llama_config, llama_tensors, random_tensors, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

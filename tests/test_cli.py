@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_factory import fine_tune, llama_config, llama_shapes, llama_tensors, write_checkpoint
 
 from m3kernels import cli
 from m3kernels.backends import available_backends
+from m3kernels.synthetic import fine_tune, llama_config, llama_shapes, llama_tensors, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(vocab=29, hidden=8, intermediate=12, layers=2, heads=2, kv_heads=1)

@@ -1,8 +1,8 @@
 """The fused CPU backend (m3kernels._C) beyond the generic merge_tensors suite.
 
-* stage B, bit for bit, against an independent float32 PyTorch transcription of
-  docs/KERNEL.md (separate torch ops round like the kernel's unfused float32 operations),
-  and within the float32 error bound of the float64 reference;
+* stage B, bit for bit, against the independent float32 PyTorch transcription of
+  docs/KERNEL.md in tests/kernel_program.py (separate torch ops round like the kernel's unfused
+  float32 operations), and within the float32 error bound of the float64 reference;
 * stage A: histograms against numpy bincounts, L1 sums against float64 numpy sums, trim
   thresholds equal to the reference's exact sort-based ones;
 * DARE keep masks recovered from merged outputs equal ``dare_keep_mask``; Philox words at
@@ -28,10 +28,12 @@ import pytest
 import torch
 
 import m3kernels
+from cases import EDGE_CASES, METHOD_CASES, N_DTYPE_CASES, kwargs_for
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
+from kernel_program import stage_b
 from m3kernels.api import prepare
 from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, make_params
-from m3kernels.merge.philox import dare_key, dare_keep_mask, dare_uniform_u32, philox4x32_10
+from m3kernels.merge.philox import dare_key, dare_keep_mask, philox4x32_10
 from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge, reference_thresholds, sparsified_deltas
 
@@ -44,33 +46,8 @@ if have_backend("cpu"):
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 INT_VIEW = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
 
-# (base dtype, model dtypes, out dtype): uniform and mixed, N = 1 .. 6 (the kernel unrolls
-# N <= 4 and has dtype-specialised loops when every tensor has the output's dtype)
-DTYPE_CASES = [
-    (BF16, [BF16], BF16),
-    (F32, [F16, BF16], F16),
-    (F16, [F32, F16, BF16], F32),
-    (BF16, [F16, F32], BF16),
-    (BF16, [BF16, BF16], BF16),
-    (F16, [F16] * 4, F16),
-    (F32, [F32] * 5, F32),
-    (BF16, [BF16, F16, F32, BF16, F16, F32], BF16),
-]
-
-METHOD_CASES = [
-    dict(method="linear"),
-    dict(method="linear", weights=[0.7, -0.2, 1.1]),
-    dict(method="task_arithmetic", lambda_=0.6, weights=[1.0, -0.5, 0.25]),
-    dict(method="ties"),
-    dict(method="ties", density=0.45, normalize=False, lambda_=1.3),
-    dict(method="ties", mix_ratios=[0.3, 0.5, 0.2], weights=[1.0, 2.0, 0.5]),
-    dict(method="dare_linear", density=0.7),
-    dict(method="dare_linear", density=[0.5, 0.9, 0.3], rescale=False),
-    dict(method="dare_linear", density=0.6, rescale="l1"),
-    dict(method="dare_ties", density=0.5, weights=[1.0, 0.6, 1.4]),
-    dict(method="ties_dare", drop_rate=0.3, density=0.4),
-    dict(method="ties_dare", drop_rate=[0.0, 1.0, 0.5], density=[0.2, 0.5, 0.0]),
-]
+# the bit-for-bit stage B matrix: every shared method case and the edge cases, N = 1 .. 6
+STAGE_B_CASES = [*METHOD_CASES, *EDGE_CASES]
 
 
 def _trim_n(kw: dict, n: int) -> dict:
@@ -82,49 +59,6 @@ def _trim_n(kw: dict, n: int) -> dict:
         r = out["mix_ratios"]
         out["mix_ratios"] = [x / sum(r) for x in r]
     return out
-
-
-def _s(x) -> torch.Tensor:
-    """A float32 scalar tensor (keeps torch's arithmetic in float32)."""
-    return torch.tensor(float(x), dtype=F32)
-
-
-def float32_pipeline(p, base, models, out_dtype, seed: int, name: str) -> torch.Tensor:
-    """docs/KERNEL.md in plain PyTorch float32 ops, written from the document (not the C++)."""
-    shape = models[0].shape
-    zero = torch.zeros((), dtype=F32)
-    b = base.to(F32) if p.has_base else torch.zeros(shape, dtype=F32)
-    ds = []
-    for i, x in enumerate(models):
-        d = x.to(F32) - b
-        if p.dare[i]:
-            u = dare_uniform_u32(seed, name, i, d.numel())
-            keep = torch.from_numpy(u < np.uint64(p.dare_thr[i])).reshape(shape)
-            d = torch.where(keep, d * _s(p.dare_scale[i]), zero)
-        tmin = int(p.trim_min[i])
-        if tmin:
-            bits = d.abs().contiguous().view(torch.int32).to(torch.int64)
-            d = torch.where(bits >= tmin, d, zero)
-        ds.append(d)
-    if p.combine == 2:
-        vote = torch.zeros(shape, dtype=F32)
-        for w, d in zip(p.vote_w, ds):
-            vote = vote + _s(w) * d
-        pos = vote >= 0
-        num = torch.zeros(shape, dtype=F32)
-        den = torch.zeros(shape, dtype=F32)
-        for c, d in zip(p.coef, ds):
-            agree = (d != 0) & ((d > 0) == pos)
-            num = torch.where(agree, num + _s(c) * d, num)
-            den = torch.where(agree, den + _s(c), den)
-        m = torch.where(den != 0, num / den, zero) if p.normalize else num
-    else:
-        m = torch.zeros(shape, dtype=F32)
-        for c, d in zip(p.coef, ds):
-            m = m + _s(c) * d
-        if p.combine == 1:
-            m = m / _s(p.mean_den)
-    return (b + _s(p.lam) * m).to(out_dtype)
 
 
 def assert_same_bits(out: torch.Tensor, expected: torch.Tensor, what: str = ""):
@@ -170,21 +104,20 @@ def restore_threads_and_simd():
 # ----------------------------------------------------------------------------- stage B
 
 @pytest.mark.parametrize("numel", [1, 7, 1000, 4099])
-@pytest.mark.parametrize("dtypes", DTYPE_CASES, ids=lambda d: f"{d[0]}-{len(d[1])}-{d[2]}")
-@pytest.mark.parametrize("kw", METHOD_CASES, ids=lambda k: "-".join(f"{v}" for v in k.values()))
-def test_merge_bits_equal_float32_pipeline(kw, dtypes, numel, gen):
+@pytest.mark.parametrize("dtypes", N_DTYPE_CASES, ids=lambda d: f"{d[0]}-{len(d[1])}-{d[2]}")
+@pytest.mark.parametrize("case", STAGE_B_CASES)
+def test_merge_bits_equal_float32_pipeline(case, dtypes, numel, gen):
     base_dt, model_dts, out_dt = dtypes
     n = len(model_dts)
-    kw = _trim_n(kw, n)
-    if "mix_ratios" in kw and n == 1:
-        kw["mix_ratios"] = [1.0]
+    kw = kwargs_for(case, n)  # per-model lists cycled to n, mix ratios normalised
+    seed = kw.pop("seed", 7)
     base, models = make_inputs((numel,), n, (base_dt, model_dts), gen)
     uses_base = kw["method"] != "linear"
     if not uses_base:
         base = None
-    recipe, p = kernel_params(base, models, kw)
-    out = run_merge(base, models, kw, out_dt)
-    assert_same_bits(out, float32_pipeline(p, base, models, out_dt, 7, "w"), f"{kw} {dtypes}")
+    recipe, p = kernel_params(base, models, kw, seed=seed)
+    out = run_merge(base, models, kw, out_dt, seed=seed)
+    assert_same_bits(out, stage_b(p, base, models, out_dt, seed, "w"), f"{kw} {dtypes}")
     # and within float32 rounding of the float64 oracle, using the kernel's own thresholds
     thresholds = [None if t == 0 else (float("inf") if t >= 2**32 else
                                         float(np.uint32(t).view(np.float32))) for t in p.trim_min]
@@ -202,7 +135,7 @@ def test_signed_zero_parameters():
     kw = dict(method="task_arithmetic", lambda_=-0.0, weights=[-0.0, 1.0])
     _, p = kernel_params(base, models, kw)
     out = run_merge(base, models, kw, F32)
-    assert_same_bits(out, float32_pipeline(p, base, models, F32, 7, "w"))
+    assert_same_bits(out, stage_b(p, base, models, F32, 7, "w"))
     assert (out.view(torch.int32) < 0).sum() > 0  # some -0.0 survive: -0 + (-0 * m)
 
 
@@ -213,7 +146,7 @@ def test_large_outputs_use_streaming_stores(out_dt, gen, restore_threads_and_sim
     base, models = make_inputs((numel,), 2, (BF16, [BF16, F16]), gen)
     kw = dict(method="ties_dare", drop_rate=0.3, density=0.25)
     _, p = kernel_params(base, models, kw)
-    expected = float32_pipeline(p, base, models, out_dt, 7, "w")
+    expected = stage_b(p, base, models, out_dt, 7, "w")
     for level in _C.simd_levels():
         _C.set_simd_level(level)
         assert_same_bits(run_merge(base, models, kw, out_dt), expected, level)
@@ -225,7 +158,7 @@ def test_merge_no_base_and_shapes(gen):
     out = m3kernels.merge_tensors(None, models, method="linear", backend="cpu", out_dtype=F16)
     _, p = kernel_params(None, models, dict(method="linear"))
     assert out.shape == (3, 5, 7)
-    assert_same_bits(out, float32_pipeline(p, None, models, F16, 7, "w"))
+    assert_same_bits(out, stage_b(p, None, models, F16, 7, "w"))
 
 
 # ----------------------------------------------------------------------------- stage A
@@ -239,7 +172,7 @@ def _numpy_hist(d32: torch.Tensor, prefix=None) -> np.ndarray:
 
 
 @pytest.mark.parametrize("numel", [1, 7, 4099, 70001])
-@pytest.mark.parametrize("dtypes", DTYPE_CASES[:3] + DTYPE_CASES[6:], ids=lambda d: f"{d[0]}-{len(d[1])}")
+@pytest.mark.parametrize("dtypes", N_DTYPE_CASES[:3] + N_DTYPE_CASES[6:], ids=lambda d: f"{d[0]}-{len(d[1])}")
 @pytest.mark.parametrize("kw", [dict(method="ties"),
                                 dict(method="ties_dare", drop_rate=0.35, density=0.3),
                                 dict(method="dare_ties", density=[0.5, 0.0, 1.0])],

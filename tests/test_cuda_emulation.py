@@ -3,9 +3,9 @@
 ``m3kernels._cuda.emulate_*`` execute the very chunk code the GPU kernels execute (dispatch,
 16-byte vector path, scalar tail path, Philox, trim, combine, RNE casts, the L1 blocks and their
 reduction tree) on CPU tensors. So on a machine without a GPU these tests check the CUDA kernels'
-arithmetic against the float64 reference and, bit for bit, against the CPU backend. What they
-cannot check (launch shapes, shared-memory atomics, streams) is covered by test_gpu_backends.py
-on a GPU.
+arithmetic against the float64 reference and, bit for bit, against the float32 program of
+docs/KERNEL.md (tests/kernel_program.py) and the CPU backend. What they cannot check (launch
+shapes, shared-memory atomics, streams) is covered by test_gpu_backends.py on a GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge, sparsified_deltas
 
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
+from kernel_program import stage_b
 
 pytest.importorskip("m3kernels._cuda", reason="CUDA extension not built (needs nvcc at install time)")
 
@@ -66,6 +67,8 @@ def _check(case, dtype_case, n, shape, gen, name="model.layers.0.mlp.down_proj.w
     recipe = make_recipe(n, has_base=True, **kw)
     ref, info = reference_merge(base, models, recipe, name)
     assert_close_ulp(out, ref, term_scale(base, models, recipe), what)
+    want = stage_b(p, base, models, out_dt, recipe.seed, name)  # docs/KERNEL.md on the same parameters
+    assert torch.equal(_bits(out), _bits(want)), f"{what}: emulated CUDA kernel and the float32 program differ"
     if recipe.trim_density is not None:
         got = [m3kernels.merge.select.bits_to_float(int(x)) for x in p.trim_min]
         assert got == info["thresholds"], (what, got, info["thresholds"])

@@ -1,6 +1,6 @@
 """A merged checkpoint loads in ``transformers`` and holds exactly the merged weights.
 
-A tiny random Llama (``tiny_llama.py``) and two noisy fine-tunes are merged by
+A tiny random Llama (``m3kernels.synthetic``) and two noisy fine-tunes are merged by
 ``m3kernels merge`` (TIES, TIES + M³, with one or several output shards); the output folder is
 loaded with ``AutoModelForCausalLM.from_pretrained`` from local files only. The test checks that
 every parameter was found (no missing, unexpected or mis-shaped key), that the loaded weights
@@ -20,14 +20,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from tiny_llama import TinyLlama, write_family  # noqa: E402
 
 import m3kernels  # noqa: E402
 from m3kernels import cli  # noqa: E402
+from m3kernels.synthetic import make_family, tiny  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 
-ARCH = TinyLlama()
+ARCH = tiny(kv_heads=2)  # grouped-query attention: k/v projections are narrower
 
 CASES = {
     # name: (config body after the model list, merge_tensors kwargs, output shard size)
@@ -40,7 +40,7 @@ CASES = {
 
 
 def write_config(path, family, body: str):
-    base, ft1, ft2 = (family[k][0] for k in ("base", "ft1", "ft2"))
+    base, (ft1, ft2) = family.base_dir, family.model_dirs
     path.write_text(
         f"merge_method: ties\nbase_model: {base}\nmodels:\n"
         f"  - model: {ft1}\n    parameters:\n      weight: 1.0\n      density: 0.3\n"
@@ -62,7 +62,9 @@ def read_output(out_dir) -> dict:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_merged_checkpoint_loads_in_transformers(case, tmp_path, gen):
     body, kwargs, shard_size = CASES[case]
-    family = write_family(tmp_path / "models", gen, ARCH)
+    # base N(0, 0.02²), fine-tunes + N(0, 0.002²), all drawn from ``gen``; 2 and 3 shards
+    family = make_family(tmp_path / "models", shapes=ARCH, seed=gen, std=0.02, noise=0.002,
+                         tokenizer=False, generation=True)
     cfg = write_config(tmp_path / "merge.yaml", family, body)
     out = tmp_path / "merged"
     args = ["merge", str(cfg), str(out), "--device", "cpu", "--quiet"]
@@ -78,7 +80,7 @@ def test_merged_checkpoint_loads_in_transformers(case, tmp_path, gen):
                        ["weight_map"].values())) > 1
 
     # the files hold the merge (same kernels as the tensor API, same λ, same thresholds)
-    base, ft1, ft2 = (family[k][1] for k in ("base", "ft1", "ft2"))
+    base, (ft1, ft2) = family.base, family.models
     for name, t in on_disk.items():
         assert t.dtype == torch.bfloat16, name
         want = m3kernels.merge_tensors(base[name], [ft1[name], ft2[name]], name=name, **kwargs)

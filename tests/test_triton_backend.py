@@ -5,10 +5,11 @@ before they are defined), so sizes stay small. Checked here:
 
 * the Philox stream in Triton against the Python definition, bit for bit (known answers, the
   DARE stream including indices past 2**34, and the keep masks recovered from merged outputs);
-* stage B against an element-wise float32 transcription of docs/KERNEL.md, bit for bit, for every
-  method x dtype mix x N in {1, 2, 3} x sizes, output poisoned with NaN first; against the CPU
-  backend bit for bit when its extension is built; against the float64 reference within one
-  output ulp plus the float32 bound;
+* stage B against the element-wise float32 transcription of docs/KERNEL.md in
+  tests/kernel_program.py (with its own stage A: full sort, float64 sums), bit for bit, for
+  every method x dtype mix of tests/cases.py x N in {1, 2, 3} x sizes, output poisoned with NaN
+  first; against the CPU backend bit for bit when its extension is built; against the float64
+  reference within one output ulp plus the float32 bound;
 * stage A: exact trim thresholds against the reference, histograms against direct counts,
   L1 sums against float64 sums; the int64-index paths on small tensors;
 * the compiled (GPU) code: no FMA contraction, IEEE division, 16-byte loads (PTX for sm_90,
@@ -33,12 +34,14 @@ if not torch.cuda.is_available():
 
 import m3kernels  # noqa: E402
 from m3kernels.backends import triton as triton_backend  # noqa: E402
-from m3kernels.merge.kernel_params import f32, make_params, trim_k  # noqa: E402
+from m3kernels.merge.kernel_params import make_params  # noqa: E402
 from m3kernels.merge.philox import dare_key, dare_keep_mask, dare_uniform_u32, philox4x32_10  # noqa: E402
 from m3kernels.merge.recipe import make_recipe  # noqa: E402
 from m3kernels.merge.reference import reference_merge, reference_thresholds  # noqa: E402
 
+from cases import DTYPE_CASES, METHOD_CASES, kwargs_for  # noqa: E402
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale  # noqa: E402
+from kernel_program import dropped_deltas, f32_program  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not triton_backend.supports(DEVICE):
@@ -50,40 +53,7 @@ from m3kernels.backends.triton import kernels as triton_kernels  # noqa: E402  (
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 BITS_VIEW = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
 
-METHODS = {
-    "linear": dict(method="linear", weights=[0.3, 0.7, 1.1]),
-    "linear_sum": dict(method="linear", normalize=False, weights=0.5),
-    "task_arithmetic": dict(method="task_arithmetic", lambda_=0.7),
-    "ties": dict(method="ties", density=0.3),
-    "ties_nonorm": dict(method="ties", density=[0.2, 0.5, 0.9], normalize=False, weights=[1.0, 0.6, 1.3]),
-    "dare_linear": dict(method="dare_linear", density=0.6),
-    "dare_linear_norescale": dict(method="dare_linear", drop_rate=0.3, rescale=False),
-    "dare_ties": dict(method="dare_ties", density=[0.5, 0.7, 0.4]),
-    "ties_dare": dict(method="ties_dare", drop_rate=0.4, density=0.5),
-    "dare_ties_l1": dict(method="dare_ties", density=0.5, rescale="l1"),
-    "dare_linear_l1": dict(method="dare_linear", density=[0.3, 0.8, 0.6], rescale="l1", lambda_=0.8),
-    "ties_m3": dict(method="ties", density=0.4, mixup_alpha=0.4, seed=11),
-    "task_m3": dict(method="task_arithmetic", mixup_alpha=2.0, seed=5, lambda_=0.9),
-    "dare_ties_m3": dict(method="dare_ties", density=0.7, mixup_alpha=0.5, seed=3),
-}
-
-DTYPES = {  # (base, models (cycled), output)
-    "bf16": (BF16, [BF16], BF16),
-    "f16": (F16, [F16], F16),
-    "f32": (F32, [F32], F32),
-    "mixed": (BF16, [F32, F16, BF16], F16),
-    "mixed_f32out": (F16, [BF16, F32], F32),
-    "mixed_bf16out": (F32, [F16, BF16], BF16),
-}
-DTYPE_NAMES = list(DTYPES)
-
-
-def kwargs_for(case: str, n: int) -> dict:
-    kw = dict(METHODS[case])
-    for k in ("weights", "density"):
-        if isinstance(kw.get(k), list):
-            kw[k] = kw[k][:n]
-    return kw
+DTYPE_NAMES = list(DTYPE_CASES)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -100,62 +70,6 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str):
         idx = int((~ok).reshape(-1).nonzero()[0])
         raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.numel()} elements differ; first at {idx}: "
                              f"got {got.reshape(-1)[idx].item()!r}, want {want.reshape(-1)[idx].item()!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# docs/KERNEL.md, transcribed element-wise with torch float32 operations (each op one rounding)
-# ---------------------------------------------------------------------------------------------
-
-def _t32(x) -> torch.Tensor:
-    return torch.tensor(float(x), dtype=F32)
-
-
-def f32_program(base, models, recipe, name: str, out_dtype):
-    """The float32 program of docs/KERNEL.md with its own stage A (full sort, float64 sums)."""
-    p = make_params(recipe, name, base is not None)
-    shape, numel = models[0].shape, models[0].numel()
-    zero = torch.zeros(numel, dtype=F32)
-    b = base.reshape(-1).to(F32) if p.has_base else zero
-    raw = [x.reshape(-1).to(F32) - b for x in models]
-    ds = list(raw)
-    if recipe.dare_density is not None:
-        for i, dens in enumerate(recipe.dare_density):
-            keep = dare_keep_mask(recipe.seed, name, i, (numel,), dens)
-            if recipe.rescale == "l1":
-                mag = raw[i].abs().to(F64)
-                total, kept = float(mag.sum()), float(mag[keep].sum())
-                scale = f32(total / kept) if kept > 0 else 1.0
-            else:
-                scale = float(p.dare_scale[i])
-            ds[i] = torch.where(keep, raw[i] * _t32(scale), zero)
-    if recipe.trim_density is not None:
-        for i, dens in enumerate(recipe.trim_density):
-            k = trim_k(dens, numel)
-            bits = ds[i].abs().view(torch.int32).to(torch.int64)
-            thr = (1 << 32) if k <= 0 else int(torch.sort(bits, descending=True).values[min(k, numel) - 1])
-            ds[i] = torch.where(bits >= thr, ds[i], zero)
-    if p.combine == 2:
-        v = zero
-        for i, d in enumerate(ds):
-            v = v + _t32(p.vote_w[i]) * d
-        pos = v >= 0
-        num, den = zero, zero
-        for i, d in enumerate(ds):
-            agree = (d != 0) & ((d > 0) == pos)
-            num = torch.where(agree, num + _t32(p.coef[i]) * d, num)
-            den = torch.where(agree, den + _t32(p.coef[i]), den)
-        if p.normalize:
-            m = torch.where(den != 0, num / torch.where(den != 0, den, _t32(1.0)), zero)
-        else:
-            m = num
-    else:
-        m = zero
-        for i, d in enumerate(ds):
-            m = m + _t32(p.coef[i]) * d
-        if p.combine == 1:
-            m = m / _t32(p.mean_den)
-    y = b + _t32(p.lam) * m
-    return y.to(out_dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,7 +165,7 @@ LARGER = [(3001,), (37, 129)]
 
 
 def _check_merge(case, n, dtype_name, shape, gen, name="model.layers.1.mlp.up_proj.weight"):
-    base_dt, model_dts, out_dt = DTYPES[dtype_name]
+    base_dt, model_dts, out_dt = DTYPE_CASES[dtype_name]
     kw = kwargs_for(case, n)
     base, models = make_inputs(shape, n, (base_dt, model_dts), gen)
     recipe = make_recipe(n, has_base=True, **kw)
@@ -275,10 +189,10 @@ def _check_merge(case, n, dtype_name, shape, gen, name="model.layers.1.mlp.up_pr
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("case", list(METHODS))
+@pytest.mark.parametrize("case", list(METHOD_CASES))
 def test_merge_matrix(case, n, gen):
     """Every dtype mix at 7 elements; 1 element, 3001 and an odd 2-D shape in rotating mixes."""
-    k = list(METHODS).index(case) + n
+    k = list(METHOD_CASES).index(case) + n
     for dtype_name in DTYPE_NAMES:
         _check_merge(case, n, dtype_name, (7,), gen)
     for t, shape in enumerate([(1,)] + LARGER):
@@ -339,14 +253,8 @@ def gen_index(gen, n: int) -> int:
 
 def _dropped_deltas(base, models, recipe, name):
     p = make_params(recipe, name, True)
-    out = []
-    for i, x in enumerate(models):
-        d = x.to(F32) - base.to(F32)
-        if recipe.dare_density is not None:
-            keep = dare_keep_mask(recipe.seed, name, i, d.shape, recipe.dare_density[i])
-            d = torch.where(keep, d * _t32(p.dare_scale[i]), torch.zeros((), dtype=F32))
-        out.append(d.reshape(-1))
-    return p, out
+    _, ds = dropped_deltas(p, base, models, recipe.seed, name)
+    return p, [d.reshape(-1) for d in ds]
 
 
 @pytest.mark.parametrize("method", ["ties", "ties_dare"])

@@ -1,0 +1,120 @@
+"""docs/KERNEL.md transcribed once, in float32 PyTorch operations, for the backends' tests.
+
+Written from the document, not from any backend's code: every float operation of the per-element
+program is one torch operation on float32 tensors (one IEEE rounding, never fused into an FMA),
+in the document's order, so a backend's output must equal it bit for bit (NaN payloads aside).
+
+* :func:`stage_b`: the per-element program on a ``KernelParams`` ``p``: the parameters a backend
+  itself ran with, its stage A results (trim thresholds, L1 scales) included;
+* :func:`stage_a`: ``make_params`` plus this module's own stage A (KERNEL.md "Stage A"): L1
+  scales from float64 sums, exact trim thresholds from a full sort of the ``bits(|d|)``;
+* :func:`f32_program`: both, i.e. the whole float32 merge of one tensor from a recipe;
+* :func:`dropped_deltas`: ``b`` and the deltas after the DARE step (what stage A histograms).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from m3kernels.merge.kernel_params import TRIM_KEEP_NONE, KernelParams, f32, make_params, trim_k
+from m3kernels.merge.philox import dare_keep_mask, dare_uniform_u32
+
+F32, F64 = torch.float32, torch.float64
+
+
+def _s(x) -> torch.Tensor:
+    """A float32 scalar tensor (keeps torch's arithmetic in float32)."""
+    return torch.tensor(float(x), dtype=F32)
+
+
+def dropped_deltas(p: KernelParams, base, models, seed: int, name: str):
+    """(b, [d_i]): ``b = f32(base)`` (0 without a base) and ``d_i = f32(x_i) - b`` after the DARE
+    step (kept values times ``p.dare_scale[i]``, dropped ones 0); no trim."""
+    shape = models[0].shape
+    zero = torch.zeros((), dtype=F32)
+    b = base.to(F32) if p.has_base else torch.zeros(shape, dtype=F32)
+    ds = []
+    for i, x in enumerate(models):
+        d = x.to(F32) - b
+        if p.dare[i]:
+            u = dare_uniform_u32(seed, name, i, d.numel())
+            keep = torch.from_numpy(u < np.uint64(p.dare_thr[i])).reshape(shape)
+            d = torch.where(keep, d * _s(p.dare_scale[i]), zero)
+        ds.append(d)
+    return b, ds
+
+
+def _abs_bits(d: torch.Tensor) -> torch.Tensor:
+    """bits(|d|): the uint32 pattern of fabsf, as int64."""
+    return d.abs().contiguous().view(torch.int32).to(torch.int64)
+
+
+def stage_b(p: KernelParams, base, models, out_dtype, seed: int, name: str) -> torch.Tensor:
+    """The float32 program of docs/KERNEL.md on parameters ``p`` (``seed``, ``name``: the DARE
+    stream's), rounded to ``out_dtype``."""
+    shape = models[0].shape
+    zero = torch.zeros((), dtype=F32)
+    b, ds = dropped_deltas(p, base, models, seed, name)
+    for i, d in enumerate(ds):
+        tmin = 0 if p.trim_min is None else int(p.trim_min[i])
+        if tmin:  # 0 keeps all; TRIM_KEEP_NONE (2**32) keeps nothing
+            ds[i] = torch.where(_abs_bits(d) >= tmin, d, zero)
+    if p.combine == 2:
+        vote = torch.zeros(shape, dtype=F32)
+        for w, d in zip(p.vote_w, ds):
+            vote = vote + _s(w) * d
+        pos = vote >= 0
+        num = torch.zeros(shape, dtype=F32)
+        den = torch.zeros(shape, dtype=F32)
+        for c, d in zip(p.coef, ds):
+            agree = (d != 0) & ((d > 0) == pos)
+            num = torch.where(agree, num + _s(c) * d, num)
+            den = torch.where(agree, den + _s(c), den)
+        if p.normalize:
+            m = torch.where(den != 0, num / torch.where(den != 0, den, _s(1.0)), zero)
+        else:
+            m = num
+    else:
+        m = torch.zeros(shape, dtype=F32)
+        for c, d in zip(p.coef, ds):
+            m = m + _s(c) * d
+        if p.combine == 1:
+            m = m / _s(p.mean_den)
+    return (b + _s(p.lam) * m).to(out_dtype)
+
+
+def stage_a(base, models, recipe, name: str) -> KernelParams:
+    """``make_params`` with this module's own stage A: for ``rescale: l1`` each DARE scale is
+    ``f32(total / kept)`` (1 when kept = 0) from float64 sums of the raw ``|d_i|``; for the
+    magnitude trim each threshold is the k-th largest ``bits(|d_i|)`` after the DARE step, by a
+    full sort (k = 0: keep nothing)."""
+    p = make_params(recipe, name, base is not None)
+    numel = models[0].numel()
+    if recipe.dare_density is not None and recipe.rescale == "l1":
+        b = base.to(F32) if p.has_base else torch.zeros(models[0].shape, dtype=F32)
+        scales = [float(s) for s in p.dare_scale]
+        for i, dens in enumerate(recipe.dare_density):
+            keep = dare_keep_mask(recipe.seed, name, i, (numel,), dens)
+            mag = (models[i].reshape(-1).to(F32) - b.reshape(-1)).abs().to(F64)
+            total, kept = float(mag.sum()), float(mag[keep].sum())
+            scales[i] = f32(total / kept) if kept > 0 else 1.0
+        p = p.with_dare_scale(scales)
+    if recipe.trim_density is not None:
+        _, ds = dropped_deltas(p, base, models, recipe.seed, name)
+        thresholds = []
+        for i, dens in enumerate(recipe.trim_density):
+            k = trim_k(dens, numel)
+            bits = _abs_bits(ds[i]).reshape(-1)
+            thresholds.append(TRIM_KEEP_NONE if k <= 0 else
+                              int(torch.sort(bits, descending=True).values[min(k, numel) - 1]))
+        p = p.with_trim(thresholds)
+    return p
+
+
+def f32_program(base, models, recipe, name: str, out_dtype) -> torch.Tensor:
+    """The whole float32 merge of one tensor: :func:`stage_a`, then :func:`stage_b`."""
+    return stage_b(stage_a(base, models, recipe, name), base, models, out_dtype, recipe.seed, name)
+
+
+__all__ = ["dropped_deltas", "stage_b", "stage_a", "f32_program"]
