@@ -381,3 +381,83 @@ def test_model_trim_scope_exact_over_many_small_tensors(tmp_path):
     finally:
         for ck in opened:
             ck.close()
+
+
+# ---------------------------------------------------------------- batched small tensors (merge_batch)
+@pytest.mark.parametrize("kind", ["random", "ties", "nan", "zeros", "denormal"])
+def test_merge_batch_equals_merge_tensors_per_tensor(kind, gen):
+    """_C.merge_batch: per tensor the thresholds select_from_keys picks and merge_tensors' bytes."""
+    if not have_backend("cpu"):
+        pytest.skip("CPU extension not built")
+    import m3kernels
+    from m3kernels.merge.philox import dare_key
+
+    be = get_backend("cpu", "cpu")
+    sizes = [1, 3, 16, 100, 1029, 4096]
+    for kw, dtypes, has_base in [(dict(method="ties", density=[0.3, 1.0]), (BF16, [BF16, F32]), True),
+                                 (dict(method="ties_dare", drop_rate=0.4, density=0.5, seed=5), (F16, [F16]), True),
+                                 (dict(method="ties", density=[0.0, 0.5]), (F32, [F32]), True),
+                                 (dict(method="linear", weights=[0.7, 0.3]), (BF16, [BF16, F32]), False)]:
+        recipe, _ = _params(kw, 2, True)
+        ins = [_inputs(kind, s, dtypes, gen, base=has_base) for s in sizes]
+        names = [f"model.layers.{i}.x.weight" for i in range(len(sizes))]
+        p = make_params(recipe, names[0], has_base)
+        outs = [torch.empty(s, dtype=BF16) for s in sizes]
+        ks = [trim_k(d, s) for s in sizes for d in recipe.trim_density] if recipe.trim_density else None
+        keys = ([k for nm in names for i in range(2) for k in [dare_key(recipe.seed, nm, i)]]
+                if recipe.dare_density else None)
+        used = be.merge_batch(p, [b.data_ptr() for b, _ in ins] if has_base else [], dtypes[0] if has_base else None,
+                              [m.data_ptr() for _, ms in ins for m in ms], [m.dtype for m in ins[0][1]], sizes,
+                              [o.data_ptr() for o in outs], BF16, ks,
+                              [k[0] for k in keys] if keys else None, [k[1] for k in keys] if keys else None)
+        for t, ((b, ms), out, nm) in enumerate(zip(ins, outs, names)):
+            want = m3kernels.merge_tensors(b, ms, name=nm, backend="cpu", out_dtype=BF16, **kw)
+            assert torch.equal(out.view(torch.int16), want.view(torch.int16)), (kw, sizes[t])
+            if ks is not None:
+                pt = make_params(recipe, nm, has_base)
+                exp = select_from_keys(be.delta_keys(pt, b if has_base else None, ms), ks[2 * t:2 * t + 2], sizes[t])
+                assert used[t].tolist() == exp.tolist()
+
+
+@pytest.mark.parametrize("case", ["ties", "ties_dare", "linear", "ties_model_scope", "dare_ties_l1"])
+def test_checkpoint_merge_identical_with_and_without_batches(case, tmp_path, monkeypatch):
+    """A checkpoint of many small tensors (NaNs, ties, per-layer weights, mixed dtypes) merges to the
+    same bytes through the batched path and one tensor at a time."""
+    if not have_backend("cpu"):
+        pytest.skip("CPU extension not built")
+    import m3kernels
+    from checkpoint_factory import fine_tune, random_tensors, write_checkpoint
+    from m3kernels.checkpoint import produce
+
+    shapes = {f"model.layers.{i // 30}.mlp.experts.{i % 30}.w.weight": (4, 3 + i % 5) for i in range(120)}
+    shapes["model.norm.weight"] = (7,)
+    base = random_tensors(shapes, 3)
+    ft1 = fine_tune(base, 4)
+    ft2 = fine_tune(base, 5, dtype=torch.float32)
+    for k, t in enumerate(ft1.values()):  # NaNs and exact ties in a few tensors
+        if k % 7 == 0:
+            t.view(-1)[0] = float("nan")
+        if k % 5 == 0:
+            t.view(-1)[:] = base[list(base)[k]].view(-1) + 0.25
+    dirs = [write_checkpoint(tmp_path / "base", base, tokenizer=False),
+            write_checkpoint(tmp_path / "ft1", ft1, shards=2, tokenizer=False),
+            write_checkpoint(tmp_path / "ft2", ft2, tokenizer=False)]
+    per = {"weight": [1.0, 0.5], "density": 0.3}
+    cfg = {"ties": {"merge_method": "ties"},
+           "ties_dare": {"merge_method": "ties_dare", "seed": 9, "mixup": {"alpha": 0.5}},
+           "linear": {"merge_method": "linear"},
+           "ties_model_scope": {"merge_method": "ties", "trim_scope": "model"},
+           "dare_ties_l1": {"merge_method": "dare_ties", "parameters": {"rescale": "l1"}}}[case]
+    params = dict(per) if case != "linear" else {"weight": [1.0, 0.5]}
+    if case == "ties_dare":
+        params["drop_rate"] = 0.3
+    cfg = {**cfg, "models": [{"model": str(d), "parameters": params} for d in dirs[1:]]}
+    if case != "linear":
+        cfg["base_model"] = str(dirs[0])
+    m3kernels.merge_checkpoints(cfg, tmp_path / "batched", device="cpu", progress=False)
+    monkeypatch.setattr(produce, "BATCH_NUMEL", 0)
+    m3kernels.merge_checkpoints(cfg, tmp_path / "single", device="cpu", progress=False)
+    files = sorted(p.name for p in (tmp_path / "single").iterdir() if p.suffix == ".safetensors")
+    assert files == sorted(p.name for p in (tmp_path / "batched").iterdir() if p.suffix == ".safetensors")
+    for f in files:
+        assert (tmp_path / "batched" / f).read_bytes() == (tmp_path / "single" / f).read_bytes(), f

@@ -6,6 +6,7 @@
 // The GIL is released around all kernel work.
 #include <omp.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -163,6 +164,105 @@ py::array_t<uint32_t> delta_keys(py::handle p, uintptr_t base_ptr, int base_dtyp
     return keys;
 }
 
+// Stage A and B for many small tensors in one call (the streaming merge of checkpoints with
+// thousands of them). Tensor t: base base_ptrs[t] (when p.has_base), models model_ptrs[t * n + i],
+// numels[t] elements, output out_ptrs[t]; every tensor uses p except: DARE keys key0/key1[t * n + i]
+// when given, and, when ks is given, trim thresholds = the exact ks[t * n + i]-th largest
+// bits(|d'|) of that tensor's model i (k < 0: no trim, k = 0: keep nothing, k >= numel: the
+// smallest), as m3kernels.merge.select.select_from_keys picks them; else p.trim_min. Returns the
+// thresholds used, uint64[T, n].
+py::array_t<uint64_t> merge_batch(py::handle p, const std::vector<uintptr_t>& base_ptrs, int base_dtype,
+                                  const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
+                                  const std::vector<int64_t>& numels, const std::vector<uintptr_t>& out_ptrs,
+                                  int out_dtype, py::object ks, py::object key0, py::object key1) {
+    const size_t count = numels.size();
+    const int n = p.attr("n").cast<int>();
+    const bool has_base = p.attr("has_base").cast<bool>();
+    if (n < 1) throw py::value_error("KernelParams.n must be >= 1");
+    if (out_ptrs.size() != count || model_ptrs.size() != count * size_t(n) ||
+        (has_base && base_ptrs.size() != count))
+        throw py::value_error("merge_batch: expected one output, n model pointers and (with a base) one base "
+                              "pointer per tensor");
+    for (size_t t = 0; t < count; ++t) {
+        if (numels[t] < 0) throw py::value_error("numel must be >= 0");
+        if (numels[t] == 0) continue;
+        if (out_ptrs[t] == 0 || (has_base && base_ptrs[t] == 0)) throw py::value_error("null pointer");
+        for (int i = 0; i < n; ++i)
+            if (model_ptrs[t * size_t(n) + i] == 0) throw py::value_error("null model pointer");
+    }
+    check_dtype(out_dtype, "out");
+    py::array_t<uint64_t> used({py::ssize_t(count), py::ssize_t(n)});
+    if (count == 0) return used;
+    const std::vector<uintptr_t> first(model_ptrs.begin(), model_ptrs.begin() + n);
+    Call call(p, has_base ? base_ptrs[0] : 0, base_dtype, first, model_dtypes, numels[0], 0);
+    const size_t flat = count * size_t(n);
+    CArray<int64_t> k_arr;
+    CArray<uint32_t> k0_arr, k1_arr;
+    if (!ks.is_none()) {
+        k_arr = CArray<int64_t>::ensure(ks);
+        if (!k_arr || size_t(k_arr.size()) != flat) throw py::value_error("ks: expected T * n values");
+    }
+    if (!key0.is_none() || !key1.is_none()) {  // both or neither
+        k0_arr = CArray<uint32_t>::ensure(key0);
+        k1_arr = CArray<uint32_t>::ensure(key1);
+        if (!k0_arr || !k1_arr || size_t(k0_arr.size()) != flat || size_t(k1_arr.size()) != flat)
+            throw py::value_error("key0, key1: expected T * n values each");
+    }
+    // (a default-constructed array_t is an empty array, not a null handle: test the arguments)
+    const int64_t* kp = ks.is_none() ? nullptr : k_arr.data();
+    const bool keys_given = !key0.is_none() || !key1.is_none();
+    const uint32_t* k0p = keys_given ? k0_arr.data() : nullptr;
+    const uint32_t* k1p = keys_given ? k1_arr.data() : nullptr;
+    uint64_t* u = used.mutable_data();
+    m3k::TensorArgs& a = call.args;
+    const uint64_t* fixed = a.trim_min;  // p.trim_min (nullptr: none)
+    std::vector<uint64_t> trim(size_t(n), 0);
+    std::vector<uint32_t> keys;
+    const m3k::KernelTable& table = m3k::active_table();
+    bool ok = true;
+    {
+        py::gil_scoped_release nogil;
+        for (size_t t = 0; t < count && ok; ++t) {
+            const int64_t numel = numels[t];
+            a.numel = numel;
+            for (int i = 0; i < n; ++i) call.models[i] = reinterpret_cast<const void*>(model_ptrs[t * n + i]);
+            if (has_base) a.base = reinterpret_cast<const void*>(base_ptrs[t]);
+            if (k0p) {
+                a.key0 = k0p + t * n;
+                a.key1 = k1p + t * n;
+            }
+            if (kp) {
+                bool any = false;
+                for (int i = 0; i < n; ++i) any = any || kp[t * n + i] > 0;
+                if (any && numel > 0) {
+                    keys.resize(size_t(n) * size_t(numel));
+                    ok = table.delta_keys(a, keys.data());
+                }
+                for (int i = 0; i < n && ok; ++i) {
+                    const int64_t k = kp[t * n + i];
+                    if (k < 0) {
+                        trim[i] = 0;  // no trim: keep all
+                    } else if (k == 0 || numel == 0) {
+                        trim[i] = uint64_t(1) << 32;  // keep nothing
+                    } else {
+                        const int64_t kk = k < numel ? k : numel;
+                        uint32_t* row = keys.data() + size_t(i) * size_t(numel);
+                        std::nth_element(row, row + (numel - kk), row + numel);
+                        trim[i] = row[numel - kk];
+                    }
+                }
+            } else {
+                for (int i = 0; i < n; ++i) trim[i] = fixed ? fixed[i] : 0;
+            }
+            a.trim_min = trim.data();
+            for (int i = 0; i < n; ++i) u[t * n + i] = trim[i];
+            if (ok) table.merge(a, reinterpret_cast<void*>(out_ptrs[t]), out_dtype);
+        }
+    }
+    if (!ok) throw std::bad_alloc();
+    return used;
+}
+
 py::tuple l1_sums(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<uintptr_t>& model_ptrs,
                   const std::vector<int>& model_dtypes, int64_t numel, int64_t index_offset) {
     Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
@@ -257,6 +357,11 @@ PYBIND11_MODULE(_C, m) {
     m.def("delta_keys", &delta_keys, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
           "Stage A, small tensors: uint32[n, numel] bits(|delta after DARE|), the values the histograms count.");
+    m.def("merge_batch", &merge_batch, py::arg("p"), py::arg("base_ptrs"), py::arg("base_dtype"),
+          py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numels"), py::arg("out_ptrs"),
+          py::arg("out_dtype"), py::arg("ks") = py::none(), py::arg("key0") = py::none(),
+          py::arg("key1") = py::none(),
+          "Stage A (exact select) and B for many small tensors in one call; returns the thresholds used.");
     m.def("l1_sums", &l1_sums, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("model_ptrs"),
           py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
           "Stage A: (total, kept) float64[n] sums of |delta| for rescale: l1.");

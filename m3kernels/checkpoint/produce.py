@@ -16,15 +16,19 @@ from typing import Iterator, Optional
 
 import torch
 
-from m3kernels.api import merge_tensors, prepare
+from m3kernels.api import merge_tensors, prepare, thresholds_to_bits
 from m3kernels.backends import get_backend
 from m3kernels.checkpoint.job import MergeJob
-from m3kernels.checkpoint.plan import COPY, VOCAB, MergePlan, PlannedTensor
+from m3kernels.checkpoint.plan import COPY, MERGE, VOCAB, MergePlan, PlannedTensor
+from m3kernels.merge.kernel_params import make_params, trim_k
+from m3kernels.merge.philox import dare_key
 
 log = logging.getLogger("m3kernels")
 
 
 PREFETCH_BYTES = 1 << 30      # how far ahead (input bytes) the read-ahead hints reach
+BATCH_NUMEL = 1 << 14         # consecutive tensors of at most this many elements are merged ...
+BATCH_BYTES = 4 << 20         # ... in batches of at most this many output bytes, one kernel call each
 
 
 class Prefetcher:
@@ -166,14 +170,89 @@ def frozen_heap():
         gc.unfreeze()
 
 
+def _batch_key(pt: PlannedTensor):
+    """What tensors merged in one batch share (None: merged alone): small MERGE tensors with equal
+    recipes (no L1 rescale: its scale is a per-tensor stage-A sum) and dtypes."""
+    r = pt.recipe
+    if pt.action != MERGE or r is None or r.rescale == "l1" or not 0 < pt.numel <= BATCH_NUMEL:
+        return None
+    return (r, pt.out_dtype, pt.base.meta.dtype if pt.base is not None else None,
+            tuple(s.meta.dtype for s in pt.models))
+
+
+def _merge_batch(batch: list, be, thresholds) -> Optional[list]:
+    """Merge small tensors with one ``be.merge_batch`` call, each exactly as ``merge_tensors`` would
+    (stage A: the exact per-tensor k-th largest bits(|δ'|), or the given whole-model thresholds;
+    DARE keys per tensor name). Returns the outputs, views of one new buffer; None when an input
+    has no plain address (a .bin file, misaligned data): then merge them one by one."""
+    pt0 = batch[0]
+    r = pt0.recipe
+    has_base = pt0.base is not None and r.uses_base
+    p = make_params(r, pt0.name, has_base)
+    base_ptrs, model_ptrs, numels, ks, key0, key1 = [], [], [], [], [], []
+    trim = r.trim_density is not None and thresholds is None
+    if r.trim_density is not None and thresholds is not None:
+        p = p.with_trim(thresholds_to_bits(thresholds))
+    for pt in batch:
+        if has_base:
+            base_ptrs.append(pt.base.ckpt.address(pt.base.name))
+        model_ptrs.extend(s.ckpt.address(s.name) for s in pt.models)
+        numel = pt.numel
+        numels.append(numel)
+        if trim:
+            ks.extend(trim_k(d, numel) for d in r.trim_density)
+        if r.dare_density is not None:
+            for i in range(r.n):
+                k0, k1 = dare_key(r.seed, pt.name, i)
+                key0.append(k0)
+                key1.append(k1)
+    if None in model_ptrs or None in base_ptrs:
+        return None
+    buf = torch.empty(sum(numels), dtype=pt0.out_dtype)
+    outs, out_ptrs, off = [], [], 0
+    for pt, numel in zip(batch, numels):
+        out = buf[off:off + numel].view(pt.shape)
+        outs.append(out)
+        out_ptrs.append(out.data_ptr())
+        off += numel
+    be.merge_batch(p, base_ptrs, pt0.base.meta.dtype if has_base else None, model_ptrs,
+                   [s.meta.dtype for s in pt0.models], numels, out_ptrs, pt0.out_dtype,
+                   ks if trim else None, key0 or None, key1 or None)
+    return outs
+
+
 def produce_cpu(plan: MergePlan, todo: list, backend: str, thresholds) -> Iterator:
-    """(planned tensor, output tensor, callback after writing) in write order, merged on the CPU."""
+    """(planned tensor, output tensor, callback after writing) in write order, merged on the CPU.
+
+    Runs of small tensors with the same recipe go to the kernels in batches (``merge_batch``, one
+    call per BATCH_BYTES of output) when the backend has it: a checkpoint of tens of thousands of
+    small tensors then costs a few microseconds of Python per tensor, not a kernel call each."""
     pre = Prefetcher(todo)
     pool = BufferPool()
+    be = get_backend(backend, torch.device("cpu"))
+    batching = hasattr(be, "merge_batch")
     try:
         with frozen_heap():
-            for k, pt in enumerate(todo):
+            k, alone = 0, 0  # todo[k:alone] are merged one by one (their batch could not be)
+            while k < len(todo):
+                pt = todo[k]
+                key = _batch_key(pt) if batching and k >= alone else None
+                if key is not None:
+                    end, size = k + 1, pt.nbytes
+                    while end < len(todo) and size < BATCH_BYTES and _batch_key(todo[end]) == key:
+                        size += todo[end].nbytes
+                        end += 1
+                    pre.advance(end - 1)
+                    outs = _merge_batch(todo[k:end], be, thresholds)
+                    if outs is not None:
+                        for bt, out in zip(todo[k:end], outs):
+                            bt.release()
+                            yield bt, out, None
+                        k = end
+                        continue
+                    alone = end
                 pre.advance(k)
+                k += 1
                 if pt.action == COPY:
                     yield pt, pt.models[0].tensor(), pt.release
                     continue

@@ -248,6 +248,15 @@ class SafetensorsFile:
             raw = raw.clone()  # rare: a writer that did not align the data; kernels want aligned loads
         return raw.view(dtype).reshape(info.shape)
 
+    def address(self, name: str) -> Optional[int]:
+        """The address of tensor ``name``'s data in the mapping (None when it is misaligned for its
+        dtype or empty: then only :meth:`tensor` gives it). Valid while the file is open."""
+        info = self.header.tensors[name]
+        if info.nbytes == 0:
+            return None
+        addr = self._whole().data_ptr() + self.header.data_start + info.begin
+        return None if addr % ST_DTYPES[info.st_dtype][1] else addr
+
     def _advise(self, advice: int, begin: int, end: int) -> None:
         mm = self._map
         if mm is None or end <= begin:

@@ -210,6 +210,13 @@ class Checkpoint:
             return self._bin[name]
         return self._st[self.weight_map[name]].tensor(name)
 
+    def address(self, name: str) -> Optional[int]:
+        """Where tensor ``name``'s data lies in its mapped file (None for .bin weights or
+        misaligned data: use :meth:`tensor`)."""
+        if name in self._bin:
+            return None
+        return self._st[self.weight_map[name]].address(name)
+
     def prefetch(self, name: str) -> None:
         if name not in self._bin:
             self._st[self.weight_map[name]].prefetch(name)

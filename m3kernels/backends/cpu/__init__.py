@@ -97,6 +97,18 @@ def delta_keys(p: KernelParams, base, models) -> np.ndarray:
     return _C.delta_keys(p, base_ptr, base_code, ptrs, codes, numel)
 
 
+def merge_batch(p: KernelParams, base_ptrs, base_dtype, model_ptrs, model_dtypes, numels, out_ptrs, out_dtype,
+                ks=None, key0=None, key1=None) -> np.ndarray:
+    """Stage A and B of many small tensors in one call, from raw addresses (see ``_C.merge_batch``):
+    tensor t reads ``base_ptrs[t]`` and ``model_ptrs[t * n + i]``, writes ``out_ptrs[t]``; ``ks``
+    (k per tensor and model, -1: no trim) selects exact per-tensor trim thresholds, else
+    ``p.trim_min`` holds for all. Returns the thresholds used, uint64[T, n]."""
+    codes = [DTYPE_CODES[d] for d in model_dtypes]
+    base_code = DTYPE_CODES[base_dtype] if base_dtype is not None else 0
+    return _C.merge_batch(p, base_ptrs, base_code, model_ptrs, codes, numels, out_ptrs, DTYPE_CODES[out_dtype],
+                          ks, key0, key1)
+
+
 def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
     """Stage B: the fused single pass of docs/KERNEL.md, written into ``out``."""
     base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
@@ -104,5 +116,5 @@ def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
     _C.merge(p, base_ptr, base_code, ptrs, codes, numel, out_ptr, out_code)
 
 
-__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "delta_keys", "merge",
+__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "delta_keys", "merge", "merge_batch",
            "simd_level", "simd_levels"]
