@@ -35,7 +35,7 @@ sys.path.insert(0, str(HERE))
 
 from gen_models import llama2_13b, make_tensor, tensor_specs  # noqa: E402
 from m3kernels.backends import available_backends  # noqa: E402
-from m3kernels.checkpoint.job import MergeJob  # noqa: E402
+from m3kernels.merge.job import MergeJob  # noqa: E402
 from m3kernels.merge.recipe import make_recipe  # noqa: E402
 
 TARGET_RATIO = 1.3

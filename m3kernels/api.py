@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from m3kernels.backends import get_backend
+from m3kernels.merge.job import MergeJob
 from m3kernels.merge.kernel_params import DTYPE_CODES, TRIM_KEEP_ALL, TRIM_KEEP_NONE, f32, make_params, trim_k
 from m3kernels.merge.recipe import Recipe, make_recipe
 from m3kernels.merge.select import bits_to_float, select_from_keys, select_thresholds
@@ -192,10 +193,21 @@ def merge_tensors(base, models, *, method, weights=None, density=None, drop_rate
     be = get_backend(backend, models[0].device)
     if out is None:
         out = torch.empty(models[0].shape, dtype=out_dtype, device=models[0].device)
+    return merge_job(MergeJob(name, base, models, out_dtype, recipe, thresholds), be, out)
+
+
+def merge_job(job: MergeJob, backend, out: torch.Tensor) -> torch.Tensor:
+    """Merge one prepared tensor into ``out``: stage A (the statistics ``job.recipe`` needs), then
+    stage B on ``backend`` (a backend module, :func:`m3kernels.backends.get_backend`).
+
+    The one function every path calls: ``merge_tensors`` (after checking its arguments), the
+    checkpoint merge on the CPU and the GPU pipeline. ``job``'s tensors must already be checked
+    (contiguous, one device, the shape of ``out``).
+    """
     if out.numel() == 0:
         return out
-    p, b = prepare(base, models, recipe, name, be, thresholds)
-    be.merge(p, b, models, out)
+    p, b = prepare(job.base, job.models, job.recipe, job.name, backend, job.thresholds)
+    backend.merge(p, b, job.models, out)
     return out
 
 
@@ -210,4 +222,4 @@ def trim_thresholds(base, models, *, method, name="", backend="auto", **kwargs) 
     return [bits_to_float(int(x)) for x in p.trim_min]
 
 
-__all__ = ["merge_tensors", "trim_thresholds", "validate_inputs", "prepare", "thresholds_to_bits"]
+__all__ = ["merge_tensors", "merge_job", "trim_thresholds", "validate_inputs", "prepare", "thresholds_to_bits"]

@@ -26,7 +26,7 @@ import m3kernels
 from m3kernels.checkpoint import gpu_pipeline
 from m3kernels.backends import available_backends
 from m3kernels.checkpoint.gpu_pipeline import gpu_merge_stream
-from m3kernels.checkpoint.job import MergeJob
+from m3kernels.merge.job import MergeJob
 from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge
 

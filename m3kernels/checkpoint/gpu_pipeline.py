@@ -1,6 +1,6 @@
 """GPU streaming merge: tensor t+1 uploads and tensor t-1 downloads while tensor t is merged.
 
-:func:`gpu_merge_stream` takes :class:`~m3kernels.checkpoint.job.MergeJob` s whose inputs are CPU tensors
+:func:`gpu_merge_stream` takes :class:`~m3kernels.merge.job.MergeJob` s whose inputs are CPU tensors
 (possibly memory-mapped) and yields ``(job, result)`` in job order, ``result`` a CPU tensor
 (in pinned memory) of the job's shape and ``out_dtype``. Per job:
 
@@ -29,9 +29,9 @@ from typing import Iterable, Iterator, Optional
 
 import torch
 
-from m3kernels.api import prepare
+from m3kernels.api import merge_job
 from m3kernels.backends import get_backend
-from m3kernels.checkpoint.job import MergeJob
+from m3kernels.merge.job import MergeJob
 from m3kernels.merge.kernel_params import DTYPE_CODES
 
 ALIGN = 256  # byte alignment of every tensor inside a slot buffer (vector loads need 16)
@@ -225,8 +225,7 @@ class _Pipeline:
             if slot.used:
                 self.compute.wait_event(slot.d2h_done)  # the previous result has left dev_out
             try:
-                p, b = prepare(base, models, job.recipe, job.name, self.backend, job.thresholds)
-                self.backend.merge(p, b, models, out)
+                merge_job(job.with_inputs(base, models), self.backend, out)
             except _cuda.OutOfMemoryError as exc:
                 raise _oom_error(plan, self.device, exc) from None
             slot.compute_done.record(self.compute)

@@ -34,6 +34,7 @@ import torch
 from m3kernels.checkpoint.source import Checkpoint, TensorMeta
 from m3kernels.checkpoint.config import MergeConfig, MergeConfigError, layer_index
 from m3kernels.errors import TensorMismatchError
+from m3kernels.merge.job import MergeJob
 from m3kernels.merge.recipe import Recipe, make_recipe
 from m3kernels.merge.registry import get_method
 from m3kernels.checkpoint.safetensors_io import torch_dtype_name
@@ -131,6 +132,12 @@ class PlannedTensor:
             b = b[:c] if b is not None else None
             ms = [m[:c] for m in ms]
         return b, ms
+
+    def job(self, thresholds=None) -> MergeJob:
+        """This tensor as the one job type every merge path takes (VOCAB: the common rows)."""
+        b, ms = self.inputs()
+        return MergeJob(self.name, b, ms, self.out_dtype, self.recipe, thresholds=thresholds,
+                        meta={"planned": self})
 
     def prefetch(self) -> None:
         for s in self.sources():

@@ -16,9 +16,9 @@ from typing import Iterator, Optional
 
 import torch
 
-from m3kernels.api import merge_tensors, prepare, thresholds_to_bits
+from m3kernels.api import merge_job, merge_tensors, thresholds_to_bits
 from m3kernels.backends import get_backend
-from m3kernels.checkpoint.job import MergeJob
+from m3kernels.merge.job import MergeJob
 from m3kernels.checkpoint.plan import COPY, MERGE, VOCAB, MergePlan, PlannedTensor
 from m3kernels.merge.kernel_params import make_params, trim_k
 from m3kernels.merge.philox import dare_key
@@ -131,10 +131,8 @@ def _merge_tensors(pt: PlannedTensor, b, ms, out: torch.Tensor, kw: dict) -> tor
     if (r is None or out.numel() == 0 or (th is not None and (r.trim_density is None or len(th) != r.n))
             or not all(m.is_contiguous() for m in ms) or (b is not None and not b.is_contiguous())):
         return merge_tensors(b, ms, out=out, **kw)
-    be = get_backend(kw["backend"], out.device)
-    p, bb = prepare(b, ms, r, pt.name, be, th)
-    be.merge(p, bb, ms, out)
-    return out
+    return merge_job(MergeJob(pt.name, b, ms, pt.out_dtype, r, thresholds=th), get_backend(kw["backend"], out.device),
+                     out)
 
 
 def merge_one(pt: PlannedTensor, plan: MergePlan, backend: str, thresholds,
@@ -274,9 +272,7 @@ def produce_gpu(plan: MergePlan, todo: list, device: torch.device, backend: str,
     def jobs():
         for k, pt in enumerate(merged):
             pre.advance(k)
-            b, ms = pt.inputs()
-            yield MergeJob(pt.name, b, ms, pt.out_dtype, pt.recipe,
-                           thresholds=thresholds, meta={"planned": pt})
+            yield pt.job(thresholds)
 
     stream = gpu_merge_stream(jobs(), device=str(device), backend=backend, depth=2)
     pool = BufferPool()

@@ -1,12 +1,14 @@
-"""One unit of streaming work: a tensor name, its inputs and where the result goes.
+"""One tensor to merge, prepared: its name, inputs, output dtype and resolved recipe.
 
-The checkpoint orchestrator (CPU) and the GPU pipeline both consume ``MergeJob``s, so the
-two share one description of "merge this tensor".
+Every path that merges a tensor describes it as a :class:`MergeJob` and hands it to
+:func:`m3kernels.api.merge_job` (stage A, then stage B on a backend): ``merge_tensors``
+builds one from its arguments, the checkpoint merge from each planned tensor
+(:meth:`m3kernels.checkpoint.plan.PlannedTensor.job`), on the CPU or through the GPU pipeline.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Sequence
 
 import torch
@@ -21,3 +23,7 @@ class MergeJob:
     recipe: Any                               # m3kernels.merge.recipe.Recipe for this tensor
     thresholds: Optional[Sequence[Optional[float]]] = None  # whole-model trim thresholds
     meta: dict = field(default_factory=dict)  # orchestrator bookkeeping (shard, offsets, ...)
+
+    def with_inputs(self, base: Optional[torch.Tensor], models: Sequence[torch.Tensor]) -> "MergeJob":
+        """The same job on other copies of its inputs (e.g. on the GPU)."""
+        return replace(self, base=base, models=list(models))
