@@ -179,3 +179,15 @@ def test_cli_methods_lists_every_method_and_parameter(capsys):
         for p in m.params:
             assert p.name in out
     assert cli.main(["methods", "slerp"]) == 2
+
+
+def test_every_available_backend_satisfies_the_protocol():
+    from m3kernels.backends import _load, available_backends
+    from m3kernels.backends.protocol import Backend
+
+    for name in ("cpu", "triton", "cuda"):
+        mod = __import__(f"m3kernels.backends.{name}", fromlist=["x"])
+        assert isinstance(mod, Backend), name  # every declared function exists, available or not
+    for name, state in available_backends().items():
+        if state == "available":
+            assert isinstance(_load(name), Backend)

@@ -1,5 +1,7 @@
 """Backend registry: which kernels exist here, and how ``backend="auto"`` chooses.
 
+Each backend is a module satisfying :class:`m3kernels.backends.protocol.Backend`.
+
 Every backend implements three per-tensor operations on contiguous tensors of one device
 (``base`` is None when ``p.has_base`` is false; dtypes may be float32/bfloat16/float16,
 mixed freely):
@@ -16,7 +18,10 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from m3kernels.backends.protocol import Backend
 
 log = logging.getLogger("m3kernels")
 
@@ -50,7 +55,7 @@ def available_backends() -> dict[str, str]:
     return out
 
 
-def get_backend(name: str, device) -> object:
+def get_backend(name: str, device) -> "Backend":
     """The backend module for ``name`` ('auto', 'cpu', 'triton', 'cuda') on ``device``."""
     import torch
 

@@ -1,0 +1,47 @@
+"""What a kernel backend is: the :class:`Backend` protocol every backend module satisfies.
+
+A backend is a module (``m3kernels.backends.cpu``, ``.triton``, ``.cuda``) with these functions.
+``get_backend`` hands one out; stage A (:func:`m3kernels.api.prepare`) and stage B
+(:func:`m3kernels.api.merge_job`) call only what is declared here. Tensors are contiguous, on one
+device, float32/bfloat16/float16 in any mix; ``base`` is None when ``p.has_base`` is false.
+Optional extras a backend may add (checked with ``hasattr``): ``delta_keys`` (the |δ'| bit
+patterns of a small tensor, for an exact sort-based threshold) and ``merge_batch`` (many small
+tensors in one call).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+import torch
+
+from m3kernels.merge.kernel_params import KernelParams
+
+
+@runtime_checkable
+class Backend(Protocol):
+    def available(self) -> bool:
+        """True when this installation can run the backend at all."""
+
+    def unavailable_reason(self) -> str:
+        """Why not ('' when available)."""
+
+    def supports(self, device) -> bool:
+        """True when the backend runs on tensors of ``device``."""
+
+    def l1_sums(self, p: KernelParams, base: Optional[torch.Tensor],
+                models: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """float64[n] Σ|δ_i| and Σ|δ_i| over the DARE-kept elements, in a fixed order."""
+
+    def histogram(self, p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
+                  prefix) -> np.ndarray:
+        """int64[n, 65536] counts of the high 16 bits of bits(|δ'_i|) (``prefix`` None), or of the
+        low 16 bits among elements whose high 16 bits equal ``prefix[i]``."""
+
+    def merge(self, p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
+              out: torch.Tensor) -> None:
+        """Stage B: the fused pass of docs/KERNEL.md into ``out``."""
+
+
+__all__ = ["Backend"]
