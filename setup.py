@@ -36,8 +36,12 @@ def find_nvcc():
 
 def find_cuda_home(nvcc):
     """The toolkit root for ``nvcc``, also when ``nvcc`` on PATH is a wrapper script."""
-    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                 str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"):
+    for cand in (
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        str(Path(nvcc).resolve().parent.parent),
+        "/usr/local/cuda",
+    ):
         if cand and (Path(cand) / "include" / "cuda_runtime.h").exists():
             return Path(cand)
     try:  # nvcc --dryrun prints the toolkit root as "#$ TOP=..."
@@ -78,8 +82,20 @@ class BuildExt(build_ext):
                 gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
             for src in cu:
                 obj = build_temp / (Path(src).stem + ".o")
-                cmd = [nvcc, "-c", src, "-o", str(obj), "-O3", "-std=c++17", "-fmad=false",
-                       "-Xcompiler", "-fPIC", "-Icsrc/cuda", *gencode]
+                cmd = [
+                    nvcc,
+                    "-c",
+                    src,
+                    "-o",
+                    str(obj),
+                    "-O3",
+                    "-std=c++17",
+                    "-fmad=false",
+                    "-Xcompiler",
+                    "-fPIC",
+                    "-Icsrc/cuda",
+                    *gencode,
+                ]
                 print(" ".join(cmd))
                 subprocess.check_call(cmd)
                 objs.append(str(obj))

@@ -55,8 +55,8 @@ class LlamaShapes:
     intermediate: int = 37
     layers: int = 2
     heads: int = 3
-    kv_heads: int = 1           # < heads: grouped-query attention (narrower k/v projections)
-    tied: bool = False          # tied embeddings: no lm_head.weight
+    kv_heads: int = 1  # < heads: grouped-query attention (narrower k/v projections)
+    tied: bool = False  # tied embeddings: no lm_head.weight
 
     @property
     def head_dim(self) -> int:
@@ -151,6 +151,7 @@ TOKENIZER_MODEL = b"\x00fake sentencepiece model\x01"
 
 # --------------------------------------------------------------------------- small models in memory
 
+
 def _generator(seed: Seed) -> torch.Generator:
     return seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
 
@@ -205,8 +206,9 @@ def write_index(folder, weight_map: dict, total_size: int) -> None:
     (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_side_files(folder, *, config: dict | None = None, tokenizer: bool = True,
-                     generation: bool | None = None) -> None:
+def write_side_files(
+    folder, *, config: dict | None = None, tokenizer: bool = True, generation: bool | None = None
+) -> None:
     """``config.json`` (when given), placeholder tokenizer files and ``generation_config.json``
     (``generation`` defaults to ``tokenizer``)."""
     folder = Path(folder)
@@ -236,9 +238,17 @@ def plan_shards(specs, shard_bytes: int, elem_bytes=2) -> list[list[tuple[str, t
     return shards
 
 
-def write_checkpoint(folder, tensors: dict, *, shards: int = 1, shard_bytes: int | None = None,
-                     config: dict | None = None, tokenizer: bool = True, generation: bool | None = None,
-                     metadata: dict | None = None) -> Path:
+def write_checkpoint(
+    folder,
+    tensors: dict,
+    *,
+    shards: int = 1,
+    shard_bytes: int | None = None,
+    config: dict | None = None,
+    tokenizer: bool = True,
+    generation: bool | None = None,
+    metadata: dict | None = None,
+) -> Path:
     """Write ``tensors`` as a Hugging Face checkpoint folder; returns the folder.
 
     ``shards`` files of about equal tensor counts, or (``shard_bytes``) shards of at most that many
@@ -250,15 +260,22 @@ def write_checkpoint(folder, tensors: dict, *, shards: int = 1, shard_bytes: int
     folder.mkdir(parents=True, exist_ok=True)
     names = list(tensors)
     if shard_bytes is not None:
-        groups = [[n for n, _ in s] for s in plan_shards(
-            [(n, tuple(tensors[n].shape)) for n in names], shard_bytes,
-            {n: tensors[n].element_size() for n in names})]
+        groups = [
+            [n for n, _ in s]
+            for s in plan_shards(
+                [(n, tuple(tensors[n].shape)) for n in names],
+                shard_bytes,
+                {n: tensors[n].element_size() for n in names},
+            )
+        ]
     else:
         per = max(1, math.ceil(len(names) / shards))
-        groups = [names[i:i + per] for i in range(0, len(names), per)]
+        groups = [names[i : i + per] for i in range(0, len(names), per)]
     meta = {"format": "pt", **(metadata or {})}
     if len(groups) == 1:
-        save_file({n: tensors[n].contiguous() for n in names}, str(folder / "model.safetensors"), metadata=meta)
+        save_file(
+            {n: tensors[n].contiguous() for n in names}, str(folder / "model.safetensors"), metadata=meta
+        )
     else:
         weight_map, total = {}, 0
         for i, g in enumerate(groups):
@@ -289,10 +306,21 @@ class Family:
         return iter((self.base_dir, self.model_dirs, self.base))
 
 
-def make_family(root, *, n_models: int = 2, dtype=torch.bfloat16, shards: int = 2, seed: Seed = 0,
-                model_dtypes=None, shapes: LlamaShapes | None = None, std: float = 0.05,
-                noise: float = 0.02, tokenizer: bool = True, generation: bool | None = None,
-                **sizes) -> Family:
+def make_family(
+    root,
+    *,
+    n_models: int = 2,
+    dtype=torch.bfloat16,
+    shards: int = 2,
+    seed: Seed = 0,
+    model_dtypes=None,
+    shapes: LlamaShapes | None = None,
+    std: float = 0.05,
+    noise: float = 0.02,
+    tokenizer: bool = True,
+    generation: bool | None = None,
+    **sizes,
+) -> Family:
     """``root/base`` and ``root/ft1`` .. ``root/ft{n_models}``: a seeded base and fine-tunes.
 
     Llama tensors of ``shapes`` (or ``LlamaShapes(**sizes)``) in ``dtype``, base ~ N(0, std²),
@@ -320,12 +348,12 @@ def make_family(root, *, n_models: int = 2, dtype=torch.bfloat16, shards: int = 
 
 # --------------------------------------------------------------------------- large models, streamed
 
-CHUNK = 1 << 22                  # elements per seeded chunk (fixed: part of the definition)
-BASE_STD = 0.02                  # std of the base weights
-NORM_MEAN = 1.0                  # RMSNorm weights are centred on 1
-FINETUNE_STD = 0.002             # std of the fine-tune noise (docs/SPEC.md §6)
+CHUNK = 1 << 22  # elements per seeded chunk (fixed: part of the definition)
+BASE_STD = 0.02  # std of the base weights
+NORM_MEAN = 1.0  # RMSNorm weights are centred on 1
+FINETUNE_STD = 0.002  # std of the fine-tune noise (docs/SPEC.md §6)
 DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's "5GB" shards
-FORMAT_VERSION = 1               # bump when the streamed values change
+FORMAT_VERSION = 1  # bump when the streamed values change
 
 
 def chunk_seed(seed: int, name: str, model: int, chunk: int) -> int:
@@ -367,11 +395,13 @@ def make_tensor(name: str, shape, seed: int, model: int, device="cpu") -> torch.
     numel = math.prod(shape)
     out = torch.empty(numel, dtype=torch.bfloat16, device=device)
     for c, n in _chunks(numel):
-        out[c * CHUNK:c * CHUNK + n] = model_chunks(name, numel, seed, [model], c, device)[0]
+        out[c * CHUNK : c * CHUNK + n] = model_chunks(name, numel, seed, [model], c, device)[0]
     return out.view(shape)
 
 
-def iter_model(shapes: LlamaShapes, seed: int, model: int, device="cpu") -> Iterator[tuple[str, torch.Tensor]]:
+def iter_model(
+    shapes: LlamaShapes, seed: int, model: int, device="cpu"
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, bf16 tensor) of one streamed model, one tensor at a time (an in-memory source)."""
     for name, shape in shapes.specs():
         yield name, make_tensor(name, shape, seed, model, device)
@@ -395,15 +425,27 @@ def model_dir_names(n_finetunes: int) -> list[str]:
 
 def generation_info(shapes: LlamaShapes, seed: int, n_finetunes: int, shard_bytes: int) -> dict:
     """What identifies a streamed set on disk (``generation.json``): reused only when all matches."""
-    dims = {"hidden": shapes.hidden, "intermediate": shapes.intermediate, "vocab": shapes.vocab,
-            "heads": shapes.heads, "layers": shapes.layers}
+    dims = {
+        "hidden": shapes.hidden,
+        "intermediate": shapes.intermediate,
+        "vocab": shapes.vocab,
+        "heads": shapes.heads,
+        "layers": shapes.layers,
+    }
     if shapes.kv_heads != shapes.heads:
         dims["kv_heads"] = shapes.kv_heads
     if shapes.tied:
         dims["tied"] = True
-    return {"format_version": FORMAT_VERSION, "chunk": CHUNK, "seed": seed, "shapes": dims,
-            "n_finetunes": n_finetunes, "shard_bytes": shard_bytes,
-            "base_std": BASE_STD, "finetune_std": FINETUNE_STD}
+    return {
+        "format_version": FORMAT_VERSION,
+        "chunk": CHUNK,
+        "seed": seed,
+        "shapes": dims,
+        "n_finetunes": n_finetunes,
+        "shard_bytes": shard_bytes,
+        "base_std": BASE_STD,
+        "finetune_std": FINETUNE_STD,
+    }
 
 
 def existing_matches(out, info: dict) -> bool:
@@ -418,9 +460,15 @@ def _write_chunks(files, chunks) -> None:
         f.write(x.view(torch.int16).numpy())
 
 
-def write_streamed_family(out, shapes: LlamaShapes, seed: int = 0, n_finetunes: int = 2,
-                          shard_bytes: int = DEFAULT_SHARD_BYTES, threads: int | None = None,
-                          quiet: bool = False) -> list[Path]:
+def write_streamed_family(
+    out,
+    shapes: LlamaShapes,
+    seed: int = 0,
+    n_finetunes: int = 2,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    threads: int | None = None,
+    quiet: bool = False,
+) -> list[Path]:
     """Write streamed base + ``n_finetunes`` checkpoint directories under ``out``; return their paths.
 
     All models are written in one pass, tensor by tensor and chunk by chunk (each base chunk
@@ -464,8 +512,12 @@ def write_streamed_family(out, shapes: LlamaShapes, seed: int = 0, n_finetunes: 
                     if not quiet and (time.perf_counter() - last_print > 1.0 or done == total):
                         last_print = time.perf_counter()
                         rate = done / max(time.perf_counter() - t0, 1e-9) / 1e6
-                        print(f"\r  {done / 1e6:8.1f} / {total / 1e6:.1f} M params per model "
-                              f"({rate:.0f} M/s)", end="", file=sys.stderr, flush=True)
+                        print(
+                            f"\r  {done / 1e6:8.1f} / {total / 1e6:.1f} M params per model ({rate:.0f} M/s)",
+                            end="",
+                            file=sys.stderr,
+                            flush=True,
+                        )
             finally:
                 for f in files:
                     f.close()
@@ -482,8 +534,14 @@ def write_streamed_family(out, shapes: LlamaShapes, seed: int = 0, n_finetunes: 
     return [out / d for d in names]
 
 
-def ensure_streamed_family(out, shapes: LlamaShapes, seed: int = 0, n_finetunes: int = 2,
-                           shard_bytes: int = DEFAULT_SHARD_BYTES, quiet: bool = False) -> list[Path]:
+def ensure_streamed_family(
+    out,
+    shapes: LlamaShapes,
+    seed: int = 0,
+    n_finetunes: int = 2,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    quiet: bool = False,
+) -> list[Path]:
     """The streamed checkpoint directories under ``out``, generated only if missing or different."""
     out = Path(out)
     info = generation_info(shapes, seed, n_finetunes, shard_bytes)
@@ -493,11 +551,38 @@ def ensure_streamed_family(out, shapes: LlamaShapes, seed: int = 0, n_finetunes:
 
 
 __all__ = [
-    "LlamaShapes", "llama2_13b", "tiny", "llama_shapes", "llama_config", "GENERATION_CONFIG",
-    "TOKENIZER_FILES", "TOKENIZER_MODEL",
-    "random_tensors", "llama_tensors", "fine_tune", "shard_file_name", "write_index", "write_side_files",
-    "plan_shards", "write_checkpoint", "Family", "make_family",
-    "CHUNK", "BASE_STD", "NORM_MEAN", "FINETUNE_STD", "DEFAULT_SHARD_BYTES", "FORMAT_VERSION", "chunk_seed",
-    "model_chunks", "make_tensor", "iter_model", "safetensors_header", "model_dir_names", "generation_info",
-    "existing_matches", "write_streamed_family", "ensure_streamed_family",
+    "LlamaShapes",
+    "llama2_13b",
+    "tiny",
+    "llama_shapes",
+    "llama_config",
+    "GENERATION_CONFIG",
+    "TOKENIZER_FILES",
+    "TOKENIZER_MODEL",
+    "random_tensors",
+    "llama_tensors",
+    "fine_tune",
+    "shard_file_name",
+    "write_index",
+    "write_side_files",
+    "plan_shards",
+    "write_checkpoint",
+    "Family",
+    "make_family",
+    "CHUNK",
+    "BASE_STD",
+    "NORM_MEAN",
+    "FINETUNE_STD",
+    "DEFAULT_SHARD_BYTES",
+    "FORMAT_VERSION",
+    "chunk_seed",
+    "model_chunks",
+    "make_tensor",
+    "iter_model",
+    "safetensors_header",
+    "model_dir_names",
+    "generation_info",
+    "existing_matches",
+    "write_streamed_family",
+    "ensure_streamed_family",
 ]

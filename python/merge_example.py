@@ -27,7 +27,7 @@ def example_config(root: Path) -> dict:
         "base_model": str(base),
         "models": [{"model": str(m), "parameters": {"weight": 1.0, "density": 0.2}} for m in models],
         "parameters": {"normalize": True, "lambda": 1.0},
-        "mixup": {"alpha": 2.0},   # λ ~ Beta(2, 2), one draw per merge, from the seed below
+        "mixup": {"alpha": 2.0},  # λ ~ Beta(2, 2), one draw per merge, from the seed below
         "seed": 42,
         "dtype": "bfloat16",
     }

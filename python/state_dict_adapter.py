@@ -10,16 +10,22 @@ equals ``m3kernels merge`` on the same weights. Non-float tensors are taken from
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
 import m3kernels
 
 
-def merge_state_dicts(base_sd: Optional[Mapping[str, torch.Tensor]],
-                      model_sds: Sequence[Mapping[str, torch.Tensor]], *, method: str,
-                      mixup_alpha: Optional[float] = None, seed: int = 0, **kwargs) -> dict:
+def merge_state_dicts(
+    base_sd: Mapping[str, torch.Tensor] | None,
+    model_sds: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    method: str,
+    mixup_alpha: float | None = None,
+    seed: int = 0,
+    **kwargs,
+) -> dict:
     """Merge whole state dicts tensor by tensor; returns a new state dict."""
     if not model_sds:
         raise ValueError("model_sds: at least one model is needed")
@@ -36,8 +42,14 @@ def merge_state_dicts(base_sd: Optional[Mapping[str, torch.Tensor]],
             merged[name] = ref_t.clone()
             continue
         merged[name] = m3kernels.merge_tensors(
-            base_sd[name] if base_sd is not None else None, [sd[name] for sd in model_sds],
-            method=method, mix_ratios=ratios, seed=seed, name=name, **kwargs)
+            base_sd[name] if base_sd is not None else None,
+            [sd[name] for sd in model_sds],
+            method=method,
+            mix_ratios=ratios,
+            seed=seed,
+            name=name,
+            **kwargs,
+        )
     return merged
 
 
@@ -45,8 +57,10 @@ def _demo() -> None:
     torch.manual_seed(0)
     base = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 8))
     base_sd = {k: v.detach().to(torch.bfloat16) for k, v in base.state_dict().items()}
-    tunes = [{k: (v.float() + 0.01 * torch.randn_like(v.float())).to(torch.bfloat16) for k, v in base_sd.items()}
-             for _ in range(2)]
+    tunes = [
+        {k: (v.float() + 0.01 * torch.randn_like(v.float())).to(torch.bfloat16) for k, v in base_sd.items()}
+        for _ in range(2)
+    ]
     out = merge_state_dicts(base_sd, tunes, method="dare_ties", density=0.3, mixup_alpha=0.5, seed=7)
     lam = m3kernels.draw_mix_ratios(0.5, 2, 7)[0]
     print(f"DARE-TIES + M³ (λ = {lam:.4f}) over {len(out)} tensors:")

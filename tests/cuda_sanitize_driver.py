@@ -46,15 +46,20 @@ def main(argv=None) -> int:
                 kw = kwargs_for(name, n)
                 for size in sizes:
                     base = torch.randn(size + 1, generator=g)
-                    models = [(base + 0.01 * torch.randn(size + 1, generator=g)).to(mdts[i % len(mdts)])
-                              for i in range(n)]
+                    models = [
+                        (base + 0.01 * torch.randn(size + 1, generator=g)).to(mdts[i % len(mdts)])
+                        for i in range(n)
+                    ]
                     base = base.to(bdt)
                     # element 1 onwards: unaligned views on the device
                     dev = [t.cuda()[1:] for t in [base, *models]]
                     out = torch.full((size,), float("nan"), dtype=odt, device="cuda")
-                    m3kernels.merge_tensors(dev[0], dev[1:], out=out, name=f"w{size}", backend=args.backend, **kw)
-                    ref = m3kernels.merge_tensors(base[1:], [m[1:] for m in models], out_dtype=odt,
-                                                  name=f"w{size}", backend="cpu", **kw)
+                    m3kernels.merge_tensors(
+                        dev[0], dev[1:], out=out, name=f"w{size}", backend=args.backend, **kw
+                    )
+                    ref = m3kernels.merge_tensors(
+                        base[1:], [m[1:] for m in models], out_dtype=odt, name=f"w{size}", backend="cpu", **kw
+                    )
                     runs += 1
                     if not torch.equal(out.cpu(), ref) and not (torch.isnan(ref).any()):
                         bad += 1

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from m3kernels.backends import available_backends
 
-F32_EPS = 2.0 ** -23
+F32_EPS = 2.0**-23
 MANTISSA_BITS = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}
 MIN_NORMAL_EXP = {torch.float32: -126, torch.bfloat16: -126, torch.float16: -14}
 
@@ -60,7 +58,8 @@ def assert_close_ulp(out: torch.Tensor, ref64: torch.Tensor, scale: torch.Tensor
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {out.numel()} elements off; first at {idx}: "
             f"out={out.reshape(-1)[idx].item()!r} ref={ref64.reshape(-1)[idx].item()!r} "
-            f"tol={tol.reshape(-1)[idx].item()!r}")
+            f"tol={tol.reshape(-1)[idx].item()!r}"
+        )
 
 
 def term_scale(base, models, recipe) -> torch.Tensor:

@@ -106,8 +106,9 @@ def stage_a(base, models, recipe, name: str) -> KernelParams:
         for i, dens in enumerate(recipe.trim_density):
             k = trim_k(dens, numel)
             bits = _abs_bits(ds[i]).reshape(-1)
-            thresholds.append(TRIM_KEEP_NONE if k <= 0 else
-                              int(torch.sort(bits, descending=True).values[min(k, numel) - 1]))
+            thresholds.append(
+                TRIM_KEEP_NONE if k <= 0 else int(torch.sort(bits, descending=True).values[min(k, numel) - 1])
+            )
         p = p.with_trim(thresholds)
     return p
 

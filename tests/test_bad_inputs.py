@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from checkpoint_factory import fine_tune, llama_tensors, write_checkpoint
 
 from m3kernels import cli
 from m3kernels.checkpoint import writer
-from m3kernels.errors import CheckpointError
 from m3kernels.checkpoint.safetensors_io import read_header
+from m3kernels.errors import CheckpointError
+
+from checkpoint_factory import fine_tune, llama_tensors, write_checkpoint
 
 SIZES = dict(vocab=29, hidden=8, intermediate=12, layers=2, heads=2, kv_heads=1)
 
@@ -33,9 +34,14 @@ def models(tmp_path):
     dirs = {"base": write_checkpoint(tmp_path / "base", base, shards=2)}
     for i in (1, 2):
         dirs[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, 10 + i), shards=2)
-    cfg = {"merge_method": "ties", "base_model": str(dirs["base"]),
-           "models": [{"model": str(dirs["ft1"]), "parameters": {"density": 0.5}},
-                      {"model": str(dirs["ft2"]), "parameters": {"density": 0.5}}]}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(dirs["base"]),
+        "models": [
+            {"model": str(dirs["ft1"]), "parameters": {"density": 0.5}},
+            {"model": str(dirs["ft2"]), "parameters": {"density": 0.5}},
+        ],
+    }
     (tmp_path / "merge.yaml").write_text(json.dumps(cfg))
     dirs["config"] = tmp_path / "merge.yaml"
     dirs["tensors"] = base
@@ -61,7 +67,11 @@ def assert_user_error(status, err, *needles):
 
 
 def snapshot(folder: Path) -> dict:
-    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    return {
+        p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
 
 
 def shard_of(folder: Path, tensor: str) -> Path:
@@ -73,11 +83,11 @@ def rewrite_header(path: Path, edit) -> None:
     """Apply ``edit`` to the parsed header JSON of a safetensors file and write it back."""
     data = path.read_bytes()
     (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     edit(header)
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n:])
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
 
 
 # ---------------------------------------------------------------------------------- input files
@@ -86,7 +96,7 @@ def test_truncated_input(models, tmp_path, capsys):
     data = shard.read_bytes()
     shard.write_bytes(data[:-10])
     status, err = merge(capsys, models, tmp_path / "out")
-    header = json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+    header = json.loads(data[8 : 8 + struct.unpack("<Q", data[:8])[0]])
     header.pop("__metadata__", None)
     last = max(header, key=lambda k: header[k]["data_offsets"][1])  # the tensor cut short
     assert_user_error(status, err, shard, "truncated", last)
@@ -111,10 +121,17 @@ def test_absurd_header_length(models, tmp_path, capsys):
     assert_user_error(status, err, shard, "header length")
 
 
-@pytest.mark.parametrize("case,needle", [
-    ("dtype_size", "needs"), ("unknown_dtype", "unknown dtype"), ("overlap", "overlaps"),
-    ("past_end", "truncated"), ("bad_shape", "shape"), ("metadata", "__metadata__"),
-])
+@pytest.mark.parametrize(
+    "case,needle",
+    [
+        ("dtype_size", "needs"),
+        ("unknown_dtype", "unknown dtype"),
+        ("overlap", "overlaps"),
+        ("past_end", "truncated"),
+        ("bad_shape", "shape"),
+        ("metadata", "__metadata__"),
+    ],
+)
 def test_corrupt_header_entries(models, tmp_path, capsys, case, needle):
     shard = shard_of(models["ft1"], "model.embed_tokens.weight")
     name = "model.embed_tokens.weight"
@@ -147,8 +164,10 @@ def test_corrupt_header_entries(models, tmp_path, capsys, case, needle):
 
 def test_gap_in_data_is_rejected(tmp_path):
     path = tmp_path / "gap.safetensors"
-    header = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
-              "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}
+    header = {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]},
+    }
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(16))
@@ -180,8 +199,16 @@ def test_mismatched_shapes(models, tmp_path, capsys):
     shutil.rmtree(models["ft1"])
     write_checkpoint(models["ft1"], tensors, shards=2)
     status, err = merge(capsys, models, tmp_path / "out")
-    assert_user_error(status, err, "model.layers.0.mlp.down_proj.weight", "different shapes", "[8, 13]",
-                      "[8, 12]", "model 1", "base")
+    assert_user_error(
+        status,
+        err,
+        "model.layers.0.mlp.down_proj.weight",
+        "different shapes",
+        "[8, 13]",
+        "[8, 12]",
+        "model 1",
+        "base",
+    )
 
 
 def _rewrite(models, key, edit, **kw):
@@ -309,8 +336,9 @@ def test_disk_full_keeps_existing_out_dir(models, tmp_path, capsys, monkeypatch)
 
 def test_dry_run_writes_nothing(models, tmp_path, capsys):
     before = sorted(p.name for p in tmp_path.iterdir())
-    status = cli.main(["merge", str(models["config"]), str(tmp_path / "out"), "--dry-run", "--out-shard-size",
-                       "2K"])
+    status = cli.main(
+        ["merge", str(models["config"]), str(tmp_path / "out"), "--dry-run", "--out-shard-size", "2K"]
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -26,12 +26,12 @@ from safetensors.torch import load_file
 import m3kernels
 from m3kernels import cli
 from m3kernels.api import merge_tensors
-from m3kernels.checkpoint.source import Checkpoint
 from m3kernels.checkpoint.config import load_config
 from m3kernels.checkpoint.plan import count_layers
+from m3kernels.checkpoint.safetensors_io import SafetensorsFile
+from m3kernels.checkpoint.source import Checkpoint
 from m3kernels.merge.recipe import PRESETS, make_recipe
 from m3kernels.merge.reference import reference_thresholds
-from m3kernels.checkpoint.safetensors_io import SafetensorsFile
 from m3kernels.synthetic import fine_tune, llama_config, llama_tensors, random_tensors, write_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,8 +47,11 @@ def load_dir(folder) -> dict:
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (a.dtype == b.dtype and a.shape == b.shape
-            and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8)))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def expected_merge(cfg_dict, *, thresholds=None, num_layers=2) -> dict:
@@ -63,11 +66,17 @@ def expected_merge(cfg_dict, *, thresholds=None, num_layers=2) -> dict:
         if not t.dtype.is_floating_point:
             out[name] = t
             continue
-        out[name] = merge_tensors(base[name] if (base is not None and uses_base) else None,
-                                  [m[name] for m in models], method=cfg.method,
-                                  **cfg.tensor_kwargs(name, num_layers), mix_ratios=cfg.mix_ratios(),
-                                  seed=cfg.seed, name=name, out_dtype=cfg.out_torch_dtype(t.dtype),
-                                  thresholds=thresholds)
+        out[name] = merge_tensors(
+            base[name] if (base is not None and uses_base) else None,
+            [m[name] for m in models],
+            method=cfg.method,
+            **cfg.tensor_kwargs(name, num_layers),
+            mix_ratios=cfg.mix_ratios(),
+            seed=cfg.seed,
+            name=name,
+            out_dtype=cfg.out_torch_dtype(t.dtype),
+            thresholds=thresholds,
+        )
     return out
 
 
@@ -106,32 +115,66 @@ def method_configs(d):
     """One config per method (M³ on in most), written against the family's folders."""
     two = [d["ft1"], d["ft2"]]
     return {
-        "linear": {"merge_method": "linear", "out_dtype": "float16",
-                   "models": [{"model": d["ft1"], "parameters": {"weight": 0.7}},
-                              {"model": d["ft2"], "parameters": {"weight": 0.3}}],
-                   "mixup": {"alpha": 2.0, "seed": 5}},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": d["base"],
-                            "models": [{"model": two[0], "parameters": {"weight": [1.0, 0.5]}},
-                                       {"model": two[1], "parameters": {"weight": 0.8}}],
-                            "parameters": {"lambda": 0.6}, "mixup": {"lambda": 0.3}},
-        "ties": {"merge_method": "ties", "base_model": d["base"], "seed": 3,
-                 "models": [{"model": two[0], "parameters": {"density": 0.4}},
-                            {"model": two[1], "parameters": {"density": 0.25}}],
-                 "mixup": {"alpha": 0.5}},
-        "dare_linear": {"merge_method": "dare_linear", "base_model": d["base"], "seed": 9,
-                        "models": [{"model": m, "parameters": {"density": 0.7}} for m in two]},
-        "dare_ties": {"merge_method": "dare_ties", "base_model": d["base"], "seed": 2**40 + 1,
-                      "models": [{"model": m, "parameters": {"density": 0.6}} for m in two],
-                      "parameters": {"rescale": "l1"}, "mixup": {"alpha": 1.0, "seed": 17}},
-        "ties_dare": {"merge_method": "ties_dare", "base_model": d["base"], "seed": 21,
-                      "models": [{"model": m, "parameters": {"drop_rate": 0.3, "density": 0.5}}
-                                 for m in (d["ft1"], d["ft2"], d["ft3"])],
-                      "mixup": {"alpha": 0.8, "seed": 4}},
+        "linear": {
+            "merge_method": "linear",
+            "out_dtype": "float16",
+            "models": [
+                {"model": d["ft1"], "parameters": {"weight": 0.7}},
+                {"model": d["ft2"], "parameters": {"weight": 0.3}},
+            ],
+            "mixup": {"alpha": 2.0, "seed": 5},
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": d["base"],
+            "models": [
+                {"model": two[0], "parameters": {"weight": [1.0, 0.5]}},
+                {"model": two[1], "parameters": {"weight": 0.8}},
+            ],
+            "parameters": {"lambda": 0.6},
+            "mixup": {"lambda": 0.3},
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": d["base"],
+            "seed": 3,
+            "models": [
+                {"model": two[0], "parameters": {"density": 0.4}},
+                {"model": two[1], "parameters": {"density": 0.25}},
+            ],
+            "mixup": {"alpha": 0.5},
+        },
+        "dare_linear": {
+            "merge_method": "dare_linear",
+            "base_model": d["base"],
+            "seed": 9,
+            "models": [{"model": m, "parameters": {"density": 0.7}} for m in two],
+        },
+        "dare_ties": {
+            "merge_method": "dare_ties",
+            "base_model": d["base"],
+            "seed": 2**40 + 1,
+            "models": [{"model": m, "parameters": {"density": 0.6}} for m in two],
+            "parameters": {"rescale": "l1"},
+            "mixup": {"alpha": 1.0, "seed": 17},
+        },
+        "ties_dare": {
+            "merge_method": "ties_dare",
+            "base_model": d["base"],
+            "seed": 21,
+            "models": [
+                {"model": m, "parameters": {"drop_rate": 0.3, "density": 0.5}}
+                for m in (d["ft1"], d["ft2"], d["ft3"])
+            ],
+            "mixup": {"alpha": 0.8, "seed": 4},
+        },
     }
 
 
 # ------------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "ties_dare"])
+@pytest.mark.parametrize(
+    "method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "ties_dare"]
+)
 def test_every_method_round_trips_bit_identical(family, tmp_path, method):
     cfg = method_configs(family)[method]
     cfg_path = tmp_path / "merge.yaml"
@@ -163,7 +206,12 @@ def test_output_layout_index_config_tokenizer(family, tmp_path):
     conf = json.loads((out / "config.json").read_text())
     base_conf = json.loads((Path(family["base"]) / "config.json").read_text())
     assert conf == {**base_conf, "torch_dtype": "bfloat16"}
-    for fname in ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "tokenizer.model"):
+    for fname in (
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "generation_config.json",
+        "tokenizer.model",
+    ):
         assert (out / fname).read_bytes() == (Path(family["base"]) / fname).read_bytes()
     assert not list(tmp_path.glob(".out.m3k-*")), "temporary folder left behind"
     assert not (out / ".m3k-journal.json").exists()
@@ -183,8 +231,21 @@ def test_single_shard_is_model_safetensors_without_index(family, tmp_path):
 def test_record_file_and_header_metadata(family, tmp_path):
     cfg = method_configs(family)["ties"]
     out = tmp_path / "rec"
-    assert run_cli("merge", json.dumps(cfg), out, "--device", "cpu", "--seed", "77", "--quiet",
-                   "--out-shard-size", "6K") == 0
+    assert (
+        run_cli(
+            "merge",
+            json.dumps(cfg),
+            out,
+            "--device",
+            "cpu",
+            "--seed",
+            "77",
+            "--quiet",
+            "--out-shard-size",
+            "6K",
+        )
+        == 0
+    )
     rec = yaml.safe_load((out / "m3kernels_merge.yaml").read_text())
     assert rec["m3kernels_version"] == m3kernels.__version__
     assert rec["merge_method"] == "ties" and rec["seed"] == 77
@@ -193,10 +254,13 @@ def test_record_file_and_header_metadata(family, tmp_path):
     assert tuple(rec["mix_ratios"]) == m3kernels.draw_mix_ratios(0.5, 2, 77)
     for role, folder in (("base", family["base"]),):
         files = rec["inputs"][role]["files"]
-        assert {f["name"]: f["bytes"] for f in files} == {p.name: p.stat().st_size
-                                                          for p in Path(folder).glob("*.safetensors")}
-    assert [m["path"] for m in rec["inputs"]["models"]] == [str(Path(family["ft1"]).resolve()),
-                                                            str(Path(family["ft2"]).resolve())]
+        assert {f["name"]: f["bytes"] for f in files} == {
+            p.name: p.stat().st_size for p in Path(folder).glob("*.safetensors")
+        }
+    assert [m["path"] for m in rec["inputs"]["models"]] == [
+        str(Path(family["ft1"]).resolve()),
+        str(Path(family["ft2"]).resolve()),
+    ]
     for p in out.glob("*.safetensors"):
         with safe_open(str(p), "pt") as f:
             meta = f.metadata()
@@ -207,10 +271,16 @@ def test_record_file_and_header_metadata(family, tmp_path):
 
 
 def test_model_trim_scope_matches_reference_over_concatenated_model(family, tmp_path):
-    cfg = {"merge_method": "ties", "base_model": family["base"], "trim_scope": "model",
-           "models": [{"model": family["ft1"], "parameters": {"density": 0.3}},
-                      {"model": family["ft2"], "parameters": {"density": 0.15}}],
-           "mixup": {"alpha": 0.5, "seed": 1}}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": family["base"],
+        "trim_scope": "model",
+        "models": [
+            {"model": family["ft1"], "parameters": {"density": 0.3}},
+            {"model": family["ft2"], "parameters": {"density": 0.15}},
+        ],
+        "mixup": {"alpha": 0.5, "seed": 1},
+    }
     out = tmp_path / "model_scope"
     result = m3kernels.merge_checkpoints(cfg, out, device="cpu", out_shard_size=5000, progress=False)
     base, m1, m2 = load_dir(family["base"]), load_dir(family["ft1"]), load_dir(family["ft2"])
@@ -240,9 +310,16 @@ def test_vocabulary_rows_32001_and_warning(tmp_path, caplog):
     bdir = write_checkpoint(tmp_path / "base", base, config=cfg_json)
     d1 = write_checkpoint(tmp_path / "ft1", ft1, config=cfg_json)
     d2 = write_checkpoint(tmp_path / "ft2", ft2, shards=2, config={**cfg_json, "vocab_size": 32001})
-    cfg = {"merge_method": "ties", "base_model": str(bdir), "seed": 4,
-           "models": [{"model": str(d1), "parameters": {"density": 0.5}},
-                      {"model": str(d2), "parameters": {"density": 0.5}}], "mixup": {"alpha": 1.0}}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(bdir),
+        "seed": 4,
+        "models": [
+            {"model": str(d1), "parameters": {"density": 0.5}},
+            {"model": str(d2), "parameters": {"density": 0.5}},
+        ],
+        "mixup": {"alpha": 1.0},
+    }
     out = tmp_path / "out"
     with caplog.at_level("WARNING", logger="m3kernels"):
         result = m3kernels.merge_checkpoints(cfg, out, device="cpu", progress=False)
@@ -250,15 +327,29 @@ def test_vocabulary_rows_32001_and_warning(tmp_path, caplog):
     ratios = result.mix_ratios
     for name in ("model.embed_tokens.weight", "lm_head.weight"):
         assert got[name].shape == (32001, 8)
-        exp = merge_tensors(base[name], [ft1[name], ft2[name][:32000]], method="ties", density=0.5,
-                            mix_ratios=ratios, seed=4, name=name)
+        exp = merge_tensors(
+            base[name],
+            [ft1[name], ft2[name][:32000]],
+            method="ties",
+            density=0.5,
+            mix_ratios=ratios,
+            seed=4,
+            name=name,
+        )
         assert same_bits(got[name][:32000], exp)
         assert same_bits(got[name][32000:], ft2[name][32000:])  # only ft2 has the extra row
         assert any(name in r.getMessage() and "row" in r.getMessage() for r in caplog.records)
     others = {n for n in base if n not in ("model.embed_tokens.weight", "lm_head.weight")}
     for name in others:
-        exp = merge_tensors(base[name], [ft1[name], ft2[name]], method="ties", density=0.5, mix_ratios=ratios,
-                            seed=4, name=name)
+        exp = merge_tensors(
+            base[name],
+            [ft1[name], ft2[name]],
+            method="ties",
+            density=0.5,
+            mix_ratios=ratios,
+            seed=4,
+            name=name,
+        )
         assert same_bits(got[name], exp)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 32001
 
@@ -274,15 +365,22 @@ def test_extra_rows_are_averaged_when_several_models_have_them(tmp_path):
         fts.append(ft)
     dirs = [write_checkpoint(tmp_path / f"m{i}", ft, tokenizer=False) for i, ft in enumerate(fts)]
     bdir = write_checkpoint(tmp_path / "base", base, tokenizer=False)
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(bdir),
-           "models": [{"model": str(d)} for d in dirs]}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(bdir),
+        "models": [{"model": str(d)} for d in dirs],
+    }
     out = tmp_path / "out"
     m3kernels.merge_checkpoints(cfg, out, device="cpu", progress=False)
     emb = load_dir(out)["model.embed_tokens.weight"]
     e = [ft["model.embed_tokens.weight"] for ft in fts]
     assert emb.shape == (12, 4)
-    exp = merge_tensors(base["model.embed_tokens.weight"], [x[:10] for x in e], method="task_arithmetic",
-                        name="model.embed_tokens.weight")
+    exp = merge_tensors(
+        base["model.embed_tokens.weight"],
+        [x[:10] for x in e],
+        method="task_arithmetic",
+        name="model.embed_tokens.weight",
+    )
     assert same_bits(emb[:10], exp)
     assert same_bits(emb[10:11], (e[0][10:11] + e[1][10:11] + e[2][10:11]) / 3)
     assert same_bits(emb[11:12], (e[0][11:12] + e[1][11:12]) / 2)
@@ -292,20 +390,30 @@ def test_tied_base_and_untied_model_gives_untied_head(tmp_path):
     sizes = dict(vocab=23, hidden=8, intermediate=12, layers=1, heads=2, kv_heads=1)
     base = llama_tensors(seed=1, tied=True, **sizes)
     ft1 = fine_tune(base, 2)
-    ft1["lm_head.weight"] = fine_tune({"w": base["model.embed_tokens.weight"]}, 3)["w"]   # untied
-    ft2 = fine_tune(base, 4)                                                             # tied
+    ft1["lm_head.weight"] = fine_tune({"w": base["model.embed_tokens.weight"]}, 3)["w"]  # untied
+    ft2 = fine_tune(base, 4)  # tied
     tied_cfg = llama_config(tied=True, **sizes)
     bdir = write_checkpoint(tmp_path / "base", base, config=tied_cfg)
     d1 = write_checkpoint(tmp_path / "ft1", ft1, config=llama_config(tied=False, **sizes))
     d2 = write_checkpoint(tmp_path / "ft2", ft2, config=tied_cfg)
-    cfg = {"merge_method": "ties", "base_model": str(bdir),
-           "models": [{"model": str(d1), "parameters": {"density": 0.5}},
-                      {"model": str(d2), "parameters": {"density": 0.5}}]}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(bdir),
+        "models": [
+            {"model": str(d1), "parameters": {"density": 0.5}},
+            {"model": str(d2), "parameters": {"density": 0.5}},
+        ],
+    }
     out = tmp_path / "out"
     m3kernels.merge_checkpoints(cfg, out, device="cpu", progress=False)
     got = load_dir(out)
-    exp = merge_tensors(base["model.embed_tokens.weight"], [ft1["lm_head.weight"], ft2["model.embed_tokens.weight"]],
-                        method="ties", density=0.5, name="lm_head.weight")
+    exp = merge_tensors(
+        base["model.embed_tokens.weight"],
+        [ft1["lm_head.weight"], ft2["model.embed_tokens.weight"]],
+        method="ties",
+        density=0.5,
+        name="lm_head.weight",
+    )
     assert same_bits(got["lm_head.weight"], exp)
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
     # all tied: no head in the output, config still tied
@@ -323,12 +431,19 @@ def test_untied_base_with_tied_model_uses_its_embedding(tmp_path):
     del ft2["lm_head.weight"]
     bdir = write_checkpoint(tmp_path / "base", base)
     d1, d2 = write_checkpoint(tmp_path / "ft1", ft1), write_checkpoint(tmp_path / "ft2", ft2)
-    cfg = {"merge_method": "task_arithmetic", "base_model": str(bdir), "models": [{"model": str(d1)},
-                                                                               {"model": str(d2)}]}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(bdir),
+        "models": [{"model": str(d1)}, {"model": str(d2)}],
+    }
     m3kernels.merge_checkpoints(cfg, tmp_path / "out", device="cpu", progress=False)
     got = load_dir(tmp_path / "out")["lm_head.weight"]
-    exp = merge_tensors(base["lm_head.weight"], [ft1["lm_head.weight"], ft2["model.embed_tokens.weight"]],
-                        method="task_arithmetic", name="lm_head.weight")
+    exp = merge_tensors(
+        base["lm_head.weight"],
+        [ft1["lm_head.weight"], ft2["model.embed_tokens.weight"]],
+        method="task_arithmetic",
+        name="lm_head.weight",
+    )
     assert same_bits(got, exp)
 
 
@@ -338,8 +453,19 @@ def crash_after_first_shard(family, tmp_path, method):
     cfg_path.write_text(yaml.safe_dump(method_configs(family)[method]))
     out = tmp_path / "out"
     env = {**os.environ, "M3KERNELS_TEST_CRASH_AFTER_SHARDS": "1"}
-    cmd = [sys.executable, "-m", "m3kernels", "merge", str(cfg_path), str(out), "--device", "cpu",
-           "--out-shard-size", "3000", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "m3kernels",
+        "merge",
+        str(cfg_path),
+        str(out),
+        "--device",
+        "cpu",
+        "--out-shard-size",
+        "3000",
+        "--quiet",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     return cfg_path, out
@@ -352,8 +478,10 @@ def test_resume_after_crash_reuses_finished_shards(family, tmp_path):
     (first_shard,) = [p for p in tmp.glob("model-00001-of-*.safetensors")]
     st = first_shard.stat()
     # a plain rerun does not touch the unfinished one; --resume continues it
-    assert run_cli("merge", cfg_path, out, "--device", "cpu", "--out-shard-size", "3000", "--quiet",
-                   "--resume") == 0
+    assert (
+        run_cli("merge", cfg_path, out, "--device", "cpu", "--out-shard-size", "3000", "--quiet", "--resume")
+        == 0
+    )
     assert not tmp.exists()
     reused = out / first_shard.name
     assert (reused.stat().st_ino, reused.stat().st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
@@ -371,8 +499,10 @@ def test_resume_rewrites_a_finished_shard_changed_after_the_crash(family, tmp_pa
     (first_shard,) = tmp.glob("model-00001-of-*.safetensors")
     good = first_shard.read_bytes()
     first_shard.write_bytes(good[:-4] + b"\0\0\0\0")  # same size, new mtime: must not be trusted
-    assert run_cli("merge", cfg_path, out, "--device", "cpu", "--out-shard-size", "3000", "--quiet",
-                   "--resume") == 0
+    assert (
+        run_cli("merge", cfg_path, out, "--device", "cpu", "--out-shard-size", "3000", "--quiet", "--resume")
+        == 0
+    )
     clean = tmp_path / "clean"
     assert run_cli("merge", cfg_path, clean, "--device", "cpu", "--out-shard-size", "3000", "--quiet") == 0
     for p in clean.iterdir():
@@ -396,8 +526,11 @@ def test_bin_inputs_need_allow_bin_and_match_safetensors(family, tmp_path):
     bin_dir = tmp_path / "ft1_bin"
     bin_dir.mkdir()
     torch.save(load_dir(family["ft1"]), bin_dir / "pytorch_model.bin")
-    cfg = {"merge_method": "task_arithmetic", "base_model": family["base"],
-           "models": [{"model": str(bin_dir)}, {"model": family["ft2"]}]}
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": family["base"],
+        "models": [{"model": str(bin_dir)}, {"model": family["ft2"]}],
+    }
     with pytest.raises(m3kernels.errors.CheckpointError, match="allow-bin"):
         m3kernels.merge_checkpoints(cfg, tmp_path / "out", device="cpu", progress=False)
     m3kernels.merge_checkpoints(cfg, tmp_path / "out", device="cpu", progress=False, allow_bin=True)
@@ -442,8 +575,10 @@ def test_shard_file_writes_exact_bytes_across_staging_blocks(tmp_path, monkeypat
 
     monkeypatch.setenv("M3KERNELS_NO_DIRECT_IO", no_direct)
     g = torch.Generator().manual_seed(0)
-    chunks = [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for n in (0, 1, 4095, 4096, 8193,
-                                                                                      20000, 7, 12288)]
+    chunks = [
+        torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8)
+        for n in (0, 1, 4095, 4096, 8193, 20000, 7, 12288)
+    ]
     data = b"".join(c.numpy().tobytes() for c in chunks)
     for full in (False, True):
         f = ShardFile(tmp_path / "x.bin", staging=8192, full_hash=full)
@@ -495,7 +630,9 @@ def test_gpu_path_feeds_jobs_in_order_between_copies(family, tmp_path, monkeypat
     cfg = method_configs(family)[method]
     monkeypatch.setattr(gpu_pipeline, "gpu_merge_stream", _cpu_stream)
     monkeypatch.setattr(orchestrator, "resolve_device", lambda device, backend="auto": torch.device("cuda"))
-    result = m3kernels.merge_checkpoints(cfg, tmp_path / "gpu", device="cuda", out_shard_size=4000, progress=False)
+    result = m3kernels.merge_checkpoints(
+        cfg, tmp_path / "gpu", device="cuda", out_shard_size=4000, progress=False
+    )
     assert result.device == "cuda"
     assert_identical(tmp_path / "gpu", expected_merge(cfg))
 
@@ -507,11 +644,18 @@ def test_gpu_path_assembles_vocabulary_rows(tmp_path, monkeypatch):
     shapes = {"model.embed_tokens.weight": (10, 6), "model.norm.weight": (6,)}
     base = random_tensors(shapes, 1)
     ft1, ft2 = fine_tune(base, 2), fine_tune(base, 3)
-    ft2["model.embed_tokens.weight"] = torch.cat([ft2["model.embed_tokens.weight"],
-                                                  random_tensors({"x": (3, 6)}, 4)["x"]])
-    dirs = [write_checkpoint(tmp_path / n, t, tokenizer=False) for n, t in (("b", base), ("m1", ft1), ("m2", ft2))]
-    cfg = {"merge_method": "ties", "base_model": str(dirs[0]), "seed": 5,
-           "models": [{"model": str(d), "parameters": {"density": 0.5}} for d in dirs[1:]]}
+    ft2["model.embed_tokens.weight"] = torch.cat(
+        [ft2["model.embed_tokens.weight"], random_tensors({"x": (3, 6)}, 4)["x"]]
+    )
+    dirs = [
+        write_checkpoint(tmp_path / n, t, tokenizer=False) for n, t in (("b", base), ("m1", ft1), ("m2", ft2))
+    ]
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(dirs[0]),
+        "seed": 5,
+        "models": [{"model": str(d), "parameters": {"density": 0.5}} for d in dirs[1:]],
+    }
     m3kernels.merge_checkpoints(cfg, tmp_path / "cpu", device="cpu", progress=False)
     monkeypatch.setattr(gpu_pipeline, "gpu_merge_stream", _cpu_stream)
     monkeypatch.setattr(orchestrator, "resolve_device", lambda device, backend="auto": torch.device("cuda"))
@@ -536,14 +680,24 @@ def test_cuda_merge_equals_cpu_merge(family, tmp_path, method):
 def test_resume_reuses_model_thresholds_from_the_journal(family, tmp_path, monkeypatch):
     from m3kernels.checkpoint import run as orchestrator
 
-    cfg = {"merge_method": "ties", "base_model": family["base"], "trim_scope": "model", "seed": 8,
-           "models": [{"model": family["ft1"], "parameters": {"density": 0.4}},
-                      {"model": family["ft3"], "parameters": {"density": 0.2}}]}
-    clean = m3kernels.merge_checkpoints(cfg, tmp_path / "clean", device="cpu", out_shard_size=3000, progress=False)
+    cfg = {
+        "merge_method": "ties",
+        "base_model": family["base"],
+        "trim_scope": "model",
+        "seed": 8,
+        "models": [
+            {"model": family["ft1"], "parameters": {"density": 0.4}},
+            {"model": family["ft3"], "parameters": {"density": 0.2}},
+        ],
+    }
+    clean = m3kernels.merge_checkpoints(
+        cfg, tmp_path / "clean", device="cpu", out_shard_size=3000, progress=False
+    )
 
     def crash_after_first_shard():
         def after(shard):
             raise RuntimeError("simulated crash")
+
         return after
 
     monkeypatch.setattr(orchestrator, "_crash_hook", crash_after_first_shard)
@@ -556,8 +710,9 @@ def test_resume_reuses_model_thresholds_from_the_journal(family, tmp_path, monke
         raise AssertionError("the statistics pass ran again")
 
     monkeypatch.setattr(orchestrator, "model_thresholds", no_stats)
-    result = m3kernels.merge_checkpoints(cfg, tmp_path / "out", device="cpu", out_shard_size=3000,
-                                         progress=False, resume=True)
+    result = m3kernels.merge_checkpoints(
+        cfg, tmp_path / "out", device="cpu", out_shard_size=3000, progress=False, resume=True
+    )
     assert result.resumed_shards == [clean.files[0]] and result.thresholds == clean.thresholds
     for p in (tmp_path / "clean").iterdir():
         assert p.read_bytes() == (tmp_path / "out" / p.name).read_bytes(), p.name

@@ -31,7 +31,7 @@ from m3kernels.merge.kernel_params import (
     TRIM_KEEP_NONE,
     KernelParams,
 )
-from m3kernels.merge.recipe import MEAN, SUM, TIES
+from m3kernels.merge.registry import MEAN, SUM, TIES
 
 ROOT = Path(__file__).resolve().parents[1]
 CPU_API = "csrc/cpu/kernel_api.h"
@@ -55,15 +55,21 @@ def source(rel: str, comments: bool = False) -> str:
     return text
 
 
-_OPS = {ast.LShift: operator.lshift, ast.RShift: operator.rshift, ast.Add: operator.add,
-        ast.Sub: operator.sub, ast.Mult: operator.mul, ast.BitOr: operator.or_}
+_OPS = {
+    ast.LShift: operator.lshift,
+    ast.RShift: operator.rshift,
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.BitOr: operator.or_,
+}
 
 
 def c_int(expr: str) -> int:
     """The value of a C++ integer constant expression such as ``int64_t(1) << 31`` or ``0xFFu``."""
     e = re.sub(r"static_cast<\s*\w+\s*>", "", expr)
-    e = re.sub(r"\b(?:u?int(?:8|16|32|64)_t|size_t|unsigned|int)\s*\(", "(", e)   # functional casts
-    e = re.sub(r"\b(0[xX][0-9A-Fa-f]+|\d+)[uUlL]+\b", r"\1", e)                    # literal suffixes
+    e = re.sub(r"\b(?:u?int(?:8|16|32|64)_t|size_t|unsigned|int)\s*\(", "(", e)  # functional casts
+    e = re.sub(r"\b(0[xX][0-9A-Fa-f]+|\d+)[uUlL]+\b", r"\1", e)  # literal suffixes
 
     def ev(node):
         if isinstance(node, ast.Constant) and isinstance(node.value, int):
@@ -91,7 +97,9 @@ def cpp_constants(rel: str) -> dict:
     """{name: value} of every ``constexpr <integer type> kName = <expr>`` in a file (also
     ``constexpr T kA = 1, kB = 2;``)."""
     out = {}
-    for decl in re.findall(r"\bconstexpr\s+(?:u?int(?:8|16|32|64)_t|int|unsigned|size_t)\s+([^;]+);", source(rel)):
+    for decl in re.findall(
+        r"\bconstexpr\s+(?:u?int(?:8|16|32|64)_t|int|unsigned|size_t)\s+([^;]+);", source(rel)
+    ):
         for part in decl.split(","):
             name, _, value = part.partition("=")
             if value and re.fullmatch(r"\s*k\w+\s*", name):
@@ -112,18 +120,25 @@ def cpp_struct_members(rel: str, name: str) -> set:
 def triton_constants(rel: str) -> dict:
     """{NAME: value} of the module-level ``NAME = tl.constexpr(<int>)`` lines of a kernel file."""
     out = {}
-    for name, value in re.findall(r"^([A-Z][A-Z0-9_]*)\s*=\s*tl\.constexpr\(([^)]*)\)", source(rel, True), re.M):
+    for name, value in re.findall(
+        r"^([A-Z][A-Z0-9_]*)\s*=\s*tl\.constexpr\(([^)]*)\)", source(rel, True), re.M
+    ):
         out[name] = ast.literal_eval(value.strip())
     return out
 
 
 def loop_bounds(rel: str, var: str = "r") -> set:
     """The bounds N of every ``for (int var = 0; var < N; ++var)`` loop in a file."""
-    return {int(n) for n in re.findall(r"for\s*\(\s*int\s+" + var + r"\s*=\s*0\s*;\s*" + var
-                                        + r"\s*<\s*(\d+)\s*;", source(rel))}
+    return {
+        int(n)
+        for n in re.findall(
+            r"for\s*\(\s*int\s+" + var + r"\s*=\s*0\s*;\s*" + var + r"\s*<\s*(\d+)\s*;", source(rel)
+        )
+    }
 
 
 # ----------------------------------------------------------------------------- dtype and combine codes
+
 
 @pytest.mark.parametrize("rel", [CPU_API, CUDA_ARGS])
 def test_dtype_codes(rel):
@@ -141,13 +156,21 @@ def test_combine_codes(rel):
 
 def test_triton_codes():
     consts = triton_constants(TRITON + "stage_b.py")
-    assert {SUM: consts["COMBINE_SUM"], MEAN: consts["COMBINE_MEAN"], TIES: consts["COMBINE_TIES"]} == COMBINE_CODES
+    assert {
+        SUM: consts["COMBINE_SUM"],
+        MEAN: consts["COMBINE_MEAN"],
+        TIES: consts["COMBINE_TIES"],
+    } == COMBINE_CODES
     # the launcher passes OUT_KIND = DTYPE_CODES[out.dtype]
-    assert {torch.float32: consts["OUT_F32"], torch.bfloat16: consts["OUT_BF16"],
-            torch.float16: consts["OUT_F16"]} == DTYPE_CODES
+    assert {
+        torch.float32: consts["OUT_F32"],
+        torch.bfloat16: consts["OUT_BF16"],
+        torch.float16: consts["OUT_F16"],
+    } == DTYPE_CODES
 
 
 # ----------------------------------------------------------------------------- the parameter block
+
 
 @pytest.mark.parametrize("rel,struct", [(CPU_API, "TensorArgs"), (CUDA_ARGS, "MergeArgs")])
 def test_kernel_params_fields_are_struct_members(rel, struct):
@@ -171,7 +194,9 @@ def test_trim_and_dare_ranges_documented_in_the_headers(rel):
     assert keep_none and 2 ** int(keep_none.group(1)) == TRIM_KEEP_NONE, (rel, note)
     rng = re.search(r"\((\d+)\s*\.\.\s*2\^(\d+)\)", " ".join(dare))
     assert rng, (rel, dare)
-    assert int(rng.group(1)) == philox.keep_threshold(0.0) and 2 ** int(rng.group(2)) == philox.keep_threshold(1.0)
+    assert int(rng.group(1)) == philox.keep_threshold(0.0) and 2 ** int(
+        rng.group(2)
+    ) == philox.keep_threshold(1.0)
 
 
 def test_trim_keep_none_in_the_kernels():
@@ -183,8 +208,9 @@ def test_trim_keep_none_in_the_kernels():
     assert c_int(m.group(1)) == TRIM_KEEP_ALL
     assert c_int(m.group(2)) == (1 << 32) - 1 < TRIM_KEEP_NONE  # every 32-bit |d| pattern is below keep-none
     element = source("csrc/cuda/merge_element.cuh")
-    assert re.search(r"trim_min\[i\];\s*if\s*\(\s*t\s*==\s*0\s*\)\s*return;", element), \
+    assert re.search(r"trim_min\[i\];\s*if\s*\(\s*t\s*==\s*0\s*\)\s*return;", element), (
         "csrc/cuda/merge_element.cuh: trim() no longer skips trim_min == 0"
+    )
     bindings = source("csrc/cuda/bindings.cpp")  # which values the CUDA argument parser accepts
     for field, largest in (("trim_min", TRIM_KEEP_NONE), ("dare_thr", philox.keep_threshold(1.0))):
         m = re.search(field + r"\[i\]\s*>\s*\((\w+\s*\(\s*1\s*\)\s*<<\s*\d+)\)", bindings)
@@ -193,6 +219,7 @@ def test_trim_keep_none_in_the_kernels():
 
 
 # ----------------------------------------------------------------------------- sizes
+
 
 def test_histogram_bins():
     assert HIST_BINS == 1 << 16
@@ -208,6 +235,7 @@ def test_max_models_per_cuda_launch():
 
 
 # ----------------------------------------------------------------------------- Philox
+
 
 @pytest.mark.parametrize("rel", [CPU_PHILOX, CUDA_PHILOX, TRITON + "philox.py"])
 def test_philox_constants(rel):

@@ -41,15 +41,23 @@ def expected_gradient(values, t: float) -> float:
 def llama_names(num_layers: int):
     names = ["model.embed_tokens.weight"]
     for i in range(num_layers):
-        names += [f"model.layers.{i}.self_attn.q_proj.weight", f"model.layers.{i}.mlp.down_proj.weight",
-                  f"model.layers.{i}.input_layernorm.weight"]
+        names += [
+            f"model.layers.{i}.self_attn.q_proj.weight",
+            f"model.layers.{i}.mlp.down_proj.weight",
+            f"model.layers.{i}.input_layernorm.weight",
+        ]
     return names + ["model.norm.weight", "lm_head.weight"]
 
 
 def base_cfg(**over):
-    cfg = {"merge_method": "ties", "base_model": "m/base",
-           "models": [{"model": "m/a", "parameters": {"weight": 1.0, "density": 0.5}},
-                      {"model": "m/b", "parameters": {"weight": 0.5, "density": 0.4}}]}
+    cfg = {
+        "merge_method": "ties",
+        "base_model": "m/base",
+        "models": [
+            {"model": "m/a", "parameters": {"weight": 1.0, "density": 0.5}},
+            {"model": "m/b", "parameters": {"weight": 0.5, "density": 0.4}},
+        ],
+    }
     cfg.update(over)
     return cfg
 
@@ -57,6 +65,7 @@ def base_cfg(**over):
 # ---------------------------------------------------------------------------------------
 # Example configs
 # ---------------------------------------------------------------------------------------
+
 
 def test_examples_exist():
     names = {p.stem for p in EXAMPLES}
@@ -82,8 +91,14 @@ def test_example_config_parses_and_feeds_make_recipe(path, num_layers):
         kw = cfg.tensor_kwargs(name, num_layers)
         assert set(kw) == {"weights", "density", "drop_rate", "normalize", "rescale", "lambda_"}
         assert len(kw["weights"]) == len(cfg.models)
-        rec = make_recipe(len(cfg.models), method=cfg.method, has_base=cfg.base_model is not None,
-                          seed=cfg.seed, mix_ratios=ratios, **kw)
+        rec = make_recipe(
+            len(cfg.models),
+            method=cfg.method,
+            has_base=cfg.base_model is not None,
+            seed=cfg.seed,
+            mix_ratios=ratios,
+            **kw,
+        )
         assert rec.method == cfg.method
 
 
@@ -113,12 +128,17 @@ GRADIENTS = [[0.0, 1.0], [0.1, 0.9, 0.3], [1.0, 0.2, 0.7, 0.4, 0.0], [0.25]]
 @pytest.mark.parametrize("num_layers", [1, 2, 40])
 @pytest.mark.parametrize("grad", GRADIENTS, ids=str)
 def test_gradient_values_per_layer(grad, num_layers):
-    cfg = load_config({
-        "merge_method": "task_arithmetic", "base_model": "b",
-        "models": [{"model": "x", "parameters": {"weight": grad}},
-                   {"model": "y", "parameters": {"weight": 0.3}}],
-        "parameters": {"lambda": [2.0, 1.0]},
-    })
+    cfg = load_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "b",
+            "models": [
+                {"model": "x", "parameters": {"weight": grad}},
+                {"model": "y", "parameters": {"weight": 0.3}},
+            ],
+            "parameters": {"lambda": [2.0, 1.0]},
+        }
+    )
     for name in llama_names(num_layers):
         t = expected_t(name, num_layers)
         kw = cfg.tensor_kwargs(name, num_layers)
@@ -129,9 +149,14 @@ def test_gradient_values_per_layer(grad, num_layers):
 
 def test_gradient_hand_values():
     """A few numbers written out: [0, 1] over 40 layers is i/39; embeddings/lm_head are ends."""
-    cfg = load_config({"merge_method": "task_arithmetic", "base_model": "b",
-                       "models": [{"model": "x", "parameters": {"weight": [0.0, 1.0]}}],
-                       "parameters": {"lambda": [0.0, 0.5, 1.0]}})
+    cfg = load_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "b",
+            "models": [{"model": "x", "parameters": {"weight": [0.0, 1.0]}}],
+            "parameters": {"lambda": [0.0, 0.5, 1.0]},
+        }
+    )
     w = lambda n, L: cfg.tensor_kwargs(n, L)["weights"][0]  # noqa: E731
     assert w("model.layers.13.mlp.up_proj.weight", 40) == pytest.approx(1 / 3)
     assert w("model.layers.39.mlp.up_proj.weight", 40) == 1.0
@@ -147,15 +172,24 @@ def test_gradient_hand_values():
 
 
 def test_other_layer_naming_schemes():
-    cfg = load_config({"merge_method": "task_arithmetic", "base_model": "b",
-                       "models": [{"model": "x", "parameters": {"weight": [0.0, 1.0]}}]})
+    cfg = load_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "b",
+            "models": [{"model": "x", "parameters": {"weight": [0.0, 1.0]}}],
+        }
+    )
     w = lambda n: cfg.tensor_kwargs(n, 5)["weights"][0]  # noqa: E731
-    assert w("transformer.h.2.attn.c_attn.weight") == pytest.approx(0.5)       # GPT-2
+    assert w("transformer.h.2.attn.c_attn.weight") == pytest.approx(0.5)  # GPT-2
     assert w("gpt_neox.layers.1.mlp.dense_h_to_4h.weight") == pytest.approx(0.25)
     assert w("layers.3.attention.wq.weight") == pytest.approx(0.75)
-    assert w("model.layers.4.mlp.experts.3.w1.weight") == 1.0                  # MoE expert
-    for pre in ("transformer.wte.weight", "transformer.wpe.weight", "gpt_neox.embed_in.weight",
-                "transformer.word_embeddings.weight"):
+    assert w("model.layers.4.mlp.experts.3.w1.weight") == 1.0  # MoE expert
+    for pre in (
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "gpt_neox.embed_in.weight",
+        "transformer.word_embeddings.weight",
+    ):
         assert w(pre) == 0.0, pre
     for post in ("transformer.ln_f.weight", "embed_out.weight", "gpt_neox.final_layer_norm.bias"):
         assert w(post) == 1.0, post
@@ -184,10 +218,14 @@ def expected_filtered(entries, name, t):
 
 @pytest.mark.parametrize("num_layers", [2, 40])
 def test_filters_match_substrings_first_wins(num_layers):
-    cfg = load_config({"merge_method": "ties", "base_model": "b",
-                       "models": [{"model": "x", "parameters": {"density": FILTERED}},
-                                  {"model": "y"}],
-                       "parameters": {"density": 0.9}})
+    cfg = load_config(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": [{"model": "x", "parameters": {"density": FILTERED}}, {"model": "y"}],
+            "parameters": {"density": 0.9},
+        }
+    )
     seen = set()
     for name in llama_names(num_layers):
         t = expected_t(name, num_layers)
@@ -203,16 +241,19 @@ def test_filters_match_substrings_first_wins(num_layers):
 
 
 def test_filter_star_and_single_entry_and_fallthrough():
-    cfg = load_config({
-        "merge_method": "task_arithmetic", "base_model": "b",
-        "models": [
-            # no default entry: tensors that match no filter fall through to the top level
-            {"model": "x", "parameters": {"weight": [{"filter": "lm_head", "value": 0.1}]}},
-            {"model": "y", "parameters": {"weight": {"filter": "*", "value": [0.0, 1.0]}}},
-            {"model": "z"},
-        ],
-        "parameters": {"weight": [{"filter": "mlp", "value": 0.6}]},
-    })
+    cfg = load_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "b",
+            "models": [
+                # no default entry: tensors that match no filter fall through to the top level
+                {"model": "x", "parameters": {"weight": [{"filter": "lm_head", "value": 0.1}]}},
+                {"model": "y", "parameters": {"weight": {"filter": "*", "value": [0.0, 1.0]}}},
+                {"model": "z"},
+            ],
+            "parameters": {"weight": [{"filter": "mlp", "value": 0.6}]},
+        }
+    )
     kw = cfg.tensor_kwargs
     assert kw("lm_head.weight", 4)["weights"] == [0.1, 1.0, 1.0]
     assert kw("model.layers.1.mlp.up_proj.weight", 4)["weights"] == pytest.approx([0.6, 1 / 3, 0.6])
@@ -221,42 +262,75 @@ def test_filter_star_and_single_entry_and_fallthrough():
 
 
 def test_per_model_overrides_top_level():
-    cfg = load_config({"merge_method": "dare_ties", "base_model": "b",
-                       "models": [{"model": "x", "parameters": {"weight": 2.0, "density": 0.9}},
-                                  {"model": "y"}],
-                       "parameters": {"weight": 0.25, "density": 0.5, "normalize": True,
-                                      "rescale": "l1", "lambda": 0.7}})
+    cfg = load_config(
+        {
+            "merge_method": "dare_ties",
+            "base_model": "b",
+            "models": [{"model": "x", "parameters": {"weight": 2.0, "density": 0.9}}, {"model": "y"}],
+            "parameters": {"weight": 0.25, "density": 0.5, "normalize": True, "rescale": "l1", "lambda": 0.7},
+        }
+    )
     kw = cfg.tensor_kwargs("model.layers.0.mlp.up_proj.weight", 2)
-    assert kw == {"weights": [2.0, 0.25], "density": [0.9, 0.5], "drop_rate": None,
-                  "normalize": True, "rescale": "l1", "lambda_": 0.7}
+    assert kw == {
+        "weights": [2.0, 0.25],
+        "density": [0.9, 0.5],
+        "drop_rate": None,
+        "normalize": True,
+        "rescale": "l1",
+        "lambda_": 0.7,
+    }
 
 
 def test_defaults_left_to_recipe():
-    cfg = load_config({"merge_method": "ties", "base_model": "b",
-                       "models": [{"model": "x"}, {"model": "y"}]})
+    cfg = load_config({"merge_method": "ties", "base_model": "b", "models": [{"model": "x"}, {"model": "y"}]})
     kw = cfg.tensor_kwargs("model.layers.0.mlp.up_proj.weight", 2)
-    assert kw == {"weights": [1.0, 1.0], "density": None, "drop_rate": None, "normalize": None,
-                  "rescale": None, "lambda_": 1.0}
+    assert kw == {
+        "weights": [1.0, 1.0],
+        "density": None,
+        "drop_rate": None,
+        "normalize": None,
+        "rescale": None,
+        "lambda_": 1.0,
+    }
     rec = make_recipe(2, method="ties", has_base=True, **kw)
     assert rec.trim_density == (DEFAULT_TRIM_DENSITY,) * 2 and rec.normalize is True
     assert cfg.seed == 0 and cfg.trim_scope == "tensor" and cfg.mixup is None
     # a density for one model only: the others get the TIES default, not mergekit's 1.0
-    cfg = load_config({"merge_method": "ties", "base_model": "b",
-                       "models": [{"model": "x", "parameters": {"density": 0.6}}, {"model": "y"}]})
+    cfg = load_config(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": [{"model": "x", "parameters": {"density": 0.6}}, {"model": "y"}],
+        }
+    )
     assert cfg.tensor_kwargs("lm_head.weight", 2)["density"] == [0.6, DEFAULT_TRIM_DENSITY]
 
 
 def test_drop_rate_and_density_for_dare_methods():
-    cfg = load_config({"merge_method": "dare_linear", "base_model": "b",
-                       "models": [{"model": "x", "parameters": {"drop_rate": 0.75}},
-                                  {"model": "y", "parameters": {"density": 0.4, "drop_rate": 0.6}}]})
+    cfg = load_config(
+        {
+            "merge_method": "dare_linear",
+            "base_model": "b",
+            "models": [
+                {"model": "x", "parameters": {"drop_rate": 0.75}},
+                {"model": "y", "parameters": {"density": 0.4, "drop_rate": 0.6}},
+            ],
+        }
+    )
     kw = cfg.tensor_kwargs("model.layers.0.mlp.up_proj.weight", 2)
     assert kw["density"] == pytest.approx([0.25, 0.4]) and kw["drop_rate"] is None
     rec = make_recipe(2, method="dare_linear", has_base=True, **kw)
     assert rec.dare_density == pytest.approx((0.25, 0.4)) and rec.trim_density is None
-    cfg = load_config({"merge_method": "ties_dare", "base_model": "b",
-                       "models": [{"model": "x", "parameters": {"drop_rate": [0.1, 0.9]}},
-                                  {"model": "y", "parameters": {"drop_rate": 0.5, "density": 0.3}}]})
+    cfg = load_config(
+        {
+            "merge_method": "ties_dare",
+            "base_model": "b",
+            "models": [
+                {"model": "x", "parameters": {"drop_rate": [0.1, 0.9]}},
+                {"model": "y", "parameters": {"drop_rate": 0.5, "density": 0.3}},
+            ],
+        }
+    )
     kw = cfg.tensor_kwargs("model.layers.1.mlp.up_proj.weight", 2)
     assert kw["drop_rate"] == pytest.approx([0.9, 0.5])
     assert kw["density"] == [DEFAULT_TRIM_DENSITY, 0.3]
@@ -266,8 +340,10 @@ def test_drop_rate_and_density_for_dare_methods():
 
 def test_numbers_written_as_strings():
     """PyYAML reads 1e-1 (no dot) as a string; it is read as the number."""
-    cfg = load_config("merge_method: ties\nbase_model: b\nmodels:\n  - model: x\n"
-                      "    parameters: {density: 1e-1, weight: 5e-1}\n")
+    cfg = load_config(
+        "merge_method: ties\nbase_model: b\nmodels:\n  - model: x\n"
+        "    parameters: {density: 1e-1, weight: 5e-1}\n"
+    )
     kw = cfg.tensor_kwargs("lm_head.weight", 2)
     assert kw["density"] == [0.1] and kw["weights"] == [0.5]
 
@@ -289,8 +365,12 @@ METHOD_PARAMS = {
 @pytest.mark.parametrize("method", sorted(PRESETS))
 @pytest.mark.parametrize("mixup", [None, {"alpha": 0.5, "seed": 3}, {"lambda": 0.25}])
 def test_every_method_feeds_make_recipe(method, mixup):
-    raw = {"merge_method": method, "models": [{"model": "x"}, {"model": "y"}],
-           "parameters": METHOD_PARAMS[method], "seed": 11}
+    raw = {
+        "merge_method": method,
+        "models": [{"model": "x"}, {"model": "y"}],
+        "parameters": METHOD_PARAMS[method],
+        "seed": 11,
+    }
     if PRESETS[method].uses_base:
         raw["base_model"] = "b"
     if mixup:
@@ -301,8 +381,9 @@ def test_every_method_feeds_make_recipe(method, mixup):
     for num_layers in (2, 40):
         for name in llama_names(num_layers)[:4] + ["lm_head.weight"]:
             kw = cfg.tensor_kwargs(name, num_layers)
-            rec = make_recipe(2, method=method, has_base=cfg.base_model is not None,
-                              mix_ratios=ratios, seed=cfg.seed, **kw)
+            rec = make_recipe(
+                2, method=method, has_base=cfg.base_model is not None, mix_ratios=ratios, seed=cfg.seed, **kw
+            )
             assert rec.seed == 11
             if mixup is not None and "lambda" in mixup:
                 assert rec.mix_ratios == (0.25, 0.75)
@@ -313,14 +394,24 @@ def test_gradient_weights_reach_the_merge():
     reference merge, equals base + λ Σ w_i(t) δ_i with the weights computed here."""
     gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     grad, filt = [0.2, 1.0, -0.4], [{"filter": "mlp", "value": [1.0, 0.0]}, {"value": 0.5}]
-    cfg = load_config({"merge_method": "task_arithmetic", "base_model": "b",
-                       "models": [{"model": "x", "parameters": {"weight": grad}},
-                                  {"model": "y", "parameters": {"weight": filt}}],
-                       "parameters": {"lambda": 0.75}})
+    cfg = load_config(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "b",
+            "models": [
+                {"model": "x", "parameters": {"weight": grad}},
+                {"model": "y", "parameters": {"weight": filt}},
+            ],
+            "parameters": {"lambda": 0.75},
+        }
+    )
     base = torch.randn(5, 7, generator=gen)
     models = [base + 0.1 * torch.randn(5, 7, generator=gen) for _ in range(2)]
-    for name in ("model.layers.3.mlp.up_proj.weight", "model.layers.7.self_attn.k_proj.weight",
-                 "model.embed_tokens.weight"):
+    for name in (
+        "model.layers.3.mlp.up_proj.weight",
+        "model.layers.7.self_attn.k_proj.weight",
+        "model.embed_tokens.weight",
+    ):
         t = expected_t(name, 9)
         w = [expected_gradient(grad, t), expected_filtered(filt, name, t)]
         rec = make_recipe(2, method=cfg.method, has_base=True, **cfg.tensor_kwargs(name, 9))
@@ -334,12 +425,20 @@ def test_gradient_weights_reach_the_merge():
 # The base model listed among the models; dtypes; other accepted keys
 # ---------------------------------------------------------------------------------------
 
+
 def test_base_listed_among_models_is_removed():
-    cfg = load_config({"merge_method": "dare_ties", "base_model": "./m/base",
-                       "models": [{"model": "m/a", "parameters": {"weight": 0.1}},
-                                  {"model": "m/base", "parameters": {"weight": 9.0}},
-                                  {"model": "m/c", "parameters": {"weight": 0.3}}],
-                       "parameters": {"density": 0.5}})
+    cfg = load_config(
+        {
+            "merge_method": "dare_ties",
+            "base_model": "./m/base",
+            "models": [
+                {"model": "m/a", "parameters": {"weight": 0.1}},
+                {"model": "m/base", "parameters": {"weight": 9.0}},
+                {"model": "m/c", "parameters": {"weight": 0.3}},
+            ],
+            "parameters": {"density": 0.5},
+        }
+    )
     assert cfg.base_model == "./m/base"
     assert cfg.models == ["m/a", "m/c"]
     assert cfg.tensor_kwargs("lm_head.weight", 2)["weights"] == [0.1, 0.3]
@@ -347,18 +446,35 @@ def test_base_listed_among_models_is_removed():
 
 def test_linear_keeps_a_listed_base_as_a_model():
     """mergekit's linear averages every listed model, the base included."""
-    cfg = load_config({"merge_method": "linear", "base_model": "m/base",
-                       "models": [{"model": "m/base", "parameters": {"weight": 0.2}},
-                                  {"model": "m/a", "parameters": {"weight": 0.8}}]})
+    cfg = load_config(
+        {
+            "merge_method": "linear",
+            "base_model": "m/base",
+            "models": [
+                {"model": "m/base", "parameters": {"weight": 0.2}},
+                {"model": "m/a", "parameters": {"weight": 0.8}},
+            ],
+        }
+    )
     assert cfg.models == ["m/base", "m/a"]
     assert cfg.tensor_kwargs("lm_head.weight", 2)["weights"] == [0.2, 0.8]
 
 
-@pytest.mark.parametrize("alias,canon", [
-    ("float32", "float32"), ("fp32", "float32"), ("float", "float32"), ("FP32", "float32"),
-    ("bfloat16", "bfloat16"), ("bf16", "bfloat16"), ("torch.bfloat16", "bfloat16"),
-    ("float16", "float16"), ("fp16", "float16"), ("half", "float16"),
-])
+@pytest.mark.parametrize(
+    "alias,canon",
+    [
+        ("float32", "float32"),
+        ("fp32", "float32"),
+        ("float", "float32"),
+        ("FP32", "float32"),
+        ("bfloat16", "bfloat16"),
+        ("bf16", "bfloat16"),
+        ("torch.bfloat16", "bfloat16"),
+        ("float16", "float16"),
+        ("fp16", "float16"),
+        ("half", "float16"),
+    ],
+)
 def test_dtype_aliases(alias, canon):
     cfg = load_config(base_cfg(dtype=alias, out_dtype=alias))
     assert cfg.dtype == canon and cfg.out_dtype == canon
@@ -366,8 +482,9 @@ def test_dtype_aliases(alias, canon):
 
 
 def test_out_torch_dtype_priority():
-    assert load_config(base_cfg(dtype="fp16", out_dtype="bf16")).out_torch_dtype(torch.float32) \
-        == torch.bfloat16
+    assert (
+        load_config(base_cfg(dtype="fp16", out_dtype="bf16")).out_torch_dtype(torch.float32) == torch.bfloat16
+    )
     assert load_config(base_cfg(dtype="fp16")).out_torch_dtype(torch.float32) == torch.float16
     cfg = load_config(base_cfg())
     assert cfg.dtype is None and cfg.out_dtype is None
@@ -379,9 +496,15 @@ def test_out_torch_dtype_priority():
 
 def test_accepted_mergekit_keys_without_effect():
     plain = load_config(base_cfg())
-    cfg = load_config(base_cfg(name="my-merge", chat_template=None, slices=None,
-                               parameters={"int8_mask": True, "rescale": False},
-                               tokenizer_source="base"))
+    cfg = load_config(
+        base_cfg(
+            name="my-merge",
+            chat_template=None,
+            slices=None,
+            parameters={"int8_mask": True, "rescale": False},
+            tokenizer_source="base",
+        )
+    )
     assert cfg.tokenizer_source == "base"
     for name in llama_names(2):
         assert cfg.tensor_kwargs(name, 2) == plain.tensor_kwargs(name, 2)
@@ -392,6 +515,7 @@ def test_extensions_seed_trim_scope_mixup():
     assert cfg.seed == 2**40 and cfg.trim_scope == "model"
     assert cfg.mixup == {"alpha": 2.0, "seed": 5}
     from m3kernels.merge.mixup import draw_mix_ratios
+
     assert cfg.mix_ratios() == draw_mix_ratios(2.0, 2, 5)
     # the M³ seed defaults to the merge seed
     assert load_config(base_cfg(seed=9, mixup={"alpha": 1.5})).mixup == {"alpha": 1.5, "seed": 9}
@@ -401,6 +525,7 @@ def test_extensions_seed_trim_scope_mixup():
 # ---------------------------------------------------------------------------------------
 # Rejections: each names the key
 # ---------------------------------------------------------------------------------------
+
 
 def with_model_params(**params):
     c = base_cfg()
@@ -472,8 +597,10 @@ REJECT = [
     (base_cfg(mixup={"alpha": 1, "seed": 2**32}), "mixup.seed"),
     (base_cfg(mixup={"lambda": 0.5, "seed": 1}), "mixup.seed"),
     (base_cfg(seed=2**33, mixup={"alpha": 1}), "seed"),
-    (base_cfg(models=[{"model": "a"}, {"model": "b"}, {"model": "c"}], mixup={"lambda": 0.5}),
-     "mixup.lambda"),
+    (
+        base_cfg(models=[{"model": "a"}, {"model": "b"}, {"model": "c"}], mixup={"lambda": 0.5}),
+        "mixup.lambda",
+    ),
     (base_cfg(name=["x"]), "name"),
     # parameters
     (with_model_params(epsilon=0.1), "models[0].parameters.epsilon"),
@@ -491,18 +618,19 @@ REJECT = [
     (with_model_params(density=1.5), "models[0].parameters.density"),
     (with_model_params(density=-0.1), "models[0].parameters.density"),
     (with_model_params(density=[0.2, 1.2]), "models[0].parameters.density[1]"),
-    (with_model_params(density=[{"filter": "mlp", "value": 2.0}, {"value": 0.1}]),
-     "models[0].parameters.density[0].value"),
+    (
+        with_model_params(density=[{"filter": "mlp", "value": 2.0}, {"value": 0.1}]),
+        "models[0].parameters.density[0].value",
+    ),
     (with_model_params(density=[{"filter": "mlp"}]), "models[0].parameters.density[0]"),
-    (with_model_params(density=[{"filter": 3, "value": 0.1}]),
-     "models[0].parameters.density[0].filter"),
-    (with_model_params(density=[{"filter": "mlp", "value": 0.1, "x": 1}]),
-     "models[0].parameters.density[0]"),
-    (with_model_params(density=[{"filter": "mlp", "value": {"filter": "a", "value": 0.1}}]),
-     "models[0].parameters.density[0].value"),
-    (with_model_params(density=[{"filter": "mlp", "value": 0.1}, 0.5]),
-     "models[0].parameters.density"),
-    (with_model_params(drop_rate=0.5), "drop_rate"),                      # ties: no DARE
+    (with_model_params(density=[{"filter": 3, "value": 0.1}]), "models[0].parameters.density[0].filter"),
+    (with_model_params(density=[{"filter": "mlp", "value": 0.1, "x": 1}]), "models[0].parameters.density[0]"),
+    (
+        with_model_params(density=[{"filter": "mlp", "value": {"filter": "a", "value": 0.1}}]),
+        "models[0].parameters.density[0].value",
+    ),
+    (with_model_params(density=[{"filter": "mlp", "value": 0.1}, 0.5]), "models[0].parameters.density"),
+    (with_model_params(drop_rate=0.5), "drop_rate"),  # ties: no DARE
     (with_top_params("ties", normalize=[True, False]), "parameters.normalize"),
     (with_top_params("ties", normalize="yes"), "parameters.normalize"),
     (with_top_params("ties", int8_mask=1), "parameters.int8_mask"),
@@ -513,9 +641,9 @@ REJECT = [
     (with_top_params("dare_linear", density=0.5, drop_rate=0.2), "drop_rate"),  # disagree
     (with_top_params("linear", **{"lambda": 0.5}), "parameters.lambda"),
     (with_top_params("task_arithmetic", **{"lambda": ".nan"}), "parameters.lambda"),
-    (with_top_params("dare_ties"), "density"),                          # DARE needs a density
-    (with_top_params("ties_dare", density=0.5), "drop_rate"),          # ties_dare: drop_rate too
-    (with_top_params("linear", weight=0.0), "weights"),                 # normalizing by 0
+    (with_top_params("dare_ties"), "density"),  # DARE needs a density
+    (with_top_params("ties_dare", density=0.5), "drop_rate"),  # ties_dare: drop_rate too
+    (with_top_params("linear", weight=0.0), "weights"),  # normalizing by 0
     (with_top_params("ties", density=0.2) | {"parameters": [1]}, "parameters"),
 ]
 
@@ -548,12 +676,15 @@ def test_rejections_list_what_is_supported():
         load_config(base_cfg(models=[{"model": "m/a+adapter"}]))
 
 
-@pytest.mark.parametrize("text,key", [
-    ("merge_method: ties\nmerge_method: linear\nmodels: []\n", "merge_method"),  # key twice
-    ("merge_method: ties\n---\nmerge_method: linear\n", "YAML"),               # two documents
-    ("merge_method: [ties\n", "YAML"),                                          # syntax
-    ("- merge_method: ties\n", "mapping"),                                      # not a mapping
-])
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("merge_method: ties\nmerge_method: linear\nmodels: []\n", "merge_method"),  # key twice
+        ("merge_method: ties\n---\nmerge_method: linear\n", "YAML"),  # two documents
+        ("merge_method: [ties\n", "YAML"),  # syntax
+        ("- merge_method: ties\n", "mapping"),  # not a mapping
+    ],
+)
 def test_bad_yaml(text, key):
     with pytest.raises(MergeConfigError, match=key):
         load_config(text)
@@ -572,10 +703,25 @@ def test_bad_sources(tmp_path):
 
 def test_dare_density_missing_for_a_filtered_tensor():
     """A DARE density given only by a filter: tensors it misses are an error naming both."""
-    cfg = load_config({"merge_method": "dare_linear", "base_model": "b",
-                       "models": [{"model": "x", "parameters": {"density": [
-                           {"filter": "layers.", "value": 0.5}, {"filter": "embed", "value": 0.5},
-                           {"filter": "lm_head", "value": 0.5}, {"filter": "norm", "value": 0.5}]}}]})
+    cfg = load_config(
+        {
+            "merge_method": "dare_linear",
+            "base_model": "b",
+            "models": [
+                {
+                    "model": "x",
+                    "parameters": {
+                        "density": [
+                            {"filter": "layers.", "value": 0.5},
+                            {"filter": "embed", "value": 0.5},
+                            {"filter": "lm_head", "value": 0.5},
+                            {"filter": "norm", "value": 0.5},
+                        ]
+                    },
+                }
+            ],
+        }
+    )
     assert cfg.tensor_kwargs("model.layers.0.mlp.up_proj.weight", 2)["density"] == [0.5]
     with pytest.raises(MergeConfigError, match="x.*model.rotary"):
         cfg.tensor_kwargs("model.rotary.inv_freq", 2)

@@ -15,9 +15,14 @@ import yaml
 from m3kernels import cli
 from m3kernels.checkpoint.config import MAX_CONFIG_BYTES, MergeConfigError, load_config
 
-BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x]"]
-                 + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
-                 + ["merge_method: *i"]) + "\n"
+BOMB = (
+    "\n".join(
+        ["a: &a [x, x, x, x, x, x, x, x, x]"]
+        + [f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]" for i in range(8)]
+        + ["merge_method: *i"]
+    )
+    + "\n"
+)
 
 VALID = """merge_method: ties
 base_model: base
@@ -57,9 +62,14 @@ def test_any_alias_is_refused_naming_the_line():
     assert "*m" in msg
 
 
-@pytest.mark.parametrize("text", ["a: " + "[" * 5000 + "]" * 5000 + "\n",
-                                  "a: " + "{b: " * 3000 + "1" + "}" * 3000 + "\n",
-                                  "".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "v: 1\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: " + "[" * 5000 + "]" * 5000 + "\n",
+        "a: " + "{b: " * 3000 + "1" + "}" * 3000 + "\n",
+        "".join("  " * i + f"k{i}:\n" for i in range(200)) + "  " * 200 + "v: 1\n",
+    ],
+)
 def test_deep_nesting(text):
     _raises_cleanly(text)
 
@@ -87,15 +97,18 @@ def test_fifo_config_does_not_block(tmp_path):
     _raises_cleanly(str(fifo), match="not a regular file")
 
 
-@pytest.mark.parametrize("text,match", [
-    ("? [a, b]\n: 1\n", "plain value"),
-    ("merge_method: !!python/object:os.system ties\n", "YAML"),
-    ("merge_method: ties\nmerge_method: linear\n", "twice"),
-    ("merge_method: ties\n---\nmerge_method: linear\n", "YAML"),
-    ("merge_method: [ties\n", "YAML"),
-    ("merge_method: \x1b[31mties\n", ""),
-    ("\ufeffmerge_method: slerp\n", "merge_method"),
-])
+@pytest.mark.parametrize(
+    "text,match",
+    [
+        ("? [a, b]\n: 1\n", "plain value"),
+        ("merge_method: !!python/object:os.system ties\n", "YAML"),
+        ("merge_method: ties\nmerge_method: linear\n", "twice"),
+        ("merge_method: ties\n---\nmerge_method: linear\n", "YAML"),
+        ("merge_method: [ties\n", "YAML"),
+        ("merge_method: \x1b[31mties\n", ""),
+        ("\ufeffmerge_method: slerp\n", "merge_method"),
+    ],
+)
 def test_odd_yaml(text, match):
     _raises_cleanly(text, match=match)
 
@@ -124,12 +137,33 @@ def _mutate(text: str, rng: random.Random) -> str:
         elif op == 1:
             data[i:i] = bytes([rng.randrange(256)])
         elif op == 2:
-            data[i:i] = rng.choice([b"&a ", b"*a", b"[", b"]", b"{", b"}", b": ", b"- ", b"!!", b"\n  ",
-                                    b"999999999999999999999999999999999999999999999", b"1e999", b".nan",
-                                    b"\t", b"#", b"'", b'"', b"\x00", b"\xff", b"? "])
+            data[i:i] = rng.choice(
+                [
+                    b"&a ",
+                    b"*a",
+                    b"[",
+                    b"]",
+                    b"{",
+                    b"}",
+                    b": ",
+                    b"- ",
+                    b"!!",
+                    b"\n  ",
+                    b"999999999999999999999999999999999999999999999",
+                    b"1e999",
+                    b".nan",
+                    b"\t",
+                    b"#",
+                    b"'",
+                    b'"',
+                    b"\x00",
+                    b"\xff",
+                    b"? ",
+                ]
+            )
         elif op == 3 and len(data) > 2:
             j = rng.randrange(len(data))
-            data[i:i] = data[j:j + rng.randint(1, 40)]
+            data[i:i] = data[j : j + rng.randint(1, 40)]
         elif op == 4:
             data = data.replace(b"0.", b"-0.", 1)
         else:
@@ -153,7 +187,9 @@ def test_mutation_fuzzer_never_crashes(tmp_path):
         text = _mutate(VALID, rng)
         source = text if k % 2 else f
         if not k % 2:
-            f.write_bytes(text.encode("utf-8", "surrogateescape") if k % 4 else text.encode("latin-1", "replace"))
+            f.write_bytes(
+                text.encode("utf-8", "surrogateescape") if k % 4 else text.encode("latin-1", "replace")
+            )
         t0 = time.perf_counter()
         try:
             load_config(source)

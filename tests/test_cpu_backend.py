@@ -28,14 +28,15 @@ import pytest
 import torch
 
 import m3kernels
+from m3kernels.api import prepare
+from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, make_params
+from m3kernels.merge.philox import dare_keep_mask, dare_key, philox4x32_10
+from m3kernels.merge.recipe import make_recipe
+from m3kernels.merge.reference import reference_merge, reference_thresholds, sparsified_deltas
+
 from cases import EDGE_CASES, METHOD_CASES, N_DTYPE_CASES, kwargs_for
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
 from kernel_program import stage_b
-from m3kernels.api import prepare
-from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, make_params
-from m3kernels.merge.philox import dare_key, dare_keep_mask, philox4x32_10
-from m3kernels.merge.recipe import make_recipe
-from m3kernels.merge.reference import reference_merge, reference_thresholds, sparsified_deltas
 
 pytestmark = pytest.mark.skipif(not have_backend("cpu"), reason="m3kernels._C is not built")
 
@@ -71,9 +72,11 @@ def assert_same_bits(out: torch.Tensor, expected: torch.Tensor, what: str = ""):
     bad = a != b
     if bad.any():
         j = int(bad.nonzero()[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} of {out.numel()} elements differ; first: "
-                             f"got {out.reshape(-1)[~on.reshape(-1)][j].item()!r}, "
-                             f"expected {expected.reshape(-1)[~en.reshape(-1)][j].item()!r}")
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {out.numel()} elements differ; first: "
+            f"got {out.reshape(-1)[~on.reshape(-1)][j].item()!r}, "
+            f"expected {expected.reshape(-1)[~en.reshape(-1)][j].item()!r}"
+        )
 
 
 def poisoned(shape, dtype) -> torch.Tensor:
@@ -103,6 +106,7 @@ def restore_threads_and_simd():
 
 # ----------------------------------------------------------------------------- stage B
 
+
 @pytest.mark.parametrize("numel", [1, 7, 1000, 4099])
 @pytest.mark.parametrize("dtypes", N_DTYPE_CASES, ids=lambda d: f"{d[0]}-{len(d[1])}-{d[2]}")
 @pytest.mark.parametrize("case", STAGE_B_CASES)
@@ -119,8 +123,10 @@ def test_merge_bits_equal_float32_pipeline(case, dtypes, numel, gen):
     out = run_merge(base, models, kw, out_dt, seed=seed)
     assert_same_bits(out, stage_b(p, base, models, out_dt, seed, "w"), f"{kw} {dtypes}")
     # and within float32 rounding of the float64 oracle, using the kernel's own thresholds
-    thresholds = [None if t == 0 else (float("inf") if t >= 2**32 else
-                                        float(np.uint32(t).view(np.float32))) for t in p.trim_min]
+    thresholds = [
+        None if t == 0 else (float("inf") if t >= 2**32 else float(np.uint32(t).view(np.float32)))
+        for t in p.trim_min
+    ]
     if recipe.trim_density is None:
         thresholds = None
     ref, _ = reference_merge(base, models, recipe, "w", thresholds)
@@ -163,6 +169,7 @@ def test_merge_no_base_and_shapes(gen):
 
 # ----------------------------------------------------------------------------- stage A
 
+
 def _numpy_hist(d32: torch.Tensor, prefix=None) -> np.ndarray:
     bits = d32.abs().contiguous().view(torch.int32).numpy().view(np.uint32).reshape(-1)
     if prefix is None:
@@ -173,10 +180,15 @@ def _numpy_hist(d32: torch.Tensor, prefix=None) -> np.ndarray:
 
 @pytest.mark.parametrize("numel", [1, 7, 4099, 70001])
 @pytest.mark.parametrize("dtypes", N_DTYPE_CASES[:3] + N_DTYPE_CASES[6:], ids=lambda d: f"{d[0]}-{len(d[1])}")
-@pytest.mark.parametrize("kw", [dict(method="ties"),
-                                dict(method="ties_dare", drop_rate=0.35, density=0.3),
-                                dict(method="dare_ties", density=[0.5, 0.0, 1.0])],
-                         ids=["ties", "ties_dare", "dare_ties_0_1"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="ties"),
+        dict(method="ties_dare", drop_rate=0.35, density=0.3),
+        dict(method="dare_ties", density=[0.5, 0.0, 1.0]),
+    ],
+    ids=["ties", "ties_dare", "dare_ties_0_1"],
+)
 def test_histograms_match_numpy(kw, dtypes, numel, gen):
     base_dt, model_dts, _ = dtypes
     n = len(model_dts)
@@ -202,8 +214,9 @@ def test_histograms_match_numpy(kw, dtypes, numel, gen):
 @pytest.mark.parametrize("numel", [1, 7, 65537, 200003])
 def test_l1_sums_match_numpy(numel, gen):
     base, models = make_inputs((numel,), 3, (BF16, [BF16, F16, F32]), gen)
-    recipe = make_recipe(3, method="dare_linear", has_base=True, density=[0.6, 0.0, 1.0],
-                         rescale="l1", seed=3)
+    recipe = make_recipe(
+        3, method="dare_linear", has_base=True, density=[0.6, 0.0, 1.0], rescale="l1", seed=3
+    )
     p = make_params(recipe, "emb", True)
     total, kept = cpu.l1_sums(p, base, models)
     b = base.to(F32)
@@ -216,11 +229,16 @@ def test_l1_sums_match_numpy(numel, gen):
 
 
 @pytest.mark.parametrize("numel", [1, 7, 1000, 33333])
-@pytest.mark.parametrize("kw", [dict(method="ties", density=0.2),
-                                dict(method="ties", density=[0.0, 1.0]),
-                                dict(method="ties", density=[1e-4, 0.999]),
-                                dict(method="ties_dare", drop_rate=0.5, density=0.3)],
-                         ids=["ties", "k0_kall", "tiny_k", "ties_dare"])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="ties", density=0.2),
+        dict(method="ties", density=[0.0, 1.0]),
+        dict(method="ties", density=[1e-4, 0.999]),
+        dict(method="ties_dare", drop_rate=0.5, density=0.3),
+    ],
+    ids=["ties", "k0_kall", "tiny_k", "ties_dare"],
+)
 def test_thresholds_equal_reference(kw, numel, gen):
     base, models = make_inputs((numel,), 2, (BF16, [BF16, F16]), gen)
     recipe = make_recipe(2, has_base=True, seed=5, **kw)
@@ -242,6 +260,7 @@ def test_thresholds_with_ties_at_the_threshold():
 
 # ----------------------------------------------------------------------------- DARE stream
 
+
 def test_dare_keep_mask_recovered_from_output():
     """dare_linear on constant deltas 16**i with densities 1/2, 1/4, 1/8 (exact scales 2, 4, 8):
     the output's integer value encodes which models kept each element."""
@@ -251,12 +270,13 @@ def test_dare_keep_mask_recovered_from_output():
     base = torch.zeros(shape, dtype=F32)
     models = [torch.full(shape, float(16**i), dtype=F32) for i in range(3)]
     out = poisoned(shape, F32)
-    m3kernels.merge_tensors(base, models, method="dare_linear", density=densities, seed=seed,
-                            name=name, backend="cpu", out=out)
+    m3kernels.merge_tensors(
+        base, models, method="dare_linear", density=densities, seed=seed, name=name, backend="cpu", out=out
+    )
     code = out.to(torch.int64)
     assert torch.equal(code.to(F32), out)
     for i, dens in enumerate(densities):
-        contribution = int(16**i / dens)            # 2, 64, 2048: disjoint bits
+        contribution = int(16**i / dens)  # 2, 64, 2048: disjoint bits
         kept = (code & contribution) != 0
         assert torch.equal(kept, dare_keep_mask(seed, name, i, shape, dens)), f"model {i}"
     assert int(code.max()) <= 2 + 64 + 2048
@@ -290,14 +310,33 @@ def test_index_ranges_give_the_same_bytes(gen):
     codes = [DTYPE_CODES[m.dtype] for m in models]
     for lo, hi in [(0, split), (split, numel)]:
         ptrs = [m.data_ptr() + lo * m.element_size() for m in models]
-        _C.merge(p, base.data_ptr() + lo * 2, DTYPE_CODES[BF16], ptrs, codes, hi - lo,
-                 parts.data_ptr() + lo * 2, DTYPE_CODES[BF16], lo)
+        _C.merge(
+            p,
+            base.data_ptr() + lo * 2,
+            DTYPE_CODES[BF16],
+            ptrs,
+            codes,
+            hi - lo,
+            parts.data_ptr() + lo * 2,
+            DTYPE_CODES[BF16],
+            lo,
+        )
     assert_same_bits(parts, whole)
     # histograms add over ranges
     h_whole = cpu.histogram(p, base, models, None)
-    h_parts = sum(_C.histogram(p, base.data_ptr() + lo * 2, DTYPE_CODES[BF16],
-                               [m.data_ptr() + lo * m.element_size() for m in models], codes,
-                               hi - lo, None, lo) for lo, hi in [(0, split), (split, numel)])
+    h_parts = sum(
+        _C.histogram(
+            p,
+            base.data_ptr() + lo * 2,
+            DTYPE_CODES[BF16],
+            [m.data_ptr() + lo * m.element_size() for m in models],
+            codes,
+            hi - lo,
+            None,
+            lo,
+        )
+        for lo, hi in [(0, split), (split, numel)]
+    )
     np.testing.assert_array_equal(h_parts, h_whole)
 
 
@@ -319,7 +358,7 @@ def _all_outputs(base, models):
             res.append(run_merge(base, models, kw, out_dt).view(INT_VIEW[out_dt]).clone())
         _, p = kernel_params(base, models, kw)
         res.append(cpu.histogram(p, base, models, None))
-        res.append(cpu.histogram(p, base, models, np.array([0x3a00, 0x3b00], np.uint32)))
+        res.append(cpu.histogram(p, base, models, np.array([0x3A00, 0x3B00], np.uint32)))
         res.append(np.concatenate(cpu.l1_sums(p, base, models)))
     return res
 
@@ -345,9 +384,26 @@ def _special_values(numel, dtype, gen):
     """Random values with NaN, +-inf, +-0, subnormals and dtype extremes sprinkled in."""
     x = torch.randn(numel, generator=gen, dtype=torch.float64)
     x = x * torch.exp2(torch.randint(-30, 18, (numel,), generator=gen).to(torch.float64))
-    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, -3e-39,
-                             6e-8, 3e-8, 65504.0, 65520.0, -65519.0, 3.4e38, 6.1e-5, 6.09e-5],
-                            dtype=torch.float64)
+    specials = torch.tensor(
+        [
+            float("nan"),
+            float("inf"),
+            -float("inf"),
+            0.0,
+            -0.0,
+            1e-45,
+            -3e-39,
+            6e-8,
+            3e-8,
+            65504.0,
+            65520.0,
+            -65519.0,
+            3.4e38,
+            6.1e-5,
+            6.09e-5,
+        ],
+        dtype=torch.float64,
+    )
     idx = torch.randint(0, numel, (numel // 20,), generator=gen)
     x[idx] = specials[torch.randint(0, len(specials), (len(idx),), generator=gen)]
     return x.to(dtype)
@@ -364,8 +420,11 @@ def test_simd_variants_identical(gen, restore_threads_and_simd):
         _C.set_simd_level(level)
         assert _C.simd_level() == level and cpu.simd_level() == level
         res = _all_outputs(base, models)
-        for kw in (dict(method="task_arithmetic"), dict(method="ties", density=0.5),
-                   dict(method="dare_ties", density=0.5)):
+        for kw in (
+            dict(method="task_arithmetic"),
+            dict(method="ties", density=0.5),
+            dict(method="dare_ties", density=0.5),
+        ):
             for out_dt in (BF16, F16, F32):
                 res.append(run_merge(odd_base, odd_models, kw, out_dt).view(INT_VIEW[out_dt]).clone())
         results[level] = res
@@ -376,8 +435,7 @@ def test_simd_variants_identical(gen, restore_threads_and_simd):
 def test_simd_env_forces_generic():
     code = "import m3kernels._C as C; print(C.simd_level())"
     env = dict(os.environ, M3KERNELS_SIMD="generic")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "generic"
     env["M3KERNELS_SIMD"] = "sse9"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -386,13 +444,28 @@ def test_simd_env_forces_generic():
 
 # ----------------------------------------------------------------------------- conversions
 
+
 def test_float16_and_bfloat16_rounding_match_torch(gen, restore_threads_and_simd):
     """linear on one float32 model is the identity (with -0 -> +0): the output cast is torch's."""
-    patterns = torch.randint(-2**31, 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64)
+    patterns = torch.randint(-(2**31), 2**31 - 1, (200_000,), generator=gen, dtype=torch.int64)
     x = patterns.to(torch.int32).view(F32)
-    edges = torch.tensor([65504.0, 65519.99, 65520.0, 2**-14, 2**-24, 2**-25, 1.5 * 2**-25,
-                          2**-25 * 1.0000001, 3.0 * 2**-26, 1 - 2**-12, 1 + 2**-11, 1 + 3 * 2**-11],
-                         dtype=F32)
+    edges = torch.tensor(
+        [
+            65504.0,
+            65519.99,
+            65520.0,
+            2**-14,
+            2**-24,
+            2**-25,
+            1.5 * 2**-25,
+            2**-25 * 1.0000001,
+            3.0 * 2**-26,
+            1 - 2**-12,
+            1 + 2**-11,
+            1 + 3 * 2**-11,
+        ],
+        dtype=F32,
+    )
     x = torch.cat([x, edges, -edges])
     for level in _C.simd_levels():
         _C.set_simd_level(level)
@@ -401,7 +474,7 @@ def test_float16_and_bfloat16_rounding_match_torch(gen, restore_threads_and_simd
             m3kernels.merge_tensors(None, [x], method="linear", backend="cpu", out=out)
             assert_same_bits(out, (x + 0.0).to(out_dt), f"{level} -> {out_dt}")
     # every fp16 pattern in, float32 out (exact widening)
-    h = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(F16)
+    h = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(F16)
     for level in _C.simd_levels():
         _C.set_simd_level(level)
         out = poisoned(h.shape, F32)
@@ -412,12 +485,15 @@ def test_float16_and_bfloat16_rounding_match_torch(gen, restore_threads_and_simd
 def test_nan_outputs_are_the_canonical_quiet_nan(restore_threads_and_simd):
     """Whatever NaN the arithmetic propagates (sign, payload), the output is 0x7FC0.. (KERNEL.md)."""
     x = torch.tensor([float("nan"), 1.0, 2.0, 3.0], dtype=F32)
-    x[0] = -x[0].abs()                                                    # negative NaN in
-    payload = torch.tensor([0x7FA12345], dtype=torch.int32).view(F32)     # signalling NaN with payload
+    x[0] = -x[0].abs()  # negative NaN in
+    payload = torch.tensor([0x7FA12345], dtype=torch.int32).view(F32)  # signalling NaN with payload
     y = torch.tensor([1.0, float("inf"), 2.0, 3.0], dtype=F32)
     y[2] = payload[0]
-    expect = {BF16: (torch.int16, 0x7FC0, 0xFFFF), F16: (torch.int16, 0x7E00, 0xFFFF),
-              F32: (torch.int32, 0x7FC00000, 0xFFFFFFFF)}
+    expect = {
+        BF16: (torch.int16, 0x7FC0, 0xFFFF),
+        F16: (torch.int16, 0x7E00, 0xFFFF),
+        F32: (torch.int32, 0x7FC00000, 0xFFFFFFFF),
+    }
     for dt, (view, canon, mask) in expect.items():
         for level in _C.simd_levels():
             _C.set_simd_level(level)
@@ -429,6 +505,7 @@ def test_nan_outputs_are_the_canonical_quiet_nan(restore_threads_and_simd):
 
 
 # ----------------------------------------------------------------------------- memory
+
 
 def test_memory_mapped_read_only_inputs(tmp_path, gen):
     numel = 50_003
@@ -447,8 +524,11 @@ def test_memory_mapped_read_only_inputs(tmp_path, gen):
                     nbytes = t.numel() * t.element_size()
                     mapped.append(torch.frombuffer(mm, dtype=t.dtype, count=t.numel(), offset=off))
                     off += nbytes
-            for kw in (dict(method="ties", density=0.3), dict(method="dare_ties", density=0.5),
-                       dict(method="dare_linear", density=0.5, rescale="l1")):
+            for kw in (
+                dict(method="ties", density=0.3),
+                dict(method="dare_ties", density=0.5),
+                dict(method="dare_linear", density=0.5, rescale="l1"),
+            ):
                 got = run_merge(mapped[0], mapped[1:], kw, BF16)
                 assert_same_bits(got, run_merge(base, models, kw, BF16), f"mmap {kw}")
             del mapped

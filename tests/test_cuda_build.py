@@ -47,8 +47,21 @@ CU_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 
 
 def _compile(src: Path, out_dir: Path) -> tuple[Path, int, str]:
-    cmd = [NVCC, "-c", str(src), "-o", str(out_dir / (src.stem + ".o")), "-O3", "-std=c++17", "-fmad=false",
-           "-Xcompiler", "-fPIC", f"-I{CUDA_DIR}", "-gencode", f"arch=compute_{ARCH},code=sm_{ARCH}"]
+    cmd = [
+        NVCC,
+        "-c",
+        str(src),
+        "-o",
+        str(out_dir / (src.stem + ".o")),
+        "-O3",
+        "-std=c++17",
+        "-fmad=false",
+        "-Xcompiler",
+        "-fPIC",
+        f"-I{CUDA_DIR}",
+        "-gencode",
+        f"arch=compute_{ARCH},code=sm_{ARCH}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return src, proc.returncode, " ".join(cmd) + "\n" + proc.stdout + proc.stderr
 
@@ -75,8 +88,17 @@ def test_binding_file_compiles():
     if cxx is None:
         pytest.skip("no C++ compiler")
     for src in sorted(CUDA_DIR.glob("*.cpp")):
-        cmd = [cxx, "-fsyntax-only", "-std=c++17", "-Wall", f"-I{CUDA_DIR}", f"-I{cuda_include(NVCC)}",
-               f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}", str(src)]
+        cmd = [
+            cxx,
+            "-fsyntax-only",
+            "-std=c++17",
+            "-Wall",
+            f"-I{CUDA_DIR}",
+            f"-I{cuda_include(NVCC)}",
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+            str(src),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         assert proc.returncode == 0, " ".join(cmd) + "\n" + proc.stderr
         assert "warning" not in proc.stderr.lower() or "csrc/cuda" not in proc.stderr, proc.stderr

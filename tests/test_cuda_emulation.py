@@ -14,14 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
-
 import m3kernels
 from m3kernels.api import prepare, validate_inputs
 from m3kernels.merge.kernel_params import make_params
 from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge, sparsified_deltas
 
+from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
 from kernel_program import stage_b
 
@@ -48,11 +47,6 @@ def emulated_merge(base, models, *, out, name="", **kw):
     return p
 
 
-
-
-
-
-
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({F32: torch.int32, BF16: torch.int16, F16: torch.int16}[t.dtype])
 
@@ -68,7 +62,9 @@ def _check(case, dtype_case, n, shape, gen, name="model.layers.0.mlp.down_proj.w
     ref, info = reference_merge(base, models, recipe, name)
     assert_close_ulp(out, ref, term_scale(base, models, recipe), what)
     want = stage_b(p, base, models, out_dt, recipe.seed, name)  # docs/KERNEL.md on the same parameters
-    assert torch.equal(_bits(out), _bits(want)), f"{what}: emulated CUDA kernel and the float32 program differ"
+    assert torch.equal(_bits(out), _bits(want)), (
+        f"{what}: emulated CUDA kernel and the float32 program differ"
+    )
     if recipe.trim_density is not None:
         got = [m3kernels.merge.select.bits_to_float(int(x)) for x in p.trim_min]
         assert got == info["thresholds"], (what, got, info["thresholds"])
@@ -133,8 +129,17 @@ def test_dare_mask_bit_for_bit(numel, density):
     for i, name in enumerate(["", "model.embed_tokens.weight"]):
         models = [ones * 3.0, ones] if i else [ones]
         out = torch.full((numel,), float("nan"), dtype=F32)
-        emulated_merge(base, models, out=out, method="dare_linear", density=density, rescale=False,
-                       weights=[0.0, 1.0] if i else None, seed=77 + i, name=name)
+        emulated_merge(
+            base,
+            models,
+            out=out,
+            method="dare_linear",
+            density=density,
+            rescale=False,
+            weights=[0.0, 1.0] if i else None,
+            seed=77 + i,
+            name=name,
+        )
         expect = m3kernels.dare_keep_mask(77 + i, name, i, (numel,), density)
         assert torch.equal(out != 0, expect), f"mask differs for model index {i}"
 

@@ -20,16 +20,15 @@ import numpy as np
 import pytest
 import torch
 
-from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
-
 import m3kernels
-from m3kernels.checkpoint import gpu_pipeline
 from m3kernels.backends import available_backends
+from m3kernels.checkpoint import gpu_pipeline
 from m3kernels.checkpoint.gpu_pipeline import gpu_merge_stream
 from m3kernels.merge.job import MergeJob
 from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge
 
+from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
@@ -51,11 +50,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({F32: torch.int32, BF16: torch.int16, F16: torch.int16}[t.dtype])
 
 
-
-
 SHAPES = [(1,), (7,), (1000003,), (37, 129)]
-
-
 
 
 def _check_on_gpu(backend, case, dtype_case, n, shape, gen, name="model.layers.7.mlp.gate_proj.weight"):
@@ -116,9 +111,18 @@ def test_dare_mask_bit_for_bit(backend, numel, density):
     for i, name in enumerate(["", "model.embed_tokens.weight"]):
         models = [ones * 3.0, ones] if i else [ones]
         out = torch.full((numel,), float("nan"), dtype=F32, device="cuda")
-        m3kernels.merge_tensors(base, models, method="dare_linear", density=density, rescale=False,
-                                weights=[0.0, 1.0] if i else None, seed=77 + i, name=name, out=out,
-                                backend=backend)
+        m3kernels.merge_tensors(
+            base,
+            models,
+            method="dare_linear",
+            density=density,
+            rescale=False,
+            weights=[0.0, 1.0] if i else None,
+            seed=77 + i,
+            name=name,
+            out=out,
+            backend=backend,
+        )
         expect = m3kernels.dare_keep_mask(77 + i, name, i, (numel,), density)
         assert torch.equal((out != 0).cpu(), expect), f"mask differs for model index {i}"
 
@@ -134,7 +138,9 @@ def test_unaligned_views(backend, gen):
     gbase, gmodels = base.cuda()[1:], [m.cuda()[1:] for m in models]
     out = torch.full((numel + 1,), float("nan"), dtype=BF16, device="cuda")
     m3kernels.merge_tensors(gbase, gmodels, out=out[1:], name="w", backend=backend, **kw)
-    expect = m3kernels.merge_tensors(gbase.clone(), [m.clone() for m in gmodels], name="w", backend=backend, **kw)
+    expect = m3kernels.merge_tensors(
+        gbase.clone(), [m.clone() for m in gmodels], name="w", backend=backend, **kw
+    )
     assert torch.equal(_bits(out[1:]).cpu(), _bits(expect).cpu())
     assert torch.isnan(out[0]).item(), "wrote outside the output view"
 
@@ -154,7 +160,9 @@ def test_cuda_stage_a_equals_host_emulation(gen):
     h1 = cb.histogram(p, gbase, gmodels, None)
     assert np.array_equal(h1, cb.emulate_histogram(p, base, models, None))
     prefix = np.array([np.argmax(h1[0][1:]) + 1, 0], dtype=np.uint32)  # a busy bin, and the zeros' bin
-    assert np.array_equal(cb.histogram(p, gbase, gmodels, prefix), cb.emulate_histogram(p, base, models, prefix))
+    assert np.array_equal(
+        cb.histogram(p, gbase, gmodels, prefix), cb.emulate_histogram(p, base, models, prefix)
+    )
     total, kept = cb.l1_sums(p, gbase, gmodels)
     etotal, ekept = cb.emulate_l1_sums(p, base, models)
     assert np.array_equal(total, etotal) and np.array_equal(kept, ekept)
@@ -162,20 +170,41 @@ def test_cuda_stage_a_equals_host_emulation(gen):
 
 # ----------------------------------------------------------------------------- pipeline
 
+
 def _job_specs():
     """(name, shape, dtypes (base, models, out), merge kwargs, extra) for a varied job list."""
     return [
         ("model.embed_tokens.weight", (1000, 96), (BF16, [BF16], BF16), dict(method="ties", density=0.3), {}),
         ("model.norm.weight", (5120,), (F16, [F32], F32), dict(method="linear"), {}),
         ("empty.weight", (0, 8), (BF16, [BF16], BF16), dict(method="task_arithmetic"), {}),
-        ("layers.0.mlp.up_proj.weight", (333, 77), (BF16, [F32, F16], F16),
-         dict(method="dare_ties", density=0.5, rescale="l1", seed=4), {"transpose": True}),
-        ("layers.0.self_attn.q_proj.weight", (4097,), (BF16, [BF16], BF16),
-         dict(method="task_arithmetic", lambda_=0.5), {"pin": True}),
-        ("layers.0.self_attn.k_proj.weight", (2049,), (F32, [F32], BF16), dict(method="ties", density=0.2),
-         {"thresholds": [0.004, 0.008]}),
-        ("layers.1.mlp.down_proj.weight", (64, 1001), (BF16, [BF16], BF16),
-         dict(method="ties_dare", drop_rate=0.5, density=0.4, mix_ratios=[0.3, 0.7], seed=8), {}),
+        (
+            "layers.0.mlp.up_proj.weight",
+            (333, 77),
+            (BF16, [F32, F16], F16),
+            dict(method="dare_ties", density=0.5, rescale="l1", seed=4),
+            {"transpose": True},
+        ),
+        (
+            "layers.0.self_attn.q_proj.weight",
+            (4097,),
+            (BF16, [BF16], BF16),
+            dict(method="task_arithmetic", lambda_=0.5),
+            {"pin": True},
+        ),
+        (
+            "layers.0.self_attn.k_proj.weight",
+            (2049,),
+            (F32, [F32], BF16),
+            dict(method="ties", density=0.2),
+            {"thresholds": [0.004, 0.008]},
+        ),
+        (
+            "layers.1.mlp.down_proj.weight",
+            (64, 1001),
+            (BF16, [BF16], BF16),
+            dict(method="ties_dare", drop_rate=0.5, density=0.4, mix_ratios=[0.3, 0.7], seed=8),
+            {},
+        ),
     ]
 
 
@@ -189,8 +218,16 @@ def _make_jobs(gen, n=2, repeat=2, device_for_pin=True):
             if extra.get("pin") and device_for_pin:
                 base, models = base.pin_memory(), [m.pin_memory() for m in models]
             recipe = make_recipe(n, has_base=True, **kw)
-            jobs.append(MergeJob(name=f"{name}#{r}", base=base, models=models, out_dtype=odt, recipe=recipe,
-                                 thresholds=extra.get("thresholds")))
+            jobs.append(
+                MergeJob(
+                    name=f"{name}#{r}",
+                    base=base,
+                    models=models,
+                    out_dtype=odt,
+                    recipe=recipe,
+                    thresholds=extra.get("thresholds"),
+                )
+            )
             kwargs.append(kw)
     return jobs, kwargs
 
@@ -198,8 +235,9 @@ def _make_jobs(gen, n=2, repeat=2, device_for_pin=True):
 def _expected(job, kw, backend, device):
     base = job.base.to(device) if job.base is not None else None
     models = [m.to(device) for m in job.models]
-    out = m3kernels.merge_tensors(base, models, name=job.name, out_dtype=job.out_dtype, backend=backend,
-                                  thresholds=job.thresholds, **kw)
+    out = m3kernels.merge_tensors(
+        base, models, name=job.name, out_dtype=job.out_dtype, backend=backend, thresholds=job.thresholds, **kw
+    )
     return out.cpu()
 
 
@@ -228,8 +266,13 @@ def test_stream_out_of_memory_is_a_clear_error(backend, gen):
     numel = total // 2 + 1  # each bf16 input alone is larger than the whole GPU
     huge = torch.zeros(1, dtype=BF16).expand(numel)  # no host memory behind it
     ok_jobs, _ = _make_jobs(gen, repeat=1)
-    bad = MergeJob(name="huge.weight", base=huge, models=[huge, huge], out_dtype=BF16,
-                   recipe=make_recipe(2, method="task_arithmetic", has_base=True))
+    bad = MergeJob(
+        name="huge.weight",
+        base=huge,
+        models=[huge, huge],
+        out_dtype=BF16,
+        recipe=make_recipe(2, method="task_arithmetic", has_base=True),
+    )
     stream = gpu_merge_stream(ok_jobs[:2] + [bad] + ok_jobs[2:], backend=backend)
     delivered = []
     with pytest.raises(RuntimeError) as err:
@@ -245,6 +288,7 @@ def test_stream_out_of_memory_is_a_clear_error(backend, gen):
 
 
 # ----------------------------------------------------------------------------- anywhere
+
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the errors on a machine without a GPU")
 def test_without_gpu_the_errors_are_clear():
@@ -294,9 +338,14 @@ def host_pipeline(monkeypatch):
     """
     need_backend("cpu")
     fake = types.SimpleNamespace(
-        Event=_FakeEvent, Stream=_FakeStream, stream=lambda s: contextlib.nullcontext(),
-        device=lambda d: contextlib.nullcontext(), OutOfMemoryError=torch.cuda.OutOfMemoryError,
-        mem_get_info=lambda d: (1000, 2000), empty_cache=lambda: None)
+        Event=_FakeEvent,
+        Stream=_FakeStream,
+        stream=lambda s: contextlib.nullcontext(),
+        device=lambda d: contextlib.nullcontext(),
+        OutOfMemoryError=torch.cuda.OutOfMemoryError,
+        mem_get_info=lambda d: (1000, 2000),
+        empty_cache=lambda: None,
+    )
     monkeypatch.setattr(gpu_pipeline, "_cuda", fake)
     monkeypatch.setattr(gpu_pipeline, "_pinned_empty", lambda shape, dtype: torch.empty(shape, dtype=dtype))
     limit = {"bytes": None, "allocated": []}
@@ -334,8 +383,13 @@ def test_pipeline_control_flow_on_host(host_pipeline, depth, gen):
 
 def test_pipeline_oom_names_the_tensor_and_keeps_order(host_pipeline, gen):
     jobs, _ = _make_jobs(gen, repeat=1, device_for_pin=False)
-    big = MergeJob(name="big.weight", base=torch.zeros(300, 400), models=[torch.zeros(300, 400)] * 2,
-                   out_dtype=F32, recipe=make_recipe(2, method="task_arithmetic", has_base=True))
+    big = MergeJob(
+        name="big.weight",
+        base=torch.zeros(300, 400),
+        models=[torch.zeros(300, 400)] * 2,
+        out_dtype=F32,
+        recipe=make_recipe(2, method="task_arithmetic", has_base=True),
+    )
     delivered = []
     with pytest.raises(RuntimeError) as err:
         for job, _ in host_pipeline(jobs[:3] + [big] + jobs[3:], depth=2, device_limit=600_000):
@@ -348,8 +402,13 @@ def test_pipeline_oom_names_the_tensor_and_keeps_order(host_pipeline, gen):
 
 def test_pipeline_bad_job_reported_in_order(host_pipeline, gen):
     jobs, _ = _make_jobs(gen, repeat=1, device_for_pin=False)
-    bad = MergeJob(name="bad.shape", base=torch.zeros(3), models=[torch.zeros(3), torch.zeros(4)],
-                   out_dtype=F32, recipe=make_recipe(2, method="task_arithmetic", has_base=True))
+    bad = MergeJob(
+        name="bad.shape",
+        base=torch.zeros(3),
+        models=[torch.zeros(3), torch.zeros(4)],
+        out_dtype=F32,
+        recipe=make_recipe(2, method="task_arithmetic", has_base=True),
+    )
     delivered = []
     with pytest.raises(ValueError, match="bad.shape"):
         for job, _ in host_pipeline(jobs[:2] + [bad], depth=2):

@@ -7,27 +7,20 @@ masks bit for bit.
 
 from __future__ import annotations
 
-import itertools
-
-import numpy as np
 import pytest
 import torch
 
-from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
-
 import m3kernels
 from m3kernels.merge.recipe import make_recipe
-from m3kernels.merge.reference import reference_merge, reference_thresholds
+from m3kernels.merge.reference import reference_merge
 
+from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
 from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
 
-
 BACKENDS = [b for b in ("cpu", "triton") if have_backend(b)]
-
-
 
 
 def _run_and_check(backend, case, dtype_case, n, shape, gen, name="t.weight"):
@@ -38,7 +31,9 @@ def _run_and_check(backend, case, dtype_case, n, shape, gen, name="t.weight"):
     m3kernels.merge_tensors(base, models, out=out, name=name, backend=backend, **kw)
     recipe = make_recipe(n, has_base=True, **kw)
     ref, info = reference_merge(base, models, recipe, name)
-    assert_close_ulp(out, ref, term_scale(base, models, recipe), f"{backend}/{case}/{dtype_case}/N={n}/{shape}")
+    assert_close_ulp(
+        out, ref, term_scale(base, models, recipe), f"{backend}/{case}/{dtype_case}/N={n}/{shape}"
+    )
     if recipe.trim_density is not None:
         got = m3kernels.trim_thresholds(base, models, name=name, backend=backend, **kw)
         assert got == info["thresholds"], (got, info["thresholds"])
@@ -93,9 +88,18 @@ def test_dare_mask_bit_for_bit(backend, numel, density):
     for i, name in enumerate(["", "model.embed_tokens.weight"]):
         models = [ones * 3.0, ones] if i else [ones]
         out = torch.full((numel,), float("nan"), dtype=F32)
-        m3kernels.merge_tensors(base, models, method="dare_linear", density=density, rescale=False,
-                                weights=[0.0, 1.0] if i else None, seed=77 + i, name=name,
-                                out=out, backend=backend)
+        m3kernels.merge_tensors(
+            base,
+            models,
+            method="dare_linear",
+            density=density,
+            rescale=False,
+            weights=[0.0, 1.0] if i else None,
+            seed=77 + i,
+            name=name,
+            out=out,
+            backend=backend,
+        )
         expect = m3kernels.dare_keep_mask(77 + i, name, i, (numel,), density)
         assert torch.equal(out != 0, expect), f"mask differs for model index {i}"
 
@@ -117,10 +121,12 @@ def test_paper_variants_cpu(gen):
     b, x1, x2 = (t.double() for t in (base, m1, m2))
     avg = m3kernels.merge_tensors(None, [m1, m2], method="linear", mix_ratios=lam, backend="cpu")
     torch.testing.assert_close(avg.double(), lam * x1 + (1 - lam) * x2, rtol=4e-7, atol=1e-7)
-    ta = m3kernels.merge_tensors(base, [m1, m2], method="task_arithmetic", mix_ratios=lam, lambda_=0.5,
-                                 backend="cpu")
-    torch.testing.assert_close(ta.double(), b + 0.5 * (lam * (x1 - b) + (1 - lam) * (x2 - b)),
-                               rtol=4e-7, atol=1e-7)
+    ta = m3kernels.merge_tensors(
+        base, [m1, m2], method="task_arithmetic", mix_ratios=lam, lambda_=0.5, backend="cpu"
+    )
+    torch.testing.assert_close(
+        ta.double(), b + 0.5 * (lam * (x1 - b) + (1 - lam) * (x2 - b)), rtol=4e-7, atol=1e-7
+    )
 
 
 @pytest.mark.skipif(not have_backend("cpu"), reason="CPU extension not built")
@@ -154,8 +160,11 @@ def test_nan_and_inf_deltas_follow_the_kernel_contract(backend, gen):
     y = torch.randn(64, generator=gen)
     y[3] = float("nan")
     z = torch.randn(64, generator=gen)
-    for kw in (dict(method="ties", density=1.0), dict(method="ties", density=0.5),
-               dict(method="ties_dare", drop_rate=0.3, density=0.5)):
+    for kw in (
+        dict(method="ties", density=1.0),
+        dict(method="ties", density=0.5),
+        dict(method="ties_dare", drop_rate=0.3, density=0.5),
+    ):
         out = m3kernels.merge_tensors(base, [y, z], backend=backend, **kw)
         ref = reference_merge(base, [y, z], make_recipe(2, has_base=True, **kw), "")[0]
         assert torch.equal(torch.isnan(out), torch.isnan(ref)), kw

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 import pytest
-from checkpoint_factory import fine_tune, llama_config, llama_tensors, write_checkpoint
 
 import m3kernels
 from m3kernels import cli
@@ -34,9 +33,11 @@ from m3kernels.checkpoint import writer
 from m3kernels.checkpoint.output_guard import LOCK_SUFFIX, OutputLock, lock_path, read_holder
 from m3kernels.errors import OutputIsInputError, OutputLockedError, OutputWriteError
 
+from checkpoint_factory import fine_tune, llama_config, llama_tensors, write_checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(vocab=29, hidden=8, intermediate=12, layers=2, heads=2, kv_heads=1)
-SHARD = "1K"   # several output shards from a tiny model
+SHARD = "1K"  # several output shards from a tiny model
 
 # A merge in a subprocess whose output writes can be slowed (M3K_TEST_DELAY seconds each) or
 # paused for good at the N-th write (M3K_TEST_PAUSE_AT=N; it touches M3K_TEST_PAUSED first).
@@ -69,9 +70,14 @@ def models(tmp_path):
     dirs = {"base": write_checkpoint(tmp_path / "base", base, shards=2, config=cfg)}
     for i in (1, 2):
         dirs[f"ft{i}"] = write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, 10 + i), shards=2, config=cfg)
-    merge_cfg = {"merge_method": "ties", "base_model": str(dirs["base"]),
-                 "models": [{"model": str(dirs["ft1"]), "parameters": {"density": 0.5}},
-                            {"model": str(dirs["ft2"]), "parameters": {"density": 0.5}}]}
+    merge_cfg = {
+        "merge_method": "ties",
+        "base_model": str(dirs["base"]),
+        "models": [
+            {"model": str(dirs["ft1"]), "parameters": {"density": 0.5}},
+            {"model": str(dirs["ft2"]), "parameters": {"density": 0.5}},
+        ],
+    }
     (tmp_path / "merge.yaml").write_text(json.dumps(merge_cfg))
     dirs["config"] = tmp_path / "merge.yaml"
     return dirs
@@ -98,8 +104,19 @@ def tree(folder: Path, skip_locks: bool = False) -> dict:
 
 def merge(capsys, models, out, *extra):
     """cli.main merge -> (status, stderr)."""
-    status = cli.main(["merge", str(models["config"]), str(out), "--device", "cpu", "--quiet",
-                       "--out-shard-size", SHARD, *map(str, extra)])
+    status = cli.main(
+        [
+            "merge",
+            str(models["config"]),
+            str(out),
+            "--device",
+            "cpu",
+            "--quiet",
+            "--out-shard-size",
+            SHARD,
+            *map(str, extra),
+        ]
+    )
     return status, capsys.readouterr().err
 
 
@@ -122,8 +139,20 @@ def assert_same_files(out: Path, clean: Path):
 
 
 def start(models, out, *extra, **env):
-    cmd = [sys.executable, "-c", WRAPPER, "merge", str(models["config"]), str(out), "--device", "cpu",
-           "--quiet", "--out-shard-size", SHARD, *extra]
+    cmd = [
+        sys.executable,
+        "-c",
+        WRAPPER,
+        "merge",
+        str(models["config"]),
+        str(out),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--out-shard-size",
+        SHARD,
+        *extra,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "M3KERNELS_TEST_CRASH_AFTER_SHARDS"} | env
     return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -172,9 +201,13 @@ def test_out_through_a_symlink_to_an_input_is_refused(models, tmp_path, capsys, 
 
 
 def test_single_file_input_protects_its_folder(models, tmp_path):
-    single = write_checkpoint(tmp_path / "single", llama_tensors(seed=1, **SIZES), config=llama_config(**SIZES))
-    cfg = {"merge_method": "linear", "models": [{"model": str(single / "model.safetensors")},
-                                                {"model": str(models["ft1"])}]}
+    single = write_checkpoint(
+        tmp_path / "single", llama_tensors(seed=1, **SIZES), config=llama_config(**SIZES)
+    )
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": str(single / "model.safetensors")}, {"model": str(models["ft1"])}],
+    }
     before = tree(tmp_path)
     for out in (single / "merged", single / "model.safetensors", single):
         with pytest.raises(OutputIsInputError, match="model 1"):
@@ -296,7 +329,7 @@ def test_three_merges_on_one_out_started_at_staggered_times(models, tmp_path, ca
         procs.append(start(models, out, *flags, M3K_TEST_DELAY="0.02"))
         time.sleep(0.15)
     results = [(p.pid, p.wait(timeout=120), p.communicate()[1]) for p in procs]
-    for pid, rc, err in results:
+    for _pid, rc, err in results:
         assert rc in (0, 2), (rc, err)
         assert "Traceback" not in err and "internal error" not in err, err
         if rc == 2:
@@ -341,12 +374,15 @@ def test_partial_runs_are_only_this_outs(tmp_path):
         (tmp_path / name / writer.JOURNAL).write_text(journal)
     assert [p.name for p, _ in writer.partial_runs(tmp_path / "out")] == [".out.m3k-tmp-0a1b2c3d"]
     assert [p.name for p, _ in writer.partial_runs(tmp_path / "out.m3k-tmp-ab")] == [
-        ".out.m3k-tmp-ab.m3k-tmp-11223344"]
+        ".out.m3k-tmp-ab.m3k-tmp-11223344"
+    ]
     assert writer.partial_runs(tmp_path / "missing" / "out") == []
 
 
 # ------------------------------------------------------------------------------ signals
-@pytest.mark.parametrize("sig,status,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+@pytest.mark.parametrize(
+    "sig,status,word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")]
+)
 def test_a_signal_mid_merge_is_a_clean_stop_that_resume_finishes(models, tmp_path, capsys, sig, status, word):
     """SIGTERM is handled like Ctrl-C: one line, no traceback, the unfinished run kept and resumable."""
     out = tmp_path / "out"
@@ -363,7 +399,9 @@ def test_a_signal_mid_merge_is_a_clean_stop_that_resume_finishes(models, tmp_pat
     finally:
         proc.kill()
     assert proc.returncode == status, err
-    assert "Traceback" not in err and err.strip() == f"m3kernels: {word} (rerun with --resume to continue)", err
+    assert "Traceback" not in err and err.strip() == f"m3kernels: {word} (rerun with --resume to continue)", (
+        err
+    )
     assert not out.exists() and len(temp_folders(tmp_path)) == 1
     st, err = merge(capsys, models, out, "--resume")
     assert st == 0, err
@@ -375,8 +413,12 @@ def test_a_signal_mid_merge_is_a_clean_stop_that_resume_finishes(models, tmp_pat
 def test_a_signal_during_start_up_prints_no_traceback(tmp_path):
     """SIGTERM right after start (imports, config) ends with one line, never a traceback."""
     for delay in (0.05, 0.2, 0.4):
-        proc = subprocess.Popen([sys.executable, "-m", "m3kernels", "merge", str(tmp_path / "none.yaml"),
-                                 str(tmp_path / "out")], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "m3kernels", "merge", str(tmp_path / "none.yaml"), str(tmp_path / "out")],
+            cwd=ROOT,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)

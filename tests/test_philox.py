@@ -5,14 +5,23 @@ import pytest
 import torch
 
 from m3kernels import dare_keep_mask
-from m3kernels.merge.philox import (dare_key, dare_uniform_u32, fnv1a64, keep_threshold, philox4x32_10,
-                              splitmix64)
+from m3kernels.merge.philox import (
+    dare_key,
+    dare_uniform_u32,
+    fnv1a64,
+    keep_threshold,
+    philox4x32_10,
+    splitmix64,
+)
 
 KAT = [  # Random123 philox4x32_10 known-answer tests
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 

@@ -1,7 +1,5 @@
 """Property tests (hypothesis): any shape, density, weights, ratios and seed, CPU kernel = reference."""
 
-import math
-
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -24,9 +22,12 @@ def merge_case(draw):
     n = draw(st.integers(1, 4))
     shape = tuple(draw(st.lists(st.integers(1, 37), min_size=1, max_size=3)))
     method = draw(METHODS)
-    kw = dict(method=method, seed=draw(st.integers(0, 2**64 - 1)),
-              weights=draw(st.lists(st.floats(0.1, 2.0), min_size=n, max_size=n)),
-              lambda_=draw(st.floats(0.1, 1.5)))
+    kw = dict(
+        method=method,
+        seed=draw(st.integers(0, 2**64 - 1)),
+        weights=draw(st.lists(st.floats(0.1, 2.0), min_size=n, max_size=n)),
+        lambda_=draw(st.floats(0.1, 1.5)),
+    )
     if method in ("ties", "ties_dare", "dare_linear", "dare_ties"):
         kw["density"] = draw(st.lists(st.floats(0.0, 1.0), min_size=n, max_size=n))
     if method == "ties_dare":
@@ -50,8 +51,12 @@ def test_cpu_kernel_equals_reference(case, data_seed):
     n, shape, kw, dtypes, related = case
     g = torch.Generator().manual_seed(data_seed)
     base = torch.randn(shape, generator=g, dtype=torch.float64)
-    models = [(base + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64)) if related
-              else torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+    models = [
+        (base + 0.05 * torch.randn(shape, generator=g, dtype=torch.float64))
+        if related
+        else torch.randn(shape, generator=g, dtype=torch.float64)
+        for _ in range(n)
+    ]
     base = base.to(dtypes[0])
     models = [m.to(dt) for m, dt in zip(models, dtypes[1:])]
     out = torch.full(shape, float("nan"), dtype=dtypes[-1])
@@ -60,6 +65,9 @@ def test_cpu_kernel_equals_reference(case, data_seed):
     ref, _ = reference_merge(base, models, recipe, "p")
     finite = torch.isfinite(ref.to(dtypes[-1]).to(torch.float64))  # fp16 may overflow to inf in both
     assert torch.equal(torch.isinf(out), ~finite)
-    assert_close_ulp(torch.where(finite, out, torch.zeros_like(out)),
-                     torch.where(finite, ref, torch.zeros_like(ref)),
-                     term_scale(base, models, recipe), str(kw))
+    assert_close_ulp(
+        torch.where(finite, out, torch.zeros_like(out)),
+        torch.where(finite, ref, torch.zeros_like(ref)),
+        term_scale(base, models, recipe),
+        str(kw),
+    )

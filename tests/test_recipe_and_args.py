@@ -19,46 +19,49 @@ def call(**kw):
     return m3kernels.merge_tensors(base, models, **kw)
 
 
-@pytest.mark.parametrize("kw,arg", [
-    (dict(density=1.5), "density"),
-    (dict(density=-0.1), "density"),
-    (dict(density=[0.2, 0.3, 0.4]), "density"),
-    (dict(method="dare_ties", drop_rate=1.2), "drop_rate"),
-    (dict(method="dare_ties"), "density"),
-    (dict(method="ties_dare", density=0.2), "drop_rate"),
-    (dict(mixup_alpha=0.0), "mixup_alpha"),
-    (dict(mixup_alpha=-1.0), "mixup_alpha"),
-    (dict(mix_ratios=[0.5]), "mix_ratios"),
-    (dict(mix_ratios=0.5, mixup_alpha=1.0), "mix_ratios"),
-    (dict(models=[]), "models"),
-    (dict(models=[X, torch.zeros(9, dtype=torch.bfloat16)]), "models"),
-    (dict(base=torch.zeros(9, dtype=torch.bfloat16)), "base"),
-    (dict(models=[X, torch.zeros(8, dtype=torch.float64)]), "models"),
-    (dict(models=[X, torch.zeros(8, dtype=torch.int32)]), "models"),
-    (dict(base=None), "base"),
-    (dict(method="task_arithmetic", base=None), "base"),
-    (dict(method="slerp"), "method"),
-    (dict(weights=[1.0, 2.0, 3.0]), "weights"),
-    (dict(method="linear", weights=[1.0, -1.0]), "weights"),
-    (dict(out=torch.zeros(9, dtype=torch.bfloat16)), "out"),
-    (dict(out=torch.zeros(8, dtype=torch.float32), out_dtype=torch.bfloat16), "out"),
-    (dict(out_dtype=torch.float64), "out_dtype"),
-    (dict(method="linear", density=0.5), "density"),
-    (dict(rescale="l1"), "rescale"),
-    (dict(seed=-1), "seed"),
-    (dict(backend="tpu"), "backend"),
-    (dict(thresholds=[-0.25, None]), "thresholds"),
-    (dict(thresholds=[float("nan"), None]), "thresholds"),
-    (dict(method="task_arithmetic", thresholds=[3.0, 3.0]), "thresholds"),
-    (dict(method="task_arithmetic", lambda_=1e39), "lambda_"),
-    (dict(method="task_arithmetic", lambda_=None), "lambda_"),
-    (dict(method="linear", weights=[1e-46, 1e-46]), "weights"),
-    (dict(weights=[1e39, 1.0]), "weights"),
-    (dict(mixup_alpha=0.4, seed=2**32 + 5), "seed"),
-    (dict(mix_ratios=True), "mix_ratios"),
-    (dict(density="0.2"), "density"),
-    (dict(weights=object()), "weights"),
-])
+@pytest.mark.parametrize(
+    "kw,arg",
+    [
+        (dict(density=1.5), "density"),
+        (dict(density=-0.1), "density"),
+        (dict(density=[0.2, 0.3, 0.4]), "density"),
+        (dict(method="dare_ties", drop_rate=1.2), "drop_rate"),
+        (dict(method="dare_ties"), "density"),
+        (dict(method="ties_dare", density=0.2), "drop_rate"),
+        (dict(mixup_alpha=0.0), "mixup_alpha"),
+        (dict(mixup_alpha=-1.0), "mixup_alpha"),
+        (dict(mix_ratios=[0.5]), "mix_ratios"),
+        (dict(mix_ratios=0.5, mixup_alpha=1.0), "mix_ratios"),
+        (dict(models=[]), "models"),
+        (dict(models=[X, torch.zeros(9, dtype=torch.bfloat16)]), "models"),
+        (dict(base=torch.zeros(9, dtype=torch.bfloat16)), "base"),
+        (dict(models=[X, torch.zeros(8, dtype=torch.float64)]), "models"),
+        (dict(models=[X, torch.zeros(8, dtype=torch.int32)]), "models"),
+        (dict(base=None), "base"),
+        (dict(method="task_arithmetic", base=None), "base"),
+        (dict(method="slerp"), "method"),
+        (dict(weights=[1.0, 2.0, 3.0]), "weights"),
+        (dict(method="linear", weights=[1.0, -1.0]), "weights"),
+        (dict(out=torch.zeros(9, dtype=torch.bfloat16)), "out"),
+        (dict(out=torch.zeros(8, dtype=torch.float32), out_dtype=torch.bfloat16), "out"),
+        (dict(out_dtype=torch.float64), "out_dtype"),
+        (dict(method="linear", density=0.5), "density"),
+        (dict(rescale="l1"), "rescale"),
+        (dict(seed=-1), "seed"),
+        (dict(backend="tpu"), "backend"),
+        (dict(thresholds=[-0.25, None]), "thresholds"),
+        (dict(thresholds=[float("nan"), None]), "thresholds"),
+        (dict(method="task_arithmetic", thresholds=[3.0, 3.0]), "thresholds"),
+        (dict(method="task_arithmetic", lambda_=1e39), "lambda_"),
+        (dict(method="task_arithmetic", lambda_=None), "lambda_"),
+        (dict(method="linear", weights=[1e-46, 1e-46]), "weights"),
+        (dict(weights=[1e39, 1.0]), "weights"),
+        (dict(mixup_alpha=0.4, seed=2**32 + 5), "seed"),
+        (dict(mix_ratios=True), "mix_ratios"),
+        (dict(density="0.2"), "density"),
+        (dict(weights=object()), "weights"),
+    ],
+)
 def test_bad_arguments_raise_value_error_naming_the_argument(kw, arg):
     with pytest.raises(ValueError, match=arg):
         call(**kw)
@@ -103,5 +106,7 @@ def test_numpy_and_tensor_scalars_are_accepted_as_numbers():
 def test_tiny_mixup_ratios_are_not_an_error():
     """Dirichlet draws with a small alpha can fall below float32's range: still a valid merge."""
     x = torch.randn(16)
-    out = m3kernels.merge_tensors(None, [x, x, x], method="linear", mix_ratios=[1e-50, 0.5, 0.5], backend="cpu")
+    out = m3kernels.merge_tensors(
+        None, [x, x, x], method="linear", mix_ratios=[1e-50, 0.5, 0.5], backend="cpu"
+    )
     assert torch.allclose(out, x)

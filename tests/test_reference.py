@@ -43,8 +43,16 @@ def naive_merge(base, models, method, weights, density, lam, ratios, normalize, 
 
 
 @pytest.mark.parametrize("n", [1, 2, 3])
-@pytest.mark.parametrize("method,normalize", [("ties", True), ("ties", False), ("task_arithmetic", False),
-                                              ("dare_ties", False), ("dare_linear", True)])
+@pytest.mark.parametrize(
+    "method,normalize",
+    [
+        ("ties", True),
+        ("ties", False),
+        ("task_arithmetic", False),
+        ("dare_ties", False),
+        ("dare_linear", True),
+    ],
+)
 def test_reference_matches_naive(n, method, normalize):
     rnd = random.Random(n * 7 + len(method))
     size = 61

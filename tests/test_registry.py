@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from checkpoint_factory import make_family
-from helpers import assert_close_ulp, term_scale
 
 import m3kernels
 from m3kernels import cli
@@ -20,6 +18,9 @@ from m3kernels.checkpoint.config import MergeConfigError, load_config
 from m3kernels.merge import registry
 from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge
+
+from checkpoint_factory import make_family
+from helpers import assert_close_ulp, term_scale
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(vocab=29, hidden=8, intermediate=12, layers=2, heads=2, kv_heads=1)
@@ -67,8 +68,9 @@ def test_registry_entries_are_complete():
 def test_config_doc_tables_match_the_registry():
     text = (ROOT / "docs" / "CONFIG.md").read_text(encoding="utf-8")
     assert registry.markdown_tables() in text, (
-        "docs/CONFIG.md is stale: run python -c \"from m3kernels.merge.registry import refresh_doc; "
-        "refresh_doc('docs/CONFIG.md')\"")
+        'docs/CONFIG.md is stale: run python -c "from m3kernels.merge.registry import refresh_doc; '
+        "refresh_doc('docs/CONFIG.md')\""
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -149,9 +151,12 @@ def test_declared_parameters_are_accepted(name, param, family):
         assert kw[param.api] is not None
 
 
-UNTAKEN = [(m.name, q) for m in registry.METHODS.values()
-           for q in registry.all_config_params() if not m.takes(q, in_config=True)
-           and q not in {"rescale"}]  # rescale: false is mergekit's no-op default (accepted)
+UNTAKEN = [
+    (m.name, q)
+    for m in registry.METHODS.values()
+    for q in registry.all_config_params()
+    if not m.takes(q, in_config=True) and q not in {"rescale"}
+]  # rescale: false is mergekit's no-op default (accepted)
 
 
 @pytest.mark.parametrize("name,param", UNTAKEN, ids=[f"{n}-{p}" for n, p in UNTAKEN])

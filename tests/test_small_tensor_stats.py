@@ -51,17 +51,25 @@ KEY_BACKENDS = [b for b in BACKENDS if hasattr(get_backend(b, "cpu"), "delta_key
 pytestmark = pytest.mark.skipif(not BACKENDS, reason="no backend runs on CPU tensors here")
 
 # float32 / bf16 / fp16 bit patterns of NaNs: quiet, with payload, signalling, negative
-NAN_BITS = {F32: [0x7FC00000, 0x7FC00001, 0x7F800001, 0xFFA00000, 0x7FFFFFFF],
-            BF16: [0x7FC0, 0x7FC1, 0x7F81, 0xFF85, 0x7FFF],
-            F16: [0x7E00, 0x7E01, 0x7C01, 0xFC03, 0x7FFF]}
+NAN_BITS = {
+    F32: [0x7FC00000, 0x7FC00001, 0x7F800001, 0xFFA00000, 0x7FFFFFFF],
+    BF16: [0x7FC0, 0x7FC1, 0x7F81, 0xFF85, 0x7FFF],
+    F16: [0x7E00, 0x7E01, 0x7C01, 0xFC03, 0x7FFF],
+}
 INT_VIEW = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
 
 
 def _bits(values, dtype) -> torch.Tensor:
     """A tensor of ``dtype`` with these bit patterns."""
-    wide = torch.tensor([v - (1 << 32) if dtype == F32 and v >= 1 << 31 else
-                         (v - (1 << 16) if dtype != F32 and v >= 1 << 15 else v) for v in values],
-                        dtype=torch.int64)
+    wide = torch.tensor(
+        [
+            v - (1 << 32)
+            if dtype == F32 and v >= 1 << 31
+            else (v - (1 << 16) if dtype != F32 and v >= 1 << 15 else v)
+            for v in values
+        ],
+        dtype=torch.int64,
+    )
     return wide.to(INT_VIEW[dtype]).view(dtype)
 
 
@@ -74,20 +82,20 @@ def _pattern(kind: str, numel: int, dtype, g: torch.Generator, which: int) -> to
         return (x if which < 0 else x + 0.002 * torch.randn(numel, generator=g)).to(dtype)
     if which < 0:  # the base of the structured families: zeros (so δ = x) or +-0 mixed
         return (torch.where(r() < 0.5, -0.0, 0.0) if kind == "zeros" else torch.zeros(numel)).to(dtype)
-    if kind == "equal":        # every |δ| the same, random signs
+    if kind == "equal":  # every |δ| the same, random signs
         return (sign * 0.375).to(dtype)
     if kind == "one_distinct":  # all equal but one element
         x = sign * 0.5
         x[int(torch.randint(numel, (1,), generator=g))] = 0.75 if which % 2 == 0 else 0.25
         return x.to(dtype)
-    if kind == "ties":         # a few magnitudes, many ties
+    if kind == "ties":  # a few magnitudes, many ties
         levels = torch.tensor([0.0, 0.125, 0.25, 1.0, 3.0])
         return (sign * levels[torch.randint(5, (numel,), generator=g)]).to(dtype)
-    if kind == "zeros":        # +-0 deltas, with a few non-zero ones
+    if kind == "zeros":  # +-0 deltas, with a few non-zero ones
         x = torch.where(r() < 0.5, -0.0, 0.0)
         x[r() < 0.1] = 0.5
         return x.to(dtype)
-    if kind == "denormal":     # subnormal magnitudes of the dtype (and of float32 through bf16)
+    if kind == "denormal":  # subnormal magnitudes of the dtype (and of float32 through bf16)
         tiny = {F32: 1e-45, BF16: 9.2e-41, F16: 6e-8}[dtype]
         x = sign * tiny * torch.randint(1, 200, (numel,), generator=g).to(torch.float32)
         x[r() < 0.2] = 0.0
@@ -109,7 +117,7 @@ KINDS = ["equal", "one_distinct", "ties", "zeros", "denormal", "nan", "all_nan",
 DTYPE_SETS = {"bf16": (BF16, [BF16]), "f16": (F16, [F16]), "f32": (F32, [F32]), "mixed": (BF16, [F32, F16])}
 RECIPES = {  # (method kwargs, uses DARE)
     "ties": dict(method="ties", density=0.3),
-    "ties_k": dict(method="ties", density=[0.0, 1.0]),           # k = 0 and k = n
+    "ties_k": dict(method="ties", density=[0.0, 1.0]),  # k = 0 and k = n
     "ties_dare": dict(method="ties_dare", drop_rate=0.4, density=0.5, seed=7),
     "ties_dare_sparse": dict(method="ties_dare", drop_rate=0.9, density=0.3),
     "dare_all_dropped": dict(method="ties_dare", drop_rate=1.0, density=0.5),
@@ -126,8 +134,9 @@ def _inputs(kind, numel, dtypes, g, n=2, base=True):
 
 
 def _params(recipe_kw, n, has_base):
-    recipe = make_recipe(n, has_base=has_base, **{k: (v if not isinstance(v, list) else v[:n])
-                                                  for k, v in recipe_kw.items()})
+    recipe = make_recipe(
+        n, has_base=has_base, **{k: (v if not isinstance(v, list) else v[:n]) for k, v in recipe_kw.items()}
+    )
     return recipe, make_params(recipe, "model.layers.3.mlp.experts.17.up_proj.weight", has_base)
 
 
@@ -161,7 +170,10 @@ def _memo(hist):
 
 def _ks(numel: int, n: int) -> list:
     cand = sorted({0, 1, 2, numel // 3, numel // 2, numel - 1, numel, numel + 5})
-    return [[cand[(j + i) % len(cand)] for i in range(n)] for j in range(len(cand))] + [[None] * n, [None, 1][:n]]
+    return [[cand[(j + i) % len(cand)] for i in range(n)] for j in range(len(cand))] + [
+        [None] * n,
+        [None, 1][:n],
+    ]
 
 
 @pytest.mark.parametrize("backend", KEY_BACKENDS)
@@ -177,7 +189,7 @@ def test_keys_and_thresholds_equal_the_histogram_path(backend, dtypes, kind, gen
             _, p = _params(kw, 2, True)
             keys = api.small_tensor_keys(p, b, ms, be)
             _check_keys_are_counted(be, p, b, ms, keys)
-            hist = _memo(lambda prefix: be.histogram(p, b, ms, prefix))
+            hist = _memo(lambda prefix: be.histogram(p, b, ms, prefix))  # noqa: B023 (called at once)
             for ks in _ks(numel, 2):
                 want = select_thresholds(hist, ks, numel)
                 got = select_from_keys(keys, ks, numel)
@@ -215,7 +227,7 @@ def test_triton_histograms_count_the_cpu_keys(dtypes, kind, gen):
         keys = cpu.delta_keys(p, b, ms)
         _check_keys_are_counted(tri, p, b, ms, keys)
         for ks in _ks(300, 2)[::3]:  # the CPU's small path = Triton's histogram path
-            want = select_thresholds(_memo(lambda prefix: tri.histogram(p, b, ms, prefix)), ks, 300)
+            want = select_thresholds(_memo(lambda prefix: tri.histogram(p, b, ms, prefix)), ks, 300)  # noqa: B023 (called at once)
             assert np.array_equal(select_from_keys(keys, ks, 300), want), ks
 
 
@@ -233,11 +245,13 @@ def test_select_from_keys_edge_cases():
 def test_prepare_and_merge_identical_with_and_without_the_small_path(backend, case, gen, monkeypatch):
     import m3kernels
 
-    kw = {"ties": dict(method="ties", density=0.2),
-          "ties_dare": dict(method="ties_dare", drop_rate=0.5, density=0.2, seed=3),
-          "ties_m3": dict(method="ties", density=0.4, mixup_alpha=0.4, seed=11),
-          "dare_ties_l1": dict(method="dare_ties", density=0.5, rescale="l1"),
-          "ties_w": dict(method="ties", density=[0.2, 0.7], normalize=False, weights=[1.0, 0.6])}[case]
+    kw = {
+        "ties": dict(method="ties", density=0.2),
+        "ties_dare": dict(method="ties_dare", drop_rate=0.5, density=0.2, seed=3),
+        "ties_m3": dict(method="ties", density=0.4, mixup_alpha=0.4, seed=11),
+        "dare_ties_l1": dict(method="dare_ties", density=0.5, rescale="l1"),
+        "ties_w": dict(method="ties", density=[0.2, 0.7], normalize=False, weights=[1.0, 0.6]),
+    }[case]
     numels = [1, 16, 1000, api.SMALL_TENSOR_NUMEL] if backend == "cpu" else [700]
     for numel in numels:
         for kind in ("random", "ties", "nan") if backend == "cpu" else ("random", "nan"):
@@ -245,7 +259,7 @@ def test_prepare_and_merge_identical_with_and_without_the_small_path(backend, ca
             shape = (numel, 1) if numel % 2 else (2, numel // 2)
             b, ms = b.reshape(shape), [m.reshape(shape) for m in ms]
             outs, thr = [], []
-            for limit in (api.SMALL_TENSOR_NUMEL, -1):   # the small path, then the histograms
+            for limit in (api.SMALL_TENSOR_NUMEL, -1):  # the small path, then the histograms
                 monkeypatch.setattr(api, "SMALL_TENSOR_NUMEL", limit)
                 outs.append(m3kernels.merge_tensors(b, ms, name="t", backend=backend, **kw))
                 thr.append(m3kernels.trim_thresholds(b, ms, name="t", backend=backend, **kw))
@@ -262,8 +276,9 @@ def test_small_path_skips_the_histograms(gen, monkeypatch):
     recipe, _ = _params(dict(method="ties", density=0.2), 2, True)
     monkeypatch.setattr(be, "histogram", lambda *a: pytest.fail("histogram called for a small tensor"))
     p, _ = api.prepare(b, ms, recipe, "x", be)
-    assert p.trim_min.tolist() == [int(x) for x in select_from_keys(be.delta_keys(p, b, ms),
-                                                                    [trim_k(0.2, 4096)] * 2, 4096)]
+    assert p.trim_min.tolist() == [
+        int(x) for x in select_from_keys(be.delta_keys(p, b, ms), [trim_k(0.2, 4096)] * 2, 4096)
+    ]
 
 
 # ---------------------------------------------------------------- the many-tensor machinery
@@ -350,18 +365,23 @@ def test_model_trim_scope_exact_over_many_small_tensors(tmp_path):
     """trim_scope: model (histograms summed over tensors) = the k-th largest of all keys."""
     if not have_backend("cpu"):
         pytest.skip("CPU extension not built")
-    from checkpoint_factory import fine_tune, random_tensors, write_checkpoint
-
     from m3kernels.checkpoint.inputs import config_and_folder, open_inputs
     from m3kernels.checkpoint.model_stats import model_thresholds
     from m3kernels.checkpoint.plan import build_plan
+
+    from checkpoint_factory import fine_tune, random_tensors, write_checkpoint
 
     shapes = {f"model.layers.{i // 40}.mlp.experts.{i % 40}.w.weight": (3, 5 + i % 7) for i in range(300)}
     base = random_tensors(shapes, 1)
     dirs = [write_checkpoint(tmp_path / "base", base, tokenizer=False)]
     dirs += [write_checkpoint(tmp_path / f"ft{k}", fine_tune(base, 10 + k), tokenizer=False) for k in (1, 2)]
-    cfg = {"merge_method": "ties_dare", "base_model": str(dirs[0]), "trim_scope": "model", "seed": 4,
-           "models": [{"model": str(d), "parameters": {"density": 0.3, "drop_rate": 0.2}} for d in dirs[1:]]}
+    cfg = {
+        "merge_method": "ties_dare",
+        "base_model": str(dirs[0]),
+        "trim_scope": "model",
+        "seed": 4,
+        "models": [{"model": str(d), "parameters": {"density": 0.3, "drop_rate": 0.2}} for d in dirs[1:]],
+    }
     c, folder = config_and_folder(cfg, None)
     b, ms, opened = open_inputs(c, folder, False)
     try:
@@ -394,28 +414,44 @@ def test_merge_batch_equals_merge_tensors_per_tensor(kind, gen):
 
     be = get_backend("cpu", "cpu")
     sizes = [1, 3, 16, 100, 1029, 4096]
-    for kw, dtypes, has_base in [(dict(method="ties", density=[0.3, 1.0]), (BF16, [BF16, F32]), True),
-                                 (dict(method="ties_dare", drop_rate=0.4, density=0.5, seed=5), (F16, [F16]), True),
-                                 (dict(method="ties", density=[0.0, 0.5]), (F32, [F32]), True),
-                                 (dict(method="linear", weights=[0.7, 0.3]), (BF16, [BF16, F32]), False)]:
+    for kw, dtypes, has_base in [
+        (dict(method="ties", density=[0.3, 1.0]), (BF16, [BF16, F32]), True),
+        (dict(method="ties_dare", drop_rate=0.4, density=0.5, seed=5), (F16, [F16]), True),
+        (dict(method="ties", density=[0.0, 0.5]), (F32, [F32]), True),
+        (dict(method="linear", weights=[0.7, 0.3]), (BF16, [BF16, F32]), False),
+    ]:
         recipe, _ = _params(kw, 2, True)
         ins = [_inputs(kind, s, dtypes, gen, base=has_base) for s in sizes]
         names = [f"model.layers.{i}.x.weight" for i in range(len(sizes))]
         p = make_params(recipe, names[0], has_base)
         outs = [torch.empty(s, dtype=BF16) for s in sizes]
         ks = [trim_k(d, s) for s in sizes for d in recipe.trim_density] if recipe.trim_density else None
-        keys = ([k for nm in names for i in range(2) for k in [dare_key(recipe.seed, nm, i)]]
-                if recipe.dare_density else None)
-        used = be.merge_batch(p, [b.data_ptr() for b, _ in ins] if has_base else [], dtypes[0] if has_base else None,
-                              [m.data_ptr() for _, ms in ins for m in ms], [m.dtype for m in ins[0][1]], sizes,
-                              [o.data_ptr() for o in outs], BF16, ks,
-                              [k[0] for k in keys] if keys else None, [k[1] for k in keys] if keys else None)
+        keys = (
+            [k for nm in names for i in range(2) for k in [dare_key(recipe.seed, nm, i)]]
+            if recipe.dare_density
+            else None
+        )
+        used = be.merge_batch(
+            p,
+            [b.data_ptr() for b, _ in ins] if has_base else [],
+            dtypes[0] if has_base else None,
+            [m.data_ptr() for _, ms in ins for m in ms],
+            [m.dtype for m in ins[0][1]],
+            sizes,
+            [o.data_ptr() for o in outs],
+            BF16,
+            ks,
+            [k[0] for k in keys] if keys else None,
+            [k[1] for k in keys] if keys else None,
+        )
         for t, ((b, ms), out, nm) in enumerate(zip(ins, outs, names)):
             want = m3kernels.merge_tensors(b, ms, name=nm, backend="cpu", out_dtype=BF16, **kw)
             assert torch.equal(out.view(torch.int16), want.view(torch.int16)), (kw, sizes[t])
             if ks is not None:
                 pt = make_params(recipe, nm, has_base)
-                exp = select_from_keys(be.delta_keys(pt, b if has_base else None, ms), ks[2 * t:2 * t + 2], sizes[t])
+                exp = select_from_keys(
+                    be.delta_keys(pt, b if has_base else None, ms), ks[2 * t : 2 * t + 2], sizes[t]
+                )
                 assert used[t].tolist() == exp.tolist()
 
 
@@ -426,8 +462,9 @@ def test_checkpoint_merge_identical_with_and_without_batches(case, tmp_path, mon
     if not have_backend("cpu"):
         pytest.skip("CPU extension not built")
     import m3kernels
-    from checkpoint_factory import fine_tune, random_tensors, write_checkpoint
     from m3kernels.checkpoint import produce
+
+    from checkpoint_factory import fine_tune, random_tensors, write_checkpoint
 
     shapes = {f"model.layers.{i // 30}.mlp.experts.{i % 30}.w.weight": (4, 3 + i % 5) for i in range(120)}
     shapes["model.norm.weight"] = (7,)
@@ -439,15 +476,19 @@ def test_checkpoint_merge_identical_with_and_without_batches(case, tmp_path, mon
             t.view(-1)[0] = float("nan")
         if k % 5 == 0:
             t.view(-1)[:] = base[list(base)[k]].view(-1) + 0.25
-    dirs = [write_checkpoint(tmp_path / "base", base, tokenizer=False),
-            write_checkpoint(tmp_path / "ft1", ft1, shards=2, tokenizer=False),
-            write_checkpoint(tmp_path / "ft2", ft2, tokenizer=False)]
+    dirs = [
+        write_checkpoint(tmp_path / "base", base, tokenizer=False),
+        write_checkpoint(tmp_path / "ft1", ft1, shards=2, tokenizer=False),
+        write_checkpoint(tmp_path / "ft2", ft2, tokenizer=False),
+    ]
     per = {"weight": [1.0, 0.5], "density": 0.3}
-    cfg = {"ties": {"merge_method": "ties"},
-           "ties_dare": {"merge_method": "ties_dare", "seed": 9, "mixup": {"alpha": 0.5}},
-           "linear": {"merge_method": "linear"},
-           "ties_model_scope": {"merge_method": "ties", "trim_scope": "model"},
-           "dare_ties_l1": {"merge_method": "dare_ties", "parameters": {"rescale": "l1"}}}[case]
+    cfg = {
+        "ties": {"merge_method": "ties"},
+        "ties_dare": {"merge_method": "ties_dare", "seed": 9, "mixup": {"alpha": 0.5}},
+        "linear": {"merge_method": "linear"},
+        "ties_model_scope": {"merge_method": "ties", "trim_scope": "model"},
+        "dare_ties_l1": {"merge_method": "dare_ties", "parameters": {"rescale": "l1"}},
+    }[case]
     params = dict(per) if case != "linear" else {"weight": [1.0, 0.5]}
     if case == "ties_dare":
         params["drop_rate"] = 0.3

@@ -35,7 +35,7 @@ if not torch.cuda.is_available():
 import m3kernels  # noqa: E402
 from m3kernels.backends import triton as triton_backend  # noqa: E402
 from m3kernels.merge.kernel_params import make_params  # noqa: E402
-from m3kernels.merge.philox import dare_key, dare_keep_mask, dare_uniform_u32, philox4x32_10  # noqa: E402
+from m3kernels.merge.philox import dare_keep_mask, dare_key, dare_uniform_u32, philox4x32_10  # noqa: E402
 from m3kernels.merge.recipe import make_recipe  # noqa: E402
 from m3kernels.merge.reference import reference_merge, reference_thresholds  # noqa: E402
 
@@ -45,8 +45,9 @@ from kernel_program import dropped_deltas, f32_program  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if not triton_backend.supports(DEVICE):
-    pytest.skip(f"the Triton backend does not run on {DEVICE} here (interpreter off?)",
-                allow_module_level=True)
+    pytest.skip(
+        f"the Triton backend does not run on {DEVICE} here (interpreter off?)", allow_module_level=True
+    )
 
 from m3kernels.backends.triton import kernels as triton_kernels  # noqa: E402  (after the TRITON_INTERPRET decision)
 
@@ -68,8 +69,10 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str):
     ok = same_bits(got, want)
     if not bool(ok.all()):
         idx = int((~ok).reshape(-1).nonzero()[0])
-        raise AssertionError(f"{what}: {int((~ok).sum())} of {ok.numel()} elements differ; first at {idx}: "
-                             f"got {got.reshape(-1)[idx].item()!r}, want {want.reshape(-1)[idx].item()!r}")
+        raise AssertionError(
+            f"{what}: {int((~ok).sum())} of {ok.numel()} elements differ; first at {idx}: "
+            f"got {got.reshape(-1)[idx].item()!r}, want {want.reshape(-1)[idx].item()!r}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,8 +82,11 @@ def assert_same_bits(got: torch.Tensor, want: torch.Tensor, what: str):
 KAT = [  # Random123 philox4x32_10 known answers (docs/RANDOMNESS.md)
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -92,7 +98,11 @@ def test_philox_known_answers_and_random_counters():
         got = torch.empty((len(ctrs), 4), dtype=torch.int64, device=DEVICE)
         triton_kernels.philox_kernel[(1,)](
             torch.from_numpy(ctrs.astype(np.int64)).to(DEVICE),
-            torch.tensor(key, dtype=torch.int64, device=DEVICE), got, len(ctrs), BLOCK=16)
+            torch.tensor(key, dtype=torch.int64, device=DEVICE),
+            got,
+            len(ctrs),
+            BLOCK=16,
+        )
         got = got.cpu().numpy().astype(np.uint64)
         assert tuple(int(x) for x in got[0]) == expect
         np.testing.assert_array_equal(got, philox4x32_10(ctrs, key))
@@ -102,12 +112,16 @@ def _stream(seed, name, i, first, count):
     key = torch.tensor(dare_key(seed, name, i), dtype=torch.int64, device=DEVICE)
     out = torch.full((count,), -1, dtype=torch.int64, device=DEVICE)
     block = 256
-    triton_kernels.dare_u32_kernel[(triton_backend.triton.cdiv(count, block),)](key, out, first, count, BLOCK=block)
+    triton_kernels.dare_u32_kernel[(triton_backend.triton.cdiv(count, block),)](
+        key, out, first, count, BLOCK=block
+    )
     return out.cpu().numpy().astype(np.uint64)
 
 
-@pytest.mark.parametrize("seed,name,i,count", [(0, "", 0, 1), (77, "model.embed_tokens.weight", 2, 1001),
-                                               (2**64 - 1, "lm_head.weight", 5, 517)])
+@pytest.mark.parametrize(
+    "seed,name,i,count",
+    [(0, "", 0, 1), (77, "model.embed_tokens.weight", 2, 1001), (2**64 - 1, "lm_head.weight", 5, 517)],
+)
 def test_dare_stream_equals_python(seed, name, i, count):
     np.testing.assert_array_equal(_stream(seed, name, i, 0, count), dare_uniform_u32(seed, name, i, count))
 
@@ -128,8 +142,17 @@ def _dare_masks_from_merge(shape, densities, seed, name):
     base = torch.zeros(shape, dtype=F32, device=DEVICE)
     models = [torch.full(shape, float(2**i), dtype=F32, device=DEVICE) for i in range(len(densities))]
     out = torch.full(shape, float("nan"), dtype=F32, device=DEVICE)
-    m3kernels.merge_tensors(base, models, method="dare_linear", density=densities, rescale=False,
-                            seed=seed, name=name, out=out, backend="triton")
+    m3kernels.merge_tensors(
+        base,
+        models,
+        method="dare_linear",
+        density=densities,
+        rescale=False,
+        seed=seed,
+        name=name,
+        out=out,
+        backend="triton",
+    )
     code = out.cpu().to(torch.int64)
     return [((code >> i) & 1).bool() for i in range(len(densities))]
 
@@ -172,8 +195,9 @@ def _check_merge(case, n, dtype_name, shape, gen, name="model.layers.1.mlp.up_pr
     what = f"{case}/N={n}/{dtype_name}/{shape}"
 
     out = torch.full(shape, float("nan"), dtype=out_dt, device=DEVICE)
-    m3kernels.merge_tensors(base.to(DEVICE), [m.to(DEVICE) for m in models], out=out, name=name,
-                            backend="triton", **kw)
+    m3kernels.merge_tensors(
+        base.to(DEVICE), [m.to(DEVICE) for m in models], out=out, name=name, backend="triton", **kw
+    )
     out = out.cpu()
     assert_same_bits(out, f32_program(base, models, recipe, name, out_dt), f"{what} vs float32 program")
     if have_backend("cpu"):
@@ -183,8 +207,9 @@ def _check_merge(case, n, dtype_name, shape, gen, name="model.layers.1.mlp.up_pr
     ref, info = reference_merge(base, models, recipe, name)
     assert_close_ulp(out, ref, term_scale(base, models, recipe), f"{what} vs reference")
     if recipe.trim_density is not None and recipe.rescale != "l1" and out.numel() > 7:
-        got = m3kernels.trim_thresholds(base.to(DEVICE), [m.to(DEVICE) for m in models], name=name,
-                                        backend="triton", **kw)
+        got = m3kernels.trim_thresholds(
+            base.to(DEVICE), [m.to(DEVICE) for m in models], name=name, backend="triton", **kw
+        )
         assert got == info["thresholds"] == reference_thresholds(base, models, recipe, name), what
 
 
@@ -205,16 +230,19 @@ def test_no_base_and_special_values(gen):
     shape = (523,)
     base = torch.randn(shape, generator=gen).to(F32)
     models = [base + 0.01 * torch.randn(shape, generator=gen) for _ in range(3)]
-    models[0][:40] = base[:40]                        # zero deltas: nobody / fewer agree
-    models[1][40:60] = -models[2][40:60]              # opposite signs
-    models[2][60:70] = 3e38                           # huge: float32 overflow, fp16 inf
+    models[0][:40] = base[:40]  # zero deltas: nobody / fewer agree
+    models[1][40:60] = -models[2][40:60]  # opposite signs
+    models[2][60:70] = 3e38  # huge: float32 overflow, fp16 inf
     models[0][70:80] = -0.0
     base[70:80] = 0.0
     models[1][80:85] = float("inf")
     models[2][85:90] = float("nan")
-    for kw in (dict(method="linear"), dict(method="task_arithmetic", lambda_=0.5),
-               dict(method="dare_ties", density=0.8, seed=4),
-               dict(method="ties", density=0.5, normalize=False)):
+    for kw in (
+        dict(method="linear"),
+        dict(method="task_arithmetic", lambda_=0.5),
+        dict(method="dare_ties", density=0.8, seed=4),
+        dict(method="ties", density=0.5, normalize=False),
+    ):
         recipe = make_recipe(3, has_base=True, **kw)
         b = None if kw["method"] == "linear" else base
         for out_dt in (F32, BF16, F16):
@@ -223,8 +251,14 @@ def test_no_base_and_special_values(gen):
             else:
                 ms = models
             out = torch.full(shape, float("nan"), dtype=out_dt, device=DEVICE)
-            m3kernels.merge_tensors(None if b is None else b.to(DEVICE), [m.to(DEVICE) for m in ms],
-                                    out=out, backend="triton", name="s", **kw)
+            m3kernels.merge_tensors(
+                None if b is None else b.to(DEVICE),
+                [m.to(DEVICE) for m in ms],
+                out=out,
+                backend="triton",
+                name="s",
+                **kw,
+            )
             want = f32_program(b, ms, recipe, "s", out_dt)
             assert_same_bits(out.cpu(), want, f"{kw['method']}/{out_dt}")
 
@@ -246,6 +280,7 @@ def test_int64_index_path_and_int64_histograms(gen, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Stage A directly
 # ---------------------------------------------------------------------------------------------
+
 
 def gen_index(gen, n: int) -> int:
     return int(torch.randint(n, (1,), generator=gen))
@@ -295,18 +330,21 @@ def test_thresholds_edge_densities():
     """k = 0 keeps nothing (inf), k = n keeps everything, ties at the threshold are all kept."""
     base = torch.zeros(100, dtype=F32)
     d = torch.tensor([1.0] * 10 + [0.5] * 30 + [0.25] * 60, dtype=F32)
-    got = m3kernels.trim_thresholds(base.to(DEVICE), [d.to(DEVICE)] * 3, method="ties",
-                                    density=[0.2, 0.001, 1.0], backend="triton")
+    got = m3kernels.trim_thresholds(
+        base.to(DEVICE), [d.to(DEVICE)] * 3, method="ties", density=[0.2, 0.001, 1.0], backend="triton"
+    )
     assert got[:2] == [0.5, math.inf]
     assert got[2] <= 0.25  # keeps all (stage A reports 0.0 for k >= n; the reference the minimum)
-    out = m3kernels.merge_tensors(base.to(DEVICE), [d.to(DEVICE)], method="ties", density=0.2,
-                                  backend="triton").cpu()
+    out = m3kernels.merge_tensors(
+        base.to(DEVICE), [d.to(DEVICE)], method="ties", density=0.2, backend="triton"
+    ).cpu()
     assert int((out != 0).sum()) == 40
 
 
 # ---------------------------------------------------------------------------------------------
 # The module's protocol, and the compiled code
 # ---------------------------------------------------------------------------------------------
+
 
 def test_protocol():
     assert triton_backend.available() and triton_backend.unavailable_reason() == ""
@@ -321,8 +359,13 @@ def test_protocol():
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=300,
+    )
 
 
 def test_import_without_triton():

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from m3kernels.backends.protocol import Backend
@@ -55,7 +55,7 @@ def available_backends() -> dict[str, str]:
     return out
 
 
-def get_backend(name: str, device) -> "Backend":
+def get_backend(name: str, device) -> Backend:
     """The backend module for ``name`` ('auto', 'cpu', 'triton', 'cuda') on ``device``."""
     import torch
 

@@ -11,7 +11,8 @@ tensors in one call).
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -30,17 +31,20 @@ class Backend(Protocol):
     def supports(self, device) -> bool:
         """True when the backend runs on tensors of ``device``."""
 
-    def l1_sums(self, p: KernelParams, base: Optional[torch.Tensor],
-                models: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+    def l1_sums(
+        self, p: KernelParams, base: torch.Tensor | None, models: Sequence[torch.Tensor]
+    ) -> tuple[np.ndarray, np.ndarray]:
         """float64[n] Σ|δ_i| and Σ|δ_i| over the DARE-kept elements, in a fixed order."""
 
-    def histogram(self, p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
-                  prefix) -> np.ndarray:
+    def histogram(
+        self, p: KernelParams, base: torch.Tensor | None, models: Sequence[torch.Tensor], prefix
+    ) -> np.ndarray:
         """int64[n, 65536] counts of the high 16 bits of bits(|δ'_i|) (``prefix`` None), or of the
         low 16 bits among elements whose high 16 bits equal ``prefix[i]``."""
 
-    def merge(self, p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
-              out: torch.Tensor) -> None:
+    def merge(
+        self, p: KernelParams, base: torch.Tensor | None, models: Sequence[torch.Tensor], out: torch.Tensor
+    ) -> None:
         """Stage B: the fused pass of docs/KERNEL.md into ``out``."""
 
 

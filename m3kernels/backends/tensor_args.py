@@ -7,7 +7,9 @@ import torch
 from m3kernels.merge.kernel_params import DTYPE_CODES
 
 
-def pointer_and_code(t: torch.Tensor, what: str, numel: int, device_type: str, backend: str) -> tuple[int, int]:
+def pointer_and_code(
+    t: torch.Tensor, what: str, numel: int, device_type: str, backend: str
+) -> tuple[int, int]:
     """``t``'s data pointer and dtype code, after checking type, device, dtype, layout and size."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor, got {type(t).__name__}")

@@ -16,8 +16,7 @@ import os
 import re
 import stat
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import yaml
@@ -27,7 +26,6 @@ from m3kernels.merge.mixup import MIXUP_SEED_LIMIT, SEED_LIMIT, draw_mix_ratios,
 from m3kernels.merge.recipe import SparsityError, make_recipe, not_taken, resolve_sparsity
 from m3kernels.merge.registry import (
     MERGE_WIDE,
-    MERGEKIT_ONLY_METHODS,
     PER_MODEL,
     all_config_params,
     get_method,
@@ -50,16 +48,27 @@ class MergeConfigError(M3KError, ValueError):
 
 SUPPORTED_METHODS = method_names()
 
-TOP_LEVEL_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                  "tokenizer_source", "seed", "trim_scope", "mixup", "name")
+TOP_LEVEL_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "seed",
+    "trim_scope",
+    "mixup",
+    "name",
+)
 # mergekit keys that change the output and that we do not implement (a null value is fine)
 REJECTED_TOP_LEVEL = {
     "slices": "layer slicing (frankenmerges) is not supported; list whole models under 'models'",
     "modules": "multi-module merges are not supported; list whole models under 'models'",
     "tokenizer": "the tokenizer block (token unions, added tokens) is not supported; "
-                 "only 'tokenizer_source: base' is",
+    "only 'tokenizer_source: base' is",
     "chat_template": "writing a chat template is not supported; the base model's tokenizer "
-                     "files are copied unchanged",
+    "files are copied unchanged",
 }
 
 # parameter names of all methods, from the registry (m3kernels.merge.registry)
@@ -70,18 +79,25 @@ ALL_PARAMETERS = PER_MODEL_PARAMETERS + MERGE_WIDE_PARAMETERS
 NO_OP_WHEN_NOT_TAKEN = {"rescale": False}
 
 _DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32", "float": "float32", "f32": "float32",
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16", "f16": "float16",
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "f32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
 }
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 TRIM_SCOPES = ("tensor", "model")
-MAX_SEED = SEED_LIMIT              # DARE seed range
+MAX_SEED = SEED_LIMIT  # DARE seed range
 MAX_MIXUP_SEED = MIXUP_SEED_LIMIT  # the M³ draw's seed range
 
 
-def canonical_dtype(value, key: str) -> Optional[str]:
+def canonical_dtype(value, key: str) -> str | None:
     """'bf16', 'torch.float16', 'FP32', ... -> 'bfloat16' | 'float16' | 'float32' (None stays)."""
     if value is None:
         return None
@@ -90,12 +106,13 @@ def canonical_dtype(value, key: str) -> Optional[str]:
     if isinstance(value, str):
         name = value.strip().lower()
         if name.startswith("torch."):
-            name = name[len("torch."):]
+            name = name[len("torch.") :]
         if name in _DTYPE_ALIASES:
             return _DTYPE_ALIASES[name]
     raise MergeConfigError(
         f"{key}: unsupported dtype {value!r}; use float32, bfloat16 or float16 "
-        f"(aliases: {', '.join(sorted(k for k in _DTYPE_ALIASES if k not in _TORCH_DTYPES))})")
+        f"(aliases: {', '.join(sorted(k for k in _DTYPE_ALIASES if k not in _TORCH_DTYPES))})"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -106,12 +123,22 @@ def canonical_dtype(value, key: str) -> Optional[str]:
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
 # name components of the input embeddings (mergekit's "pre" weights, read at t = 0); every
 # other tensor outside the layers (final norm, lm_head, ...) is a "post" weight, read at t = 1
-_EMBEDDING_PARTS = frozenset({"embed_tokens", "embed_in", "tok_embeddings", "wte", "wpe",
-                              "embeddings", "embedding", "word_embeddings",
-                              "word_embeddings_layernorm"})
+_EMBEDDING_PARTS = frozenset(
+    {
+        "embed_tokens",
+        "embed_in",
+        "tok_embeddings",
+        "wte",
+        "wpe",
+        "embeddings",
+        "embedding",
+        "word_embeddings",
+        "word_embeddings_layernorm",
+    }
+)
 
 
-def layer_index(tensor_name: str) -> Optional[int]:
+def layer_index(tensor_name: str) -> int | None:
     """The decoder layer of a tensor (``model.layers.7.mlp...`` -> 7), None outside the layers."""
     m = _LAYER_RE.search(tensor_name)
     return int(m.group(1)) if m else None
@@ -128,13 +155,15 @@ def tensor_position(tensor_name: str, num_layers: int) -> float:
         return 0.0 if parts & _EMBEDDING_PARTS else 1.0
     if idx >= num_layers:
         raise MergeConfigError(
-            f"tensor {tensor_name!r} is in layer {idx} but the model has {num_layers} layers")
+            f"tensor {tensor_name!r} is in layer {idx} but the model has {num_layers} layers"
+        )
     return idx / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 # ---------------------------------------------------------------------------------------
 # Parameter settings: a scalar, a gradient (list of numbers) or a list of filters
 # ---------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Setting:
@@ -208,13 +237,14 @@ def _value_setting(raw, kind: str, key: str, gradient: bool) -> Setting:
         if not gradient:
             raise MergeConfigError(
                 f"{key}: a gradient (list of values) is only supported for numeric parameters "
-                f"(weight, density, drop_rate, lambda), not here")
+                f"(weight, density, drop_rate, lambda), not here"
+            )
         if any(isinstance(v, (list, dict)) for v in raw):
             raise MergeConfigError(
                 f"{key}: a gradient must be a flat list of numbers, got {raw!r} "
-                f"(filters can not be nested inside a filter's value)")
-        return Setting("gradient", tuple(_leaf(v, kind, f"{key}[{j}]") for j, v in enumerate(raw)),
-                       key)
+                f"(filters can not be nested inside a filter's value)"
+            )
+        return Setting("gradient", tuple(_leaf(v, kind, f"{key}[{j}]") for j, v in enumerate(raw)), key)
     if isinstance(raw, dict):
         raise MergeConfigError(f"{key}: filters can not be nested inside a filter's value")
     if raw is None:
@@ -229,8 +259,7 @@ def parse_setting(raw, name: str, key: str) -> Setting:
         raw = [raw]
     if isinstance(raw, list) and raw and any(isinstance(e, dict) for e in raw):
         if not all(isinstance(e, dict) for e in raw):
-            raise MergeConfigError(
-                f"{key}: mixes filter entries ({{filter, value}}) and plain values")
+            raise MergeConfigError(f"{key}: mixes filter entries ({{filter, value}}) and plain values")
         entries = []
         for j, e in enumerate(raw):
             ekey = f"{key}[{j}]"
@@ -238,7 +267,8 @@ def parse_setting(raw, name: str, key: str) -> Setting:
             if extra:
                 raise MergeConfigError(
                     f"{ekey}: unknown key(s) {sorted(extra)}; a filter entry has 'filter' "
-                    f"(substring of the tensor name, optional) and 'value'")
+                    f"(substring of the tensor name, optional) and 'value'"
+                )
             if "value" not in e:
                 raise MergeConfigError(f"{ekey}: a filter entry needs a 'value'")
             flt = e.get("filter")
@@ -253,20 +283,21 @@ def parse_setting(raw, name: str, key: str) -> Setting:
 # The config
 # ---------------------------------------------------------------------------------------
 
+
 @dataclass
 class MergeConfig:
     """A validated merge config (see docs/CONFIG.md)."""
 
-    method: str                   # the registry's method name (m3kernels.merge.registry)
-    base_model: Optional[str]     # path as written
-    models: list                  # fine-tuned model paths, in order
-    dtype: Optional[str]          # 'float32' | 'bfloat16' | 'float16'
-    out_dtype: Optional[str]
-    tokenizer_source: Optional[str]  # None or 'base'
+    method: str  # the registry's method name (m3kernels.merge.registry)
+    base_model: str | None  # path as written
+    models: list  # fine-tuned model paths, in order
+    dtype: str | None  # 'float32' | 'bfloat16' | 'float16'
+    out_dtype: str | None
+    tokenizer_source: str | None  # None or 'base'
     seed: int
-    trim_scope: str               # 'tensor' | 'model'
-    mixup: Optional[dict]         # {'alpha': a, 'seed': s} or {'lambda': l}
-    raw: dict                     # the config exactly as given
+    trim_scope: str  # 'tensor' | 'model'
+    mixup: dict | None  # {'alpha': a, 'seed': s} or {'lambda': l}
+    raw: dict  # the config exactly as given
     # parsed parameters: per model (aligned with `models`) and top level
     model_parameters: list = field(default_factory=list, repr=False)
     parameters: dict = field(default_factory=dict, repr=False)
@@ -328,12 +359,13 @@ class MergeConfig:
         name = self.out_dtype or self.dtype
         if name is None:
             if base_dtype is None:
-                raise MergeConfigError("out_dtype: the config sets neither out_dtype nor dtype "
-                                       "and no base dtype was given")
+                raise MergeConfigError(
+                    "out_dtype: the config sets neither out_dtype nor dtype and no base dtype was given"
+                )
             name = canonical_dtype(base_dtype, "base dtype")
         return _TORCH_DTYPES[name]
 
-    def mix_ratios(self) -> Optional[tuple]:
+    def mix_ratios(self) -> tuple | None:
         """The M³ ratios of this merge (one draw, from mixup.seed), None without M³."""
         if self.mixup is None:
             return None
@@ -348,10 +380,10 @@ class MergeConfig:
 
 # Bounds on what a config may be (docs/CONFIG.md, "Bounded parsing"): a config is a few
 # hundred bytes; these leave room for large slice lists while keeping a hostile file cheap.
-MAX_CONFIG_BYTES = 1 << 20   # 1 MiB
-MAX_YAML_DEPTH = 32          # nested mappings/sequences
-MAX_YAML_NODES = 100_000     # scalars, mappings and sequences in all
-MAX_INT_DIGITS = 40          # an integer literal (a 2**64 seed has 20 digits)
+MAX_CONFIG_BYTES = 1 << 20  # 1 MiB
+MAX_YAML_DEPTH = 32  # nested mappings/sequences
+MAX_YAML_NODES = 100_000  # scalars, mappings and sequences in all
+MAX_INT_DIGITS = 40  # an integer literal (a 2**64 seed has 20 digits)
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -367,8 +399,10 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             ev = self.peek_event()
-            self._fail(ev.start_mark, f"YAML aliases (*{ev.anchor}) are not supported in a merge config; "
-                                      f"write the value out")
+            self._fail(
+                ev.start_mark,
+                f"YAML aliases (*{ev.anchor}) are not supported in a merge config; write the value out",
+            )
         depth = getattr(self, "_m3k_depth", 0) + 1
         nodes = getattr(self, "_m3k_nodes", 0) + 1
         self._m3k_depth, self._m3k_nodes = depth, nodes
@@ -443,8 +477,10 @@ def _read_config_file(path: str) -> str:
     if not stat.S_ISREG(st.st_mode):
         raise MergeConfigError(f"config file {path!r} is not a regular file")
     if st.st_size > MAX_CONFIG_BYTES:
-        raise MergeConfigError(f"config file {path!r} has {st.st_size:,} bytes; a merge config may have at "
-                               f"most {MAX_CONFIG_BYTES:,}")
+        raise MergeConfigError(
+            f"config file {path!r} has {st.st_size:,} bytes; a merge config may have at "
+            f"most {MAX_CONFIG_BYTES:,}"
+        )
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_CONFIG_BYTES + 1)
@@ -453,8 +489,9 @@ def _read_config_file(path: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise MergeConfigError(f"config file {path!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at "
-                               f"offset {e.start})") from None
+        raise MergeConfigError(
+            f"config file {path!r} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
 
 
 def read_config_source(source) -> dict:
@@ -464,7 +501,8 @@ def read_config_source(source) -> dict:
     elif isinstance(source, (str, os.PathLike)):
         s = os.fspath(source)
         is_path = isinstance(source, os.PathLike) or (
-            "\n" not in s and (os.path.isfile(s) or s.lower().endswith((".yaml", ".yml"))))
+            "\n" not in s and (os.path.isfile(s) or s.lower().endswith((".yaml", ".yml")))
+        )
         if is_path:
             raw = _parse_yaml(_read_config_file(s), s)
         else:
@@ -472,14 +510,15 @@ def read_config_source(source) -> dict:
                 raise MergeConfigError(f"config: {len(s):,} characters of YAML; at most {MAX_CONFIG_BYTES:,}")
             raw = _parse_yaml(s, "config")
             if isinstance(raw, str) and "\n" not in s:
-                raise MergeConfigError(f"config: {s!r} is neither an existing file nor YAML text "
-                                       f"with merge_method, models, ...")
+                raise MergeConfigError(
+                    f"config: {s!r} is neither an existing file nor YAML text with merge_method, models, ..."
+                )
     else:
-        raise MergeConfigError(
-            f"config: expected a path, YAML text or a dict, got {type(source).__name__}")
+        raise MergeConfigError(f"config: expected a path, YAML text or a dict, got {type(source).__name__}")
     if not isinstance(raw, dict):
-        raise MergeConfigError(f"config: expected a mapping of keys (merge_method, models, ...), "
-                               f"got {type(raw).__name__}")
+        raise MergeConfigError(
+            f"config: expected a mapping of keys (merge_method, models, ...), got {type(raw).__name__}"
+        )
     return raw
 
 
@@ -489,11 +528,13 @@ def _model_path(value, key: str) -> str:
     if "+" in value:
         raise MergeConfigError(
             f"{key}: {value!r} names a LoRA ('model+adapter'); LoRA adapters are not supported, "
-            f"merge the adapter into a full checkpoint first")
+            f"merge the adapter into a full checkpoint first"
+        )
     if "@" in value:
         raise MergeConfigError(
             f"{key}: {value!r} names a revision ('model@revision'); only local checkpoint "
-            f"directories are supported")
+            f"directories are supported"
+        )
     return value
 
 
@@ -510,12 +551,13 @@ def _parse_parameters(raw, key: str, allowed) -> dict:
     for name, value in raw.items():
         if name not in ALL_PARAMETERS:
             raise MergeConfigError(
-                f"{key}.{name}: unknown or unsupported parameter; supported: "
-                f"{', '.join(ALL_PARAMETERS)}")
+                f"{key}.{name}: unknown or unsupported parameter; supported: {', '.join(ALL_PARAMETERS)}"
+            )
         if name not in allowed:
             raise MergeConfigError(
                 f"{key}.{name}: a merge-wide parameter; set it in the top-level 'parameters' "
-                f"(mergekit ignores it per model). Per-model parameters: {', '.join(allowed)}")
+                f"(mergekit ignores it per model). Per-model parameters: {', '.join(allowed)}"
+            )
         out[name] = parse_setting(value, name, f"{key}.{name}")
     return out
 
@@ -526,15 +568,16 @@ def _check_int(value, key: str, upper: int) -> int:
     return value
 
 
-def _parse_mixup(raw, n: int, seed: int) -> Optional[dict]:
+def _parse_mixup(raw, n: int, seed: int) -> dict | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
         raise MergeConfigError(f"mixup: expected a mapping {{alpha, seed}} or {{lambda}}, got {raw!r}")
     extra = set(raw) - {"alpha", "seed", "lambda"}
     if extra:
-        raise MergeConfigError(f"mixup.{sorted(extra)[0]}: unknown key; mixup takes alpha "
-                               f"(with optional seed) or lambda")
+        raise MergeConfigError(
+            f"mixup.{sorted(extra)[0]}: unknown key; mixup takes alpha (with optional seed) or lambda"
+        )
     if "alpha" in raw and "lambda" in raw:
         raise MergeConfigError("mixup: give alpha (drawn λ) or lambda (fixed λ), not both")
     if "lambda" in raw:
@@ -542,8 +585,10 @@ def _parse_mixup(raw, n: int, seed: int) -> Optional[dict]:
             raise MergeConfigError("mixup.seed: only used with mixup.alpha (a fixed lambda draws nothing)")
         lam = _leaf(raw["lambda"], "fraction", "mixup.lambda")
         if n != 2:
-            raise MergeConfigError(f"mixup.lambda: a fixed λ needs exactly 2 models, got {n}; "
-                                   f"use mixup.alpha (Dirichlet) for {n} models")
+            raise MergeConfigError(
+                f"mixup.lambda: a fixed λ needs exactly 2 models, got {n}; "
+                f"use mixup.alpha (Dirichlet) for {n} models"
+            )
         return {"lambda": lam}
     if "alpha" not in raw:
         raise MergeConfigError("mixup: needs alpha (Beta/Dirichlet concentration) or lambda")
@@ -554,8 +599,7 @@ def _parse_mixup(raw, n: int, seed: int) -> Optional[dict]:
         mseed = _check_int(raw["seed"], "mixup.seed", MAX_MIXUP_SEED)
     else:
         if seed >= MAX_MIXUP_SEED:
-            raise MergeConfigError(f"seed: the M³ draw needs a seed below 2**32, got {seed}; "
-                                   f"set mixup.seed")
+            raise MergeConfigError(f"seed: the M³ draw needs a seed below 2**32, got {seed}; set mixup.seed")
         mseed = seed
     return {"alpha": alpha, "seed": mseed}
 
@@ -590,19 +634,27 @@ def _check_method_parameters(method: str, top: dict, per_model: list) -> None:
 def _check_model_trim(cfg: MergeConfig) -> None:
     """trim_scope: model needs a trim and one density per model for every tensor."""
     if not get_method(cfg.method).trim:
-        raise MergeConfigError(f"trim_scope: 'model' applies to methods with a magnitude trim "
-                               f"(ties, ties_dare), not {cfg.method!r}")
-    for i, params in enumerate(cfg.model_parameters):
+        raise MergeConfigError(
+            f"trim_scope: 'model' applies to methods with a magnitude trim "
+            f"(ties, ties_dare), not {cfg.method!r}"
+        )
+    for params in cfg.model_parameters:
         s = params.get("density", cfg.parameters.get("density"))
         if s is not None and not s.is_scalar:
             raise MergeConfigError(
                 f"{s.key}: trim_scope 'model' needs one density per model (a plain number), "
-                f"not a gradient or filters")
+                f"not a gradient or filters"
+            )
 
 
 # tensors used to dry-run the resolved arguments through make_recipe at load time
-_PROBE_TENSORS = ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                  "model.layers.1.mlp.down_proj.weight", "model.norm.weight", "lm_head.weight")
+_PROBE_TENSORS = (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.weight",
+    "model.layers.1.mlp.down_proj.weight",
+    "model.norm.weight",
+    "lm_head.weight",
+)
 
 
 def _dry_run(cfg: MergeConfig) -> None:
@@ -610,8 +662,14 @@ def _dry_run(cfg: MergeConfig) -> None:
     for name in _PROBE_TENSORS:
         kw = cfg.tensor_kwargs(name, 2)
         try:
-            make_recipe(len(cfg.models), method=cfg.method, has_base=cfg.base_model is not None,
-                        seed=cfg.seed, mix_ratios=ratios, **kw)
+            make_recipe(
+                len(cfg.models),
+                method=cfg.method,
+                has_base=cfg.base_model is not None,
+                seed=cfg.seed,
+                mix_ratios=ratios,
+                **kw,
+            )
         except ValueError as e:
             raise MergeConfigError(f"{e} (checking the parameters of tensor {name!r})") from None
 
@@ -636,8 +694,9 @@ def parse_config(raw: dict) -> MergeConfig:
 
     entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
-        raise MergeConfigError("models: expected a non-empty list of {model: PATH, parameters: {...}} "
-                               "entries")
+        raise MergeConfigError(
+            "models: expected a non-empty list of {model: PATH, parameters: {...}} entries"
+        )
     models, per_model, seen = [], [], []
     base_listed = False
     for i, entry in enumerate(entries):
@@ -646,11 +705,11 @@ def parse_config(raw: dict) -> MergeConfig:
             raise MergeConfigError(f"{key}: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
         extra = set(entry) - {"model", "parameters"}
         if extra:
-            raise MergeConfigError(f"{key}.{sorted(extra)[0]}: unknown key; a model entry has "
-                                   f"'model' and 'parameters'")
+            raise MergeConfigError(
+                f"{key}.{sorted(extra)[0]}: unknown key; a model entry has 'model' and 'parameters'"
+            )
         path = _model_path(entry.get("model"), f"{key}.model")
-        params = _parse_parameters(entry.get("parameters"), f"{key}.parameters",
-                                   PER_MODEL_PARAMETERS)
+        params = _parse_parameters(entry.get("parameters"), f"{key}.parameters", PER_MODEL_PARAMETERS)
         if any(_same_path(path, p) for p in seen):
             raise MergeConfigError(f"{key}.model: {path!r} is listed twice")
         seen.append(path)
@@ -664,7 +723,8 @@ def parse_config(raw: dict) -> MergeConfig:
         raise MergeConfigError(
             f"base_model: method {method!r} does not use a base model; mergekit would add an "
             f"unlisted base_model as one more averaged model. List it under models (with its "
-            f"weight) to average it in, or remove base_model")
+            f"weight) to average it in, or remove base_model"
+        )
     if not models:
         raise MergeConfigError("models: no model to merge besides the base model")
 
@@ -677,8 +737,10 @@ def parse_config(raw: dict) -> MergeConfig:
     tok = raw.get("tokenizer_source")
     if tok is not None:
         if tok != "base":
-            raise MergeConfigError(f"tokenizer_source: {tok!r} is not supported; only 'base' "
-                                   f"(copy the base model's tokenizer) or leaving it out")
+            raise MergeConfigError(
+                f"tokenizer_source: {tok!r} is not supported; only 'base' "
+                f"(copy the base model's tokenizer) or leaving it out"
+            )
         if base is None:
             raise MergeConfigError("tokenizer_source: 'base' needs a base_model")
 
@@ -691,10 +753,19 @@ def parse_config(raw: dict) -> MergeConfig:
         raise MergeConfigError(f"name: expected a string, got {name!r}")
 
     cfg = MergeConfig(
-        method=method, base_model=base, models=models, dtype=dtype, out_dtype=out_dtype,
-        tokenizer_source=tok, seed=seed, trim_scope=scope,
-        mixup=_parse_mixup(raw.get("mixup"), len(models), seed), raw=raw,
-        model_parameters=[p for _, p in per_model], parameters=top)
+        method=method,
+        base_model=base,
+        models=models,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        tokenizer_source=tok,
+        seed=seed,
+        trim_scope=scope,
+        mixup=_parse_mixup(raw.get("mixup"), len(models), seed),
+        raw=raw,
+        model_parameters=[p for _, p in per_model],
+        parameters=top,
+    )
     if scope == "model":
         _check_model_trim(cfg)
     _dry_run(cfg)
@@ -706,6 +777,17 @@ def load_config(source) -> MergeConfig:
     return parse_config(read_config_source(source))
 
 
-__all__ = ["load_config", "parse_config", "read_config_source", "MergeConfig", "MergeConfigError",
-           "Setting", "parse_setting", "interpolate_gradient", "tensor_position", "layer_index",
-           "canonical_dtype", "SUPPORTED_METHODS"]
+__all__ = [
+    "load_config",
+    "parse_config",
+    "read_config_source",
+    "MergeConfig",
+    "MergeConfigError",
+    "Setting",
+    "parse_setting",
+    "interpolate_gradient",
+    "tensor_position",
+    "layer_index",
+    "canonical_dtype",
+    "SUPPORTED_METHODS",
+]

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
 
 import torch
 
@@ -62,25 +62,27 @@ class _Plan:
     """One job's inputs and where they go inside the slot buffers."""
 
     job: MergeJob
-    inputs: list              # CPU tensors: the base (when the recipe uses it), then the models
-    offsets: list             # byte offset of each input in the slot's input buffer
-    in_bytes: int             # size of the slot's input region
+    inputs: list  # CPU tensors: the base (when the recipe uses it), then the models
+    offsets: list  # byte offset of each input in the slot's input buffer
+    in_bytes: int  # size of the slot's input region
     out_bytes: int
     shape: tuple
 
     def describe(self) -> str:
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in self.inputs})
-        return (f"tensor {self.job.name!r} (shape {list(self.shape)}, {len(self.inputs)} inputs of "
-                f"{'/'.join(dtypes)}, output {str(self.job.out_dtype).replace('torch.', '')})")
+        return (
+            f"tensor {self.job.name!r} (shape {list(self.shape)}, {len(self.inputs)} inputs of "
+            f"{'/'.join(dtypes)}, output {str(self.job.out_dtype).replace('torch.', '')})"
+        )
 
 
 class _Slot:
     """Device and pinned host buffers for one tensor set in flight, and its stream events."""
 
     def __init__(self):
-        self.dev_in: Optional[torch.Tensor] = None    # uint8 device buffer for the inputs
-        self.dev_out: Optional[torch.Tensor] = None   # uint8 device buffer for the output
-        self.host_in: Optional[torch.Tensor] = None   # uint8 pinned staging buffer
+        self.dev_in: torch.Tensor | None = None  # uint8 device buffer for the inputs
+        self.dev_out: torch.Tensor | None = None  # uint8 device buffer for the output
+        self.host_in: torch.Tensor | None = None  # uint8 pinned staging buffer
         self.h2d_done = _cuda.Event()
         self.compute_done = _cuda.Event()
         self.d2h_done = _cuda.Event()
@@ -112,14 +114,22 @@ def _plan(job: MergeJob) -> _Plan:
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"tensor {job.name!r}: {what} is not a torch.Tensor")
         if t.device.type != "cpu":
-            raise ValueError(f"tensor {job.name!r}: {what} is on {t.device}; gpu_merge_stream takes CPU inputs")
+            raise ValueError(
+                f"tensor {job.name!r}: {what} is on {t.device}; gpu_merge_stream takes CPU inputs"
+            )
         if t.dtype not in DTYPE_CODES:
-            raise ValueError(f"tensor {job.name!r}: {what} has dtype {t.dtype}; float32, bfloat16 and "
-                             "float16 are merged (copy other tensors unchanged)")
+            raise ValueError(
+                f"tensor {job.name!r}: {what} has dtype {t.dtype}; float32, bfloat16 and "
+                "float16 are merged (copy other tensors unchanged)"
+            )
         if tuple(t.shape) != shape:
-            raise ValueError(f"tensor {job.name!r}: {what} has shape {list(t.shape)}, models[0] has {list(shape)}")
+            raise ValueError(
+                f"tensor {job.name!r}: {what} has shape {list(t.shape)}, models[0] has {list(shape)}"
+            )
     if job.out_dtype not in DTYPE_CODES:
-        raise ValueError(f"tensor {job.name!r}: out_dtype {job.out_dtype} is not float32, bfloat16 or float16")
+        raise ValueError(
+            f"tensor {job.name!r}: out_dtype {job.out_dtype} is not float32, bfloat16 or float16"
+        )
     offsets, pos = [], 0
     for t in inputs:
         offsets.append(pos)
@@ -145,15 +155,17 @@ def _oom_error(plan: _Plan, device: torch.device, exc: BaseException) -> Runtime
         f"gpu_merge_stream: not enough GPU memory for {plan.describe()}: it needs {need} bytes "
         f"({plan.in_bytes} for the inputs + {plan.out_bytes} for the output) plus stage A scratch; "
         f"{where}. Merge this tensor with the cpu backend or free GPU memory. ({type(exc).__name__}: "
-        f"{str(exc).splitlines()[0] if str(exc) else ''})")
+        f"{str(exc).splitlines()[0] if str(exc) else ''})"
+    )
 
 
 def _pinned(nbytes: int, what: str) -> torch.Tensor:
     try:
         return _pinned_empty((max(nbytes, 1),), torch.uint8)
     except RuntimeError as exc:
-        raise RuntimeError(f"gpu_merge_stream: could not allocate {nbytes} bytes of pinned host memory "
-                           f"for {what}: {exc}") from exc
+        raise RuntimeError(
+            f"gpu_merge_stream: could not allocate {nbytes} bytes of pinned host memory for {what}: {exc}"
+        ) from exc
 
 
 def _stage(slot: _Slot, plan: _Plan) -> None:
@@ -167,7 +179,7 @@ def _stage(slot: _Slot, plan: _Plan) -> None:
         slot.host_in = _pinned(plan.in_bytes, plan.describe())
     for t, off in zip(plan.inputs, plan.offsets):
         if not _direct(t):
-            view = slot.host_in[off:off + _nbytes(t)].view(t.dtype).view(t.shape)
+            view = slot.host_in[off : off + _nbytes(t)].view(t.dtype).view(t.shape)
             view.copy_(t)
 
 
@@ -182,8 +194,12 @@ class _Pipeline:
 
     def reserve(self, slot: _Slot, plan: _Plan) -> None:
         """Grow the slot's device buffers to fit the plan (one retry after releasing the others)."""
-        if (slot.dev_in is not None and slot.dev_in.numel() >= plan.in_bytes
-                and slot.dev_out is not None and slot.dev_out.numel() >= plan.out_bytes):
+        if (
+            slot.dev_in is not None
+            and slot.dev_in.numel() >= plan.in_bytes
+            and slot.dev_out is not None
+            and slot.dev_out.numel() >= plan.out_bytes
+        ):
             return
         slot.release_device()
         for attempt in (0, 1):
@@ -211,7 +227,7 @@ class _Pipeline:
                 end = max(off + _nbytes(t) for t, off, s in zip(plan.inputs, plan.offsets, staged) if s)
                 slot.dev_in[:end].copy_(slot.host_in[:end], non_blocking=True)
             for t, off, s in zip(plan.inputs, plan.offsets, staged):
-                view = slot.dev_in[off:off + _nbytes(t)].view(t.dtype).view(t.shape)
+                view = slot.dev_in[off : off + _nbytes(t)].view(t.dtype).view(t.shape)
                 if not s:
                     view.copy_(t, non_blocking=True)
                 views.append(view)
@@ -219,7 +235,7 @@ class _Pipeline:
         uses_base = len(views) == len(job.models) + 1
         base = views[0] if uses_base else None
         models = views[1:] if uses_base else views
-        out = slot.dev_out[:plan.out_bytes].view(job.out_dtype)[:models[0].numel()].view(plan.shape)
+        out = slot.dev_out[: plan.out_bytes].view(job.out_dtype)[: models[0].numel()].view(plan.shape)
         with _cuda.stream(self.compute):
             self.compute.wait_event(slot.h2d_done)
             if slot.used:
@@ -232,8 +248,10 @@ class _Pipeline:
         try:
             result = _pinned_empty(plan.shape, job.out_dtype)
         except RuntimeError as exc:
-            raise RuntimeError(f"gpu_merge_stream: could not allocate pinned host memory for the result "
-                               f"of {plan.describe()}: {exc}") from exc
+            raise RuntimeError(
+                f"gpu_merge_stream: could not allocate pinned host memory for the result "
+                f"of {plan.describe()}: {exc}"
+            ) from exc
         with _cuda.stream(self.d2h):
             self.d2h.wait_event(slot.compute_done)
             result.copy_(out, non_blocking=True)
@@ -249,7 +267,7 @@ class _Pipeline:
 
 
 def _run(jobs: Iterable[MergeJob], pipe: _Pipeline, depth: int) -> Iterator[tuple[MergeJob, torch.Tensor]]:
-    pending: collections.deque = collections.deque()   # (job, result, done event or None), job order
+    pending: collections.deque = collections.deque()  # (job, result, done event or None), job order
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3k-stage")
     it = iter(jobs)
     count = 0
@@ -306,8 +324,9 @@ def _run(jobs: Iterable[MergeJob], pipe: _Pipeline, depth: int) -> Iterator[tupl
             pass
 
 
-def gpu_merge_stream(jobs: Iterable[MergeJob], device="cuda", backend: str = "auto",
-                     depth: int = 2) -> Iterator[tuple[MergeJob, torch.Tensor]]:
+def gpu_merge_stream(
+    jobs: Iterable[MergeJob], device="cuda", backend: str = "auto", depth: int = 2
+) -> Iterator[tuple[MergeJob, torch.Tensor]]:
     """Merge ``jobs`` on a CUDA device, overlapping transfers with kernels; yields in job order.
 
     ``device``: a CUDA device ("cuda", "cuda:1", torch.device); ``backend``: "auto" (cuda, else
@@ -319,13 +338,17 @@ def gpu_merge_stream(jobs: Iterable[MergeJob], device="cuda", backend: str = "au
     if dev.type != "cuda":
         raise ValueError(f"gpu_merge_stream runs on a CUDA device, got device={device!r}")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"gpu_merge_stream needs a CUDA GPU, but torch.cuda.is_available() is False "
-                           f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-                           "merge on the CPU instead")
+        raise RuntimeError(
+            f"gpu_merge_stream needs a CUDA GPU, but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+            "merge on the CPU instead"
+        )
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if dev.index >= torch.cuda.device_count():
-        raise RuntimeError(f"gpu_merge_stream: {dev} does not exist ({torch.cuda.device_count()} CUDA devices)")
+        raise RuntimeError(
+            f"gpu_merge_stream: {dev} does not exist ({torch.cuda.device_count()} CUDA devices)"
+        )
     if not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be an integer >= 1, got {depth!r}")
     be = get_backend(backend, dev)

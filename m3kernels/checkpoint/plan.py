@@ -27,27 +27,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from m3kernels.checkpoint.source import Checkpoint, TensorMeta
 from m3kernels.checkpoint.config import MergeConfig, MergeConfigError, layer_index
+from m3kernels.checkpoint.safetensors_io import torch_dtype_name
+from m3kernels.checkpoint.source import Checkpoint, TensorMeta
 from m3kernels.errors import TensorMismatchError
 from m3kernels.merge.job import MergeJob
 from m3kernels.merge.recipe import Recipe, make_recipe
 from m3kernels.merge.registry import get_method
-from m3kernels.checkpoint.safetensors_io import torch_dtype_name
 
 MERGE, VOCAB, COPY = "merge", "vocab", "copy"
 MERGEABLE = (torch.float32, torch.bfloat16, torch.float16)
 EMBEDDING_MODULES = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings"})
 HEAD_MODULES = frozenset({"lm_head", "embed_out"})
-HEAD_NAMES = frozenset({"output.weight"})   # Meta's original Llama layout
+HEAD_NAMES = frozenset({"output.weight"})  # Meta's original Llama layout
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
-def vocab_role(name: str) -> Optional[str]:
+def vocab_role(name: str) -> str | None:
     """'embedding', 'head' or None: whether ``name`` is a vocabulary-indexed weight."""
     parts = name.split(".")
     if name in HEAD_NAMES:
@@ -87,17 +86,17 @@ class PlannedTensor:
     """One output tensor: how it is made, from what, and where it goes."""
 
     name: str
-    action: str                         # MERGE | VOCAB | COPY
+    action: str  # MERGE | VOCAB | COPY
     shape: tuple
     out_dtype: torch.dtype
-    base: Optional[Source]              # θ0 for the merge (None: no base, or the method ignores it)
-    models: list                        # Source per fine-tuned model (COPY: the one copied)
-    kwargs: dict = field(default_factory=dict)   # MergeConfig.tensor_kwargs for this tensor
-    recipe: Optional[Recipe] = None
-    common_rows: Optional[int] = None   # VOCAB: rows merged; the rest come from the longer inputs
-    fallback: Optional[Source] = None   # VOCAB: the base's (or first input's) rows when no model has them
+    base: Source | None  # θ0 for the merge (None: no base, or the method ignores it)
+    models: list  # Source per fine-tuned model (COPY: the one copied)
+    kwargs: dict = field(default_factory=dict)  # MergeConfig.tensor_kwargs for this tensor
+    recipe: Recipe | None = None
+    common_rows: int | None = None  # VOCAB: rows merged; the rest come from the longer inputs
+    fallback: Source | None = None  # VOCAB: the base's (or first input's) rows when no model has them
     shard: int = -1
-    index: int = -1                     # position in the write order
+    index: int = -1  # position in the write order
 
     @property
     def numel(self) -> int:
@@ -136,8 +135,9 @@ class PlannedTensor:
     def job(self, thresholds=None) -> MergeJob:
         """This tensor as the one job type every merge path takes (VOCAB: the common rows)."""
         b, ms = self.inputs()
-        return MergeJob(self.name, b, ms, self.out_dtype, self.recipe, thresholds=thresholds,
-                        meta={"planned": self})
+        return MergeJob(
+            self.name, b, ms, self.out_dtype, self.recipe, thresholds=thresholds, meta={"planned": self}
+        )
 
     def prefetch(self) -> None:
         for s in self.sources():
@@ -152,7 +152,7 @@ class PlannedTensor:
 class Shard:
     index: int
     filename: str
-    tensors: list        # PlannedTensor in file order
+    tensors: list  # PlannedTensor in file order
 
     @property
     def nbytes(self) -> int:
@@ -164,17 +164,17 @@ class MergePlan:
     """Everything decided before the first byte is written (see the module docstring)."""
 
     config: MergeConfig
-    base: Optional[Checkpoint]
-    models: list                      # Checkpoint per fine-tuned model
-    tensors: list                     # PlannedTensor in write order
-    shards: list                      # Shard
+    base: Checkpoint | None
+    models: list  # Checkpoint per fine-tuned model
+    tensors: list  # PlannedTensor in write order
+    shards: list  # Shard
     num_layers: int
-    mix_ratios: Optional[tuple]
+    mix_ratios: tuple | None
     seed: int
-    out_dtype: torch.dtype            # the dtype written into config.json
-    out_vocab_rows: Optional[int]     # embedding rows of the output when they changed
-    untied_head: bool                 # the base ties its head but the output does not
-    notes: list = field(default_factory=list)   # warnings about the merge, one line each
+    out_dtype: torch.dtype  # the dtype written into config.json
+    out_vocab_rows: int | None  # embedding rows of the output when they changed
+    untied_head: bool  # the base ties its head but the output does not
+    notes: list = field(default_factory=list)  # warnings about the merge, one line each
 
     @property
     def config_source(self) -> Checkpoint:
@@ -193,11 +193,21 @@ class MergePlan:
         rows = [("tensor", "action", "shape", "dtype", "shard", "bytes")]
         for t in self.tensors:
             act = t.action if t.action != VOCAB else f"vocab({t.common_rows})"
-            rows.append((t.name, act, "x".join(map(str, t.shape)) or "scalar",
-                         torch_dtype_name(t.out_dtype), str(t.shard + 1), f"{t.nbytes:,}"))
+            rows.append(
+                (
+                    t.name,
+                    act,
+                    "x".join(map(str, t.shape)) or "scalar",
+                    torch_dtype_name(t.out_dtype),
+                    str(t.shard + 1),
+                    f"{t.nbytes:,}",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) if i != 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                 for r in rows]
+        lines = [
+            "  ".join(c.ljust(w) if i != 5 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            for r in rows
+        ]
         return "\n".join(lines)
 
     def summary(self) -> str:
@@ -210,10 +220,14 @@ class MergePlan:
         lines += [f"model {i + 1}:  {m.path}" for i, m in enumerate(self.models)]
         if self.mix_ratios is not None:
             lines.append("M³ ratios: " + ", ".join(f"{r:.6f}" for r in self.mix_ratios))
-        lines.append(f"tensors:  {len(self.tensors)} ({counts[MERGE]} merged, {counts[VOCAB]} vocabulary-row "
-                     f"merges, {counts[COPY]} copied)")
-        lines.append(f"output:   {self.total_bytes:,} bytes in {len(self.shards)} shard(s), "
-                     f"{torch_dtype_name(self.out_dtype)}; reads {self.input_bytes:,} input bytes")
+        lines.append(
+            f"tensors:  {len(self.tensors)} ({counts[MERGE]} merged, {counts[VOCAB]} vocabulary-row "
+            f"merges, {counts[COPY]} copied)"
+        )
+        lines.append(
+            f"output:   {self.total_bytes:,} bytes in {len(self.shards)} shard(s), "
+            f"{torch_dtype_name(self.out_dtype)}; reads {self.input_bytes:,} input bytes"
+        )
         for s in self.shards:
             lines.append(f"  {s.filename}: {len(s.tensors)} tensors, {s.nbytes:,} bytes")
         lines += [f"note: {n}" for n in self.notes]
@@ -230,7 +244,7 @@ def count_layers(ckpt: Checkpoint) -> int:
     return max(1, from_names)
 
 
-def _embedding_of(ckpt: Checkpoint, cols: Optional[int]) -> Optional[str]:
+def _embedding_of(ckpt: Checkpoint, cols: int | None) -> str | None:
     """The input-embedding tensor a tied head stands in with."""
     for n in ckpt.names:
         if vocab_role(n) == "embedding":
@@ -240,7 +254,7 @@ def _embedding_of(ckpt: Checkpoint, cols: Optional[int]) -> Optional[str]:
     return None
 
 
-def _source(ckpt: Checkpoint, name: str, head_cols: Optional[int]) -> tuple[Optional[Source], bool]:
+def _source(ckpt: Checkpoint, name: str, head_cols: int | None) -> tuple[Source | None, bool]:
     """(source, stood_in): the tensor itself, or for a missing head the tied embedding (unless the
     model's config.json says ``tie_word_embeddings: false``: then the head is simply missing)."""
     if name in ckpt:
@@ -256,9 +270,11 @@ def _source(ckpt: Checkpoint, name: str, head_cols: Optional[int]) -> tuple[Opti
 def _missing_error(name, inputs, found) -> TensorMismatchError:
     missing = [c.label for c, s in zip(inputs, found) if s is None]
     present = [c.label for c, s in zip(inputs, found) if s is not None]
-    return TensorMismatchError(f"tensor {name!r} is missing in {', '.join(missing)}; present in "
-                               f"{', '.join(present) or 'no input'}", tensor=name,
-                               path=str(inputs[[s is None for s in found].index(True)].path))
+    return TensorMismatchError(
+        f"tensor {name!r} is missing in {', '.join(missing)}; present in {', '.join(present) or 'no input'}",
+        tensor=name,
+        path=str(inputs[[s is None for s in found].index(True)].path),
+    )
 
 
 def _recipe(cfg: MergeConfig, name: str, kwargs: dict, n: int, has_base: bool, ratios, seed) -> Recipe:
@@ -268,7 +284,7 @@ def _recipe(cfg: MergeConfig, name: str, kwargs: dict, n: int, has_base: bool, r
         raise MergeConfigError(f"tensor {name!r}: {exc}") from None
 
 
-def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_shard_size: int) -> MergePlan:
+def build_plan(cfg: MergeConfig, base: Checkpoint | None, models: list, out_shard_size: int) -> MergePlan:
     """Match tensors across the inputs, apply docs/SPEC.md §4, choose dtypes and shards."""
     preset = get_method(cfg.method)
     source = base if base is not None else models[0]
@@ -284,13 +300,18 @@ def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_s
             if n in source or n in names:
                 continue
             if vocab_role(n) == "head" and _embedding_of(source, None) is not None:
-                names.append(n)   # the base ties its head; this model has its own: untie the output
+                names.append(n)  # the base ties its head; this model has its own: untie the output
                 untied = True
-                notes.append(f"{n}: {source.label} ties it to the input embedding but {ck.label} has its own; "
-                             f"the output gets an untied {n} (tie_word_embeddings: false)")
+                notes.append(
+                    f"{n}: {source.label} ties it to the input embedding but {ck.label} has its own; "
+                    f"the output gets an untied {n} (tie_word_embeddings: false)"
+                )
             else:
-                raise TensorMismatchError(f"tensor {n!r} is in {ck.label} but missing in {source.label}",
-                                          tensor=n, path=str(source.path))
+                raise TensorMismatchError(
+                    f"tensor {n!r} is in {ck.label} but missing in {source.label}",
+                    tensor=n,
+                    path=str(source.path),
+                )
 
     planned, out_vocab_rows = [], None
     for name in names:
@@ -314,10 +335,14 @@ def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_s
                 odd = next(s for s in found if s.meta.shape != src0.meta.shape)
                 raise TensorMismatchError(
                     f"tensor {name!r} has different shapes: " + "; ".join(s.describe() for s in found),
-                    tensor=name, path=str(odd.ckpt.path))
+                    tensor=name,
+                    path=str(odd.ckpt.path),
+                )
             if src0.meta.dtype.is_floating_point:
-                notes.append(f"{name}: dtype {torch_dtype_name(src0.meta.dtype)} cannot be merged; copied "
-                             f"from {src0.ckpt.label}")
+                notes.append(
+                    f"{name}: dtype {torch_dtype_name(src0.meta.dtype)} cannot be merged; copied "
+                    f"from {src0.ckpt.label}"
+                )
             planned.append(PlannedTensor(name, COPY, src0.meta.shape, src0.meta.dtype, None, [src0]))
             continue
         if stand_ins:
@@ -327,7 +352,9 @@ def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_s
                 raise TensorMismatchError(
                     f"tensor {name!r} has dtype {torch_dtype_name(s.meta.dtype)} in {s.ckpt.label} but "
                     f"{torch_dtype_name(src0.meta.dtype)} in {src0.ckpt.label}; cannot merge",
-                    tensor=name, path=str(s.ckpt.path))
+                    tensor=name,
+                    path=str(s.ckpt.path),
+                )
         base_src = found[0] if base is not None else None
         model_srcs = found[1:] if base is not None else found
         shapes = [s.meta.shape for s in found]
@@ -337,13 +364,17 @@ def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_s
             if not (vocab_role(name) is not None and two_d):
                 raise TensorMismatchError(
                     f"tensor {name!r} has different shapes: " + "; ".join(s.describe() for s in found),
-                    tensor=name, path=str(found[[sh != shapes[0] for sh in shapes].index(True)].ckpt.path))
+                    tensor=name,
+                    path=str(found[[sh != shapes[0] for sh in shapes].index(True)].ckpt.path),
+                )
             action, common = VOCAB, min(sh[0] for sh in shapes)
             shape = (max(sh[0] for sh in shapes), shapes[0][1])
-            notes.append(f"{name}: row counts differ (" + ", ".join(f"{s.ckpt.role} {s.meta.shape[0]}"
-                                                                   for s in found)
-                         + f"); merged the first {common} rows, the others come from the inputs that have "
-                           f"them; output has {shape[0]} rows")
+            notes.append(
+                f"{name}: row counts differ ("
+                + ", ".join(f"{s.ckpt.role} {s.meta.shape[0]}" for s in found)
+                + f"); merged the first {common} rows, the others come from the inputs that have "
+                f"them; output has {shape[0]} rows"
+            )
             if vocab_role(name) == "embedding" or out_vocab_rows is None:
                 out_vocab_rows = shape[0]
         try:
@@ -353,8 +384,20 @@ def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_s
             raise MergeConfigError(f"tensor {name!r}: {exc}") from None
         use_base = base_src if preset.uses_base else None
         recipe = _recipe(cfg, name, kwargs, len(model_srcs), use_base is not None, ratios, cfg.seed)
-        planned.append(PlannedTensor(name, action, tuple(shape), out_dtype, use_base, model_srcs, kwargs,
-                                     recipe, common, src0 if action == VOCAB else None))
+        planned.append(
+            PlannedTensor(
+                name,
+                action,
+                tuple(shape),
+                out_dtype,
+                use_base,
+                model_srcs,
+                kwargs,
+                recipe,
+                common,
+                src0 if action == VOCAB else None,
+            )
+        )
 
     shards = assign_shards(planned, out_shard_size)
     order = [t for s in shards for t in s.tensors]
@@ -365,8 +408,20 @@ def build_plan(cfg: MergeConfig, base: Optional[Checkpoint], models: list, out_s
         if t.action != COPY:
             float_bytes[t.out_dtype] = float_bytes.get(t.out_dtype, 0) + t.nbytes
     out_dtype = max(float_bytes, key=float_bytes.get) if float_bytes else torch.float32
-    return MergePlan(cfg, base, list(models), order, shards, num_layers, ratios, cfg.seed, out_dtype,
-                     out_vocab_rows, untied, notes)
+    return MergePlan(
+        cfg,
+        base,
+        list(models),
+        order,
+        shards,
+        num_layers,
+        ratios,
+        cfg.seed,
+        out_dtype,
+        out_vocab_rows,
+        untied,
+        notes,
+    )
 
 
 def assign_shards(tensors: list, max_bytes: int) -> list:
@@ -390,5 +445,18 @@ def assign_shards(tensors: list, max_bytes: int) -> list:
     return shards
 
 
-__all__ = ["MergePlan", "PlannedTensor", "Shard", "Source", "build_plan", "assign_shards", "shard_filenames",
-           "vocab_role", "count_layers", "MERGE", "VOCAB", "COPY", "MERGEABLE"]
+__all__ = [
+    "MergePlan",
+    "PlannedTensor",
+    "Shard",
+    "Source",
+    "build_plan",
+    "assign_shards",
+    "shard_filenames",
+    "vocab_role",
+    "count_layers",
+    "MERGE",
+    "VOCAB",
+    "COPY",
+    "MERGEABLE",
+]

@@ -8,22 +8,23 @@ builds one from its arguments, the checkpoint merge from each planned tensor
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
 
 @dataclass
 class MergeJob:
-    name: str                                 # tensor name (keys the DARE stream)
-    base: Optional[torch.Tensor]              # base tensor (CPU, may be memory-mapped) or None
-    models: Sequence[torch.Tensor]            # one tensor per fine-tuned model, same shape
-    out_dtype: torch.dtype                    # dtype of the merged tensor
-    recipe: Any                               # m3kernels.merge.recipe.Recipe for this tensor
-    thresholds: Optional[Sequence[Optional[float]]] = None  # whole-model trim thresholds
+    name: str  # tensor name (keys the DARE stream)
+    base: torch.Tensor | None  # base tensor (CPU, may be memory-mapped) or None
+    models: Sequence[torch.Tensor]  # one tensor per fine-tuned model, same shape
+    out_dtype: torch.dtype  # dtype of the merged tensor
+    recipe: Any  # m3kernels.merge.recipe.Recipe for this tensor
+    thresholds: Sequence[float | None] | None = None  # whole-model trim thresholds
     meta: dict = field(default_factory=dict)  # orchestrator bookkeeping (shard, offsets, ...)
 
-    def with_inputs(self, base: Optional[torch.Tensor], models: Sequence[torch.Tensor]) -> "MergeJob":
+    def with_inputs(self, base: torch.Tensor | None, models: Sequence[torch.Tensor]) -> MergeJob:
         """The same job on other copies of its inputs (e.g. on the GPU)."""
         return replace(self, base=base, models=list(models))

@@ -8,14 +8,15 @@ docs/KERNEL.md on these numbers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from m3kernels.merge.philox import dare_key, keep_threshold
-from m3kernels.merge.recipe import MEAN, SUM, TIES, Recipe
+from m3kernels.merge.recipe import Recipe
+from m3kernels.merge.registry import MEAN, SUM, TIES
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 COMBINE_CODES = {SUM: 0, MEAN: 1, TIES: 2}
@@ -33,25 +34,25 @@ def f32(x: float) -> float:
 class KernelParams:
     n: int
     has_base: bool
-    combine: int                     # 0 sum, 1 mean, 2 ties
-    normalize: bool                  # ties: divide by the agreeing weights
-    lam: float                       # float32 scale s
-    mean_den: float                  # float32 Σ r_i w_i (mean combine)
-    vote_w: np.ndarray               # float32[n]   w_i
-    coef: np.ndarray                 # float32[n]   r_i w_i
-    dare: np.ndarray                 # uint8[n]     1: DARE drop on
-    key0: np.ndarray                 # uint32[n]
-    key1: np.ndarray                 # uint32[n]
-    dare_thr: np.ndarray             # uint64[n]    keep iff u32 < thr
-    dare_scale: np.ndarray           # float32[n]   multiplier of kept values
+    combine: int  # 0 sum, 1 mean, 2 ties
+    normalize: bool  # ties: divide by the agreeing weights
+    lam: float  # float32 scale s
+    mean_den: float  # float32 Σ r_i w_i (mean combine)
+    vote_w: np.ndarray  # float32[n]   w_i
+    coef: np.ndarray  # float32[n]   r_i w_i
+    dare: np.ndarray  # uint8[n]     1: DARE drop on
+    key0: np.ndarray  # uint32[n]
+    key1: np.ndarray  # uint32[n]
+    dare_thr: np.ndarray  # uint64[n]    keep iff u32 < thr
+    dare_scale: np.ndarray  # float32[n]   multiplier of kept values
     trim_min: np.ndarray = field(default=None)  # uint64[n] keep iff bits(|d|) >= trim_min
 
-    def with_trim(self, trim_min: Sequence[int]) -> "KernelParams":
+    def with_trim(self, trim_min: Sequence[int]) -> KernelParams:
         p = KernelParams(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         p.trim_min = np.asarray(trim_min, dtype=np.uint64)
         return p
 
-    def with_dare_scale(self, scale: Sequence[float]) -> "KernelParams":
+    def with_dare_scale(self, scale: Sequence[float]) -> KernelParams:
         p = KernelParams(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         p.dare_scale = np.asarray(scale, dtype=np.float32)
         return p
@@ -96,5 +97,14 @@ def trim_k(density: float, numel: int) -> int:
     return int(np.floor(np.float64(density) * np.float64(numel)))
 
 
-__all__ = ["KernelParams", "make_params", "DTYPE_CODES", "COMBINE_CODES", "TRIM_KEEP_ALL",
-           "TRIM_KEEP_NONE", "HIST_BINS", "f32", "trim_k"]
+__all__ = [
+    "KernelParams",
+    "make_params",
+    "DTYPE_CODES",
+    "COMBINE_CODES",
+    "TRIM_KEEP_ALL",
+    "TRIM_KEEP_NONE",
+    "HIST_BINS",
+    "f32",
+    "trim_k",
+]

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Sequence
 
 import numpy as np
 
-SEED_LIMIT = 2**64        # the merge seed (keys the DARE stream): an integer in [0, 2**64)
+SEED_LIMIT = 2**64  # the merge seed (keys the DARE stream): an integer in [0, 2**64)
 MIXUP_SEED_LIMIT = 2**32  # the M³ draw's seed (NumPy's RandomState takes 32 bits): [0, 2**32)
 
 
@@ -82,7 +81,7 @@ def as_number(value, arg: str) -> float:
     """A real number (Python, NumPy or 0-d tensor scalar) as a float; anything else: ValueError."""
     if isinstance(value, bool) or value is None or isinstance(value, str):
         raise ValueError(f"{arg} must be a number, got {value!r}")
-    if hasattr(value, "ndim") and getattr(value, "ndim") == 0 and hasattr(value, "item"):
+    if hasattr(value, "ndim") and value.ndim == 0 and hasattr(value, "item"):
         value = value.item()
     if isinstance(value, numbers.Real):
         return float(value)
@@ -90,7 +89,7 @@ def as_number(value, arg: str) -> float:
 
 
 def is_scalar(value) -> bool:
-    return isinstance(value, numbers.Real) or (hasattr(value, "ndim") and getattr(value, "ndim") == 0)
+    return isinstance(value, numbers.Real) or (hasattr(value, "ndim") and value.ndim == 0)
 
 
 def as_per_model(value, n: int, arg: str) -> tuple[float, ...] | None:

@@ -11,8 +11,8 @@ is declared in :mod:`m3kernels.merge.registry`; the rules shared by the API and 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 
@@ -22,7 +22,6 @@ from m3kernels.merge.registry import (
     DEFAULT_TRIM_DENSITY,
     MEAN,
     SUM,
-    TIES,
     Method,
     get_method,
     method_names,
@@ -31,6 +30,7 @@ from m3kernels.merge.registry import (
 from m3kernels.merge.registry import METHODS as PRESETS  # name -> Method (the registry)
 
 METHODS = method_names()  # every name a user may write
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -45,9 +45,9 @@ class Recipe:
     mix_ratios: tuple[float, ...]
     lambda_: float
     seed: int
-    dare_density: Optional[tuple[float, ...]]   # None: no DARE
-    rescale: Optional[str]                      # "density" | "none" | "l1" (DARE only)
-    trim_density: Optional[tuple[float, ...]]   # None: no magnitude trim
+    dare_density: tuple[float, ...] | None  # None: no DARE
+    rescale: str | None  # "density" | "none" | "l1" (DARE only)
+    trim_density: tuple[float, ...] | None  # None: no magnitude trim
 
     @property
     def coefs(self) -> tuple[float, ...]:
@@ -83,7 +83,7 @@ def _rescale_mode(rescale) -> str:
 class SparsityError(ValueError):
     """A density / drop_rate problem; ``model`` is the model's index when it concerns one."""
 
-    def __init__(self, message: str, arg: str, model: Optional[int] = None):
+    def __init__(self, message: str, arg: str, model: int | None = None):
         super().__init__(message)
         self.arg = arg
         self.model = model
@@ -103,18 +103,23 @@ def resolve_sparsity(method: Method, dens: Sequence, drops: Sequence):
     if prog.dare and prog.trim:  # ties_dare: DARE with drop_rate, then trim with density
         for i, p in enumerate(drops):
             if p is None:
-                raise SparsityError(f"method {method.name!r} needs drop_rate (DARE) besides density (trim)",
-                                    "drop_rate", i)
+                raise SparsityError(
+                    f"method {method.name!r} needs drop_rate (DARE) besides density (trim)", "drop_rate", i
+                )
         return tuple(1.0 - p for p in drops), tuple(DEFAULT_TRIM_DENSITY if d is None else d for d in dens)
     if prog.dare:
         out = []
         for i, (d, p) in enumerate(zip(dens, drops)):
             if d is None and p is None:
-                raise SparsityError(f"method {method.name!r} needs density (or drop_rate = 1 - density)",
-                                    "density", i)
+                raise SparsityError(
+                    f"method {method.name!r} needs density (or drop_rate = 1 - density)", "density", i
+                )
             if d is not None and p is not None and abs(d - (1.0 - p)) > 1e-12:
-                raise SparsityError(f"density {d} and drop_rate {p} disagree (density must equal "
-                                    f"1 - drop_rate)", "drop_rate", i)
+                raise SparsityError(
+                    f"density {d} and drop_rate {p} disagree (density must equal 1 - drop_rate)",
+                    "drop_rate",
+                    i,
+                )
             out.append(d if d is not None else 1.0 - p)
         return tuple(out), None
     if any(p is not None for p in drops):
@@ -193,3 +198,16 @@ def make_recipe(
         rescale=mode,
         trim_density=trim_density,
     )
+
+
+__all__ = [
+    "Recipe",
+    "make_recipe",
+    "resolve_sparsity",
+    "not_taken",
+    "SparsityError",
+    "METHODS",
+    "PRESETS",
+    "ALIASES",
+    "DEFAULT_TRIM_DENSITY",
+]

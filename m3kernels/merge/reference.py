@@ -10,12 +10,13 @@ shares code with the kernels' stage A or stage B.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from m3kernels.merge.philox import dare_keep_mask
-from m3kernels.merge.recipe import MEAN, SUM, TIES, Recipe, make_recipe
+from m3kernels.merge.recipe import Recipe, make_recipe
+from m3kernels.merge.registry import MEAN, TIES
 
 F32, F64 = torch.float32, torch.float64
 
@@ -65,13 +66,13 @@ def trim_keep(d32: torch.Tensor, t: float) -> torch.Tensor:
     return (d32.view(torch.int32).to(torch.int64) & 0x7FFFFFFF) >= t_bits
 
 
-def trim_k_values(recipe: Recipe, numel: int) -> list[Optional[int]]:
+def trim_k_values(recipe: Recipe, numel: int) -> list[int | None]:
     if recipe.trim_density is None:
         return [None] * recipe.n
     return [int(math.floor(d * numel)) for d in recipe.trim_density]
 
 
-def reference_thresholds(base, models, recipe: Recipe, name: str = "") -> list[Optional[float]]:
+def reference_thresholds(base, models, recipe: Recipe, name: str = "") -> list[float | None]:
     """Per-model trim threshold t_i (float32 value; inf = keep nothing; None = no trim)."""
     d32, _, _ = sparsified_deltas(base, models, recipe, name)
     out = []
@@ -85,8 +86,9 @@ def reference_thresholds(base, models, recipe: Recipe, name: str = "") -> list[O
     return out
 
 
-def reference_merge(base, models, recipe: Recipe, name: str = "",
-                    thresholds: Optional[Sequence[Optional[float]]] = None):
+def reference_merge(
+    base, models, recipe: Recipe, name: str = "", thresholds: Sequence[float | None] | None = None
+):
     """Merge one tensor; returns (float64 result, info dict with thresholds, masks, sign)."""
     d32, d64, masks = sparsified_deltas(base, models, recipe, name)
     if thresholds is None:
@@ -101,7 +103,7 @@ def reference_merge(base, models, recipe: Recipe, name: str = "",
     if recipe.combine == TIES:
         vote = torch.zeros_like(d32[0])
         for w, d in zip(recipe.weights, d32):
-            vote = vote + _f32(w) * d          # float32, model order, no fused multiply-add
+            vote = vote + _f32(w) * d  # float32, model order, no fused multiply-add
         sign = vote >= 0
         num = torch.zeros_like(d64[0])
         den = torch.zeros_like(d64[0])
@@ -123,13 +125,19 @@ def reference_merge(base, models, recipe: Recipe, name: str = "",
     return out, {"thresholds": list(thresholds), "dare_masks": masks, "sign": sign}
 
 
-def reference_merge_tensors(base, models, *, method, out_dtype=None, name="", thresholds=None,
-                            **kwargs) -> torch.Tensor:
+def reference_merge_tensors(
+    base, models, *, method, out_dtype=None, name="", thresholds=None, **kwargs
+) -> torch.Tensor:
     """Same arguments as :func:`m3kernels.merge_tensors`; returns the float64 result."""
     recipe = make_recipe(len(models), method=method, has_base=base is not None, **kwargs)
     out, _ = reference_merge(base, list(models), recipe, name, thresholds)
     return out
 
 
-__all__ = ["reference_merge", "reference_merge_tensors", "reference_thresholds", "kth_largest",
-           "sparsified_deltas"]
+__all__ = [
+    "reference_merge",
+    "reference_merge_tensors",
+    "reference_thresholds",
+    "kth_largest",
+    "sparsified_deltas",
+]

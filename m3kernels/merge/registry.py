@@ -15,7 +15,7 @@ adding one.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 # combine rules of the kernel program (docs/KERNEL.md)
 SUM, MEAN, TIES = "sum", "mean", "ties"
@@ -55,8 +55,12 @@ class Param:
 
     @property
     def range(self) -> str:
-        return {NUMBER: "finite float32", FRACTION: "[0, 1]", BOOL: "true, false",
-                RESCALE: "true, false, l1"}[self.kind]
+        return {
+            NUMBER: "finite float32",
+            FRACTION: "[0, 1]",
+            BOOL: "true, false",
+            RESCALE: "true, false, l1",
+        }[self.kind]
 
 
 REQUIRED = "required"
@@ -67,10 +71,10 @@ class Program:
     """How a method maps onto the kernel program (docs/KERNEL.md): the per-element pipeline
     δ = x − θ0 (``uses_base``) → DARE drop (``dare``) → magnitude trim (``trim``) → combine."""
 
-    uses_base: bool          # delta against the base model (False: the base is treated as zero)
-    combine: str             # SUM | MEAN | TIES
-    dare: bool               # random drop with rescale (DARE)
-    trim: bool               # magnitude trim to the top-density fraction (TIES)
+    uses_base: bool  # delta against the base model (False: the base is treated as zero)
+    combine: str  # SUM | MEAN | TIES
+    dare: bool  # random drop with rescale (DARE)
+    trim: bool  # magnitude trim to the top-density fraction (TIES)
     normalize_default: bool  # TIES: divide by the agreeing weights; SUM/MEAN: mean instead of sum
 
 
@@ -80,13 +84,13 @@ class Method:
 
     name: str
     summary: str
-    reference: str           # paper or mergekit doc
+    reference: str  # paper or mergekit doc
     needs_base: bool
     program: Program
-    params: tuple            # Param, in the order the docs list them
+    params: tuple  # Param, in the order the docs list them
     aliases: tuple = ()
 
-    def param(self, name: str) -> Optional[Param]:
+    def param(self, name: str) -> Param | None:
         """The parameter by config name or API keyword (None: the method does not take it)."""
         for p in self.params:
             if name == p.name or (p.api and name == p.api):
@@ -130,8 +134,14 @@ class Method:
 
 # ------------------------------------------------------------------ the parameters, written once
 def _weight() -> Param:
-    return Param("weight", "weights", PER_MODEL, NUMBER, 1.0,
-                 "coefficient of the model (times its M³ ratio when M³ is on)")
+    return Param(
+        "weight",
+        "weights",
+        PER_MODEL,
+        NUMBER,
+        1.0,
+        "coefficient of the model (times its M³ ratio when M³ is on)",
+    )
 
 
 def _normalize(default: bool, doc: str) -> Param:
@@ -139,34 +149,64 @@ def _normalize(default: bool, doc: str) -> Param:
 
 
 def _lambda(config: bool = True) -> Param:
-    return Param("lambda", "lambda_", MERGE_WIDE, NUMBER, 1.0, "scale s of the merged delta",
-                 config=config)
+    return Param("lambda", "lambda_", MERGE_WIDE, NUMBER, 1.0, "scale s of the merged delta", config=config)
 
 
 def _trim_density(default) -> Param:
-    return Param("density", "density", PER_MODEL, FRACTION, default,
-                 "fraction of the largest |δ| the magnitude trim keeps (k = ⌊density·n⌋)")
+    return Param(
+        "density",
+        "density",
+        PER_MODEL,
+        FRACTION,
+        default,
+        "fraction of the largest |δ| the magnitude trim keeps (k = ⌊density·n⌋)",
+    )
 
 
 def _dare_density() -> Param:
-    return Param("density", "density", PER_MODEL, FRACTION, REQUIRED,
-                 "DARE keep probability (or give drop_rate = 1 − density)")
+    return Param(
+        "density",
+        "density",
+        PER_MODEL,
+        FRACTION,
+        REQUIRED,
+        "DARE keep probability (or give drop_rate = 1 − density)",
+    )
 
 
 def _drop_rate(required: bool) -> Param:
-    return Param("drop_rate", "drop_rate", PER_MODEL, FRACTION, REQUIRED if required else None,
-                 "DARE drop probability" + (" (required)" if required else " = 1 − density"))
+    return Param(
+        "drop_rate",
+        "drop_rate",
+        PER_MODEL,
+        FRACTION,
+        REQUIRED if required else None,
+        "DARE drop probability" + (" (required)" if required else " = 1 − density"),
+    )
 
 
 def _rescale() -> Param:
-    return Param("rescale", "rescale", MERGE_WIDE, RESCALE, True,
-                 "kept values × 1/density (true), unscaled (false), or × Σ|δ| / Σ|δ kept| (l1)",
-                 gradient=False)
+    return Param(
+        "rescale",
+        "rescale",
+        MERGE_WIDE,
+        RESCALE,
+        True,
+        "kept values × 1/density (true), unscaled (false), or × Σ|δ| / Σ|δ kept| (l1)",
+        gradient=False,
+    )
 
 
-_INT8_MASK = Param("int8_mask", "", MERGE_WIDE, BOOL, False,
-                   "accepted for mergekit compatibility; no effect (masks are never materialised)",
-                   gradient=False, config=True)
+_INT8_MASK = Param(
+    "int8_mask",
+    "",
+    MERGE_WIDE,
+    BOOL,
+    False,
+    "accepted for mergekit compatibility; no effect (masks are never materialised)",
+    gradient=False,
+    config=True,
+)
 
 _TIES_NORM = "divide the agreeing sum by the agreeing weights (disjoint mean)"
 _SUM_NORM = "divide the weighted sum by the sum of the weights (mean)"
@@ -186,46 +226,114 @@ def register(method: Method) -> Method:
     return method
 
 
-register(Method(
-    "linear", "weighted average of the models (the base, if given, is not used)",
-    "https://arxiv.org/abs/2203.05482", needs_base=False,
-    program=Program(uses_base=False, combine=MEAN, dare=False, trim=False, normalize_default=True),
-    params=(_weight(), _normalize(True, _SUM_NORM), _lambda(config=False), _INT8_MASK),
-    aliases=("average",)))
-register(Method(
-    "task_arithmetic", "base + s · Σ w_i δ_i (task vectors)",
-    "https://arxiv.org/abs/2212.04089", needs_base=True,
-    program=Program(uses_base=True, combine=SUM, dare=False, trim=False, normalize_default=False),
-    params=(_weight(), _lambda(), _normalize(False, _SUM_NORM), _INT8_MASK)))
-register(Method(
-    "ties", "trim each δ to its top-density magnitudes, elect signs, disjoint merge",
-    "https://arxiv.org/abs/2306.01708", needs_base=True,
-    program=Program(uses_base=True, combine=TIES, dare=False, trim=True, normalize_default=True),
-    params=(_weight(), _trim_density(DEFAULT_TRIM_DENSITY), _normalize(True, _TIES_NORM), _lambda(),
-            _INT8_MASK)))
-register(Method(
-    "dare_linear", "DARE random drop with rescale, then a weighted sum of the deltas",
-    "https://arxiv.org/abs/2311.03099", needs_base=True,
-    program=Program(uses_base=True, combine=SUM, dare=True, trim=False, normalize_default=False),
-    params=(_weight(), _dare_density(), _drop_rate(False), _rescale(), _normalize(False, _SUM_NORM),
-            _lambda(), _INT8_MASK)))
-register(Method(
-    "dare_ties", "DARE random drop with rescale, then TIES sign election and disjoint sum",
-    "https://arxiv.org/abs/2311.03099", needs_base=True,
-    program=Program(uses_base=True, combine=TIES, dare=True, trim=False, normalize_default=False),
-    params=(_weight(), _dare_density(), _drop_rate(False), _rescale(), _normalize(False, _TIES_NORM),
-            _lambda(), _INT8_MASK)))
-register(Method(
-    "ties_dare", "DARE drop (drop_rate), then the TIES trim (density), election and disjoint mean",
-    "https://arxiv.org/abs/2311.03099", needs_base=True,
-    program=Program(uses_base=True, combine=TIES, dare=True, trim=True, normalize_default=True),
-    params=(_weight(), _trim_density(DEFAULT_TRIM_DENSITY), _drop_rate(True), _rescale(),
-            _normalize(True, _TIES_NORM), _lambda(), _INT8_MASK)))
+register(
+    Method(
+        "linear",
+        "weighted average of the models (the base, if given, is not used)",
+        "https://arxiv.org/abs/2203.05482",
+        needs_base=False,
+        program=Program(uses_base=False, combine=MEAN, dare=False, trim=False, normalize_default=True),
+        params=(_weight(), _normalize(True, _SUM_NORM), _lambda(config=False), _INT8_MASK),
+        aliases=("average",),
+    )
+)
+register(
+    Method(
+        "task_arithmetic",
+        "base + s · Σ w_i δ_i (task vectors)",
+        "https://arxiv.org/abs/2212.04089",
+        needs_base=True,
+        program=Program(uses_base=True, combine=SUM, dare=False, trim=False, normalize_default=False),
+        params=(_weight(), _lambda(), _normalize(False, _SUM_NORM), _INT8_MASK),
+    )
+)
+register(
+    Method(
+        "ties",
+        "trim each δ to its top-density magnitudes, elect signs, disjoint merge",
+        "https://arxiv.org/abs/2306.01708",
+        needs_base=True,
+        program=Program(uses_base=True, combine=TIES, dare=False, trim=True, normalize_default=True),
+        params=(
+            _weight(),
+            _trim_density(DEFAULT_TRIM_DENSITY),
+            _normalize(True, _TIES_NORM),
+            _lambda(),
+            _INT8_MASK,
+        ),
+    )
+)
+register(
+    Method(
+        "dare_linear",
+        "DARE random drop with rescale, then a weighted sum of the deltas",
+        "https://arxiv.org/abs/2311.03099",
+        needs_base=True,
+        program=Program(uses_base=True, combine=SUM, dare=True, trim=False, normalize_default=False),
+        params=(
+            _weight(),
+            _dare_density(),
+            _drop_rate(False),
+            _rescale(),
+            _normalize(False, _SUM_NORM),
+            _lambda(),
+            _INT8_MASK,
+        ),
+    )
+)
+register(
+    Method(
+        "dare_ties",
+        "DARE random drop with rescale, then TIES sign election and disjoint sum",
+        "https://arxiv.org/abs/2311.03099",
+        needs_base=True,
+        program=Program(uses_base=True, combine=TIES, dare=True, trim=False, normalize_default=False),
+        params=(
+            _weight(),
+            _dare_density(),
+            _drop_rate(False),
+            _rescale(),
+            _normalize(False, _TIES_NORM),
+            _lambda(),
+            _INT8_MASK,
+        ),
+    )
+)
+register(
+    Method(
+        "ties_dare",
+        "DARE drop (drop_rate), then the TIES trim (density), election and disjoint mean",
+        "https://arxiv.org/abs/2311.03099",
+        needs_base=True,
+        program=Program(uses_base=True, combine=TIES, dare=True, trim=True, normalize_default=True),
+        params=(
+            _weight(),
+            _trim_density(DEFAULT_TRIM_DENSITY),
+            _drop_rate(True),
+            _rescale(),
+            _normalize(True, _TIES_NORM),
+            _lambda(),
+            _INT8_MASK,
+        ),
+    )
+)
 
 # mergekit methods not implemented yet: named in the error so users know it is not a typo
 MERGEKIT_ONLY_METHODS = (
-    "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
-    "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "sce", "slerp",
+    "arcee_fusion",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+    "karcher",
+    "model_stock",
+    "multislerp",
+    "nearswap",
+    "nuslerp",
+    "passthrough",
+    "ram",
+    "sce",
+    "slerp",
 )
 
 
@@ -252,7 +360,7 @@ def get_method(name, *, what: str = "method") -> Method:
     return METHODS[key]
 
 
-def all_config_params(scope: Optional[str] = None) -> tuple:
+def all_config_params(scope: str | None = None) -> tuple:
     """Every config parameter name some method takes (in a stable order), optionally by scope."""
     seen: dict = {}
     for m in METHODS.values():
@@ -299,21 +407,34 @@ def _default_text(p: Param) -> str:
 
 def markdown_tables() -> str:
     """The methods and their parameters as Markdown (docs/CONFIG.md holds exactly this)."""
-    lines = [DOC_BEGIN, "", "| method | aliases | base | stage A | what it does | reference |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        DOC_BEGIN,
+        "",
+        "| method | aliases | base | stage A | what it does | reference |",
+        "|---|---|---|---|---|---|",
+    ]
     for m in METHODS.values():
         stage = "; ".join(m.stage_a) or "—"
-        lines.append(f"| `{m.name}` | {', '.join(f'`{a}`' for a in m.aliases) or '—'} | "
-                     f"{'required' if m.needs_base else 'not used'} | {stage} | {m.summary} | "
-                     f"[link]({m.reference}) |")
+        lines.append(
+            f"| `{m.name}` | {', '.join(f'`{a}`' for a in m.aliases) or '—'} | "
+            f"{'required' if m.needs_base else 'not used'} | {stage} | {m.summary} | "
+            f"[link]({m.reference}) |"
+        )
     for m in METHODS.values():
-        lines += ["", f"**`{m.name}`**", "", "| parameter | API keyword | scope | values | default | "
-                  "gradient | meaning |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"**`{m.name}`**",
+            "",
+            "| parameter | API keyword | scope | values | default | gradient | meaning |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for p in m.params:
             name = f"`{p.name}`" if p.config else f"(`{p.name}`: API only)"
             api = f"`{p.api}`" if p.api else "—"
-            lines.append(f"| {name} | {api} | {p.scope} | {p.range} | {_default_text(p)} | "
-                         f"{'yes' if p.gradient else 'no'} | {p.doc} |")
+            lines.append(
+                f"| {name} | {api} | {p.scope} | {p.range} | {_default_text(p)} | "
+                f"{'yes' if p.gradient else 'no'} | {p.doc} |"
+            )
     lines += ["", DOC_END]
     return "\n".join(lines)
 
@@ -334,7 +455,30 @@ def refresh_doc(path) -> bool:
     return new != text
 
 
-__all__ = ["Method", "Param", "Program", "METHODS", "ALIASES", "register", "get_method", "method_names",
-           "supported", "markdown_tables", "MERGEKIT_ONLY_METHODS", "DEFAULT_TRIM_DENSITY", "SUM", "MEAN",
-           "TIES", "PER_MODEL", "MERGE_WIDE", "REQUIRED", "all_config_params", "param_kind", "param_allows_gradient",
-           "methods_taking", "refresh_doc", "DOC_BEGIN", "DOC_END"]
+__all__ = [
+    "Method",
+    "Param",
+    "Program",
+    "METHODS",
+    "ALIASES",
+    "register",
+    "get_method",
+    "method_names",
+    "supported",
+    "markdown_tables",
+    "MERGEKIT_ONLY_METHODS",
+    "DEFAULT_TRIM_DENSITY",
+    "SUM",
+    "MEAN",
+    "TIES",
+    "PER_MODEL",
+    "MERGE_WIDE",
+    "REQUIRED",
+    "all_config_params",
+    "param_kind",
+    "param_allows_gradient",
+    "methods_taking",
+    "refresh_doc",
+    "DOC_BEGIN",
+    "DOC_END",
+]

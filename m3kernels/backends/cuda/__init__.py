@@ -12,17 +12,18 @@ the tests check the CUDA kernel bodies on a machine without a GPU.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from m3kernels.backends.tensor_args import pointer_and_code
-from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
+from m3kernels.merge.kernel_params import HIST_BINS, KernelParams
 
 try:
     from m3kernels import _cuda
-    _IMPORT_ERROR: Optional[str] = None
+
+    _IMPORT_ERROR: str | None = None
 except ImportError as exc:  # not built (no nvcc at install time) or libcudart missing
     _cuda = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -42,7 +43,7 @@ def _device_present() -> bool:
         return False
 
 
-_runtime_problem: Optional[str] = None  # cached answer of _runtime_check()
+_runtime_problem: str | None = None  # cached answer of _runtime_check()
 
 
 def _runtime_check() -> str:
@@ -57,7 +58,8 @@ def _runtime_check() -> str:
             _runtime_problem = (
                 f"the extension's CUDA runtime {rt // 1000}.{rt % 1000 // 10} sees no device "
                 f"({info['error'] or 'device count 0'}; the driver supports CUDA {drv // 1000}.{drv % 1000 // 10}); "
-                "rebuild m3kernels with a CUDA toolkit no newer than the driver")
+                "rebuild m3kernels with a CUDA toolkit no newer than the driver"
+            )
     return _runtime_problem
 
 
@@ -69,11 +71,15 @@ def available() -> bool:
 def unavailable_reason() -> str:
     """Why the backend is unavailable ('' when it is available)."""
     if _cuda is None:
-        return (f"the CUDA extension m3kernels._cuda is not importable ({_IMPORT_ERROR}); build it on a "
-                "machine with nvcc: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`")
+        return (
+            f"the CUDA extension m3kernels._cuda is not importable ({_IMPORT_ERROR}); build it on a "
+            "machine with nvcc: `CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .`"
+        )
     if not _device_present():
-        return (f"no CUDA device (torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
-                f"torch.cuda.is_available()={torch.cuda.is_available()})")
+        return (
+            f"no CUDA device (torch {torch.__version__}, torch.version.cuda={torch.version.cuda}, "
+            f"torch.cuda.is_available()={torch.cuda.is_available()})"
+        )
     return _runtime_check()
 
 
@@ -92,15 +98,22 @@ def _tensor(t: torch.Tensor, what: str, numel: int, device_type: str) -> tuple[i
     return pointer_and_code(t, what, numel, device_type, "cuda")
 
 
-def kernel_args(p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor],
-                out: Optional[torch.Tensor] = None, device_type: str = "cuda") -> dict:
+def kernel_args(
+    p: KernelParams,
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    out: torch.Tensor | None = None,
+    device_type: str = "cuda",
+) -> dict:
     """The argument dict the extension reads: KernelParams plus pointers and dtype codes."""
     models = list(models)
     if len(models) != p.n:
         raise ValueError(f"KernelParams is for {p.n} models, got {len(models)} tensors")
     if p.n > MAX_MODELS:
-        raise ValueError(f"the cuda backend merges at most {MAX_MODELS} models per tensor, got {p.n}; "
-                         "use the cpu or triton backend")
+        raise ValueError(
+            f"the cuda backend merges at most {MAX_MODELS} models per tensor, got {p.n}; "
+            "use the cpu or triton backend"
+        )
     numel = models[0].numel()
     ptrs, codes = [], []
     for i, m in enumerate(models):
@@ -125,16 +138,27 @@ def kernel_args(p: KernelParams, base: Optional[torch.Tensor], models: Sequence[
             raise ValueError(f"out is on {out.device}, models on {device}")
     trim_min = p.trim_min if p.trim_min is not None else np.zeros(p.n, np.uint64)
     return {
-        "n": p.n, "numel": numel,
-        "models": ptrs, "model_dtypes": codes,
-        "base": base_ptr, "base_dtype": base_code, "has_base": bool(p.has_base),
-        "out": out_ptr, "out_dtype": out_code,
-        "combine": int(p.combine), "normalize": bool(p.normalize),
-        "lam": float(p.lam), "mean_den": float(p.mean_den),
-        "vote_w": [float(x) for x in p.vote_w], "coef": [float(x) for x in p.coef],
-        "dare_scale": [float(x) for x in p.dare_scale], "dare": [int(x) for x in p.dare],
-        "key0": [int(x) for x in p.key0], "key1": [int(x) for x in p.key1],
-        "dare_thr": [int(x) for x in p.dare_thr], "trim_min": [int(x) for x in trim_min],
+        "n": p.n,
+        "numel": numel,
+        "models": ptrs,
+        "model_dtypes": codes,
+        "base": base_ptr,
+        "base_dtype": base_code,
+        "has_base": bool(p.has_base),
+        "out": out_ptr,
+        "out_dtype": out_code,
+        "combine": int(p.combine),
+        "normalize": bool(p.normalize),
+        "lam": float(p.lam),
+        "mean_den": float(p.mean_den),
+        "vote_w": [float(x) for x in p.vote_w],
+        "coef": [float(x) for x in p.coef],
+        "dare_scale": [float(x) for x in p.dare_scale],
+        "dare": [int(x) for x in p.dare],
+        "key0": [int(x) for x in p.key0],
+        "key1": [int(x) for x in p.key1],
+        "dare_thr": [int(x) for x in p.dare_thr],
+        "trim_min": [int(x) for x in trim_min],
     }
 
 
@@ -186,6 +210,7 @@ def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
 
 # Host emulation of the kernels above, on CPU tensors (tests without a GPU).
 
+
 def emulate_merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
     """Run the stage-B kernel body on the host (CPU tensors)."""
     _ext().emulate_merge(kernel_args(p, base, models, out, device_type="cpu"))
@@ -214,6 +239,17 @@ def emulate_l1_sums(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarr
     return sums[:, 0].copy(), sums[:, 1].copy()
 
 
-__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "merge",
-           "extension_available", "kernel_args", "emulate_merge", "emulate_histogram",
-           "emulate_l1_sums", "MAX_MODELS"]
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "supports",
+    "l1_sums",
+    "histogram",
+    "merge",
+    "extension_available",
+    "kernel_args",
+    "emulate_merge",
+    "emulate_histogram",
+    "emulate_l1_sums",
+    "MAX_MODELS",
+]

@@ -13,7 +13,7 @@ sums that stage A exists to produce; stage B launches one kernel and returns.
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS
 try:
     import triton  # noqa: F401
 
-    _IMPORT_ERROR: Optional[str] = None
+    _IMPORT_ERROR: str | None = None
 except Exception as exc:  # not installed, or broken
     _IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
 
@@ -110,9 +110,18 @@ def l1_sums(p, base, models):
     with _on_device(models[0]):
         table = k.param_table(p, dev)
         k.l1_partial_kernel[(nblocks,)](
-            base_t, models, partial, table, numel, nblocks,
-            N=p.n, HAS_BASE=has_base, BIG=_is_big(numel, block), BLOCK=block,
-            **_launch_options(k))
+            base_t,
+            models,
+            partial,
+            table,
+            numel,
+            nblocks,
+            N=p.n,
+            HAS_BASE=has_base,
+            BIG=_is_big(numel, block),
+            BLOCK=block,
+            **_launch_options(k),
+        )
     sums = np.cumsum(partial.cpu().numpy(), axis=1)[:, -1]  # sequential: block order
     return sums[0::2].copy(), sums[1::2].copy()
 
@@ -131,9 +140,19 @@ def histogram(p, base, models, prefix=None):
     with _on_device(models[0]):
         table = k.param_table(p, dev, prefix)
         k.histogram_kernel[(triton.cdiv(numel, block),)](
-            base_t, models, hist, table, numel,
-            N=p.n, HAS_BASE=has_base, DARE=bool(np.any(p.dare)), LOW=prefix is not None,
-            BIG=_is_big(numel, block), BLOCK=block, **_launch_options(k))
+            base_t,
+            models,
+            hist,
+            table,
+            numel,
+            N=p.n,
+            HAS_BASE=has_base,
+            DARE=bool(np.any(p.dare)),
+            LOW=prefix is not None,
+            BIG=_is_big(numel, block),
+            BLOCK=block,
+            **_launch_options(k),
+        )
     return hist.cpu().numpy().astype(np.int64)
 
 
@@ -152,10 +171,24 @@ def merge(p, base, models, out):
     with _on_device(out):
         table = k.param_table(p, dev)
         k.merge_kernel[(triton.cdiv(numel, block),)](
-            base_t, models, out, table, numel, float(p.lam), float(p.mean_den),
-            N=p.n, HAS_BASE=has_base, DARE=bool(np.any(p.dare)), TRIM=trim,
-            COMBINE=int(p.combine), NORMALIZE=bool(p.normalize), OUT_KIND=DTYPE_CODES[out.dtype],
-            BIG=_is_big(numel, block), BLOCK=block, **_launch_options(k))
+            base_t,
+            models,
+            out,
+            table,
+            numel,
+            float(p.lam),
+            float(p.mean_den),
+            N=p.n,
+            HAS_BASE=has_base,
+            DARE=bool(np.any(p.dare)),
+            TRIM=trim,
+            COMBINE=int(p.combine),
+            NORMALIZE=bool(p.normalize),
+            OUT_KIND=DTYPE_CODES[out.dtype],
+            BIG=_is_big(numel, block),
+            BLOCK=block,
+            **_launch_options(k),
+        )
     return out
 
 

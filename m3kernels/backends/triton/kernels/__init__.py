@@ -14,5 +14,12 @@ from m3kernels.backends.triton.kernels.stage_b import merge_kernel
 
 INTERPRETED = isinstance(merge_kernel, InterpretedFunction)
 
-__all__ = ["INTERPRETED", "param_table", "philox_kernel", "dare_u32_kernel", "histogram_kernel",
-           "l1_partial_kernel", "merge_kernel"]
+__all__ = [
+    "INTERPRETED",
+    "param_table",
+    "philox_kernel",
+    "dare_u32_kernel",
+    "histogram_kernel",
+    "l1_partial_kernel",
+    "merge_kernel",
+]

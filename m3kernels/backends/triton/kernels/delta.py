@@ -42,8 +42,19 @@ def model_keep(table, i: tl.constexpr, N: tl.constexpr, start, BLOCK: tl.constex
 
 
 @triton.jit
-def dare_delta(x_ptr, b, offs, mask, table, i: tl.constexpr, N: tl.constexpr, start,
-               DARE: tl.constexpr, BLOCK: tl.constexpr, BIG: tl.constexpr):
+def dare_delta(
+    x_ptr,
+    b,
+    offs,
+    mask,
+    table,
+    i: tl.constexpr,
+    N: tl.constexpr,
+    start,
+    DARE: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BIG: tl.constexpr,
+):
     """Delta of model ``i`` after the DARE step (trim not applied):
     d = f32(x[j]) - b, then kept ? d * scale : 0.0."""
     d = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32) - b

@@ -10,20 +10,18 @@ model ``i`` as ``tl.load(table + F * N + i)`` (floats: ``.to(tl.uint32).to(tl.fl
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
 import torch
 import triton.language as tl
 
-KEY0 = tl.constexpr(0)      # Philox key word 0
-KEY1 = tl.constexpr(1)      # Philox key word 1
+KEY0 = tl.constexpr(0)  # Philox key word 0
+KEY1 = tl.constexpr(1)  # Philox key word 1
 KEEP_THR = tl.constexpr(2)  # DARE: keep iff u32 < value (0 .. 2**32); 2**32 for models without DARE
-SCALE = tl.constexpr(3)     # float32 bits: multiplier of kept values (1.0 for models without DARE)
+SCALE = tl.constexpr(3)  # float32 bits: multiplier of kept values (1.0 for models without DARE)
 TRIM_MIN = tl.constexpr(4)  # keep iff bits(|d|) >= value, clamped to 2**31 (still "keep none")
-COEF = tl.constexpr(5)      # float32 bits: r_i * w_i
-VOTE_W = tl.constexpr(6)    # float32 bits: w_i (the TIES sign vote)
-PREFIX = tl.constexpr(7)    # histogram pass 2: the high 16 bits selected for model i
+COEF = tl.constexpr(5)  # float32 bits: r_i * w_i
+VOTE_W = tl.constexpr(6)  # float32 bits: w_i (the TIES sign vote)
+PREFIX = tl.constexpr(7)  # histogram pass 2: the high 16 bits selected for model i
 FIELDS = 8
 
 # bits(|d|) <= 0x7fffffff, so any threshold above 2**31 keeps nothing; clamping lets the
@@ -35,7 +33,7 @@ def _f32_bits(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float32).view(np.uint32).astype(np.int64)
 
 
-def param_table(p, device, prefix: Optional[np.ndarray] = None) -> torch.Tensor:
+def param_table(p, device, prefix: np.ndarray | None = None) -> torch.Tensor:
     """The int64 ``(FIELDS, p.n)`` table of ``p`` on ``device`` (copied without a sync)."""
     n = p.n
     dare = np.asarray(p.dare, dtype=bool)

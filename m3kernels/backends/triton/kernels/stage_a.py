@@ -19,9 +19,19 @@ HIST_BINS = tl.constexpr(65536)
 
 
 @triton.jit
-def histogram_kernel(base_ptr, models, hist_ptr, table, numel,
-                     N: tl.constexpr, HAS_BASE: tl.constexpr, DARE: tl.constexpr,
-                     LOW: tl.constexpr, BIG: tl.constexpr, BLOCK: tl.constexpr):
+def histogram_kernel(
+    base_ptr,
+    models,
+    hist_ptr,
+    table,
+    numel,
+    N: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    DARE: tl.constexpr,
+    LOW: tl.constexpr,
+    BIG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Add this block's counts to ``hist[i, bin]`` (int32 or int64, zeroed by the caller)."""
     start = block_start(BLOCK, BIG)
     offs = start + tl.arange(0, BLOCK)
@@ -42,9 +52,18 @@ def histogram_kernel(base_ptr, models, hist_ptr, table, numel,
 
 
 @triton.jit
-def l1_partial_kernel(base_ptr, models, partial_ptr, table, numel, nblocks,
-                      N: tl.constexpr, HAS_BASE: tl.constexpr, BIG: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def l1_partial_kernel(
+    base_ptr,
+    models,
+    partial_ptr,
+    table,
+    numel,
+    nblocks,
+    N: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    BIG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """partial[2i, block] = Σ|d_i|, partial[2i+1, block] = Σ|d_i|·keep_i (float64)."""
     start = block_start(BLOCK, BIG)
     offs = start + tl.arange(0, BLOCK)

@@ -55,10 +55,24 @@ def store_output(out_ptr, offs, mask, y, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
-def merge_kernel(base_ptr, models, out_ptr, table, numel, lam, mean_den,
-                 N: tl.constexpr, HAS_BASE: tl.constexpr, DARE: tl.constexpr, TRIM: tl.constexpr,
-                 COMBINE: tl.constexpr, NORMALIZE: tl.constexpr, OUT_KIND: tl.constexpr,
-                 BIG: tl.constexpr, BLOCK: tl.constexpr):
+def merge_kernel(
+    base_ptr,
+    models,
+    out_ptr,
+    table,
+    numel,
+    lam,
+    mean_den,
+    N: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    DARE: tl.constexpr,
+    TRIM: tl.constexpr,
+    COMBINE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    OUT_KIND: tl.constexpr,
+    BIG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """out[j] = base[j] + lam * combine_i(sparsify(models[i][j] - base[j])) for one block."""
     start = block_start(BLOCK, BIG)
     offs = start + tl.arange(0, BLOCK)
