@@ -21,160 +21,168 @@ namespace {
 
 template <class T>
 std::vector<T> get_list(const py::dict& d, const char* key, int n) {
-  if (!d.contains(key)) throw std::invalid_argument(std::string("m3kernels CUDA args: missing '") + key + "'");
-  auto v = d[key].cast<std::vector<T>>();
-  if (static_cast<int>(v.size()) < n)
-    throw std::invalid_argument(std::string("m3kernels CUDA args: '") + key + "' needs " + std::to_string(n) +
-                                " values, got " + std::to_string(v.size()));
-  return v;
+    if (!d.contains(key))
+        throw std::invalid_argument(std::string("m3kernels CUDA args: missing '") + key + "'");
+    auto v = d[key].cast<std::vector<T>>();
+    if (static_cast<int>(v.size()) < n)
+        throw std::invalid_argument(std::string("m3kernels CUDA args: '") + key + "' needs " +
+                                    std::to_string(n) + " values, got " + std::to_string(v.size()));
+    return v;
 }
 
 template <class T>
 T get(const py::dict& d, const char* key) {
-  if (!d.contains(key)) throw std::invalid_argument(std::string("m3kernels CUDA args: missing '") + key + "'");
-  return d[key].cast<T>();
+    if (!d.contains(key))
+        throw std::invalid_argument(std::string("m3kernels CUDA args: missing '") + key + "'");
+    return d[key].cast<T>();
 }
 
 int32_t check_dtype(int64_t code, const char* what) {
-  if (code < 0 || code > 2)
-    throw std::invalid_argument(std::string("m3kernels CUDA args: ") + what + " dtype code must be 0, 1 or 2");
-  return static_cast<int32_t>(code);
+    if (code < 0 || code > 2)
+        throw std::invalid_argument(std::string("m3kernels CUDA args: ") + what +
+                                    " dtype code must be 0, 1 or 2");
+    return static_cast<int32_t>(code);
 }
 
 m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
-  m3k::MergeArgs a{};
-  const int64_t n = get<int64_t>(d, "n");
-  if (n < 1 || n > m3k::kMaxModels)
-    throw std::invalid_argument("m3kernels CUDA: the number of models must be between 1 and " +
-                                std::to_string(m3k::kMaxModels) + ", got " + std::to_string(n));
-  a.n = static_cast<int32_t>(n);
-  a.numel = get<int64_t>(d, "numel");
-  if (a.numel < 0) throw std::invalid_argument("m3kernels CUDA args: numel must be >= 0");
-  const auto models = get_list<uintptr_t>(d, "models", a.n);
-  const auto model_dtypes = get_list<int64_t>(d, "model_dtypes", a.n);
-  const auto vote_w = get_list<double>(d, "vote_w", a.n);
-  const auto coef = get_list<double>(d, "coef", a.n);
-  const auto dare_scale = get_list<double>(d, "dare_scale", a.n);
-  const auto dare = get_list<int64_t>(d, "dare", a.n);
-  const auto key0 = get_list<uint32_t>(d, "key0", a.n);
-  const auto key1 = get_list<uint32_t>(d, "key1", a.n);
-  const auto dare_thr = get_list<uint64_t>(d, "dare_thr", a.n);
-  const auto trim_min = get_list<uint64_t>(d, "trim_min", a.n);
-  const uintptr_t base = get<uintptr_t>(d, "base");
-  const uintptr_t out = get<uintptr_t>(d, "out");
-  a.has_base = get<bool>(d, "has_base") ? 1 : 0;
-  a.base_dtype = check_dtype(get<int64_t>(d, "base_dtype"), "base");
-  a.out_dtype = check_dtype(get<int64_t>(d, "out_dtype"), "out");
-  a.combine = static_cast<int32_t>(get<int64_t>(d, "combine"));
-  if (a.combine < 0 || a.combine > 2) throw std::invalid_argument("m3kernels CUDA args: combine must be 0, 1 or 2");
-  a.normalize = get<bool>(d, "normalize") ? 1 : 0;
-  a.lam = static_cast<float>(get<double>(d, "lam"));
-  a.mean_den = static_cast<float>(get<double>(d, "mean_den"));
-  bool aligned = true;
-  for (int i = 0; i < a.n; ++i) {
-    if (a.numel > 0 && models[i] == 0) throw std::invalid_argument("m3kernels CUDA args: null model pointer");
-    a.models[i] = reinterpret_cast<const void*>(models[i]);
-    aligned = aligned && models[i] % 16 == 0;
-    a.model_dtype[i] = check_dtype(model_dtypes[i], "model");
-    a.vote_w[i] = static_cast<float>(vote_w[i]);
-    a.coef[i] = static_cast<float>(coef[i]);
-    a.dare_scale[i] = static_cast<float>(dare_scale[i]);
-    a.dare[i] = dare[i] ? 1u : 0u;
-    a.key0[i] = key0[i];
-    a.key1[i] = key1[i];
-    if (dare_thr[i] > (uint64_t(1) << 32) || trim_min[i] > (uint64_t(1) << 32))
-      throw std::invalid_argument("m3kernels CUDA args: dare_thr and trim_min must be <= 2^32");
-    a.dare_thr[i] = dare_thr[i];
-    a.trim_min[i] = trim_min[i];
-  }
-  if (a.has_base) {
-    if (a.numel > 0 && base == 0) throw std::invalid_argument("m3kernels CUDA args: has_base but null base pointer");
-    a.base = reinterpret_cast<const void*>(base);
-    aligned = aligned && base % 16 == 0;
-  }
-  if (need_out) {
-    if (a.numel > 0 && out == 0) throw std::invalid_argument("m3kernels CUDA args: null out pointer");
-    a.out = reinterpret_cast<void*>(out);
-    aligned = aligned && out % 16 == 0;
-  }
-  a.aligned = aligned ? 1 : 0;
-  return a;
+    m3k::MergeArgs a{};
+    const int64_t n = get<int64_t>(d, "n");
+    if (n < 1 || n > m3k::kMaxModels)
+        throw std::invalid_argument("m3kernels CUDA: the number of models must be between 1 and " +
+                                    std::to_string(m3k::kMaxModels) + ", got " + std::to_string(n));
+    a.n = static_cast<int32_t>(n);
+    a.numel = get<int64_t>(d, "numel");
+    if (a.numel < 0) throw std::invalid_argument("m3kernels CUDA args: numel must be >= 0");
+    const auto models = get_list<uintptr_t>(d, "models", a.n);
+    const auto model_dtypes = get_list<int64_t>(d, "model_dtypes", a.n);
+    const auto vote_w = get_list<double>(d, "vote_w", a.n);
+    const auto coef = get_list<double>(d, "coef", a.n);
+    const auto dare_scale = get_list<double>(d, "dare_scale", a.n);
+    const auto dare = get_list<int64_t>(d, "dare", a.n);
+    const auto key0 = get_list<uint32_t>(d, "key0", a.n);
+    const auto key1 = get_list<uint32_t>(d, "key1", a.n);
+    const auto dare_thr = get_list<uint64_t>(d, "dare_thr", a.n);
+    const auto trim_min = get_list<uint64_t>(d, "trim_min", a.n);
+    const uintptr_t base = get<uintptr_t>(d, "base");
+    const uintptr_t out = get<uintptr_t>(d, "out");
+    a.has_base = get<bool>(d, "has_base") ? 1 : 0;
+    a.base_dtype = check_dtype(get<int64_t>(d, "base_dtype"), "base");
+    a.out_dtype = check_dtype(get<int64_t>(d, "out_dtype"), "out");
+    a.combine = static_cast<int32_t>(get<int64_t>(d, "combine"));
+    if (a.combine < 0 || a.combine > 2)
+        throw std::invalid_argument("m3kernels CUDA args: combine must be 0, 1 or 2");
+    a.normalize = get<bool>(d, "normalize") ? 1 : 0;
+    a.lam = static_cast<float>(get<double>(d, "lam"));
+    a.mean_den = static_cast<float>(get<double>(d, "mean_den"));
+    bool aligned = true;
+    for (int i = 0; i < a.n; ++i) {
+        if (a.numel > 0 && models[i] == 0)
+            throw std::invalid_argument("m3kernels CUDA args: null model pointer");
+        a.models[i] = reinterpret_cast<const void*>(models[i]);
+        aligned = aligned && models[i] % 16 == 0;
+        a.model_dtype[i] = check_dtype(model_dtypes[i], "model");
+        a.vote_w[i] = static_cast<float>(vote_w[i]);
+        a.coef[i] = static_cast<float>(coef[i]);
+        a.dare_scale[i] = static_cast<float>(dare_scale[i]);
+        a.dare[i] = dare[i] ? 1u : 0u;
+        a.key0[i] = key0[i];
+        a.key1[i] = key1[i];
+        if (dare_thr[i] > (uint64_t(1) << 32) || trim_min[i] > (uint64_t(1) << 32))
+            throw std::invalid_argument("m3kernels CUDA args: dare_thr and trim_min must be <= 2^32");
+        a.dare_thr[i] = dare_thr[i];
+        a.trim_min[i] = trim_min[i];
+    }
+    if (a.has_base) {
+        if (a.numel > 0 && base == 0)
+            throw std::invalid_argument("m3kernels CUDA args: has_base but null base pointer");
+        a.base = reinterpret_cast<const void*>(base);
+        aligned = aligned && base % 16 == 0;
+    }
+    if (need_out) {
+        if (a.numel > 0 && out == 0) throw std::invalid_argument("m3kernels CUDA args: null out pointer");
+        a.out = reinterpret_cast<void*>(out);
+        aligned = aligned && out % 16 == 0;
+    }
+    a.aligned = aligned ? 1 : 0;
+    return a;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "m3kernels CUDA kernels (stage A statistics, stage B fused merge) on raw device pointers";
-  m.attr("MAX_MODELS") = m3k::kMaxModels;
-  m.attr("HIST_BINS") = 1 << 16;
+    m.doc() = "m3kernels CUDA kernels (stage A statistics, stage B fused merge) on raw device pointers";
+    m.attr("MAX_MODELS") = m3k::kMaxModels;
+    m.attr("HIST_BINS") = 1 << 16;
 
-  m.def(
-      "runtime_info",
-      []() {
-        const m3k::RuntimeInfo info = m3k::runtime_info();
-        py::dict d;
-        d["runtime_version"] = info.runtime_version;
-        d["driver_version"] = info.driver_version;
-        d["device_count"] = info.device_count;
-        d["error"] = info.error ? std::string(info.error) : std::string();
-        return d;
-      },
-      "CUDA runtime / driver versions and device count as seen by this extension's runtime.");
+    m.def(
+        "runtime_info",
+        []() {
+            const m3k::RuntimeInfo info = m3k::runtime_info();
+            py::dict d;
+            d["runtime_version"] = info.runtime_version;
+            d["driver_version"] = info.driver_version;
+            d["device_count"] = info.device_count;
+            d["error"] = info.error ? std::string(info.error) : std::string();
+            return d;
+        },
+        "CUDA runtime / driver versions and device count as seen by this extension's runtime.");
 
-  m.def(
-      "merge",
-      [](const py::dict& args, int device, uintptr_t stream) {
-        const m3k::MergeArgs a = parse_args(args, true);
-        py::gil_scoped_release release;
-        m3k::launch_merge(a, device, stream);
-      },
-      py::arg("args"), py::arg("device"), py::arg("stream"),
-      "Stage B on the stream: args['out'] = merge of base and models (device pointers).");
-  m.def(
-      "histogram",
-      [](const py::dict& args, int model, int64_t prefix, uintptr_t hist, int device, uintptr_t stream) {
-        const m3k::MergeArgs a = parse_args(args, false);
-        py::gil_scoped_release release;
-        m3k::launch_histogram(a, model, prefix, reinterpret_cast<uint64_t*>(hist), device, stream);
-      },
-      py::arg("args"), py::arg("model"), py::arg("prefix"), py::arg("hist"), py::arg("device"), py::arg("stream"),
-      "Add model's stage A histogram (prefix < 0: high 16 bits; else low 16 bits within the prefix) "
-      "to 65536 int64 counters at hist.");
-  m.def("l1_num_blocks", &m3k::l1_num_blocks, py::arg("numel"),
-        "Number of fixed element blocks (and partial sums per statistic) of the L1 kernel.");
-  m.def(
-      "l1_partials",
-      [](const py::dict& args, int model, uintptr_t partials, int device, uintptr_t stream) {
-        const m3k::MergeArgs a = parse_args(args, false);
-        py::gil_scoped_release release;
-        m3k::launch_l1_partials(a, model, reinterpret_cast<double*>(partials), device, stream);
-      },
-      py::arg("args"), py::arg("model"), py::arg("partials"), py::arg("device"), py::arg("stream"),
-      "Write 2 x l1_num_blocks float64 partials (Σ|d|, Σ|d|·keep) of model at partials.");
+    m.def(
+        "merge",
+        [](const py::dict& args, int device, uintptr_t stream) {
+            const m3k::MergeArgs a = parse_args(args, true);
+            py::gil_scoped_release release;
+            m3k::launch_merge(a, device, stream);
+        },
+        py::arg("args"), py::arg("device"), py::arg("stream"),
+        "Stage B on the stream: args['out'] = merge of base and models (device pointers).");
+    m.def(
+        "histogram",
+        [](const py::dict& args, int model, int64_t prefix, uintptr_t hist, int device, uintptr_t stream) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::launch_histogram(a, model, prefix, reinterpret_cast<uint64_t*>(hist), device, stream);
+        },
+        py::arg("args"), py::arg("model"), py::arg("prefix"), py::arg("hist"), py::arg("device"),
+        py::arg("stream"),
+        "Add model's stage A histogram (prefix < 0: high 16 bits; else low 16 bits within the prefix) "
+        "to 65536 int64 counters at hist.");
+    m.def("l1_num_blocks", &m3k::l1_num_blocks, py::arg("numel"),
+          "Number of fixed element blocks (and partial sums per statistic) of the L1 kernel.");
+    m.def(
+        "l1_partials",
+        [](const py::dict& args, int model, uintptr_t partials, int device, uintptr_t stream) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::launch_l1_partials(a, model, reinterpret_cast<double*>(partials), device, stream);
+        },
+        py::arg("args"), py::arg("model"), py::arg("partials"), py::arg("device"), py::arg("stream"),
+        "Write 2 x l1_num_blocks float64 partials (Σ|d|, Σ|d|·keep) of model at partials.");
 
-  m.def(
-      "emulate_merge",
-      [](const py::dict& args) {
-        const m3k::MergeArgs a = parse_args(args, true);
-        py::gil_scoped_release release;
-        m3k::emulate_merge(a);
-      },
-      py::arg("args"), "Host emulation of merge on host pointers (the same chunk code, for tests).");
-  m.def(
-      "emulate_histogram",
-      [](const py::dict& args, int model, int64_t prefix, uintptr_t hist) {
-        const m3k::MergeArgs a = parse_args(args, false);
-        py::gil_scoped_release release;
-        m3k::emulate_histogram(a, model, prefix, reinterpret_cast<uint64_t*>(hist));
-      },
-      py::arg("args"), py::arg("model"), py::arg("prefix"), py::arg("hist"),
-      "Host emulation of histogram on host pointers.");
-  m.def(
-      "emulate_l1_partials",
-      [](const py::dict& args, int model, uintptr_t partials) {
-        const m3k::MergeArgs a = parse_args(args, false);
-        py::gil_scoped_release release;
-        m3k::emulate_l1_partials(a, model, reinterpret_cast<double*>(partials));
-      },
-      py::arg("args"), py::arg("model"), py::arg("partials"), "Host emulation of l1_partials on host pointers.");
+    m.def(
+        "emulate_merge",
+        [](const py::dict& args) {
+            const m3k::MergeArgs a = parse_args(args, true);
+            py::gil_scoped_release release;
+            m3k::emulate_merge(a);
+        },
+        py::arg("args"), "Host emulation of merge on host pointers (the same chunk code, for tests).");
+    m.def(
+        "emulate_histogram",
+        [](const py::dict& args, int model, int64_t prefix, uintptr_t hist) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::emulate_histogram(a, model, prefix, reinterpret_cast<uint64_t*>(hist));
+        },
+        py::arg("args"), py::arg("model"), py::arg("prefix"), py::arg("hist"),
+        "Host emulation of histogram on host pointers.");
+    m.def(
+        "emulate_l1_partials",
+        [](const py::dict& args, int model, uintptr_t partials) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::emulate_l1_partials(a, model, reinterpret_cast<double*>(partials));
+        },
+        py::arg("args"), py::arg("model"), py::arg("partials"),
+        "Host emulation of l1_partials on host pointers.");
 }

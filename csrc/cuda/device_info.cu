@@ -9,16 +9,16 @@
 namespace m3k {
 
 RuntimeInfo runtime_info() {
-  RuntimeInfo info{};
-  cudaRuntimeGetVersion(&info.runtime_version);
-  cudaDriverGetVersion(&info.driver_version);
-  const cudaError_t err = cudaGetDeviceCount(&info.device_count);
-  if (err != cudaSuccess) {
-    info.device_count = 0;
-    info.error = cudaGetErrorString(err);
-    cudaGetLastError();  // reset the thread's last error so later calls start clean
-  }
-  return info;
+    RuntimeInfo info{};
+    cudaRuntimeGetVersion(&info.runtime_version);
+    cudaDriverGetVersion(&info.driver_version);
+    const cudaError_t err = cudaGetDeviceCount(&info.device_count);
+    if (err != cudaSuccess) {
+        info.device_count = 0;
+        info.error = cudaGetErrorString(err);
+        cudaGetLastError();  // reset the thread's last error so later calls start clean
+    }
+    return info;
 }
 
 }  // namespace m3k

@@ -13,10 +13,10 @@
 namespace m3k {
 
 struct RuntimeInfo {
-  int runtime_version;   // e.g. 13000 for CUDA 13.0
-  int driver_version;    // the newest CUDA version the installed driver supports (0: no driver)
-  int device_count;      // 0 when the runtime cannot use any device
-  const char* error;     // nullptr, or why cudaGetDeviceCount failed
+    int runtime_version;  // e.g. 13000 for CUDA 13.0
+    int driver_version;   // the newest CUDA version the installed driver supports (0: no driver)
+    int device_count;     // 0 when the runtime cannot use any device
+    const char* error;    // nullptr, or why cudaGetDeviceCount failed
 };
 RuntimeInfo runtime_info();
 
@@ -35,8 +35,7 @@ void emulate_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* 
 // the fixed element block b (l1_num_blocks(numel) blocks). The caller adds them in block
 // order, so the result depends on numel only, not on the GPU or the launch shape.
 int64_t l1_num_blocks(int64_t numel);
-void launch_l1_partials(const MergeArgs& a, int model, double* partials, int device,
-                        uintptr_t stream);
+void launch_l1_partials(const MergeArgs& a, int model, double* partials, int device, uintptr_t stream);
 void emulate_l1_partials(const MergeArgs& a, int model, double* partials);
 
 }  // namespace m3k

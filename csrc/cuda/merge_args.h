@@ -11,32 +11,32 @@ namespace m3k {
 
 constexpr int kMaxModels = 16;  // N beyond this is refused with a clear error
 
-enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };   // m3kernels.merge.kernel_params.DTYPE_CODES
+enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };     // m3kernels.merge.kernel_params.DTYPE_CODES
 enum Combine : int32_t { kSum = 0, kMean = 1, kTies = 2 };  // COMBINE_CODES
 
 struct MergeArgs {
-  const void* models[kMaxModels];  // x_i, contiguous, numel elements each
-  const void* base;                // nullptr when has_base == 0
-  void* out;                       // nullptr for the stage-A kernels
-  int64_t numel;
-  int32_t n;                       // 1 .. kMaxModels
-  int32_t model_dtype[kMaxModels];
-  int32_t base_dtype;
-  int32_t out_dtype;
-  int32_t has_base;
-  int32_t combine;
-  int32_t normalize;
-  int32_t aligned;                 // every pointer is 16-byte aligned: vector loads allowed
-  float lam;
-  float mean_den;
-  float vote_w[kMaxModels];
-  float coef[kMaxModels];
-  float dare_scale[kMaxModels];
-  uint32_t dare[kMaxModels];       // 1: DARE drop on for model i
-  uint32_t key0[kMaxModels];
-  uint32_t key1[kMaxModels];
-  uint64_t dare_thr[kMaxModels];   // keep iff u32 < dare_thr (0 .. 2^32)
-  uint64_t trim_min[kMaxModels];   // 0: no trim; keep iff bits(|d|) >= trim_min (2^32: none)
+    const void* models[kMaxModels];  // x_i, contiguous, numel elements each
+    const void* base;                // nullptr when has_base == 0
+    void* out;                       // nullptr for the stage-A kernels
+    int64_t numel;
+    int32_t n;  // 1 .. kMaxModels
+    int32_t model_dtype[kMaxModels];
+    int32_t base_dtype;
+    int32_t out_dtype;
+    int32_t has_base;
+    int32_t combine;
+    int32_t normalize;
+    int32_t aligned;  // every pointer is 16-byte aligned: vector loads allowed
+    float lam;
+    float mean_den;
+    float vote_w[kMaxModels];
+    float coef[kMaxModels];
+    float dare_scale[kMaxModels];
+    uint32_t dare[kMaxModels];  // 1: DARE drop on for model i
+    uint32_t key0[kMaxModels];
+    uint32_t key1[kMaxModels];
+    uint64_t dare_thr[kMaxModels];  // keep iff u32 < dare_thr (0 .. 2^32)
+    uint64_t trim_min[kMaxModels];  // 0: no trim; keep iff bits(|d|) >= trim_min (2^32: none)
 };
 
 }  // namespace m3k

@@ -6,7 +6,8 @@
 //
 // Template parameters: NMAX models at most; EXACT: n == NMAX (loops need no guard, so all
 // loads of a chunk can be issued before the first one is used); EPT elements per chunk (a
-// multiple of 4); C: kTies, or kSum for sum and mean (a.combine picks); DT the input dtype (-1: runtime, mixed dtypes).
+// multiple of 4); C: kTies, or kSum for sum and mean (a.combine picks); DT the input dtype (-1: runtime,
+// mixed dtypes).
 #pragma once
 
 #include <cstdint>
@@ -19,130 +20,132 @@
 namespace m3k {
 
 // Chunk index c -> first element, and whether the vector path applies.
-M3K_HD int64_t chunk_start(int64_t c, int ept) { return c * ept; }
+M3K_HD int64_t chunk_start(int64_t c, int ept) {
+    return c * ept;
+}
 
 template <int EPT>
 M3K_HD bool chunk_vec(const MergeArgs& a, int64_t j0) {
-  return a.aligned && j0 + EPT <= a.numel;
+    return a.aligned && j0 + EPT <= a.numel;
 }
 
 // The base chunk as float32 (zeros without a base).
 template <int EPT, int DT>
 M3K_HD void base_chunk(const MergeArgs& a, int64_t j0, bool vec, float (&b)[EPT]) {
-  if (a.has_base) {
-    load_chunk<EPT, DT>(a.base, a.base_dtype, j0, a.numel, vec, b);
-  } else {
+    if (a.has_base) {
+        load_chunk<EPT, DT>(a.base, a.base_dtype, j0, a.numel, vec, b);
+    } else {
 #pragma unroll
-    for (int k = 0; k < EPT; ++k) b[k] = 0.0f;
-  }
+        for (int k = 0; k < EPT; ++k) b[k] = 0.0f;
+    }
 }
 
 // DARE drop and rescale of model i on chunk [j0, j0 + EPT), j0 a multiple of 4.
 template <int EPT>
 M3K_HD void dare_drop(const MergeArgs& a, int i, int64_t j0, float (&d)[EPT]) {
-  static_assert(EPT % 4 == 0, "dare_drop: EPT must be a multiple of 4");
-  if (!a.dare[i]) return;
-  const uint64_t thr = a.dare_thr[i];
-  const float scale = a.dare_scale[i];
+    static_assert(EPT % 4 == 0, "dare_drop: EPT must be a multiple of 4");
+    if (!a.dare[i]) return;
+    const uint64_t thr = a.dare_thr[i];
+    const float scale = a.dare_scale[i];
 #pragma unroll
-  for (int g = 0; g < EPT / 4; ++g) {
-    uint32_t w[4];
-    philox4x32_10((static_cast<uint64_t>(j0) >> 2) + g, a.key0[i], a.key1[i], w);
+    for (int g = 0; g < EPT / 4; ++g) {
+        uint32_t w[4];
+        philox4x32_10((static_cast<uint64_t>(j0) >> 2) + g, a.key0[i], a.key1[i], w);
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
-      const int k = 4 * g + r;
-      d[k] = (static_cast<uint64_t>(w[r]) < thr) ? fmul(d[k], scale) : 0.0f;
+        for (int r = 0; r < 4; ++r) {
+            const int k = 4 * g + r;
+            d[k] = (static_cast<uint64_t>(w[r]) < thr) ? fmul(d[k], scale) : 0.0f;
+        }
     }
-  }
 }
 
 // Magnitude trim of model i: keep iff bits(|d|) >= trim_min (0: keep all).
 template <int EPT>
 M3K_HD void trim(const MergeArgs& a, int i, float (&d)[EPT]) {
-  const uint64_t t = a.trim_min[i];
-  if (t == 0) return;
+    const uint64_t t = a.trim_min[i];
+    if (t == 0) return;
 #pragma unroll
-  for (int k = 0; k < EPT; ++k) d[k] = (static_cast<uint64_t>(abs_bits(d[k])) >= t) ? d[k] : 0.0f;
+    for (int k = 0; k < EPT; ++k) d[k] = (static_cast<uint64_t>(abs_bits(d[k])) >= t) ? d[k] : 0.0f;
 }
 
 // d = x_i - b, then the DARE drop: the delta stage A histograms (no trim).
 template <int EPT, int DT>
 M3K_HD void delta_chunk(const MergeArgs& a, int i, int64_t j0, bool vec, const float (&b)[EPT],
                         float (&d)[EPT]) {
-  load_chunk<EPT, DT>(a.models[i], a.model_dtype[i], j0, a.numel, vec, d);
+    load_chunk<EPT, DT>(a.models[i], a.model_dtype[i], j0, a.numel, vec, d);
 #pragma unroll
-  for (int k = 0; k < EPT; ++k) d[k] = fsub(d[k], b[k]);
-  dare_drop<EPT>(a, i, j0, d);
+    for (int k = 0; k < EPT; ++k) d[k] = fsub(d[k], b[k]);
+    dare_drop<EPT>(a, i, j0, d);
 }
 
 template <int NMAX, bool EXACT>
 M3K_HD bool model_on(const MergeArgs& a, int i) {
-  return EXACT ? true : i < a.n;
+    return EXACT ? true : i < a.n;
 }
 
 // Stage B on chunk c: reads base and every model once, writes the output once.
 template <int NMAX, bool EXACT, int EPT, int C, int DT>
 M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
-  const int64_t j0 = chunk_start(c, EPT);
-  const bool vec = chunk_vec<EPT>(a, j0);
-  float b[EPT];
-  base_chunk<EPT, DT>(a, j0, vec, b);
-  float m[EPT];
-  if constexpr (C != kTies) {
+    const int64_t j0 = chunk_start(c, EPT);
+    const bool vec = chunk_vec<EPT>(a, j0);
+    float b[EPT];
+    base_chunk<EPT, DT>(a, j0, vec, b);
+    float m[EPT];
+    if constexpr (C != kTies) {
 #pragma unroll
-    for (int k = 0; k < EPT; ++k) m[k] = 0.0f;
+        for (int k = 0; k < EPT; ++k) m[k] = 0.0f;
 #pragma unroll
-    for (int i = 0; i < NMAX; ++i) {
-      if (model_on<NMAX, EXACT>(a, i)) {
-        float d[EPT];
-        delta_chunk<EPT, DT>(a, i, j0, vec, b, d);
-        trim<EPT>(a, i, d);
-        const float coef = a.coef[i];
+        for (int i = 0; i < NMAX; ++i) {
+            if (model_on<NMAX, EXACT>(a, i)) {
+                float d[EPT];
+                delta_chunk<EPT, DT>(a, i, j0, vec, b, d);
+                trim<EPT>(a, i, d);
+                const float coef = a.coef[i];
 #pragma unroll
-        for (int k = 0; k < EPT; ++k) m[k] = fadd(m[k], fmul(coef, d[k]));
-      }
-    }
-    if (a.combine == kMean) {
-#pragma unroll
-      for (int k = 0; k < EPT; ++k) m[k] = fdiv(m[k], a.mean_den);
-    }
-  } else {
-    float d[NMAX][EPT];
-    float v[EPT];
-#pragma unroll
-    for (int k = 0; k < EPT; ++k) v[k] = 0.0f;
-#pragma unroll
-    for (int i = 0; i < NMAX; ++i) {
-      if (model_on<NMAX, EXACT>(a, i)) {
-        delta_chunk<EPT, DT>(a, i, j0, vec, b, d[i]);
-        trim<EPT>(a, i, d[i]);
-        const float w = a.vote_w[i];
-#pragma unroll
-        for (int k = 0; k < EPT; ++k) v[k] = fadd(v[k], fmul(w, d[i][k]));
-      } else {
-#pragma unroll
-        for (int k = 0; k < EPT; ++k) d[i][k] = 0.0f;
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < EPT; ++k) {
-      const bool pos = v[k] >= 0.0f;
-      float num = 0.0f, den = 0.0f;
-#pragma unroll
-      for (int i = 0; i < NMAX; ++i) {
-        const float x = d[i][k];
-        if (model_on<NMAX, EXACT>(a, i) && x != 0.0f && ((x > 0.0f) == pos)) {
-          num = fadd(num, fmul(a.coef[i], x));
-          den = fadd(den, a.coef[i]);
+                for (int k = 0; k < EPT; ++k) m[k] = fadd(m[k], fmul(coef, d[k]));
+            }
         }
-      }
-      m[k] = a.normalize ? (den != 0.0f ? fdiv(num, den) : 0.0f) : num;
-    }
-  }
-  float y[EPT];
+        if (a.combine == kMean) {
 #pragma unroll
-  for (int k = 0; k < EPT; ++k) y[k] = fadd(b[k], fmul(a.lam, m[k]));
-  store_chunk<EPT>(a.out, a.out_dtype, j0, a.numel, vec, y);
+            for (int k = 0; k < EPT; ++k) m[k] = fdiv(m[k], a.mean_den);
+        }
+    } else {
+        float d[NMAX][EPT];
+        float v[EPT];
+#pragma unroll
+        for (int k = 0; k < EPT; ++k) v[k] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (model_on<NMAX, EXACT>(a, i)) {
+                delta_chunk<EPT, DT>(a, i, j0, vec, b, d[i]);
+                trim<EPT>(a, i, d[i]);
+                const float w = a.vote_w[i];
+#pragma unroll
+                for (int k = 0; k < EPT; ++k) v[k] = fadd(v[k], fmul(w, d[i][k]));
+            } else {
+#pragma unroll
+                for (int k = 0; k < EPT; ++k) d[i][k] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < EPT; ++k) {
+            const bool pos = v[k] >= 0.0f;
+            float num = 0.0f, den = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NMAX; ++i) {
+                const float x = d[i][k];
+                if (model_on<NMAX, EXACT>(a, i) && x != 0.0f && ((x > 0.0f) == pos)) {
+                    num = fadd(num, fmul(a.coef[i], x));
+                    den = fadd(den, a.coef[i]);
+                }
+            }
+            m[k] = a.normalize ? (den != 0.0f ? fdiv(num, den) : 0.0f) : num;
+        }
+    }
+    float y[EPT];
+#pragma unroll
+    for (int k = 0; k < EPT; ++k) y[k] = fadd(b[k], fmul(a.lam, m[k]));
+    store_chunk<EPT>(a.out, a.out_dtype, j0, a.numel, vec, y);
 }
 
 }  // namespace m3k

@@ -22,10 +22,10 @@ constexpr int kMergeThreads = 256;
 
 template <int NMAX, bool EXACT, int EPT, int C, int DT>
 __global__ void __launch_bounds__(kMergeThreads) merge_kernel(const __grid_constant__ MergeArgs a) {
-  const int64_t nchunks = (a.numel + EPT - 1) / EPT;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nchunks; c += stride)
-    merge_chunk<NMAX, EXACT, EPT, C, DT>(a, c);
+    const int64_t nchunks = (a.numel + EPT - 1) / EPT;
+    const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+    for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nchunks; c += stride)
+        merge_chunk<NMAX, EXACT, EPT, C, DT>(a, c);
 }
 
 template <int V>
@@ -33,76 +33,87 @@ using Int = std::integral_constant<int, V>;
 
 // The input dtype shared by the base (if used) and every model, or -1 when they differ.
 inline int uniform_dtype(const MergeArgs& a) {
-  int dt = a.model_dtype[0];
-  for (int i = 1; i < a.n; ++i)
-    if (a.model_dtype[i] != dt) return -1;
-  if (a.has_base && a.base_dtype != dt) return -1;
-  return dt;
+    int dt = a.model_dtype[0];
+    for (int i = 1; i < a.n; ++i)
+        if (a.model_dtype[i] != dt) return -1;
+    if (a.has_base && a.base_dtype != dt) return -1;
+    return dt;
 }
 
 // Call f(Int<NMAX>, std::bool_constant<EXACT>, Int<EPT>, Int<C>, Int<DT>) for the kernel
 // configuration of `a`.
 template <int NMAX, bool EXACT, int EPT, int DT, class F>
 void with_combine(const MergeArgs& a, F&& f) {
-  switch (a.combine) {
-    case kSum:
-    case kMean: return f(Int<NMAX>{}, std::bool_constant<EXACT>{}, Int<EPT>{}, Int<kSum>{}, Int<DT>{});
-    case kTies: return f(Int<NMAX>{}, std::bool_constant<EXACT>{}, Int<EPT>{}, Int<kTies>{}, Int<DT>{});
-  }
-  throw std::invalid_argument("m3kernels CUDA merge: combine code must be 0, 1 or 2");
+    switch (a.combine) {
+        case kSum:
+        case kMean:
+            return f(Int<NMAX>{}, std::bool_constant<EXACT>{}, Int<EPT>{}, Int<kSum>{}, Int<DT>{});
+        case kTies:
+            return f(Int<NMAX>{}, std::bool_constant<EXACT>{}, Int<EPT>{}, Int<kTies>{}, Int<DT>{});
+    }
+    throw std::invalid_argument("m3kernels CUDA merge: combine code must be 0, 1 or 2");
 }
 
 template <int NMAX, bool EXACT, int EPT, class F>
 void with_dtype(const MergeArgs& a, int dt, F&& f) {
-  switch (dt) {
-    case kF32: return with_combine<NMAX, EXACT, EPT, kF32>(a, f);
-    case kBF16: return with_combine<NMAX, EXACT, EPT, kBF16>(a, f);
-    default: return with_combine<NMAX, EXACT, EPT, kF16>(a, f);
-  }
+    switch (dt) {
+        case kF32:
+            return with_combine<NMAX, EXACT, EPT, kF32>(a, f);
+        case kBF16:
+            return with_combine<NMAX, EXACT, EPT, kBF16>(a, f);
+        default:
+            return with_combine<NMAX, EXACT, EPT, kF16>(a, f);
+    }
 }
 
 template <class F>
 void with_merge_config(const MergeArgs& a, F&& f) {
-  const int dt = uniform_dtype(a);
-  if (dt >= 0) {
-    switch (a.n) {
-      case 1: return with_dtype<1, true, 8>(a, dt, f);
-      case 2: return with_dtype<2, true, 8>(a, dt, f);
-      case 3: return with_dtype<3, true, 8>(a, dt, f);
-      case 4: return with_dtype<4, true, 8>(a, dt, f);
-      default: break;
+    const int dt = uniform_dtype(a);
+    if (dt >= 0) {
+        switch (a.n) {
+            case 1:
+                return with_dtype<1, true, 8>(a, dt, f);
+            case 2:
+                return with_dtype<2, true, 8>(a, dt, f);
+            case 3:
+                return with_dtype<3, true, 8>(a, dt, f);
+            case 4:
+                return with_dtype<4, true, 8>(a, dt, f);
+            default:
+                break;
+        }
     }
-  }
-  return with_combine<kMaxModels, false, 4, -1>(a, f);
+    return with_combine<kMaxModels, false, 4, -1>(a, f);
 }
 
 }  // namespace
 
 void launch_merge(const MergeArgs& a, int device, uintptr_t stream) {
-  if (a.numel <= 0) return;
-  use_device(device);
-  auto s = reinterpret_cast<cudaStream_t>(stream);
-  with_merge_config(a, [&](auto nmax, auto exact, auto ept, auto comb, auto dt) {
-    constexpr int EPT = decltype(ept)::value;
-    auto kernel = merge_kernel<decltype(nmax)::value, decltype(exact)::value, EPT,
-                               decltype(comb)::value, decltype(dt)::value>;
-    const int64_t chunks = (a.numel + EPT - 1) / EPT;
-    const int64_t work = (chunks + kMergeThreads - 1) / kMergeThreads;
-    const unsigned grid = grid_size(reinterpret_cast<const void*>(kernel), device, kMergeThreads, 0, work);
-    kernel<<<grid, kMergeThreads, 0, s>>>(a);
-    check_cuda(cudaGetLastError(), "merge kernel launch");
-  });
+    if (a.numel <= 0) return;
+    use_device(device);
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    with_merge_config(a, [&](auto nmax, auto exact, auto ept, auto comb, auto dt) {
+        constexpr int EPT = decltype(ept)::value;
+        auto kernel = merge_kernel<decltype(nmax)::value, decltype(exact)::value, EPT, decltype(comb)::value,
+                                   decltype(dt)::value>;
+        const int64_t chunks = (a.numel + EPT - 1) / EPT;
+        const int64_t work = (chunks + kMergeThreads - 1) / kMergeThreads;
+        const unsigned grid =
+            grid_size(reinterpret_cast<const void*>(kernel), device, kMergeThreads, 0, work);
+        kernel<<<grid, kMergeThreads, 0, s>>>(a);
+        check_cuda(cudaGetLastError(), "merge kernel launch");
+    });
 }
 
 void emulate_merge(const MergeArgs& a) {
-  if (a.numel <= 0) return;
-  with_merge_config(a, [&](auto nmax, auto exact, auto ept, auto comb, auto dt) {
-    constexpr int EPT = decltype(ept)::value;
-    const int64_t chunks = (a.numel + EPT - 1) / EPT;
-    for (int64_t c = 0; c < chunks; ++c)
-      merge_chunk<decltype(nmax)::value, decltype(exact)::value, EPT, decltype(comb)::value,
-                  decltype(dt)::value>(a, c);
-  });
+    if (a.numel <= 0) return;
+    with_merge_config(a, [&](auto nmax, auto exact, auto ept, auto comb, auto dt) {
+        constexpr int EPT = decltype(ept)::value;
+        const int64_t chunks = (a.numel + EPT - 1) / EPT;
+        for (int64_t c = 0; c < chunks; ++c)
+            merge_chunk<decltype(nmax)::value, decltype(exact)::value, EPT, decltype(comb)::value,
+                        decltype(dt)::value>(a, c);
+    });
 }
 
 }  // namespace m3k

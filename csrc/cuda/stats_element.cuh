@@ -18,51 +18,52 @@ constexpr int kHistBins = 1 << 16;
 
 // Bin of one |d| bit pattern; false when pass 2 skips the element.
 M3K_HD bool hist_bin(uint32_t x, int64_t prefix, uint32_t& bin) {
-  if (prefix < 0) {
-    bin = x >> 16;
+    if (prefix < 0) {
+        bin = x >> 16;
+        return true;
+    }
+    if ((x >> 16) != static_cast<uint32_t>(prefix)) return false;
+    bin = x & 0xffffu;
     return true;
-  }
-  if ((x >> 16) != static_cast<uint32_t>(prefix)) return false;
-  bin = x & 0xffffu;
-  return true;
 }
 
 // The |d| bit patterns of chunk c of model i (the caller skips elements past numel).
 template <int DT>
 M3K_HD void hist_chunk_bits(const MergeArgs& a, int i, int64_t c, uint32_t (&x)[kHistEPT]) {
-  const int64_t j0 = c * kHistEPT;
-  const bool vec = a.aligned && j0 + kHistEPT <= a.numel;
-  float b[kHistEPT], d[kHistEPT];
-  base_chunk<kHistEPT, DT>(a, j0, vec, b);
-  delta_chunk<kHistEPT, DT>(a, i, j0, vec, b, d);
+    const int64_t j0 = c * kHistEPT;
+    const bool vec = a.aligned && j0 + kHistEPT <= a.numel;
+    float b[kHistEPT], d[kHistEPT];
+    base_chunk<kHistEPT, DT>(a, j0, vec, b);
+    delta_chunk<kHistEPT, DT>(a, i, j0, vec, b, d);
 #pragma unroll
-  for (int k = 0; k < kHistEPT; ++k) x[k] = abs_bits(d[k]);
+    for (int k = 0; k < kHistEPT; ++k) x[k] = abs_bits(d[k]);
 }
 
 // One thread of the histogram kernels: chunks first, first + stride, ... of model i. Consecutive
 // elements of one bin are counted in registers and handed to flush(bin, count) per run, so the
 // exact zeros DARE leaves cost one atomic per run, not one per element.
 template <int DT, class Flush>
-M3K_HD void hist_thread(const MergeArgs& a, int i, int64_t prefix, int64_t first, int64_t stride, Flush&& flush) {
-  const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
-  uint32_t run_bin = 0, run_count = 0;
-  for (int64_t c = first; c < nchunks; c += stride) {
-    uint32_t x[kHistEPT];
-    hist_chunk_bits<DT>(a, i, c, x);
+M3K_HD void hist_thread(const MergeArgs& a, int i, int64_t prefix, int64_t first, int64_t stride,
+                        Flush&& flush) {
+    const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
+    uint32_t run_bin = 0, run_count = 0;
+    for (int64_t c = first; c < nchunks; c += stride) {
+        uint32_t x[kHistEPT];
+        hist_chunk_bits<DT>(a, i, c, x);
 #pragma unroll
-    for (int k = 0; k < kHistEPT; ++k) {
-      uint32_t bin;
-      if (c * kHistEPT + k < a.numel && hist_bin(x[k], prefix, bin)) {
-        if (bin != run_bin) {
-          if (run_count) flush(run_bin, run_count);
-          run_bin = bin;
-          run_count = 0;
+        for (int k = 0; k < kHistEPT; ++k) {
+            uint32_t bin;
+            if (c * kHistEPT + k < a.numel && hist_bin(x[k], prefix, bin)) {
+                if (bin != run_bin) {
+                    if (run_count) flush(run_bin, run_count);
+                    run_bin = bin;
+                    run_count = 0;
+                }
+                ++run_count;
+            }
         }
-        ++run_count;
-      }
     }
-  }
-  if (run_count) flush(run_bin, run_count);
+    if (run_count) flush(run_bin, run_count);
 }
 
 constexpr int kL1Threads = 256;
@@ -74,32 +75,33 @@ constexpr int64_t kL1BlockElems = static_cast<int64_t>(kL1Threads) * kL1EPT * kL
 // d_i the raw delta (before the drop), in a fixed order.
 template <int DT>
 M3K_HD void l1_thread(const MergeArgs& a, int i, int64_t blk, int t, double& total, double& kept) {
-  total = 0.0;
-  kept = 0.0;
-  for (int it = 0; it < kL1Iters; ++it) {
-    const int64_t j0 = (blk * (kL1Threads * kL1Iters) + static_cast<int64_t>(it) * kL1Threads + t) * kL1EPT;
-    if (j0 >= a.numel) break;
-    const bool vec = a.aligned && j0 + kL1EPT <= a.numel;
-    float b[kL1EPT], d[kL1EPT];
-    base_chunk<kL1EPT, DT>(a, j0, vec, b);
-    load_chunk<kL1EPT, DT>(a.models[i], a.model_dtype[i], j0, a.numel, vec, d);
-    uint32_t w[kL1EPT];
+    total = 0.0;
+    kept = 0.0;
+    for (int it = 0; it < kL1Iters; ++it) {
+        const int64_t j0 =
+            (blk * (kL1Threads * kL1Iters) + static_cast<int64_t>(it) * kL1Threads + t) * kL1EPT;
+        if (j0 >= a.numel) break;
+        const bool vec = a.aligned && j0 + kL1EPT <= a.numel;
+        float b[kL1EPT], d[kL1EPT];
+        base_chunk<kL1EPT, DT>(a, j0, vec, b);
+        load_chunk<kL1EPT, DT>(a.models[i], a.model_dtype[i], j0, a.numel, vec, d);
+        uint32_t w[kL1EPT];
 #pragma unroll
-    for (int g = 0; g < kL1EPT / 4; ++g) {
-      uint32_t q[4] = {0u, 0u, 0u, 0u};
-      if (a.dare[i]) philox4x32_10((static_cast<uint64_t>(j0) >> 2) + g, a.key0[i], a.key1[i], q);
+        for (int g = 0; g < kL1EPT / 4; ++g) {
+            uint32_t q[4] = {0u, 0u, 0u, 0u};
+            if (a.dare[i]) philox4x32_10((static_cast<uint64_t>(j0) >> 2) + g, a.key0[i], a.key1[i], q);
 #pragma unroll
-      for (int r = 0; r < 4; ++r) w[4 * g + r] = q[r];
+            for (int r = 0; r < 4; ++r) w[4 * g + r] = q[r];
+        }
+#pragma unroll
+        for (int k = 0; k < kL1EPT; ++k) {
+            if (j0 + k < a.numel) {
+                const double ad = static_cast<double>(u2f(abs_bits(fsub(d[k], b[k]))));
+                total += ad;
+                if (!a.dare[i] || static_cast<uint64_t>(w[k]) < a.dare_thr[i]) kept += ad;
+            }
+        }
     }
-#pragma unroll
-    for (int k = 0; k < kL1EPT; ++k) {
-      if (j0 + k < a.numel) {
-        const double ad = static_cast<double>(u2f(abs_bits(fsub(d[k], b[k]))));
-        total += ad;
-        if (!a.dare[i] || static_cast<uint64_t>(w[k]) < a.dare_thr[i]) kept += ad;
-      }
-    }
-  }
 }
 
 }  // namespace m3k
