@@ -277,16 +277,34 @@ def _missing_error(name, inputs, found) -> TensorMismatchError:
     )
 
 
-def _recipe(cfg: MergeConfig, name: str, kwargs: dict, n: int, has_base: bool, ratios, seed) -> Recipe:
+def _frozen(value):
+    """A hashable copy of a tensor_kwargs value (lists become tuples)."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _recipe(cfg: MergeConfig, name: str, kwargs: dict, n: int, has_base: bool, ratios, seed,
+            cache: dict | None = None) -> Recipe:
+    """``make_recipe`` for one tensor; tensors with the same arguments share one (immutable)
+    Recipe through ``cache``, so a plan of 100,000 tensors validates each distinct setting once."""
+    key = None
+    if cache is not None:
+        key = (n, has_base, tuple((k, _frozen(v)) for k, v in sorted(kwargs.items())))
+        hit = cache.get(key)
+        if hit is not None:
+            return hit
     try:
-        return make_recipe(n, method=cfg.method, has_base=has_base, mix_ratios=ratios, seed=seed, **kwargs)
+        recipe = make_recipe(n, method=cfg.method, has_base=has_base, mix_ratios=ratios, seed=seed, **kwargs)
     except ValueError as exc:
         raise MergeConfigError(f"tensor {name!r}: {exc}") from None
+    if cache is not None:
+        cache[key] = recipe
+    return recipe
 
 
 def build_plan(cfg: MergeConfig, base: Checkpoint | None, models: list, out_shard_size: int) -> MergePlan:
     """Match tensors across the inputs, apply docs/SPEC.md §4, choose dtypes and shards."""
     preset = get_method(cfg.method)
+    recipes: dict = {}  # shared Recipes (see _recipe)
     source = base if base is not None else models[0]
     inputs = ([base] if base is not None else []) + list(models)
     num_layers = count_layers(source)
@@ -383,7 +401,7 @@ def build_plan(cfg: MergeConfig, base: Checkpoint | None, models: list, out_shar
         except MergeConfigError as exc:
             raise MergeConfigError(f"tensor {name!r}: {exc}") from None
         use_base = base_src if preset.uses_base else None
-        recipe = _recipe(cfg, name, kwargs, len(model_srcs), use_base is not None, ratios, cfg.seed)
+        recipe = _recipe(cfg, name, kwargs, len(model_srcs), use_base is not None, ratios, cfg.seed, recipes)
         planned.append(
             PlannedTensor(
                 name,
