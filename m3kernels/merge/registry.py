@@ -114,22 +114,11 @@ class Method:
     def default_normalize(self) -> bool:
         return self.program.normalize_default
 
-    # the kernel program's flags, read directly (``method.uses_base`` etc.)
-    @property
-    def uses_base(self) -> bool:
-        return self.program.uses_base
-
-    @property
-    def combine(self) -> str:
-        return self.program.combine
-
-    @property
-    def dare(self) -> bool:
-        return self.program.dare
-
-    @property
-    def trim(self) -> bool:
-        return self.program.trim
+    def __getattr__(self, name: str):
+        """The kernel program's flags, read directly: ``method.uses_base``, ``.dare``, ``.trim``, ..."""
+        if name in Program.__dataclass_fields__:
+            return getattr(self.program, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------ the parameters, written once
