@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from m3kernels.backends import get_backend
+from m3kernels.merge.finite import finite_l1_sums, report_non_finite
 from m3kernels.merge.job import MergeJob
 from m3kernels.merge.kernel_params import DTYPE_CODES, TRIM_KEEP_ALL, TRIM_KEEP_NONE, f32, make_params, trim_k
 from m3kernels.merge.recipe import Recipe, make_recipe
@@ -109,6 +110,9 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
     b = base if p.has_base else None
     if recipe.rescale == "l1":
         total, kept = backend.l1_sums(p, b, models)
+        if not (np.all(np.isfinite(total)) and np.all(np.isfinite(kept))):  # a NaN/inf delta: finite ones only
+            total, kept, bad = finite_l1_sums(recipe, name, b, models)
+            report_non_finite(name, bad)
         p = p.with_dare_scale([f32(t / k) if k > 0 else 1.0 for t, k in zip(total, kept)])
     if recipe.trim_density is not None:
         if trim_bits is not None:

@@ -48,8 +48,11 @@ def sparsified_deltas(base, models, recipe: Recipe, name: str = ""):
                 s64 = 1.0
             else:  # l1: Σ|δ| / Σ|kept δ|
                 # sums of the float32 deltas' magnitudes, in float64 (docs/KERNEL.md)
-                total = float(d32[i].abs().to(F64).sum())
-                kept = float(torch.where(keep, d32[i].abs().to(F64), 0.0).sum())
+                # over the finite deltas only (m3kernels/merge/finite.py)
+                a64 = d32[i].abs().to(F64)
+                a64 = torch.where(torch.isfinite(a64), a64, 0.0)
+                total = float(a64.sum())
+                kept = float(torch.where(keep, a64, 0.0).sum())
                 s64 = total / kept if kept > 0 else 1.0
             d32[i] = torch.where(keep, d32[i] * _f32(s64), torch.zeros((), dtype=F32))
             d64[i] = torch.where(keep, d64[i] * s64, torch.zeros((), dtype=F64))
