@@ -64,6 +64,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="validate the config and every input, print the plan, write nothing")
     m.add_argument("--allow-bin", action="store_true",
                    help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True))")
+    m.add_argument("--strict", action="store_true",
+                   help="refuse inputs holding NaN or inf (reads the inputs once more before merging)")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     m.add_argument("-v", "--verbose", action="store_true", help="tracebacks and more details")
 
@@ -112,7 +114,7 @@ def cmd_merge(args) -> int:
     result = merge_checkpoints(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
                                force=args.force, resume=args.resume, seed=args.seed,
                                progress=not args.quiet, dry_run=args.dry_run, allow_bin=args.allow_bin,
-                               backend=args.backend)
+                               backend=args.backend, strict=args.strict)
     if args.dry_run:
         print(result.summary())
         print()

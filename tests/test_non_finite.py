@@ -69,3 +69,34 @@ def test_finite_inputs_take_the_kernel_sums(gen, monkeypatch):
     base, models = _inputs(gen)
     m3kernels.merge_tensors(base, models, method="dare_linear", density=0.5, rescale="l1", backend="cpu")
     assert not calls
+
+
+def test_checkpoint_merge_warns_by_default_and_strict_refuses(tmp_path, capsys):
+    from m3kernels import cli
+    from m3kernels.synthetic import fine_tune, llama_config, llama_tensors, write_checkpoint
+
+    sizes = dict(vocab=29, hidden=8, intermediate=12, layers=2, heads=2, kv_heads=1)
+    base = llama_tensors(seed=1, **sizes)
+    ft1, ft2 = fine_tune(base, 1), fine_tune(base, 2)
+    name = "model.layers.1.mlp.up_proj.weight"
+    ft2[name] = ft2[name].clone()
+    ft2[name].view(-1)[[3, 7]] = float("nan")
+    dirs = [write_checkpoint(tmp_path / d, t, config=llama_config(**sizes))
+            for d, t in (("base", base), ("ft1", ft1), ("ft2", ft2))]
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"merge_method: dare_ties\nbase_model: {dirs[0]}\nmodels:\n  - model: {dirs[1]}\n"
+                   f"  - model: {dirs[2]}\nparameters: {{density: 0.5, rescale: l1}}\n")
+    assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--device", "cpu", "-q"]) == 0
+    err = capsys.readouterr().err
+    assert name in err and "model 2: 2" in err and "warning" in err, err
+    from safetensors.torch import load_file
+
+    merged = {}
+    for f in (tmp_path / "out").glob("*.safetensors"):
+        merged |= load_file(f)
+    assert int((~torch.isfinite(merged[name].float())).sum()) <= 2  # the NaN stayed in its elements
+    assert all(torch.isfinite(t.float()).all() for k, t in merged.items() if k != name)
+    status = cli.main(["merge", str(cfg), str(tmp_path / "strict"), "--device", "cpu", "-q", "--strict"])
+    err = capsys.readouterr().err
+    assert status == 2 and name in err and "2 NaN/inf" in err and "model 2" in err, err
+    assert not (tmp_path / "strict").exists()

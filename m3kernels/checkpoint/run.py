@@ -36,6 +36,7 @@ from m3kernels.errors import M3KError, OutputExistsError
 from m3kernels.checkpoint.plan import MergePlan, build_plan, shard_filenames
 from m3kernels.checkpoint.writer import (Journal, ShardedWriter, make_temp_dir, partial_runs,
                      publish)
+from m3kernels.checkpoint.finite_check import check_finite_inputs
 from m3kernels.checkpoint.inputs import config_and_folder, open_inputs
 from m3kernels.checkpoint.output_guard import OutputLock, check_out_dir
 from m3kernels.checkpoint.model_stats import model_thresholds
@@ -219,13 +220,14 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
 def merge_checkpoints(config, out_dir, *, device: str = "auto", out_shard_size: int = DEFAULT_SHARD_SIZE,
                       force: bool = False, resume: bool = False, seed: Optional[int] = None,
                       progress: bool = True, dry_run: bool = False, allow_bin: bool = False,
-                      backend: str = "auto"):
+                      backend: str = "auto", strict: bool = False):
     """Merge the checkpoints a config names into ``out_dir`` (HF layout, sharded safetensors).
 
     ``config``: a YAML path, YAML text, dict or MergeConfig. ``seed`` overrides the config's.
     ``dry_run``: validate the config and every input, return the :class:`MergePlan`, write
     nothing. Otherwise returns a :class:`MergeResult`. User-fixable problems raise
-    :class:`~m3kernels.errors.M3KError` (or the config's ``MergeConfigError``).
+    :class:`~m3kernels.errors.M3KError` (or the config's ``MergeConfigError``). ``strict``: refuse
+    inputs holding NaN or inf (one more read of the inputs first; :mod:`.finite_check`).
     """
     if isinstance(out_shard_size, bool) or not isinstance(out_shard_size, int) or out_shard_size < 1:
         raise M3KError(f"out_shard_size must be a positive number of bytes, got {out_shard_size!r}")
@@ -235,6 +237,8 @@ def merge_checkpoints(config, out_dir, *, device: str = "auto", out_shard_size: 
     try:
         check_out_dir(out_dir, force, opened)  # before anything is created or deleted
         plan = build_plan(cfg, base, models, out_shard_size)
+        if strict:
+            check_finite_inputs(plan, progress)
         if dry_run:
             return plan
         dev = resolve_device(device, backend)
