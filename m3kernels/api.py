@@ -17,7 +17,13 @@ from m3kernels.merge.finite import finite_l1_sums, report_non_finite
 from m3kernels.merge.job import MergeJob
 from m3kernels.merge.kernel_params import DTYPE_CODES, TRIM_KEEP_ALL, TRIM_KEEP_NONE, f32, make_params, trim_k
 from m3kernels.merge.recipe import Recipe, make_recipe
-from m3kernels.merge.select import bits_to_float, select_from_keys, select_thresholds
+from m3kernels.merge.select import (
+    bits_to_float,
+    sample_runs,
+    select_from_keys,
+    select_thresholds,
+    select_thresholds_single_pass,
+)
 
 SUPPORTED_DTYPES = tuple(DTYPE_CODES)
 
@@ -101,9 +107,10 @@ def small_tensor_keys(p, base, models, backend) -> Optional[np.ndarray]:
 def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
     """Stage A for one tensor: kernel params with the L1 scale and trim thresholds filled in.
 
-    Trim thresholds are the exact k-th largest bits(|δ'|): two histogram passes, or for tensors
-    of at most SMALL_TENSOR_NUMEL elements a selection among the bit patterns themselves (the
-    same result, without the fixed cost of two 65,536-bin histograms).
+    Trim thresholds are the exact k-th largest bits(|δ'|): for tensors of at most
+    SMALL_TENSOR_NUMEL elements a selection among the bit patterns themselves (without the fixed
+    cost of two 65,536-bin histograms), else :func:`large_tensor_thresholds` (one pass on the CPU,
+    two histogram passes on the GPU backends); the same result every way.
     """
     trim_bits = thresholds_to_bits(thresholds) if thresholds is not None else None  # validates first
     p = make_params(recipe, name, base is not None)
@@ -124,9 +131,24 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
             if keys is not None:
                 p = p.with_trim(select_from_keys(keys, ks, numel))
             else:
-                p = p.with_trim(select_thresholds(lambda prefix: backend.histogram(p, b, models, prefix),
-                                                  ks, numel))
+                p = p.with_trim(large_tensor_thresholds(p, b, models, backend, ks, numel))
     return p, b
+
+
+def large_tensor_thresholds(p, base, models, backend, ks, numel) -> np.ndarray:
+    """The exact k-th largest bits(|δ'_i|) of a large tensor: in one pass over the inputs
+    (:func:`~m3kernels.merge.select.select_thresholds_single_pass`) where the backend counts
+    brackets (the CPU one), else, and when a bracket misses, by two histogram passes."""
+    def hist(prefix):
+        return backend.histogram(p, base, models, prefix)
+
+    count = getattr(backend, "bracket_count", None)
+    runs = sample_runs(numel)
+    if count is None or not hasattr(backend, "sample_keys") or runs == 0:
+        return select_thresholds(hist, ks, numel)
+    return select_thresholds_single_pass(lambda: backend.sample_keys(p, base, models, runs),
+                                         lambda lo, span, fine: count(p, base, models, lo, span, fine), hist,
+                                         ks, numel)
 
 
 def merge_tensors(base, models, *, method, weights=None, density=None, drop_rate=None,

@@ -164,6 +164,81 @@ py::array_t<uint32_t> delta_keys(py::handle p, uintptr_t base_ptr, int base_dtyp
     return keys;
 }
 
+// Single-pass threshold, step 1: bits(|d'_i|) of `runs` runs of 16 elements spread evenly over
+// the tensor (uint32[n, runs * 16]; numel >= 16 * runs).
+py::array_t<uint32_t> sample_keys(py::handle p, uintptr_t base_ptr, int base_dtype,
+                                  const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
+                                  int64_t numel, int64_t runs, int64_t index_offset) {
+    Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
+    if (runs < 0 || (runs > 0 && numel / runs < 16))
+        throw py::value_error("sample_keys: need 0 <= runs <= numel / 16");
+    py::array_t<uint32_t> keys({py::ssize_t(call.args.n), py::ssize_t(runs * 16)});
+    uint32_t* k = keys.mutable_data();
+    const m3k::KernelTable& t = m3k::active_table();
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = t.sample_keys(call.args, runs, k);
+    }
+    if (!ok) throw std::bad_alloc();
+    return keys;
+}
+
+// Single-pass threshold, step 2: one pass over every element. For model i with span[i] > 0:
+// above[i] = #elements with bits(|d'_i|) >= (lo[i] + span[i]) << 16, range[i] = int64[span[i]]
+// high-16 counts of buckets lo[i] .. lo[i] + span[i] - 1, fine[i] = int64[4, 65536] low-16 counts
+// of the buckets fine_buckets[i] (up to 4, each inside the range). Returns (above, range, fine).
+py::tuple bracket_count(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<uintptr_t>& model_ptrs,
+                        const std::vector<int>& model_dtypes, int64_t numel, const std::vector<uint32_t>& lo,
+                        const std::vector<uint32_t>& span, const std::vector<std::vector<uint32_t>>& fine_buckets,
+                        int64_t index_offset) {
+    constexpr int kFine = 4;
+    Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
+    const int n = call.args.n;
+    if (int(lo.size()) != n || int(span.size()) != n || int(fine_buckets.size()) != n)
+        throw py::value_error("bracket_count: expected n = " + std::to_string(n) + " lo, span and fine_buckets");
+    size_t total = 0;
+    std::vector<uint32_t> fb(size_t(n) * kFine, 0xffffffffu);
+    for (int i = 0; i < n; ++i) {
+        if (lo[i] > 0xffffu || span[i] > 0x10000u - lo[i])
+            throw py::value_error("bracket_count: need lo < 65536 and lo + span <= 65536");
+        if (fine_buckets[i].size() > size_t(kFine))
+            throw py::value_error("bracket_count: at most 4 fine buckets per model");
+        for (size_t f = 0; f < fine_buckets[i].size(); ++f) {
+            const uint32_t b = fine_buckets[i][f];
+            if (b < lo[i] || b - lo[i] >= span[i])
+                throw py::value_error("bracket_count: each fine bucket must lie in lo .. lo + span - 1");
+            for (size_t g = 0; g < f; ++g)
+                if (fine_buckets[i][g] == b) throw py::value_error("bracket_count: fine buckets must differ");
+            fb[size_t(i) * kFine + f] = b;
+        }
+        total += span[i];
+    }
+    py::array_t<int64_t> up(n);
+    py::array_t<int64_t> range(static_cast<py::ssize_t>(total));
+    py::array_t<int64_t> fine({py::ssize_t(n), py::ssize_t(kFine), py::ssize_t(1) << 16});
+    int64_t* upp = up.mutable_data();
+    int64_t* rp = range.mutable_data();
+    int64_t* fp = fine.mutable_data();
+    const m3k::KernelTable& t = m3k::active_table();
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        std::memset(upp, 0, sizeof(int64_t) * size_t(n));
+        std::memset(rp, 0, sizeof(int64_t) * total);
+        std::memset(fp, 0, sizeof(int64_t) * size_t(n) * kFine * (size_t(1) << 16));
+        ok = t.bracket_count(call.args, lo.data(), span.data(), fb.data(), upp, rp, fp);
+    }
+    if (!ok) throw std::bad_alloc();
+    py::list rows;
+    size_t off = 0;
+    for (int i = 0; i < n; ++i) {
+        rows.append(range[py::slice(py::ssize_t(off), py::ssize_t(off + span[i]), 1)]);
+        off += span[i];
+    }
+    return py::make_tuple(up, rows, fine);
+}
+
 // Stage A and B for many small tensors in one call (the streaming merge of checkpoints with
 // thousands of them). Tensor t: base base_ptrs[t] (when p.has_base), models model_ptrs[t * n + i],
 // numels[t] elements, output out_ptrs[t]; every tensor uses p except: DARE keys key0/key1[t * n + i]
@@ -357,6 +432,16 @@ PYBIND11_MODULE(_C, m) {
     m.def("delta_keys", &delta_keys, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
           "Stage A, small tensors: uint32[n, numel] bits(|delta after DARE|), the values the histograms count.");
+    m.def("sample_keys", &sample_keys, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
+          py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("runs"),
+          py::arg("index_offset") = 0,
+          "Stage A, single pass: uint32[n, runs * 16] bits(|delta after DARE|) of runs of 16 elements "
+          "at a stride of numel // runs.");
+    m.def("bracket_count", &bracket_count, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
+          py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("lo"), py::arg("span"),
+          py::arg("fine_buckets"), py::arg("index_offset") = 0,
+          "Stage A, single pass: (above int64[n], [int64[span[i]]] high-16 counts of each model's bucket range, "
+          "int64[n, 4, 65536] low-16 counts of its fine buckets).");
     m.def("merge_batch", &merge_batch, py::arg("p"), py::arg("base_ptrs"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numels"), py::arg("out_ptrs"),
           py::arg("out_dtype"), py::arg("ks") = py::none(), py::arg("key0") = py::none(),

@@ -53,6 +53,16 @@ struct KernelTable {
     // stage A, small tensors: keys is uint32[n][numel], filled with bits(|d'|) (the values the
     // high-16 pass counts); false when scratch memory could not be allocated.
     bool (*delta_keys)(const TensorArgs& a, uint32_t* keys);
+    // stage A, single-pass threshold: keys is uint32[n][runs * 16], bits(|d'|) of runs of 16
+    // elements at a stride of numel / runs (>= 16); false on a bad stride or no memory.
+    bool (*sample_keys)(const TensorArgs& a, int64_t runs, uint32_t* keys);
+    // stage A, single-pass threshold: for each model with span[i] > 0, above[i] += #elements with
+    // bits(|d'|) >= (lo[i] + span[i]) << 16; range (rows of span[i] int64 back to back) += the
+    // high-16 counts of buckets lo[i] .. lo[i] + span[i] - 1; fine (int64[n][4][65536]) += the
+    // low-16 counts of buckets fine_buckets[i * 4 + f] (0xffffffff: none, and each inside the
+    // range). All zeroed by the caller. False: no memory.
+    bool (*bracket_count)(const TensorArgs& a, const uint32_t* lo, const uint32_t* span,
+                          const uint32_t* fine_buckets, int64_t* above, int64_t* range, int64_t* fine);
 };
 
 const KernelTable& table_generic();

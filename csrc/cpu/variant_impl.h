@@ -443,6 +443,209 @@ static bool delta_keys(const TensorArgs& a, uint32_t* keys) {
     return ok;
 }
 
+// ---------------------------------------------------------------- stage A: single-pass threshold
+//
+// The exact k-th largest bits(|d'|) in one full pass (docs/KERNEL.md, "Stage A"): a strided
+// sample (sample_keys) brackets the high-16 buckets that hold it, then bracket_count reads every
+// element once and counts, per model, the elements above the bracket and the low-16 histogram of
+// each bracketed bucket. The caller (m3kernels.merge.select) locates the k-th largest in those
+// counts, or, when it lies outside the bracket, falls back to the two histogram passes.
+
+constexpr int64_t kSampleRun = 16;  // elements per sample run (one AVX-512 vector)
+
+// keys[i * runs * kSampleRun + j * kSampleRun + l] = bits(|d'_i|) of element j * stride + l,
+// stride = numel / runs (>= kSampleRun: the caller checks). Same values as block_keys.
+static bool sample_keys(const TensorArgs& a, int64_t runs, uint32_t* keys) {
+    if (a.numel <= 0 || runs <= 0) return true;
+    const int64_t stride = a.numel / runs;
+    if (stride < kSampleRun) return false;
+    ModelPlan* plans = make_plans(a);
+    if (!plans) return false;
+    const TensorIn t = tensor_in(a);
+    const size_t per_model = size_t(runs) * size_t(kSampleRun);
+    bool failed = false;
+#pragma omp parallel if (runs >= 1024) reduction(|| : failed)
+    {
+        Scratch s = {};
+        const bool ok = scratch_alloc(s, a.n);
+        failed = !ok;
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < runs; ++j) {
+            if (!ok) continue;
+            const int64_t start = j * stride;
+            block_philox(a, plans, start, kSampleRun, s);
+            for (int i = 0; i < a.n; ++i) {
+                const ModelIn m = model_in(a, plans[i], i, s.uptr[i], false);
+                block_keys(t, m, start, kSampleRun, keys + size_t(i) * per_model + size_t(j) * kSampleRun);
+            }
+        }
+        free(s.mem);
+    }
+    free(plans);
+    return !failed;
+}
+
+// What bracket_count counts for one model: the keys >= (lo + span) << 16 (above), the high-16
+// counts of the buckets lo .. lo + span - 1 (range), and the low-16 counts of up to kMaxFine of
+// those buckets (fine). The vector loop only counts the keys above the range and packs the keys
+// inside it (a few percent) into a buffer; a branch-free scalar loop then counts those, the range
+// into kHistCopies copies (round robin: keys repeat a lot), the fine counts through a per-bucket
+// row index (non-fine buckets go to a discarded row kMaxFine).
+constexpr int kMaxFine = 4;
+
+struct BracketIn {
+    uint32_t lo_key;       // lo << 16
+    uint32_t span_key;     // span << 16 (0xffffffff for all 65536 buckets)
+    uint32_t span;         // buckets in the range
+    const uint8_t* fidx;   // [span] fine row of each range bucket (kMaxFine: none)
+};
+
+// The lanes of one vector of deltas: count those above the range, pack those in it into buf.
+template <bool PARTIAL>
+M3K_INLINE int bracket_vec(vf d, int rem, const BracketIn& br, uint32_t& above, uint32_t* __restrict buf) {
+    const vu ab = (vu)d & 0x7fffffffu;
+    const vu rel = ab - br.lo_key;  // wraps below lo_key: outside
+    uint32_t in = lane_bits(rel < br.span_key);
+    uint32_t up = lane_bits(ab >= br.lo_key) & ~in;
+    if (PARTIAL) {
+        up &= (1u << rem) - 1u;
+        in &= (1u << rem) - 1u;
+    }
+    above += uint32_t(__builtin_popcount(up));
+#if M3K_HAVE_AVX512
+    // compress in a register, store all 16 lanes (a compressing store to memory is slow on some
+    // cores): buf needs W lanes of room past the packed keys (s.keys is followed by s.ad).
+    _mm512_storeu_si512(buf, _mm512_maskz_compress_epi32(__mmask16(in), (__m512i)rel));
+    return __builtin_popcount(in);
+#else
+    int c = 0;
+    for (int l = 0; l < W; ++l) {
+        buf[c] = rel[l];
+        c += int((in >> l) & 1u);
+    }
+    return c;
+#endif
+}
+
+static void block_bracket(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt, const BracketIn& br,
+                          uint32_t& above, uint32_t* __restrict buf, uint32_t* __restrict range,
+                          uint32_t* __restrict fine) {
+    int64_t k = 0;
+    int c = 0;
+    for (; k + W <= cnt; k += W) {
+        const vf b = base_vec<false>(t, start + k, W);
+        c += bracket_vec<false>(model_delta<false>(m, start + k, k, W, b), W, br, above, buf + c);
+    }
+    if (k < cnt) {
+        const int rem = int(cnt - k);
+        const vf b = base_vec<true>(t, start + k, rem);
+        c += bracket_vec<true>(model_delta<true>(m, start + k, k, rem, b), rem, br, above, buf + c);
+    }
+    const size_t span = br.span;
+    for (int j = 0; j < c; ++j) {
+        const uint32_t rel = buf[j];
+        const uint32_t rb = rel >> 16;
+        range[size_t(j & (kHistCopies - 1)) * span + rb]++;
+        fine[size_t(br.fidx[rb]) * kBins + (rel & 0xffffu)]++;
+    }
+}
+
+// Elements [lo, hi) (hi - lo <= 2^31: per-thread uint32 counts stay exact). Per thread: the
+// kHistCopies range copies of every model (roff: model i's first copy, span[i] each), then
+// kMaxFine + 1 fine rows per model.
+static void bracket_range(const TensorArgs& a, const ModelPlan* plans, const BracketIn* br, const size_t* roff,
+                          size_t range_total, int64_t lo, int64_t hi, int64_t* above, int64_t* range,
+                          int64_t* fine, bool& failed) {
+    const int n = a.n;
+    const int64_t nblocks = (hi - lo + kBlock - 1) / kBlock;
+    const size_t rows = size_t(kMaxFine + 1) * kBins;
+    const size_t fine_total = size_t(n) * rows;
+    const size_t copies_total = range_total * kHistCopies;
+    const TensorIn t = tensor_in(a);
+#pragma omp parallel if (nblocks > 4)
+    {
+        Scratch s = {};
+        bool ok = scratch_alloc(s, n);
+        uint32_t* h = static_cast<uint32_t*>(calloc(copies_total + fine_total, sizeof(uint32_t)));
+        int64_t* up = static_cast<int64_t*>(calloc(size_t(n), sizeof(int64_t)));
+        ok = ok && h != nullptr && up != nullptr;
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < nblocks; ++bi) {
+            if (!ok) continue;
+            const int64_t start = lo + bi * kBlock;
+            const int64_t cnt = hi - start < kBlock ? hi - start : kBlock;
+            block_philox(a, plans, start, cnt, s);
+            for (int i = 0; i < n; ++i) {
+                if (br[i].span == 0) continue;
+                const ModelIn m = model_in(a, plans[i], i, s.uptr[i], false);
+                uint32_t cnt_up = 0;
+                block_bracket(t, m, start, cnt, br[i], cnt_up, s.keys, h + roff[i] * kHistCopies,
+                              h + copies_total + size_t(i) * rows);
+                up[i] += cnt_up;
+            }
+        }
+#pragma omp critical(m3k_bracket_reduce)
+        {
+            if (ok) {
+                for (int i = 0; i < n; ++i) {
+                    above[i] += up[i];
+                    const size_t sp = br[i].span;
+                    const uint32_t* hr = h + roff[i] * kHistCopies;
+                    for (int c = 0; c < kHistCopies; ++c)
+                        for (size_t j = 0; j < sp; ++j) range[roff[i] + j] += hr[size_t(c) * sp + j];
+                    const uint32_t* hf = h + copies_total + size_t(i) * rows;
+                    for (size_t j = 0; j < size_t(kMaxFine) * kBins; ++j) fine[size_t(i) * kMaxFine * kBins + j] += hf[j];
+                }
+            } else {
+                failed = true;
+            }
+        }
+        free(up);
+        free(h);
+        free(s.mem);
+    }
+}
+
+// Model i (span[i] > 0; 0 skips it): above[i] += #elements with bits(|d'_i|) >=
+// (lo[i] + span[i]) << 16; range (int64, the models' rows back to back, span[i] each) += the
+// high-16 counts of buckets lo[i] .. lo[i] + span[i] - 1; fine (int64[n][kMaxFine][65536]) += the
+// low-16 counts of the buckets fine_buckets[i * kMaxFine + f] (inside the range; 0xffffffff:
+// none). False: no memory.
+static bool bracket_count(const TensorArgs& a, const uint32_t* lo, const uint32_t* span,
+                          const uint32_t* fine_buckets, int64_t* above, int64_t* range, int64_t* fine) {
+    if (a.numel <= 0) return true;
+    size_t* roff = static_cast<size_t*>(malloc(sizeof(size_t) * size_t(a.n)));
+    BracketIn* br = static_cast<BracketIn*>(malloc(sizeof(BracketIn) * size_t(a.n)));
+    size_t total = 0;
+    for (int i = 0; i < a.n; ++i) total += span[i];
+    uint8_t* fidx = static_cast<uint8_t*>(malloc(total ? total : 1));
+    ModelPlan* plans = make_plans(a);
+    bool failed = !roff || !br || !plans || !fidx;
+    size_t off = 0;
+    for (int i = 0; !failed && i < a.n; ++i) {
+        roff[i] = off;
+        br[i].lo_key = lo[i] << 16;
+        br[i].span = span[i];
+        br[i].span_key = span[i] >= 0x10000u ? 0xffffffffu : span[i] << 16;  // 0xffffffff never occurs
+        br[i].fidx = fidx + off;
+        for (uint32_t j = 0; j < span[i]; ++j) fidx[off + j] = uint8_t(kMaxFine);
+        for (int f = 0; f < kMaxFine; ++f) {
+            const uint32_t b = fine_buckets[size_t(i) * kMaxFine + f];
+            if (b >= lo[i] && b - lo[i] < span[i]) fidx[off + (b - lo[i])] = uint8_t(f);
+        }
+        off += span[i];
+    }
+    for (int64_t lo_el = 0; !failed && lo_el < a.numel; lo_el += kHistRound) {
+        const int64_t hi_el = a.numel - lo_el < kHistRound ? a.numel : lo_el + kHistRound;
+        bracket_range(a, plans, br, roff, total, lo_el, hi_el, above, range, fine, failed);
+    }
+    free(plans);
+    free(fidx);
+    free(br);
+    free(roff);
+    return !failed;
+}
+
 // ---------------------------------------------------------------- stage A: L1 sums
 
 // Add |d| (ad) and |d| * keep (kd) of cnt elements into kL1Lanes float64 lanes; lane = position

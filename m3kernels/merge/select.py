@@ -10,10 +10,20 @@ Small tensors skip the histograms: :func:`select_from_keys` selects from the bit
 A backend supplies ``hist(prefix)``: with ``prefix=None`` a (n, 65536) int64 array of
 high-16 counts per model; with ``prefix`` (uint32[n]) the low-16 counts of the elements
 whose high 16 bits equal ``prefix[i]``.
+
+:func:`select_thresholds_single_pass` gives the same thresholds from one full pass where the
+backend can count a *bracket* (the CPU backend's ``sample_keys`` and ``bracket_count``): a
+strided sample of the keys brackets the few high-16 buckets that hold the k-th largest, then one
+pass counts, per model, the elements above the bracket and the low-16 histogram of each
+bracketed bucket. That locates the k-th largest exactly whenever it lies inside the bracket,
+which the counts themselves prove; when it does not (an unlucky sample, or a sample too spread
+out to bracket few buckets), the two histogram passes above run for that model. The sample only
+decides how fast the answer comes, never what it is.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -60,6 +70,124 @@ def select_thresholds(hist: Callable[[Optional[np.ndarray]], np.ndarray], ks: Se
     return out
 
 
+SAMPLE_RUNS = 4096     # runs of 16 elements in the sample: 65,536 keys per model
+SAMPLE_SIGMAS = 8.0    # the bucket range: the sample rank of the k-th largest +- this many binomial
+SAMPLE_SLACK = 16      # standard deviations, + this many sample elements
+MAX_RANGE = 8192       # at most this many high-16 buckets counted per model ...
+FINE_BUCKETS = 4       # ... and this many of them also by their low 16 bits (the kernels' limit)
+NO_BUCKET = 0xFFFF     # a high-16 prefix no bits(|x|) < 2^31 has (a model pass 2 skips)
+
+
+def sample_runs(numel: int) -> int:
+    """Runs of 16 elements the sample of a tensor of ``numel`` elements takes (numel >= 16 * runs)."""
+    return min(SAMPLE_RUNS, numel // 16)
+
+
+def bracket(sample: np.ndarray, k: int, total: int) -> tuple[int, int, list] | None:
+    """Where the k-th largest of ``total`` keys should be, judged from ``sample`` (uint32 keys drawn
+    from them): ``(lo, span, fine)``, the high-16 buckets lo .. lo + span - 1 that should hold it
+    and up to FINE_BUCKETS of them, the likeliest, whose low 16 bits are worth counting. None when
+    the range would exceed MAX_RANGE buckets. Only a guess: :func:`select_thresholds_single_pass`
+    checks it against the counts."""
+    s = int(sample.size)
+    if s == 0 or not 0 < k <= total:
+        return None
+    q = k / total
+    r = q * s  # expected number of sample keys >= the k-th largest
+    sd = math.sqrt(s * q * (1.0 - q))
+    m = SAMPLE_SIGMAS * sd + SAMPLE_SLACK
+    hi_rank = math.floor(r - m)  # descending 1-based sample ranks: an upper bound of the k-th largest ...
+    lo_rank = math.ceil(r + m)   # ... and a lower bound
+    hi_rank, lo_rank = max(hi_rank, 1), min(lo_rank, s)  # beyond the sample: its largest / smallest
+    w = 3.0 * (sd + 1.0) + 2.0  # the likeliest sample ranks: r +- w
+    top, bot = max(math.floor(r - w), 1), min(math.ceil(r + w), s)
+    part = np.partition(sample, sorted({s - hi_rank, s - lo_rank, s - bot, s - top}))  # ascending positions
+    upper = int(part[s - hi_rank]) >> 16
+    lower = int(part[s - lo_rank]) >> 16
+    if upper - lower + 1 > MAX_RANGE:
+        return None
+    # the fine buckets: those of the sample keys ranked top .. bot, nearest to rank r first
+    window = np.sort(part[s - bot:s - top + 1])[::-1] >> 16  # descending: ranks top, top + 1, ..
+    dist = np.abs(np.arange(top, top + window.size, dtype=np.float64) - r)
+    nearest = {}
+    for b, dd in zip(window.tolist(), dist.tolist()):
+        if lower <= b <= upper and dd < nearest.get(b, math.inf):
+            nearest[b] = dd
+    fine = sorted(nearest, key=lambda b: (nearest[b], b))[:FINE_BUCKETS]
+    return lower, upper - lower + 1, fine
+
+
+# Per model: selections made, those that needed a second pass over the inputs (the k-th largest
+# in a bucket of the range without its low-16 counts), and those that needed two (outside the range).
+SINGLE_PASS_STATS = {"selections": 0, "second_pass": 0, "two_passes": 0}
+
+
+def select_thresholds_single_pass(sample: Callable[[], np.ndarray], count: Callable, hist: Callable,
+                                  ks: Sequence[int | None], total: int) -> np.ndarray:
+    """What :func:`select_thresholds` returns (bit for bit), in one full pass where possible.
+
+    ``sample()``: uint32[n, s] keys drawn from each model's ``total`` keys (any keys: they only
+    place the bracket). ``count(lo, span, fine)`` (uint32[n], uint32[n], a list of up to
+    FINE_BUCKETS buckets per model; span[i] = 0 skips model i) returns ``(above, range, fine)``:
+    above[i] = how many keys are >= (lo[i] + span[i]) << 16, range[i] = int64[span[i]] the counts
+    of the high-16 buckets lo[i] .. lo[i] + span[i] - 1, fine[i][j] = int64[65536] the low-16
+    counts of bucket fine[i][j]. ``hist``: as for :func:`select_thresholds`; its pass 2 runs for
+    a model whose k-th largest falls in a range bucket without fine counts, both passes for one
+    whose k-th largest lies outside the range (or whose sample gave none).
+    """
+    n = len(ks)
+    out = np.full(n, TRIM_KEEP_ALL, dtype=np.uint64)
+    ks = [None if k is None else min(int(k), total) for k in ks]
+    active = [i for i, k in enumerate(ks) if k is not None and k > 0]
+    for i, k in enumerate(ks):
+        if k is not None and k <= 0:
+            out[i] = TRIM_KEEP_NONE
+    if not active:
+        return out
+    keys = sample()
+    lo = np.zeros(n, dtype=np.uint32)
+    span = np.zeros(n, dtype=np.uint32)
+    fine_buckets = [[] for _ in range(n)]
+    for i in active:
+        br = bracket(keys[i], ks[i], total)
+        if br is not None:
+            lo[i], span[i], fine_buckets[i] = br
+    missed = [i for i in active if span[i] == 0]
+    prefix = np.full(n, NO_BUCKET, dtype=np.uint32)
+    need2 = {}
+    if span.any():
+        above, ranges, fine = count(lo, span, fine_buckets)
+        for i in active:
+            if span[i] == 0:
+                continue
+            row = np.asarray(ranges[i], dtype=np.int64)
+            need = ks[i] - int(above[i])
+            if need <= 0 or int(row.sum()) < need:  # the k-th largest is above / below the range
+                missed.append(i)
+                continue
+            b, rem = _locate(row, need)
+            b += int(lo[i])
+            if b in fine_buckets[i]:
+                low, _ = _locate(np.asarray(fine[i][fine_buckets[i].index(b)], dtype=np.int64), rem)
+                out[i] = (b << 16) | low
+            else:
+                prefix[i] = b
+                need2[i] = rem
+    if need2:
+        h2 = hist(prefix)
+        for i, rem in need2.items():
+            low, _ = _locate(h2[i], rem)
+            out[i] = (int(prefix[i]) << 16) | low
+    if missed:
+        again = select_thresholds(hist, [ks[i] if i in missed else None for i in range(n)], total)
+        for i in missed:
+            out[i] = again[i]
+    SINGLE_PASS_STATS["selections"] += len(active)
+    SINGLE_PASS_STATS["second_pass"] += len(need2)
+    SINGLE_PASS_STATS["two_passes"] += len(missed)
+    return out
+
+
 def select_from_keys(keys: np.ndarray, ks: Sequence[Optional[int]], total: int) -> np.ndarray:
     """What :func:`select_thresholds` returns, from the keys themselves: ``keys`` is
     uint32[n, total], row i holding bits(|δ'_i|) of every element (the values the histograms
@@ -86,4 +214,5 @@ def bits_to_float(bits: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
-__all__ = ["select_thresholds", "select_from_keys", "bits_to_float"]
+__all__ = ["select_thresholds", "select_thresholds_single_pass", "select_from_keys", "bits_to_float", "bracket",
+           "sample_runs"]

@@ -97,6 +97,23 @@ def delta_keys(p: KernelParams, base, models) -> np.ndarray:
     return _C.delta_keys(p, base_ptr, base_code, ptrs, codes, numel)
 
 
+def sample_keys(p: KernelParams, base, models, runs: int) -> np.ndarray:
+    """uint32[n, 16 * runs]: bits(|δ'_i|) of runs of 16 elements at a stride of numel // runs
+    (the single-pass threshold's sample; numel >= 16 * runs)."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    return _C.sample_keys(p, base_ptr, base_code, ptrs, codes, numel, int(runs))
+
+
+def bracket_count(p: KernelParams, base, models, lo, span, fine) -> tuple:
+    """One pass over the inputs: ``(above, range, fine)`` for each model with span[i] > 0: how many
+    bits(|δ'_i|) are >= (lo[i] + span[i]) << 16 (int64[n]), the counts of the high-16 buckets
+    lo[i] .. lo[i] + span[i] - 1 (a list of int64[span[i]]), and the low-16 counts of the buckets
+    ``fine[i]`` (up to 4, inside the range; int64[n, 4, 65536], row j for fine[i][j])."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    return _C.bracket_count(p, base_ptr, base_code, ptrs, codes, numel, [int(x) for x in lo],
+                            [int(x) for x in span], [[int(b) for b in f] for f in fine])
+
+
 def merge_batch(p: KernelParams, base_ptrs, base_dtype, model_ptrs, model_dtypes, numels, out_ptrs, out_dtype,
                 ks=None, key0=None, key1=None) -> np.ndarray:
     """Stage A and B of many small tensors in one call, from raw addresses (see ``_C.merge_batch``):
@@ -116,5 +133,5 @@ def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
     _C.merge(p, base_ptr, base_code, ptrs, codes, numel, out_ptr, out_code)
 
 
-__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "delta_keys", "merge", "merge_batch",
-           "simd_level", "simd_levels"]
+__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "delta_keys", "sample_keys",
+           "bracket_count", "merge", "merge_batch", "simd_level", "simd_levels"]
