@@ -413,3 +413,108 @@ def test_large_tensor_path_used_and_small_path_kept(monkeypatch):
     small = _tensors([_gauss(42, numel=1000)], base=_gauss(0, numel=1000))
     api.prepare(small[0], small[1], recipe, "y", cpu)
     assert calls == []
+
+
+# ----------------------------------------------------------------------------- the output side
+# The same speed work (issue 7, "Faster CPU checkpoint merges"): large tensors are merged part by
+# part (stage A on the whole tensor, stage B per part, ``produce.PART_BYTES``) into page-aligned
+# buffers at the tensor's file page phase, whose whole pages the writer sends to the file without
+# the staging copy (``writer.DIRECT_MIN``). Shrunk here so that tiny checkpoints take those paths;
+# the files must be byte-identical to whole-tensor, buffered writes.
+
+
+def _family(root):
+    from m3kernels.synthetic import fine_tune, llama_config, llama_tensors, write_checkpoint
+
+    base = llama_tensors(seed=3, hidden=128, intermediate=1024, vocab=300, heads=4)  # tensors up to 256 KiB
+    cfg = llama_config(hidden=128, intermediate=1024, vocab=300, heads=4)
+    dirs = {"base": write_checkpoint(root / "base", base, shards=2, config=cfg)}
+    for i, dtype in enumerate([None, torch.float32]):
+        dirs[f"ft{i}"] = write_checkpoint(
+            root / f"ft{i}", fine_tune(base, seed=7 + i, dtype=dtype), shards=1, config=cfg
+        )
+    return {k: str(v) for k, v in dirs.items()}
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("ties", {"density": 0.3}),
+        ("dare_ties", {"density": 0.6}),
+        ("ties_dare", {"drop_rate": 0.4, "density": 0.3}),
+        ("linear", {}),
+    ],
+)
+def test_parts_and_direct_writes_give_the_same_files(tmp_path, monkeypatch, method, params):
+    import m3kernels
+    from m3kernels.checkpoint import produce, writer
+
+    d = _family(tmp_path)
+    cfg = {
+        "merge_method": method,
+        "models": [
+            {"model": d["ft0"], "parameters": {"weight": 1.0, **params}},
+            {"model": d["ft1"], "parameters": {"weight": 0.5, **params}},
+        ],
+        "seed": 3,
+    }
+    if method != "linear":
+        cfg["base_model"] = d["base"]
+    written = {"parts": 0, "direct": 0}
+    real_put, real_direct = writer.ShardedWriter.put, writer.ShardFile._write_direct
+
+    def put(self, planned, tensor, done=None):
+        written["parts"] += isinstance(tensor, writer.TensorPart)
+        return real_put(self, planned, tensor, done)
+
+    def direct(self, data, lo, hi):
+        written["direct"] += hi - lo
+        return real_direct(self, data, lo, hi)
+
+    monkeypatch.setattr(writer.ShardedWriter, "put", put)
+    monkeypatch.setattr(writer.ShardFile, "_write_direct", direct)
+    monkeypatch.setattr(produce, "BATCH_NUMEL", 0)  # no small-tensor batches: every tensor alone
+    monkeypatch.setattr(produce, "PART_BYTES", 8192)
+    monkeypatch.setattr(writer, "DIRECT_MIN", 4096)
+    m3kernels.merge_checkpoints(cfg, tmp_path / "parts", device="cpu", out_shard_size=400_000, progress=False)
+    assert written["parts"] > 0
+    monkeypatch.setattr(produce, "PART_BYTES", 1 << 62)
+    m3kernels.merge_checkpoints(cfg, tmp_path / "whole", device="cpu", out_shard_size=400_000, progress=False)
+    monkeypatch.setenv("M3KERNELS_NO_DIRECT_IO", "1")
+    m3kernels.merge_checkpoints(
+        cfg, tmp_path / "buffered", device="cpu", out_shard_size=400_000, progress=False
+    )
+    names = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert len([n for n in names if n.endswith(".safetensors")]) > 1
+    for other in ("parts", "buffered"):
+        assert names == sorted(p.name for p in (tmp_path / other).iterdir())
+        for n in names:
+            assert (tmp_path / other / n).read_bytes() == (tmp_path / "whole" / n).read_bytes(), (other, n)
+    if writer.ShardFile(tmp_path / "probe").direct:  # O_DIRECT allowed here: the copy-free path ran
+        assert written["direct"] > 0
+
+
+def test_writer_rejects_parts_out_of_order(tmp_path):
+    from m3kernels.checkpoint import writer
+
+    class T:
+        def __init__(self, name, n):
+            self.name, self.shape, self.out_dtype, self.nbytes = name, (n,), torch.float32, 4 * n
+
+    class S:
+        index, filename = 0, "model.safetensors"
+
+        def __init__(self, tensors):
+            self.tensors = tensors
+
+    a, b = T("a", 4096), T("b", 16)
+    shard = S([a, b])
+    j = writer.Journal(tmp_path, "fp")
+    w = writer.ShardedWriter(tmp_path, [shard], {}, j)
+    assert writer.output_offset(a) == len(writer.shard_header([a, b], {}))
+    assert writer.output_offset(b) == writer.output_offset(a) + a.nbytes
+    w.put(a, writer.TensorPart(torch.zeros(1024), 0, False))
+    w.put(a, writer.TensorPart(torch.zeros(1024), 8192, False))  # skips bytes 4096..8191
+    with pytest.raises(RuntimeError, match="out of order"):
+        w.close()
+    assert writer.output_offset(a) is None  # the writer is no longer running

@@ -10,16 +10,18 @@ import contextlib
 import gc
 import logging
 import math
+import mmap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional
 
 import torch
 
-from m3kernels.api import merge_job, merge_tensors, thresholds_to_bits
+from m3kernels.api import merge_job, merge_tensors, prepare, thresholds_to_bits
 from m3kernels.backends import get_backend
 from m3kernels.merge.job import MergeJob
 from m3kernels.checkpoint.plan import COPY, MERGE, VOCAB, MergePlan, PlannedTensor
+from m3kernels.checkpoint.writer import DIRECT_ALIGN, TensorPart, output_offset
 from m3kernels.merge.kernel_params import make_params, trim_k
 from m3kernels.merge.philox import dare_key
 
@@ -29,6 +31,8 @@ log = logging.getLogger("m3kernels")
 PREFETCH_BYTES = 1 << 30      # how far ahead (input bytes) the read-ahead hints reach
 BATCH_NUMEL = 1 << 14         # consecutive tensors of at most this many elements are merged ...
 BATCH_BYTES = 4 << 20         # ... in batches of at most this many output bytes, one kernel call each
+PART_BYTES = 32 << 20         # stage B of larger tensors runs in parts of this many output bytes (a
+                              # multiple of DIRECT_ALIGN and of 1024 elements), each written as it is done
 
 
 class Prefetcher:
@@ -73,12 +77,25 @@ def _prefetch_all(tensors: list) -> None:
         t.prefetch()
 
 
+def _page_aligned(nbytes: int) -> torch.Tensor:
+    """A zero-filled uint8 tensor of ``nbytes`` on fresh page-aligned memory (an anonymous map;
+    transparent huge pages asked for, which makes filling it cheaper)."""
+    m = mmap.mmap(-1, max(nbytes, 1))
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        with contextlib.suppress(OSError):
+            m.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(m, dtype=torch.uint8)  # the tensor keeps the map alive
+
+
 class BufferPool:
     """Reusable output buffers: the merge writes into one, the writer hands it back when written.
 
     Fresh large allocations are fresh pages, and filling fresh pages costs a page fault each;
     reusing a few buffers (the writer is usually idle, so two: one merged, one written) avoids
-    that without holding more memory than the pipeline needs anyway.
+    that without holding more memory than the pipeline needs anyway. Buffers are page-aligned,
+    and ``take(..., phase=p)`` puts the tensor p bytes past a page boundary: with p = its file
+    offset modulo DIRECT_ALIGN (:func:`~m3kernels.checkpoint.writer.output_offset`) the writer
+    sends its whole pages from this memory to the file (``O_DIRECT``), with no staging copy.
     """
 
     def __init__(self, keep: int = 2):
@@ -86,19 +103,23 @@ class BufferPool:
         self.free: list = []
         self.lock = threading.Lock()
 
-    def take(self, shape, dtype: torch.dtype):
-        """(tensor of ``shape``/``dtype`` on a pooled buffer, callback returning the buffer)."""
+    def take(self, shape, dtype: torch.dtype, phase: int = 0):
+        """(tensor of ``shape``/``dtype`` on a pooled buffer, starting ``phase`` bytes past a page
+        boundary, and a callback returning the buffer)."""
         nbytes = math.prod(shape) * dtype.itemsize
+        phase = int(phase) % DIRECT_ALIGN if nbytes else 0
+        phase -= phase % dtype.itemsize  # keep the elements aligned (the kernels need no more)
+        need = nbytes + phase
         with self.lock:
-            fits = [i for i, b in enumerate(self.free) if b.numel() >= nbytes]
+            fits = [i for i, b in enumerate(self.free) if b.numel() >= need]
             if fits:
                 buf = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
             else:  # none is large enough: free the small ones before allocating a larger one
                 buf = None
                 self.free.clear()
         if buf is None:
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        return buf[:nbytes].view(dtype).reshape(shape), lambda: self._give_back(buf)
+            buf = _page_aligned(need + DIRECT_ALIGN)  # room for any phase when it is reused
+        return buf[phase:phase + nbytes].view(dtype).reshape(shape), lambda: self._give_back(buf)
 
     def _give_back(self, buf: torch.Tensor) -> None:
         with self.lock:
@@ -133,6 +154,39 @@ def _merge_tensors(pt: PlannedTensor, b, ms, out: torch.Tensor, kw: dict) -> tor
         return merge_tensors(b, ms, out=out, **kw)
     return merge_job(MergeJob(pt.name, b, ms, pt.out_dtype, r, thresholds=th), get_backend(kw["backend"], out.device),
                      out)
+
+
+def _in_parts(pt: PlannedTensor, be, thresholds) -> bool:
+    """Whether ``pt`` is merged part by part (:func:`_merge_parts`): a plain MERGE tensor of at least
+    two parts, on a backend with ``merge_range``, on the fast path of :func:`_merge_tensors`."""
+    r = pt.recipe
+    if (pt.action != MERGE or r is None or pt.nbytes < 2 * PART_BYTES or not hasattr(be, "merge_range")
+            or (thresholds is not None and (r.trim_density is None or len(thresholds) != r.n))):
+        return False
+    return all(s.meta.dtype in (torch.float32, torch.bfloat16, torch.float16) for s in pt.sources())
+
+
+def _merge_parts(pt: PlannedTensor, be, thresholds, pool: BufferPool) -> Iterator:
+    """Stage A on the whole tensor, then stage B in parts of PART_BYTES output bytes, each into a
+    pooled buffer at the tensor's page phase: yields ``(TensorPart, give_back)``. The bytes are
+    those of one merge (the DARE stream is taken at each element's flat index)."""
+    b, ms = pt.inputs()
+    if not all(m.is_contiguous() for m in ms) or (b is not None and not b.is_contiguous()):
+        b = b.contiguous() if b is not None else None
+        ms = [m.contiguous() for m in ms]
+    p, bb = prepare(b, ms, pt.recipe, pt.name, be, thresholds)
+    flat_b = bb.reshape(-1) if bb is not None else None
+    flat_ms = [m.reshape(-1) for m in ms]
+    numel, size = pt.numel, pt.out_dtype.itemsize
+    step = PART_BYTES // size
+    phase = output_offset(pt) or 0
+    for lo in range(0, numel, step):
+        hi = min(numel, lo + step)
+        out, give_back = pool.take((hi - lo,), pt.out_dtype, phase=phase)
+        be.merge_range(p, flat_b[lo:hi] if flat_b is not None else None, [m[lo:hi] for m in flat_ms], out, lo)
+        if hi == numel:
+            pt.release()
+        yield TensorPart(out, lo * size, hi == numel), give_back
 
 
 def merge_one(pt: PlannedTensor, plan: MergePlan, backend: str, thresholds,
@@ -227,6 +281,7 @@ def produce_cpu(plan: MergePlan, todo: list, backend: str, thresholds) -> Iterat
     small tensors then costs a few microseconds of Python per tensor, not a kernel call each."""
     pre = Prefetcher(todo)
     pool = BufferPool()
+    parts = BufferPool(keep=4)  # one part merged, one queued, one written, one spare
     be = get_backend(backend, torch.device("cpu"))
     batching = hasattr(be, "merge_batch")
     try:
@@ -254,7 +309,11 @@ def produce_cpu(plan: MergePlan, todo: list, backend: str, thresholds) -> Iterat
                 if pt.action == COPY:
                     yield pt, pt.models[0].tensor(), pt.release
                     continue
-                out, give_back = pool.take(pt.shape, pt.out_dtype)
+                if _in_parts(pt, be, thresholds):
+                    for part, give_back in _merge_parts(pt, be, thresholds, parts):
+                        yield pt, part, give_back
+                    continue
+                out, give_back = pool.take(pt.shape, pt.out_dtype, phase=output_offset(pt) or 0)
                 merge_one(pt, plan, backend, thresholds, out)
                 pt.release()
                 yield pt, out, give_back

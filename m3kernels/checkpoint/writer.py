@@ -117,6 +117,10 @@ def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
+DIRECT_MIN = 1 << 20      # writes of at least this many bytes may skip the staging copy ...
+DIRECT_CHUNK = 64 << 20   # ... and go out in O_DIRECT writes of at most this many bytes
+
+
 class ShardFile:
     """One output file written front to back, fingerprinted on the way.
 
@@ -132,6 +136,13 @@ class ShardFile:
     padded and the file truncated to its size. Where ``O_DIRECT`` is refused (tmpfs, some
     network file systems) or ``M3KERNELS_NO_DIRECT_IO=1``, the same blocks go through ordinary
     buffered writes.
+
+    A large write (at least DIRECT_MIN bytes) whose bytes lie in memory at the file's page phase
+    (``data_ptr() + k`` page-aligned where file offset ``size + k`` is) skips the staging copy:
+    the staging buffer is topped up to the page boundary and flushed, the whole pages go straight
+    from the caller's memory in ``O_DIRECT`` writes of at most DIRECT_CHUNK bytes, the last
+    partial page is staged. The producer's output buffers are placed that way
+    (:func:`output_offset`, ``produce.BufferPool``); the bytes in the file are the same.
     """
 
     def __init__(self, path: Path, staging: int = STAGING_BYTES, full_hash: bool = False):
@@ -164,6 +175,39 @@ class ShardFile:
         if self.full_hash or self.hashed == 0:
             self.hash.update(memoryview(data.numpy()))
             self.hashed += n
+        head = -self.size % DIRECT_ALIGN  # bytes up to the file's next page boundary
+        if self.direct and n - head >= DIRECT_MIN and (data.data_ptr() + head) % DIRECT_ALIGN == 0:
+            body = (n - head) // DIRECT_ALIGN * DIRECT_ALIGN
+            self._stage_bytes(data[:head])
+            if self._fill:  # now a whole number of pages
+                self._flush(self._fill)
+            self._write_direct(data, head, head + body)
+            self._stage_bytes(data[head + body:])
+        else:
+            self._stage_bytes(data)
+        self.size += n
+
+    def _write_direct(self, data: torch.Tensor, lo: int, hi: int) -> None:
+        """Write data[lo:hi] (whole pages, page-aligned in memory and in the file) from where it is."""
+        view = memoryview(data.numpy())
+        try:
+            for off in range(lo, hi, DIRECT_CHUNK):
+                block = view[off:min(hi, off + DIRECT_CHUNK)]
+                try:
+                    _write_bytes(self.fd, block)
+                except OSError as exc:
+                    if not (self.direct and exc.errno == errno.EINVAL):
+                        raise
+                    self._drop_direct()  # refused at write time: go on with buffered writes
+                    _write_bytes(self.fd, block)
+                finally:
+                    block.release()
+        finally:
+            view.release()
+
+    def _stage_bytes(self, data: torch.Tensor) -> None:
+        """Copy data into the staging buffer, flushing it each time it is full."""
+        n = data.numel()
         cap = self._stage.numel()
         pos = 0
         while pos < n:
@@ -173,7 +217,6 @@ class ShardFile:
             pos += k
             if self._fill == cap:
                 self._flush(cap)
-        self.size += n
 
     def _flush(self, nbytes: int) -> None:
         block = memoryview(self._map)[:nbytes]
@@ -412,12 +455,44 @@ class _Handover:
             return batch
 
 
+class TensorPart:
+    """Bytes ``offset .. offset + tensor.nbytes`` of one planned tensor's output: a producer may
+    hand a large tensor to :meth:`ShardedWriter.put` as consecutive parts (``last`` on the final
+    one), so the writer starts on its first part while the rest is being merged."""
+
+    __slots__ = ("tensor", "offset", "last")
+
+    def __init__(self, tensor: torch.Tensor, offset: int, last: bool):
+        self.tensor, self.offset, self.last = tensor, int(offset), bool(last)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.nbytes
+
+
+_ACTIVE_LOCK = threading.Lock()
+_ACTIVE: list = []   # ShardedWriters between their start and close() / abort()
+
+
+def output_offset(planned) -> Optional[int]:
+    """The file offset at which a running :class:`ShardedWriter` will write ``planned``'s bytes
+    (None when no running writer has it): the producer places its output buffer at the same page
+    phase, so the writer can send the tensor's whole pages to the file without a copy."""
+    with _ACTIVE_LOCK:
+        for w in _ACTIVE:
+            off = w.offsets.get(id(planned))  # ids of tensors its shards hold: alive, so unique
+            if off is not None:
+                return off
+    return None
+
+
 class ShardedWriter:
     """Background thread writing planned tensors, in order, into their shard files.
 
     ``put(planned, tensor, done)`` hands over one tensor (``done()`` is called once its bytes
-    are written, e.g. to release input pages); ``close()`` waits for the last shard and raises
-    any error the thread hit. ``skip`` holds shard indices already finished (resume).
+    are written, e.g. to release input pages), or one :class:`TensorPart` of it (parts of one
+    tensor in order; ``on_written`` runs after the last); ``close()`` waits for the last shard and
+    raises any error the thread hit. ``skip`` holds shard indices already finished (resume).
     """
 
     def __init__(self, folder: Path, shards: list, metadata: dict, journal: Journal, *, skip=(),
@@ -435,8 +510,26 @@ class ShardedWriter:
         self._expected = iter([(s, i, t) for s in shards if s.index not in self.skip
                                for i, t in enumerate(s.tensors)])
         self._file: Optional[ShardFile] = None
+        self._part = None          # (shard, position, planned tensor, bytes so far) of a tensor in parts
+        self._headers: dict = {}   # shard index -> its header bytes
+        self.offsets: dict = {}    # id(planned tensor) -> file offset of its bytes
+        for s in shards:
+            if s.index in self.skip:
+                continue
+            head = self._headers[s.index] = shard_header(s.tensors, metadata)
+            pos = len(head)
+            for t in s.tensors:
+                self.offsets[id(t)] = pos
+                pos += t.nbytes
+        with _ACTIVE_LOCK:
+            _ACTIVE.append(self)
         self._thread = threading.Thread(target=self._run, name="m3k-writer", daemon=True)
         self._thread.start()
+
+    def _unregister(self) -> None:
+        with _ACTIVE_LOCK:
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
 
     # -- main-thread side
     def put(self, planned, tensor: torch.Tensor, done: Optional[Callable] = None) -> None:
@@ -447,6 +540,7 @@ class ShardedWriter:
     def close(self) -> None:
         self._q.put(None)
         self._thread.join()
+        self._unregister()
         if self._error is not None:
             self._raise()
 
@@ -455,6 +549,7 @@ class ShardedWriter:
         self._error = self._error or RuntimeError("aborted")
         self._q.put(None)
         self._thread.join()
+        self._unregister()
         if self._file is not None:
             self._file.close()
 
@@ -476,25 +571,44 @@ class ShardedWriter:
                     self._write(planned, tensor)
                     if done is not None:
                         done()
-                    if self.on_written is not None:
+                    if self.on_written is not None and (not isinstance(tensor, TensorPart) or tensor.last):
                         self.on_written(planned)
                 except BaseException as exc:  # handed to the main thread
                     self._error = exc
 
-    def _write(self, planned, tensor: torch.Tensor) -> None:
-        shard, pos, want = next(self._expected)
-        if want is not planned:
-            raise RuntimeError(f"writer got tensor {planned.name!r} but expected {want.name!r}")
-        if tuple(tensor.shape) != tuple(want.shape) or tensor.dtype != want.out_dtype:
-            raise RuntimeError(f"tensor {want.name!r}: got {tensor.dtype} {tuple(tensor.shape)}, planned "
+    def _write(self, planned, tensor) -> None:
+        part = tensor if isinstance(tensor, TensorPart) else None
+        if part is not None and part.offset > 0:  # the next part of the tensor being written
+            shard, pos, want, so_far = self._part or (None, 0, None, 0)
+            if want is not planned or part.offset != so_far:
+                raise RuntimeError(f"writer got bytes {part.offset}.. of {planned.name!r} out of order")
+        else:
+            if self._part is not None:
+                raise RuntimeError(f"writer got {planned.name!r} before the rest of {self._part[2].name!r}")
+            shard, pos, want = next(self._expected)
+            if want is not planned:
+                raise RuntimeError(f"writer got tensor {planned.name!r} but expected {want.name!r}")
+        data = tensor if part is None else part.tensor
+        if part is None:
+            bad = tuple(data.shape) != tuple(want.shape) or data.dtype != want.out_dtype
+        else:
+            end = part.offset + data.nbytes
+            bad = data.dtype != want.out_dtype or end > want.nbytes or (end == want.nbytes) != part.last
+        if bad:
+            at = "" if part is None else f" at byte {part.offset}"
+            raise RuntimeError(f"tensor {want.name!r}: got {data.dtype} {tuple(data.shape)}{at}, planned "
                                f"{want.out_dtype} {want.shape}")
         path = self.folder / shard.filename
         with os_errors(path, want.name):
-            if pos == 0:
+            if pos == 0 and (part is None or part.offset == 0):
                 self._file = ShardFile(path)
-                head = shard_header(shard.tensors, self.metadata)
+                head = self._headers.pop(shard.index, None) or shard_header(shard.tensors, self.metadata)
                 self._file.write(torch.frombuffer(bytearray(head), dtype=torch.uint8))
-            self._file.write(tensor_bytes(tensor.cpu() if tensor.device.type != "cpu" else tensor))
+            self._file.write(tensor_bytes(data.cpu() if data.device.type != "cpu" else data))
+            if part is not None:
+                self._part = None if part.last else (shard, pos, want, part.offset + data.nbytes)
+                if not part.last:
+                    return
             if pos < len(shard.tensors) - 1:
                 return
             size, digest = self._file.finish()
@@ -505,6 +619,6 @@ class ShardedWriter:
                 self.after_shard(shard)
 
 
-__all__ = ["ShardedWriter", "Journal", "shard_header", "tensor_bytes", "make_temp_dir", "partial_runs",
+__all__ = ["ShardedWriter", "TensorPart", "output_offset", "Journal", "shard_header", "tensor_bytes", "make_temp_dir", "partial_runs",
            "publish", "write_file_durably", "copy_file_durably", "fsync_dir", "os_errors", "file_sha256",
            "JOURNAL", "TMP_MARK"]

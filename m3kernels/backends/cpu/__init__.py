@@ -133,5 +133,14 @@ def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
     _C.merge(p, base_ptr, base_code, ptrs, codes, numel, out_ptr, out_code)
 
 
+def merge_range(p: KernelParams, base, models, out: torch.Tensor, start: int) -> None:
+    """Stage B of elements ``start .. start + out.numel()`` of a tensor: ``base``/``models`` hold
+    those elements (flat slices), the DARE stream is taken at their flat indices, so merging a
+    tensor range by range gives the bytes of one :func:`merge` call."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    out_ptr, out_code = _tensor(out, "out", numel)
+    _C.merge(p, base_ptr, base_code, ptrs, codes, numel, out_ptr, out_code, int(start))
+
+
 __all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "delta_keys", "sample_keys",
-           "bracket_count", "merge", "merge_batch", "simd_level", "simd_levels"]
+           "bracket_count", "merge", "merge_range", "merge_batch", "simd_level", "simd_levels"]
