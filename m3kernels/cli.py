@@ -66,12 +66,17 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True))")
     m.add_argument("--strict", action="store_true",
                    help="refuse inputs holding NaN or inf (reads the inputs once more before merging)")
+    m.add_argument("--follow-symlinks", action="store_true",
+                   help="read files of the model folders that are symbolic links to places outside them "
+                        "(refused by default)")
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     m.add_argument("-v", "--verbose", action="store_true", help="tracebacks and more details")
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors (name, dtype, shape, shard, bytes)")
     i.add_argument("path", metavar="PATH", help="checkpoint folder or .safetensors file")
     i.add_argument("--allow-bin", action="store_true", help="accept PyTorch .bin weights")
+    i.add_argument("--follow-symlinks", action="store_true",
+                   help="read files of the folder that are symbolic links to places outside it")
     i.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
 
     t = sub.add_parser("methods", help="the merge methods and their parameters (names, scopes, defaults)")
@@ -114,7 +119,8 @@ def cmd_merge(args) -> int:
     result = merge_checkpoints(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
                                force=args.force, resume=args.resume, seed=args.seed,
                                progress=not args.quiet, dry_run=args.dry_run, allow_bin=args.allow_bin,
-                               backend=args.backend, strict=args.strict)
+                               backend=args.backend, strict=args.strict,
+                               follow_symlinks=args.follow_symlinks)
     if args.dry_run:
         print(result.summary())
         print()
@@ -125,12 +131,12 @@ def cmd_merge(args) -> int:
     return 0
 
 
-def inspect_text(path, allow_bin: bool = False) -> str:
+def inspect_text(path, allow_bin: bool = False, follow_symlinks: bool = False) -> str:
     """The ``inspect`` table for a checkpoint folder or file."""
     from m3kernels.checkpoint.source import Checkpoint
     from m3kernels.checkpoint.safetensors_io import torch_dtype_name
 
-    ck = Checkpoint(path, role="checkpoint", allow_bin=allow_bin)
+    ck = Checkpoint(path, role="checkpoint", allow_bin=allow_bin, follow_symlinks=follow_symlinks)
     try:
         rows = [("tensor", "dtype", "shape", "shard", "bytes")]
         total_bytes = total_params = 0
@@ -168,7 +174,7 @@ def inspect_text(path, allow_bin: bool = False) -> str:
 
 
 def cmd_inspect(args) -> int:
-    print(inspect_text(args.path, args.allow_bin))
+    print(inspect_text(args.path, args.allow_bin, args.follow_symlinks))
     return 0
 
 

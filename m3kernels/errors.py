@@ -34,6 +34,10 @@ class CheckpointError(M3KError):
     """An input checkpoint is missing, unreadable, corrupt or truncated."""
 
 
+class InputChangedError(CheckpointError):
+    """An input file was truncated, rewritten or opened for writing while the merge read it."""
+
+
 class TensorMismatchError(M3KError):
     """A tensor is missing in some inputs or has different shapes (docs/SPEC.md §4)."""
 
@@ -63,5 +67,5 @@ class OutputWriteError(M3KError):
     """Writing the output failed for another OS reason (permissions, I/O error)."""
 
 
-__all__ = ["M3KError", "CheckpointError", "TensorMismatchError", "OutputExistsError",
+__all__ = ["M3KError", "CheckpointError", "InputChangedError", "TensorMismatchError", "OutputExistsError",
            "OutputIsInputError", "OutputLockedError", "DiskFullError", "OutputWriteError", "EXIT_USER_ERROR"]

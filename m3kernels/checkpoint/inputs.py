@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 
+from m3kernels.errors import CheckpointError
 from m3kernels.checkpoint.source import Checkpoint
 from m3kernels.checkpoint.config import MergeConfig, load_config, parse_config, read_config_source
 
@@ -35,23 +36,32 @@ def config_and_folder(config, seed: Optional[int]) -> tuple[MergeConfig, Optiona
 
 
 def _resolve_model_path(path: str, cfg_dir: Optional[Path]) -> Path:
+    if "\x00" in str(path):
+        raise CheckpointError(f"model path {path!r} holds a NUL character", path=str(path))
     p = Path(path).expanduser()
     if not p.exists() and not p.is_absolute() and cfg_dir is not None and (cfg_dir / p).exists():
         return cfg_dir / p  # relative to the config file when not relative to the working directory
     return p
 
 
-def open_inputs(cfg: MergeConfig, cfg_dir: Optional[Path], allow_bin: bool):
-    """(base checkpoint or None, [model checkpoints]); a path listed twice is opened once."""
+def open_inputs(cfg: MergeConfig, cfg_dir: Optional[Path], allow_bin: bool, follow_symlinks: bool = False):
+    """(base checkpoint or None, [model checkpoints], [each opened once]); a path listed twice
+    is opened once. ``follow_symlinks``: read links out of the model folders (see
+    :class:`~m3kernels.checkpoint.source.Checkpoint`). On an error, what was opened is closed."""
     opened: dict = {}
 
     def get(path: str, role: str) -> Checkpoint:
         p = _resolve_model_path(path, cfg_dir)
-        key = str(p.resolve())
+        key = os.path.realpath(p)
         if key not in opened:
-            opened[key] = Checkpoint(p, role=role, allow_bin=allow_bin)
+            opened[key] = Checkpoint(p, role=role, allow_bin=allow_bin, follow_symlinks=follow_symlinks)
         return opened[key]
 
-    base = get(cfg.base_model, "base") if cfg.base_model is not None else None
-    models = [get(m, f"model {i + 1}") for i, m in enumerate(cfg.models)]
+    try:
+        base = get(cfg.base_model, "base") if cfg.base_model is not None else None
+        models = [get(m, f"model {i + 1}") for i, m in enumerate(cfg.models)]
+    except BaseException:
+        for ck in opened.values():
+            ck.close()
+        raise
     return base, models, list(opened.values())

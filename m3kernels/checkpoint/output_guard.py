@@ -1,9 +1,10 @@
 """Keeping the output safe: OUT never touches an input, and only one merge writes OUT at a time.
 
 * :func:`check_out_dir` runs before anything is created or deleted: OUT (resolved, symlinks
-  followed) may not be inside, equal to, or a parent of any input model folder, whatever the
-  flags (its temporary folders and lock file live in OUT's parent, so they are covered too);
-  without ``force`` OUT may not exist.
+  followed) may not be inside, equal to, or a parent of any input model folder, or of a folder
+  an input file resolves into (a Hugging Face ``blobs`` folder, anywhere with
+  ``--follow-symlinks``), whatever the flags (its temporary folders and lock file live in OUT's
+  parent, so they are covered too); without ``force`` OUT may not exist.
 * :class:`OutputLock` is an exclusive, non-blocking ``fcntl.flock`` on ``.OUT.m3k.lock`` beside
   OUT, held for the whole run, publish included. Every temporary folder of OUT
   (``.OUT.m3k-tmp-XXXX``) is created, resumed, renamed or deleted only under that lock, so two
@@ -74,8 +75,10 @@ def check_out_dir(out_dir: Path, force: bool, inputs: list, *, under_lock: bool 
     for ck in inputs:
         root = Path(ck.root).resolve()
         what = f"the input {ck.label}"
-        for path in dict.fromkeys((target, placed)):
-            rel = _relation(path, root)
+        folders = getattr(ck, "folders", None)  # and where its files lie (links followed)
+        roots = dict.fromkeys([root] + (folders() if folders is not None else []))
+        for path, folder in ((p, r) for p in dict.fromkeys((target, placed)) for r in roots):
+            rel = _relation(path, folder)
             if rel == "equal":
                 msg = f"{out_dir}: the output folder would replace {what}"
             elif rel == "inside":

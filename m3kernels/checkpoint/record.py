@@ -13,19 +13,18 @@ import torch
 import yaml
 
 from m3kernels import __version__
-from m3kernels.checkpoint.source import Checkpoint
+from m3kernels.checkpoint.source import SIDE_FILES, Checkpoint
+from m3kernels.checkpoint.safetensors_io import read_input_bytes
 from m3kernels.checkpoint.plan import MergePlan
-from m3kernels.checkpoint.writer import (copy_file_durably, fsync_dir, write_file_durably)
+from m3kernels.checkpoint.writer import (fsync_dir, write_file_durably)
 
 log = logging.getLogger("m3kernels")
 
 
 RECORD_FILE = "m3kernels_merge.yaml"
 INDEX_FILE = "model.safetensors.index.json"
-COPIED_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-                "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
-                "generation_config.json")
+COPIED_FILES = SIDE_FILES
+MAX_SIDE_FILE_BYTES = 1 << 30
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -95,9 +94,13 @@ def write_side_files(tmp: Path, plan: MergePlan, record: dict) -> None:
             conf["vocab_size"] = plan.out_vocab_rows
         write_file_durably(tmp / "config.json", (json.dumps(conf, indent=2) + "\n").encode())
     if src.path.is_dir():
-        for name in COPIED_FILES:
-            if (src.root / name).is_file():
-                copy_file_durably(src.root / name, tmp / name)
+        for name, path in src.side_files.items():  # checked when the checkpoint was opened
+            f = src.open_file(path, name, lease=False)  # and again now: regular, inside the folder
+            try:
+                data = read_input_bytes(f, MAX_SIDE_FILE_BYTES, name)
+            finally:
+                f.close()
+            write_file_durably(tmp / name, data)
     text = "# The merge as run by m3kernels (also in every shard header's __metadata__).\n"
     text += yaml.safe_dump(json.loads(json.dumps(record, default=str)), sort_keys=False, allow_unicode=True)
     write_file_durably(tmp / RECORD_FILE, text.encode("utf-8"))

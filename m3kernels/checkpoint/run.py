@@ -35,7 +35,7 @@ from m3kernels.backends import get_backend
 from m3kernels.errors import M3KError, OutputExistsError
 from m3kernels.checkpoint.plan import MergePlan, build_plan, shard_filenames
 from m3kernels.checkpoint.writer import (Journal, ShardedWriter, make_temp_dir, partial_runs,
-                     publish)
+                     publish, tidy_temp_folders)
 from m3kernels.checkpoint.finite_check import check_finite_inputs
 from m3kernels.checkpoint.inputs import config_and_folder, open_inputs
 from m3kernels.checkpoint.output_guard import OutputLock, check_out_dir
@@ -220,7 +220,7 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
 def merge_checkpoints(config, out_dir, *, device: str = "auto", out_shard_size: int = DEFAULT_SHARD_SIZE,
                       force: bool = False, resume: bool = False, seed: Optional[int] = None,
                       progress: bool = True, dry_run: bool = False, allow_bin: bool = False,
-                      backend: str = "auto", strict: bool = False):
+                      backend: str = "auto", strict: bool = False, follow_symlinks: bool = False):
     """Merge the checkpoints a config names into ``out_dir`` (HF layout, sharded safetensors).
 
     ``config``: a YAML path, YAML text, dict or MergeConfig. ``seed`` overrides the config's.
@@ -228,21 +228,26 @@ def merge_checkpoints(config, out_dir, *, device: str = "auto", out_shard_size: 
     nothing. Otherwise returns a :class:`MergeResult`. User-fixable problems raise
     :class:`~m3kernels.errors.M3KError` (or the config's ``MergeConfigError``). ``strict``: refuse
     inputs holding NaN or inf (one more read of the inputs first; :mod:`.finite_check`).
+    ``follow_symlinks``: read files of the model folders that are symbolic links to places
+    outside them (refused by default; every input file must be a regular file either way).
     """
     if isinstance(out_shard_size, bool) or not isinstance(out_shard_size, int) or out_shard_size < 1:
         raise M3KError(f"out_shard_size must be a positive number of bytes, got {out_shard_size!r}")
     cfg, cfg_dir = config_and_folder(config, seed)
     out_dir = Path(out_dir).expanduser().absolute()
-    base, models, opened = open_inputs(cfg, cfg_dir, allow_bin)
+    base, models, opened = open_inputs(cfg, cfg_dir, allow_bin, follow_symlinks)
     try:
         check_out_dir(out_dir, force, opened)  # before anything is created or deleted
         plan = build_plan(cfg, base, models, out_shard_size)
+        plan.config_source.side_files  # the tokenizer files to copy: checked now, copied at the end
         if strict:
             check_finite_inputs(plan, progress)
         if dry_run:
             return plan
         dev = resolve_device(device, backend)
-        with OutputLock(out_dir):  # OUT and its temporary folders are ours until publish is done
+        with OutputLock(out_dir) as lock:  # OUT and its temporary folders are ours until publish is done
+            if lock.exclusive:  # what a killed run left: a publish cut short, folders without a journal
+                tidy_temp_folders(out_dir)
             check_out_dir(out_dir, force, opened, under_lock=True)  # again: another run may have published it
             return run_merge(plan, out_dir, device=dev, backend=backend, out_shard_size=out_shard_size,
                              force=force, resume=resume, progress=progress)

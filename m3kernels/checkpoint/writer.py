@@ -10,6 +10,14 @@
 * The journal (``.m3k-journal.json``) also holds a fingerprint of the config, the inputs and the
   plan; ``--resume`` reuses only a folder whose fingerprint matches and only shards whose size
   and hash still check out.
+* :func:`publish` first writes a publish record beside OUT (``.OUT.m3k-publish.json``: the
+  temporary folder, the folder a replaced OUT is moved to, and the journal), then removes the
+  journal and renames; a run killed anywhere in between is put back by the next run that takes
+  OUT's lock (:func:`tidy_temp_folders`): the previous OUT renamed back if it was moved aside,
+  the journal restored into the finished temporary folder, which ``--resume`` then checks
+  (shard sizes and hashes against the journal, side files written again) and publishes. The same
+  run removes temporary folders that never got a journal (a run killed at its very start) and
+  the leftovers of a publish that had finished its renames.
 * OS errors become :class:`~m3kernels.errors.DiskFullError` (ENOSPC, EDQUOT) or
   :class:`~m3kernels.errors.OutputWriteError`, naming the file and the tensor.
 """
@@ -21,8 +29,10 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import mmap
 import os
+import re
 import secrets
 import shutil
 import struct
@@ -40,6 +50,10 @@ JOURNAL = ".m3k-journal.json"
 JOURNAL_FORMAT = 1
 TMP_MARK = ".m3k-tmp-"
 OLD_MARK = ".m3k-old-"
+PUBLISH_MARK = ".m3k-publish.json"
+PUBLISH_FORMAT = 1
+_TAG = re.compile(r"[0-9a-f]{8}")   # the random part of a temporary / old folder's name
+log = logging.getLogger("m3kernels")
 HASH_CHUNK = 1 << 24
 STAGING_BYTES = 8 << 20   # output staging buffer (a multiple of DIRECT_ALIGN)
 DIRECT_ALIGN = 4096
@@ -349,6 +363,92 @@ def make_temp_dir(out_dir: Path) -> Path:
         return tmp
 
 
+def publish_record_path(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}{PUBLISH_MARK}"
+
+
+def _ours(out_dir: Path, name: str, mark: str) -> bool:
+    """Whether ``name`` (in OUT's parent) is a folder name m3kernels made for ``out_dir`` with ``mark``."""
+    prefix = f".{out_dir.name}{mark}"
+    return name.startswith(prefix) and bool(_TAG.fullmatch(name[len(prefix):]))
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path)
+
+
+def _read_publish_record(out_dir: Path) -> Optional[dict]:
+    path = publish_record_path(out_dir)
+    try:
+        raw = path.read_bytes()[:1 << 26]
+        rec = json.loads(raw.decode("utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def tidy_temp_folders(out_dir: Path, sweep: bool = True) -> list:
+    """Put back what a run killed in :func:`publish` left, and remove orphaned folders of OUT.
+
+    Only under OUT's exclusive lock (no other run can be using a temporary folder of OUT then).
+    * A publish record whose temporary folder is still there (the rename did not happen): the
+      previous OUT is renamed back if it had been moved aside, and the journal is written back
+      into the finished folder, which is then an unfinished run like any other (``--resume``
+      checks its shards and publishes it).
+    * A publish record whose temporary folder is gone (the rename happened): the moved-aside
+      previous OUT is removed.
+    * A temporary folder of OUT without a journal (killed before its first journal write):
+      removed (``sweep``). (A moved-aside OUT that no record names is never removed.)
+    Returns messages about what was done (for the log)."""
+    assert_lock_held(out_dir)
+    parent, notes = out_dir.parent, []
+    rec = _read_publish_record(out_dir)
+    if rec is not None:
+        tmp_name, old_name = rec.get("tmp"), rec.get("old")
+        tmp = parent / tmp_name if isinstance(tmp_name, str) and _ours(out_dir, tmp_name, TMP_MARK) else None
+        old = parent / old_name if isinstance(old_name, str) and _ours(out_dir, old_name, OLD_MARK) else None
+        with os_errors(publish_record_path(out_dir)):
+            if tmp is not None and tmp.is_dir() and not tmp.is_symlink():
+                if old is not None and old.is_dir() and not (out_dir.exists() or out_dir.is_symlink()):
+                    os.rename(old, out_dir)  # undo the first rename of a publish with force
+                    notes.append(f"{out_dir}: put back (a merge was killed while replacing it)")
+                    log.warning(notes[-1])
+                elif old is not None and old.exists():  # OUT is there again in some other form
+                    notes.append(f"{old}: the output a killed merge was replacing; {out_dir} exists again, "
+                                 f"so it is left for you")
+                    log.warning(notes[-1])
+                data = rec.get("journal")
+                if (not (tmp / JOURNAL).exists() and isinstance(data, dict) and data.get("format") == JOURNAL_FORMAT
+                        and isinstance(data.get("shards"), dict)):
+                    data.setdefault("extra", {})
+                    Journal(tmp, data.get("fingerprint"), data).save()
+                    notes.append(f"{tmp}: a finished merge killed while being published; --resume publishes it")
+                    log.warning(notes[-1])
+            elif old is not None and (old.exists() or old.is_symlink()):
+                _remove_tree(old)  # the output was published: the folder it replaced goes
+            publish_record_path(out_dir).unlink(missing_ok=True)
+            fsync_dir(parent)
+    if not sweep:
+        return notes
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return notes
+    for name in names:
+        p = parent / name
+        if _ours(out_dir, name, TMP_MARK) and p.is_dir() and not p.is_symlink() and not os.path.lexists(p / JOURNAL):
+            with os_errors(p):
+                shutil.rmtree(p)
+            notes.append(f"{p}: removed (a merge killed before it had written anything)")
+            log.info(notes[-1])
+    return notes
+
+
 def partial_runs(out_dir: Path) -> list:
     """[(folder, journal)] of unfinished runs for ``out_dir``, newest first."""
     prefix = temp_prefix(out_dir)
@@ -375,36 +475,58 @@ def publish(tmp: Path, out_dir: Path, force: bool) -> None:
     Only under OUT's lock (:mod:`m3kernels.checkpoint.output_guard`), held by this process on
     the file now at the lock path, and only a real temporary folder of ``out_dir``: those are
     used by no other run, so nothing another run is writing is renamed or deleted.
+
+    Steps (a kill between any two is undone by :func:`tidy_temp_folders` in the next run): the
+    publish record (with the journal) is written and synced; the journal is removed from
+    ``tmp``; an existing OUT (``force``) is renamed aside; ``tmp`` is renamed to OUT; the
+    folder set aside is removed; the record is removed.
     """
     assert_lock_held(out_dir)
     if (tmp.parent != out_dir.parent or not tmp.name.startswith(temp_prefix(out_dir)) or tmp.is_symlink()
             or not tmp.is_dir()):
         raise OutputWriteError(f"{tmp}: not a temporary folder of {out_dir} written by this run; "
                                f"not publishing it", path=str(tmp))
-    with os_errors(tmp):
-        (tmp / JOURNAL).unlink(missing_ok=True)
-        fsync_dir(tmp)
+    if (out_dir.exists() or out_dir.is_symlink()) and not force:
+        raise OutputExistsError(f"{out_dir} appeared while merging; the finished merge is in {tmp} "
+                                f"(rename it yourself, or rerun with --resume --force)", path=str(out_dir))
+    journal = Journal.load(tmp)
     old = None
     if out_dir.exists() or out_dir.is_symlink():
-        if not force:
-            raise OutputExistsError(f"{out_dir} appeared while merging; the finished merge is in {tmp} "
-                                    f"(rename it yourself, or rerun with --force)", path=str(out_dir))
         old = out_dir.parent / f".{out_dir.name}{OLD_MARK}{secrets.token_hex(4)}"
-        with os_errors(out_dir):
-            os.rename(out_dir, old)
-    with os_errors(out_dir):
-        try:
-            os.rename(tmp, out_dir)
-        except OSError:
-            if old is not None:
-                os.rename(old, out_dir)  # put the previous folder back
-            raise
+    record = {"format": PUBLISH_FORMAT, "tmp": tmp.name, "old": None if old is None else old.name,
+              "journal": None if journal is None else journal.data}
+    rec_path = publish_record_path(out_dir)
+    write_file_durably(rec_path, json.dumps(record).encode())
+    with os_errors(tmp):
         fsync_dir(out_dir.parent)
+        (tmp / JOURNAL).unlink(missing_ok=True)
+        fsync_dir(tmp)
+    try:
+        if old is not None:
+            with os_errors(out_dir):
+                os.rename(out_dir, old)
+        with os_errors(out_dir):
+            try:
+                os.rename(tmp, out_dir)
+            except OSError:
+                if old is not None:
+                    os.rename(old, out_dir)  # put the previous folder back
+                    old = None
+                raise
+            fsync_dir(out_dir.parent)
+    except BaseException:
+        try:  # not published: the journal goes back, so --resume can still publish it
+            tidy_temp_folders(out_dir, sweep=False)
+        except Exception:  # the record stays; the next run tries again
+            pass
+        raise
     if old is not None:
         if old.is_dir() and not old.is_symlink():
             shutil.rmtree(old, ignore_errors=True)
         else:
             old.unlink(missing_ok=True)
+    with os_errors(rec_path):
+        rec_path.unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------ shard writer
@@ -620,5 +742,5 @@ class ShardedWriter:
 
 
 __all__ = ["ShardedWriter", "TensorPart", "output_offset", "Journal", "shard_header", "tensor_bytes", "make_temp_dir", "partial_runs",
-           "publish", "write_file_durably", "copy_file_durably", "fsync_dir", "os_errors", "file_sha256",
+           "publish", "tidy_temp_folders", "publish_record_path", "write_file_durably", "copy_file_durably", "fsync_dir", "os_errors", "file_sha256",
            "JOURNAL", "TMP_MARK"]
