@@ -270,7 +270,7 @@ def test_every_simd_variant_gives_the_same_counts():
         for level in cpu.simd_levels():
             _C.set_simd_level(level)
             above, rng, fn = cpu.bracket_count(p, b, ms, lo, span, fine)
-            sample = cpu.sample_keys(p, b, ms, 4096)
+            sample = cpu.sample_keys(p, b, ms, 1024)
             results.append((above.tolist(), [r.tolist() for r in rng], fn.tobytes(), sample.tobytes()))
     finally:
         _C.set_simd_level(before)
@@ -283,10 +283,10 @@ def test_every_simd_variant_gives_the_same_counts():
         assert np.array_equal(rng[i], np.bincount(hi16[inside] - lo[i], minlength=int(span[i])))
         for j, bk in enumerate(fine[i]):
             assert np.array_equal(fn[i, j], np.bincount(keys[i][hi16 == bk] & 0xFFFF, minlength=65536))
-    # the sample: runs of 16 at a stride of numel // runs
-    stride = NUMEL // 4096
-    pos = (np.arange(4096)[:, None] * stride + np.arange(16)[None, :]).reshape(-1)
-    assert np.array_equal(cpu.sample_keys(p, b, ms, 4096), keys[:, pos])
+    # the sample: runs of 64 at a stride of numel // runs
+    stride = NUMEL // 1024
+    pos = (np.arange(1024)[:, None] * stride + np.arange(64)[None, :]).reshape(-1)
+    assert np.array_equal(cpu.sample_keys(p, b, ms, 1024), keys[:, pos])
 
 
 def test_bracket_count_rejects_bad_arguments():
@@ -302,7 +302,7 @@ def test_bracket_count_rejects_bad_arguments():
     with pytest.raises(ValueError):
         cpu.bracket_count(p, b, ms, [10], [5], [[10, 11, 12, 13, 14]])  # more than 4
     with pytest.raises(ValueError):
-        cpu.sample_keys(p, b, ms, NUMEL // 8)  # runs of 16 would overlap
+        cpu.sample_keys(p, b, ms, NUMEL // 32)  # runs of 64 would overlap
 
 
 # ----------------------------------------------------------------------------- the fallbacks

@@ -164,15 +164,15 @@ py::array_t<uint32_t> delta_keys(py::handle p, uintptr_t base_ptr, int base_dtyp
     return keys;
 }
 
-// Single-pass threshold, step 1: bits(|d'_i|) of `runs` runs of 16 elements spread evenly over
-// the tensor (uint32[n, runs * 16]; numel >= 16 * runs).
+// Single-pass threshold, step 1: bits(|d'_i|) of `runs` runs of 64 elements spread evenly over
+// the tensor (uint32[n, runs * 64]; numel >= 64 * runs).
 py::array_t<uint32_t> sample_keys(py::handle p, uintptr_t base_ptr, int base_dtype,
                                   const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
                                   int64_t numel, int64_t runs, int64_t index_offset) {
     Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
-    if (runs < 0 || (runs > 0 && numel / runs < 16))
-        throw py::value_error("sample_keys: need 0 <= runs <= numel / 16");
-    py::array_t<uint32_t> keys({py::ssize_t(call.args.n), py::ssize_t(runs * 16)});
+    if (runs < 0 || (runs > 0 && numel / runs < 64))
+        throw py::value_error("sample_keys: need 0 <= runs <= numel / 64");
+    py::array_t<uint32_t> keys({py::ssize_t(call.args.n), py::ssize_t(runs * 64)});
     uint32_t* k = keys.mutable_data();
     const m3k::KernelTable& t = m3k::active_table();
     bool ok;
@@ -435,7 +435,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("sample_keys", &sample_keys, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("runs"),
           py::arg("index_offset") = 0,
-          "Stage A, single pass: uint32[n, runs * 16] bits(|delta after DARE|) of runs of 16 elements "
+          "Stage A, single pass: uint32[n, runs * 64] bits(|delta after DARE|) of runs of 64 elements "
           "at a stride of numel // runs.");
     m.def("bracket_count", &bracket_count, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("lo"), py::arg("span"),

@@ -53,8 +53,8 @@ struct KernelTable {
     // stage A, small tensors: keys is uint32[n][numel], filled with bits(|d'|) (the values the
     // high-16 pass counts); false when scratch memory could not be allocated.
     bool (*delta_keys)(const TensorArgs& a, uint32_t* keys);
-    // stage A, single-pass threshold: keys is uint32[n][runs * 16], bits(|d'|) of runs of 16
-    // elements at a stride of numel / runs (>= 16); false on a bad stride or no memory.
+    // stage A, single-pass threshold: keys is uint32[n][runs * 64], bits(|d'|) of runs of 64
+    // elements at a stride of numel / runs (>= 64); false on a bad stride or no memory.
     bool (*sample_keys)(const TensorArgs& a, int64_t runs, uint32_t* keys);
     // stage A, single-pass threshold: for each model with span[i] > 0, above[i] += #elements with
     // bits(|d'|) >= (lo[i] + span[i]) << 16; range (rows of span[i] int64 back to back) += the

@@ -451,7 +451,8 @@ static bool delta_keys(const TensorArgs& a, uint32_t* keys) {
 // each bracketed bucket. The caller (m3kernels.merge.select) locates the k-th largest in those
 // counts, or, when it lies outside the bracket, falls back to the two histogram passes.
 
-constexpr int64_t kSampleRun = 16;  // elements per sample run (one AVX-512 vector)
+constexpr int64_t kSampleRun = 64;  // elements per sample run (4 AVX-512 vectors, 128 bytes of bf16: few
+                                    // pages touched, the sample costs little more than its page faults)
 
 // keys[i * runs * kSampleRun + j * kSampleRun + l] = bits(|d'_i|) of element j * stride + l,
 // stride = numel / runs (>= kSampleRun: the caller checks). Same values as block_keys.

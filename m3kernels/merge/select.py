@@ -70,7 +70,7 @@ def select_thresholds(hist: Callable[[Optional[np.ndarray]], np.ndarray], ks: Se
     return out
 
 
-SAMPLE_RUNS = 4096     # runs of 16 elements in the sample: 65,536 keys per model
+SAMPLE_RUNS = 1024     # runs of 64 elements in the sample: 65,536 keys per model
 SAMPLE_SIGMAS = 8.0    # the bucket range: the sample rank of the k-th largest +- this many binomial
 SAMPLE_SLACK = 16      # standard deviations, + this many sample elements
 MAX_RANGE = 8192       # at most this many high-16 buckets counted per model ...
@@ -79,8 +79,8 @@ NO_BUCKET = 0xFFFF     # a high-16 prefix no bits(|x|) < 2^31 has (a model pass 
 
 
 def sample_runs(numel: int) -> int:
-    """Runs of 16 elements the sample of a tensor of ``numel`` elements takes (numel >= 16 * runs)."""
-    return min(SAMPLE_RUNS, numel // 16)
+    """Runs of 64 elements the sample of a tensor of ``numel`` elements takes (numel >= 64 * runs)."""
+    return min(SAMPLE_RUNS, numel // 64)
 
 
 def bracket(sample: np.ndarray, k: int, total: int) -> tuple[int, int, list] | None:

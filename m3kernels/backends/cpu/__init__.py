@@ -98,8 +98,8 @@ def delta_keys(p: KernelParams, base, models) -> np.ndarray:
 
 
 def sample_keys(p: KernelParams, base, models, runs: int) -> np.ndarray:
-    """uint32[n, 16 * runs]: bits(|δ'_i|) of runs of 16 elements at a stride of numel // runs
-    (the single-pass threshold's sample; numel >= 16 * runs)."""
+    """uint32[n, 64 * runs]: bits(|δ'_i|) of runs of 64 elements at a stride of numel // runs
+    (the single-pass threshold's sample; numel >= 64 * runs)."""
     base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
     return _C.sample_keys(p, base_ptr, base_code, ptrs, codes, numel, int(runs))
 
