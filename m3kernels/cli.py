@@ -157,12 +157,17 @@ def inspect_text(path, allow_bin: bool = False, follow_symlinks: bool = False) -
                      f"in {len(files)} file(s)")
         merged = [m for m in ck.metadata().values() if "m3kernels_merge" in m]
         if merged:
-            import json
+            from m3kernels.checkpoint.safetensors_io import parse_json
 
-            rec = json.loads(merged[0]["m3kernels_merge"])
-            ratios = rec.get("mix_ratios")
-            lines.append(f"merged by m3kernels {rec.get('m3kernels_version')}: method {rec.get('merge_method')}, "
-                         f"seed {rec.get('seed')}" + (f", M³ ratios {ratios}" if ratios else ""))
+            raw = merged[0]["m3kernels_merge"]
+            rec, why = parse_json(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else b"")
+            if isinstance(rec, dict):
+                ratios = rec.get("mix_ratios")
+                lines.append(one_line(f"merged by m3kernels {rec.get('m3kernels_version')}: method "
+                                      f"{rec.get('merge_method')}, seed {rec.get('seed')}"
+                                      + (f", M³ ratios {ratios}" if ratios else ""))[:500])
+            else:
+                lines.append("m3kernels_merge metadata: unreadable (" + (why or "not a JSON object") + ")")
         if ck.config is not None:
             c = ck.config
             lines.append("config.json: " + ", ".join(f"{k}={c[k]}" for k in ("model_type", "torch_dtype",
