@@ -12,7 +12,6 @@ import logging
 import re
 import sys
 import traceback
-from typing import Optional
 
 from m3kernels.errors import EXIT_USER_ERROR, M3KError, one_line
 
@@ -30,7 +29,7 @@ def parse_size(text: str) -> int:
     num, unit, suffix = float(m.group(1)), m.group(2).lower(), m.group(3).lower()
     power = "kmgt".index(unit) + 1 if unit else 0
     base = 1000 if suffix == "b" and unit else 1024
-    value = int(num * base ** power)
+    value = int(num * base**power)
     if value < 1:
         raise argparse.ArgumentTypeError(f"size must be at least 1 byte, got {text!r}")
     return value
@@ -39,44 +38,83 @@ def parse_size(text: str) -> int:
 def _build_parser() -> argparse.ArgumentParser:
     from m3kernels.checkpoint import DEFAULT_SHARD_SIZE
 
-    p = argparse.ArgumentParser(prog="m3kernels", description="Merge fine-tuned LLM checkpoints with exact, "
-                                "fused kernels (TIES, DARE, task arithmetic, linear, M³ mixup).")
+    p = argparse.ArgumentParser(
+        prog="m3kernels",
+        description="Merge fine-tuned LLM checkpoints with exact, "
+        "fused kernels (TIES, DARE, task arithmetic, linear, M³ mixup).",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    m = sub.add_parser("merge", help="merge the checkpoints a mergekit-style YAML config names",
-                       description="Merge the checkpoints CONFIG names into OUT_DIR (sharded safetensors, "
-                                   "config.json, tokenizer files, m3kernels_merge.yaml).")
+    m = sub.add_parser(
+        "merge",
+        help="merge the checkpoints a mergekit-style YAML config names",
+        description="Merge the checkpoints CONFIG names into OUT_DIR (sharded safetensors, "
+        "config.json, tokenizer files, m3kernels_merge.yaml).",
+    )
     m.add_argument("config", metavar="CONFIG.yaml", help="merge config (mergekit format + mixup, trim_scope)")
-    m.add_argument("out_dir", metavar="OUT_DIR", help="output folder (created; must not exist without --force)")
-    m.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto",
-                   help="where the kernels run (default: auto = cuda if available)")
-    m.add_argument("--backend", choices=("auto", "cpu", "triton", "cuda"), default="auto",
-                   help="kernel backend (default: auto)")
-    m.add_argument("--out-shard-size", type=parse_size, default=DEFAULT_SHARD_SIZE, metavar="SIZE",
-                   help="largest output shard, in bytes; K/M/G suffixes are binary (5G = 5 GiB), KB/MB/GB "
-                        "decimal (default: 5G)")
+    m.add_argument(
+        "out_dir", metavar="OUT_DIR", help="output folder (created; must not exist without --force)"
+    )
+    m.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="auto",
+        help="where the kernels run (default: auto = cuda if available)",
+    )
+    m.add_argument(
+        "--backend",
+        choices=("auto", "cpu", "triton", "cuda"),
+        default="auto",
+        help="kernel backend (default: auto)",
+    )
+    m.add_argument(
+        "--out-shard-size",
+        type=parse_size,
+        default=DEFAULT_SHARD_SIZE,
+        metavar="SIZE",
+        help="largest output shard, in bytes; K/M/G suffixes are binary (5G = 5 GiB), KB/MB/GB "
+        "decimal (default: 5G)",
+    )
     m.add_argument("--force", action="store_true", help="replace OUT_DIR if it exists")
-    m.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run of the same merge, reusing its finished shards")
+    m.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run of the same merge, reusing its finished shards",
+    )
     m.add_argument("--seed", type=int, default=None, help="merge seed (overrides the config's 'seed')")
-    m.add_argument("--dry-run", action="store_true",
-                   help="validate the config and every input, print the plan, write nothing")
-    m.add_argument("--allow-bin", action="store_true",
-                   help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True))")
-    m.add_argument("--strict", action="store_true",
-                   help="refuse inputs holding NaN or inf (reads the inputs once more before merging)")
-    m.add_argument("--follow-symlinks", action="store_true",
-                   help="read files of the model folders that are symbolic links to places outside them "
-                        "(refused by default)")
+    m.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the config and every input, print the plan, write nothing",
+    )
+    m.add_argument(
+        "--allow-bin",
+        action="store_true",
+        help="accept PyTorch .bin weights (loaded with torch.load(weights_only=True))",
+    )
+    m.add_argument(
+        "--strict",
+        action="store_true",
+        help="refuse inputs holding NaN or inf (reads the inputs once more before merging)",
+    )
+    m.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read files of the model folders that are symbolic links to places outside them "
+        "(refused by default)",
+    )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     m.add_argument("-v", "--verbose", action="store_true", help="tracebacks and more details")
 
     i = sub.add_parser("inspect", help="list a checkpoint's tensors (name, dtype, shape, shard, bytes)")
     i.add_argument("path", metavar="PATH", help="checkpoint folder or .safetensors file")
     i.add_argument("--allow-bin", action="store_true", help="accept PyTorch .bin weights")
-    i.add_argument("--follow-symlinks", action="store_true",
-                   help="read files of the folder that are symbolic links to places outside it")
+    i.add_argument(
+        "--follow-symlinks",
+        action="store_true",
+        help="read files of the folder that are symbolic links to places outside it",
+    )
     i.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
 
     t = sub.add_parser("methods", help="the merge methods and their parameters (names, scopes, defaults)")
@@ -84,8 +122,12 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
 
     d = sub.add_parser("demo", help="merge a tiny generated base + two fine-tunes with TIES + M³")
-    d.add_argument("--keep", metavar="DIR", default=None, help="write the demo models and output here "
-                   "(default: a temporary folder, removed afterwards)")
+    d.add_argument(
+        "--keep",
+        metavar="DIR",
+        default=None,
+        help="write the demo models and output here (default: a temporary folder, removed afterwards)",
+    )
     d.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     d.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
 
@@ -98,7 +140,7 @@ def _build_parser() -> argparse.ArgumentParser:
 class _Formatter(logging.Formatter):
     def format(self, record):
         msg = record.getMessage()
-        msg = msg[len("m3kernels: "):] if msg.startswith("m3kernels: ") else msg
+        msg = msg[len("m3kernels: ") :] if msg.startswith("m3kernels: ") else msg
         return f"m3kernels: {record.levelname.lower()}: {msg}"
 
 
@@ -116,11 +158,21 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_merge(args) -> int:
     from m3kernels.checkpoint.run import merge_checkpoints
 
-    result = merge_checkpoints(args.config, args.out_dir, device=args.device, out_shard_size=args.out_shard_size,
-                               force=args.force, resume=args.resume, seed=args.seed,
-                               progress=not args.quiet, dry_run=args.dry_run, allow_bin=args.allow_bin,
-                               backend=args.backend, strict=args.strict,
-                               follow_symlinks=args.follow_symlinks)
+    result = merge_checkpoints(
+        args.config,
+        args.out_dir,
+        device=args.device,
+        out_shard_size=args.out_shard_size,
+        force=args.force,
+        resume=args.resume,
+        seed=args.seed,
+        progress=not args.quiet,
+        dry_run=args.dry_run,
+        allow_bin=args.allow_bin,
+        backend=args.backend,
+        strict=args.strict,
+        follow_symlinks=args.follow_symlinks,
+    )
     if args.dry_run:
         print(result.summary())
         print()
@@ -133,8 +185,8 @@ def cmd_merge(args) -> int:
 
 def inspect_text(path, allow_bin: bool = False, follow_symlinks: bool = False) -> str:
     """The ``inspect`` table for a checkpoint folder or file."""
-    from m3kernels.checkpoint.source import Checkpoint
     from m3kernels.checkpoint.safetensors_io import torch_dtype_name
+    from m3kernels.checkpoint.source import Checkpoint
 
     ck = Checkpoint(path, role="checkpoint", allow_bin=allow_bin, follow_symlinks=follow_symlinks)
     try:
@@ -147,14 +199,25 @@ def inspect_text(path, allow_bin: bool = False, follow_symlinks: bool = False) -
                 n *= d
             total_params += n
             total_bytes += meta.nbytes
-            rows.append((name, torch_dtype_name(meta.dtype), "x".join(map(str, meta.shape)) or "scalar",
-                         meta.file, f"{meta.nbytes:,}"))
+            rows.append(
+                (
+                    name,
+                    torch_dtype_name(meta.dtype),
+                    "x".join(map(str, meta.shape)) or "scalar",
+                    meta.file,
+                    f"{meta.nbytes:,}",
+                )
+            )
         widths = [max(len(r[c]) for r in rows) for c in range(5)]
-        lines = ["  ".join(v.rjust(w) if c == 4 else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
-                 for r in rows]
+        lines = [
+            "  ".join(v.rjust(w) if c == 4 else v.ljust(w) for c, (v, w) in enumerate(zip(r, widths)))
+            for r in rows
+        ]
         files = ck.files()
-        lines.append(f"total: {len(ck.names)} tensors, {total_params:,} parameters, {total_bytes:,} bytes "
-                     f"in {len(files)} file(s)")
+        lines.append(
+            f"total: {len(ck.names)} tensors, {total_params:,} parameters, {total_bytes:,} bytes "
+            f"in {len(files)} file(s)"
+        )
         merged = [m for m in ck.metadata().values() if "m3kernels_merge" in m]
         if merged:
             from m3kernels.checkpoint.safetensors_io import parse_json
@@ -163,16 +226,25 @@ def inspect_text(path, allow_bin: bool = False, follow_symlinks: bool = False) -
             rec, why = parse_json(raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else b"")
             if isinstance(rec, dict):
                 ratios = rec.get("mix_ratios")
-                lines.append(one_line(f"merged by m3kernels {rec.get('m3kernels_version')}: method "
-                                      f"{rec.get('merge_method')}, seed {rec.get('seed')}"
-                                      + (f", M³ ratios {ratios}" if ratios else ""))[:500])
+                lines.append(
+                    one_line(
+                        f"merged by m3kernels {rec.get('m3kernels_version')}: method "
+                        f"{rec.get('merge_method')}, seed {rec.get('seed')}"
+                        + (f", M³ ratios {ratios}" if ratios else "")
+                    )[:500]
+                )
             else:
                 lines.append("m3kernels_merge metadata: unreadable (" + (why or "not a JSON object") + ")")
         if ck.config is not None:
             c = ck.config
-            lines.append("config.json: " + ", ".join(f"{k}={c[k]}" for k in ("model_type", "torch_dtype",
-                                                                             "num_hidden_layers", "vocab_size")
-                                                     if k in c))
+            lines.append(
+                "config.json: "
+                + ", ".join(
+                    f"{k}={c[k]}"
+                    for k in ("model_type", "torch_dtype", "num_hidden_layers", "vocab_size")
+                    if k in c
+                )
+            )
         return "\n".join(lines)
     finally:
         ck.close()
@@ -198,7 +270,9 @@ def backends_text() -> str:
                 extra = f" (kernel variant: {cpu.simd_level()})"
             except Exception:  # an older extension without the query
                 extra = ""
-        lines.append(f"{name:7s} {'available' + extra if state == 'available' else 'not available: ' + state}")
+        lines.append(
+            f"{name:7s} {'available' + extra if state == 'available' else 'not available: ' + state}"
+        )
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     lines.append(f"torch {torch.__version__}; CUDA GPU: {gpu}")
     return "\n".join(lines)
@@ -218,13 +292,17 @@ def methods_text(names=()) -> str:
     for m in chosen:
         alias = f" (alias {', '.join(m.aliases)})" if m.aliases else ""
         lines.append(f"{m.name}{alias}: {m.summary}")
-        lines.append(f"  base model: {'required' if m.needs_base else 'not used'}; stage A: "
-                     f"{'; '.join(m.stage_a) or 'none'}; reference: {m.reference}")
+        lines.append(
+            f"  base model: {'required' if m.needs_base else 'not used'}; stage A: "
+            f"{'; '.join(m.stage_a) or 'none'}; reference: {m.reference}"
+        )
         for q in m.params:
             default = q.default if not isinstance(q.default, bool) else str(q.default).lower()
             where = q.scope + ("" if q.config else ", tensor API only")
-            lines.append(f"  {q.name:10s} {where}, {q.range}, default {default}"
-                         f"{', gradient allowed' if q.gradient else ''}: {q.doc}")
+            lines.append(
+                f"  {q.name:10s} {where}, {q.range}, default {default}"
+                f"{', gradient allowed' if q.gradient else ''}: {q.doc}"
+            )
     return "\n".join(lines)
 
 
@@ -245,8 +323,14 @@ def cmd_demo(args) -> int:
     return 0 if report["ok"] else EXIT_INTERNAL
 
 
-COMMANDS = {"merge": cmd_merge, "inspect": cmd_inspect, "demo": cmd_demo, "backends": cmd_backends,
-            "info": cmd_backends, "methods": cmd_methods}
+COMMANDS = {
+    "merge": cmd_merge,
+    "inspect": cmd_inspect,
+    "demo": cmd_demo,
+    "backends": cmd_backends,
+    "info": cmd_backends,
+    "methods": cmd_methods,
+}
 
 
 class Terminated(KeyboardInterrupt):
@@ -257,7 +341,7 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def _install_sigterm() -> Optional[object]:
+def _install_sigterm() -> object | None:
     """SIGTERM -> Terminated in the main thread (the previous handler is returned)."""
     import signal
 
@@ -267,7 +351,7 @@ def _install_sigterm() -> Optional[object]:
         return None
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:
     """Entry point of the ``m3kernels`` console script (returns the exit status).
 
     Every path ends in one line on stderr and an exit status: 0 done, 2 a problem the user can
@@ -296,8 +380,11 @@ def main(argv: Optional[list] = None) -> int:
     except Exception as exc:  # a bug: keep the details one flag away
         if verbose:
             traceback.print_exc()
-        print(f"m3kernels: internal error: {type(exc).__name__}: {one_line(exc)}"
-              + ("" if verbose else " (rerun with --verbose for the traceback)"), file=sys.stderr)
+        print(
+            f"m3kernels: internal error: {type(exc).__name__}: {one_line(exc)}"
+            + ("" if verbose else " (rerun with --verbose for the traceback)"),
+            file=sys.stderr,
+        )
         return EXIT_INTERNAL
     finally:
         if previous is not None:

@@ -7,8 +7,6 @@ traceback. Every message names the file and, where there is one, the tensor.
 
 from __future__ import annotations
 
-from typing import Optional
-
 EXIT_USER_ERROR = 2
 MAX_MESSAGE = 2000
 
@@ -24,7 +22,7 @@ class M3KError(Exception):
     """A merge cannot go on for a reason the user can fix; ``str()`` is the full message, one
     printable line."""
 
-    def __init__(self, message: str, *, path: Optional[str] = None, tensor: Optional[str] = None):
+    def __init__(self, message: str, *, path: str | None = None, tensor: str | None = None):
         super().__init__(one_line(message))
         self.path = None if path is None else str(path)
         self.tensor = tensor
@@ -53,8 +51,9 @@ class OutputIsInputError(OutputExistsError):
 class OutputLockedError(OutputExistsError):
     """Another merge holds the lock on OUT (``holder``: its pid, when its lock file says so)."""
 
-    def __init__(self, message: str, *, path: Optional[str] = None, tensor: Optional[str] = None,
-                 holder: Optional[int] = None):
+    def __init__(
+        self, message: str, *, path: str | None = None, tensor: str | None = None, holder: int | None = None
+    ):
         super().__init__(message, path=path, tensor=tensor)
         self.holder = holder
 
@@ -67,5 +66,15 @@ class OutputWriteError(M3KError):
     """Writing the output failed for another OS reason (permissions, I/O error)."""
 
 
-__all__ = ["M3KError", "CheckpointError", "InputChangedError", "TensorMismatchError", "OutputExistsError",
-           "OutputIsInputError", "OutputLockedError", "DiskFullError", "OutputWriteError", "EXIT_USER_ERROR"]
+__all__ = [
+    "M3KError",
+    "CheckpointError",
+    "InputChangedError",
+    "TensorMismatchError",
+    "OutputExistsError",
+    "OutputIsInputError",
+    "OutputLockedError",
+    "DiskFullError",
+    "OutputWriteError",
+    "EXIT_USER_ERROR",
+]

@@ -164,8 +164,17 @@ def test_python_dash_m_and_usage_errors(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "does not exist" in proc.stderr
 
 
-@pytest.mark.parametrize("value", ["[" * 100000 + "]" * 100000, "[1, 2]", "\"x\"", "{\"seed\": " + "9" * 5000 + "}",
-                                   "not json", "{\"merge_method\": \"ties\\u001b[2J\"}"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "[" * 100000 + "]" * 100000,
+        "[1, 2]",
+        '"x"',
+        '{"seed": ' + "9" * 5000 + "}",
+        "not json",
+        '{"merge_method": "ties\\u001b[2J"}',
+    ],
+)
 def test_inspect_with_hostile_merge_metadata(tmp_path, capsys, value):
     from safetensors.torch import save_file
 

@@ -9,11 +9,12 @@ import logging
 
 import pytest
 import torch
-from helpers import have_backend
 
 import m3kernels
 from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge
+
+from helpers import have_backend
 
 BACKENDS = [b for b in ("cpu", "triton") if have_backend(b)]
 BAD = [float("nan"), float("inf"), -float("inf")]
@@ -81,11 +82,15 @@ def test_checkpoint_merge_warns_by_default_and_strict_refuses(tmp_path, capsys):
     name = "model.layers.1.mlp.up_proj.weight"
     ft2[name] = ft2[name].clone()
     ft2[name].view(-1)[[3, 7]] = float("nan")
-    dirs = [write_checkpoint(tmp_path / d, t, config=llama_config(**sizes))
-            for d, t in (("base", base), ("ft1", ft1), ("ft2", ft2))]
+    dirs = [
+        write_checkpoint(tmp_path / d, t, config=llama_config(**sizes))
+        for d, t in (("base", base), ("ft1", ft1), ("ft2", ft2))
+    ]
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"merge_method: dare_ties\nbase_model: {dirs[0]}\nmodels:\n  - model: {dirs[1]}\n"
-                   f"  - model: {dirs[2]}\nparameters: {{density: 0.5, rescale: l1}}\n")
+    cfg.write_text(
+        f"merge_method: dare_ties\nbase_model: {dirs[0]}\nmodels:\n  - model: {dirs[1]}\n"
+        f"  - model: {dirs[2]}\nparameters: {{density: 0.5, rescale: l1}}\n"
+    )
     assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "--device", "cpu", "-q"]) == 0
     err = capsys.readouterr().err
     assert name in err and "model 2: 2" in err and "warning" in err, err

@@ -27,7 +27,7 @@ def count_non_finite(t: torch.Tensor) -> int:
     flat = t.reshape(-1)
     bad = 0
     for lo in range(0, flat.numel(), CHUNK):
-        part = flat[lo:lo + CHUNK]
+        part = flat[lo : lo + CHUNK]
         bad += part.numel() - int(torch.isfinite(part).sum())
     return bad
 
@@ -47,7 +47,9 @@ def check_finite_inputs(plan: MergePlan, progress: bool = False) -> None:
                 raise NonFiniteInputError(
                     f"tensor {pt.name!r} of {s.ckpt.label} holds {bad:,} NaN/inf value(s) "
                     f"({s.name!r} in {s.ckpt.path}); without --strict they stay in their elements",
-                    path=str(s.ckpt.path), tensor=pt.name)
+                    path=str(s.ckpt.path),
+                    tensor=pt.name,
+                )
 
 
 __all__ = ["NonFiniteInputError", "check_finite_inputs", "count_non_finite"]

@@ -9,17 +9,15 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional
 
-
-from m3kernels.errors import CheckpointError
-from m3kernels.checkpoint.source import Checkpoint
 from m3kernels.checkpoint.config import MergeConfig, load_config, parse_config, read_config_source
+from m3kernels.checkpoint.source import Checkpoint
+from m3kernels.errors import CheckpointError
 
 log = logging.getLogger("m3kernels")
 
 
-def config_and_folder(config, seed: Optional[int]) -> tuple[MergeConfig, Optional[Path]]:
+def config_and_folder(config, seed: int | None) -> tuple[MergeConfig, Path | None]:
     """The config (with ``seed`` overriding its seed) and the folder relative paths may refer to."""
     cfg_dir = None
     if isinstance(config, (str, os.PathLike)) and "\n" not in os.fspath(config) and Path(config).is_file():
@@ -35,7 +33,7 @@ def config_and_folder(config, seed: Optional[int]) -> tuple[MergeConfig, Optiona
     return cfg, cfg_dir
 
 
-def _resolve_model_path(path: str, cfg_dir: Optional[Path]) -> Path:
+def _resolve_model_path(path: str, cfg_dir: Path | None) -> Path:
     if "\x00" in str(path):
         raise CheckpointError(f"model path {path!r} holds a NUL character", path=str(path))
     p = Path(path).expanduser()
@@ -44,7 +42,7 @@ def _resolve_model_path(path: str, cfg_dir: Optional[Path]) -> Path:
     return p
 
 
-def open_inputs(cfg: MergeConfig, cfg_dir: Optional[Path], allow_bin: bool, follow_symlinks: bool = False):
+def open_inputs(cfg: MergeConfig, cfg_dir: Path | None, allow_bin: bool, follow_symlinks: bool = False):
     """(base checkpoint or None, [model checkpoints], [each opened once]); a path listed twice
     is opened once. ``follow_symlinks``: read links out of the model folders (see
     :class:`~m3kernels.checkpoint.source.Checkpoint`). On an error, what was opened is closed."""

@@ -28,18 +28,22 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Optional
 
-from m3kernels.errors import (DiskFullError, OutputExistsError, OutputIsInputError, OutputLockedError,
-                              OutputWriteError)
+from m3kernels.errors import (
+    DiskFullError,
+    OutputExistsError,
+    OutputIsInputError,
+    OutputLockedError,
+    OutputWriteError,
+)
 
 log = logging.getLogger("m3kernels")
 
 LOCK_SUFFIX = ".m3k.lock"
-SIDE_MARK = ".m3k"          # every file m3kernels puts beside OUT starts with ".OUT.m3k"
+SIDE_MARK = ".m3k"  # every file m3kernels puts beside OUT starts with ".OUT.m3k"
 _NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS)
 
-_held: dict = {}            # (st_dev, st_ino) of a lock file -> the OutputLock of this process holding it
+_held: dict = {}  # (st_dev, st_ino) of a lock file -> the OutputLock of this process holding it
 _held_guard = threading.Lock()
 
 
@@ -50,7 +54,7 @@ def lock_path(out_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------ output vs inputs
-def _relation(path: Path, root: Path) -> Optional[str]:
+def _relation(path: Path, root: Path) -> str | None:
     if path == root:
         return "equal"
     if root in path.parents:
@@ -69,8 +73,8 @@ def check_out_dir(out_dir: Path, force: bool, inputs: list, *, under_lock: bool 
     run) rather than as existing, unless ``under_lock`` (this run holds it).
     """
     out_dir = Path(out_dir)
-    target = out_dir.resolve()                                  # where OUT's path leads
-    placed = out_dir.parent.resolve() / out_dir.name             # the name publish renames
+    target = out_dir.resolve()  # where OUT's path leads
+    placed = out_dir.parent.resolve() / out_dir.name  # the name publish renames
     side_prefix = f".{out_dir.name}{SIDE_MARK}"
     for ck in inputs:
         root = Path(ck.root).resolve()
@@ -87,16 +91,24 @@ def check_out_dir(out_dir: Path, force: bool, inputs: list, *, under_lock: bool 
                 msg = f"{out_dir}: the output folder would contain {what}"
             else:
                 continue
-            raise OutputIsInputError(msg + "; inputs are never written, whatever the flags: choose an output "
-                                     "folder outside every input", path=str(out_dir))
+            raise OutputIsInputError(
+                msg + "; inputs are never written, whatever the flags: choose an output "
+                "folder outside every input",
+                path=str(out_dir),
+            )
         if root.parent == placed.parent and root.name.startswith(side_prefix):
-            raise OutputIsInputError(f"{out_dir}: {what} is named like a temporary folder of this output; "
-                                     f"choose another output folder", path=str(out_dir))
+            raise OutputIsInputError(
+                f"{out_dir}: {what} is named like a temporary folder of this output; "
+                f"choose another output folder",
+                path=str(out_dir),
+            )
     if (out_dir.exists() or out_dir.is_symlink()) and not force:
         if not under_lock:
             _probe_lock(out_dir)
-        raise OutputExistsError(f"{out_dir} already exists; choose another folder or pass --force "
-                                f"(force=True) to replace it", path=str(out_dir))
+        raise OutputExistsError(
+            f"{out_dir} already exists; choose another folder or pass --force (force=True) to replace it",
+            path=str(out_dir),
+        )
 
 
 # ------------------------------------------------------------------------------ the lock
@@ -139,9 +151,12 @@ def _locked_error(out_dir: Path, fd: int) -> OutputLockedError:
         time.sleep(0.02)
     else:
         info = {}
-    return OutputLockedError(f"{out_dir} is in use by {describe_holder(info)}; wait for it to finish, or stop "
-                             f"it and rerun (with --resume to continue its work); lock file {lock_path(out_dir)}",
-                             path=str(out_dir), holder=info.get("pid"))
+    return OutputLockedError(
+        f"{out_dir} is in use by {describe_holder(info)}; wait for it to finish, or stop "
+        f"it and rerun (with --resume to continue its work); lock file {lock_path(out_dir)}",
+        path=str(out_dir),
+        holder=info.get("pid"),
+    )
 
 
 def _probe_lock(out_dir: Path) -> None:
@@ -186,7 +201,7 @@ class OutputLock:
         self.exclusive = False
         self._key = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         self.acquire()
         return self
 
@@ -203,10 +218,12 @@ class OutputLock:
             return os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise DiskFullError(f"{self.path}: no space left on the device for the output lock file",
-                                    path=str(self.path)) from None
-            raise OutputWriteError(f"{self.path}: cannot create the output lock file: {exc.strerror or exc}",
-                                   path=str(self.path)) from None
+                raise DiskFullError(
+                    f"{self.path}: no space left on the device for the output lock file", path=str(self.path)
+                ) from None
+            raise OutputWriteError(
+                f"{self.path}: cannot create the output lock file: {exc.strerror or exc}", path=str(self.path)
+            ) from None
 
     def acquire(self) -> None:
         if self.held:
@@ -222,10 +239,16 @@ class OutputLock:
             except OSError as exc:
                 if exc.errno not in _NO_FLOCK:
                     os.close(fd)
-                    raise OutputWriteError(f"{self.path}: cannot lock the output: {exc.strerror or exc}",
-                                           path=str(self.path)) from None
-                log.warning("%s: this file system does not support file locks (%s); nothing stops another "
-                            "merge from writing %s at the same time", self.path, exc.strerror or exc, self.out_dir)
+                    raise OutputWriteError(
+                        f"{self.path}: cannot lock the output: {exc.strerror or exc}", path=str(self.path)
+                    ) from None
+                log.warning(
+                    "%s: this file system does not support file locks (%s); nothing stops another "
+                    "merge from writing %s at the same time",
+                    self.path,
+                    exc.strerror or exc,
+                    self.out_dir,
+                )
                 self._take(fd, exclusive=False)
                 return
             # the file we locked must still be the one at the path (someone may have deleted it)
@@ -237,15 +260,21 @@ class OutputLock:
                 self._take(fd, exclusive=True)
                 return
             os.close(fd)
-        raise OutputWriteError(f"{self.path}: the output lock file keeps being replaced; cannot lock "
-                               f"{self.out_dir}", path=str(self.path))
+        raise OutputWriteError(
+            f"{self.path}: the output lock file keeps being replaced; cannot lock {self.out_dir}",
+            path=str(self.path),
+        )
 
     def _take(self, fd: int, exclusive: bool) -> None:
         self.fd, self.exclusive = fd, exclusive
         st = os.fstat(fd)
         self._key = (st.st_dev, st.st_ino)
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "out": str(self.out_dir)}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "out": str(self.out_dir),
+        }
         data = (json.dumps(info) + "\n").encode()
         try:
             os.pwrite(fd, data, 0)
@@ -273,8 +302,11 @@ class OutputLock:
         except OSError:
             ok = False
         if not ok:
-            raise OutputLockedError(f"{self.out_dir}: this run no longer holds the output lock {self.path} "
-                                    f"(was the lock file removed?); not publishing", path=str(self.out_dir))
+            raise OutputLockedError(
+                f"{self.out_dir}: this run no longer holds the output lock {self.path} "
+                f"(was the lock file removed?); not publishing",
+                path=str(self.out_dir),
+            )
 
 
 def assert_lock_held(out_dir: Path) -> OutputLock:
@@ -288,8 +320,10 @@ def assert_lock_held(out_dir: Path) -> OutputLock:
     with _held_guard:
         lock = _held.get(key) if key is not None else None
     if lock is None:
-        raise OutputLockedError(f"{out_dir}: this process does not hold the output lock {path}; "
-                                f"not touching the output", path=str(out_dir))
+        raise OutputLockedError(
+            f"{out_dir}: this process does not hold the output lock {path}; not touching the output",
+            path=str(out_dir),
+        )
     lock.check()
     return lock
 
@@ -306,5 +340,12 @@ def read_holder(out_dir: Path) -> dict:
         os.close(fd)
 
 
-__all__ = ["OutputLock", "check_out_dir", "assert_lock_held", "lock_path", "read_holder", "describe_holder",
-           "LOCK_SUFFIX"]
+__all__ = [
+    "OutputLock",
+    "check_out_dir",
+    "assert_lock_held",
+    "lock_path",
+    "read_holder",
+    "describe_holder",
+    "LOCK_SUFFIX",
+]

@@ -282,8 +282,9 @@ def _frozen(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def _recipe(cfg: MergeConfig, name: str, kwargs: dict, n: int, has_base: bool, ratios, seed,
-            cache: dict | None = None) -> Recipe:
+def _recipe(
+    cfg: MergeConfig, name: str, kwargs: dict, n: int, has_base: bool, ratios, seed, cache: dict | None = None
+) -> Recipe:
     """``make_recipe`` for one tensor; tensors with the same arguments share one (immutable)
     Recipe through ``cache``, so a plan of 100,000 tensors validates each distinct setting once."""
     key = None

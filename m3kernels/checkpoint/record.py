@@ -13,10 +13,10 @@ import torch
 import yaml
 
 from m3kernels import __version__
-from m3kernels.checkpoint.source import SIDE_FILES, Checkpoint
-from m3kernels.checkpoint.safetensors_io import read_input_bytes
 from m3kernels.checkpoint.plan import MergePlan
-from m3kernels.checkpoint.writer import (fsync_dir, write_file_durably)
+from m3kernels.checkpoint.safetensors_io import read_input_bytes
+from m3kernels.checkpoint.source import SIDE_FILES, Checkpoint
+from m3kernels.checkpoint.writer import fsync_dir, write_file_durably
 
 log = logging.getLogger("m3kernels")
 
@@ -36,8 +36,10 @@ def make_record(plan: MergePlan, out_shard_size: int) -> dict:
     cfg = plan.config
 
     def inputs_of(ck: Checkpoint) -> dict:
-        return {"path": str(ck.path.resolve()), "files": [{"name": f["name"], "bytes": f["bytes"]}
-                                                          for f in ck.files()]}
+        return {
+            "path": str(ck.path.resolve()),
+            "files": [{"name": f["name"], "bytes": f["bytes"]} for f in ck.files()],
+        }
 
     return {
         "m3kernels_version": __version__,
@@ -50,8 +52,10 @@ def make_record(plan: MergePlan, out_shard_size: int) -> dict:
         "out_dtype": _dtype_name(plan.out_dtype),
         "out_shard_size": out_shard_size,
         "config": cfg.raw,
-        "inputs": {"base": inputs_of(plan.base) if plan.base is not None else None,
-                   "models": [inputs_of(m) for m in plan.models]},
+        "inputs": {
+            "base": inputs_of(plan.base) if plan.base is not None else None,
+            "models": [inputs_of(m) for m in plan.models],
+        },
         "notes": list(plan.notes),
     }
 
@@ -63,24 +67,31 @@ def fingerprint(plan: MergePlan, record: dict) -> str:
     obj = {
         "record": record,
         "stamps": [ck.file_stamps() for ck in inputs],
-        "plan": [(t.name, t.action, list(t.shape), str(t.out_dtype), t.shard, t.common_rows)
-                 for t in plan.tensors],
+        "plan": [
+            (t.name, t.action, list(t.shape), str(t.out_dtype), t.shard, t.common_rows) for t in plan.tensors
+        ],
         "shards": [s.filename for s in plan.shards],
     }
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def header_metadata(record: dict) -> dict:
-    return {"format": "pt", "m3kernels_version": __version__,
-            "m3kernels_merge": json.dumps(record, default=str, separators=(",", ":"))}
+    return {
+        "format": "pt",
+        "m3kernels_version": __version__,
+        "m3kernels_merge": json.dumps(record, default=str, separators=(",", ":")),
+    }
 
 
 def write_side_files(tmp: Path, plan: MergePlan, record: dict) -> None:
     """Index, config.json, tokenizer/generation files and the merge record, each fsynced."""
     if len(plan.shards) > 1:
-        index = {"metadata": {"total_size": plan.total_bytes},
-                 "weight_map": {t.name: plan.shards[t.shard].filename for t in sorted(plan.tensors,
-                                                                                      key=lambda t: t.name)}}
+        index = {
+            "metadata": {"total_size": plan.total_bytes},
+            "weight_map": {
+                t.name: plan.shards[t.shard].filename for t in sorted(plan.tensors, key=lambda t: t.name)
+            },
+        }
         write_file_durably(tmp / INDEX_FILE, json.dumps(index, indent=2).encode())
     src = plan.config_source
     if src.config is not None:

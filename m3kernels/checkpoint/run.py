@@ -27,27 +27,37 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from m3kernels.backends import get_backend
-from m3kernels.errors import M3KError, OutputExistsError
-from m3kernels.checkpoint.plan import MergePlan, build_plan, shard_filenames
-from m3kernels.checkpoint.writer import (Journal, ShardedWriter, make_temp_dir, partial_runs,
-                     publish, tidy_temp_folders)
+from m3kernels.checkpoint import DEFAULT_SHARD_SIZE  # re-exported
 from m3kernels.checkpoint.finite_check import check_finite_inputs
 from m3kernels.checkpoint.inputs import config_and_folder, open_inputs
-from m3kernels.checkpoint.output_guard import OutputLock, check_out_dir
 from m3kernels.checkpoint.model_stats import model_thresholds
-from m3kernels.checkpoint.produce import produce_cpu, produce_gpu, merge_one, fill_extra_rows
-from m3kernels.checkpoint.record import RECORD_FILE, fingerprint, header_metadata, make_record, write_side_files
-
-from m3kernels.checkpoint import DEFAULT_SHARD_SIZE  # re-exported
+from m3kernels.checkpoint.output_guard import OutputLock, check_out_dir
+from m3kernels.checkpoint.plan import MergePlan, build_plan, shard_filenames
+from m3kernels.checkpoint.produce import fill_extra_rows, merge_one, produce_cpu, produce_gpu
+from m3kernels.checkpoint.record import (
+    RECORD_FILE,
+    fingerprint,
+    header_metadata,
+    make_record,
+    write_side_files,
+)
+from m3kernels.checkpoint.writer import (
+    Journal,
+    ShardedWriter,
+    make_temp_dir,
+    partial_runs,
+    publish,
+    tidy_temp_folders,
+)
+from m3kernels.errors import M3KError, OutputExistsError
 
 log = logging.getLogger("m3kernels")
 
-CRASH_ENV = "M3KERNELS_TEST_CRASH_AFTER_SHARDS"   # test hook: SIGKILL ourselves after N shards
+CRASH_ENV = "M3KERNELS_TEST_CRASH_AFTER_SHARDS"  # test hook: SIGKILL ourselves after N shards
 
 
 def human_bytes(n: float) -> str:
@@ -64,24 +74,28 @@ class MergeResult:
     """What a finished merge did."""
 
     out_dir: Path
-    files: list                       # shard file names
+    files: list  # shard file names
     num_tensors: int
     total_bytes: int
     seconds: float
     device: str
-    mix_ratios: Optional[tuple]
+    mix_ratios: tuple | None
     seed: int
-    thresholds: Optional[list]        # whole-model trim thresholds (trim_scope: model)
+    thresholds: list | None  # whole-model trim thresholds (trim_scope: model)
     resumed_shards: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
     def summary(self) -> str:
         rate = self.total_bytes / self.seconds if self.seconds > 0 else 0.0
-        lines = [f"merged {self.num_tensors} tensors ({human_bytes(self.total_bytes)}) into {self.out_dir} "
-                 f"[{len(self.files)} shard(s)] on {self.device} in {self.seconds:.1f} s "
-                 f"({human_bytes(rate)}/s)"]
+        lines = [
+            f"merged {self.num_tensors} tensors ({human_bytes(self.total_bytes)}) into {self.out_dir} "
+            f"[{len(self.files)} shard(s)] on {self.device} in {self.seconds:.1f} s "
+            f"({human_bytes(rate)}/s)"
+        ]
         if self.mix_ratios is not None:
-            lines.append("M³ ratios: " + ", ".join(f"{r:.6f}" for r in self.mix_ratios) + f" (seed {self.seed})")
+            lines.append(
+                "M³ ratios: " + ", ".join(f"{r:.6f}" for r in self.mix_ratios) + f" (seed {self.seed})"
+            )
         if self.thresholds is not None:
             lines.append("model-wide trim thresholds: " + ", ".join(f"{t:.6g}" for t in self.thresholds))
         if self.resumed_shards:
@@ -131,8 +145,17 @@ def _with_hint(exc: M3KError, hint: str) -> M3KError:
     return type(exc)(str(exc) + hint, path=exc.path, tensor=exc.tensor)
 
 
-def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: str, out_shard_size: int,
-              force: bool, resume: bool, progress: bool) -> MergeResult:
+def run_merge(
+    plan: MergePlan,
+    out_dir: Path,
+    *,
+    device: torch.device,
+    backend: str,
+    out_shard_size: int,
+    force: bool,
+    resume: bool,
+    progress: bool,
+) -> MergeResult:
     """Steps 3-5 of the module docstring for a built plan."""
     from tqdm import tqdm
 
@@ -149,8 +172,11 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
                 tmp, journal = folder, j
                 break
         if tmp is None:
-            log.warning("--resume: no unfinished run of this merge (same config and inputs) next to %s; "
-                        "starting from the beginning", out_dir)
+            log.warning(
+                "--resume: no unfinished run of this merge (same config and inputs) next to %s; "
+                "starting from the beginning",
+                out_dir,
+            )
         else:
             good, bad = journal.verified_shards()
             for msg in bad:
@@ -161,7 +187,9 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
     else:
         for folder, j in partial:
             if j.fingerprint == fp:
-                log.warning("an unfinished run of this same merge is in %s; --resume would continue it", folder)
+                log.warning(
+                    "an unfinished run of this same merge is in %s; --resume would continue it", folder
+                )
     if tmp is None:
         tmp = make_temp_dir(out_dir)
         journal = Journal(tmp, fp)
@@ -178,9 +206,17 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
                 journal.save()
         record["model_trim_thresholds"] = thresholds
         todo = [t for s in plan.shards if s.index not in done for t in s.tensors]
-        bar = tqdm(total=plan.total_bytes, initial=plan.total_bytes - sum(t.nbytes for t in todo),
-                   desc="merging", unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
-                   dynamic_ncols=True, mininterval=0.5)
+        bar = tqdm(
+            total=plan.total_bytes,
+            initial=plan.total_bytes - sum(t.nbytes for t in todo),
+            desc="merging",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=not progress,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
         count = [len(plan.tensors) - len(todo)]
 
         def written(pt):
@@ -188,8 +224,15 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
             bar.update(pt.nbytes)
             bar.set_postfix_str(f"{count[0]}/{len(plan.tensors)} tensors", refresh=False)
 
-        writer = ShardedWriter(tmp, plan.shards, header_metadata(record), journal, skip=done,
-                               on_written=written, after_shard=_crash_hook())
+        writer = ShardedWriter(
+            tmp,
+            plan.shards,
+            header_metadata(record),
+            journal,
+            skip=done,
+            on_written=written,
+            after_shard=_crash_hook(),
+        )
         stream = None
         try:
             if device.type == "cpu":
@@ -212,15 +255,37 @@ def run_merge(plan: MergePlan, out_dir: Path, *, device: torch.device, backend: 
         raise
     except M3KError as exc:
         raise _with_hint(exc, hint) from None
-    return MergeResult(out_dir, [s.filename for s in plan.shards], len(plan.tensors), plan.total_bytes,
-                       time.perf_counter() - t0, str(device), plan.mix_ratios, plan.seed, thresholds,
-                       [plan.shards[i].filename for i in sorted(done)], list(plan.notes))
+    return MergeResult(
+        out_dir,
+        [s.filename for s in plan.shards],
+        len(plan.tensors),
+        plan.total_bytes,
+        time.perf_counter() - t0,
+        str(device),
+        plan.mix_ratios,
+        plan.seed,
+        thresholds,
+        [plan.shards[i].filename for i in sorted(done)],
+        list(plan.notes),
+    )
 
 
-def merge_checkpoints(config, out_dir, *, device: str = "auto", out_shard_size: int = DEFAULT_SHARD_SIZE,
-                      force: bool = False, resume: bool = False, seed: Optional[int] = None,
-                      progress: bool = True, dry_run: bool = False, allow_bin: bool = False,
-                      backend: str = "auto", strict: bool = False, follow_symlinks: bool = False):
+def merge_checkpoints(
+    config,
+    out_dir,
+    *,
+    device: str = "auto",
+    out_shard_size: int = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+    resume: bool = False,
+    seed: int | None = None,
+    progress: bool = True,
+    dry_run: bool = False,
+    allow_bin: bool = False,
+    backend: str = "auto",
+    strict: bool = False,
+    follow_symlinks: bool = False,
+):
     """Merge the checkpoints a config names into ``out_dir`` (HF layout, sharded safetensors).
 
     ``config``: a YAML path, YAML text, dict or MergeConfig. ``seed`` overrides the config's.
@@ -239,7 +304,7 @@ def merge_checkpoints(config, out_dir, *, device: str = "auto", out_shard_size: 
     try:
         check_out_dir(out_dir, force, opened)  # before anything is created or deleted
         plan = build_plan(cfg, base, models, out_shard_size)
-        plan.config_source.side_files  # the tokenizer files to copy: checked now, copied at the end
+        _ = plan.config_source.side_files  # the tokenizer files to copy: checked now, copied at the end
         if strict:
             check_finite_inputs(plan, progress)
         if dry_run:
@@ -249,12 +314,30 @@ def merge_checkpoints(config, out_dir, *, device: str = "auto", out_shard_size: 
             if lock.exclusive:  # what a killed run left: a publish cut short, folders without a journal
                 tidy_temp_folders(out_dir)
             check_out_dir(out_dir, force, opened, under_lock=True)  # again: another run may have published it
-            return run_merge(plan, out_dir, device=dev, backend=backend, out_shard_size=out_shard_size,
-                             force=force, resume=resume, progress=progress)
+            return run_merge(
+                plan,
+                out_dir,
+                device=dev,
+                backend=backend,
+                out_shard_size=out_shard_size,
+                force=force,
+                resume=resume,
+                progress=progress,
+            )
     finally:
         for ck in opened:
             ck.close()
 
 
-__all__ = ["merge_checkpoints", "MergeResult", "DEFAULT_SHARD_SIZE", "RECORD_FILE", "make_record",
-           "resolve_device", "fill_extra_rows", "merge_one", "model_thresholds", "shard_filenames"]
+__all__ = [
+    "merge_checkpoints",
+    "MergeResult",
+    "DEFAULT_SHARD_SIZE",
+    "RECORD_FILE",
+    "make_record",
+    "resolve_device",
+    "fill_extra_rows",
+    "merge_one",
+    "model_thresholds",
+    "shard_filenames",
+]

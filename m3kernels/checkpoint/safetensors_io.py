@@ -43,7 +43,6 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -64,22 +63,27 @@ ST_DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "U8": (torch.uint8, 1),
     "BOOL": (torch.bool, 1),
 }
-for _name, _attr in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
-                     ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+for _name, _attr in (
+    ("U16", "uint16"),
+    ("U32", "uint32"),
+    ("U64", "uint64"),
+    ("F8_E4M3", "float8_e4m3fn"),
+    ("F8_E5M2", "float8_e5m2"),
+):
     if hasattr(torch, _attr):
         _dt = getattr(torch, _attr)
         ST_DTYPES[_name] = (_dt, torch.empty((), dtype=_dt).element_size())
 TORCH_TO_ST = {dt: name for name, (dt, _) in ST_DTYPES.items()}
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024   # the safetensors library's own limit
-MAX_JSON_BYTES = 64 << 20     # config.json, index files
-MAX_JSON_DEPTH = 64           # nesting of arrays/objects in config.json and index files
-MAX_INT_DIGITS = 40           # longer integer literals in JSON are refused before conversion
-MAX_DIMS = 64                 # dimensions of one tensor
-INT_MAX = 2**63 - 1           # every shape, offset and size must fit an int64
-NO_LEASE_ENV = "M3KERNELS_NO_LEASE"   # set to 1: no read leases, size/mtime checks only
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+MAX_JSON_BYTES = 64 << 20  # config.json, index files
+MAX_JSON_DEPTH = 64  # nesting of arrays/objects in config.json and index files
+MAX_INT_DIGITS = 40  # longer integer literals in JSON are refused before conversion
+MAX_DIMS = 64  # dimensions of one tensor
+INT_MAX = 2**63 - 1  # every shape, offset and size must fit an int64
+NO_LEASE_ENV = "M3KERNELS_NO_LEASE"  # set to 1: no read leases, size/mtime checks only
 PAGE = mmap.PAGESIZE
-RELEASE_BATCH = 4 << 20   # consecutive released tensors are dropped together once they span this
+RELEASE_BATCH = 4 << 20  # consecutive released tensors are dropped together once they span this
 
 
 @dataclass(frozen=True)
@@ -110,11 +114,11 @@ class Header:
     """A validated safetensors header."""
 
     path: Path
-    header_len: int              # N, the JSON length
+    header_len: int  # N, the JSON length
     file_size: int
-    tensors: dict[str, TensorInfo]   # in file (offset) order
+    tensors: dict[str, TensorInfo]  # in file (offset) order
     metadata: dict[str, str]
-    sha256: str                      # of the 8 + N header bytes: a cheap fingerprint of the file
+    sha256: str  # of the 8 + N header bytes: a cheap fingerprint of the file
 
     @property
     def data_start(self) -> int:
@@ -177,7 +181,7 @@ def short(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def parse_json(raw: bytes, *, max_depth: Optional[int] = MAX_JSON_DEPTH, constants: bool = True):
+def parse_json(raw: bytes, *, max_depth: int | None = MAX_JSON_DEPTH, constants: bool = True):
     """(object, None) or (None, what is wrong: 'is not valid JSON (...)', ...) for JSON bytes,
     parsed with limits: UTF-8, at most ``max_depth`` levels of nesting (None: only the parser's
     recursion limit, for a caller that checks the structure itself), integers of at most
@@ -185,10 +189,17 @@ def parse_json(raw: bytes, *, max_depth: Optional[int] = MAX_JSON_DEPTH, constan
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        return None, f"is not valid JSON: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})"
+        return (
+            None,
+            f"is not valid JSON: not UTF-8 text (byte {exc.start}: {raw[exc.start : exc.start + 1]!r})",
+        )
     try:
-        obj = json.loads(text, object_pairs_hook=_unique_pairs, parse_int=_bounded_int,
-                         **({} if constants else {"parse_constant": _no_constant}))
+        obj = json.loads(
+            text,
+            object_pairs_hook=_unique_pairs,
+            parse_int=_bounded_int,
+            **({} if constants else {"parse_constant": _no_constant}),
+        )
     except RecursionError:
         return None, "nests arrays/objects too deeply"
     except _JSONLimit as exc:
@@ -209,8 +220,13 @@ def load_json(raw: bytes, path, what: str, **limits):
 
 
 # ------------------------------------------------------------------------------ input files
-_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+_KINDS = (
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
 
 
 def _kind(mode: int) -> str:
@@ -239,7 +255,7 @@ class InputFile:
 
     def __init__(self, path, fd: int, real: str):
         self.path = Path(path)
-        self.real = real        # the file's resolved path
+        self.real = real  # the file's resolved path
         self.fd = fd
         st = os.fstat(fd)
         self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
@@ -248,7 +264,11 @@ class InputFile:
     def take_lease(self) -> bool:
         """Ask for a read lease (False where the OS refuses: not Linux, not the file's owner,
         a network file system, or the file is open for writing somewhere)."""
-        if self.leased or not hasattr(fcntl, "F_SETLEASE") or os.environ.get(NO_LEASE_ENV, "") not in ("", "0"):
+        if (
+            self.leased
+            or not hasattr(fcntl, "F_SETLEASE")
+            or os.environ.get(NO_LEASE_ENV, "") not in ("", "0")
+        ):
             return self.leased
         try:
             if hasattr(fcntl, "F_SETSIG"):
@@ -256,8 +276,11 @@ class InputFile:
             fcntl.fcntl(self.fd, fcntl.F_SETLEASE, fcntl.F_RDLCK)
         except OSError as exc:
             if exc.errno == errno.EAGAIN:
-                log.info("%s is open for writing by another process: no read lease; size and mtime are "
-                         "checked instead", self.path)
+                log.info(
+                    "%s is open for writing by another process: no read lease; size and mtime are "
+                    "checked instead",
+                    self.path,
+                )
             return False
         try:
             fcntl.fcntl(self.fd, fcntl.F_SETOWN, 0)  # no signal when the lease is broken: polled instead
@@ -266,7 +289,7 @@ class InputFile:
         self.leased = True
         return True
 
-    def changed(self) -> Optional[str]:
+    def changed(self) -> str | None:
         """None while the file is as it was opened; else what happened to it."""
         if self.fd < 0:
             return "the file was closed"
@@ -289,14 +312,17 @@ class InputFile:
             return "another process opened it for writing or is truncating it"
         return None
 
-    def check(self, tensor: Optional[str] = None, when: str = "before reading") -> None:
+    def check(self, tensor: str | None = None, when: str = "before reading") -> None:
         """Raise InputChangedError if the file changed since it was opened (``when``: for the message)."""
         what = self.changed()
         if what is not None:
             where = f" tensor {tensor!r}" if tensor is not None else ""
-            raise InputChangedError(f"{self.path}: input file changed while the merge was reading it ({what}; "
-                                    f"noticed {when}{where}); inputs must not change during a merge",
-                                    path=str(self.path), tensor=tensor)
+            raise InputChangedError(
+                f"{self.path}: input file changed while the merge was reading it ({what}; "
+                f"noticed {when}{where}); inputs must not change during a merge",
+                path=str(self.path),
+                tensor=tensor,
+            )
 
     def read(self, offset: int, n: int) -> bytes:
         """``n`` bytes from ``offset`` (fewer only at the end of the file)."""
@@ -340,12 +366,14 @@ def open_input(path, *, roots=None, what: str = "file", lease: bool = True) -> I
             raise CheckpointError(
                 f"{path}: {what} resolves to {real}, outside the model folder {roots[0]}; links out of a "
                 f"model folder are not followed (pass --follow-symlinks, follow_symlinks=True, to read it)",
-                path=str(path))
+                path=str(path),
+            )
         target = real if roots is not None else path
         st = os.stat(target)
         if not stat.S_ISREG(st.st_mode):
-            raise CheckpointError(f"{path}: {what} is {_kind(st.st_mode)}, not a regular file; not read",
-                                  path=str(path))
+            raise CheckpointError(
+                f"{path}: {what} is {_kind(st.st_mode)}, not a regular file; not read", path=str(path)
+            )
         flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
         if roots is not None:
             flags |= getattr(os, "O_NOFOLLOW", 0)
@@ -371,12 +399,15 @@ def open_input(path, *, roots=None, what: str = "file", lease: bool = True) -> I
 def read_input_bytes(f: InputFile, limit: int, what: str) -> bytes:
     """All of an opened input file, refusing one larger than ``limit`` bytes."""
     if f.size > limit:
-        raise CheckpointError(f"{f.path}: {what} is {f.size:,} bytes, more than the {limit:,} accepted",
-                              path=str(f.path))
+        raise CheckpointError(
+            f"{f.path}: {what} is {f.size:,} bytes, more than the {limit:,} accepted", path=str(f.path)
+        )
     try:
         return f.read(0, limit + 1)[:limit]
     except OSError as exc:
-        raise CheckpointError(f"{f.path}: cannot read {what}: {exc.strerror or exc}", path=str(f.path)) from None
+        raise CheckpointError(
+            f"{f.path}: cannot read {what}: {exc.strerror or exc}", path=str(f.path)
+        ) from None
 
 
 # ------------------------------------------------------------------------------ headers
@@ -398,13 +429,21 @@ def _parse_entry(path, name, entry, data_len) -> TensorInfo:
     if dtype not in ST_DTYPES:
         raise _bad(path, f"unknown dtype {short(dtype)} (m3kernels reads {', '.join(ST_DTYPES)})", name)
     if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= INT_MAX for d in shape):
-        raise _bad(path, f"shape {short(shape) if not isinstance(shape, list) or len(shape) > 8 else shape!r} "
-                         f"is not a list of non-negative integers below 2**63", name)
+        raise _bad(
+            path,
+            f"shape {short(shape) if not isinstance(shape, list) or len(shape) > 8 else shape!r} "
+            f"is not a list of non-negative integers below 2**63",
+            name,
+        )
     if len(shape) > MAX_DIMS:
         raise _bad(path, f"shape has {len(shape)} dimensions (at most {MAX_DIMS})", name)
-    if (not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs)):
-        raise _bad(path, f"data_offsets {short(offs) if not isinstance(offs, list) or len(offs) > 2 else offs!r} "
-                         f"is not a pair of integers", name)
+    if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+        raise _bad(
+            path,
+            f"data_offsets {short(offs) if not isinstance(offs, list) or len(offs) > 2 else offs!r} "
+            f"is not a pair of integers",
+            name,
+        )
     begin, end = offs
     if not 0 <= begin <= end:
         raise _bad(path, f"data_offsets {offs} are not increasing", name)
@@ -415,15 +454,20 @@ def _parse_entry(path, name, entry, data_len) -> TensorInfo:
         raise _bad(path, f"shape {shape} holds more than 2**63 bytes", name)
     want = math.prod(shape) * ST_DTYPES[dtype][1]
     if end - begin != want:
-        raise _bad(path, f"{dtype} {shape} needs {want} bytes but data_offsets {offs} give {end - begin}", name)
+        raise _bad(
+            path, f"{dtype} {shape} needs {want} bytes but data_offsets {offs} give {end - begin}", name
+        )
     if end > data_len:
         raise CheckpointError(
             f"{path}: truncated file: tensor {name!r} ends at data byte {end} but the file holds only "
-            f"{data_len} data bytes", path=str(path), tensor=name)
+            f"{data_len} data bytes",
+            path=str(path),
+            tensor=name,
+        )
     return TensorInfo(name, dtype, tuple(shape), begin, end)
 
 
-def read_header(path, *, check_with_library: bool = True, file: Optional[InputFile] = None) -> Header:
+def read_header(path, *, check_with_library: bool = True, file: InputFile | None = None) -> Header:
     """Read and validate the header of the safetensors file ``path`` (raises CheckpointError).
 
     ``file``: the file already opened (:func:`open_input`); else ``path`` is opened here (a
@@ -450,14 +494,16 @@ def _read_header(path: Path, file: InputFile, check_with_library: bool) -> Heade
             shown = f" {n}" if n < 1 << 40 else " (the first 8 bytes, little-endian)"
             raise _bad(path, f"header length{shown} is not plausible (2 .. {MAX_HEADER_BYTES})")
         if 8 + n > size:
-            raise CheckpointError(f"{path}: truncated file: header needs {8 + n} bytes, file has {size}",
-                                  path=str(path))
+            raise CheckpointError(
+                f"{path}: truncated file: header needs {8 + n} bytes, file has {size}", path=str(path)
+            )
         raw = file.read(8, n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}", path=str(path)) from None
     if len(raw) < n:
-        raise CheckpointError(f"{path}: truncated file: header needs {8 + n} bytes, file has {8 + len(raw)}",
-                              path=str(path))
+        raise CheckpointError(
+            f"{path}: truncated file: header needs {8 + n} bytes, file has {8 + len(raw)}", path=str(path)
+        )
     obj, problem = parse_json(raw, max_depth=None, constants=False)
     if problem is not None:
         raise _bad(path, f"header {problem}")
@@ -467,7 +513,11 @@ def _read_header(path: Path, file: InputFile, check_with_library: bool) -> Heade
     if meta is None:
         meta = {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-        bad = next((k for k, v in meta.items() if not isinstance(v, str)), None) if isinstance(meta, dict) else None
+        bad = (
+            next((k for k, v in meta.items() if not isinstance(v, str)), None)
+            if isinstance(meta, dict)
+            else None
+        )
         what = f"{short(meta)}" if bad is None else f"{short(bad)} -> {short(meta[bad])}"
         raise _bad(path, f"__metadata__ must map strings to strings (got {what})")
     data_len = size - 8 - n
@@ -476,8 +526,11 @@ def _read_header(path: Path, file: InputFile, check_with_library: bool) -> Heade
     pos = 0
     for t in infos:
         if t.begin < pos:
-            raise _bad(path, f"data overlaps the previous tensor (starts at {t.begin}, previous ends at {pos})",
-                       t.name)
+            raise _bad(
+                path,
+                f"data overlaps the previous tensor (starts at {t.begin}, previous ends at {pos})",
+                t.name,
+            )
         if t.begin > pos:
             raise _bad(path, f"gap in the data before this tensor (bytes {pos}..{t.begin} unused)", t.name)
         pos = t.end
@@ -489,7 +542,7 @@ def _read_header(path: Path, file: InputFile, check_with_library: bool) -> Heade
     return Header(path, n, size, {t.name: t for t in infos}, dict(meta), digest)
 
 
-def _library_check(path: Path, fd: Optional[int] = None) -> None:
+def _library_check(path: Path, fd: int | None = None) -> None:
     """Let the safetensors library parse the file too (a second, independent validation), through
     the open descriptor where /proc allows (the very file our checks read, whatever the name)."""
     from safetensors import SafetensorError, safe_open
@@ -514,24 +567,27 @@ class SafetensorsFile:
     :meth:`address` check that the file is unchanged before handing out its data, and
     :meth:`release` checks again after it was used (:meth:`InputFile.check`)."""
 
-    def __init__(self, path, *, header: Optional[Header] = None, roots=None, file: Optional[InputFile] = None):
+    def __init__(self, path, *, header: Header | None = None, roots=None, file: InputFile | None = None):
         self.path = Path(path)
         self._file = file if file is not None else open_input(self.path, roots=roots, what="safetensors file")
         try:
             self.header = header if header is not None else read_header(self.path, file=self._file)
             if self.header.file_size != self._file.size:
-                raise InputChangedError(f"{self.path}: file changed size since it was validated "
-                                        f"({self.header.file_size} -> {self._file.size} bytes)", path=str(self.path))
+                raise InputChangedError(
+                    f"{self.path}: file changed size since it was validated "
+                    f"({self.header.file_size} -> {self._file.size} bytes)",
+                    path=str(self.path),
+                )
         except BaseException:
             self._file.close()
             raise
-        self._map: Optional[mmap.mmap] = None
-        self._lock = threading.Lock()   # the read-ahead thread may map the file first
-        self._closed = False            # after close(), read-ahead is a no-op (never re-opens)
-        self._bytes: Optional[torch.Tensor] = None  # the whole mapping as uint8: tensors are slices
+        self._map: mmap.mmap | None = None
+        self._lock = threading.Lock()  # the read-ahead thread may map the file first
+        self._closed = False  # after close(), read-ahead is a no-op (never re-opens)
+        self._bytes: torch.Tensor | None = None  # the whole mapping as uint8: tensors are slices
         self._release_lock = threading.Lock()
-        self._pending = (0, 0)          # [begin, end) of released tensors not yet dropped
-        self._ahead = (0, 0)            # [begin, end) last asked to be read ahead
+        self._pending = (0, 0)  # [begin, end) of released tensors not yet dropped
+        self._ahead = (0, 0)  # [begin, end) last asked to be read ahead
 
     @property
     def tensors(self) -> dict[str, TensorInfo]:
@@ -541,7 +597,7 @@ class SafetensorsFile:
     def input_file(self) -> InputFile:
         return self._file
 
-    def check(self, tensor: Optional[str] = None, when: str = "before reading") -> None:
+    def check(self, tensor: str | None = None, when: str = "before reading") -> None:
         """Raise InputChangedError if the file changed since it was opened (CheckpointError once closed)."""
         if self._closed:
             raise CheckpointError(f"{self.path}: read after the file was closed", path=str(self.path))
@@ -556,7 +612,9 @@ class SafetensorsFile:
                 try:
                     self._map = mmap.mmap(self._file.fd, 0, access=mmap.ACCESS_READ)
                 except (OSError, ValueError) as exc:
-                    raise CheckpointError(f"{self.path}: cannot map the file: {exc}", path=str(self.path)) from None
+                    raise CheckpointError(
+                        f"{self.path}: cannot map the file: {exc}", path=str(self.path)
+                    ) from None
             return self._map
 
     def _whole(self) -> torch.Tensor:
@@ -578,12 +636,12 @@ class SafetensorsFile:
             return torch.empty(info.shape, dtype=dtype)
         self.check(name)
         start = self.header.data_start + info.begin
-        raw = self._whole()[start:start + info.nbytes]
+        raw = self._whole()[start : start + info.nbytes]
         if raw.data_ptr() % size:
             raw = raw.clone()  # rare: a writer that did not align the data; kernels want aligned loads
         return raw.view(dtype).reshape(info.shape)
 
-    def address(self, name: str) -> Optional[int]:
+    def address(self, name: str) -> int | None:
         """The address of tensor ``name``'s data in the mapping (None when it is misaligned for its
         dtype or empty: then only :meth:`tensor` gives it). Valid while the file is open."""
         info = self.header.tensors[name]
@@ -664,6 +722,20 @@ class SafetensorsFile:
         self._file.close()  # drops the read lease too (a mapping kept alive by views may outlive it)
 
 
-__all__ = ["ST_DTYPES", "TORCH_TO_ST", "TensorInfo", "Header", "read_header", "SafetensorsFile",
-           "torch_dtype_name", "MAX_HEADER_BYTES", "InputFile", "open_input", "model_roots", "load_json",
-           "parse_json", "read_input_bytes", "short"]
+__all__ = [
+    "ST_DTYPES",
+    "TORCH_TO_ST",
+    "TensorInfo",
+    "Header",
+    "read_header",
+    "SafetensorsFile",
+    "torch_dtype_name",
+    "MAX_HEADER_BYTES",
+    "InputFile",
+    "open_input",
+    "model_roots",
+    "load_json",
+    "parse_json",
+    "read_input_bytes",
+    "short",
+]

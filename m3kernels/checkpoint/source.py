@@ -22,24 +22,42 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
+from m3kernels.checkpoint.safetensors_io import (
+    MAX_JSON_BYTES,
+    InputFile,
+    SafetensorsFile,
+    load_json,
+    model_roots,
+    open_input,
+    read_input_bytes,
+    short,
+    torch_dtype_name,
+)
 from m3kernels.errors import CheckpointError
-from m3kernels.checkpoint.safetensors_io import (MAX_JSON_BYTES, InputFile, SafetensorsFile, load_json,
-                                                 model_roots, open_input, read_input_bytes, short,
-                                                 torch_dtype_name)
 
 SAFE_INDEX = "model.safetensors.index.json"
 SAFE_SINGLE = "model.safetensors"
 BIN_INDEX = "pytorch_model.bin.index.json"
 BIN_SINGLE = "pytorch_model.bin"
 CONFIG = "config.json"
-SIDE_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-              "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt", "spiece.model",
-              "sentencepiece.bpe.model", "chat_template.jinja", "chat_template.json",
-              "generation_config.json")   # copied from the config source into the output
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)  # copied from the config source into the output
 CONFIG_INT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "vocab_size")
 CONFIG_INT_MAX = 2**31 - 1
 
@@ -51,7 +69,7 @@ class TensorMeta:
     name: str
     dtype: torch.dtype
     shape: tuple[int, ...]
-    file: str          # file name inside the checkpoint
+    file: str  # file name inside the checkpoint
 
     @property
     def nbytes(self) -> int:
@@ -63,10 +81,17 @@ class TensorMeta:
 
 def _inside(root: Path, name, index: Path) -> Path:
     """The shard path ``name`` from an index, refusing anything that leaves ``root``."""
-    if (not isinstance(name, str) or not name or "\x00" in name or os.path.isabs(name)
-            or ".." in Path(name).parts or len(name) > 4096):
-        raise CheckpointError(f"{index}: shard file name {short(name)} is not a plain relative path",
-                              path=str(index))
+    if (
+        not isinstance(name, str)
+        or not name
+        or "\x00" in name
+        or os.path.isabs(name)
+        or ".." in Path(name).parts
+        or len(name) > 4096
+    ):
+        raise CheckpointError(
+            f"{index}: shard file name {short(name)} is not a plain relative path", path=str(index)
+        )
     return root / name
 
 
@@ -77,8 +102,13 @@ def _present(path: Path) -> bool:
 
 def bin_load_message(path, exc: BaseException) -> str:
     """One line for a failed ``torch.load``: the file and the gist of torch's (multi-line) text."""
-    boiler = ("Weights only load failed", "In PyTorch 2.6", "Please file an issue", "Check the documentation",
-              "Re-running `torch.load`")
+    boiler = (
+        "Weights only load failed",
+        "In PyTorch 2.6",
+        "Please file an issue",
+        "Check the documentation",
+        "Re-running `torch.load`",
+    )
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     gist = ""
     for ln in lines:
@@ -107,15 +137,17 @@ class Checkpoint:
         self.role = role
         self.allow_bin = allow_bin
         self.follow_symlinks = follow_symlinks
-        self._st: dict[str, SafetensorsFile] = {}   # file name -> mapped file
-        self._bin: dict[str, torch.Tensor] = {}     # tensor name -> loaded tensor (.bin only)
+        self._st: dict[str, SafetensorsFile] = {}  # file name -> mapped file
+        self._bin: dict[str, torch.Tensor] = {}  # tensor name -> loaded tensor (.bin only)
         self._bin_files: dict[str, InputFile] = {}  # file name -> the open .bin file (its lease, stamps)
-        self.weight_map: dict[str, str] = {}        # tensor name -> file name, in read order
-        self.config: Optional[dict] = None
-        self._side_files: Optional[dict] = None      # tokenizer / generation files present (SIDE_FILES)
+        self.weight_map: dict[str, str] = {}  # tensor name -> file name, in read order
+        self.config: dict | None = None
+        self._side_files: dict | None = None  # tokenizer / generation files present (SIDE_FILES)
         if not _present(self.path):
-            raise CheckpointError(f"{role}: {self.path} does not exist (only local checkpoints are supported)",
-                                  path=str(self.path))
+            raise CheckpointError(
+                f"{role}: {self.path} does not exist (only local checkpoints are supported)",
+                path=str(self.path),
+            )
         try:
             if self.path.is_dir():
                 self.root = self.path
@@ -153,8 +185,9 @@ class Checkpoint:
         for key in CONFIG_INT_KEYS:
             v = self.config.get(key)
             if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= CONFIG_INT_MAX:
-                raise CheckpointError(f"{cfg}: {key} = {short(v)} is out of range (0 .. {CONFIG_INT_MAX})",
-                                      path=str(cfg))
+                raise CheckpointError(
+                    f"{cfg}: {key} = {short(v)} is out of range (0 .. {CONFIG_INT_MAX})", path=str(cfg)
+                )
 
     @property
     def side_files(self) -> dict:
@@ -179,8 +212,9 @@ class Checkpoint:
         elif path.suffix in (".bin", ".pt", ".pth"):
             self._add_bin([path], user_named=True)
         else:
-            raise CheckpointError(f"{self.role}: {path} is neither a .safetensors file nor a directory",
-                                  path=str(path))
+            raise CheckpointError(
+                f"{self.role}: {path} is neither a .safetensors file nor a directory", path=str(path)
+            )
 
     def _open_directory(self) -> None:
         root = self.root
@@ -195,8 +229,10 @@ class Checkpoint:
         elif _present(root / BIN_SINGLE):
             self._add_bin([root / BIN_SINGLE])
         else:
-            raise CheckpointError(f"{self.role}: no weights in {root} (expected {SAFE_INDEX}, {SAFE_SINGLE} "
-                                  f"or *.safetensors)", path=str(root))
+            raise CheckpointError(
+                f"{self.role}: no weights in {root} (expected {SAFE_INDEX}, {SAFE_SINGLE} or *.safetensors)",
+                path=str(root),
+            )
         if not self.weight_map:
             raise CheckpointError(f"{self.role}: {root} holds no tensors", path=str(root))
 
@@ -216,17 +252,22 @@ class Checkpoint:
                 files.append(p)
         for p in files:
             if not _present(p):
-                raise CheckpointError(f"{index}: shard {p.name} is listed but missing in {self.root}",
-                                      path=str(p))
+                raise CheckpointError(
+                    f"{index}: shard {p.name} is listed but missing in {self.root}", path=str(p)
+                )
         add(sorted(files), wanted=wanted, index=index)
 
-    def _add_safetensors(self, paths, wanted: Optional[dict] = None, index: Optional[Path] = None,
-                         user_named: bool = False) -> None:
+    def _add_safetensors(
+        self, paths, wanted: dict | None = None, index: Path | None = None, user_named: bool = False
+    ) -> None:
         found: dict[str, str] = {}
         for p in paths:
             # a file the user named is read wherever it lies; files found in a folder follow its rules
-            file = (open_input(p, what="safetensors file") if user_named
-                    else self.open_file(p, "safetensors file"))
+            file = (
+                open_input(p, what="safetensors file")
+                if user_named
+                else self.open_file(p, "safetensors file")
+            )
             try:
                 f = SafetensorsFile(p, file=file)
             except BaseException:
@@ -238,23 +279,31 @@ class Checkpoint:
                 if wanted is not None and wanted.get(name) != rel:
                     continue  # not what the index says lives here: ignored, as transformers does
                 if name in found:
-                    raise CheckpointError(f"{self.role}: tensor {name!r} is stored twice ({found[name]} and "
-                                          f"{rel})", path=str(p), tensor=name)
+                    raise CheckpointError(
+                        f"{self.role}: tensor {name!r} is stored twice ({found[name]} and {rel})",
+                        path=str(p),
+                        tensor=name,
+                    )
                 found[name] = rel
         if wanted is not None:
             for name, fname in wanted.items():
                 if name not in found:
-                    raise CheckpointError(f"{index}: tensor {name!r} is listed in shard {fname} but that file "
-                                          f"does not hold it", path=str(self.root / fname), tensor=name)
+                    raise CheckpointError(
+                        f"{index}: tensor {name!r} is listed in shard {fname} but that file does not hold it",
+                        path=str(self.root / fname),
+                        tensor=name,
+                    )
         self.weight_map = found
 
-    def _add_bin(self, paths, wanted: Optional[dict] = None, index: Optional[Path] = None,
-                 user_named: bool = False) -> None:
+    def _add_bin(
+        self, paths, wanted: dict | None = None, index: Path | None = None, user_named: bool = False
+    ) -> None:
         if not self.allow_bin:
             raise CheckpointError(
                 f"{self.role}: {self.root} only has PyTorch .bin weights; pickled files can run code when "
                 f"loaded, so they need --allow-bin (allow_bin=True; loaded with torch.load(weights_only=True))",
-                path=str(paths[0]))
+                path=str(paths[0]),
+            )
         for p in paths:
             file = open_input(p, what=".bin weights") if user_named else self.open_file(p, ".bin weights")
             rel = p.name
@@ -273,21 +322,27 @@ class Checkpoint:
                 raise CheckpointError(f"{p}: not a state dict (got {type(sd).__name__})", path=str(p))
             for name, t in sd.items():
                 if not isinstance(t, torch.Tensor):
-                    raise CheckpointError(f"{p}: entry {short(name)} is not a tensor", path=str(p),
-                                          tensor=str(name))
+                    raise CheckpointError(
+                        f"{p}: entry {short(name)} is not a tensor", path=str(p), tensor=str(name)
+                    )
                 if not isinstance(name, str):
                     raise CheckpointError(f"{p}: a tensor name is {short(name)}, not a string", path=str(p))
                 if wanted is not None and wanted.get(name) != rel:
                     continue
                 if name in self.weight_map:
-                    raise CheckpointError(f"{self.role}: tensor {name!r} is stored twice", path=str(p), tensor=name)
+                    raise CheckpointError(
+                        f"{self.role}: tensor {name!r} is stored twice", path=str(p), tensor=name
+                    )
                 self._bin[name] = t
                 self.weight_map[name] = rel
         if wanted is not None:
             missing = [n for n in wanted if n not in self.weight_map]
             if missing:
-                raise CheckpointError(f"{index}: tensor {missing[0]!r} is listed but missing", path=str(index),
-                                      tensor=missing[0])
+                raise CheckpointError(
+                    f"{index}: tensor {missing[0]!r} is listed but missing",
+                    path=str(index),
+                    tensor=missing[0],
+                )
 
     # ----------------------------------------------------------------- access
     @property
@@ -317,7 +372,7 @@ class Checkpoint:
             return self._bin[name]
         return self._st[self.weight_map[name]].tensor(name)
 
-    def address(self, name: str) -> Optional[int]:
+    def address(self, name: str) -> int | None:
         """Where tensor ``name``'s data lies in its mapped file (None for .bin weights or
         misaligned data: use :meth:`tensor`)."""
         if name in self._bin:
@@ -386,4 +441,12 @@ class Checkpoint:
             f.close()
 
 
-__all__ = ["Checkpoint", "TensorMeta", "SAFE_INDEX", "SAFE_SINGLE", "CONFIG", "SIDE_FILES", "bin_load_message"]
+__all__ = [
+    "Checkpoint",
+    "TensorMeta",
+    "SAFE_INDEX",
+    "SAFE_SINGLE",
+    "CONFIG",
+    "SIDE_FILES",
+    "bin_load_message",
+]

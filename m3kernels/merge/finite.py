@@ -51,8 +51,12 @@ def report_non_finite(name: str, counts, labels: Sequence[str] | None = None) ->
     """One warning naming the tensor and, per model, how many of its deltas are not finite."""
     parts = [f"{labels[i] if labels else f'model {i + 1}'}: {int(c):,}" for i, c in enumerate(counts) if c]
     if parts:
-        log.warning("tensor %r has non-finite (NaN/inf) deltas (%s); they stay in their elements, and the "
-                    "L1 rescale is computed over the finite ones", name, ", ".join(parts))
+        log.warning(
+            "tensor %r has non-finite (NaN/inf) deltas (%s); they stay in their elements, and the "
+            "L1 rescale is computed over the finite ones",
+            name,
+            ", ".join(parts),
+        )
 
 
 __all__ = ["finite_l1_sums", "float32_deltas", "report_non_finite"]
