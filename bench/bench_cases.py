@@ -8,7 +8,8 @@ import importlib.util
 from pathlib import Path
 
 _spec = importlib.util.spec_from_file_location(  # by path: no tests/ folder on sys.path
-    "m3kernels_test_cases", Path(__file__).resolve().parents[1] / "tests" / "cases.py")
+    "m3kernels_test_cases", Path(__file__).resolve().parents[1] / "tests" / "cases.py"
+)
 _cases = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_cases)
 

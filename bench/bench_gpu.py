@@ -41,6 +41,7 @@ import m3kernels  # noqa: E402
 from m3kernels.api import prepare  # noqa: E402
 from m3kernels.backends import available_backends, get_backend  # noqa: E402
 from m3kernels.merge.recipe import make_recipe  # noqa: E402
+
 from bench_cases import METHODS  # noqa: E402
 
 METHOD_KWARGS = {k: v for k, v in METHODS.items() if k != "ties_m3"}
@@ -51,14 +52,16 @@ FINETUNE_STD = 0.002
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rows", type=int, default=5120)
     ap.add_argument("--cols", type=int, default=13824)
     ap.add_argument("--n", type=int, default=2, help="fine-tuned models (default 2)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--methods", default=",".join(METHOD_KWARGS),
-                    help=f"comma-separated, from {', '.join(METHOD_KWARGS)}")
+    ap.add_argument(
+        "--methods", default=",".join(METHOD_KWARGS), help=f"comma-separated, from {', '.join(METHOD_KWARGS)}"
+    )
     ap.add_argument("--backends", default="triton,cuda", help="comma-separated GPU backends")
     ap.add_argument("--copy-mib", type=int, default=2048, help="size of the D2D copy that sets the ceiling")
     ap.add_argument("--warmup", type=int, default=3)
@@ -82,13 +85,22 @@ def parse_args(argv=None):
 
 
 def machine_info(device) -> dict:
-    info = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_cuda": torch.version.cuda, "host": platform.node(),
-            "backends": available_backends()}
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "host": platform.node(),
+        "backends": available_backends(),
+    }
     if torch.cuda.is_available():
         prop = torch.cuda.get_device_properties(device)
-        info.update(gpu=prop.name, gpu_memory_bytes=prop.total_memory, sm_count=prop.multi_processor_count,
-                    driver=_driver_version())
+        info.update(
+            gpu=prop.name,
+            gpu_memory_bytes=prop.total_memory,
+            sm_count=prop.multi_processor_count,
+            driver=_driver_version(),
+        )
     return info
 
 
@@ -96,8 +108,12 @@ def _driver_version():
     try:
         import subprocess
 
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
     except Exception:
         return None
@@ -137,7 +153,7 @@ def copy_ceiling(device, mib: int, warmup: int, repeat: int) -> dict:
     nbytes = mib << 20
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    t = time_events(lambda: dst.copy_(src), warmup, repeat)
+    t = time_events(lambda: dst.copy_(src), warmup, repeat)  # noqa: F821 (deleted after the timing)
     moved = 2 * nbytes  # read + write
     del src, dst
     torch.cuda.empty_cache()
@@ -170,12 +186,20 @@ def stage_b(backend_name, method, base, models, out, args) -> dict:
 
 def full_ties(backend_name, base, models, out, args) -> dict:
     kw = dict(METHOD_KWARGS["ties"])
-    fn = lambda: m3kernels.merge_tensors(base, models, out=out, name="model.layers.0.mlp.up_proj.weight",  # noqa: E731
-                                         backend=backend_name, seed=args.seed, **kw)
+    fn = lambda: m3kernels.merge_tensors(
+        base,
+        models,
+        out=out,
+        name="model.layers.0.mlp.up_proj.weight",  # noqa: E731
+        backend=backend_name,
+        seed=args.seed,
+        **kw,
+    )
     return time_wall(fn, args.warmup, max(3, args.repeat // 2))
 
 
 # ----------------------------------------------------------------------------- eager baseline
+
 
 def eager_ties_local(base, models, density=0.2):
     """Minimal eager TIES the way mergekit does it: float32 deltas, top-k magnitude masks,
@@ -201,12 +225,16 @@ def eager_ties_function():
     try:
         mod = importlib.import_module("eager_mergekit_style")
     except ImportError as exc:
-        return (lambda b, ms: eager_ties_local(b, ms, 0.2),
-                f"local minimal eager TIES (bench/eager_mergekit_style.py not importable: {exc})")
+        return (
+            lambda b, ms: eager_ties_local(b, ms, 0.2),
+            f"local minimal eager TIES (bench/eager_mergekit_style.py not importable: {exc})",
+        )
     fn = getattr(mod, "ties", None)
     if fn is None:
-        return (lambda b, ms: eager_ties_local(b, ms, 0.2),
-                "local minimal eager TIES (bench/eager_mergekit_style.py has no 'ties')")
+        return (
+            lambda b, ms: eager_ties_local(b, ms, 0.2),
+            "local minimal eager TIES (bench/eager_mergekit_style.py has no 'ties')",
+        )
     params = inspect.signature(fn).parameters
     kwargs = {"density": 0.2} if "density" in params else {}
     return (lambda b, ms: fn(b, ms, **kwargs), f"eager_mergekit_style.ties{inspect.signature(fn)}")
@@ -224,11 +252,16 @@ def eager_ties(base, models, args) -> dict:
 
 # ----------------------------------------------------------------------------- report
 
+
 def print_report(res: dict) -> None:
     c = res["copy_ceiling"]
-    print(f"device: {res['machine'].get('gpu')}  torch {res['machine']['torch']}  CUDA {res['machine']['torch_cuda']}")
-    print(f"D2D copy ceiling: {c['GBps']:.1f} GB/s (read + write, {c['bytes_moved'] / 2**20:.0f} MiB moved, "
-          f"{c['median_s'] * 1e3:.3f} ms)")
+    print(
+        f"device: {res['machine'].get('gpu')}  torch {res['machine']['torch']}  CUDA {res['machine']['torch_cuda']}"
+    )
+    print(
+        f"D2D copy ceiling: {c['GBps']:.1f} GB/s (read + write, {c['bytes_moved'] / 2**20:.0f} MiB moved, "
+        f"{c['median_s'] * 1e3:.3f} ms)"
+    )
     print(f"tensor {res['shape']} {res['dtype']}, base + N={res['n']}; stage B (median of {res['repeat']}):")
     print(f"  {'method':<16}{'backend':<8}{'ms':>9}{'GB/s':>9}{'% copy':>8}")
     for row in res["stage_b"]:
@@ -236,15 +269,19 @@ def print_report(res: dict) -> None:
             print(f"  {row['method']:<16}{row['backend']:<8}  error: {row['error']}")
             continue
         flag = "" if row["pct_of_copy"] >= TARGET_PCT_OF_COPY else "  (< target)"
-        print(f"  {row['method']:<16}{row['backend']:<8}{row['median_s'] * 1e3:>9.3f}{row['GBps']:>9.1f}"
-              f"{row['pct_of_copy']:>7.1f}%{flag}")
+        print(
+            f"  {row['method']:<16}{row['backend']:<8}{row['median_s'] * 1e3:>9.3f}{row['GBps']:>9.1f}"
+            f"{row['pct_of_copy']:>7.1f}%{flag}"
+        )
     print("full TIES (stage A + B, host syncs included):")
     for row in res["full_ties"]:
         if "error" in row:
             print(f"  {row['backend']:<8} error: {row['error']}")
             continue
         sp = row.get("speedup_vs_eager")
-        extra = f"  speed-up vs eager {sp:.1f}x" + ("" if sp >= TARGET_SPEEDUP else " (< target)") if sp else ""
+        extra = (
+            f"  speed-up vs eager {sp:.1f}x" + ("" if sp >= TARGET_SPEEDUP else " (< target)") if sp else ""
+        )
         print(f"  {row['backend']:<8}{row['median_s'] * 1e3:>9.3f} ms{extra}")
     if res.get("eager"):
         e = res["eager"]
@@ -254,19 +291,28 @@ def print_report(res: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        msg = (f"bench_gpu: no CUDA GPU (torch {torch.__version__}, torch.cuda.is_available() is False); "
-               "nothing measured")
+        msg = (
+            f"bench_gpu: no CUDA GPU (torch {torch.__version__}, torch.cuda.is_available() is False); "
+            "nothing measured"
+        )
         print(msg)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps({"skipped": msg, "args": vars(args) | {"json": str(args.json)}},
-                                            indent=2))
+            args.json.write_text(
+                json.dumps({"skipped": msg, "args": vars(args) | {"json": str(args.json)}}, indent=2)
+            )
         return 0
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     shape = (args.rows, args.cols)
-    res = {"machine": machine_info(device), "shape": list(shape), "dtype": args.dtype, "n": args.n,
-           "repeat": args.repeat, "targets": {"pct_of_copy": TARGET_PCT_OF_COPY, "speedup": TARGET_SPEEDUP}}
+    res = {
+        "machine": machine_info(device),
+        "shape": list(shape),
+        "dtype": args.dtype,
+        "n": args.n,
+        "repeat": args.repeat,
+        "targets": {"pct_of_copy": TARGET_PCT_OF_COPY, "speedup": TARGET_SPEEDUP},
+    }
     res["copy_ceiling"] = copy_ceiling(device, args.copy_mib, args.warmup, args.repeat)
     ceiling = res["copy_ceiling"]["GBps"]
     base, models = make_inputs(shape, args.n, dtype, device, args.seed)

@@ -33,10 +33,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from gen_models import llama2_13b, make_tensor, tensor_specs  # noqa: E402
 from m3kernels.backends import available_backends  # noqa: E402
 from m3kernels.merge.job import MergeJob  # noqa: E402
 from m3kernels.merge.recipe import make_recipe  # noqa: E402
+
+from gen_models import llama2_13b, make_tensor, tensor_specs  # noqa: E402
 
 TARGET_RATIO = 1.3
 LAYER_SHIFT = 64  # elements between the views of consecutive layers inside a pool buffer
@@ -51,8 +52,9 @@ METHOD_KWARGS = {
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--layers", type=int, default=40, help="decoder layers (40 = l13)")
     ap.add_argument("--n", type=int, default=2, help="fine-tuned models (default 2)")
     ap.add_argument("--method", choices=sorted(METHOD_KWARGS), default="ties")
@@ -61,8 +63,12 @@ def parse_args(argv=None):
     ap.add_argument("--source", choices=["pageable", "pinned"], default="pageable")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--check", type=int, default=2,
-                    help="compare the first CHECK results with per-tensor merge_tensors (0: off)")
+    ap.add_argument(
+        "--check",
+        type=int,
+        default=2,
+        help="compare the first CHECK results with per-tensor merge_tensors (0: off)",
+    )
     ap.add_argument("--describe", action="store_true", help="print the model's sizes and exit")
     ap.add_argument("--json", type=Path, help="write the results to this JSON file")
     args = ap.parse_args(argv)
@@ -81,9 +87,14 @@ def numel(shape) -> int:
 def describe(specs, n_models: int, elem: int = 2) -> dict:
     params = sum(numel(s) for _, s in specs)
     sizes = sorted({numel(s) for _, s in specs})
-    return {"tensors": len(specs), "params_per_model": params, "h2d_bytes": params * elem * (n_models + 1),
-            "d2h_bytes": params * elem, "largest_tensor_elems": sizes[-1] if sizes else 0,
-            "distinct_sizes": len(sizes)}
+    return {
+        "tensors": len(specs),
+        "params_per_model": params,
+        "h2d_bytes": params * elem * (n_models + 1),
+        "d2h_bytes": params * elem,
+        "largest_tensor_elems": sizes[-1] if sizes else 0,
+        "distinct_sizes": len(sizes),
+    }
 
 
 class SyntheticSource:
@@ -108,14 +119,18 @@ class SyntheticSource:
 
     def tensor(self, name: str, shape, model: int) -> torch.Tensor:
         off = self._layer(name) * LAYER_SHIFT
-        return self.pools[numel(shape)][model][off:off + numel(shape)].view(shape)
+        return self.pools[numel(shape)][model][off : off + numel(shape)].view(shape)
 
 
 def make_jobs(specs, source: SyntheticSource, recipe, n: int):
     for name, shape in specs:
-        yield MergeJob(name=name, base=source.tensor(name, shape, 0),
-                       models=[source.tensor(name, shape, i) for i in range(1, n + 1)],
-                       out_dtype=torch.bfloat16, recipe=recipe)
+        yield MergeJob(
+            name=name,
+            base=source.tensor(name, shape, 0),
+            models=[source.tensor(name, shape, i) for i in range(1, n + 1)],
+            out_dtype=torch.bfloat16,
+            recipe=recipe,
+        )
 
 
 def pure_copy_time(specs, n: int, device) -> dict:
@@ -136,12 +151,12 @@ def pure_copy_time(specs, n: int, device) -> dict:
             slot = k % 2
             with torch.cuda.stream(up):
                 up.wait_event(downloaded[slot])
-                dev[slot][:nbytes * (n + 1)].copy_(host_in[:nbytes * (n + 1)], non_blocking=True)
+                dev[slot][: nbytes * (n + 1)].copy_(host_in[: nbytes * (n + 1)], non_blocking=True)  # noqa: F821 (deleted after the timing)
                 uploaded[slot].record(up)
             if with_download:
                 with torch.cuda.stream(down):
                     down.wait_event(uploaded[slot])
-                    host_out[:nbytes].copy_(dev[slot][:nbytes], non_blocking=True)
+                    host_out[:nbytes].copy_(dev[slot][:nbytes], non_blocking=True)  # noqa: F821 (deleted after the timing)
                     downloaded[slot].record(down)
         torch.cuda.synchronize(device)
         return time.perf_counter() - t0
@@ -175,13 +190,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     specs = tensor_specs(llama2_13b(args.layers))
     sizes = describe(specs, args.n)
-    print(f"l13 shapes, {args.layers} layers: {sizes['tensors']} tensors, {sizes['params_per_model'] / 1e9:.2f} B "
-          f"params per model, {sizes['h2d_bytes'] / 1e9:.1f} GB up, {sizes['d2h_bytes'] / 1e9:.1f} GB down")
+    print(
+        f"l13 shapes, {args.layers} layers: {sizes['tensors']} tensors, {sizes['params_per_model'] / 1e9:.2f} B "
+        f"params per model, {sizes['h2d_bytes'] / 1e9:.1f} GB up, {sizes['d2h_bytes'] / 1e9:.1f} GB down"
+    )
     if args.describe:
         return 0
     if not torch.cuda.is_available():
-        msg = (f"bench_gpu_pipeline: no CUDA GPU (torch {torch.__version__}, torch.cuda.is_available() is "
-               "False); nothing measured")
+        msg = (
+            f"bench_gpu_pipeline: no CUDA GPU (torch {torch.__version__}, torch.cuda.is_available() is "
+            "False); nothing measured"
+        )
         print(msg)
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -190,16 +209,21 @@ def main(argv=None) -> int:
     from m3kernels.checkpoint.gpu_pipeline import gpu_merge_stream
 
     device = torch.device(args.device)
-    recipe = make_recipe(args.n, method=args.method, has_base=True, seed=args.seed, **METHOD_KWARGS[args.method])
+    recipe = make_recipe(
+        args.n, method=args.method, has_base=True, seed=args.seed, **METHOD_KWARGS[args.method]
+    )
     t0 = time.perf_counter()
     source = SyntheticSource(specs, args.n, args.seed, args.source == "pinned", device)
     gen_s = time.perf_counter() - t0
-    print(f"synthetic source: {source.host_bytes / 1e9:.2f} GB of {args.source} pools, built in {gen_s:.1f} s")
+    print(
+        f"synthetic source: {source.host_bytes / 1e9:.2f} GB of {args.source} pools, built in {gen_s:.1f} s"
+    )
 
     # warm-up: backend initialisation, kernel compilation, pinned pools, on a few small tensors
     warm = [s for s in specs if numel(s[1]) <= 5120 * 5120][:4]
-    for _ in gpu_merge_stream(make_jobs(warm, source, recipe, args.n), device=device, backend=args.backend,
-                              depth=args.depth):
+    for _ in gpu_merge_stream(
+        make_jobs(warm, source, recipe, args.n), device=device, backend=args.backend, depth=args.depth
+    ):
         pass
     torch.cuda.synchronize(device)
     torch.cuda.empty_cache()
@@ -208,8 +232,9 @@ def main(argv=None) -> int:
 
     kept, d2h = [], 0
     t0 = time.perf_counter()
-    for job, result in gpu_merge_stream(make_jobs(specs, source, recipe, args.n), device=device,
-                                        backend=args.backend, depth=args.depth):
+    for _job, result in gpu_merge_stream(
+        make_jobs(specs, source, recipe, args.n), device=device, backend=args.backend, depth=args.depth
+    ):
         d2h += result.numel() * result.element_size()
         if len(kept) < args.check:
             kept.append(result.clone())
@@ -217,26 +242,46 @@ def main(argv=None) -> int:
     peak = torch.cuda.max_memory_allocated(device) - base_mem
 
     copy = pure_copy_time(specs, args.n, device)
-    bad = check_results(specs[:args.check], source, recipe, args.n, args.backend, device, kept)
+    bad = check_results(specs[: args.check], source, recipe, args.n, args.backend, device, kept)
     res = {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"), "host": platform.node(),
-        "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "backends": available_backends(), "torch_threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "backends": available_backends(),
+        "torch_threads": torch.get_num_threads(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "sizes": sizes, "source_host_bytes": source.host_bytes, "source_build_s": gen_s,
-        "wall_s": wall, "h2d_GBps": sizes["h2d_bytes"] / wall / 1e9, "d2h_bytes": d2h,
-        "peak_gpu_bytes": peak, "largest_tensor_set_bytes": sizes["largest_tensor_elems"] * 2 * (args.n + 2),
-        **copy, "ratio_to_copy": wall / copy["copy_s"], "target_ratio": TARGET_RATIO,
-        "checked": len(kept), "check_mismatches": bad,
+        "sizes": sizes,
+        "source_host_bytes": source.host_bytes,
+        "source_build_s": gen_s,
+        "wall_s": wall,
+        "h2d_GBps": sizes["h2d_bytes"] / wall / 1e9,
+        "d2h_bytes": d2h,
+        "peak_gpu_bytes": peak,
+        "largest_tensor_set_bytes": sizes["largest_tensor_elems"] * 2 * (args.n + 2),
+        **copy,
+        "ratio_to_copy": wall / copy["copy_s"],
+        "target_ratio": TARGET_RATIO,
+        "checked": len(kept),
+        "check_mismatches": bad,
     }
-    print(f"device {res['gpu']}, backend {args.backend}, method {args.method}, depth {args.depth}, "
-          f"source {args.source}")
-    print(f"wall {wall:.2f} s   host->device {res['h2d_GBps']:.1f} GB/s   peak GPU memory "
-          f"{peak / 2**30:.2f} GiB (largest tensor set {res['largest_tensor_set_bytes'] / 2**30:.2f} GiB)")
-    print(f"pure copy of the same bytes {copy['copy_s']:.2f} s (uploads only {copy['h2d_only_s']:.2f} s): "
-          f"ratio {res['ratio_to_copy']:.2f}x (target <= {TARGET_RATIO}x)")
-    print(f"checked {len(kept)} results against per-tensor merges: "
-          f"{'all equal' if not bad else 'MISMATCH in ' + ', '.join(bad)}")
+    print(
+        f"device {res['gpu']}, backend {args.backend}, method {args.method}, depth {args.depth}, "
+        f"source {args.source}"
+    )
+    print(
+        f"wall {wall:.2f} s   host->device {res['h2d_GBps']:.1f} GB/s   peak GPU memory "
+        f"{peak / 2**30:.2f} GiB (largest tensor set {res['largest_tensor_set_bytes'] / 2**30:.2f} GiB)"
+    )
+    print(
+        f"pure copy of the same bytes {copy['copy_s']:.2f} s (uploads only {copy['h2d_only_s']:.2f} s): "
+        f"ratio {res['ratio_to_copy']:.2f}x (target <= {TARGET_RATIO}x)"
+    )
+    print(
+        f"checked {len(kept)} results against per-tensor merges: "
+        f"{'all equal' if not bad else 'MISMATCH in ' + ', '.join(bad)}"
+    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(res, indent=2, default=str))

@@ -77,7 +77,11 @@ def tiny_shapes(count: int) -> dict:
 def make_set(folder: Path, shapes: dict, seed: int) -> Path:
     """base/, ft1/, ft2/ under ``folder`` (reused when complete)."""
     done = folder / "complete.json"
-    info = {"tensors": len(shapes), "elements": sum(torch.Size(s).numel() for s in shapes.values()), "seed": seed}
+    info = {
+        "tensors": len(shapes),
+        "elements": sum(torch.Size(s).numel() for s in shapes.values()),
+        "seed": seed,
+    }
     if done.is_file() and json.loads(done.read_text()) == info:
         return folder
     shutil.rmtree(folder, ignore_errors=True)
@@ -90,8 +94,11 @@ def make_set(folder: Path, shapes: dict, seed: int) -> Path:
 
 
 def time_merge(folder: Path, out_root: Path, repeat: int) -> dict:
-    cfg = {**TIES, "base_model": str(folder / "base"),
-           "models": [{"model": str(folder / f"ft{k}"), "parameters": dict(MODEL_PARAMS)} for k in (1, 2)]}
+    cfg = {
+        **TIES,
+        "base_model": str(folder / "base"),
+        "models": [{"model": str(folder / f"ft{k}"), "parameters": dict(MODEL_PARAMS)} for k in (1, 2)],
+    }
     walls, cpus = [], []
     for _ in range(repeat):
         out = Path(tempfile.mkdtemp(dir=out_root)) / "out"
@@ -100,8 +107,13 @@ def time_merge(folder: Path, out_root: Path, repeat: int) -> dict:
         walls.append(time.perf_counter() - w0)
         cpus.append(time.process_time() - c0)
         shutil.rmtree(out.parent)
-    return {"tensors": res.num_tensors, "bytes": res.total_bytes, "wall_s": statistics.median(walls),
-            "cpu_s": statistics.median(cpus), "walls": walls}
+    return {
+        "tensors": res.num_tensors,
+        "bytes": res.total_bytes,
+        "wall_s": statistics.median(walls),
+        "cpu_s": statistics.median(cpus),
+        "walls": walls,
+    }
 
 
 def machine() -> dict:
@@ -117,8 +129,14 @@ def machine() -> dict:
         load = open("/proc/loadavg").read().split()[:3]
     except OSError:
         load = []
-    return {"nproc": os.cpu_count(), "cpu": model, "python": platform.python_version(), "torch": torch.__version__,
-            "m3kernels": m3kernels.__version__, "loadavg_before": load}
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "m3kernels": m3kernels.__version__,
+        "loadavg_before": load,
+    }
 
 
 def main(argv=None) -> int:
@@ -129,7 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--expert-dim", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=256)
-    ap.add_argument("--scale", type=float, default=1.0, help="multiplies the layer count (fit the machine's time)")
+    ap.add_argument(
+        "--scale", type=float, default=1.0, help="multiplies the layer count (fit the machine's time)"
+    )
     ap.add_argument("--tiny", type=int, default=20000, help="tensors of the tiny-tensor checkpoint")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", help="write the figures here")
@@ -150,27 +170,44 @@ def main(argv=None) -> int:
     print(f"inputs ready in {time.perf_counter() - t0:.1f} s under {work}", flush=True)
 
     res = {"machine": machine(), "args": vars(a), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    m3kernels.merge_checkpoints({**TIES, "base_model": str(folders["tiny_1x"] / "base"),  # warm-up
-                                 "models": [{"model": str(folders["tiny_1x"] / "ft1"), "parameters": MODEL_PARAMS}]},
-                                Path(tempfile.mkdtemp(dir=work)) / "warm", device="cpu", progress=False)
+    m3kernels.merge_checkpoints(
+        {
+            **TIES,
+            "base_model": str(folders["tiny_1x"] / "base"),  # warm-up
+            "models": [{"model": str(folders["tiny_1x"] / "ft1"), "parameters": MODEL_PARAMS}],
+        },
+        Path(tempfile.mkdtemp(dir=work)) / "warm",
+        device="cpu",
+        progress=False,
+    )
     for key, folder in folders.items():
         r = time_merge(folder, work, a.repeat)
         r["us_per_tensor"] = 1e6 * r["wall_s"] / r["tensors"]
         res[key] = r
-        print(f"{key:9s} {r['tensors']:7d} tensors {r['bytes'] / 2**20:8.1f} MiB  {r['wall_s']:7.2f} s wall "
-              f"({r['cpu_s']:6.2f} s CPU)  {r['us_per_tensor']:7.1f} us/tensor", flush=True)
+        print(
+            f"{key:9s} {r['tensors']:7d} tensors {r['bytes'] / 2**20:8.1f} MiB  {r['wall_s']:7.2f} s wall "
+            f"({r['cpu_s']:6.2f} s CPU)  {r['us_per_tensor']:7.1f} us/tensor",
+            flush=True,
+        )
     for w in work.glob("tmp*"):
         shutil.rmtree(w, ignore_errors=True)
 
     flat = res["moe_10x"]["us_per_tensor"] / res["moe_1x"]["us_per_tensor"]
     t1, t10 = res["tiny_1x"], res["tiny_10x"]
     overhead = 1e6 * (t10["wall_s"] - t1["wall_s"]) / (t10["tensors"] - t1["tensors"])
-    res["summary"] = {"moe_per_tensor_ratio_10x_over_1x": flat, "tiny_overhead_us_per_tensor": overhead,
-                      "tiny_10x_total_s": t10["wall_s"]}
-    print(f"\nMoE time per tensor, 10x / 1x tensors ({res['moe_10x']['tensors']} / {res['moe_1x']['tensors']}): "
-          f"{flat:.2f}  (target <= 1.5)")
-    print(f"overhead per tiny tensor ((t({t10['tensors']}) - t({t1['tensors']})) / {t10['tensors'] - t1['tensors']}): "
-          f"{overhead:.0f} us  (target <= 100)")
+    res["summary"] = {
+        "moe_per_tensor_ratio_10x_over_1x": flat,
+        "tiny_overhead_us_per_tensor": overhead,
+        "tiny_10x_total_s": t10["wall_s"],
+    }
+    print(
+        f"\nMoE time per tensor, 10x / 1x tensors ({res['moe_10x']['tensors']} / {res['moe_1x']['tensors']}): "
+        f"{flat:.2f}  (target <= 1.5)"
+    )
+    print(
+        f"overhead per tiny tensor ((t({t10['tensors']}) - t({t1['tensors']})) / {t10['tensors'] - t1['tensors']}): "
+        f"{overhead:.0f} us  (target <= 100)"
+    )
     print(f"{t10['tensors']}-tensor TIES merge: {t10['wall_s']:.2f} s  (target <= 10 s for 20,000)")
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -51,16 +51,17 @@ import gen_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-CONFIG_PREFIX = "/work/bench_data/l13x2"    # the model prefix written in bench/configs/*.yaml
+CONFIG_PREFIX = "/work/bench_data/l13x2"  # the model prefix written in bench/configs/*.yaml
 MERGEKIT_VERSION = "0.1.5"
 TORCH_PIN = "torch==2.13.0"
 METHODS = ("ties", "dare_ties", "linear")
-TARGET_SPEEDUP = {"ties": 50.0, "dare_ties": 20.0, "linear": 5.0}   # issue 7
+TARGET_SPEEDUP = {"ties": 50.0, "dare_ties": 20.0, "linear": 5.0}  # issue 7
 TARGET_RSS_GB = 2.5
 GB = 1e9
 
 
 # --------------------------------------------------------------------------- environment
+
 
 def ensure_mergekit(venv: Path, quiet: bool = False) -> Path:
     """``venv/bin/mergekit-yaml``, installing mergekit 0.1.5 (torch pinned) when missing."""
@@ -101,8 +102,12 @@ def m3kernels_command() -> list[str]:
 
 
 def machine_info() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "cores": os.cpu_count()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cores": os.cpu_count(),
+    }
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
         m = re.search(r"Model name:\s*(.+)", out)
@@ -118,6 +123,7 @@ def machine_info() -> dict:
 
 
 # --------------------------------------------------------------------------- configs
+
 
 def materialize_configs(methods, data: Path, work: Path) -> dict:
     """Write each method's user and f32 variants under ``work/configs``; {(method, variant): path}."""
@@ -144,6 +150,7 @@ def config_models(cfg_path: Path) -> tuple[str | None, list[str], list[dict]]:
 
 
 # --------------------------------------------------------------------------- timing
+
 
 def warm_page_cache(dirs) -> float:
     """Read every file of the input checkpoints once (so runs start from the page cache)."""
@@ -196,7 +203,7 @@ def parse_gnu_time(text: str) -> dict:
     m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\):\s*(\S+)", text)
     if m:
         parts = [float(x) for x in m.group(1).split(":")]
-        wall = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+        wall = sum(p * 60**i for i, p in enumerate(reversed(parts)))
     return {
         "wall_s_gnu_time": wall,
         "user_s": grab(r"User time \(seconds\):\s*([\d.]+)"),
@@ -214,8 +221,9 @@ def timed_run(cmd: list[str], time_exe: str, log: Path, env=None) -> dict:
     busy0, load0 = _busy_cpu_seconds(), os.getloadavg()[0]
     t0 = time.perf_counter()
     with open(log, "w") as fh:
-        proc = subprocess.Popen([time_exe, "-v", "-o", str(tfile), *cmd], stdout=fh,
-                                stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(
+            [time_exe, "-v", "-o", str(tfile), *cmd], stdout=fh, stderr=subprocess.STDOUT, env=env
+        )
         peak = {"anon": 0, "file": 0}
         stop = threading.Event()
 
@@ -234,12 +242,18 @@ def timed_run(cmd: list[str], time_exe: str, log: Path, env=None) -> dict:
     wall = time.perf_counter() - t0
     res = parse_gnu_time(tfile.read_text() if tfile.exists() else "")
     cpu_ours = (res["user_s"] or 0.0) + (res["sys_s"] or 0.0)
-    res.update({
-        "cmd": cmd, "rc": rc, "wall_s": wall, "log": str(log),
-        "peak_rss_anon_gb_sampled": peak["anon"] / GB, "peak_rss_file_gb_sampled": peak["file"] / GB,
-        "loadavg_1m_before": load0,
-        "other_cpu_s": max(0.0, _busy_cpu_seconds() - busy0 - cpu_ours),
-    })
+    res.update(
+        {
+            "cmd": cmd,
+            "rc": rc,
+            "wall_s": wall,
+            "log": str(log),
+            "peak_rss_anon_gb_sampled": peak["anon"] / GB,
+            "peak_rss_file_gb_sampled": peak["file"] / GB,
+            "loadavg_1m_before": load0,
+            "other_cpu_s": max(0.0, _busy_cpu_seconds() - busy0 - cpu_ours),
+        }
+    )
     if rc != 0:
         tail = log.read_text()[-3000:] if log.exists() else ""
         raise RuntimeError(f"command failed (rc={rc}): {' '.join(cmd)}\n{tail}")
@@ -247,6 +261,7 @@ def timed_run(cmd: list[str], time_exe: str, log: Path, env=None) -> dict:
 
 
 # --------------------------------------------------------------------------- reading outputs
+
 
 class Checkpoint:
     """Tensor access to a safetensors checkpoint directory (sharded with an index, or single)."""
@@ -331,10 +346,16 @@ class ExactStats:
             self.nonzero += int((ulps > 0).sum())
 
     def summary(self) -> dict:
-        return {"kind": "exact", "elements": self.elements, "excluded_trim_ties": self.excluded,
-                "max_ulps": self.max_ulps, "worst_tensor": self.worst,
-                "elements_over_1ulp": self.over_1ulp, "elements_differing": self.nonzero,
-                "max_ulps_on_excluded": self.max_ulps_excluded}
+        return {
+            "kind": "exact",
+            "elements": self.elements,
+            "excluded_trim_ties": self.excluded,
+            "max_ulps": self.max_ulps,
+            "worst_tensor": self.worst,
+            "elements_over_1ulp": self.over_1ulp,
+            "elements_differing": self.nonzero,
+            "max_ulps_on_excluded": self.max_ulps_excluded,
+        }
 
 
 class DistStats:
@@ -346,8 +367,11 @@ class DistStats:
 
     def add(self, base: torch.Tensor, ours: torch.Tensor, mk: torch.Tensor):
         b = base.double()
-        for key, x in (("ours", ours.double() - b), ("mergekit", mk.double() - b),
-                       ("diff", ours.double() - mk.double())):
+        for key, x in (
+            ("ours", ours.double() - b),
+            ("mergekit", mk.double() - b),
+            ("diff", ours.double() - mk.double()),
+        ):
             s = self.sums[key]
             s[0] += int((x != 0).sum())
             s[1] += float(x.sum())
@@ -358,14 +382,19 @@ class DistStats:
         out = {"kind": "distribution", "elements": self.n}
         for key, (changed, s1, s2) in self.sums.items():
             mean = s1 / self.n
-            out[key] = {"fraction_nonzero": changed / self.n, "mean": mean,
-                        "std": math.sqrt(max(s2 / self.n - mean * mean, 0.0))}
-        out["note"] = ("mergekit draws its DARE masks with torch.bernoulli, ours come from the "
-                       "Philox stream of docs/RANDOMNESS.md, so values cannot match elementwise; "
-                       "'ours'/'mergekit' are statistics of (merged - base), 'fraction_nonzero' "
-                       "is the fraction of elements the merge changed; 'diff' is ours - mergekit. "
-                       "mergekit's rescale is L1 (kept values x Σ|δ|/Σ|kept δ|), ours the DARE "
-                       "paper's 1/density unless the config says 'rescale: l1'.")
+            out[key] = {
+                "fraction_nonzero": changed / self.n,
+                "mean": mean,
+                "std": math.sqrt(max(s2 / self.n - mean * mean, 0.0)),
+            }
+        out["note"] = (
+            "mergekit draws its DARE masks with torch.bernoulli, ours come from the "
+            "Philox stream of docs/RANDOMNESS.md, so values cannot match elementwise; "
+            "'ours'/'mergekit' are statistics of (merged - base), 'fraction_nonzero' "
+            "is the fraction of elements the merge changed; 'diff' is ours - mergekit. "
+            "mergekit's rescale is L1 (kept values x Σ|δ|/Σ|kept δ|), ours the DARE "
+            "paper's 1/density unless the config says 'rescale: l1'."
+        )
         return out
 
 
@@ -421,18 +450,27 @@ def trim_k(density: float, numel: int) -> int:
 
 # --------------------------------------------------------------------------- main
 
+
 def run_ours(cfg: Path, out: Path, time_exe: str, logs: Path, tag: str, extra_args) -> dict:
     # the previous output goes before the timing, as for mergekit (--force would otherwise spend
     # the timed run deleting 1.9 GB)
     if out.exists():
         shutil.rmtree(out)
-    cmd = [*m3kernels_command(), "merge", str(cfg), str(out), "--force", "--quiet",
-           "--device", "cpu", *extra_args]
+    cmd = [
+        *m3kernels_command(),
+        "merge",
+        str(cfg),
+        str(out),
+        "--force",
+        "--quiet",
+        "--device",
+        "cpu",
+        *extra_args,
+    ]
     return timed_run(cmd, time_exe, logs / f"{tag}.log")
 
 
-def run_mergekit(exe: Path, cfg: Path, out: Path, time_exe: str, logs: Path, tag: str,
-                 seed: int) -> dict:
+def run_mergekit(exe: Path, cfg: Path, out: Path, time_exe: str, logs: Path, tag: str, seed: int) -> dict:
     if out.exists():
         shutil.rmtree(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -442,26 +480,34 @@ def run_mergekit(exe: Path, cfg: Path, out: Path, time_exe: str, logs: Path, tag
 
 def fmt_table(rows: list[dict]) -> str:
     """wall s (median for ours), CPU s of the tool, CPU s other processes took meanwhile."""
-    head = (f"{'method':<10} {'tool':<28} {'wall s':>8} {'cpu s':>7} {'other cpu s':>11} "
-            f"{'peak RSS GB':>11} {'speed-up':>9} {'target':>9}")
+    head = (
+        f"{'method':<10} {'tool':<28} {'wall s':>8} {'cpu s':>7} {'other cpu s':>11} "
+        f"{'peak RSS GB':>11} {'speed-up':>9} {'target':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         sp = f"{r['speedup']:.1f}x" if r.get("speedup") else ""
-        lines.append(f"{r['method']:<10} {r['tool']:<28} {r['wall_s']:>8.2f} {r['cpu_s']:>7.1f} "
-                     f"{r['other_cpu_s']:>11.1f} {r['peak_rss_gb']:>11.2f} {sp:>9} {r.get('target', ''):>9}")
+        lines.append(
+            f"{r['method']:<10} {r['tool']:<28} {r['wall_s']:>8.2f} {r['cpu_s']:>7.1f} "
+            f"{r['other_cpu_s']:>11.1f} {r['peak_rss_gb']:>11.2f} {sp:>9} {r.get('target', ''):>9}"
+        )
     return "\n".join(lines)
 
 
 def describe_comparison(key: str, cmp: dict) -> str:
     """One readable line per comparison (the JSON has everything)."""
     if cmp["kind"] == "exact":
-        return (f"{key}: {cmp['elements']:,} elements, {cmp['excluded_trim_ties']:,} trim ties excluded; "
-                f"max {cmp['max_ulps']} bf16 ulps, {cmp['elements_over_1ulp']:,} over 1 ulp, "
-                f"{cmp['elements_differing']:,} differ (worst: {cmp['worst_tensor']})")
+        return (
+            f"{key}: {cmp['elements']:,} elements, {cmp['excluded_trim_ties']:,} trim ties excluded; "
+            f"max {cmp['max_ulps']} bf16 ulps, {cmp['elements_over_1ulp']:,} over 1 ulp, "
+            f"{cmp['elements_differing']:,} differ (worst: {cmp['worst_tensor']})"
+        )
     o, m, d = cmp["ours"], cmp["mergekit"], cmp["diff"]
-    return (f"{key}: changed fraction ours {o['fraction_nonzero']:.4f} / mergekit {m['fraction_nonzero']:.4f}; "
-            f"merged-base mean/std ours {o['mean']:.2e}/{o['std']:.4e}, mergekit {m['mean']:.2e}/{m['std']:.4e}; "
-            f"ours-mergekit mean/std {d['mean']:.2e}/{d['std']:.4e} (masks differ by design)")
+    return (
+        f"{key}: changed fraction ours {o['fraction_nonzero']:.4f} / mergekit {m['fraction_nonzero']:.4f}; "
+        f"merged-base mean/std ours {o['mean']:.2e}/{o['std']:.4e}, mergekit {m['mean']:.2e}/{m['std']:.4e}; "
+        f"ours-mergekit mean/std {d['mean']:.2e}/{d['std']:.4e} (masks differ by design)"
+    )
 
 
 def cpu_seconds(run: dict) -> float:
@@ -470,10 +516,14 @@ def cpu_seconds(run: dict) -> float:
 
 def git_revision() -> str:
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return rev + ("+dirty" if dirty else "")
     except OSError:
         return "?"
@@ -481,10 +531,18 @@ def git_revision() -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=Path(CONFIG_PREFIX),
-                    help="directory with base/, ft1/, ft2/ (generated if missing; default %(default)s)")
-    ap.add_argument("--work", type=Path, default=Path("/work/bench_data/runs"),
-                    help="outputs, logs and materialized configs (default %(default)s)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path(CONFIG_PREFIX),
+        help="directory with base/, ft1/, ft2/ (generated if missing; default %(default)s)",
+    )
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/work/bench_data/runs"),
+        help="outputs, logs and materialized configs (default %(default)s)",
+    )
     ap.add_argument("--mergekit-venv", type=Path, default=Path("/work/bench_data/mk-venv"))
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--tiny", action="store_true", help="tiny models (smoke test of the script)")
@@ -519,11 +577,18 @@ def main(argv=None) -> int:
     gen_s = time.perf_counter() - t0
     configs = materialize_configs(methods, data, work)
 
-    results = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": machine_info(), "m3kernels_revision": git_revision(),
-               "models": str(data), "params_per_model": shapes.n_params,
-               "generation_s": gen_s, "mergekit": MERGEKIT_VERSION, "runs": {}, "comparisons": {},
-               "targets": {"speedup": TARGET_SPEEDUP, "peak_rss_gb": TARGET_RSS_GB}}
+    results = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "m3kernels_revision": git_revision(),
+        "models": str(data),
+        "params_per_model": shapes.n_params,
+        "generation_s": gen_s,
+        "mergekit": MERGEKIT_VERSION,
+        "runs": {},
+        "comparisons": {},
+        "targets": {"speedup": TARGET_SPEEDUP, "peak_rss_gb": TARGET_RSS_GB},
+    }
     rows = []
     extra = args.ours_args.split()
     for m in methods:
@@ -532,35 +597,52 @@ def main(argv=None) -> int:
         ours_runs = []
         for r in range(args.repeat):
             warm_page_cache(inputs)
-            ours_runs.append(run_ours(configs[(m, "user")], ours_out, time_exe, logs,
-                                      f"{m}.ours.{r}", extra))
-            print(f"  {m} ours run {r + 1}: {ours_runs[-1]['wall_s']:.2f} s, "
-                  f"{ours_runs[-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
+            ours_runs.append(run_ours(configs[(m, "user")], ours_out, time_exe, logs, f"{m}.ours.{r}", extra))
+            print(
+                f"  {m} ours run {r + 1}: {ours_runs[-1]['wall_s']:.2f} s, "
+                f"{ours_runs[-1]['peak_rss_gb']:.2f} GB",
+                file=sys.stderr,
+            )
         mid = sorted(ours_runs, key=lambda x: x["wall_s"])[(len(ours_runs) - 1) // 2]
-        ours = {"runs": ours_runs,
-                "wall_s": statistics.median(x["wall_s"] for x in ours_runs),
-                "cpu_s": cpu_seconds(mid), "other_cpu_s": mid["other_cpu_s"],
-                "peak_rss_gb": max(x["peak_rss_gb"] for x in ours_runs)}
+        ours = {
+            "runs": ours_runs,
+            "wall_s": statistics.median(x["wall_s"] for x in ours_runs),
+            "cpu_s": cpu_seconds(mid),
+            "other_cpu_s": mid["other_cpu_s"],
+            "peak_rss_gb": max(x["peak_rss_gb"] for x in ours_runs),
+        }
         res["ours"] = ours
-        rows.append({"method": m, "tool": "m3kernels", "wall_s": ours["wall_s"],
-                     "cpu_s": ours["cpu_s"], "other_cpu_s": ours["other_cpu_s"],
-                     "peak_rss_gb": ours["peak_rss_gb"],
-                     "target": f"<={TARGET_RSS_GB} GB"})
+        rows.append(
+            {
+                "method": m,
+                "tool": "m3kernels",
+                "wall_s": ours["wall_s"],
+                "cpu_s": ours["cpu_s"],
+                "other_cpu_s": ours["other_cpu_s"],
+                "peak_rss_gb": ours["peak_rss_gb"],
+                "target": f"<={TARGET_RSS_GB} GB",
+            }
+        )
         variants = [] if mk_exe is None else ["user"] if args.skip_f32 else ["user", "f32"]
         for v in variants:
             warm_page_cache(inputs)
             mk_out = work / f"{m}.mergekit.{v}"
-            mk = run_mergekit(mk_exe, configs[(m, v)], mk_out, time_exe, logs,
-                              f"{m}.mergekit.{v}", args.seed)
+            mk = run_mergekit(mk_exe, configs[(m, v)], mk_out, time_exe, logs, f"{m}.mergekit.{v}", args.seed)
             mk["speedup_ours"] = mk["wall_s"] / ours["wall_s"]
             res[f"mergekit_{v}"] = mk
-            print(f"  {m} mergekit ({v}): {mk['wall_s']:.2f} s, {mk['peak_rss_gb']:.2f} GB",
-                  file=sys.stderr)
-            rows.append({"method": m, "tool": f"mergekit ({'bf16 as written' if v == 'user' else 'dtype f32'})",
-                         "wall_s": mk["wall_s"], "cpu_s": cpu_seconds(mk),
-                         "other_cpu_s": mk["other_cpu_s"], "peak_rss_gb": mk["peak_rss_gb"],
-                         "speedup": mk["speedup_ours"],
-                         "target": f">={TARGET_SPEEDUP[m]}x" if v == "user" else ""})
+            print(f"  {m} mergekit ({v}): {mk['wall_s']:.2f} s, {mk['peak_rss_gb']:.2f} GB", file=sys.stderr)
+            rows.append(
+                {
+                    "method": m,
+                    "tool": f"mergekit ({'bf16 as written' if v == 'user' else 'dtype f32'})",
+                    "wall_s": mk["wall_s"],
+                    "cpu_s": cpu_seconds(mk),
+                    "other_cpu_s": mk["other_cpu_s"],
+                    "peak_rss_gb": mk["peak_rss_gb"],
+                    "speedup": mk["speedup_ours"],
+                    "target": f">={TARGET_SPEEDUP[m]}x" if v == "user" else "",
+                }
+            )
             if not args.skip_compare:
                 t1 = time.perf_counter()
                 cmp = compare_outputs(m, configs[(m, v)], ours_out, mk_out)

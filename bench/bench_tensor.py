@@ -38,20 +38,21 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cases import METHODS, MIXUP_ALPHA  # noqa: E402
-from eager_mergekit_style import eager_merge  # noqa: E402
-
 import m3kernels  # noqa: E402
 from m3kernels.api import prepare  # noqa: E402
 from m3kernels.backends import cpu as cpu_backend  # noqa: E402
 from m3kernels.merge.mixup import draw_mix_ratios  # noqa: E402
 from m3kernels.merge.recipe import make_recipe  # noqa: E402
 
+from bench_cases import METHODS  # noqa: E402
+from eager_mergekit_style import eager_merge  # noqa: E402
+
 NAME = "model.layers.0.mlp.up_proj.weight"
 SEED = 0
 
 
 # ----------------------------------------------------------------------------- machine
+
 
 def cpu_model() -> str:
     try:
@@ -106,14 +107,14 @@ class Timer:
 
 # ----------------------------------------------------------------------------- inputs
 
+
 def make_tensors(shape, n: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     base32 = torch.randn(shape, generator=gen) * 0.02
     base = base32.to(torch.bfloat16)
     models = []
     for _ in range(n):
-        models.append((base.to(torch.float32) + torch.randn(shape, generator=gen) * 0.002)
-                      .to(torch.bfloat16))
+        models.append((base.to(torch.float32) + torch.randn(shape, generator=gen) * 0.002).to(torch.bfloat16))
     return base, models
 
 
@@ -130,17 +131,20 @@ def copy_bandwidth(nbytes: int, repeats: int) -> dict:
     chunked = Timer(lambda: ext.copy(dst.data_ptr(), src.data_ptr(), nbytes, 1 << 16), repeats)
     tch = Timer(lambda: dst.copy_(src), repeats)
     read = Timer(lambda: ext.read(src.data_ptr(), nbytes), repeats)
-    res = {"bytes": nbytes,
-           "memcpy_gbps": 2 * nbytes / one.best / 1e9,
-           "memcpy_64k_chunks_gbps": 2 * nbytes / chunked.best / 1e9,
-           "torch_copy_gbps": 2 * nbytes / tch.best / 1e9,
-           "read_only_gbps": nbytes / read.best / 1e9,
-           "other_cpu_s": one.other_cpu_s + chunked.other_cpu_s + tch.other_cpu_s}
+    res = {
+        "bytes": nbytes,
+        "memcpy_gbps": 2 * nbytes / one.best / 1e9,
+        "memcpy_64k_chunks_gbps": 2 * nbytes / chunked.best / 1e9,
+        "torch_copy_gbps": 2 * nbytes / tch.best / 1e9,
+        "read_only_gbps": nbytes / read.best / 1e9,
+        "other_cpu_s": one.other_cpu_s + chunked.other_cpu_s + tch.other_cpu_s,
+    }
     res["reference_gbps"] = max(res["memcpy_gbps"], res["memcpy_64k_chunks_gbps"], res["torch_copy_gbps"])
     return res
 
 
 # ----------------------------------------------------------------------------- one method
+
 
 def bench_method(label: str, kw: dict, base, models, args, copy_gbps: float) -> dict:
     n = len(models)
@@ -173,9 +177,13 @@ def bench_method(label: str, kw: dict, base, models, args, copy_gbps: float) -> 
     t_eager = Timer(eager, args.eager_repeats, warmup=0)
     same = float((eager_out["t"] == ours).to(torch.float64).mean())
     res = {
-        "method": label, "args": kw, "bytes": nbytes,
-        "full_s": t_full.best, "full_median_s": t_full.median,
-        "stage_b_s": t_b.best, "stage_b_median_s": t_b.median,
+        "method": label,
+        "args": kw,
+        "bytes": nbytes,
+        "full_s": t_full.best,
+        "full_median_s": t_full.median,
+        "stage_b_s": t_b.best,
+        "stage_b_median_s": t_b.median,
         "eager_s": t_eager.best,
         "full_gbps": nbytes / t_full.best / 1e9,
         "stage_b_gbps": nbytes / t_b.best / 1e9,
@@ -184,8 +192,7 @@ def bench_method(label: str, kw: dict, base, models, args, copy_gbps: float) -> 
         "full_pct_copy": 100 * nbytes / t_full.best / 1e9 / copy_gbps,
         "speedup_vs_eager": t_eager.best / t_full.best,
         "equal_to_eager_fraction": same,
-        "other_cpu_s": {"full": t_full.other_cpu_s, "stage_b": t_b.other_cpu_s,
-                        "eager": t_eager.other_cpu_s},
+        "other_cpu_s": {"full": t_full.other_cpu_s, "stage_b": t_b.other_cpu_s, "eager": t_eager.other_cpu_s},
         "load_avg_1m": os.getloadavg()[0],
     }
     return res
@@ -209,37 +216,52 @@ def main(argv=None) -> int:
     base, models = make_tensors(shape, args.n, SEED)
     in_bytes = base.numel() * base.element_size() * (args.n + 1)
     machine = {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "platform": platform.platform(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "kernel_threads": cpu_backend._C.get_num_threads(), "simd": cpu_backend.simd_level(),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "kernel_threads": cpu_backend._C.get_num_threads(),
+        "simd": cpu_backend.simd_level(),
         "simd_available": cpu_backend.simd_levels(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-    print(f"{machine['cpu']}, {machine['cores']} cores, kernel variant {machine['simd']}, "
-          f"{machine['kernel_threads']} threads; tensor {shape} bf16, N = {args.n}")
+    print(
+        f"{machine['cpu']}, {machine['cores']} cores, kernel variant {machine['simd']}, "
+        f"{machine['kernel_threads']} threads; tensor {shape} bf16, N = {args.n}"
+    )
     copy = copy_bandwidth(in_bytes, args.repeats)
     copy_gbps = copy["reference_gbps"]
-    print(f"copy bandwidth (read + write, {in_bytes / 1e6:.0f} MB buffer): memcpy "
-          f"{copy['memcpy_gbps']:.1f} GB/s, memcpy in 64 KiB calls {copy['memcpy_64k_chunks_gbps']:.1f}, "
-          f"torch copy_ {copy['torch_copy_gbps']:.1f}; reference {copy_gbps:.1f} GB/s "
-          f"(read-only: {copy['read_only_gbps']:.1f} GB/s)")
-    header = (f"{'method':16s} {'full ms':>8s} {'stageB ms':>9s} {'eager ms':>9s} {'full GB/s':>9s} "
-              f"{'B GB/s':>7s} {'B %copy':>7s} {'speed-up':>8s} {'=eager':>7s} {'other cpu s':>11s}")
+    print(
+        f"copy bandwidth (read + write, {in_bytes / 1e6:.0f} MB buffer): memcpy "
+        f"{copy['memcpy_gbps']:.1f} GB/s, memcpy in 64 KiB calls {copy['memcpy_64k_chunks_gbps']:.1f}, "
+        f"torch copy_ {copy['torch_copy_gbps']:.1f}; reference {copy_gbps:.1f} GB/s "
+        f"(read-only: {copy['read_only_gbps']:.1f} GB/s)"
+    )
+    header = (
+        f"{'method':16s} {'full ms':>8s} {'stageB ms':>9s} {'eager ms':>9s} {'full GB/s':>9s} "
+        f"{'B GB/s':>7s} {'B %copy':>7s} {'speed-up':>8s} {'=eager':>7s} {'other cpu s':>11s}"
+    )
     print(header)
     results = []
     for m in methods:
         r = bench_method(m, METHODS[m], base, models, args, copy_gbps)
         results.append(r)
         oc = r["other_cpu_s"]
-        print(f"{m:16s} {r['full_s'] * 1e3:8.1f} {r['stage_b_s'] * 1e3:9.1f} {r['eager_s'] * 1e3:9.0f} "
-              f"{r['full_gbps']:9.2f} {r['stage_b_gbps']:7.2f} {r['stage_b_pct_copy']:6.0f}% "
-              f"{r['speedup_vs_eager']:7.1f}x {100 * r['equal_to_eager_fraction']:6.1f}% "
-              f"{oc['full'] + oc['stage_b']:5.1f}/{oc['eager']:5.1f}", flush=True)
+        print(
+            f"{m:16s} {r['full_s'] * 1e3:8.1f} {r['stage_b_s'] * 1e3:9.1f} {r['eager_s'] * 1e3:9.0f} "
+            f"{r['full_gbps']:9.2f} {r['stage_b_gbps']:7.2f} {r['stage_b_pct_copy']:6.0f}% "
+            f"{r['speedup_vs_eager']:7.1f}x {100 * r['equal_to_eager_fraction']:6.1f}% "
+            f"{oc['full'] + oc['stage_b']:5.1f}/{oc['eager']:5.1f}",
+            flush=True,
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(
-            {"machine": machine, "shape": shape, "n": args.n, "copy": copy, "results": results},
-            indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {"machine": machine, "shape": shape, "n": args.n, "copy": copy, "results": results}, indent=1
+            )
+        )
     return 0
 
 

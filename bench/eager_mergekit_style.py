@@ -18,7 +18,7 @@ M³ mixing ratios multiply the weights of the combine; the TIES vote keeps the u
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -51,8 +51,9 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta * mask
 
 
-def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generator,
-                   rescale: bool = True) -> torch.Tensor:
+def bernoulli_drop(
+    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True
+) -> torch.Tensor:
     """DARE: keep each element with probability ``density``; kept values divided by it."""
     if density >= 1.0:
         return delta
@@ -63,8 +64,9 @@ def bernoulli_drop(delta: torch.Tensor, density: float, generator: torch.Generat
     return out
 
 
-def sign_consensus_merge(deltas: torch.Tensor, vote_w: torch.Tensor, mix_w: torch.Tensor,
-                         normalize: bool = True) -> torch.Tensor:
+def sign_consensus_merge(
+    deltas: torch.Tensor, vote_w: torch.Tensor, mix_w: torch.Tensor, normalize: bool = True
+) -> torch.Tensor:
     """TIES: elect the sign of Σ w_i δ_i, merge the agreeing models (disjoint mean)."""
     majority = torch.where((deltas * vote_w).sum(dim=0) >= 0, 1.0, -1.0)
     agree = deltas.sign() == majority
@@ -76,10 +78,20 @@ def sign_consensus_merge(deltas: torch.Tensor, vote_w: torch.Tensor, mix_w: torc
     return mixed / divisor
 
 
-def eager_merge(base: Optional[torch.Tensor], models: Sequence[torch.Tensor], *, method: str,
-                weights=None, density=None, drop_rate=None, lambda_: float = 1.0,
-                mix_ratios=None, normalize: Optional[bool] = None, seed: int = 0,
-                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def eager_merge(
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    *,
+    method: str,
+    weights=None,
+    density=None,
+    drop_rate=None,
+    lambda_: float = 1.0,
+    mix_ratios=None,
+    normalize: bool | None = None,
+    seed: int = 0,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """One tensor merged eagerly; same arguments as ``m3kernels.merge_tensors`` (subset)."""
     n = len(models)
     out_dtype = out_dtype or (base.dtype if base is not None else models[0].dtype)

@@ -77,22 +77,34 @@ def llama_config(shapes: LlamaShapes) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=Path("/work/bench_data/l13x2"),
-                    help="directory that receives base/, ft1/, ft2/ (default: %(default)s)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("/work/bench_data/l13x2"),
+        help="directory that receives base/, ft1/, ft2/ (default: %(default)s)",
+    )
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--finetunes", type=int, default=2, help="number of fine-tunes (default: 2)")
     ap.add_argument("--tiny", action="store_true", help="tiny Llama shapes (hidden 64) for smoke tests")
-    ap.add_argument("--shard-size", type=parse_size, default="5GB",
-                    help="max bytes per safetensors shard, read as the m3kernels command line reads sizes: "
-                         "binary K/M/G (5G = 5*2**30), decimal KB/MB/GB (5GB = 5*10**9) or bytes "
-                         "(default: %(default)s)")
+    ap.add_argument(
+        "--shard-size",
+        type=parse_size,
+        default="5GB",
+        help="max bytes per safetensors shard, read as the m3kernels command line reads sizes: "
+        "binary K/M/G (5G = 5*2**30), decimal KB/MB/GB (5GB = 5*10**9) or bytes "
+        "(default: %(default)s)",
+    )
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--force", action="store_true", help="regenerate even if a matching set exists")
-    ap.add_argument("--describe", action="store_true",
-                    help="print the tensor names and shapes (the in-memory l13 source) and exit")
+    ap.add_argument(
+        "--describe",
+        action="store_true",
+        help="print the tensor names and shapes (the in-memory l13 source) and exit",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -109,10 +121,13 @@ def main(argv=None) -> int:
         print(f"{args.out}: up to date ({shapes.n_params:,} params per model)")
         return 0
     t0 = time.perf_counter()
-    dirs = write_checkpoints(args.out, shapes, args.seed, args.finetunes, shard_bytes,
-                             threads=args.threads, quiet=args.quiet)
-    print(f"wrote {', '.join(str(d) for d in dirs)}: {shapes.n_params:,} params per model "
-          f"in {time.perf_counter() - t0:.1f} s")
+    dirs = write_checkpoints(
+        args.out, shapes, args.seed, args.finetunes, shard_bytes, threads=args.threads, quiet=args.quiet
+    )
+    print(
+        f"wrote {', '.join(str(d) for d in dirs)}: {shapes.n_params:,} params per model "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 

@@ -7,7 +7,7 @@ Validates the arguments, resolves the method preset (:mod:`m3kernels.merge.recip
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ def validate_inputs(base, models, out=None, out_dtype=None):
     return base, models, out_dtype
 
 
-def thresholds_to_bits(thresholds: Sequence[Optional[float]]) -> np.ndarray:
+def thresholds_to_bits(thresholds: Sequence[float | None]) -> np.ndarray:
     """Trim thresholds as values (None: keep all, inf: keep none) -> kernel bit patterns."""
     bits = []
     for t in thresholds:
@@ -95,7 +95,7 @@ def thresholds_to_bits(thresholds: Sequence[Optional[float]]) -> np.ndarray:
 SMALL_TENSOR_NUMEL = 1 << 16  # up to this many elements, stage A selects the trim thresholds directly
 
 
-def small_tensor_keys(p, base, models, backend) -> Optional[np.ndarray]:
+def small_tensor_keys(p, base, models, backend) -> np.ndarray | None:
     """bits(|δ'_i|) of every element (uint32[n, numel], δ' = the delta after the DARE step): the
     values ``backend.histogram`` counts, from the backend's ``delta_keys`` (the CPU extension runs
     the same kernel code as for its histograms). None for a backend without it (Triton, CUDA:
@@ -117,7 +117,9 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
     b = base if p.has_base else None
     if recipe.rescale == "l1":
         total, kept = backend.l1_sums(p, b, models)
-        if not (np.all(np.isfinite(total)) and np.all(np.isfinite(kept))):  # a NaN/inf delta: finite ones only
+        if not (
+            np.all(np.isfinite(total)) and np.all(np.isfinite(kept))
+        ):  # a NaN/inf delta: finite ones only
             total, kept, bad = finite_l1_sums(recipe, name, b, models)
             report_non_finite(name, bad)
         p = p.with_dare_scale([f32(t / k) if k > 0 else 1.0 for t, k in zip(total, kept)])
@@ -139,6 +141,7 @@ def large_tensor_thresholds(p, base, models, backend, ks, numel) -> np.ndarray:
     """The exact k-th largest bits(|δ'_i|) of a large tensor: in one pass over the inputs
     (:func:`~m3kernels.merge.select.select_thresholds_single_pass`) where the backend counts
     brackets (the CPU one), else, and when a bracket misses, by two histogram passes."""
+
     def hist(prefix):
         return backend.histogram(p, base, models, prefix)
 
@@ -146,15 +149,35 @@ def large_tensor_thresholds(p, base, models, backend, ks, numel) -> np.ndarray:
     runs = sample_runs(numel)
     if count is None or not hasattr(backend, "sample_keys") or runs == 0:
         return select_thresholds(hist, ks, numel)
-    return select_thresholds_single_pass(lambda: backend.sample_keys(p, base, models, runs),
-                                         lambda lo, span, fine: count(p, base, models, lo, span, fine), hist,
-                                         ks, numel)
+    return select_thresholds_single_pass(
+        lambda: backend.sample_keys(p, base, models, runs),
+        lambda lo, span, fine: count(p, base, models, lo, span, fine),
+        hist,
+        ks,
+        numel,
+    )
 
 
-def merge_tensors(base, models, *, method, weights=None, density=None, drop_rate=None,
-                  normalize=None, rescale=None, lambda_=1.0, mix_ratios=None, mixup_alpha=None,
-                  seed=0, name="", out_dtype=None, backend="auto", out=None,
-                  thresholds=None) -> torch.Tensor:
+def merge_tensors(
+    base,
+    models,
+    *,
+    method,
+    weights=None,
+    density=None,
+    drop_rate=None,
+    normalize=None,
+    rescale=None,
+    lambda_=1.0,
+    mix_ratios=None,
+    mixup_alpha=None,
+    seed=0,
+    name="",
+    out_dtype=None,
+    backend="auto",
+    out=None,
+    thresholds=None,
+) -> torch.Tensor:
     """Merge one tensor of N fine-tuned models (and an optional base) by ``method``.
 
     The result is the per-element program of docs/KERNEL.md (the contract: docs/SPEC.md §1),
@@ -205,10 +228,20 @@ def merge_tensors(base, models, *, method, weights=None, density=None, drop_rate
             value out of range, a parameter the method does not take, a missing base).
     """
     base, models, out_dtype = validate_inputs(base, models, out, out_dtype)
-    recipe = make_recipe(len(models), method=method, has_base=base is not None, weights=weights,
-                         density=density, drop_rate=drop_rate, normalize=normalize,
-                         rescale=rescale, lambda_=lambda_, mix_ratios=mix_ratios,
-                         mixup_alpha=mixup_alpha, seed=seed)
+    recipe = make_recipe(
+        len(models),
+        method=method,
+        has_base=base is not None,
+        weights=weights,
+        density=density,
+        drop_rate=drop_rate,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        mix_ratios=mix_ratios,
+        mixup_alpha=mixup_alpha,
+        seed=seed,
+    )
     if thresholds is not None:
         if recipe.trim_density is None:
             raise ValueError(f"thresholds: method {recipe.method!r} has no magnitude trim")
@@ -248,4 +281,11 @@ def trim_thresholds(base, models, *, method, name="", backend="auto", **kwargs) 
     return [bits_to_float(int(x)) for x in p.trim_min]
 
 
-__all__ = ["merge_tensors", "merge_job", "trim_thresholds", "validate_inputs", "prepare", "thresholds_to_bits"]
+__all__ = [
+    "merge_tensors",
+    "merge_job",
+    "trim_thresholds",
+    "validate_inputs",
+    "prepare",
+    "thresholds_to_bits",
+]

@@ -31,15 +31,17 @@ CArray<T> param_array(py::handle p, const char* name, int n) {
     py::object obj = p.attr(name);
     CArray<T> arr = CArray<T>::ensure(obj);
     if (!arr || arr.ndim() != 1 || arr.shape(0) != n)
-        throw py::value_error(std::string("KernelParams.") + name + ": expected a 1-d array of n = " +
-                              std::to_string(n) + " values");
+        throw py::value_error(std::string("KernelParams.") + name +
+                              ": expected a 1-d array of n = " + std::to_string(n) + " values");
     return arr;
 }
 
 int check_dtype(int code, const char* what) {
     if (code < 0 || code > 2)
-        throw py::value_error(std::string(what) + ": dtype code must be 0 (float32), 1 (bfloat16) "
-                              "or 2 (float16), got " + std::to_string(code));
+        throw py::value_error(std::string(what) +
+                              ": dtype code must be 0 (float32), 1 (bfloat16) "
+                              "or 2 (float16), got " +
+                              std::to_string(code));
     return code;
 }
 
@@ -94,7 +96,8 @@ struct Call {
         args.dare_scale = dare_scale.data();
         args.trim_min = has_trim ? trim_min.data() : nullptr;
         if (args.has_base) {
-            if (base_ptr == 0 && numel > 0) throw py::value_error("KernelParams.has_base but no base pointer");
+            if (base_ptr == 0 && numel > 0)
+                throw py::value_error("KernelParams.has_base but no base pointer");
             args.base = reinterpret_cast<const void*>(base_ptr);
             args.base_dtype = check_dtype(base_dtype, "base");
         } else {
@@ -120,9 +123,8 @@ void merge(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<u
 }
 
 py::array_t<int64_t> histogram(py::handle p, uintptr_t base_ptr, int base_dtype,
-                               const std::vector<uintptr_t>& model_ptrs,
-                               const std::vector<int>& model_dtypes, int64_t numel, py::object prefix,
-                               int64_t index_offset) {
+                               const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
+                               int64_t numel, py::object prefix, int64_t index_offset) {
     Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
     const int n = call.args.n;
     CArray<uint32_t> pre;
@@ -149,8 +151,7 @@ py::array_t<int64_t> histogram(py::handle p, uintptr_t base_ptr, int base_dtype,
 // bits(|d'_i|) of every element (uint32[n, numel]): the small-tensor stage A (exact select).
 py::array_t<uint32_t> delta_keys(py::handle p, uintptr_t base_ptr, int base_dtype,
                                  const std::vector<uintptr_t>& model_ptrs,
-                                 const std::vector<int>& model_dtypes, int64_t numel,
-                                 int64_t index_offset) {
+                                 const std::vector<int>& model_dtypes, int64_t numel, int64_t index_offset) {
     Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
     py::array_t<uint32_t> keys({py::ssize_t(call.args.n), py::ssize_t(numel)});
     uint32_t* k = keys.mutable_data();
@@ -167,8 +168,9 @@ py::array_t<uint32_t> delta_keys(py::handle p, uintptr_t base_ptr, int base_dtyp
 // Single-pass threshold, step 1: bits(|d'_i|) of `runs` runs of 64 elements spread evenly over
 // the tensor (uint32[n, runs * 64]; numel >= 64 * runs).
 py::array_t<uint32_t> sample_keys(py::handle p, uintptr_t base_ptr, int base_dtype,
-                                  const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
-                                  int64_t numel, int64_t runs, int64_t index_offset) {
+                                  const std::vector<uintptr_t>& model_ptrs,
+                                  const std::vector<int>& model_dtypes, int64_t numel, int64_t runs,
+                                  int64_t index_offset) {
     Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
     if (runs < 0 || (runs > 0 && numel / runs < 64))
         throw py::value_error("sample_keys: need 0 <= runs <= numel / 64");
@@ -188,15 +190,16 @@ py::array_t<uint32_t> sample_keys(py::handle p, uintptr_t base_ptr, int base_dty
 // above[i] = #elements with bits(|d'_i|) >= (lo[i] + span[i]) << 16, range[i] = int64[span[i]]
 // high-16 counts of buckets lo[i] .. lo[i] + span[i] - 1, fine[i] = int64[4, 65536] low-16 counts
 // of the buckets fine_buckets[i] (up to 4, each inside the range). Returns (above, range, fine).
-py::tuple bracket_count(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<uintptr_t>& model_ptrs,
-                        const std::vector<int>& model_dtypes, int64_t numel, const std::vector<uint32_t>& lo,
-                        const std::vector<uint32_t>& span, const std::vector<std::vector<uint32_t>>& fine_buckets,
-                        int64_t index_offset) {
+py::tuple bracket_count(py::handle p, uintptr_t base_ptr, int base_dtype,
+                        const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
+                        int64_t numel, const std::vector<uint32_t>& lo, const std::vector<uint32_t>& span,
+                        const std::vector<std::vector<uint32_t>>& fine_buckets, int64_t index_offset) {
     constexpr int kFine = 4;
     Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
     const int n = call.args.n;
     if (int(lo.size()) != n || int(span.size()) != n || int(fine_buckets.size()) != n)
-        throw py::value_error("bracket_count: expected n = " + std::to_string(n) + " lo, span and fine_buckets");
+        throw py::value_error("bracket_count: expected n = " + std::to_string(n) +
+                              " lo, span and fine_buckets");
     size_t total = 0;
     std::vector<uint32_t> fb(size_t(n) * kFine, 0xffffffffu);
     for (int i = 0; i < n; ++i) {
@@ -247,17 +250,19 @@ py::tuple bracket_count(py::handle p, uintptr_t base_ptr, int base_dtype, const 
 // smallest), as m3kernels.merge.select.select_from_keys picks them; else p.trim_min. Returns the
 // thresholds used, uint64[T, n].
 py::array_t<uint64_t> merge_batch(py::handle p, const std::vector<uintptr_t>& base_ptrs, int base_dtype,
-                                  const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
-                                  const std::vector<int64_t>& numels, const std::vector<uintptr_t>& out_ptrs,
-                                  int out_dtype, py::object ks, py::object key0, py::object key1) {
+                                  const std::vector<uintptr_t>& model_ptrs,
+                                  const std::vector<int>& model_dtypes, const std::vector<int64_t>& numels,
+                                  const std::vector<uintptr_t>& out_ptrs, int out_dtype, py::object ks,
+                                  py::object key0, py::object key1) {
     const size_t count = numels.size();
     const int n = p.attr("n").cast<int>();
     const bool has_base = p.attr("has_base").cast<bool>();
     if (n < 1) throw py::value_error("KernelParams.n must be >= 1");
     if (out_ptrs.size() != count || model_ptrs.size() != count * size_t(n) ||
         (has_base && base_ptrs.size() != count))
-        throw py::value_error("merge_batch: expected one output, n model pointers and (with a base) one base "
-                              "pointer per tensor");
+        throw py::value_error(
+            "merge_batch: expected one output, n model pointers and (with a base) one base "
+            "pointer per tensor");
     for (size_t t = 0; t < count; ++t) {
         if (numels[t] < 0) throw py::value_error("numel must be >= 0");
         if (numels[t] == 0) continue;
@@ -407,8 +412,8 @@ std::vector<std::string> simd_levels() {
 
 void set_simd_level(const std::string& name) {
     if (!m3k::set_level(name.c_str()))
-        throw py::value_error("SIMD level '" + name + "' is unknown or not supported by this CPU; supported: auto, " +
-                              [] {
+        throw py::value_error("SIMD level '" + name +
+                              "' is unknown or not supported by this CPU; supported: auto, " + [] {
                                   std::string s;
                                   for (auto& x : simd_levels()) s += (s.empty() ? "" : ", ") + x;
                                   return s;
@@ -431,7 +436,8 @@ PYBIND11_MODULE(_C, m) {
           "Stage A: int64[n, 65536] histogram of bits(|delta after DARE|), high 16 bits or (prefix) low 16.");
     m.def("delta_keys", &delta_keys, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
-          "Stage A, small tensors: uint32[n, numel] bits(|delta after DARE|), the values the histograms count.");
+          "Stage A, small tensors: uint32[n, numel] bits(|delta after DARE|), the values the histograms "
+          "count.");
     m.def("sample_keys", &sample_keys, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("runs"),
           py::arg("index_offset") = 0,
@@ -440,15 +446,16 @@ PYBIND11_MODULE(_C, m) {
     m.def("bracket_count", &bracket_count, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("lo"), py::arg("span"),
           py::arg("fine_buckets"), py::arg("index_offset") = 0,
-          "Stage A, single pass: (above int64[n], [int64[span[i]]] high-16 counts of each model's bucket range, "
+          "Stage A, single pass: (above int64[n], [int64[span[i]]] high-16 counts of each model's bucket "
+          "range, "
           "int64[n, 4, 65536] low-16 counts of its fine buckets).");
     m.def("merge_batch", &merge_batch, py::arg("p"), py::arg("base_ptrs"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numels"), py::arg("out_ptrs"),
           py::arg("out_dtype"), py::arg("ks") = py::none(), py::arg("key0") = py::none(),
           py::arg("key1") = py::none(),
           "Stage A (exact select) and B for many small tensors in one call; returns the thresholds used.");
-    m.def("l1_sums", &l1_sums, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("model_ptrs"),
-          py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
+    m.def("l1_sums", &l1_sums, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
+          py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
           "Stage A: (total, kept) float64[n] sums of |delta| for rescale: l1.");
     m.def("philox_u32", &philox_u32, py::arg("key0"), py::arg("key1"), py::arg("first"), py::arg("count"),
           "DARE stream words u32 for flat indices first .. first + count - 1.");
@@ -460,9 +467,12 @@ PYBIND11_MODULE(_C, m) {
     m.def("simd_levels", &simd_levels, "The kernel variants this CPU supports (most portable first).");
     m.def("set_simd_level", &set_simd_level, py::arg("name"),
           "Use another supported variant ('generic', 'avx2', 'avx512' or 'auto').");
-    m.def("set_num_threads", [](int n) {
-        if (n < 1) throw py::value_error("num_threads must be >= 1");
-        omp_set_num_threads(n);
-    }, py::arg("n"), "OpenMP threads of later calls made from this thread.");
+    m.def(
+        "set_num_threads",
+        [](int n) {
+            if (n < 1) throw py::value_error("num_threads must be >= 1");
+            omp_set_num_threads(n);
+        },
+        py::arg("n"), "OpenMP threads of later calls made from this thread.");
     m.def("get_num_threads", [] { return omp_get_max_threads(); });
 }

@@ -18,7 +18,9 @@ struct Level {
     bool (*supported)();
 };
 
-bool has_generic() { return true; }
+bool has_generic() {
+    return true;
+}
 
 bool has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)

@@ -17,26 +17,26 @@ enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 enum Combine : int { kSum = 0, kMean = 1, kTies = 2 };
 
 struct TensorArgs {
-    int n;                       // number of fine-tuned models
-    int has_base;                // 0: base is zero
-    int combine;                 // Combine
-    int normalize;               // ties: divide by the agreeing weights
-    float lam;                   // scaling coefficient s
-    float mean_den;              // sum of coef (mean combine)
-    const float* vote_w;         // [n]
-    const float* coef;           // [n]
-    const uint8_t* dare;         // [n] 1: DARE drop on
-    const uint32_t* key0;        // [n]
-    const uint32_t* key1;        // [n]
-    const uint64_t* dare_thr;    // [n] keep iff u32 < thr (0 .. 2^32)
-    const float* dare_scale;     // [n]
-    const uint64_t* trim_min;    // [n] keep iff bits(|d|) >= trim_min; 0 keep all, 2^32 none
-    const void* base;            // nullptr when has_base == 0
+    int n;                     // number of fine-tuned models
+    int has_base;              // 0: base is zero
+    int combine;               // Combine
+    int normalize;             // ties: divide by the agreeing weights
+    float lam;                 // scaling coefficient s
+    float mean_den;            // sum of coef (mean combine)
+    const float* vote_w;       // [n]
+    const float* coef;         // [n]
+    const uint8_t* dare;       // [n] 1: DARE drop on
+    const uint32_t* key0;      // [n]
+    const uint32_t* key1;      // [n]
+    const uint64_t* dare_thr;  // [n] keep iff u32 < thr (0 .. 2^32)
+    const float* dare_scale;   // [n]
+    const uint64_t* trim_min;  // [n] keep iff bits(|d|) >= trim_min; 0 keep all, 2^32 none
+    const void* base;          // nullptr when has_base == 0
     int base_dtype;
-    const void* const* models;   // [n]
-    const int* model_dtypes;     // [n]
+    const void* const* models;  // [n]
+    const int* model_dtypes;    // [n]
     int64_t numel;
-    int64_t index_offset;        // flat index of element 0 (DARE counter); 0 for whole tensors
+    int64_t index_offset;  // flat index of element 0 (DARE counter); 0 for whole tensors
 };
 
 struct KernelTable {

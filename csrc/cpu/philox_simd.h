@@ -35,8 +35,7 @@ static inline __m256i opaque(__m256i x) {
 
 // Words of counters q0 .. q0 + nq - 1 into out[4 * (q - q0) + w]. Writes up to the next
 // multiple of the variant's group size (out needs kPhiloxSlack spare words).
-static inline void philox_fill(const PhiloxKeys& key, uint64_t q0, int64_t nq,
-                               uint32_t* __restrict out) {
+static inline void philox_fill(const PhiloxKeys& key, uint64_t q0, int64_t nq, uint32_t* __restrict out) {
 #if M3K_HAVE_AVX512
     // 64-bit lanes, low halves hold the words (vpmuludq reads only those). Counter order in the
     // lanes (0,4,1,5,2,6,3,7) makes unpacklo/unpackhi emit 4 words per counter in index order.

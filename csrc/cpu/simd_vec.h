@@ -98,9 +98,13 @@ M3K_INLINE vf vsplat(float x) {
 }
 
 // m ? a : b per lane (m is 0 or -1): a blend, both operands already computed.
-M3K_INLINE vf vsel(vi m, vf a, vf b) { return m ? a : b; }
+M3K_INLINE vf vsel(vi m, vf a, vf b) {
+    return m ? a : b;
+}
 
-M3K_INLINE vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }
+M3K_INLINE vf vabs(vf x) {
+    return (vf)((vu)x & 0x7fffffffu);
+}
 
 // Bit l set iff lane l of the mask m (0 or -1 per lane) is set.
 M3K_INLINE uint32_t lane_bits(vi m) {
@@ -134,9 +138,11 @@ M3K_INLINE vf load_f16_vec(const uint16_t* p) {
 // bf16 -> f32 is the 16 bits moved to the top of the word.
 M3K_INLINE vf load_bf16_vec(const uint16_t* p) {
 #if M3K_HAVE_AVX512
-    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+    return (vf)_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
 #elif M3K_HAVE_AVX2
-    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                                 16);
 #elif defined(__SSE2__)
     return (vf)_mm_unpacklo_epi16(_mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
 #else

@@ -47,7 +47,7 @@ struct ModelPlan {
     int dare;          // 0 off, 1 keep iff u32 <= dare_le, 2 drop everything (density 0)
     uint32_t dare_le;  // thr - 1 (thr = 2^32 keeps everything)
     float dare_scale;
-    int trim;          // 0 off, 1 keep iff bits(|d|) >= trim_min, 2 keep nothing
+    int trim;  // 0 off, 1 keep iff bits(|d|) >= trim_min, 2 keep nothing
     uint32_t trim_min;
     PhiloxKeys key;
 };
@@ -94,22 +94,21 @@ struct ModelIn {
 };
 
 // Model i's inputs for one block (u: its Philox words; trim = false in stage A).
-static inline ModelIn model_in(const TensorArgs& a, const ModelPlan& p, int i, const uint32_t* u,
-                               bool trim) {
-    return ModelIn{a.models[i], a.model_dtypes[i], p.dare, trim ? p.trim : 0, p.dare_le,
-                   p.trim_min, p.dare_scale, a.coef[i], a.vote_w[i], u};
+static inline ModelIn model_in(const TensorArgs& a, const ModelPlan& p, int i, const uint32_t* u, bool trim) {
+    return ModelIn{a.models[i], a.model_dtypes[i], p.dare,    trim ? p.trim : 0, p.dare_le,
+                   p.trim_min,  p.dare_scale,      a.coef[i], a.vote_w[i],       u};
 }
 
 // ---------------------------------------------------------------- per-thread scratch
 
 struct Scratch {
-    uint32_t* u;         // [n][kBlock + kPhiloxSlack] Philox words of the current block
+    uint32_t* u;            // [n][kBlock + kPhiloxSlack] Philox words of the current block
     const uint32_t** uptr;  // [n] start of model i's words for the block (after the skip)
-    vf* dv;              // [n] TIES: the deltas of the current vector
-    ModelIn* mi;         // [n] stage B: per-model inputs (models beyond the unrolled counts)
-    uint32_t* keys;      // [kBlock] histograms: bits(|d|) of one model
-    float* ad;           // [kBlock] L1 sums: |d|
-    float* kd;           // [kBlock] L1 sums: |d| where kept
+    vf* dv;                 // [n] TIES: the deltas of the current vector
+    ModelIn* mi;            // [n] stage B: per-model inputs (models beyond the unrolled counts)
+    uint32_t* keys;         // [kBlock] histograms: bits(|d|) of one model
+    float* ad;              // [kBlock] L1 sums: |d|
+    float* kd;              // [kBlock] L1 sums: |d| where kept
     void* mem;
 };
 
@@ -195,15 +194,16 @@ M3K_INLINE vf base_vec(const TensorIn& t, int64_t g, int rem) {
 // of models at compile time (loops unrolled, deltas in registers); NM = 0 reads it from n.
 // DT >= 0: base, every model and the output have that dtype (no per-vector dtype branches).
 template <int NM, int DT, bool PARTIAL>
-M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g,
-                          int64_t k, int rem, void* out, int out_dtype) {
+M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
+                          void* out, int out_dtype) {
     if (NM > 0) n = NM;
     if (DT >= 0) out_dtype = DT;
     const vf b = base_vec<PARTIAL, DT>(t, g, rem);
     vf m;
     if (t.combine != kTies) {
         vf acc = vf{};
-        for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
+        for (int i = 0; i < n; ++i)
+            acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
         vf vote = vf{};  // the sign election uses the user weights only
@@ -232,8 +232,8 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
 
 // One block of stage B: elements [start, start + cnt).
 template <int NM, int DT>
-static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t cnt,
-                        Scratch& s, void* out, int out_dtype) {
+static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t cnt, Scratch& s,
+                        void* out, int out_dtype) {
     block_philox(a, plans, start, cnt, s);
     const int n = NM > 0 ? NM : a.n;
     ModelIn local[NM > 0 ? NM : 1];
@@ -256,11 +256,16 @@ typedef void (*MergeBlockFn)(const TensorArgs&, const ModelPlan*, int64_t, int64
 template <int DT>
 static MergeBlockFn pick_merge_block_n(int n) {
     switch (n) {
-        case 1: return merge_block<1, DT>;
-        case 2: return merge_block<2, DT>;
-        case 3: return merge_block<3, DT>;
-        case 4: return merge_block<4, DT>;
-        default: return merge_block<0, DT>;
+        case 1:
+            return merge_block<1, DT>;
+        case 2:
+            return merge_block<2, DT>;
+        case 3:
+            return merge_block<3, DT>;
+        case 4:
+            return merge_block<4, DT>;
+        default:
+            return merge_block<0, DT>;
     }
 }
 
@@ -346,8 +351,8 @@ M3K_INLINE void count_low_vec(vf d, int rem, uint32_t pre, uint32_t* __restrict 
     }
 }
 
-static void block_count_low(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt,
-                            uint32_t pre, uint32_t* __restrict h) {
+static void block_count_low(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt, uint32_t pre,
+                            uint32_t* __restrict h) {
     int64_t k = 0;
     for (; k + W <= cnt; k += W) {
         const vf b = base_vec<false>(t, start + k, W);
@@ -361,8 +366,8 @@ static void block_count_low(const TensorIn& t, const ModelIn& m, int64_t start, 
 }
 
 template <bool PASS2>
-static void histogram_range(const TensorArgs& a, const ModelPlan* plans, const uint32_t* prefix,
-                            int64_t lo, int64_t hi, int64_t* hist) {
+static void histogram_range(const TensorArgs& a, const ModelPlan* plans, const uint32_t* prefix, int64_t lo,
+                            int64_t hi, int64_t* hist) {
     const int n = a.n;
     const int64_t nblocks = (hi - lo + kBlock - 1) / kBlock;
     const size_t per_model = size_t(kHistCopies) * kBins;
@@ -495,10 +500,10 @@ static bool sample_keys(const TensorArgs& a, int64_t runs, uint32_t* keys) {
 constexpr int kMaxFine = 4;
 
 struct BracketIn {
-    uint32_t lo_key;       // lo << 16
-    uint32_t span_key;     // span << 16 (0xffffffff for all 65536 buckets)
-    uint32_t span;         // buckets in the range
-    const uint8_t* fidx;   // [span] fine row of each range bucket (kMaxFine: none)
+    uint32_t lo_key;      // lo << 16
+    uint32_t span_key;    // span << 16 (0xffffffff for all 65536 buckets)
+    uint32_t span;        // buckets in the range
+    const uint8_t* fidx;  // [span] fine row of each range bucket (kMaxFine: none)
 };
 
 // The lanes of one vector of deltas: count those above the range, pack those in it into buf.
@@ -528,9 +533,9 @@ M3K_INLINE int bracket_vec(vf d, int rem, const BracketIn& br, uint32_t& above, 
 #endif
 }
 
-static void block_bracket(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt, const BracketIn& br,
-                          uint32_t& above, uint32_t* __restrict buf, uint32_t* __restrict range,
-                          uint32_t* __restrict fine) {
+static void block_bracket(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt,
+                          const BracketIn& br, uint32_t& above, uint32_t* __restrict buf,
+                          uint32_t* __restrict range, uint32_t* __restrict fine) {
     int64_t k = 0;
     int c = 0;
     for (; k + W <= cnt; k += W) {
@@ -554,9 +559,9 @@ static void block_bracket(const TensorIn& t, const ModelIn& m, int64_t start, in
 // Elements [lo, hi) (hi - lo <= 2^31: per-thread uint32 counts stay exact). Per thread: the
 // kHistCopies range copies of every model (roff: model i's first copy, span[i] each), then
 // kMaxFine + 1 fine rows per model.
-static void bracket_range(const TensorArgs& a, const ModelPlan* plans, const BracketIn* br, const size_t* roff,
-                          size_t range_total, int64_t lo, int64_t hi, int64_t* above, int64_t* range,
-                          int64_t* fine, bool& failed) {
+static void bracket_range(const TensorArgs& a, const ModelPlan* plans, const BracketIn* br,
+                          const size_t* roff, size_t range_total, int64_t lo, int64_t hi, int64_t* above,
+                          int64_t* range, int64_t* fine, bool& failed) {
     const int n = a.n;
     const int64_t nblocks = (hi - lo + kBlock - 1) / kBlock;
     const size_t rows = size_t(kMaxFine + 1) * kBins;
@@ -595,7 +600,8 @@ static void bracket_range(const TensorArgs& a, const ModelPlan* plans, const Bra
                     for (int c = 0; c < kHistCopies; ++c)
                         for (size_t j = 0; j < sp; ++j) range[roff[i] + j] += hr[size_t(c) * sp + j];
                     const uint32_t* hf = h + copies_total + size_t(i) * rows;
-                    for (size_t j = 0; j < size_t(kMaxFine) * kBins; ++j) fine[size_t(i) * kMaxFine * kBins + j] += hf[j];
+                    for (size_t j = 0; j < size_t(kMaxFine) * kBins; ++j)
+                        fine[size_t(i) * kMaxFine * kBins + j] += hf[j];
                 }
             } else {
                 failed = true;
@@ -684,8 +690,8 @@ M3K_INLINE void l1_vec(const TensorIn& t, const ModelIn& m, int64_t g, int64_t k
 
 // float64 sums of |d| and |d| * keep over one chunk [start, end): blocks in order, lanes added
 // in a fixed order at the end, so the result depends on the data only.
-static void l1_chunk(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t end,
-                     Scratch& s, double* tot_out, double* kept_out) {
+static void l1_chunk(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t end, Scratch& s,
+                     double* tot_out, double* kept_out) {
     const TensorIn t = tensor_in(a);
     for (int i = 0; i < a.n; ++i) {
         const ModelPlan& p = plans[i];
@@ -752,8 +758,7 @@ static void l1_sums(const TensorArgs& a, double* total, double* kept) {
 
 static void philox_u32(uint32_t key0, uint32_t key1, int64_t first, int64_t count, uint32_t* out) {
     const PhiloxKeys key = philox_keys(key0, key1);
-    uint32_t* buf =
-        static_cast<uint32_t*>(aligned_alloc(64, sizeof(uint32_t) * (kBlock + kPhiloxSlack)));
+    uint32_t* buf = static_cast<uint32_t*>(aligned_alloc(64, sizeof(uint32_t) * (kBlock + kPhiloxSlack)));
     if (!buf) return;
     for (int64_t k = 0; k < count; k += kBlock) {
         const int64_t cnt = count - k < kBlock ? count - k : kBlock;

@@ -11,10 +11,10 @@ import torch
 
 from m3kernels.api import prepare
 from m3kernels.backends import get_backend
-from m3kernels.merge.kernel_params import HIST_BINS, trim_k
 from m3kernels.checkpoint.plan import COPY, MergePlan
-from m3kernels.merge.select import bits_to_float, select_thresholds
 from m3kernels.checkpoint.produce import Prefetcher
+from m3kernels.merge.kernel_params import HIST_BINS, trim_k
+from m3kernels.merge.select import bits_to_float, select_thresholds
 
 log = logging.getLogger("m3kernels")
 
@@ -33,8 +33,14 @@ def model_thresholds(plan: MergePlan, device: torch.device, backend: str, progre
     total = sum(pt.merged_numel for pt in pts)
     ks = [trim_k(d, total) for d in recipe.trim_density]
     be = get_backend(backend, device)
-    bar = tqdm(total=2 * sum(pt.merged_numel for pt in pts), desc="statistics", unit="el", unit_scale=True,
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=2 * sum(pt.merged_numel for pt in pts),
+        desc="statistics",
+        unit="el",
+        unit_scale=True,
+        disable=not progress,
+        leave=False,
+    )
 
     def hist(prefix):
         acc = np.zeros((n, HIST_BINS), dtype=np.int64)

@@ -12,27 +12,27 @@ import logging
 import math
 import mmap
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Optional
 
 import torch
 
 from m3kernels.api import merge_job, merge_tensors, prepare, thresholds_to_bits
 from m3kernels.backends import get_backend
-from m3kernels.merge.job import MergeJob
 from m3kernels.checkpoint.plan import COPY, MERGE, VOCAB, MergePlan, PlannedTensor
 from m3kernels.checkpoint.writer import DIRECT_ALIGN, TensorPart, output_offset
+from m3kernels.merge.job import MergeJob
 from m3kernels.merge.kernel_params import make_params, trim_k
 from m3kernels.merge.philox import dare_key
 
 log = logging.getLogger("m3kernels")
 
 
-PREFETCH_BYTES = 1 << 30      # how far ahead (input bytes) the read-ahead hints reach
-BATCH_NUMEL = 1 << 14         # consecutive tensors of at most this many elements are merged ...
-BATCH_BYTES = 4 << 20         # ... in batches of at most this many output bytes, one kernel call each
-PART_BYTES = 32 << 20         # stage B of larger tensors runs in parts of this many output bytes (a
-                              # multiple of DIRECT_ALIGN and of 1024 elements), each written as it is done
+PREFETCH_BYTES = 1 << 30  # how far ahead (input bytes) the read-ahead hints reach
+BATCH_NUMEL = 1 << 14  # consecutive tensors of at most this many elements are merged ...
+BATCH_BYTES = 4 << 20  # ... in batches of at most this many output bytes, one kernel call each
+PART_BYTES = 32 << 20  # stage B of larger tensors runs in parts of this many output bytes (a
+# multiple of DIRECT_ALIGN and of 1024 elements), each written as it is done
 
 
 class Prefetcher:
@@ -119,7 +119,7 @@ class BufferPool:
                 self.free.clear()
         if buf is None:
             buf = _page_aligned(need + DIRECT_ALIGN)  # room for any phase when it is reused
-        return buf[phase:phase + nbytes].view(dtype).reshape(shape), lambda: self._give_back(buf)
+        return buf[phase : phase + nbytes].view(dtype).reshape(shape), lambda: self._give_back(buf)
 
     def _give_back(self, buf: torch.Tensor) -> None:
         with self.lock:
@@ -149,19 +149,30 @@ def _merge_tensors(pt: PlannedTensor, b, ms, out: torch.Tensor, kw: dict) -> tor
     already checked, would cost more than the merge of a small tensor); anything unusual takes
     ``merge_tensors`` itself."""
     r, th = pt.recipe, kw["thresholds"]
-    if (r is None or out.numel() == 0 or (th is not None and (r.trim_density is None or len(th) != r.n))
-            or not all(m.is_contiguous() for m in ms) or (b is not None and not b.is_contiguous())):
+    if (
+        r is None
+        or out.numel() == 0
+        or (th is not None and (r.trim_density is None or len(th) != r.n))
+        or not all(m.is_contiguous() for m in ms)
+        or (b is not None and not b.is_contiguous())
+    ):
         return merge_tensors(b, ms, out=out, **kw)
-    return merge_job(MergeJob(pt.name, b, ms, pt.out_dtype, r, thresholds=th), get_backend(kw["backend"], out.device),
-                     out)
+    return merge_job(
+        MergeJob(pt.name, b, ms, pt.out_dtype, r, thresholds=th), get_backend(kw["backend"], out.device), out
+    )
 
 
 def _in_parts(pt: PlannedTensor, be, thresholds) -> bool:
     """Whether ``pt`` is merged part by part (:func:`_merge_parts`): a plain MERGE tensor of at least
     two parts, on a backend with ``merge_range``, on the fast path of :func:`_merge_tensors`."""
     r = pt.recipe
-    if (pt.action != MERGE or r is None or pt.nbytes < 2 * PART_BYTES or not hasattr(be, "merge_range")
-            or (thresholds is not None and (r.trim_density is None or len(thresholds) != r.n))):
+    if (
+        pt.action != MERGE
+        or r is None
+        or pt.nbytes < 2 * PART_BYTES
+        or not hasattr(be, "merge_range")
+        or (thresholds is not None and (r.trim_density is None or len(thresholds) != r.n))
+    ):
         return False
     return all(s.meta.dtype in (torch.float32, torch.bfloat16, torch.float16) for s in pt.sources())
 
@@ -189,17 +200,26 @@ def _merge_parts(pt: PlannedTensor, be, thresholds, pool: BufferPool) -> Iterato
         yield TensorPart(out, lo * size, hi == numel), give_back
 
 
-def merge_one(pt: PlannedTensor, plan: MergePlan, backend: str, thresholds,
-              out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def merge_one(
+    pt: PlannedTensor, plan: MergePlan, backend: str, thresholds, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """One output tensor on the CPU, exactly as merge_tensors computes it (into ``out`` if given)."""
     b, ms = pt.inputs()
     if out is None:
         out = torch.empty(pt.shape, dtype=pt.out_dtype)
-    kw = dict(method=plan.config.method, **pt.kwargs, mix_ratios=plan.mix_ratios, seed=plan.seed,
-              name=pt.name, out_dtype=pt.out_dtype, backend=backend, thresholds=thresholds)
+    kw = dict(
+        method=plan.config.method,
+        **pt.kwargs,
+        mix_ratios=plan.mix_ratios,
+        seed=plan.seed,
+        name=pt.name,
+        out_dtype=pt.out_dtype,
+        backend=backend,
+        thresholds=thresholds,
+    )
     if pt.action != VOCAB:
         return _merge_tensors(pt, b, ms, out, kw)
-    _merge_tensors(pt, b, ms, out[:pt.common_rows], kw)
+    _merge_tensors(pt, b, ms, out[: pt.common_rows], kw)
     fill_extra_rows(pt, out)
     return out
 
@@ -228,11 +248,15 @@ def _batch_key(pt: PlannedTensor):
     r = pt.recipe
     if pt.action != MERGE or r is None or r.rescale == "l1" or not 0 < pt.numel <= BATCH_NUMEL:
         return None
-    return (r, pt.out_dtype, pt.base.meta.dtype if pt.base is not None else None,
-            tuple(s.meta.dtype for s in pt.models))
+    return (
+        r,
+        pt.out_dtype,
+        pt.base.meta.dtype if pt.base is not None else None,
+        tuple(s.meta.dtype for s in pt.models),
+    )
 
 
-def _merge_batch(batch: list, be, thresholds) -> Optional[list]:
+def _merge_batch(batch: list, be, thresholds) -> list | None:
     """Merge small tensors with one ``be.merge_batch`` call, each exactly as ``merge_tensors`` would
     (stage A: the exact per-tensor k-th largest bits(|δ'|), or the given whole-model thresholds;
     DARE keys per tensor name). Returns the outputs, views of one new buffer; None when an input
@@ -263,13 +287,23 @@ def _merge_batch(batch: list, be, thresholds) -> Optional[list]:
     buf = torch.empty(sum(numels), dtype=pt0.out_dtype)
     outs, out_ptrs, off = [], [], 0
     for pt, numel in zip(batch, numels):
-        out = buf[off:off + numel].view(pt.shape)
+        out = buf[off : off + numel].view(pt.shape)
         outs.append(out)
         out_ptrs.append(out.data_ptr())
         off += numel
-    be.merge_batch(p, base_ptrs, pt0.base.meta.dtype if has_base else None, model_ptrs,
-                   [s.meta.dtype for s in pt0.models], numels, out_ptrs, pt0.out_dtype,
-                   ks if trim else None, key0 or None, key1 or None)
+    be.merge_batch(
+        p,
+        base_ptrs,
+        pt0.base.meta.dtype if has_base else None,
+        model_ptrs,
+        [s.meta.dtype for s in pt0.models],
+        numels,
+        out_ptrs,
+        pt0.out_dtype,
+        ks if trim else None,
+        key0 or None,
+        key1 or None,
+    )
     return outs
 
 
@@ -346,7 +380,7 @@ def produce_gpu(plan: MergePlan, todo: list, device: torch.device, backend: str,
             give_back = None
             if pt.action == VOCAB:  # the common rows came from the GPU; add the others
                 full, give_back = pool.take(pt.shape, pt.out_dtype)
-                full[:pt.common_rows] = out
+                full[: pt.common_rows] = out
                 fill_extra_rows(pt, full)
                 out = full
             pt.release()

@@ -37,14 +37,14 @@ import secrets
 import shutil
 import struct
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
-from m3kernels.errors import DiskFullError, OutputExistsError, OutputWriteError
 from m3kernels.checkpoint.output_guard import assert_lock_held
 from m3kernels.checkpoint.safetensors_io import torch_dtype_name
+from m3kernels.errors import DiskFullError, OutputExistsError, OutputWriteError
 
 JOURNAL = ".m3k-journal.json"
 JOURNAL_FORMAT = 1
@@ -52,26 +52,28 @@ TMP_MARK = ".m3k-tmp-"
 OLD_MARK = ".m3k-old-"
 PUBLISH_MARK = ".m3k-publish.json"
 PUBLISH_FORMAT = 1
-_TAG = re.compile(r"[0-9a-f]{8}")   # the random part of a temporary / old folder's name
+_TAG = re.compile(r"[0-9a-f]{8}")  # the random part of a temporary / old folder's name
 log = logging.getLogger("m3kernels")
 HASH_CHUNK = 1 << 24
-STAGING_BYTES = 8 << 20   # output staging buffer (a multiple of DIRECT_ALIGN)
+STAGING_BYTES = 8 << 20  # output staging buffer (a multiple of DIRECT_ALIGN)
 DIRECT_ALIGN = 4096
 
 
 # ------------------------------------------------------------------------------ OS helpers
 @contextlib.contextmanager
-def os_errors(path, tensor: Optional[str] = None):
+def os_errors(path, tensor: str | None = None):
     """Turn OSError into a DiskFullError / OutputWriteError naming ``path`` (and ``tensor``)."""
     try:
         yield
     except OSError as exc:
         what = f" (tensor {tensor!r})" if tensor else ""
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise DiskFullError(f"{path}: no space left on the device while writing{what}",
-                                path=str(path), tensor=tensor) from None
-        raise OutputWriteError(f"{path}: cannot write{what}: {exc.strerror or exc}",
-                               path=str(path), tensor=tensor) from None
+            raise DiskFullError(
+                f"{path}: no space left on the device while writing{what}", path=str(path), tensor=tensor
+            ) from None
+        raise OutputWriteError(
+            f"{path}: cannot write{what}: {exc.strerror or exc}", path=str(path), tensor=tensor
+        ) from None
 
 
 def _write_bytes(fd: int, data) -> None:
@@ -110,7 +112,7 @@ def copy_file_durably(src: Path, dst: Path) -> None:
             os.fsync(f.fileno())
 
 
-def file_sha256(path: Path, limit: Optional[int] = None) -> str:
+def file_sha256(path: Path, limit: int | None = None) -> str:
     """SHA-256 of the file's first ``limit`` bytes (all of it when ``limit`` is None)."""
     h = hashlib.sha256()
     left = float("inf") if limit is None else int(limit)
@@ -131,8 +133,8 @@ def tensor_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
 
 
-DIRECT_MIN = 1 << 20      # writes of at least this many bytes may skip the staging copy ...
-DIRECT_CHUNK = 64 << 20   # ... and go out in O_DIRECT writes of at most this many bytes
+DIRECT_MIN = 1 << 20  # writes of at least this many bytes may skip the staging copy ...
+DIRECT_CHUNK = 64 << 20  # ... and go out in O_DIRECT writes of at most this many bytes
 
 
 class ShardFile:
@@ -164,7 +166,7 @@ class ShardFile:
         self.size = 0
         self.hash = hashlib.sha256()
         self.full_hash = full_hash
-        self.hashed = 0                                          # bytes covered by the fingerprint
+        self.hashed = 0  # bytes covered by the fingerprint
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
         self.direct = hasattr(os, "O_DIRECT") and os.environ.get("M3KERNELS_NO_DIRECT_IO", "") in ("", "0")
         self.fd = -1
@@ -177,7 +179,7 @@ class ShardFile:
                 self.direct = False
         if self.fd < 0:
             self.fd = os.open(self.path, flags, 0o644)
-        self._map = mmap.mmap(-1, staging)                     # page-aligned
+        self._map = mmap.mmap(-1, staging)  # page-aligned
         self._stage = torch.frombuffer(self._map, dtype=torch.uint8)
         self._fill = 0
 
@@ -196,7 +198,7 @@ class ShardFile:
             if self._fill:  # now a whole number of pages
                 self._flush(self._fill)
             self._write_direct(data, head, head + body)
-            self._stage_bytes(data[head + body:])
+            self._stage_bytes(data[head + body :])
         else:
             self._stage_bytes(data)
         self.size += n
@@ -206,7 +208,7 @@ class ShardFile:
         view = memoryview(data.numpy())
         try:
             for off in range(lo, hi, DIRECT_CHUNK):
-                block = view[off:min(hi, off + DIRECT_CHUNK)]
+                block = view[off : min(hi, off + DIRECT_CHUNK)]
                 try:
                     _write_bytes(self.fd, block)
                 except OSError as exc:
@@ -226,7 +228,7 @@ class ShardFile:
         pos = 0
         while pos < n:
             k = min(cap - self._fill, n - pos)
-            self._stage[self._fill:self._fill + k].copy_(data[pos:pos + k])
+            self._stage[self._fill : self._fill + k].copy_(data[pos : pos + k])
             self._fill += k
             pos += k
             if self._fill == cap:
@@ -256,7 +258,7 @@ class ShardFile:
         if self._fill:
             if self.direct:
                 padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
-                self._stage[self._fill:padded].zero_()
+                self._stage[self._fill : padded].zero_()
                 self._flush(padded)
                 os.ftruncate(self.fd, self.size)
             else:
@@ -283,8 +285,11 @@ def shard_header(tensors, metadata: dict) -> bytes:
     obj = {"__metadata__": dict(metadata)}
     pos = 0
     for t in tensors:
-        obj[t.name] = {"dtype": torch_dtype_name(t.out_dtype), "shape": list(t.shape),
-                       "data_offsets": [pos, pos + t.nbytes]}
+        obj[t.name] = {
+            "dtype": torch_dtype_name(t.out_dtype),
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
         pos += t.nbytes
     raw = json.dumps(obj, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
@@ -295,7 +300,7 @@ def shard_header(tensors, metadata: dict) -> bytes:
 class Journal:
     """The temporary folder's record of finished shards (written atomically after each)."""
 
-    def __init__(self, folder: Path, fingerprint: str, data: Optional[dict] = None):
+    def __init__(self, folder: Path, fingerprint: str, data: dict | None = None):
         self.folder = Path(folder)
         self.data = data or {"format": JOURNAL_FORMAT, "fingerprint": fingerprint, "shards": {}, "extra": {}}
 
@@ -308,13 +313,16 @@ class Journal:
         return self.data["shards"]
 
     @classmethod
-    def load(cls, folder: Path) -> Optional["Journal"]:
+    def load(cls, folder: Path) -> Journal | None:
         try:
             data = json.loads((Path(folder) / JOURNAL).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
-        if not isinstance(data, dict) or data.get("format") != JOURNAL_FORMAT or not isinstance(
-                data.get("shards"), dict):
+        if (
+            not isinstance(data, dict)
+            or data.get("format") != JOURNAL_FORMAT
+            or not isinstance(data.get("shards"), dict)
+        ):
             return None
         data.setdefault("extra", {})
         return cls(folder, data.get("fingerprint"), data)
@@ -326,8 +334,12 @@ class Journal:
 
     def shard_done(self, filename: str, size: int, digest: str, hashed: int) -> None:
         st = (self.folder / filename).stat()
-        self.shards[filename] = {"bytes": size, "sha256": digest, "hashed_bytes": hashed,
-                                 "mtime_ns": st.st_mtime_ns}
+        self.shards[filename] = {
+            "bytes": size,
+            "sha256": digest,
+            "hashed_bytes": hashed,
+            "mtime_ns": st.st_mtime_ns,
+        }
         self.save()
 
     def verified_shards(self) -> tuple[set, list]:
@@ -337,8 +349,11 @@ class Journal:
             p = self.folder / fname
             try:
                 st = p.stat()
-                ok = (st.st_size == rec["bytes"] and st.st_mtime_ns == rec.get("mtime_ns")
-                      and file_sha256(p, rec.get("hashed_bytes")) == rec["sha256"])
+                ok = (
+                    st.st_size == rec["bytes"]
+                    and st.st_mtime_ns == rec.get("mtime_ns")
+                    and file_sha256(p, rec.get("hashed_bytes")) == rec["sha256"]
+                )
             except OSError:
                 ok = False
             if ok:
@@ -370,7 +385,7 @@ def publish_record_path(out_dir: Path) -> Path:
 def _ours(out_dir: Path, name: str, mark: str) -> bool:
     """Whether ``name`` (in OUT's parent) is a folder name m3kernels made for ``out_dir`` with ``mark``."""
     prefix = f".{out_dir.name}{mark}"
-    return name.startswith(prefix) and bool(_TAG.fullmatch(name[len(prefix):]))
+    return name.startswith(prefix) and bool(_TAG.fullmatch(name[len(prefix) :]))
 
 
 def _remove_tree(path: Path) -> None:
@@ -380,10 +395,10 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _read_publish_record(out_dir: Path) -> Optional[dict]:
+def _read_publish_record(out_dir: Path) -> dict | None:
     path = publish_record_path(out_dir)
     try:
-        raw = path.read_bytes()[:1 << 26]
+        raw = path.read_bytes()[: 1 << 26]
         rec = json.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         return None
@@ -419,15 +434,23 @@ def tidy_temp_folders(out_dir: Path, sweep: bool = True) -> list:
                     notes.append(f"{out_dir}: put back (a merge was killed while replacing it)")
                     log.warning(notes[-1])
                 elif old is not None and old.exists():  # OUT is there again in some other form
-                    notes.append(f"{old}: the output a killed merge was replacing; {out_dir} exists again, "
-                                 f"so it is left for you")
+                    notes.append(
+                        f"{old}: the output a killed merge was replacing; {out_dir} exists again, "
+                        f"so it is left for you"
+                    )
                     log.warning(notes[-1])
                 data = rec.get("journal")
-                if (not (tmp / JOURNAL).exists() and isinstance(data, dict) and data.get("format") == JOURNAL_FORMAT
-                        and isinstance(data.get("shards"), dict)):
+                if (
+                    not (tmp / JOURNAL).exists()
+                    and isinstance(data, dict)
+                    and data.get("format") == JOURNAL_FORMAT
+                    and isinstance(data.get("shards"), dict)
+                ):
                     data.setdefault("extra", {})
                     Journal(tmp, data.get("fingerprint"), data).save()
-                    notes.append(f"{tmp}: a finished merge killed while being published; --resume publishes it")
+                    notes.append(
+                        f"{tmp}: a finished merge killed while being published; --resume publishes it"
+                    )
                     log.warning(notes[-1])
             elif old is not None and (old.exists() or old.is_symlink()):
                 _remove_tree(old)  # the output was published: the folder it replaced goes
@@ -441,7 +464,12 @@ def tidy_temp_folders(out_dir: Path, sweep: bool = True) -> list:
         return notes
     for name in names:
         p = parent / name
-        if _ours(out_dir, name, TMP_MARK) and p.is_dir() and not p.is_symlink() and not os.path.lexists(p / JOURNAL):
+        if (
+            _ours(out_dir, name, TMP_MARK)
+            and p.is_dir()
+            and not p.is_symlink()
+            and not os.path.lexists(p / JOURNAL)
+        ):
             with os_errors(p):
                 shutil.rmtree(p)
             notes.append(f"{p}: removed (a merge killed before it had written anything)")
@@ -459,7 +487,7 @@ def partial_runs(out_dir: Path) -> list:
     found = []
     for name in names:
         # the rest is a random hex tag: not the temporary folder of an OUT named "OUT.m3k-tmp-x"
-        if not name.startswith(prefix) or "." in name[len(prefix):]:
+        if not name.startswith(prefix) or "." in name[len(prefix) :]:
             continue
         p = out_dir.parent / name
         j = Journal.load(p) if p.is_dir() and not p.is_symlink() else None
@@ -482,19 +510,32 @@ def publish(tmp: Path, out_dir: Path, force: bool) -> None:
     folder set aside is removed; the record is removed.
     """
     assert_lock_held(out_dir)
-    if (tmp.parent != out_dir.parent or not tmp.name.startswith(temp_prefix(out_dir)) or tmp.is_symlink()
-            or not tmp.is_dir()):
-        raise OutputWriteError(f"{tmp}: not a temporary folder of {out_dir} written by this run; "
-                               f"not publishing it", path=str(tmp))
+    if (
+        tmp.parent != out_dir.parent
+        or not tmp.name.startswith(temp_prefix(out_dir))
+        or tmp.is_symlink()
+        or not tmp.is_dir()
+    ):
+        raise OutputWriteError(
+            f"{tmp}: not a temporary folder of {out_dir} written by this run; not publishing it",
+            path=str(tmp),
+        )
     if (out_dir.exists() or out_dir.is_symlink()) and not force:
-        raise OutputExistsError(f"{out_dir} appeared while merging; the finished merge is in {tmp} "
-                                f"(rename it yourself, or rerun with --resume --force)", path=str(out_dir))
+        raise OutputExistsError(
+            f"{out_dir} appeared while merging; the finished merge is in {tmp} "
+            f"(rename it yourself, or rerun with --resume --force)",
+            path=str(out_dir),
+        )
     journal = Journal.load(tmp)
     old = None
     if out_dir.exists() or out_dir.is_symlink():
         old = out_dir.parent / f".{out_dir.name}{OLD_MARK}{secrets.token_hex(4)}"
-    record = {"format": PUBLISH_FORMAT, "tmp": tmp.name, "old": None if old is None else old.name,
-              "journal": None if journal is None else journal.data}
+    record = {
+        "format": PUBLISH_FORMAT,
+        "tmp": tmp.name,
+        "old": None if old is None else old.name,
+        "journal": None if journal is None else journal.data,
+    }
     rec_path = publish_record_path(out_dir)
     write_file_durably(rec_path, json.dumps(record).encode())
     with os_errors(tmp):
@@ -530,9 +571,9 @@ def publish(tmp: Path, out_dir: Path, force: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ shard writer
-SMALL_BATCH_BYTES = 16 << 20   # beyond queue_size tensors, more may queue while they total this little
-WAKE_BYTES = 1 << 20           # an idle writer thread is woken for this many queued bytes ...
-WAKE_ITEMS = 256               # ... or tensors (or a last one)
+SMALL_BATCH_BYTES = 16 << 20  # beyond queue_size tensors, more may queue while they total this little
+WAKE_BYTES = 1 << 20  # an idle writer thread is woken for this many queued bytes ...
+WAKE_ITEMS = 256  # ... or tensors (or a last one)
 
 
 class _Handover:
@@ -555,8 +596,7 @@ class _Handover:
 
     def put(self, item, nbytes: int = 0) -> None:
         with self.cond:
-            while (self.items and len(self.items) >= self.count
-                   and self.bytes + nbytes > SMALL_BATCH_BYTES):
+            while self.items and len(self.items) >= self.count and self.bytes + nbytes > SMALL_BATCH_BYTES:
                 self.cond.notify()  # full: the writer may be idle below the wake-up sizes
                 self.cond.wait()
             self.items.append(item)
@@ -593,10 +633,10 @@ class TensorPart:
 
 
 _ACTIVE_LOCK = threading.Lock()
-_ACTIVE: list = []   # ShardedWriters between their start and close() / abort()
+_ACTIVE: list = []  # ShardedWriters between their start and close() / abort()
 
 
-def output_offset(planned) -> Optional[int]:
+def output_offset(planned) -> int | None:
     """The file offset at which a running :class:`ShardedWriter` will write ``planned``'s bytes
     (None when no running writer has it): the producer places its output buffer at the same page
     phase, so the writer can send the tensor's whole pages to the file without a copy."""
@@ -617,9 +657,18 @@ class ShardedWriter:
     raises any error the thread hit. ``skip`` holds shard indices already finished (resume).
     """
 
-    def __init__(self, folder: Path, shards: list, metadata: dict, journal: Journal, *, skip=(),
-                 on_written: Optional[Callable] = None, after_shard: Optional[Callable] = None,
-                 queue_size: int = 1):
+    def __init__(
+        self,
+        folder: Path,
+        shards: list,
+        metadata: dict,
+        journal: Journal,
+        *,
+        skip=(),
+        on_written: Callable | None = None,
+        after_shard: Callable | None = None,
+        queue_size: int = 1,
+    ):
         self.folder = Path(folder)
         self.shards = shards
         self.metadata = metadata
@@ -628,13 +677,14 @@ class ShardedWriter:
         self.on_written = on_written
         self.after_shard = after_shard
         self._q = _Handover(queue_size)
-        self._error: Optional[BaseException] = None
-        self._expected = iter([(s, i, t) for s in shards if s.index not in self.skip
-                               for i, t in enumerate(s.tensors)])
-        self._file: Optional[ShardFile] = None
-        self._part = None          # (shard, position, planned tensor, bytes so far) of a tensor in parts
-        self._headers: dict = {}   # shard index -> its header bytes
-        self.offsets: dict = {}    # id(planned tensor) -> file offset of its bytes
+        self._error: BaseException | None = None
+        self._expected = iter(
+            [(s, i, t) for s in shards if s.index not in self.skip for i, t in enumerate(s.tensors)]
+        )
+        self._file: ShardFile | None = None
+        self._part = None  # (shard, position, planned tensor, bytes so far) of a tensor in parts
+        self._headers: dict = {}  # shard index -> its header bytes
+        self.offsets: dict = {}  # id(planned tensor) -> file offset of its bytes
         for s in shards:
             if s.index in self.skip:
                 continue
@@ -654,7 +704,7 @@ class ShardedWriter:
                 _ACTIVE.remove(self)
 
     # -- main-thread side
-    def put(self, planned, tensor: torch.Tensor, done: Optional[Callable] = None) -> None:
+    def put(self, planned, tensor: torch.Tensor, done: Callable | None = None) -> None:
         if self._error is not None:
             self._raise()
         self._q.put((planned, tensor, done), tensor.nbytes)
@@ -718,8 +768,10 @@ class ShardedWriter:
             bad = data.dtype != want.out_dtype or end > want.nbytes or (end == want.nbytes) != part.last
         if bad:
             at = "" if part is None else f" at byte {part.offset}"
-            raise RuntimeError(f"tensor {want.name!r}: got {data.dtype} {tuple(data.shape)}{at}, planned "
-                               f"{want.out_dtype} {want.shape}")
+            raise RuntimeError(
+                f"tensor {want.name!r}: got {data.dtype} {tuple(data.shape)}{at}, planned "
+                f"{want.out_dtype} {want.shape}"
+            )
         path = self.folder / shard.filename
         with os_errors(path, want.name):
             if pos == 0 and (part is None or part.offset == 0):
@@ -741,6 +793,23 @@ class ShardedWriter:
                 self.after_shard(shard)
 
 
-__all__ = ["ShardedWriter", "TensorPart", "output_offset", "Journal", "shard_header", "tensor_bytes", "make_temp_dir", "partial_runs",
-           "publish", "tidy_temp_folders", "publish_record_path", "write_file_durably", "copy_file_durably", "fsync_dir", "os_errors", "file_sha256",
-           "JOURNAL", "TMP_MARK"]
+__all__ = [
+    "ShardedWriter",
+    "TensorPart",
+    "output_offset",
+    "Journal",
+    "shard_header",
+    "tensor_bytes",
+    "make_temp_dir",
+    "partial_runs",
+    "publish",
+    "tidy_temp_folders",
+    "publish_record_path",
+    "write_file_durably",
+    "copy_file_durably",
+    "fsync_dir",
+    "os_errors",
+    "file_sha256",
+    "JOURNAL",
+    "TMP_MARK",
+]

@@ -24,7 +24,7 @@ decides how fast the answer comes, never what it is.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -40,8 +40,9 @@ def _locate(counts: np.ndarray, k: int) -> tuple[int, int]:
     return b, k - before
 
 
-def select_thresholds(hist: Callable[[Optional[np.ndarray]], np.ndarray], ks: Sequence[Optional[int]],
-                      total: int) -> np.ndarray:
+def select_thresholds(
+    hist: Callable[[np.ndarray | None], np.ndarray], ks: Sequence[int | None], total: int
+) -> np.ndarray:
     """Trim thresholds (uint64[n] bit patterns, keep iff bits(|δ|) >= value) for k-values ``ks``.
 
     ``ks[i] is None`` means model i is not trimmed; k = 0 keeps nothing; k >= total gives the
@@ -70,12 +71,12 @@ def select_thresholds(hist: Callable[[Optional[np.ndarray]], np.ndarray], ks: Se
     return out
 
 
-SAMPLE_RUNS = 1024     # runs of 64 elements in the sample: 65,536 keys per model
-SAMPLE_SIGMAS = 8.0    # the bucket range: the sample rank of the k-th largest +- this many binomial
-SAMPLE_SLACK = 16      # standard deviations, + this many sample elements
-MAX_RANGE = 8192       # at most this many high-16 buckets counted per model ...
-FINE_BUCKETS = 4       # ... and this many of them also by their low 16 bits (the kernels' limit)
-NO_BUCKET = 0xFFFF     # a high-16 prefix no bits(|x|) < 2^31 has (a model pass 2 skips)
+SAMPLE_RUNS = 1024  # runs of 64 elements in the sample: 65,536 keys per model
+SAMPLE_SIGMAS = 8.0  # the bucket range: the sample rank of the k-th largest +- this many binomial
+SAMPLE_SLACK = 16  # standard deviations, + this many sample elements
+MAX_RANGE = 8192  # at most this many high-16 buckets counted per model ...
+FINE_BUCKETS = 4  # ... and this many of them also by their low 16 bits (the kernels' limit)
+NO_BUCKET = 0xFFFF  # a high-16 prefix no bits(|x|) < 2^31 has (a model pass 2 skips)
 
 
 def sample_runs(numel: int) -> int:
@@ -97,7 +98,7 @@ def bracket(sample: np.ndarray, k: int, total: int) -> tuple[int, int, list] | N
     sd = math.sqrt(s * q * (1.0 - q))
     m = SAMPLE_SIGMAS * sd + SAMPLE_SLACK
     hi_rank = math.floor(r - m)  # descending 1-based sample ranks: an upper bound of the k-th largest ...
-    lo_rank = math.ceil(r + m)   # ... and a lower bound
+    lo_rank = math.ceil(r + m)  # ... and a lower bound
     hi_rank, lo_rank = max(hi_rank, 1), min(lo_rank, s)  # beyond the sample: its largest / smallest
     w = 3.0 * (sd + 1.0) + 2.0  # the likeliest sample ranks: r +- w
     top, bot = max(math.floor(r - w), 1), min(math.ceil(r + w), s)
@@ -107,7 +108,7 @@ def bracket(sample: np.ndarray, k: int, total: int) -> tuple[int, int, list] | N
     if upper - lower + 1 > MAX_RANGE:
         return None
     # the fine buckets: those of the sample keys ranked top .. bot, nearest to rank r first
-    window = np.sort(part[s - bot:s - top + 1])[::-1] >> 16  # descending: ranks top, top + 1, ..
+    window = np.sort(part[s - bot : s - top + 1])[::-1] >> 16  # descending: ranks top, top + 1, ..
     dist = np.abs(np.arange(top, top + window.size, dtype=np.float64) - r)
     nearest = {}
     for b, dd in zip(window.tolist(), dist.tolist()):
@@ -122,8 +123,9 @@ def bracket(sample: np.ndarray, k: int, total: int) -> tuple[int, int, list] | N
 SINGLE_PASS_STATS = {"selections": 0, "second_pass": 0, "two_passes": 0}
 
 
-def select_thresholds_single_pass(sample: Callable[[], np.ndarray], count: Callable, hist: Callable,
-                                  ks: Sequence[int | None], total: int) -> np.ndarray:
+def select_thresholds_single_pass(
+    sample: Callable[[], np.ndarray], count: Callable, hist: Callable, ks: Sequence[int | None], total: int
+) -> np.ndarray:
     """What :func:`select_thresholds` returns (bit for bit), in one full pass where possible.
 
     ``sample()``: uint32[n, s] keys drawn from each model's ``total`` keys (any keys: they only
@@ -188,7 +190,7 @@ def select_thresholds_single_pass(sample: Callable[[], np.ndarray], count: Calla
     return out
 
 
-def select_from_keys(keys: np.ndarray, ks: Sequence[Optional[int]], total: int) -> np.ndarray:
+def select_from_keys(keys: np.ndarray, ks: Sequence[int | None], total: int) -> np.ndarray:
     """What :func:`select_thresholds` returns, from the keys themselves: ``keys`` is
     uint32[n, total], row i holding bits(|δ'_i|) of every element (the values the histograms
     count). The k-th largest comes from ``np.partition`` (an exact selection, no histogram), which
@@ -214,5 +216,11 @@ def bits_to_float(bits: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
-__all__ = ["select_thresholds", "select_thresholds_single_pass", "select_from_keys", "bits_to_float", "bracket",
-           "sample_runs"]
+__all__ = [
+    "select_thresholds",
+    "select_thresholds_single_pass",
+    "select_from_keys",
+    "bits_to_float",
+    "bracket",
+    "sample_runs",
+]

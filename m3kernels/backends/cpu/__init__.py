@@ -8,7 +8,7 @@ The kernel variant (generic / AVX2 / AVX-512) is chosen at run time (``simd_leve
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
 
 try:
     from m3kernels import _C
-    _IMPORT_ERROR: Optional[str] = None
+
+    _IMPORT_ERROR: str | None = None
 except ImportError as exc:  # extension not built, or M3KERNELS_SIMD invalid
     _C = None
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
@@ -33,8 +34,10 @@ def unavailable_reason() -> str:
     """Why the backend is unavailable ('' when it is available)."""
     if _C is not None:
         return ""
-    return (f"the C++ extension m3kernels._C is not importable ({_IMPORT_ERROR}); "
-            "build it with `pip install --no-build-isolation -e .`")
+    return (
+        f"the C++ extension m3kernels._C is not importable ({_IMPORT_ERROR}); "
+        "build it with `pip install --no-build-isolation -e .`"
+    )
 
 
 def supports(device) -> bool:
@@ -56,7 +59,7 @@ def _tensor(t: torch.Tensor, what: str, numel: int) -> tuple[int, int]:
     return pointer_and_code(t, what, numel, "cpu", "cpu")
 
 
-def _inputs(p: KernelParams, base: Optional[torch.Tensor], models: Sequence[torch.Tensor]):
+def _inputs(p: KernelParams, base: torch.Tensor | None, models: Sequence[torch.Tensor]):
     models = list(models)
     if len(models) != p.n:
         raise ValueError(f"KernelParams is for {p.n} models, got {len(models)} tensors")
@@ -110,20 +113,41 @@ def bracket_count(p: KernelParams, base, models, lo, span, fine) -> tuple:
     lo[i] .. lo[i] + span[i] - 1 (a list of int64[span[i]]), and the low-16 counts of the buckets
     ``fine[i]`` (up to 4, inside the range; int64[n, 4, 65536], row j for fine[i][j])."""
     base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
-    return _C.bracket_count(p, base_ptr, base_code, ptrs, codes, numel, [int(x) for x in lo],
-                            [int(x) for x in span], [[int(b) for b in f] for f in fine])
+    return _C.bracket_count(
+        p,
+        base_ptr,
+        base_code,
+        ptrs,
+        codes,
+        numel,
+        [int(x) for x in lo],
+        [int(x) for x in span],
+        [[int(b) for b in f] for f in fine],
+    )
 
 
-def merge_batch(p: KernelParams, base_ptrs, base_dtype, model_ptrs, model_dtypes, numels, out_ptrs, out_dtype,
-                ks=None, key0=None, key1=None) -> np.ndarray:
+def merge_batch(
+    p: KernelParams,
+    base_ptrs,
+    base_dtype,
+    model_ptrs,
+    model_dtypes,
+    numels,
+    out_ptrs,
+    out_dtype,
+    ks=None,
+    key0=None,
+    key1=None,
+) -> np.ndarray:
     """Stage A and B of many small tensors in one call, from raw addresses (see ``_C.merge_batch``):
     tensor t reads ``base_ptrs[t]`` and ``model_ptrs[t * n + i]``, writes ``out_ptrs[t]``; ``ks``
     (k per tensor and model, -1: no trim) selects exact per-tensor trim thresholds, else
     ``p.trim_min`` holds for all. Returns the thresholds used, uint64[T, n]."""
     codes = [DTYPE_CODES[d] for d in model_dtypes]
     base_code = DTYPE_CODES[base_dtype] if base_dtype is not None else 0
-    return _C.merge_batch(p, base_ptrs, base_code, model_ptrs, codes, numels, out_ptrs, DTYPE_CODES[out_dtype],
-                          ks, key0, key1)
+    return _C.merge_batch(
+        p, base_ptrs, base_code, model_ptrs, codes, numels, out_ptrs, DTYPE_CODES[out_dtype], ks, key0, key1
+    )
 
 
 def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
@@ -142,5 +166,18 @@ def merge_range(p: KernelParams, base, models, out: torch.Tensor, start: int) ->
     _C.merge(p, base_ptr, base_code, ptrs, codes, numel, out_ptr, out_code, int(start))
 
 
-__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "delta_keys", "sample_keys",
-           "bracket_count", "merge", "merge_range", "merge_batch", "simd_level", "simd_levels"]
+__all__ = [
+    "available",
+    "unavailable_reason",
+    "supports",
+    "l1_sums",
+    "histogram",
+    "delta_keys",
+    "sample_keys",
+    "bracket_count",
+    "merge",
+    "merge_range",
+    "merge_batch",
+    "simd_level",
+    "simd_levels",
+]
