@@ -210,12 +210,7 @@ class ShardFile:
             for off in range(lo, hi, DIRECT_CHUNK):
                 block = view[off : min(hi, off + DIRECT_CHUNK)]
                 try:
-                    _write_bytes(self.fd, block)
-                except OSError as exc:
-                    if not (self.direct and exc.errno == errno.EINVAL):
-                        raise
-                    self._drop_direct()  # refused at write time: go on with buffered writes
-                    _write_bytes(self.fd, block)
+                    self._write_block(block)
                 finally:
                     block.release()
         finally:
@@ -234,15 +229,20 @@ class ShardFile:
             if self._fill == cap:
                 self._flush(cap)
 
-    def _flush(self, nbytes: int) -> None:
-        block = memoryview(self._map)[:nbytes]
+    def _write_block(self, block) -> None:
+        """Write one block; if O_DIRECT is refused at write time, go on with buffered writes."""
         try:
             _write_bytes(self.fd, block)
         except OSError as exc:
             if not (self.direct and exc.errno == errno.EINVAL):
                 raise
-            self._drop_direct()  # refused at write time: go on with buffered writes
+            self._drop_direct()
             _write_bytes(self.fd, block)
+
+    def _flush(self, nbytes: int) -> None:
+        block = memoryview(self._map)[:nbytes]
+        try:
+            self._write_block(block)
         finally:
             block.release()
         self._fill = 0
