@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -424,3 +425,75 @@ def test_a_signal_during_start_up_prints_no_traceback(tmp_path):
         _, err = proc.communicate(timeout=60)
         assert "Traceback" not in err, err
         assert proc.returncode in (2, 143, -signal.SIGTERM), (proc.returncode, err)
+
+
+# ------------------------------------------------------------------------------ full disk, read-only parent
+@contextlib.contextmanager
+def _tmpfs(where: Path, options: str):
+    """A small tmpfs mounted at ``where`` (root only; the test is skipped where mounting is refused)."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def _big_family(tmp_path: Path) -> Path:
+    from m3kernels.synthetic import make_family
+
+    sizes = dict(vocab=2003, hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2)
+    base, (ft1, ft2), _ = make_family(tmp_path / "in", shards=1, **sizes)
+    cfg = tmp_path / "ties.yaml"
+    cfg.write_text(
+        f"merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {ft1}\n  - model: {ft2}\n"
+        f"parameters: {{density: 0.3}}\n"
+    )
+    return cfg
+
+
+@pytest.mark.skipif(sys.platform != "linux" or os.geteuid() != 0, reason="mounts a tmpfs: Linux, root")
+@pytest.mark.parametrize(
+    "options,needle", [("size=64k", "no space left"), ("ro,size=1m", "Read-only file system")]
+)
+def test_full_disk_and_read_only_parent(tmp_path, capsys, options, needle):
+    """A real full file system (a 64 KiB tmpfs) and a read-only one as OUT's parent: exit 2 with a
+    clear message, the inputs untouched, nothing that looks like a finished OUT."""
+    cfg = _big_family(tmp_path)
+    before = tree(tmp_path / "in")
+    with _tmpfs(tmp_path / "small", options) as parent:
+        out = parent / "merged"
+        status = cli.main(["merge", str(cfg), str(out), "--device", "cpu", "--quiet"])
+        err = capsys.readouterr().err
+        assert_user_error(status, err, needle)
+        assert not out.exists()
+        assert not any(n.endswith(".safetensors") for n in os.listdir(parent) if not n.startswith("."))
+    assert tree(tmp_path / "in") == before
+
+
+def test_kill_9_of_one_of_two_merges_on_one_out(models, tmp_path, capsys):
+    """Two merges started on one OUT; the one holding the lock is killed -9: the other failed at
+    once (exit 2); a third run with --resume then publishes exactly an uninterrupted run."""
+    out = tmp_path / "out"
+    first = start(models, out, M3K_TEST_DELAY="0.1")
+    try:
+        wait_for(
+            lambda: (read_holder(out) or {}).get("pid") == first.pid,
+            "the first merge holds the lock",
+            proc=first,
+        )
+        second = start(models, out)
+        _, err2 = second.communicate(timeout=60)
+        first.kill()
+        first.communicate()
+    finally:
+        first.kill()
+    assert second.returncode == 2 and f"pid {first.pid}" in err2, err2
+    assert first.returncode == -signal.SIGKILL and not out.exists()
+    status, err = merge(capsys, models, out, "--resume")
+    assert status == 0, err
+    status, err = merge(capsys, models, tmp_path / "clean")
+    assert status == 0, err
+    assert_same_files(out, tmp_path / "clean")
