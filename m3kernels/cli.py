@@ -337,18 +337,59 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled like Ctrl-C: a clean message, the unfinished merge kept for --resume."""
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+# While the heavy modules (torch, numpy, the extension) are imported, a signal is only noted and
+# acted on once the import is complete: an exception raised in the middle of a C extension's
+# import leaves it half-initialised, and the next import of it fails ("cannot load module more
+# than once per process"), which would turn a clean stop into an internal error.
+_signals = {"defer": False, "pending": None}
+PRELOAD = {
+    "merge": ("torch", "numpy", "m3kernels.checkpoint.run", "m3kernels.backends.cpu"),
+    "inspect": ("torch", "numpy", "m3kernels.checkpoint.source"),
+    "demo": ("torch", "numpy", "m3kernels.checkpoint.run", "m3kernels.demo"),
+    "backends": ("torch", "m3kernels.backends"),
+    "info": ("torch", "m3kernels.backends"),
+}
 
 
-def _install_sigterm() -> object | None:
-    """SIGTERM -> Terminated in the main thread (the previous handler is returned)."""
+def _on_signal(signum, frame):
     import signal
 
+    exc = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+    if _signals["defer"]:
+        _signals["pending"] = _signals["pending"] or exc
+        return
+    signal.signal(signum, signal.SIG_IGN)  # one is enough: a second must not interrupt the clean-up
+    raise exc
+
+
+def _install_handlers() -> dict:
+    """SIGTERM and SIGINT -> Terminated / KeyboardInterrupt in the main thread; the previous
+    handlers are returned (empty when main() runs outside the main thread: signals left alone)."""
+    import signal
+
+    previous = {}
     try:
-        return signal.signal(signal.SIGTERM, _on_sigterm)
-    except ValueError:  # not the main thread (main() called from a worker): leave signals alone
-        return None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, _on_signal)
+    except ValueError:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        return {}
+    return previous
+
+
+def _preload(command: str) -> None:
+    """Import what ``command`` needs with signals deferred, then act on one that came meanwhile."""
+    import importlib
+
+    _signals["defer"], _signals["pending"] = True, None
+    try:
+        for name in PRELOAD.get(command, ()):
+            importlib.import_module(name)
+    finally:
+        _signals["defer"] = False
+    if _signals["pending"] is not None:
+        raise _signals["pending"]
 
 
 def main(argv: list | None = None) -> int:
@@ -360,12 +401,14 @@ def main(argv: list | None = None) -> int:
     """
     import signal
 
-    previous = _install_sigterm()
-    command, verbose = None, False
+    previous, command, verbose = {}, None, False
     try:
+        previous = _install_handlers()
         args = _build_parser().parse_args(argv)
         command, verbose = args.command, getattr(args, "verbose", False)
         _setup_logging(verbose)
+        if previous:
+            _preload(command)
         return COMMANDS[args.command](args)
     except M3KError as exc:
         if verbose:
@@ -387,8 +430,8 @@ def main(argv: list | None = None) -> int:
         )
         return EXIT_INTERNAL
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -413,7 +413,7 @@ def test_a_signal_mid_merge_is_a_clean_stop_that_resume_finishes(models, tmp_pat
 
 def test_a_signal_during_start_up_prints_no_traceback(tmp_path):
     """SIGTERM right after start (imports, config) ends with one line, never a traceback."""
-    for delay in (0.05, 0.2, 0.4):
+    for delay in (0.05, 0.2, 0.35, 0.5, 0.65, 0.8, 1.0):  # before main, in the imports, in the merge
         proc = subprocess.Popen(
             [sys.executable, "-m", "m3kernels", "merge", str(tmp_path / "none.yaml"), str(tmp_path / "out")],
             cwd=ROOT,
