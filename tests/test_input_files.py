@@ -466,3 +466,22 @@ def test_truncated_mid_merge_by_another_process_never_kills_it(models, tmp_path,
             same_files(out, tmp_path / "clean")
         outcomes.append(proc.returncode)
     print("exit statuses:", outcomes)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux /proc")
+def test_a_folder_turned_into_a_link_while_opening_is_caught(tmp_path, monkeypatch):
+    """The race between resolving a path and opening it: a folder on the way that becomes a link
+    out of the model folder (simulated: resolution that does not see the link) is caught on the
+    opened descriptor itself."""
+    from m3kernels.checkpoint import safetensors_io
+    from m3kernels.errors import CheckpointError
+
+    root, outside = tmp_path / "model", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "w.safetensors").write_bytes(b"secret")
+    (root / "sub").symlink_to(outside, target_is_directory=True)
+    roots = safetensors_io.model_roots(root)
+    monkeypatch.setattr(safetensors_io.os.path, "realpath", lambda p: str(p))  # the swap came after this
+    with pytest.raises(CheckpointError, match="moved outside the model folder"):
+        safetensors_io.open_input(root / "sub" / "w.safetensors", roots=roots, lease=False)

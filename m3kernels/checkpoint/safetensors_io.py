@@ -245,6 +245,15 @@ def model_roots(root) -> tuple:
     return tuple(roots)
 
 
+def _opened_path(fd: int) -> str | None:
+    """The path the kernel has for an open file (Linux /proc), None where it cannot say."""
+    try:
+        target = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return None
+    return target if target.startswith(os.sep) and not target.endswith(" (deleted)") else None
+
+
 def _within(real: str, roots) -> bool:
     return any(real.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
@@ -386,6 +395,12 @@ def open_input(path, *, roots=None, what: str = "file", lease: bool = True) -> I
         st2 = os.fstat(fd)
         if not stat.S_ISREG(st2.st_mode) or (st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino):
             raise CheckpointError(f"{path}: {what} was replaced while being opened; not read", path=str(path))
+        opened = _opened_path(fd) if roots is not None else None
+        if opened is not None and not _within(opened, roots):  # a folder on the way became a link meanwhile
+            raise CheckpointError(
+                f"{path}: {what} was moved outside the model folder while being opened; not read",
+                path=str(path),
+            )
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
         f = InputFile(path, fd, real)
     except BaseException:
