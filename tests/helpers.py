@@ -79,3 +79,30 @@ def term_scale(base, models, recipe) -> torch.Tensor:
     for c, m in zip(coefs, models):
         s = s + (c / den) * inv * ((m.to(torch.float64) - b).abs() + b.abs())
     return b.abs() + abs(recipe.lambda_) * s
+
+
+def check_dare_mask_through_merge(backend: str, numel: int, density: float, device: str = "cpu") -> None:
+    """base 0, models of ones, no rescale: the merged tensor *is* the DARE keep mask, which must
+    equal the documented stream (docs/RANDOMNESS.md) for model index 0 and, with a zero-weight
+    first model, index 1."""
+    import m3kernels
+
+    base = torch.zeros(numel, dtype=torch.float32, device=device)
+    ones = torch.ones(numel, dtype=torch.float32, device=device)
+    for i, name in enumerate(["", "model.embed_tokens.weight"]):
+        models = [ones * 3.0, ones] if i else [ones]
+        out = torch.full((numel,), float("nan"), dtype=torch.float32, device=device)
+        m3kernels.merge_tensors(
+            base,
+            models,
+            method="dare_linear",
+            density=density,
+            rescale=False,
+            weights=[0.0, 1.0] if i else None,
+            seed=77 + i,
+            name=name,
+            out=out,
+            backend=backend,
+        )
+        expect = m3kernels.dare_keep_mask(77 + i, name, i, (numel,), density)
+        assert torch.equal((out != 0).cpu(), expect), f"mask differs for model index {i}"

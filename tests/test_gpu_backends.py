@@ -29,7 +29,7 @@ from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge
 
 from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
-from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
+from helpers import assert_close_ulp, check_dare_mask_through_merge, have_backend, make_inputs, term_scale
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 HAS_GPU = torch.cuda.is_available()
@@ -106,25 +106,7 @@ def test_many_models(backend, n, gen):
 def test_dare_mask_bit_for_bit(backend, numel, density):
     """base 0, model 1, no rescale: the merged tensor is the keep mask of the SPEC stream."""
     need_backend(backend)
-    base = torch.zeros(numel, dtype=F32, device="cuda")
-    ones = torch.ones(numel, dtype=F32, device="cuda")
-    for i, name in enumerate(["", "model.embed_tokens.weight"]):
-        models = [ones * 3.0, ones] if i else [ones]
-        out = torch.full((numel,), float("nan"), dtype=F32, device="cuda")
-        m3kernels.merge_tensors(
-            base,
-            models,
-            method="dare_linear",
-            density=density,
-            rescale=False,
-            weights=[0.0, 1.0] if i else None,
-            seed=77 + i,
-            name=name,
-            out=out,
-            backend=backend,
-        )
-        expect = m3kernels.dare_keep_mask(77 + i, name, i, (numel,), density)
-        assert torch.equal((out != 0).cpu(), expect), f"mask differs for model index {i}"
+    check_dare_mask_through_merge(backend, numel, density, device="cuda")
 
 
 @gpu_test

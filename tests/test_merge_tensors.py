@@ -15,7 +15,7 @@ from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge
 
 from cases import DTYPE_CASES, METHOD_CASES, kwargs_for
-from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
+from helpers import assert_close_ulp, check_dare_mask_through_merge, have_backend, make_inputs, term_scale
 
 BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -83,25 +83,7 @@ def test_dare_mask_bit_for_bit(backend, numel, density):
     """base 0, model 1, no rescale: the merged tensor *is* the keep mask; it must equal the SPEC stream."""
     if backend == "triton" and numel > 1000 and density not in (0.5,):
         pytest.skip("interpreter time")
-    base = torch.zeros(numel, dtype=F32)
-    ones = torch.ones(numel, dtype=F32)
-    for i, name in enumerate(["", "model.embed_tokens.weight"]):
-        models = [ones * 3.0, ones] if i else [ones]
-        out = torch.full((numel,), float("nan"), dtype=F32)
-        m3kernels.merge_tensors(
-            base,
-            models,
-            method="dare_linear",
-            density=density,
-            rescale=False,
-            weights=[0.0, 1.0] if i else None,
-            seed=77 + i,
-            name=name,
-            out=out,
-            backend=backend,
-        )
-        expect = m3kernels.dare_keep_mask(77 + i, name, i, (numel,), density)
-        assert torch.equal(out != 0, expect), f"mask differs for model index {i}"
+    check_dare_mask_through_merge(backend, numel, density)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

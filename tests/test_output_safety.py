@@ -128,6 +128,24 @@ def assert_user_error(status, err, *needles):
         assert str(n) in err, (n, err)
 
 
+def interrupted_by_a_full_disk(capsys, models, out, monkeypatch):
+    """A merge whose disk fills at the 4th write (after shard 1): (status, stderr); the unfinished
+    run is left for --resume, and writes work again afterwards."""
+    real, calls = writer._write_bytes, [0]
+
+    def full_disk(fd, data):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data)
+
+    monkeypatch.setattr(writer, "_write_bytes", full_disk)
+    try:
+        return merge(capsys, models, out)
+    finally:
+        monkeypatch.setattr(writer, "_write_bytes", real)
+
+
 def temp_folders(parent: Path, name: str = "out") -> list:
     return sorted(n for n in os.listdir(parent) if n.startswith(f".{name}{writer.TMP_MARK}"))
 
@@ -311,19 +329,8 @@ def test_three_merges_on_one_out_started_at_staggered_times(models, tmp_path, ca
     out = tmp_path / "out"
     status, err = merge(capsys, models, tmp_path / "clean")
     assert status == 0, err
-    # an interrupted run for --resume (the disk fills at the 4th write: after shard 1)
-    real, calls = writer._write_bytes, [0]
-
-    def full_disk(fd, data):
-        calls[0] += 1
-        if calls[0] == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, data)
-
-    monkeypatch.setattr(writer, "_write_bytes", full_disk)
-    status, err = merge(capsys, models, out)
+    status, err = interrupted_by_a_full_disk(capsys, models, out, monkeypatch)
     assert_user_error(status, err, "no space left")
-    monkeypatch.setattr(writer, "_write_bytes", real)
     assert len(temp_folders(tmp_path)) == 1
     procs = []
     for flags in [("--resume",), ("--resume",), ("--resume", "--force")]:
@@ -343,18 +350,8 @@ def test_three_merges_on_one_out_started_at_staggered_times(models, tmp_path, ca
 # ------------------------------------------------------------------------------ glob characters
 def test_resume_finds_the_partial_run_of_an_out_named_like_a_glob(models, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out[1]"
-    real, calls = writer._write_bytes, [0]
-
-    def full_disk(fd, data):
-        calls[0] += 1
-        if calls[0] == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real(fd, data)
-
-    monkeypatch.setattr(writer, "_write_bytes", full_disk)
-    status, err = merge(capsys, models, out)
+    status, err = interrupted_by_a_full_disk(capsys, models, out, monkeypatch)
     assert_user_error(status, err, "no space left", "--resume")
-    monkeypatch.setattr(writer, "_write_bytes", real)
     (tmp,) = temp_folders(tmp_path, "out[1]")
     (first,) = (tmp_path / tmp).glob("model-00001-of-*.safetensors")
     ino = first.stat().st_ino
