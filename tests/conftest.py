@@ -4,6 +4,7 @@ TRITON_INTERPRET must be set before any ``@triton.jit`` kernel is defined, so it
 at import time of the test session, when no CUDA device is present.
 """
 
+import logging
 import os
 
 import pytest
@@ -19,3 +20,18 @@ def gen():
     seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("M3K_RANDOM_SEEDS") else 1234
     print(f"random inputs from seed {seed}")  # shown with a failing test's captured output
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def fresh_cli_logging():
+    """The CLI's log handler writes to the stderr of the test that created it: a test using this
+    gets a new one (the handler is dropped before and after it)."""
+
+    def drop():
+        log = logging.getLogger("m3kernels")
+        for h in [h for h in log.handlers if getattr(h, "_m3k_cli", False)]:
+            log.removeHandler(h)
+
+    drop()
+    yield
+    drop()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import pickle
 import random
@@ -45,18 +44,7 @@ SIZES = dict(vocab=29, hidden=8, intermediate=12, layers=2, heads=2, kv_heads=1)
 SECRET = b"SECRET-m3k-" + b"x" * 200
 
 
-@pytest.fixture(autouse=True)
-def fresh_cli_logging():
-    """The CLI's log handler writes to the stderr of the test that created it: make a new one."""
-
-    def drop():
-        log = logging.getLogger("m3kernels")
-        for h in [h for h in log.handlers if getattr(h, "_m3k_cli", False)]:
-            log.removeHandler(h)
-
-    drop()
-    yield
-    drop()
+pytestmark = pytest.mark.usefixtures("fresh_cli_logging")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ moved-aside old output.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import signal
@@ -65,18 +64,7 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
-@pytest.fixture(autouse=True)
-def fresh_cli_logging():
-    """The CLI's log handler writes to the stderr of the test that created it: make a new one."""
-
-    def drop():
-        log = logging.getLogger("m3kernels")
-        for h in [h for h in log.handlers if getattr(h, "_m3k_cli", False)]:
-            log.removeHandler(h)
-
-    drop()
-    yield
-    drop()
+pytestmark = pytest.mark.usefixtures("fresh_cli_logging")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
