@@ -1,4 +1,5 @@
-"""The ``m3kernels`` command: ``merge``, ``inspect``, ``methods``, ``demo``, ``backends`` (alias ``info``).
+"""The ``m3kernels`` command: ``merge``, ``inspect``, ``methods``, ``demo``, ``backends`` (alias ``info``),
+and the commands of :data:`PLUGIN_COMMANDS` (``stats``, ``search``, ``bench``), each in its own module.
 
 A thin layer over :func:`m3kernels.merge_checkpoints` and friends. Problems the user can fix
 (bad config, bad input, existing output, full disk) print one line and exit with status 2;
@@ -134,7 +135,38 @@ def _build_parser() -> argparse.ArgumentParser:
     for name in ("backends", "info"):
         b = sub.add_parser(name, help="which kernel backends work here, and why not")
         b.add_argument("-v", "--verbose", action="store_true", help="tracebacks")
+    for name, module in _plugins().items():
+        module.add_parser(sub)
+        COMMANDS[name] = module.run
+        PRELOAD[name] = tuple(getattr(module, "PRELOAD", ("torch", "numpy")))
     return p
+
+
+# Commands that live in their own module (one idea per file): the module defines
+# ``add_parser(subparsers)`` (adds its sub-command, with a ``-v/--verbose`` flag), ``run(args) -> int``
+# and optionally ``PRELOAD`` (modules imported with signals deferred). It must import nothing heavy
+# (torch, numpy) at module level: the parser is built on every start.
+PLUGIN_COMMANDS = {
+    "stats": "m3kernels.datastats.cli",
+    "search": "m3kernels.search.cli",
+    "bench": "m3kernels.benchmark.cli",
+}
+
+
+def _plugins() -> dict:
+    """The plugin command modules that exist in this installation (name -> module)."""
+    import importlib
+    import importlib.util
+
+    found = {}
+    for name, module in PLUGIN_COMMANDS.items():
+        try:
+            if importlib.util.find_spec(module) is None:
+                continue
+        except ModuleNotFoundError:  # its package is not there
+            continue
+        found[name] = importlib.import_module(module)
+    return found
 
 
 class _Formatter(logging.Formatter):
