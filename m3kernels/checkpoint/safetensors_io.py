@@ -18,7 +18,10 @@ file's owner or CAP_LEASE, a local file system), a read lease (``F_SETLEASE``): 
 opens the file for writing or truncates it is held off by the kernel (up to
 ``/proc/sys/fs/lease-break-time``, 45 s by default) while the merge notices the pending break
 at its next tensor and stops with :class:`~m3kernels.errors.InputChangedError`. Without a lease
-the size and mtime are compared instead, before and after each tensor is read.
+the size and mtime are compared instead, before and after each tensor is read, and tensors are
+read with ``pread`` into memory of our own instead of being mapped: a mapped file that someone
+else truncates kills the reader with SIGBUS, a read only comes back short (one copy per tensor,
+resident while it is merged).
 
 :class:`SafetensorsFile` maps the file read-only and hands out ``torch`` tensors that are views
 of the mapping (no copy; bf16 through a uint8 view), plus page hints: :meth:`prefetch`
@@ -651,16 +654,45 @@ class SafetensorsFile:
             return torch.empty(info.shape, dtype=dtype)
         self.check(name)
         start = self.header.data_start + info.begin
+        if not self._file.leased:
+            return self._read_copy(name, start, info.nbytes).view(dtype).reshape(info.shape)
         raw = self._whole()[start : start + info.nbytes]
         if raw.data_ptr() % size:
             raw = raw.clone()  # rare: a writer that did not align the data; kernels want aligned loads
         return raw.view(dtype).reshape(info.shape)
 
+    def _read_copy(self, name: str, start: int, nbytes: int) -> torch.Tensor:
+        """Tensor ``name``'s bytes read into memory of our own (``pread``): used when the file has no
+        read lease. A mapped file truncated by someone else kills the reader with SIGBUS at the
+        first access past the new end; a read only comes back short, which we report."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        view, got = memoryview(buf.numpy()), 0
+        while got < nbytes:
+            try:
+                n = os.preadv(self._file.fd, [view[got:]], start + got)
+            except OSError as exc:
+                raise InputChangedError(
+                    f"{self.path}: cannot read tensor {name!r}: {exc.strerror or exc}",
+                    path=str(self.path),
+                    tensor=name,
+                ) from None
+            if n <= 0:
+                self._file.check(name, "while reading")  # names what happened (size or mtime)
+                raise InputChangedError(
+                    f"{self.path}: input file changed while the merge was reading it (it ended "
+                    f"{nbytes - got:,} bytes early, in tensor {name!r}); inputs must not change during a merge",
+                    path=str(self.path),
+                    tensor=name,
+                )
+            got += n
+        return buf
+
     def address(self, name: str) -> int | None:
         """The address of tensor ``name``'s data in the mapping (None when it is misaligned for its
-        dtype or empty: then only :meth:`tensor` gives it). Valid while the file is open."""
+        dtype or empty, or the file has no read lease: then only :meth:`tensor` gives it, as a
+        copy). Valid while the file is open."""
         info = self.header.tensors[name]
-        if info.nbytes == 0:
+        if info.nbytes == 0 or not self._file.leased:
             return None
         self.check(name)
         addr = self._whole().data_ptr() + self.header.data_start + info.begin
@@ -688,9 +720,16 @@ class SafetensorsFile:
         lo, hi = self._ahead
         if lo <= info.begin and info.end <= hi:
             return  # asked for already
-        self._mapping()
         end = max(info.end, min(info.begin + RELEASE_BATCH, self.header.file_size - self.header.data_start))
         self._ahead = (info.begin, end)
+        if not self._file.leased:  # read with pread (no mapping): ask the page cache instead
+            try:
+                start = self.header.data_start + info.begin
+                os.posix_fadvise(self._file.fd, start, end - info.begin, os.POSIX_FADV_WILLNEED)
+            except (OSError, AttributeError):
+                pass  # advice only
+            return
+        self._mapping()
         self._advise(mmap.MADV_WILLNEED, info.begin, end)
 
     def release(self, name: str) -> None:
