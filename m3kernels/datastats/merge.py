@@ -1,0 +1,339 @@
+"""Checkpoint merge with data statistics: ``fisher`` and ``regmean`` over whole models, streamed.
+
+``merge_checkpoints_data_aware(method, models, stats, out_dir, ...)``: N model folders and their N
+statistics folders (``m3kernels stats fisher|regmean``). Before anything is merged, each statistics
+manifest's model fingerprint is compared with the model's (statistics of another model are
+refused), and every model must hold the same tensors with the same shapes. Then tensor by tensor,
+in model 0's order, the models and statistics are read as memory-mapped views
+(:class:`~m3kernels.checkpoint.source.Checkpoint`) and the output written as it is produced
+(safetensors shards of at most ``shard_size`` bytes), so the peak memory is about one tensor's N
+inputs and N statistics (for regmean: the largest layer's N Gram matrices in float64).
+
+* ``fisher``: every tensor by :func:`~m3kernels.merge.data_aware.fisher_merge` (each needs its
+  Fisher in every statistics folder). ``normalize="l2"``: FusionBench's per-model normalisation
+  (one more read of the statistics first, for ‖Fᵢ‖₂ over all parameters).
+* ``regmean``: every linear weight with a Gram matrix in the manifests by
+  :func:`~m3kernels.merge.data_aware.regmean_merge`; every other tensor (biases, norms,
+  embeddings) by the ``fallback`` method (default ``average``: Σ cᵢθᵢ / Σ cᵢ, computed here; any
+  other name goes to :func:`m3kernels.merge_tensors` with ``base``, the same weights and M³ ratios
+  and ``fallback_kwargs``). ``gram_normalize="tokens"`` divides each model's Grams by
+  its token count (equal say per model whatever its data size); default: the sums, as the paper.
+
+M³: ratios rᵢ (``mix_ratios``, or drawn from ``mixup_alpha`` and ``seed``) multiply each model's
+coefficient, cᵢ = wᵢrᵢ. The output folder gets config.json and the tokenizer files of model 0 and
+a ``m3kernels_merge`` record in each shard's metadata. This is the function the config
+integration (``models[].parameters.fisher: PATH`` / ``gram: PATH``) is to call; it does not use the
+main merge's planner, journal and resume (see docs/DATA_AWARE.md).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from m3kernels.datastats.output import StatsFolder, StreamWriter
+from m3kernels.errors import M3KError, OutputExistsError, TensorMismatchError
+
+log = logging.getLogger("m3kernels")
+METHODS = ("fisher", "regmean")
+SHARD_SIZE = 5 << 30
+
+
+def _plan_shards(items, shard_size):
+    """[(name, dtype, shape, nbytes)] -> list of shards (lists of items), in order."""
+    shards, cur, size = [], [], 0
+    for it in items:
+        if cur and size + it[3] > shard_size:
+            shards.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += it[3]
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+def _shard_name(i, n):
+    return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+
+
+def _fisher_norms(stats, names, progress) -> list[float]:
+    norms = []
+    for s in stats:
+        total = 0.0
+        for n in names:
+            f = s.tensor(n, what="Fisher tensor")
+            total += float(f.to(torch.float64).square().sum())
+            s.release(n)
+        norms.append(total**0.5)
+    return norms
+
+
+def merge_checkpoints_data_aware(
+    method: str,
+    models,
+    stats,
+    out_dir,
+    *,
+    weights=None,
+    mix_ratios=None,
+    mixup_alpha=None,
+    seed: int = 0,
+    floor: float | None = None,
+    floor_mode: str = "max",
+    normalize: str = "none",
+    alpha: float | None = None,
+    ridge: float = 0.0,
+    precision: str = "float64",
+    gram_normalize: str = "none",
+    fallback: str = "average",
+    fallback_kwargs: dict | None = None,
+    base=None,
+    out_dtype=None,
+    shard_size: int = SHARD_SIZE,
+    force: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Merge the checkpoint folders ``models`` by ``method`` ('fisher' or 'regmean') with the
+    statistics folders ``stats`` (one per model, same order) into ``out_dir``; returns the merge
+    record. User-fixable problems raise :class:`~m3kernels.errors.M3KError`."""
+    from tqdm import tqdm
+
+    import m3kernels
+    from m3kernels.api import merge_tensors
+    from m3kernels.checkpoint.source import Checkpoint
+    from m3kernels.datastats.fingerprint import model_fingerprint
+    from m3kernels.merge import data_aware as da
+    from m3kernels.merge.mixup import as_per_model, resolve_mix_ratios
+
+    if method not in METHODS:
+        raise M3KError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    models, stats = [Path(m) for m in models], [Path(s) for s in stats]
+    if not models:
+        raise M3KError("at least one model is needed")
+    if len(stats) != len(models):
+        raise M3KError(f"{len(stats)} statistics folders for {len(models)} models (one each, same order)")
+    if normalize not in ("none", "l2"):
+        raise M3KError(f"normalize must be 'none' or 'l2', got {normalize!r}")
+    if gram_normalize not in ("none", "tokens"):
+        raise M3KError(f"gram_normalize must be 'none' or 'tokens', got {gram_normalize!r}")
+    floor = da.FISHER_FLOOR if floor is None else floor
+    alpha = da.REGMEAN_ALPHA if alpha is None else alpha
+    out_dir = Path(out_dir).expanduser().absolute()
+    if out_dir.exists() and not force:
+        raise OutputExistsError(f"{out_dir} exists (force=True replaces it)", path=str(out_dir))
+    t0 = time.perf_counter()
+    n = len(models)
+    try:
+        ratios = resolve_mix_ratios(n, mix_ratios, mixup_alpha, seed)
+        da.coefficients(n, weights, ratios)  # validates: finite, >= 0, not all 0
+        w = [1.0] * n if weights is None else list(as_per_model(weights, n, "weights"))
+        if method == "fisher":
+            da._check_floor(floor, floor_mode)
+        else:
+            da._check_alpha_ridge(alpha, ridge)
+    except ValueError as exc:
+        raise M3KError(str(exc)) from None
+    cks, sts, base_ck = [], [], None
+    tmp = out_dir.with_name(f".{out_dir.name}.m3k-tmp-{os.getpid()}")
+    try:
+        for i, (mp, sp) in enumerate(zip(models, stats)):
+            cks.append(Checkpoint(mp, role=f"model {i}"))
+            sts.append(StatsFolder(sp, kind=method, role=f"statistics {i}"))
+            sts[-1].check_model(model_fingerprint(mp), mp)
+        if base is not None:
+            base_ck = Checkpoint(base, role="base")
+        names = cks[0].names
+        for i, ck in enumerate(cks[1:], 1):
+            extra = set(ck.names) ^ set(names)
+            if extra:
+                t = sorted(extra)[0]
+                where = "model 0" if t not in names else f"model {i}"
+                raise TensorMismatchError(
+                    f"tensor {t!r} is missing in {where} ({cks[0].path if where == 'model 0' else ck.path})",
+                    tensor=t,
+                )
+            for t in names:
+                if ck.meta(t).shape != cks[0].meta(t).shape:
+                    raise TensorMismatchError(
+                        f"tensor {t!r} has shape {ck.meta(t).shape} in {ck.path}, {cks[0].meta(t).shape} in {cks[0].path}",
+                        tensor=t,
+                    )
+        scales = None
+        if method == "fisher" and normalize == "l2":
+            scales = da.fisher_norm_scales(
+                _fisher_norms(sts, names, progress), floor if floor > 0 else da.FISHER_FLOOR
+            )
+        gram_scale = [1.0] * n
+        if method == "regmean" and gram_normalize == "tokens":
+            gram_scale = [1.0 / max(s.manifest["counts"]["tokens"], 1) for s in sts]
+        items = []
+        for t in names:
+            meta = cks[0].meta(t)
+            dt = out_dtype or meta.dtype
+            numel = 1
+            for d in meta.shape:
+                numel *= d
+            items.append((t, dt, meta.shape, numel * dt.itemsize))
+        shards = _plan_shards(items, shard_size)
+        record = {
+            "m3kernels_version": m3kernels.__version__,
+            "merge_method": method,
+            "seed": seed,
+            "mix_ratios": list(ratios) if (mix_ratios is not None or mixup_alpha is not None) else None,
+            "weights": w,
+            "options": {
+                "floor": floor,
+                "floor_mode": floor_mode,
+                "normalize": normalize,
+                "model_scales": scales,
+            }
+            if method == "fisher"
+            else {
+                "alpha": alpha,
+                "ridge": ridge,
+                "precision": precision,
+                "gram_normalize": gram_normalize,
+                "fallback": fallback,
+            },
+            "models": [str(m) for m in models],
+            "statistics": [
+                {
+                    "path": str(s.path),
+                    "fingerprint": s.fingerprint,
+                    "data_sha256": s.manifest["data"]["sha256"],
+                    "counts": s.manifest["counts"],
+                }
+                for s in sts
+            ],
+        }
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        bar = tqdm(
+            total=len(items),
+            desc=f"{method} merge",
+            unit="tensor",
+            disable=not progress,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+        n_regmean = 0
+        try:
+            for si, shard in enumerate(shards):
+                wr = StreamWriter(
+                    tmp / _shard_name(si, len(shards)),
+                    [(a, b, c) for a, b, c, _ in shard],
+                    {"format": "pt", "m3kernels_merge": json.dumps(record)},
+                )
+                try:
+                    for t, dt, shape, _ in shard:
+                        ms = [ck.tensor(t) for ck in cks]
+                        try:
+                            if method == "fisher":
+                                fs = [s.tensor(t, shape, "Fisher tensor") for s in sts]
+                                out = da.fisher_merge(
+                                    ms,
+                                    fs,
+                                    weights=w,
+                                    mix_ratios=ratios,
+                                    model_scales=scales,
+                                    floor=floor,
+                                    floor_mode=floor_mode,
+                                    out_dtype=dt,
+                                )
+                            elif t in sts[0].manifest["layers"]:
+                                gs = []
+                                for i, s in enumerate(sts):
+                                    g = s.manifest["layers"].get(t)
+                                    if g is None:
+                                        raise TensorMismatchError(
+                                            f"statistics {i}: {s.path} has no Gram matrix for layer {t!r} (statistics 0 has one)",
+                                            tensor=t,
+                                        )
+                                    gs.append(s.tensor(g, (shape[1], shape[1]), f"Gram matrix (layer {t})"))
+                                out = da.regmean_merge(
+                                    ms,
+                                    gs,
+                                    weights=[a * b for a, b in zip(w, gram_scale)],
+                                    mix_ratios=ratios,
+                                    alpha=alpha,
+                                    ridge=ridge,
+                                    precision=precision,
+                                    name=t,
+                                    out_dtype=dt,
+                                )
+                                n_regmean += 1
+                            elif fallback in ("average", "linear") and not fallback_kwargs:
+                                out = da.weighted_average(ms, weights=w, mix_ratios=ratios, out_dtype=dt)
+                            else:
+                                b = base_ck.tensor(t) if base_ck is not None else None
+                                out = merge_tensors(
+                                    b,
+                                    ms,
+                                    method=fallback,
+                                    weights=w,
+                                    mix_ratios=ratios,
+                                    seed=seed,
+                                    name=t,
+                                    out_dtype=dt,
+                                    **(fallback_kwargs or {}),
+                                )
+                        except ValueError as exc:
+                            raise M3KError(f"tensor {t!r}: {exc}", tensor=t) from None
+                        wr.write(t, out)
+                        for ck in cks:
+                            ck.release(t)
+                        bar.update(1)
+                    wr.finish()
+                except BaseException:
+                    wr.abort()
+                    raise
+        finally:
+            bar.close()
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(it[3] for it in items)},
+                "weight_map": {
+                    it[0]: _shard_name(si, len(shards)) for si, sh in enumerate(shards) for it in sh
+                },
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        if cks[0].config is not None:
+            conf = dict(cks[0].config)
+            if out_dtype is not None:
+                from m3kernels.checkpoint.safetensors_io import torch_dtype_name
+
+                name = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[torch_dtype_name(out_dtype)]
+                for k in ("torch_dtype", "dtype"):
+                    if k in conf:
+                        conf[k] = name
+            (tmp / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+        for fname, path in cks[0].side_files.items():
+            shutil.copyfile(path, tmp / fname)
+        (tmp / "m3kernels_merge.json").write_text(json.dumps(record, indent=1))
+        if out_dir.exists():
+            shutil.rmtree(out_dir) if out_dir.is_dir() else out_dir.unlink()
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        for c in cks + ([base_ck] if base_ck else []):
+            c.close()
+        for s in sts:
+            s.close()
+    record["seconds"] = round(time.perf_counter() - t0, 3)
+    record["regmean_layers"] = n_regmean
+    log.info("%s merge of %d models into %s in %.1f s", method, n, out_dir, record["seconds"])
+    return record
+
+
+__all__ = ["merge_checkpoints_data_aware"]
