@@ -33,6 +33,10 @@ def _num(x, fmt: str, suffix: str = "") -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt) + suffix
 
 
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.0f} MB" if nbytes >= 1e7 else f"{nbytes / 1e6:.2f} MB"
+
+
 COLUMNS = (
     "method",
     "backend",
@@ -103,7 +107,7 @@ def copy_lines(report: dict) -> list:
             ] + parts
         ro = f"; read-only {c['read_only_gbps']:.1f} GB/s" if c.get("read_only_gbps") is not None else ""
         out.append(
-            f"copy bandwidth on {dev} ({c['bytes'] / 1e6:.0f} MB buffer, read + write): "
+            f"copy bandwidth on {dev} ({_mb(c['bytes'])} buffer, read + write): "
             f"{', '.join(parts)} GB/s; reference {c['reference_gbps']:.1f} GB/s{ro}"
         )
     return out

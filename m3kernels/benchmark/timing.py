@@ -8,7 +8,9 @@ other processes used during the timed calls comes with the result (:class:`LoadM
 Stage A and stage B of a merge are timed separately (:func:`time_stages`): stage A is
 ``m3kernels.api.prepare`` (the statistics the method needs: L1 sums, trim thresholds), stage B is
 the backend's fused ``merge`` with those parameters, and ``full`` is ``merge_tensors`` itself (both
-stages and the argument checks, what a user calls).
+stages and the argument checks, what a user calls). The split is kept only where the two stages
+give the full merge's bytes; a method with its own stage A hook (a registry ``family``) or one
+whose merge is not ``prepare`` + ``merge`` gets its full time only, with a note saying so.
 """
 
 from __future__ import annotations
@@ -113,6 +115,9 @@ def time_stages(base, models, kwargs: dict, backend_name: str, *, repeats: int, 
     try:
         be = get_backend(backend_name, device)
         recipe = make_recipe(len(models), has_base=base is not None, **kwargs)
+        if getattr(recipe, "family", None) is not None:  # its own stage A (m3kernels.merge.methods)
+            note = f"stage split not timed: {recipe.method!r} runs its own stage A hook; full merge only"
+            return StageTimes(full, None, None, note), result
         prepared = {}
 
         def a():
