@@ -25,7 +25,7 @@ from pathlib import Path
 from m3kernels.errors import M3KError
 
 JSONL_SUFFIXES = (".jsonl", ".json")
-MAX_LINE_CHARS = 1 << 26  # 64 Mi characters: a longer line is refused, not read into memory whole
+MAX_LINE_BYTES = 1 << 26  # 64 MiB: a longer line is refused, not read into memory whole
 
 
 class DataError(M3KError):
@@ -69,9 +69,10 @@ def data_format(path, fmt: str = "auto") -> str:
 
 
 def _lines(path):
-    """(line number, text without the newline) for every line of the file (UTF-8)."""
+    """(line number, text without the newline) for every line of the file (UTF-8, decoded line
+    by line so that an error names its line)."""
     try:
-        f = open(path, encoding="utf-8", newline="")
+        f = open(path, "rb")
     except OSError as exc:
         raise DataError(
             f"{path}: cannot open the data file ({exc.strerror or exc})", path=str(path)
@@ -79,18 +80,17 @@ def _lines(path):
     with f:
         n = 0
         while True:
-            try:
-                raw = f.readline(MAX_LINE_CHARS + 1)
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{path}: line {n + 1}: not UTF-8 text ({exc.reason})", path=str(path)
-                ) from None
+            raw = f.readline(MAX_LINE_BYTES + 1)
             if not raw:
                 return
             n += 1
-            if len(raw) > MAX_LINE_CHARS:
-                raise DataError(f"{path}: line {n}: longer than {MAX_LINE_CHARS} characters", path=str(path))
-            yield n, raw.rstrip("\r\n")
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}: line {n}: longer than {MAX_LINE_BYTES} bytes", path=str(path))
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{path}: line {n}: not UTF-8 text ({exc.reason})", path=str(path)) from None
+            yield n, text.rstrip("\r\n")
 
 
 def read_records(path, fmt: str = "auto"):
