@@ -1,7 +1,8 @@
 """The tensor-level API: ``merge_tensors`` and its helpers, for this package and other tools.
 
 Validates the arguments, resolves the method preset (:mod:`m3kernels.merge.recipe`), runs stage A
-(L1 sums and exact trim thresholds) and stage B on the chosen backend.
+(L1 sums and exact trim thresholds; a method with a registry ``family`` runs its own hook in
+:mod:`m3kernels.merge.methods`) and stage B on the chosen backend.
 """
 
 from __future__ import annotations
@@ -177,6 +178,19 @@ def merge_tensors(
     backend="auto",
     out=None,
     thresholds=None,
+    t=None,
+    scale=None,
+    epsilon=None,
+    r=None,
+    alpha=None,
+    gamma=None,
+    max_iter=None,
+    tol=None,
+    eps=None,
+    normalize_weights=None,
+    nuslerp_flatten=None,
+    nuslerp_row_wise=None,
+    filter_wise=None,
 ) -> torch.Tensor:
     """Merge one tensor of N fine-tuned models (and an optional base) by ``method``.
 
@@ -190,8 +204,13 @@ def merge_tensors(
         models: sequence of N ≥ 1 tensors, one per fine-tuned model, the base's shape, on the
             base's device; dtypes may differ.
         method: a registered name (``m3kernels.METHODS``): ``linear`` / ``average``,
-            ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``ties_dare``.
-        weights: w_i, a scalar or one per model (default 1). Finite float32 values.
+            ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``ties_dare``,
+            ``passthrough``, ``nearswap``, ``ram``, ``ramplus_tl``, ``breadcrumbs``,
+            ``breadcrumbs_ties``, ``slerp``, ``nuslerp``, ``multislerp``, ``karcher``,
+            ``model_stock`` (docs/SPEC.md §7 for the last eleven). A parameter the method does not
+            take is a ValueError naming the methods that do.
+        weights: w_i, a scalar or one per model (default 1). Finite float32 values. Not for
+            ``passthrough``, ``nearswap``, ``ram*``, ``slerp``, ``karcher``, ``model_stock``.
         density: a scalar or one per model in [0, 1]. TIES methods: the fraction of the largest
             |δ_i| the trim keeps (k = ⌊density·numel⌋; default 0.2). DARE methods: the keep
             probability (required, unless ``drop_rate`` is given).
@@ -218,7 +237,28 @@ def merge_tensors(
         out: an optional contiguous output tensor (shape of the models, dtype ``out_dtype``,
             their device); written in place and returned.
         thresholds: one trim threshold per model (a float ≥ 0, None to keep all, inf to keep
-            none) instead of the per-tensor ones, e.g. whole-model thresholds. Trim methods only.
+            none) instead of the per-tensor ones, e.g. whole-model thresholds. ``ties`` and
+            ``ties_dare`` only.
+        t: ``slerp``: the interpolation fraction (required unless M³ draws it: 0 the base, 1 the
+            model). ``nearswap``: the distance limit (required): y = base + clamp(x − base, −t, t)
+            in mergekit's float32 form.
+        scale: ``passthrough``: multiply the copied tensor by this (one float32 product; None: an
+            exact copy).
+        epsilon: ``ram``, ``ramplus_tl``: a model counts at an element where |δ| > epsilon
+            (default 1e-5).
+        r: ``ramplus_tl``: boost of unique contributions (default 0.1).
+        alpha: ``ramplus_tl``: cap on shared/unique (default 0.2; not M³'s ``mixup_alpha``).
+        gamma: ``breadcrumbs*``: fraction of the largest |δ| dropped, a scalar or one per model in
+            [0, 1] (default 0.01; ignored where density is 1). ``density`` is their kept fraction
+            (default 1.0: no trim).
+        max_iter: ``karcher``: most iterations, an integer in [0, 100000] (default 10).
+        tol: ``karcher``: norm, angle and convergence tolerance (default 1e-5).
+        eps: ``multislerp``: added to the norms (default 1e-8).
+        normalize_weights: ``multislerp``: divide the weights by their sum (default True).
+        nuslerp_flatten: ``nuslerp``: one vector per tensor (default True), else per row / column.
+        nuslerp_row_wise: ``nuslerp`` with ``nuslerp_flatten=False``: vectors along dim 0 (True)
+            or along the last dim (False, default).
+        filter_wise: ``model_stock``: one t per row (slice along the last dim; default False).
 
     Returns:
         ``out`` (allocated when not given) holding the merged tensor.
@@ -241,10 +281,23 @@ def merge_tensors(
         mix_ratios=mix_ratios,
         mixup_alpha=mixup_alpha,
         seed=seed,
+        t=t,
+        scale=scale,
+        epsilon=epsilon,
+        r=r,
+        alpha=alpha,
+        gamma=gamma,
+        max_iter=max_iter,
+        tol=tol,
+        eps=eps,
+        normalize_weights=normalize_weights,
+        nuslerp_flatten=nuslerp_flatten,
+        nuslerp_row_wise=nuslerp_row_wise,
+        filter_wise=filter_wise,
     )
     if thresholds is not None:
-        if recipe.trim_density is None:
-            raise ValueError(f"thresholds: method {recipe.method!r} has no magnitude trim")
+        if recipe.trim_density is None or recipe.family is not None:
+            raise ValueError(f"thresholds: method {recipe.method!r} has no top-k magnitude trim")
         if len(thresholds) != recipe.n:
             raise ValueError(f"thresholds: expected {recipe.n} values, got {len(thresholds)}")
     if not isinstance(name, str):
@@ -265,6 +318,12 @@ def merge_job(job: MergeJob, backend, out: torch.Tensor) -> torch.Tensor:
     """
     if out.numel() == 0:
         return out
+    if getattr(job.recipe, "family", None) is not None:  # the method's own stage A (merge/methods)
+        from m3kernels.merge import methods
+
+        if job.thresholds is not None:
+            raise ValueError(f"thresholds: method {job.recipe.method!r} has no top-k magnitude trim")
+        return methods.merge(job, backend, out)
     p, b = prepare(job.base, job.models, job.recipe, job.name, backend, job.thresholds)
     backend.merge(p, b, job.models, out)
     return out

@@ -2,7 +2,7 @@
 
 Expected per-layer values are computed here from mergekit's documented rule, independently of
 m3kernels.checkpoint.config: layer i of L sits at t = i / (L - 1) (t = 1 when L = 1), the input embeddings
-at t = 0, the final norm and lm_head at t = 1; a gradient's values are spread evenly over
+at t = 0, the final norm and lm_head at t = 0 too (mergekit 0.1.5's "post" weights); a gradient's values are spread evenly over
 [0, 1] and interpolated linearly (numpy.interp); filters match substrings, first match wins.
 """
 
@@ -29,7 +29,7 @@ def expected_t(name: str, num_layers: int) -> float:
     if name == "model.embed_tokens.weight":
         return 0.0
     if name in ("model.norm.weight", "lm_head.weight"):
-        return 1.0
+        return 0.0  # mergekit >= 0.1.2: post weights at t = 0
     i = int(name.split(".")[2])
     return i / (num_layers - 1) if num_layers > 1 else 1.0
 
@@ -148,7 +148,7 @@ def test_gradient_values_per_layer(grad, num_layers):
 
 
 def test_gradient_hand_values():
-    """A few numbers written out: [0, 1] over 40 layers is i/39; embeddings/lm_head are ends."""
+    """A few numbers written out: [0, 1] over 40 layers is i/39; embeddings and lm_head at t = 0."""
     cfg = load_config(
         {
             "merge_method": "task_arithmetic",
@@ -162,8 +162,8 @@ def test_gradient_hand_values():
     assert w("model.layers.39.mlp.up_proj.weight", 40) == 1.0
     assert w("model.layers.0.mlp.up_proj.weight", 40) == 0.0
     assert w("model.embed_tokens.weight", 40) == 0.0
-    assert w("lm_head.weight", 40) == 1.0
-    assert w("model.norm.weight", 2) == 1.0
+    assert w("lm_head.weight", 40) == 0.0  # mergekit 0.1.5: post weights at t = 0
+    assert w("model.norm.weight", 2) == 0.0
     assert w("model.layers.1.mlp.up_proj.weight", 2) == 1.0
     assert w("model.layers.0.mlp.up_proj.weight", 1) == 1.0  # one layer: t = 1
     lam = lambda n, L: cfg.tensor_kwargs(n, L)["lambda_"]  # noqa: E731
@@ -192,7 +192,7 @@ def test_other_layer_naming_schemes():
     ):
         assert w(pre) == 0.0, pre
     for post in ("transformer.ln_f.weight", "embed_out.weight", "gpt_neox.final_layer_norm.bias"):
-        assert w(post) == 1.0, post
+        assert w(post) == 0.0, post  # mergekit 0.1.5: post weights at t = 0
     with pytest.raises(MergeConfigError, match="layer 5"):
         cfg.tensor_kwargs("model.layers.5.mlp.up_proj.weight", 5)
     with pytest.raises(MergeConfigError, match="num_layers"):
@@ -255,7 +255,7 @@ def test_filter_star_and_single_entry_and_fallthrough():
         }
     )
     kw = cfg.tensor_kwargs
-    assert kw("lm_head.weight", 4)["weights"] == [0.1, 1.0, 1.0]
+    assert kw("lm_head.weight", 4)["weights"] == [0.1, 0.0, 1.0]  # lm_head at t = 0
     assert kw("model.layers.1.mlp.up_proj.weight", 4)["weights"] == pytest.approx([0.6, 1 / 3, 0.6])
     # nothing matches anywhere: mergekit-style default weight 1
     assert kw("model.layers.3.self_attn.q_proj.weight", 4)["weights"] == [1.0, 1.0, 1.0]
@@ -359,22 +359,41 @@ METHOD_PARAMS = {
     "dare_linear": {"weight": 0.5, "density": 0.6, "rescale": True},
     "dare_ties": {"weight": 1.0, "drop_rate": 0.4, "rescale": False},
     "ties_dare": {"weight": 1.0, "density": 0.5, "drop_rate": 0.3},
+    "passthrough": {"scale": 0.5},
+    "nearswap": {"t": 0.01},
+    "ram": {"epsilon": 0.001},
+    "ramplus_tl": {"r": 0.2, "alpha": 0.5, "epsilon": 0.001},
+    "breadcrumbs": {"weight": 1.0, "density": 0.8, "gamma": 0.05},
+    "breadcrumbs_ties": {"weight": [0.5, 1.0], "density": [0.3, 0.9], "gamma": 0.02},
+    "slerp": {"t": [0.0, 0.3, 1.0]},
+    "nuslerp": {"weight": [1.0, 2.0], "nuslerp_flatten": False},
+    "multislerp": {"weight": [0.3, 0.7], "normalize_weights": True, "eps": 1e-7},
+    "karcher": {"max_iter": 5, "tol": 1e-6},
+    "model_stock": {"filter_wise": True},
 }
 
 
 @pytest.mark.parametrize("method", sorted(PRESETS))
 @pytest.mark.parametrize("mixup", [None, {"alpha": 0.5, "seed": 3}, {"lambda": 0.25}])
 def test_every_method_feeds_make_recipe(method, mixup):
+    preset = PRESETS[method]
+    n = max(preset.models[0], 1 if preset.models[1] == 1 else 2)
     raw = {
         "merge_method": method,
-        "models": [{"model": "x"}, {"model": "y"}],
+        "models": [{"model": m} for m in ("x", "y")[:n]],
         "parameters": METHOD_PARAMS[method],
         "seed": 11,
     }
-    if PRESETS[method].uses_base:
+    if preset.uses_base:
         raw["base_model"] = "b"
     if mixup:
         raw["mixup"] = mixup
+        if method == "slerp":
+            raw["parameters"] = {}  # M³ gives t
+    if mixup and preset.mixup == "none":
+        with pytest.raises(MergeConfigError, match=f"mixup: method '{method}' does not take M³"):
+            load_config(raw)
+        return
     cfg = load_config(raw)
     assert cfg.method == method and cfg.mixup == mixup
     ratios = cfg.mix_ratios()
@@ -382,10 +401,12 @@ def test_every_method_feeds_make_recipe(method, mixup):
         for name in llama_names(num_layers)[:4] + ["lm_head.weight"]:
             kw = cfg.tensor_kwargs(name, num_layers)
             rec = make_recipe(
-                2, method=method, has_base=cfg.base_model is not None, mix_ratios=ratios, seed=cfg.seed, **kw
+                n, method=method, has_base=cfg.base_model is not None, mix_ratios=ratios, seed=cfg.seed, **kw
             )
             assert rec.seed == 11
-            if mixup is not None and "lambda" in mixup:
+            if mixup is not None and "lambda" in mixup and method == "slerp":
+                assert rec.get("t") == 0.75  # the model's ratio of (λ, 1 − λ)
+            elif mixup is not None and "lambda" in mixup:
                 assert rec.mix_ratios == (0.25, 0.75)
 
 
@@ -562,11 +583,17 @@ REJECT = [
     (base_cfg(merge_method="task_arithmetic", base_model=None, parameters=None), "base_model"),
     (base_cfg(merge_method="linear", models=[{"model": "m/a"}]), "base_model"),
     # methods
-    (base_cfg(merge_method="slerp"), "merge_method"),
+    (base_cfg(merge_method="sce"), "merge_method"),
     (base_cfg(merge_method="della"), "merge_method"),
-    (base_cfg(merge_method="breadcrumbs_ties"), "merge_method"),
-    (base_cfg(merge_method="passthrough"), "merge_method"),
-    (base_cfg(merge_method="model_stock"), "merge_method"),
+    (base_cfg(merge_method="della_linear"), "merge_method"),
+    (base_cfg(merge_method="arcee_fusion"), "merge_method"),
+    (base_cfg(merge_method="slerp"), "weight"),  # slerp takes t, not weight
+    (
+        base_cfg(
+            merge_method="model_stock", models=[{"model": "m/a"}, {"model": "m/b"}], parameters={"t": 0.5}
+        ),
+        "parameters.t",
+    ),
     (base_cfg(merge_method="nonsense"), "merge_method"),
     (base_cfg(merge_method=None), "merge_method"),
     (base_cfg(merge_method=3), "merge_method"),
@@ -661,11 +688,14 @@ def test_rejections_name_the_key(raw, key):
 
 def test_rejections_list_what_is_supported():
     with pytest.raises(MergeConfigError) as ei:
-        load_config(base_cfg(merge_method="slerp"))
+        load_config(base_cfg(merge_method="della"))
     msg = str(ei.value)
     assert "mergekit" in msg and all(m in msg for m in sorted(PRESETS))
     with pytest.raises(MergeConfigError) as ei:
         load_config(with_model_params(gamma=0.01))
+    assert all(p in str(ei.value) for p in ("gamma", "breadcrumbs", "breadcrumbs_ties"))
+    with pytest.raises(MergeConfigError) as ei:
+        load_config(with_model_params(bogus_param=0.01))
     assert all(p in str(ei.value) for p in ("weight", "density", "drop_rate", "lambda"))
     with pytest.raises(MergeConfigError) as ei:
         load_config(base_cfg(bogus=1))

@@ -23,10 +23,16 @@ import yaml
 
 from m3kernels.errors import M3KError
 from m3kernels.merge.mixup import MIXUP_SEED_LIMIT, SEED_LIMIT, draw_mix_ratios, normalize_mix_ratios
-from m3kernels.merge.recipe import SparsityError, make_recipe, not_taken, resolve_sparsity
+from m3kernels.merge.recipe import GENERIC_PARAMS, SparsityError, make_recipe, not_taken, resolve_sparsity
 from m3kernels.merge.registry import (
+    BOOL,
+    INT,
+    MAX_INT_PARAM,
     MERGE_WIDE,
+    MIX_NONE,
     PER_MODEL,
+    RESCALE,
+    Method,
     all_config_params,
     get_method,
     method_names,
@@ -74,7 +80,7 @@ REJECTED_TOP_LEVEL = {
 # parameter names of all methods, from the registry (m3kernels.merge.registry)
 PER_MODEL_PARAMETERS = all_config_params(PER_MODEL)
 MERGE_WIDE_PARAMETERS = all_config_params(MERGE_WIDE)
-ALL_PARAMETERS = PER_MODEL_PARAMETERS + MERGE_WIDE_PARAMETERS
+ALL_PARAMETERS = tuple(dict.fromkeys(PER_MODEL_PARAMETERS + MERGE_WIDE_PARAMETERS))
 # a parameter a method does not take is an error, except mergekit's own no-op default for it
 NO_OP_WHEN_NOT_TAKEN = {"rescale": False}
 
@@ -121,8 +127,8 @@ def canonical_dtype(value, key: str) -> str | None:
 
 # the leftmost "<container>.<i>." in the name is the decoder layer index
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.")
-# name components of the input embeddings (mergekit's "pre" weights, read at t = 0); every
-# other tensor outside the layers (final norm, lm_head, ...) is a "post" weight, read at t = 1
+# name components of the input embeddings (mergekit's "pre" weights); every other tensor outside
+# the layers (final norm, lm_head, ...) is a "post" weight; both are read at t = 0 (mergekit >= 0.1.2)
 _EMBEDDING_PARTS = frozenset(
     {
         "embed_tokens",
@@ -145,14 +151,14 @@ def layer_index(tensor_name: str) -> int | None:
 
 
 def tensor_position(tensor_name: str, num_layers: int) -> float:
-    """mergekit's t for a tensor: i / (L − 1) in layer i of L (1 when L = 1); 0 for the
-    input embeddings; 1 for the other tensors outside the layers (final norm, lm_head)."""
+    """mergekit 0.1.5's t for a tensor: i / (L − 1) in layer i of L (1 when L = 1); 0 for every
+    tensor outside the layers, the input embeddings ("pre") and the final norm and lm_head
+    ("post") alike (mergekit gives post weights t = 0 since 0.1.2; 0.1.1 and older gave 1)."""
     if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
         raise MergeConfigError(f"num_layers must be an integer >= 1, got {num_layers!r}")
     idx = layer_index(tensor_name)
     if idx is None:
-        parts = set(tensor_name.split("."))
-        return 0.0 if parts & _EMBEDDING_PARTS else 1.0
+        return 0.0
     if idx >= num_layers:
         raise MergeConfigError(
             f"tensor {tensor_name!r} is in layer {idx} but the model has {num_layers} layers"
@@ -176,12 +182,16 @@ class Setting:
     kind: str
     value: Any
     key: str  # where it was written, for messages
+    discrete: bool = False  # a gradient of non-numbers (bools): picks v_⌊t·K⌋, no interpolation
 
     def at(self, tensor_name: str, t: float):
         """The value for a tensor at position t (None: no filter matched)."""
         if self.kind == "scalar":
             return self.value
         if self.kind == "gradient":
+            if self.discrete:
+                last = len(self.value) - 1
+                return self.value[min(last, int(t * last))]
             return interpolate_gradient(self.value, t)
         for flt, inner in self.value:
             if flt is None or flt == "*" or flt in tensor_name:
@@ -205,6 +215,17 @@ def interpolate_gradient(values, t: float) -> float:
 
 def _leaf(value, kind: str, key: str):
     """Check and normalise one scalar value of a parameter of the given kind."""
+    if kind == INT:
+        if isinstance(value, str):
+            try:
+                value = int(value.strip())
+            except ValueError:
+                pass
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT_PARAM:
+            raise MergeConfigError(f"{key}: expected an integer in [0, {MAX_INT_PARAM}], got {value!r}")
+        return value
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -236,15 +257,16 @@ def _value_setting(raw, kind: str, key: str, gradient: bool) -> Setting:
             raise MergeConfigError(f"{key}: an empty list is not a valid value")
         if not gradient:
             raise MergeConfigError(
-                f"{key}: a gradient (list of values) is only supported for numeric parameters "
-                f"(weight, density, drop_rate, lambda), not here"
+                f"{key}: a gradient (list of values) is not supported for this parameter "
+                f"(a scalar or filters only)"
             )
         if any(isinstance(v, (list, dict)) for v in raw):
             raise MergeConfigError(
                 f"{key}: a gradient must be a flat list of numbers, got {raw!r} "
                 f"(filters can not be nested inside a filter's value)"
             )
-        return Setting("gradient", tuple(_leaf(v, kind, f"{key}[{j}]") for j, v in enumerate(raw)), key)
+        values = tuple(_leaf(v, kind, f"{key}[{j}]") for j, v in enumerate(raw))
+        return Setting("gradient", values, key, discrete=kind in (BOOL, RESCALE))
     if isinstance(raw, dict):
         raise MergeConfigError(f"{key}: filters can not be nested inside a filter's value")
     if raw is None:
@@ -252,9 +274,10 @@ def _value_setting(raw, kind: str, key: str, gradient: bool) -> Setting:
     return Setting("scalar", _leaf(raw, kind, key), key)
 
 
-def parse_setting(raw, name: str, key: str) -> Setting:
-    """A parameter as written in the YAML -> Setting (validated for that parameter)."""
-    kind, gradient = param_kind(name), param_allows_gradient(name)
+def parse_setting(raw, name: str, key: str, method: Method | str) -> Setting:
+    """A parameter of ``method`` as written in the YAML -> Setting (validated for that method's
+    parameter: the same name may have another kind in another method)."""
+    kind, gradient = param_kind(method, name), param_allows_gradient(method, name)
     if isinstance(raw, dict):  # a single filter entry
         raw = [raw]
     if isinstance(raw, list) and raw and any(isinstance(e, dict) for e in raw):
@@ -277,6 +300,18 @@ def parse_setting(raw, name: str, key: str) -> Setting:
             entries.append((flt, _value_setting(e["value"], kind, f"{ekey}.value", gradient)))
         return Setting("filters", tuple(entries), key)
     return _value_setting(raw, kind, key, gradient)
+
+
+def _integral(value, p, tensor_name: str):
+    """An INT parameter's value at a tensor (a gradient may interpolate to a non-integer)."""
+    if value is None or p.kind != INT or isinstance(value, int):
+        return value
+    if float(value).is_integer():
+        return int(value)
+    raise MergeConfigError(
+        f"{p.name}: the gradient gives {value!r} at tensor {tensor_name!r}; an integer in "
+        f"[0, {MAX_INT_PARAM}] is required"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -322,11 +357,17 @@ class MergeConfig:
         return None if s is None else s.at(tensor_name, t)
 
     def tensor_kwargs(self, tensor_name: str, num_layers: int) -> dict:
-        """Keyword arguments of ``merge_tensors`` / ``make_recipe`` for this tensor:
-        weights, density, drop_rate, normalize, rescale, lambda_ (no M³ arguments)."""
+        """Keyword arguments of ``merge_tensors`` / ``make_recipe`` for this tensor: those of
+        weights, density, drop_rate, normalize, rescale, lambda_ the method takes, and its own
+        parameters (t, scale, epsilon, ...) where set (no M³ arguments). The six generic keys
+        are always there (None, or lambda_ 1.0, where the method does not take them)."""
         t = tensor_position(tensor_name, num_layers)
         method = get_method(self.method)
-        weights = [1.0 if w is None else w for w in self._per_model("weight", tensor_name, t)]
+        out: dict = dict(
+            weights=None, density=None, drop_rate=None, normalize=None, rescale=None, lambda_=1.0
+        )
+        if method.takes("weight"):
+            out["weights"] = [1.0 if w is None else w for w in self._per_model("weight", tensor_name, t)]
         dens = self._per_model("density", tensor_name, t)
         drops = self._per_model("drop_rate", tensor_name, t)
         try:
@@ -337,22 +378,36 @@ class MergeConfig:
         density = drop_rate = None
         if method.dare and not method.trim:  # dare_linear, dare_ties: the resolved keep densities
             density = list(dare_density)
-        elif method.trim:  # ties, ties_dare: density is the trim density
+        elif method.trim:  # ties, ties_dare, breadcrumbs*: density is the trim density
             if any(d is not None for d in dens):
                 density = list(trim_density)
             if method.dare:  # ties_dare: drop_rate is the DARE drop
                 drop_rate = drops
-        normalize = self._merge_wide("normalize", tensor_name, t)
-        rescale = self._merge_wide("rescale", tensor_name, t) if method.dare else None
-        lam = self._merge_wide("lambda", tensor_name, t)
-        return {
-            "weights": weights,
-            "density": density,
-            "drop_rate": drop_rate,
-            "normalize": normalize,
-            "rescale": rescale,
-            "lambda_": 1.0 if lam is None else float(lam),
-        }
+        if method.takes("density"):
+            out["density"] = density
+        if method.takes("drop_rate"):
+            out["drop_rate"] = drop_rate
+        if method.takes("normalize"):
+            out["normalize"] = self._merge_wide("normalize", tensor_name, t)
+        if method.takes("rescale"):
+            out["rescale"] = self._merge_wide("rescale", tensor_name, t) if method.dare else None
+        if method.takes("lambda"):
+            lam = self._merge_wide("lambda", tensor_name, t)
+            out["lambda_"] = 1.0 if lam is None else float(lam)
+        for p in method.params:  # the method's own parameters
+            if p.name in GENERIC_PARAMS or not p.config:
+                continue
+            if p.scope == PER_MODEL:
+                vals = self._per_model(p.name, tensor_name, t)
+                if all(v is None for v in vals):
+                    continue
+                value = [_integral(v, p, tensor_name) for v in vals]
+            else:
+                value = _integral(self._merge_wide(p.name, tensor_name, t), p, tensor_name)
+                if value is None:
+                    continue
+            out[p.api] = value
+        return out
 
     def out_torch_dtype(self, base_dtype=None) -> torch.dtype:
         """The output dtype: out_dtype, else dtype, else the base model's dtype."""
@@ -369,9 +424,10 @@ class MergeConfig:
         """The M³ ratios of this merge (one draw, from mixup.seed), None without M³."""
         if self.mixup is None:
             return None
+        n = get_method(self.method).mix_count(len(self.models))
         if "lambda" in self.mixup:
-            return normalize_mix_ratios(self.mixup["lambda"], len(self.models))
-        return draw_mix_ratios(self.mixup["alpha"], len(self.models), self.mixup["seed"])
+            return normalize_mix_ratios(self.mixup["lambda"], n)
+        return draw_mix_ratios(self.mixup["alpha"], n, self.mixup["seed"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -542,7 +598,11 @@ def _same_path(a: str, b: str) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
 
-def _parse_parameters(raw, key: str, allowed) -> dict:
+def _parse_parameters(raw, key: str, scope: str | None, method: Method) -> dict:
+    """The parameters of one ``parameters`` block (``scope`` PER_MODEL: a model's own block,
+    which may hold per-model parameters only; None: the top level, which may hold any): each
+    must be one ``method`` takes (except mergekit's no-op defaults), parsed as that method's
+    parameter."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -553,12 +613,17 @@ def _parse_parameters(raw, key: str, allowed) -> dict:
             raise MergeConfigError(
                 f"{key}.{name}: unknown or unsupported parameter; supported: {', '.join(ALL_PARAMETERS)}"
             )
-        if name not in allowed:
+        if not method.takes(name, in_config=True):
+            if name in NO_OP_WHEN_NOT_TAKEN and value is NO_OP_WHEN_NOT_TAKEN[name]:
+                continue  # e.g. rescale: false, mergekit's default: no effect
+            raise MergeConfigError(f"{key}.{not_taken(method, name)}")
+        if scope == PER_MODEL and method.param(name).scope != PER_MODEL:
             raise MergeConfigError(
                 f"{key}.{name}: a merge-wide parameter; set it in the top-level 'parameters' "
-                f"(mergekit ignores it per model). Per-model parameters: {', '.join(allowed)}"
+                f"(mergekit ignores it per model). Per-model parameters: "
+                f"{', '.join(method.config_params(PER_MODEL)) or 'none'}"
             )
-        out[name] = parse_setting(value, name, f"{key}.{name}")
+        out[name] = parse_setting(value, name, f"{key}.{name}", method)
     return out
 
 
@@ -568,9 +633,14 @@ def _check_int(value, key: str, upper: int) -> int:
     return value
 
 
-def _parse_mixup(raw, n: int, seed: int) -> dict | None:
+def _parse_mixup(raw, n: int, seed: int, method: Method | None = None) -> dict | None:
     if raw is None:
         return None
+    if method is not None:
+        if method.mixup == MIX_NONE:
+            why = f" ({method.mixup_note})" if method.mixup_note else ""
+            raise MergeConfigError(f"mixup: method {method.name!r} does not take M³{why}")
+        n = method.mix_count(n)
     if not isinstance(raw, dict):
         raise MergeConfigError(f"mixup: expected a mapping {{alpha, seed}} or {{lambda}}, got {raw!r}")
     extra = set(raw) - {"alpha", "seed", "lambda"}
@@ -615,25 +685,10 @@ def _parse_method(raw) -> str:
         raise MergeConfigError(f"merge_method:{exc}") from None
 
 
-def _check_method_parameters(method: str, top: dict, per_model: list) -> None:
-    """Reject parameters the method does not take (mergekit ignores some of them silently),
-    as the registry declares them; drop mergekit's no-op defaults (NO_OP_WHEN_NOT_TAKEN)."""
-    m = get_method(method)
-    placed = [("parameters", top)] + [(f"models[{i}].parameters", p) for i, p in per_model]
-    for where, params in placed:
-        for name in list(params):
-            if m.takes(name, in_config=True):
-                continue
-            s = params[name]
-            if name in NO_OP_WHEN_NOT_TAKEN and s.is_scalar and s.value == NO_OP_WHEN_NOT_TAKEN[name]:
-                del params[name]  # e.g. rescale: false, mergekit's default: no effect
-                continue
-            raise MergeConfigError(f"{where}.{not_taken(m, name)}")
-
-
 def _check_model_trim(cfg: MergeConfig) -> None:
-    """trim_scope: model needs a trim and one density per model for every tensor."""
-    if not get_method(cfg.method).trim:
+    """trim_scope: model needs a top-k trim and one density per model for every tensor."""
+    m = get_method(cfg.method)
+    if not m.trim or m.program.trim_window:
         raise MergeConfigError(
             f"trim_scope: 'model' applies to methods with a magnitude trim "
             f"(ties, ties_dare), not {cfg.method!r}"
@@ -709,7 +764,7 @@ def parse_config(raw: dict) -> MergeConfig:
                 f"{key}.{sorted(extra)[0]}: unknown key; a model entry has 'model' and 'parameters'"
             )
         path = _model_path(entry.get("model"), f"{key}.model")
-        params = _parse_parameters(entry.get("parameters"), f"{key}.parameters", PER_MODEL_PARAMETERS)
+        params = _parse_parameters(entry.get("parameters"), f"{key}.parameters", PER_MODEL, preset)
         if any(_same_path(path, p) for p in seen):
             raise MergeConfigError(f"{key}.model: {path!r} is listed twice")
         seen.append(path)
@@ -719,7 +774,10 @@ def parse_config(raw: dict) -> MergeConfig:
                 continue
         models.append(path)
         per_model.append((i, params))
-    if base is not None and not preset.uses_base and not base_listed:
+    if base is not None and not preset.uses_base and not base_listed and preset.base_as_model:
+        models.append(base)  # mergekit: an unlisted base is one more input, appended last
+        per_model.append((len(entries), {}))
+    elif base is not None and not preset.uses_base and not base_listed:
         raise MergeConfigError(
             f"base_model: method {method!r} does not use a base model; mergekit would add an "
             f"unlisted base_model as one more averaged model. List it under models (with its "
@@ -728,8 +786,11 @@ def parse_config(raw: dict) -> MergeConfig:
     if not models:
         raise MergeConfigError("models: no model to merge besides the base model")
 
-    top = _parse_parameters(raw.get("parameters"), "parameters", ALL_PARAMETERS)
-    _check_method_parameters(method, top, per_model)
+    top = _parse_parameters(raw.get("parameters"), "parameters", None, preset)
+    try:
+        preset.check_model_count(len(models))
+    except ValueError as exc:
+        raise MergeConfigError(str(exc)) from None
 
     dtype = canonical_dtype(raw.get("dtype"), "dtype")
     out_dtype = canonical_dtype(raw.get("out_dtype"), "out_dtype")
@@ -761,7 +822,7 @@ def parse_config(raw: dict) -> MergeConfig:
         tokenizer_source=tok,
         seed=seed,
         trim_scope=scope,
-        mixup=_parse_mixup(raw.get("mixup"), len(models), seed),
+        mixup=_parse_mixup(raw.get("mixup"), len(models), seed, preset),
         raw=raw,
         model_parameters=[p for _, p in per_model],
         parameters=top,

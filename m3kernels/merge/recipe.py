@@ -6,6 +6,11 @@ keyword arguments of :func:`m3kernels.merge_tensors` (or of a config, per tensor
 raising ``ValueError`` naming the offending argument. What each method takes and defaults to
 is declared in :mod:`m3kernels.merge.registry`; the rules shared by the API and the config
 (density = 1 − drop_rate, the trim default, which method takes what) live here, once.
+
+Method-specific parameters (slerp's ``t``, ram's ``epsilon``, karcher's ``max_iter``, ...) are
+checked against their :class:`~m3kernels.merge.registry.Param` (kind, range, required) and kept
+in ``Recipe.params`` as sorted ``(name, value)`` pairs (per-model ones as tuples), so a Recipe
+stays immutable and hashable; ``recipe.get("t")`` reads one.
 """
 
 from __future__ import annotations
@@ -16,13 +21,30 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from m3kernels.merge.mixup import MIXUP_SEED_LIMIT, as_number, as_per_model, check_seed, resolve_mix_ratios
+from m3kernels.merge.mixup import (
+    MIXUP_SEED_LIMIT,
+    as_number,
+    as_per_model,
+    check_seed,
+    is_scalar,
+    resolve_mix_ratios,
+)
 from m3kernels.merge.registry import (
     ALIASES,
+    BOOL,
     DEFAULT_TRIM_DENSITY,
+    FRACTION,
+    INT,
+    MAX_INT_PARAM,
     MEAN,
+    MIX_INTERPOLATION,
+    MIX_NONE,
+    NUMBER,
+    PER_MODEL,
+    REQUIRED,
     SUM,
     Method,
+    Param,
     get_method,
     method_names,
     methods_taking,
@@ -48,6 +70,15 @@ class Recipe:
     dare_density: tuple[float, ...] | None  # None: no DARE
     rescale: str | None  # "density" | "none" | "l1" (DARE only)
     trim_density: tuple[float, ...] | None  # None: no magnitude trim
+    family: str | None = None  # m3kernels.merge.methods.<family> prepares it (None: generic)
+    params: tuple = ()  # method-specific parameters: sorted (name, value) pairs
+
+    def get(self, name: str, default=None):
+        """A method-specific parameter by config name (``default`` when unset)."""
+        for k, v in self.params:
+            if k == name:
+                return v
+        return default
 
     @property
     def coefs(self) -> tuple[float, ...]:
@@ -95,6 +126,15 @@ def not_taken(method: Method, arg: str) -> str:
     return f"{arg}: method {method.name!r} does not take it; methods that do: {', '.join(others)}"
 
 
+# the parameters the generic arguments of make_recipe carry (the others are method-specific)
+GENERIC_PARAMS = frozenset({"weight", "density", "drop_rate", "normalize", "rescale", "lambda", "int8_mask"})
+
+
+def _trim_default(method: Method) -> float:
+    p = method.param("density")
+    return p.default if p is not None and isinstance(p.default, float) else DEFAULT_TRIM_DENSITY
+
+
 def resolve_sparsity(method: Method, dens: Sequence, drops: Sequence):
     """(DARE keep densities or None, trim densities or None) from per-model ``density`` and
     ``drop_rate`` values (an entry is None where that model sets none). The one place where
@@ -106,7 +146,7 @@ def resolve_sparsity(method: Method, dens: Sequence, drops: Sequence):
                 raise SparsityError(
                     f"method {method.name!r} needs drop_rate (DARE) besides density (trim)", "drop_rate", i
                 )
-        return tuple(1.0 - p for p in drops), tuple(DEFAULT_TRIM_DENSITY if d is None else d for d in dens)
+        return tuple(1.0 - p for p in drops), tuple(_trim_default(method) if d is None else d for d in dens)
     if prog.dare:
         out = []
         for i, (d, p) in enumerate(zip(dens, drops)):
@@ -125,10 +165,92 @@ def resolve_sparsity(method: Method, dens: Sequence, drops: Sequence):
     if any(p is not None for p in drops):
         raise SparsityError(not_taken(method, "drop_rate"), "drop_rate")
     if prog.trim:
-        return None, tuple(DEFAULT_TRIM_DENSITY if d is None else d for d in dens)
+        return None, tuple(_trim_default(method) if d is None else d for d in dens)
     if any(d is not None for d in dens):
         raise SparsityError(not_taken(method, "density"), "density")
     return None, None
+
+
+def _leaf(p: Param, value, arg: str):
+    """One value of parameter ``p`` checked against its kind (ValueError naming ``arg``)."""
+    if p.kind == BOOL:
+        if isinstance(value, (bool, np.bool_)):
+            return bool(value)
+        raise ValueError(f"{arg} must be True or False, got {value!r}")
+    if p.kind == INT:
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            else:
+                raise ValueError(f"{arg} must be an integer in [0, {MAX_INT_PARAM}], got {value!r}")
+        if not 0 <= int(value) <= MAX_INT_PARAM:
+            raise ValueError(f"{arg} must be an integer in [0, {MAX_INT_PARAM}], got {value!r}")
+        return int(value)
+    x = as_number(value, arg)
+    if p.kind == FRACTION:
+        if not 0.0 <= x <= 1.0:
+            raise ValueError(f"{arg} must be in [0, 1], got {value!r}")
+        return x
+    assert p.kind == NUMBER, p.kind
+    return _check_f32(x, arg)
+
+
+def method_params(preset: Method, n: int, given: dict) -> tuple:
+    """The method-specific parameters of ``preset`` from the API keywords in ``given`` (None:
+    unset): checked, defaults filled in (a REQUIRED one that is unset is left out for the caller
+    to report), as sorted (config name, value) pairs. A keyword the method does not take is a
+    ValueError naming it and the methods that do."""
+    out = {}
+    for p in preset.params:
+        if p.name in GENERIC_PARAMS:
+            continue
+        value = given.pop(p.api, None)
+        if p.scope == PER_MODEL:
+            if value is None:
+                vals = (p.default,) * n
+            elif is_scalar(value) or isinstance(value, (bool, np.bool_)):
+                vals = (_leaf(p, value, p.api),) * n
+            else:
+                items = list(value.tolist() if hasattr(value, "tolist") else value)
+                if len(items) != n:
+                    raise ValueError(
+                        f"{p.api}: expected a scalar or {n} values (one per model), got {len(items)}"
+                    )
+                vals = tuple(p.default if v is None else _leaf(p, v, p.api) for v in items)
+            if REQUIRED in vals:
+                continue
+            out[p.name] = vals
+        else:
+            if value is None:
+                if p.default is REQUIRED:
+                    continue
+                value = p.default
+            else:
+                value = _leaf(p, value, p.api)
+            out[p.name] = value
+    for key, value in given.items():
+        if value is not None:
+            if methods_taking(key) or key in _API_NAMES:
+                raise ValueError(not_taken(preset, _API_NAMES.get(key, key)))
+            raise ValueError(f"{key}: unknown argument")
+    return tuple(sorted(out.items()))
+
+
+def _api_names() -> dict:
+    """API keyword -> config name, over every method's parameters."""
+    from m3kernels.merge.registry import METHODS as _ALL
+
+    return {p.api: p.name for m in _ALL.values() for p in m.params if p.api}
+
+
+_API_NAMES: dict = {}
+
+
+def _check_mixup(preset: Method, mix_ratios, mixup_alpha) -> None:
+    if preset.mixup == MIX_NONE and (mix_ratios is not None or mixup_alpha is not None):
+        arg = "mix_ratios" if mix_ratios is not None else "mixup_alpha"
+        why = f" ({preset.mixup_note})" if preset.mixup_note else ""
+        raise ValueError(f"{arg}: method {preset.name!r} does not take M³{why}")
 
 
 def make_recipe(
@@ -145,15 +267,32 @@ def make_recipe(
     mix_ratios=None,
     mixup_alpha=None,
     seed=0,
+    **extra,
 ) -> Recipe:
-    """Validate the merge arguments for ``n`` models against the method's registry entry."""
+    """Validate the merge arguments for ``n`` models against the method's registry entry.
+
+    ``extra``: the method-specific keywords of :func:`m3kernels.merge_tensors` (``t``,
+    ``scale``, ``epsilon``, ``r``, ``alpha``, ``gamma``, ``max_iter``, ``tol``, ``eps``,
+    ``normalize_weights``, ``nuslerp_flatten``, ``nuslerp_row_wise``, ``filter_wise``; None:
+    unset)."""
     preset = get_method(method)
     key = preset.name
     if n < 1:
         raise ValueError("models: at least one model is needed (N = 0)")
     if preset.needs_base and not has_base:
         raise ValueError(f"base: method {key!r} needs a base model, got base=None")
+    preset.check_model_count(n)
     check_seed(seed)
+    if not _API_NAMES:
+        _API_NAMES.update(_api_names())
+    if weights is not None and not preset.takes("weight"):
+        raise ValueError(not_taken(preset, "weight"))
+    if normalize is not None and not preset.takes("normalize"):
+        raise ValueError(not_taken(preset, "normalize"))
+    if not preset.takes("lambda") and not (isinstance(lambda_, (int, float)) and lambda_ == 1.0):
+        raise ValueError(not_taken(preset, "lambda"))
+    _check_mixup(preset, mix_ratios, mixup_alpha)
+    params = method_params(preset, n, dict(extra))
 
     w = as_per_model(weights, n, "weights") or (1.0,) * n
     for x in w:
@@ -161,7 +300,18 @@ def make_recipe(
     lam = _check_f32(as_number(lambda_, "lambda_"), "lambda_")
     if mixup_alpha is not None:
         check_seed(seed, "seed", MIXUP_SEED_LIMIT)
-    ratios = resolve_mix_ratios(n, mix_ratios, mixup_alpha, seed)
+    ratios = resolve_mix_ratios(preset.mix_count(n), mix_ratios, mixup_alpha, seed)
+    if preset.mixup == MIX_INTERPOLATION:  # slerp: t is the model's drawn ratio
+        drawn = mix_ratios is not None or mixup_alpha is not None
+        if drawn and dict(params).get("t") is not None:
+            raise ValueError("t: give t or M³ (mix_ratios / mixup_alpha), not both")
+        if drawn:
+            params = tuple(sorted({**dict(params), "t": _check_f32(ratios[1], "t")}.items()))
+        ratios = (1.0,) * n
+    for p in preset.params:
+        if p.default is REQUIRED and p.name not in GENERIC_PARAMS and p.name not in dict(params):
+            how = " (or M³: mix_ratios / mixup_alpha)" if preset.mixup == MIX_INTERPOLATION else ""
+            raise ValueError(f"{p.api}: method {key!r} needs {p.name}{how}")
 
     dens = _check_density(as_per_model(density, n, "density") or (None,) * n, "density")
     drops = _check_density(as_per_model(drop_rate, n, "drop_rate") or (None,) * n, "drop_rate")
@@ -197,6 +347,8 @@ def make_recipe(
         dare_density=dare_density,
         rescale=mode,
         trim_density=trim_density,
+        family=preset.family,
+        params=params,
     )
 
 
@@ -206,6 +358,8 @@ __all__ = [
     "resolve_sparsity",
     "not_taken",
     "SparsityError",
+    "GENERIC_PARAMS",
+    "method_params",
     "METHODS",
     "PRESETS",
     "ALIASES",

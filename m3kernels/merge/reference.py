@@ -4,7 +4,8 @@ Decisions (DARE keep, trim, sign vote) are made on the float32 deltas exactly as
 make them (SPEC: all kernel arithmetic is float32), so a reference and a kernel never
 disagree about *which* values are merged; the merged *values* are computed in float64.
 Thresholds come from a full sort, DARE masks from :mod:`m3kernels.merge.philox`: nothing here
-shares code with the kernels' stage A or stage B.
+shares code with the kernels' stage A or stage B. Breadcrumbs' window is here too (a full sort);
+the other issue-8 methods are in :mod:`m3kernels.merge.reference_methods`.
 """
 
 from __future__ import annotations
@@ -89,11 +90,51 @@ def reference_thresholds(base, models, recipe: Recipe, name: str = "") -> list[f
     return out
 
 
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """bits(|x|) of a float32 tensor as int64 (NaN: above every finite value)."""
+    return x.view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+
+
+def window_keep(d32: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+    """Breadcrumbs' window on one float32 delta, by a full sort (None: no trim, density >= 1).
+
+    T = ⌊density·n⌋ kept, G = ⌊gamma·n⌋ outliers, B = max(0, n − T − G) smallest dropped: the
+    kept descending ranks are D .. D + T − 1, D = n − B − T; every element whose bits(|δ|) lies
+    between those of ranks D + T − 1 and D (inclusive) is kept (ties at both ends kept)."""
+    if density >= 1.0:
+        return None
+    n = d32.numel()
+    t = math.floor(density * n) if density > 0 else 0
+    g = math.floor(gamma * n)
+    b = max(0, n - t - g)
+    top = n - b - t
+    if t == 0:
+        return torch.zeros(d32.shape, dtype=torch.bool)
+    keys = _bits(d32)
+    ranked = torch.sort(keys.reshape(-1), descending=True).values
+    lo = int(ranked[top + t - 1])
+    keep = keys >= lo
+    if top > 0:
+        keep &= keys <= int(ranked[top])
+    return keep
+
+
 def reference_merge(
     base, models, recipe: Recipe, name: str = "", thresholds: Sequence[float | None] | None = None
 ):
     """Merge one tensor; returns (float64 result, info dict with thresholds, masks, sign)."""
+    if recipe.family not in (None, "breadcrumbs"):
+        from m3kernels.merge.reference_methods import reference_family_merge
+
+        return reference_family_merge(base, list(models), recipe, name), {}
     d32, d64, masks = sparsified_deltas(base, models, recipe, name)
+    if recipe.family == "breadcrumbs":
+        thresholds = [None] * recipe.n
+        for i, (dens, gam) in enumerate(zip(recipe.trim_density, recipe.get("gamma"))):
+            keep = window_keep(d32[i], dens, gam)
+            if keep is not None:
+                d32[i] = torch.where(keep, d32[i], torch.zeros((), dtype=F32))
+                d64[i] = torch.where(keep, d64[i], torch.zeros((), dtype=F64))
     if thresholds is None:
         thresholds = reference_thresholds(base, models, recipe, name)
     for i, t in enumerate(thresholds):
@@ -143,4 +184,5 @@ __all__ = [
     "reference_thresholds",
     "kth_largest",
     "sparsified_deltas",
+    "window_keep",
 ]

@@ -2,8 +2,17 @@
 
 Each :class:`Method` says what a user may pass (its :class:`Param` list: name, per-model or
 merge-wide, kind, range, default, whether gradients and filters are allowed), whether it needs
-a base model, which stage-A statistics it needs and how it maps onto the kernel program of
-docs/KERNEL.md (:class:`Program`: delta or raw values, DARE drop, magnitude trim, combine rule).
+a base model, how many models it takes, how M³ applies to it (``mixup``: ``weights`` |
+``interpolation`` | ``none``), which stage-A statistics it needs and how it maps onto the kernel
+program of docs/KERNEL.md (:class:`Program`: delta or raw values, DARE drop, magnitude trim,
+combine rule). A method with a ``family`` owns its stage A and coefficient computation in
+``m3kernels.merge.methods.<family>`` (a ``prepare`` hook, docs/ADDING_A_METHOD.md); the others
+run the generic task-vector program of :func:`m3kernels.api.prepare`.
+
+A parameter name may mean different things in different methods (``t`` is slerp's fraction and
+nearswap's distance; ``epsilon`` is ram's magnitude floor; ``alpha`` is ramplus_tl's cap, not
+M³'s), so every lookup is per method: :func:`param_kind` and :func:`param_allows_gradient` take
+the method.
 
 Everything else reads from here: :func:`m3kernels.merge.recipe.make_recipe` (the tensor API),
 the config parser (:mod:`m3kernels.checkpoint.config`), the dry-run plan, the CLI's "supported:
@@ -18,15 +27,23 @@ from dataclasses import dataclass
 from typing import Any
 
 # combine rules of the kernel program (docs/KERNEL.md)
-SUM, MEAN, TIES = "sum", "mean", "ties"
+SUM, MEAN, TIES, NEARSWAP, RAM = "sum", "mean", "ties", "nearswap", "ram"
 # parameter scopes
 PER_MODEL, MERGE_WIDE = "per-model", "merge-wide"
 # parameter kinds: how a value is checked (config: m3kernels.checkpoint.config._leaf)
-NUMBER, FRACTION, BOOL, RESCALE = "number", "fraction", "bool", "rescale"
+NUMBER, FRACTION, BOOL, RESCALE, INT = "number", "fraction", "bool", "rescale", "int"
+MAX_INT_PARAM = 100_000  # the largest value an INT parameter (karcher's max_iter) may take
+# how M³ (Mixup Model Merge) applies to a method
+MIX_WEIGHTS = "weights"  # the ratios multiply the per-model weights
+MIX_INTERPOLATION = "interpolation"  # the drawn ratio is the interpolation weight t
+MIX_NONE = "none"  # M³ is rejected with a clear error
 # stage-A statistics a method may need (m3kernels.api.prepare computes them)
 # (the exact k-th largest magnitude per model; the L1 sums of the deltas and of their DARE-kept part)
 TRIM_HISTOGRAM = "trim thresholds"
 L1_SUMS = "L1 sums (rescale: l1 only)"
+GRAM = "Gram matrix of the vectors (float64)"
+RAM_COUNTS = "shared/unique counts per model"
+WINDOW = "two order statistics per model (window)"
 
 DEFAULT_TRIM_DENSITY = 0.2
 MERGEKIT_DOCS = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
@@ -60,7 +77,13 @@ class Param:
             FRACTION: "[0, 1]",
             BOOL: "true, false",
             RESCALE: "true, false, l1",
+            INT: f"integer in [0, {MAX_INT_PARAM}]",
         }[self.kind]
+
+    @property
+    def optional(self) -> bool:
+        """No default: an unset value means 'not applied' (passthrough's ``scale``)."""
+        return self.default is None
 
 
 REQUIRED = "required"
@@ -76,6 +99,7 @@ class Program:
     dare: bool  # random drop with rescale (DARE)
     trim: bool  # magnitude trim to the top-density fraction (TIES)
     normalize_default: bool  # TIES: divide by the agreeing weights; SUM/MEAN: mean instead of sum
+    trim_window: bool = False  # the trim keeps a window of ranks (breadcrumbs), not the top ones
 
 
 @dataclass(frozen=True)
@@ -89,6 +113,13 @@ class Method:
     program: Program
     params: tuple  # Param, in the order the docs list them
     aliases: tuple = ()
+    family: str | None = None  # m3kernels.merge.methods.<family> owns stage A (None: generic)
+    mixup: str = MIX_WEIGHTS  # how M³ applies (MIX_WEIGHTS | MIX_INTERPOLATION | MIX_NONE)
+    mixup_note: str = ""  # why M³ is rejected (MIX_NONE) or what it means, for messages
+    models: tuple = (1, None)  # (least, most) non-base models (None: no upper bound)
+    stats: tuple = ()  # stage-A statistics of a family method (generic ones: from the program)
+    features: tuple = ()  # backend FEATURES (m3kernels.backends.*.FEATURES) the method needs
+    base_as_model: bool = False  # config: an unlisted base_model is one more model (karcher)
 
     def param(self, name: str) -> Param | None:
         """The parameter by config name or API keyword (None: the method does not take it)."""
@@ -107,8 +138,30 @@ class Method:
     @property
     def stage_a(self) -> tuple:
         """The statistics stage A computes for this method (rescale: l1 adds L1_SUMS)."""
+        if self.family is not None:
+            return self.stats
         out = (TRIM_HISTOGRAM,) if self.program.trim else ()
         return out + ((L1_SUMS,) if self.program.dare else ())
+
+    def mix_count(self, n: int) -> int:
+        """How many M³ ratios a merge of ``n`` models draws: the two ends (base, model) of an
+        interpolation, else one per model."""
+        return 2 if self.mixup == MIX_INTERPOLATION else n
+
+    def check_model_count(self, n: int, what: str = "models") -> None:
+        """ValueError naming ``what`` unless the method takes ``n`` non-base models."""
+        lo, hi = self.models
+        if n < lo or (hi is not None and n > hi):
+            want = f"exactly {lo}" if lo == hi else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+            base = " besides the base model" if self.needs_base else ""
+            raise ValueError(f"{what}: method {self.name!r} takes {want} model(s){base}, got {n}")
+
+    def kind_of(self, name: str) -> str:
+        """The kind of this method's parameter ``name`` (KeyError: it does not take it)."""
+        p = self.param(name)
+        if p is None:
+            raise KeyError(name)
+        return p.kind
 
     @property
     def default_normalize(self) -> bool:
@@ -307,22 +360,280 @@ register(
     )
 )
 
+
+# ------------------------------------------------------------------ mergekit's other methods (issue 8)
+def _shared(name, kind, default, doc, *, api=None, gradient=True) -> Param:
+    return Param(name, name if api is None else api, MERGE_WIDE, kind, default, doc, gradient=gradient)
+
+
+def _raw_program(uses_base: bool) -> Program:
+    """Family methods: the hook builds the kernel program itself (SUM with its coefficients, or a
+    combine of its own); ``uses_base``: the merge reads the base tensor."""
+    return Program(uses_base=uses_base, combine=SUM, dare=False, trim=False, normalize_default=False)
+
+
+_NO_M3_WEIGHTS = "it has no per-model weights for M³ ratios to multiply"
+
+register(
+    Method(
+        "passthrough",
+        "copy the one input model's tensor, optionally times scale (no kernel pass)",
+        MERGEKIT_DOCS,
+        needs_base=False,
+        program=_raw_program(False),
+        params=(
+            Param(
+                "scale",
+                "scale",
+                PER_MODEL,
+                NUMBER,
+                None,
+                "multiply the copied tensor by this (float32; unset: an exact copy)",
+            ),
+        ),
+        family="passthrough",
+        mixup=MIX_NONE,
+        mixup_note="it copies one model",
+        models=(1, 1),
+    )
+)
+register(
+    Method(
+        "nearswap",
+        "base + clamp(x − base, −t, t) per element (mergekit's interpolation form, float32)",
+        MERGEKIT_DOCS,
+        needs_base=True,
+        program=Program(uses_base=True, combine=NEARSWAP, dare=False, trim=False, normalize_default=False),
+        params=(
+            _shared(
+                "t",
+                NUMBER,
+                REQUIRED,
+                "distance limit: differences below t are taken whole, larger ones move t toward "
+                "the model (t <= 0 gives the base)",
+            ),
+        ),
+        family="elementwise",
+        mixup=MIX_NONE,
+        mixup_note="t is a distance in weight units, not a ratio",
+        models=(1, 1),
+        features=("nearswap",),
+    )
+)
+_RAM_EPS = "|δ| must exceed this for a model to count at an element"
+register(
+    Method(
+        "ram",
+        "disjoint mean of the task vectors that move by more than epsilon (no sign election)",
+        MERGEKIT_DOCS,
+        needs_base=True,
+        program=Program(uses_base=True, combine=RAM, dare=False, trim=False, normalize_default=False),
+        params=(_shared("epsilon", NUMBER, 1e-5, _RAM_EPS),),
+        family="elementwise",
+        mixup=MIX_NONE,
+        mixup_note=_NO_M3_WEIGHTS,
+        features=("ram",),
+    )
+)
+register(
+    Method(
+        "ramplus_tl",
+        "ram with the unique contributions scaled by 1 + r·min(shared/unique, alpha) per model "
+        "(counts per tensor)",
+        MERGEKIT_DOCS,
+        needs_base=True,
+        program=Program(uses_base=True, combine=RAM, dare=False, trim=False, normalize_default=False),
+        params=(
+            _shared("r", NUMBER, 0.1, "strength of the boost of a model's unique contributions"),
+            _shared("alpha", NUMBER, 0.2, "cap on shared/unique (not M³'s mixup.alpha)"),
+            _shared("epsilon", NUMBER, 1e-5, _RAM_EPS),
+        ),
+        family="elementwise",
+        mixup=MIX_NONE,
+        mixup_note=_NO_M3_WEIGHTS,
+        stats=(RAM_COUNTS,),
+        features=("ram", "ram_counts"),
+    )
+)
+
+
+def _window_density() -> Param:
+    return Param(
+        "density",
+        "density",
+        PER_MODEL,
+        FRACTION,
+        1.0,
+        "fraction of |δ| the window keeps (T = ⌊density·n⌋; 1: no trim, gamma ignored)",
+    )
+
+
+def _gamma() -> Param:
+    return Param(
+        "gamma",
+        "gamma",
+        PER_MODEL,
+        FRACTION,
+        0.01,
+        "fraction of the largest |δ| dropped as outliers (G = ⌊gamma·n⌋, shrunk to keep T)",
+    )
+
+
+for _name, _combine, _summary, _norm_doc in (
+    ("breadcrumbs", SUM, "drop the smallest and the largest |δ| of each task vector, then sum", _SUM_NORM),
+    (
+        "breadcrumbs_ties",
+        TIES,
+        "breadcrumbs' window trim, then TIES sign election and disjoint sum",
+        _TIES_NORM,
+    ),
+):
+    register(
+        Method(
+            _name,
+            _summary,
+            "https://arxiv.org/abs/2312.06795",
+            needs_base=True,
+            program=Program(
+                uses_base=True,
+                combine=_combine,
+                dare=False,
+                trim=True,
+                normalize_default=False,
+                trim_window=True,
+            ),
+            params=(
+                _weight(),
+                _window_density(),
+                _gamma(),
+                _normalize(False, _norm_doc),
+                _lambda(),
+                _INT8_MASK,
+            ),
+            family="breadcrumbs",
+            stats=(WINDOW,),
+            features=("trim_max",),
+        )
+    )
+
+register(
+    Method(
+        "slerp",
+        "spherical interpolation from the base (t = 0) to the model (t = 1), per tensor",
+        "https://en.wikipedia.org/wiki/Slerp",
+        needs_base=True,
+        program=_raw_program(True),
+        params=(
+            _shared(
+                "t",
+                NUMBER,
+                REQUIRED,
+                "interpolation fraction: 0 the base, 1 the model (outside [0, 1] extrapolates; "
+                "with M³: the drawn ratio, not set)",
+            ),
+        ),
+        family="gram",
+        mixup=MIX_INTERPOLATION,
+        mixup_note="t ~ Beta(α, α) (or mixup.lambda's 1 − λ): the drawn ratio of the model",
+        models=(1, 1),
+        stats=(GRAM,),
+        features=("gram",),
+    )
+)
+register(
+    Method(
+        "nuslerp",
+        "SLERP of two models (task vectors with a base) at t = w_B / (w_A + w_B), per tensor, row or column",
+        MERGEKIT_DOCS,
+        needs_base=False,
+        program=_raw_program(True),
+        params=(
+            _weight(),
+            _shared(
+                "nuslerp_flatten",
+                BOOL,
+                True,
+                "one vector per tensor (true), else per row or column (nuslerp_row_wise)",
+            ),
+            _shared(
+                "nuslerp_row_wise",
+                BOOL,
+                False,
+                "with nuslerp_flatten false: vectors along dim 0 (columns of a 2-D weight; "
+                "true) or the last dim (rows; false)",
+            ),
+        ),
+        family="gram",
+        models=(2, 2),
+        stats=(GRAM,),
+        features=("gram", "group_coef"),
+    )
+)
+register(
+    Method(
+        "multislerp",
+        "barycentric interpolation of N models on the hypersphere (around the base if given)",
+        "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        needs_base=False,
+        program=_raw_program(True),
+        params=(
+            _weight(),
+            _shared("normalize_weights", BOOL, True, "divide the weights by their sum"),
+            _shared("eps", NUMBER, 1e-8, "added to the norms (and to the tangent norm)"),
+        ),
+        family="gram",
+        stats=(GRAM,),
+        features=("gram",),
+    )
+)
+register(
+    Method(
+        "karcher",
+        "Riemannian (Karcher) mean of the models on the hypersphere, times their mean norm",
+        "https://arxiv.org/abs/2603.04972",
+        needs_base=False,
+        program=_raw_program(False),
+        params=(
+            _shared("max_iter", INT, 10, "most iterations of the mean"),
+            _shared("tol", NUMBER, 1e-5, "norm, angle and convergence tolerance"),
+        ),
+        family="gram",
+        mixup_note="the ratios are the points' weights (direction and norm)",
+        stats=(GRAM,),
+        features=("gram",),
+        base_as_model=True,
+    )
+)
+register(
+    Method(
+        "model_stock",
+        "t·mean(models) + (1 − t)·base with t from the mean pairwise cosine of the task vectors",
+        "https://arxiv.org/abs/2403.19522",
+        needs_base=True,
+        program=_raw_program(True),
+        params=(
+            _shared(
+                "filter_wise",
+                BOOL,
+                False,
+                "one t per row (slice along the last dim) instead of per tensor",
+            ),
+        ),
+        family="gram",
+        mixup=MIX_NONE,
+        mixup_note="its t is geometric and its average unweighted",
+        models=(2, None),
+        stats=(GRAM,),
+        features=("gram", "group_coef"),
+    )
+)
+
 # mergekit methods not implemented yet: named in the error so users know it is not a typo
 MERGEKIT_ONLY_METHODS = (
     "arcee_fusion",
-    "breadcrumbs",
-    "breadcrumbs_ties",
     "della",
     "della_linear",
-    "karcher",
-    "model_stock",
-    "multislerp",
-    "nearswap",
-    "nuslerp",
-    "passthrough",
-    "ram",
     "sce",
-    "slerp",
 )
 
 
@@ -359,20 +670,22 @@ def all_config_params(scope: str | None = None) -> tuple:
     return tuple(seen)
 
 
-def param_kind(name: str) -> str:
-    """The kind of a config parameter (the same for every method that takes it)."""
-    kinds = {p.kind for m in METHODS.values() for p in m.params if p.name == name}
-    if len(kinds) != 1:
-        raise KeyError(name)
-    return kinds.pop()
+def _as_method(method) -> Method:
+    return method if isinstance(method, Method) else get_method(method)
 
 
-def param_allows_gradient(name: str) -> bool:
-    """Whether a config parameter may be a gradient (the same for every method that takes it)."""
-    flags = {p.gradient for m in METHODS.values() for p in m.params if p.name == name}
-    if len(flags) != 1:
+def param_kind(method, name: str) -> str:
+    """The kind of parameter ``name`` of ``method`` (a Method or a name); KeyError if it does
+    not take it. Per method: ``t`` is a fraction for slerp and a distance for nearswap."""
+    return _as_method(method).kind_of(name)
+
+
+def param_allows_gradient(method, name: str) -> bool:
+    """Whether ``method``'s parameter ``name`` may be a gradient; KeyError if it does not take it."""
+    p = _as_method(method).param(name)
+    if p is None:
         raise KeyError(name)
-    return flags.pop()
+    return p.gradient
 
 
 def methods_taking(name: str) -> list:
@@ -394,6 +707,13 @@ def _default_text(p: Param) -> str:
     return f"{p.default:g}" if isinstance(p.default, float) else str(p.default)
 
 
+def base_role(m: Method) -> str:
+    """'required', 'optional' (used when given) or 'not used', for the docs and the CLI."""
+    if m.needs_base:
+        return "required"
+    return "optional" if m.program.uses_base else "not used"
+
+
 def markdown_tables() -> str:
     """The methods and their parameters as Markdown (docs/CONFIG.md holds exactly this)."""
     lines = [
@@ -406,7 +726,7 @@ def markdown_tables() -> str:
         stage = "; ".join(m.stage_a) or "—"
         lines.append(
             f"| `{m.name}` | {', '.join(f'`{a}`' for a in m.aliases) or '—'} | "
-            f"{'required' if m.needs_base else 'not used'} | {stage} | {m.summary} | "
+            f"{base_role(m)} | {stage} | {m.summary} | "
             f"[link]({m.reference}) |"
         )
     for m in METHODS.values():
@@ -460,6 +780,16 @@ __all__ = [
     "SUM",
     "MEAN",
     "TIES",
+    "NEARSWAP",
+    "RAM",
+    "NUMBER",
+    "FRACTION",
+    "BOOL",
+    "RESCALE",
+    "INT",
+    "MIX_WEIGHTS",
+    "MIX_INTERPOLATION",
+    "MIX_NONE",
     "PER_MODEL",
     "MERGE_WIDE",
     "REQUIRED",
@@ -467,6 +797,7 @@ __all__ = [
     "param_kind",
     "param_allows_gradient",
     "methods_taking",
+    "base_role",
     "refresh_doc",
     "DOC_BEGIN",
     "DOC_END",

@@ -1,0 +1,228 @@
+"""Float64 references of the issue-8 methods without a magnitude trim, from the tensors.
+
+Written from mergekit 0.1.5's semantics (docs/MERGEKIT_METHODS.md §3), independently of the
+kernel path: no Gram helper, no coefficient table; norms, dot products, angles and karcher's
+iteration are computed on the float64 vectors themselves, as mergekit does on its tensors.
+Decisions that the kernels make on float32 values (ram's |δ| > ε) are made on the float32
+deltas here too, so a reference and a kernel never disagree about *which* values are combined.
+Breadcrumbs' window trim is in :mod:`m3kernels.merge.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+F32, F64 = torch.float32, torch.float64
+
+
+def _f64(t):
+    return t.to(F64)
+
+
+def _passthrough(base, models, recipe):
+    scale = recipe.get("scale", (None,))[0]
+    x = _f64(models[0])
+    return x if scale is None else x * float(torch.tensor(scale, dtype=F32))
+
+
+def _nearswap(base, models, recipe):
+    a, x = _f64(base), _f64(models[0])
+    t = float(torch.tensor(recipe.get("t"), dtype=F32))
+    dist = torch.clamp((a - x).abs(), min=1e-6)
+    w = torch.clamp(t / dist, 0.0, 1.0)
+    return w * x + (1.0 - w) * a
+
+
+def _ram_terms(base, models, recipe):
+    """(float64 base, the float64 deltas, the counted masks (float32 decision), counts)."""
+    eps = torch.tensor(recipe.get("epsilon"), dtype=F32)
+    b32 = base.to(F32)
+    d32 = [m.to(F32) - b32 for m in models]
+    counted = [d.abs() > eps for d in d32]
+    count = sum(c.to(torch.int64) for c in counted)
+    d64 = [_f64(m) - _f64(base) for m in models]
+    return _f64(base), d64, counted, count
+
+
+def _ram(base, models, recipe, unique_scale=None):
+    b, d64, counted, count = _ram_terms(base, models, recipe)
+    out = torch.zeros_like(b)
+    c64 = count.to(F64)
+    for i, (d, k) in enumerate(zip(d64, counted)):
+        lam = 1.0 if unique_scale is None else unique_scale[i]
+        term = torch.where(count == 1, d * lam, d / torch.clamp(c64, min=1.0))
+        out = out + torch.where(k, term, torch.zeros((), dtype=F64))
+    return b + out
+
+
+def ramplus_lambdas(base, models, recipe) -> list:
+    """λ_i = 1 + r·min(max(shared_i / max(unique_i, ε), 0), α) in float64 from the counts."""
+    _, _, counted, count = _ram_terms(base, models, recipe)
+    r, alpha, eps = recipe.get("r"), recipe.get("alpha"), recipe.get("epsilon")
+    out = []
+    for k in counted:
+        shared = int((k & (count > 1)).sum())
+        unique = int((k & (count == 1)).sum())
+        rho = shared / max(float(unique), eps) if max(float(unique), eps) > 0 else math.inf
+        out.append(1.0 + r * min(max(rho, 0.0), alpha))
+    return out
+
+
+def _slerp_pair(v0, v1, t):
+    """mergekit's slerp of two float64 vectors (whole tensors)."""
+    n0, n1 = torch.linalg.vector_norm(v0), torch.linalg.vector_norm(v1)
+    n0 = n0 if n0 > 1e-8 else torch.ones((), dtype=F64)
+    n1 = n1 if n1 > 1e-8 else torch.ones((), dtype=F64)
+    c = float(torch.clamp(((v0 / n0) * (v1 / n1)).sum(), -1.0, 1.0))
+    if abs(c) > 0.9995:
+        return (1.0 - t) * v0 + t * v1
+    theta = math.acos(c)
+    return (math.sin((1.0 - t) * theta) * v0 + math.sin(t * theta) * v1) / math.sin(theta)
+
+
+def _vectors_along(x: torch.Tensor, recipe):
+    """nuslerp / model_stock: the tensor as a [groups, length] matrix of its vectors, and the
+    function that puts such a matrix back into the tensor's shape."""
+    shape = x.shape
+    if x.dim() < 2:
+        return x.reshape(1, -1), lambda y: y.reshape(shape)
+    if recipe.method == "nuslerp" and not recipe.get("nuslerp_flatten"):
+        if recipe.get("nuslerp_row_wise"):  # along dim 0
+            mat = x.reshape(shape[0], -1).transpose(0, 1)
+            return mat, lambda y: y.transpose(0, 1).reshape(shape)
+        return x.reshape(-1, shape[-1]), lambda y: y.reshape(shape)
+    if recipe.method == "model_stock" and recipe.get("filter_wise"):
+        return x.reshape(-1, shape[-1]), lambda y: y.reshape(shape)
+    return x.reshape(1, -1), lambda y: y.reshape(shape)
+
+
+def _nuslerp(base, models, recipe):
+    wa, wb = recipe.coefs
+    t = 0.5 if abs(wa + wb) < 1e-6 else wb / (wa + wb)
+    b = _f64(base) if base is not None else None
+    va, vb = (_f64(m) - b if b is not None else _f64(m) for m in models)
+    A, back = _vectors_along(va, recipe)
+    B, _ = _vectors_along(vb, recipe)
+    ua = A / torch.clamp(torch.linalg.vector_norm(A, dim=1, keepdim=True), min=1e-7)
+    ub = B / torch.clamp(torch.linalg.vector_norm(B, dim=1, keepdim=True), min=1e-7)
+    c = torch.clamp((ua * ub).sum(dim=1, keepdim=True), -1.0, 1.0)
+    colinear = (1.0 - c * c) <= 1e-16
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(c), c))
+    s = torch.where(colinear, torch.ones_like(theta), torch.sin(theta))
+    res = (torch.sin((1.0 - t) * theta) * A + torch.sin(t * theta) * B) / s
+    res = torch.where(colinear, (1.0 - t) * A + t * B, res)
+    y = back(res)
+    return y + b if b is not None else y
+
+
+def _multislerp(base, models, recipe, name):
+    if len(models) == 1:
+        return _f64(models[0])
+    b = _f64(base) if base is not None else None
+    vs = torch.stack([(_f64(m) - b) if b is not None else _f64(m) for m in models]).reshape(len(models), -1)
+    w = torch.tensor(recipe.coefs, dtype=F64)
+    eps = recipe.get("eps")
+    if recipe.get("normalize_weights"):
+        w = w / w.sum()
+    norms = torch.linalg.vector_norm(vs, dim=1, keepdim=True)
+    units = vs / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mn = torch.linalg.vector_norm(mean)
+    if mn < eps:
+        if len(models) != 2:
+            raise ValueError(f"multislerp: zero weighted mean for tensor {name!r}")
+        res = vs[0] * w[0] + vs[1] * w[1]
+    else:
+        mean = mean / mn
+        dots = (units * mean).sum(-1, keepdim=True)
+        tangent = ((units - dots * mean) * w[:, None]).sum(0)
+        tn = float(torch.linalg.vector_norm(tangent)) + eps
+        res = (mean * math.cos(tn) + tangent * (math.sin(tn) / tn)) * float((norms[:, 0] * w).sum())
+    res = res.reshape(models[0].shape)
+    return res + b if b is not None else res
+
+
+def _karcher(models, recipe):
+    xs = [_f64(m).reshape(-1) for m in models]
+    if len(xs) == 1:
+        return xs[0].reshape(models[0].shape)
+    r = torch.tensor(recipe.mix_ratios, dtype=F64)
+    alphas = (r / r.sum()).tolist()
+    tol, max_iter = recipe.get("tol"), recipe.get("max_iter")
+    norms = [float(torch.linalg.vector_norm(x)) for x in xs]
+    units = [x / nrm if nrm != 0.0 else torch.zeros_like(x) for x, nrm in zip(xs, norms)]
+    valid = [i for i, nrm in enumerate(norms) if nrm > tol]
+    if not valid:
+        return torch.zeros(models[0].shape, dtype=F64)
+    total = sum(alphas[i] for i in valid)
+    ah = [alphas[i] / total for i in valid]
+    vu = [units[i] for i in valid]
+    mean = sum(a * u for a, u in zip(ah, vu))
+    mn = float(torch.linalg.vector_norm(mean))
+    mean = vu[0].clone() if mn < tol else mean / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(ah, vu):
+            d = min(max(float(mean @ u), -1.0), 1.0)
+            theta = math.acos(d)
+            if theta < tol:
+                continue
+            tangent = tangent + a * (theta / math.sin(theta)) * (u - d * mean)
+        tn = float(torch.linalg.vector_norm(tangent))
+        if tn < tol:
+            break
+        mean = math.cos(tn) * mean + math.sin(tn) * (tangent / tn)
+        un = float(torch.linalg.vector_norm(mean))
+        if un > tol:
+            mean = mean / un
+    scale = sum(a * nrm for a, nrm in zip(alphas, norms))
+    return (scale * mean).reshape(models[0].shape)
+
+
+def _model_stock(base, models, recipe):
+    b = _f64(base)
+    B, back = _vectors_along(b, recipe)
+    ws = [_vectors_along(_f64(m), recipe)[0] for m in models]
+    offsets = [w - B for w in ws]
+    cos = []
+    for i, oa in enumerate(offsets):
+        for ob in offsets[i + 1 :]:
+            prod = torch.linalg.vector_norm(oa, dim=1) * torch.linalg.vector_norm(ob, dim=1)
+            cos.append(torch.clamp((oa * ob).sum(dim=1) / torch.clamp(prod, min=1e-6), -1.0, 1.0))
+    c = torch.stack(cos).mean(dim=0)[:, None]
+    n = len(ws)
+    den = 1.0 + (n - 1) * c
+    singular = den.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(c), n * c / torch.where(singular, torch.ones_like(den), den))
+    avg = sum(ws) / n
+    return back(t * avg + (1.0 - t) * B)
+
+
+def reference_family_merge(base, models, recipe, name: str = "") -> torch.Tensor:
+    """The float64 result of one of the methods above for one tensor."""
+    m = recipe.method
+    if m == "passthrough":
+        return _passthrough(base, models, recipe)
+    if m == "nearswap":
+        return _nearswap(base, models, recipe)
+    if m == "ram":
+        return _ram(base, models, recipe)
+    if m == "ramplus_tl":
+        return _ram(base, models, recipe, ramplus_lambdas(base, models, recipe))
+    if m == "slerp":
+        y = _slerp_pair(_f64(base).reshape(-1), _f64(models[0]).reshape(-1), recipe.get("t"))
+        return y.reshape(models[0].shape)
+    if m == "nuslerp":
+        return _nuslerp(base, models, recipe)
+    if m == "multislerp":
+        return _multislerp(base, models, recipe, name)
+    if m == "karcher":
+        return _karcher(models, recipe)
+    if m == "model_stock":
+        return _model_stock(base, models, recipe)
+    raise ValueError(f"no family reference for method {m!r}")
+
+
+__all__ = ["reference_family_merge", "ramplus_lambdas"]
