@@ -105,6 +105,20 @@ def _build_parser() -> argparse.ArgumentParser:
         help="read files of the model folders that are symbolic links to places outside them "
         "(refused by default)",
     )
+    m.add_argument(
+        "--ranks",
+        type=int,
+        default=None,
+        metavar="K",
+        help="with --dry-run: show how K processes (torchrun --nproc-per-node K) would share the merge",
+    )
+    m.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="distributed merge (torchrun): how long a rank waits for the others (default 1800)",
+    )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     m.add_argument("-v", "--verbose", action="store_true", help="tracebacks and more details")
 
@@ -204,11 +218,23 @@ def cmd_merge(args) -> int:
         backend=args.backend,
         strict=args.strict,
         follow_symlinks=args.follow_symlinks,
+        ranks=args.ranks,
+        dist_timeout=args.dist_timeout,
     )
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # a distributed merge: rank 0 speaks for every rank
     if args.dry_run:
         print(result.summary())
         print()
         print(result.table())
+        shares = getattr(result, "rank_shares", None)
+        if shares is not None:
+            from m3kernels.checkpoint.distributed import share_table
+
+            print(f"\n{len(shares)} processes (torchrun ranks) would share it:")
+            print(share_table(result, shares))
         print(f"\ndry run: nothing written; {args.out_dir} would get {len(result.shards)} shard(s)")
     elif not args.quiet:
         print(result.summary())

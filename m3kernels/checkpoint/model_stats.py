@@ -19,22 +19,33 @@ from m3kernels.merge.select import bits_to_float, select_thresholds
 log = logging.getLogger("m3kernels")
 
 
-def model_thresholds(plan: MergePlan, device: torch.device, backend: str, progress: bool) -> list:
-    """``trim_scope: model``: exact whole-model trim thresholds from histograms summed over tensors."""
+def model_thresholds(
+    plan: MergePlan, device: torch.device, backend: str, progress: bool, *, tensors=None, reduce=None
+) -> list:
+    """``trim_scope: model``: exact whole-model trim thresholds from histograms summed over tensors.
+
+    A distributed merge passes its rank's ``tensors`` (a part of the plan's) and ``reduce`` (the
+    sum of an int64 histogram over every rank): the counts are integers, so each rank gets the
+    thresholds one process would."""
     from tqdm import tqdm
 
-    pts = [pt for pt in plan.tensors if pt.action != COPY and pt.merged_numel > 0]
-    if not pts:
+    every = [pt for pt in plan.tensors if pt.action != COPY and pt.merged_numel > 0]
+    if not every:
         return []
-    recipe = pts[0].recipe
+    recipe = every[0].recipe
     n = recipe.n
     if recipe.trim_density is None:
         return [None] * n
-    total = sum(pt.merged_numel for pt in pts)
+    total = sum(pt.merged_numel for pt in every)
+    if tensors is not None:
+        mine = {id(t) for t in tensors}
+        pts = [pt for pt in every if id(pt) in mine]
+    else:
+        pts = every
     ks = [trim_k(d, total) for d in recipe.trim_density]
     be = get_backend(backend, device)
     bar = tqdm(
-        total=2 * sum(pt.merged_numel for pt in pts),
+        total=2 * sum(pt.merged_numel for pt in pts),  # this rank's part
         desc="statistics",
         unit="el",
         unit_scale=True,
@@ -60,7 +71,7 @@ def model_thresholds(plan: MergePlan, device: torch.device, backend: str, progre
                 bar.update(pt.merged_numel)
         finally:
             pre.close()
-        return acc
+        return acc if reduce is None else reduce(acc)
 
     try:
         bits = select_thresholds(hist, ks, total)

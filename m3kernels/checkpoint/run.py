@@ -32,6 +32,12 @@ import torch
 
 from m3kernels.backends import get_backend
 from m3kernels.checkpoint import DEFAULT_SHARD_SIZE  # re-exported
+from m3kernels.checkpoint.distributed import (
+    DEFAULT_TIMEOUT_S,
+    assign_shards,
+    launched_distributed,
+    run_distributed,
+)
 from m3kernels.checkpoint.finite_check import check_finite_inputs
 from m3kernels.checkpoint.inputs import config_and_folder, open_inputs
 from m3kernels.checkpoint.model_stats import model_thresholds
@@ -145,6 +151,75 @@ def _with_hint(exc: M3KError, hint: str) -> M3KError:
     return type(exc)(str(exc) + hint, path=exc.path, tensor=exc.tensor)
 
 
+def write_shards(
+    plan: MergePlan,
+    tmp: Path,
+    journal: Journal,
+    skip,
+    todo: list,
+    record: dict,
+    device: torch.device,
+    backend: str,
+    thresholds,
+    progress: bool,
+    *,
+    total_bytes: int | None = None,
+    poll=None,
+) -> None:
+    """Step 4: merge the tensors ``todo`` and write every shard not in ``skip`` into ``tmp``, each
+    finished shard recorded in ``journal``. ``total_bytes``: what the progress bar counts to (the
+    plan's bytes; a rank's share in a distributed merge). ``poll()`` (optional) is called after
+    every tensor and may raise to stop the merge (the distributed merge: another rank failed)."""
+    from tqdm import tqdm
+
+    total = plan.total_bytes if total_bytes is None else total_bytes
+    bar = tqdm(
+        total=total,
+        initial=total - sum(t.nbytes for t in todo),
+        desc="merging",
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
+    count = [len(plan.tensors) - len(todo)]
+
+    def written(pt):
+        count[0] += 1
+        bar.update(pt.nbytes)
+        bar.set_postfix_str(f"{count[0]}/{len(plan.tensors)} tensors", refresh=False)
+
+    writer = ShardedWriter(
+        tmp,
+        plan.shards,
+        header_metadata(record),
+        journal,
+        skip=skip,
+        on_written=written,
+        after_shard=_crash_hook(),
+    )
+    stream = None
+    try:
+        if device.type == "cpu":
+            stream = produce_cpu(plan, todo, backend, thresholds)
+        else:
+            stream = produce_gpu(plan, todo, device, backend, thresholds)
+        for pt, out, after in stream:
+            writer.put(pt, out, after)
+            if poll is not None:
+                poll()
+        writer.close()
+    except BaseException:
+        if stream is not None:
+            stream.close()  # runs the producer's cleanup: its read-ahead thread stops now
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+
+
 def run_merge(
     plan: MergePlan,
     out_dir: Path,
@@ -157,8 +232,6 @@ def run_merge(
     progress: bool,
 ) -> MergeResult:
     """Steps 3-5 of the module docstring for a built plan."""
-    from tqdm import tqdm
-
     t0 = time.perf_counter()
     for note in plan.notes:
         log.warning(note)
@@ -206,49 +279,7 @@ def run_merge(
                 journal.save()
         record["model_trim_thresholds"] = thresholds
         todo = [t for s in plan.shards if s.index not in done for t in s.tensors]
-        bar = tqdm(
-            total=plan.total_bytes,
-            initial=plan.total_bytes - sum(t.nbytes for t in todo),
-            desc="merging",
-            unit="B",
-            unit_scale=True,
-            unit_divisor=1024,
-            disable=not progress,
-            dynamic_ncols=True,
-            mininterval=0.5,
-        )
-        count = [len(plan.tensors) - len(todo)]
-
-        def written(pt):
-            count[0] += 1
-            bar.update(pt.nbytes)
-            bar.set_postfix_str(f"{count[0]}/{len(plan.tensors)} tensors", refresh=False)
-
-        writer = ShardedWriter(
-            tmp,
-            plan.shards,
-            header_metadata(record),
-            journal,
-            skip=done,
-            on_written=written,
-            after_shard=_crash_hook(),
-        )
-        stream = None
-        try:
-            if device.type == "cpu":
-                stream = produce_cpu(plan, todo, backend, thresholds)
-            else:
-                stream = produce_gpu(plan, todo, device, backend, thresholds)
-            for pt, out, after in stream:
-                writer.put(pt, out, after)
-            writer.close()
-        except BaseException:
-            if stream is not None:
-                stream.close()  # runs the producer's cleanup: its read-ahead thread stops now
-            writer.abort()
-            raise
-        finally:
-            bar.close()
+        write_shards(plan, tmp, journal, done, todo, record, device, backend, thresholds, progress)
         write_side_files(tmp, plan, record)
         publish(tmp, out_dir, force)
     except OutputExistsError:
@@ -285,8 +316,17 @@ def merge_checkpoints(
     backend: str = "auto",
     strict: bool = False,
     follow_symlinks: bool = False,
+    distributed: bool | None = None,
+    ranks: int | None = None,
+    dist_timeout: float | None = None,
 ):
     """Merge the checkpoints a config names into ``out_dir`` (HF layout, sharded safetensors).
+
+    ``distributed``: share the merge between the processes of a ``torch.distributed`` group
+    (:mod:`m3kernels.checkpoint.distributed`; every process calls this with the same arguments);
+    None (default): when started by ``torchrun`` with more than one process. ``dist_timeout``:
+    seconds a rank waits for the others in a collective. ``ranks``: with ``dry_run``, plan the
+    split for that many processes (the plan's ``rank_shares``; a distributed dry run uses its own).
 
     ``config``: a YAML path, YAML text, dict or MergeConfig. ``seed`` overrides the config's.
     ``dry_run``: validate the config and every input, return the :class:`MergePlan`, write
@@ -305,10 +345,30 @@ def merge_checkpoints(
         check_out_dir(out_dir, force, opened)  # before anything is created or deleted
         plan = build_plan(cfg, base, models, out_shard_size)
         _ = plan.config_source.side_files  # the tokenizer files to copy: checked now, copied at the end
+        if distributed is None:
+            distributed = launched_distributed()
+        world = ranks if ranks is not None else (int(os.environ.get("WORLD_SIZE", "1")) if distributed else None)
+        if world is not None:
+            if isinstance(world, bool) or not isinstance(world, int) or world < 1:
+                raise M3KError(f"ranks must be a positive number of processes, got {world!r}")
+            plan.rank_shares = assign_shards(plan.shards, world)
         if strict:
             check_finite_inputs(plan, progress)
         if dry_run:
             return plan
+        if distributed:
+            return run_distributed(
+                plan,
+                out_dir,
+                opened=opened,
+                device=device,
+                backend=backend,
+                out_shard_size=out_shard_size,
+                force=force,
+                resume=resume,
+                progress=progress,
+                timeout_s=DEFAULT_TIMEOUT_S if dist_timeout is None else float(dist_timeout),
+            )
         dev = resolve_device(device, backend)
         with OutputLock(out_dir) as lock:  # OUT and its temporary folders are ours until publish is done
             if lock.exclusive:  # what a killed run left: a publish cut short, folders without a journal

@@ -297,12 +297,26 @@ def shard_header(tensors, metadata: dict) -> bytes:
 
 
 # ------------------------------------------------------------------------------ journal
-class Journal:
-    """The temporary folder's record of finished shards (written atomically after each)."""
+RANK_JOURNAL = ".m3k-journal.rank{rank}.json"  # a distributed merge: each rank records its own shards
+RANK_FAILED = ".m3k-failed.rank{rank}.txt"  # a distributed merge: a rank's error, for the others
+_RANK_FILE_RE = re.compile(r"\.m3k-(journal|failed)\.rank(\d{1,6})\.(json|txt)")
 
-    def __init__(self, folder: Path, fingerprint: str, data: dict | None = None):
+
+class Journal:
+    """The temporary folder's record of finished shards (written atomically after each).
+
+    ``name``: the file (the main journal, or one rank's in a distributed merge: ranks never write
+    one file together). :meth:`load` of the main journal folds in the rank journals of the same
+    fingerprint, and the next :meth:`save` of the main journal removes those files (and the ranks'
+    failure notes), so a
+    distributed run is resumed by one process or by several alike, and never published with them.
+    """
+
+    def __init__(self, folder: Path, fingerprint: str, data: dict | None = None, name: str = JOURNAL):
         self.folder = Path(folder)
+        self.name = name
         self.data = data or {"format": JOURNAL_FORMAT, "fingerprint": fingerprint, "shards": {}, "extra": {}}
+        self._absorbed: list = []  # rank journals folded in (removed by the next save)
 
     @property
     def fingerprint(self) -> str:
@@ -312,10 +326,10 @@ class Journal:
     def shards(self) -> dict:
         return self.data["shards"]
 
-    @classmethod
-    def load(cls, folder: Path) -> Journal | None:
+    @staticmethod
+    def _read(path: Path) -> dict | None:
         try:
-            data = json.loads((Path(folder) / JOURNAL).read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return None
         if (
@@ -325,10 +339,36 @@ class Journal:
         ):
             return None
         data.setdefault("extra", {})
-        return cls(folder, data.get("fingerprint"), data)
+        return data
+
+    @classmethod
+    def load(cls, folder: Path) -> Journal | None:
+        folder = Path(folder)
+        data = cls._read(folder / JOURNAL)
+        if data is None:
+            return None
+        journal = cls(folder, data.get("fingerprint"), data)
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            names = []
+        for name in names:
+            m = _RANK_FILE_RE.fullmatch(name)
+            if m is None:
+                continue
+            part = cls._read(folder / name) if m.group(1) == "journal" else None
+            if part is not None and part.get("fingerprint") == journal.fingerprint:
+                for fname, rec in part["shards"].items():
+                    journal.shards.setdefault(fname, rec)
+            journal._absorbed.append(folder / name)  # failure notes, other merges' journals: dropped too
+        return journal
 
     def save(self) -> None:
-        write_file_durably(self.folder / JOURNAL, json.dumps(self.data, indent=1).encode())
+        write_file_durably(self.folder / self.name, json.dumps(self.data, indent=1).encode())
+        for path in self._absorbed:  # now recorded in this journal
+            with os_errors(path):
+                path.unlink(missing_ok=True)
+        self._absorbed = []
         with os_errors(self.folder):
             fsync_dir(self.folder)
 
@@ -527,6 +567,8 @@ def publish(tmp: Path, out_dir: Path, force: bool) -> None:
             path=str(out_dir),
         )
     journal = Journal.load(tmp)
+    if journal is not None and journal._absorbed:
+        journal.save()  # ranks' journals and notes folded into the main one: none is published
     old = None
     if out_dir.exists() or out_dir.is_symlink():
         old = out_dir.parent / f".{out_dir.name}{OLD_MARK}{secrets.token_hex(4)}"
@@ -811,5 +853,7 @@ __all__ = [
     "os_errors",
     "file_sha256",
     "JOURNAL",
+    "RANK_JOURNAL",
+    "RANK_FAILED",
     "TMP_MARK",
 ]
