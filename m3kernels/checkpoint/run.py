@@ -347,7 +347,9 @@ def merge_checkpoints(
         _ = plan.config_source.side_files  # the tokenizer files to copy: checked now, copied at the end
         if distributed is None:
             distributed = launched_distributed()
-        world = ranks if ranks is not None else (int(os.environ.get("WORLD_SIZE", "1")) if distributed else None)
+        world = (
+            ranks if ranks is not None else (int(os.environ.get("WORLD_SIZE", "1")) if distributed else None)
+        )
         if world is not None:
             if isinstance(world, bool) or not isinstance(world, int) or world < 1:
                 raise M3KError(f"ranks must be a positive number of processes, got {world!r}")
