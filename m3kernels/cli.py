@@ -231,10 +231,13 @@ def cmd_merge(args) -> int:
         print(result.table())
         shares = getattr(result, "rank_shares", None)
         if shares is not None:
-            from m3kernels.checkpoint.distributed import share_table
+            from m3kernels.checkpoint.distributed import balance_hint, share_table
 
             print(f"\n{len(shares)} processes (torchrun ranks) would share it:")
             print(share_table(result, shares))
+            hint = balance_hint(result, shares)
+            if hint is not None:
+                print(f"note: {hint}")
         print(f"\ndry run: nothing written; {args.out_dir} would get {len(result.shards)} shard(s)")
     elif not args.quiet:
         print(result.summary())

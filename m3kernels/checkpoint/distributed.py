@@ -87,6 +87,25 @@ def assign_shards(shards, world: int) -> list:
     return runs + [[] for _ in range(world - len(runs))]
 
 
+def balance_hint(plan: MergePlan, shares: list) -> str | None:
+    """A warning when the shares are uneven (each rank writes whole shards: with few, large
+    shards some ranks get more, or nothing): the largest over the mean and a shard size that
+    would balance them. None when the largest is within 25% of the mean."""
+    from m3kernels.checkpoint.run import human_bytes
+
+    loads = [sum(t.nbytes for i in run for t in plan.shards[i].tensors) for run in shares]
+    mean = sum(loads) / max(1, len(loads))
+    if mean == 0 or max(loads) <= 1.25 * mean:
+        return None
+    target = max(1, int(mean // 4))
+    return (
+        f"the {len(shares)} ranks' shares are uneven (the largest is {max(loads) / mean:.2f}x the mean; "
+        f"{sum(1 for x in loads if x == 0)} rank(s) get nothing): each rank writes whole output shards, and "
+        f"there are {len(plan.shards)}; --out-shard-size {human_bytes(target).replace(' ', '')} or smaller "
+        "would balance them"
+    )
+
+
 def share_table(plan: MergePlan, shares: list) -> str:
     """The dry run's view: which rank writes which shards, how many tensors and bytes it merges
     and reads."""
@@ -384,6 +403,9 @@ def run_distributed(
             )
         shares = assign_shards(plan.shards, ranks.world)
         mine = set(shares[ranks.rank])
+        hint = balance_hint(plan, shares)
+        if hint is not None and ranks.rank == 0:
+            log.warning(hint)
 
         lock = None
         try:
@@ -434,4 +456,4 @@ def run_distributed(
         ranks.close()
 
 
-__all__ = ["assign_shards", "share_table", "run_distributed", "launched_distributed", "Ranks"]
+__all__ = ["assign_shards", "balance_hint", "share_table", "run_distributed", "launched_distributed", "Ranks"]
