@@ -156,15 +156,21 @@ def digest(out):
     return [hashlib.sha256((out / f).read_bytes()).hexdigest() for f in m["files"]], m["counts"]
 
 
-@pytest.mark.parametrize("kind", ["fisher", "regmean"])
-def test_resume_after_a_crash_gives_the_same_bytes(fam, tmp_path, kind):
+@pytest.mark.parametrize(
+    "kind, stop, every", [("fisher", 4, 2), ("regmean", 4, 2), ("regmean", 7, 100), ("regmean", 9, 2)]
+)
+def test_resume_after_a_crash_gives_the_same_bytes(fam, tmp_path, kind, stop, every):
+    """Stopped after a save: in the first pass, or (regmean, 2 passes over the 7 examples) between
+    the passes or in the second."""
     compute = compute_fisher if kind == "fisher" else compute_regmean
     opts = dict(batch_size=2, progress=False)
     opts.update(sampled=True, seed=5) if kind == "fisher" else opts.update(max_memory=40_000)
     compute(fam / "ft", fam / "data.txt", tmp_path / "full", **opts)
     out = tmp_path / "cut"
     with pytest.raises(StopRequested):
-        compute(fam / "ft", fam / "data.txt", out, save_every_examples=2, stop_after=4, **opts)
+        compute(fam / "ft", fam / "data.txt", out, save_every_examples=every, stop_after=stop, **opts)
+    if kind == "regmean":
+        assert json.loads((out / ".partial" / "state.json").read_text())["pass"] == stop // 7
     assert not (out / "manifest.json").exists() and (out / ".partial" / "state.json").exists()
     with pytest.raises(Exception, match="--resume continues"):
         compute(fam / "ft", fam / "data.txt", out, **opts)

@@ -51,7 +51,9 @@ class StatsOptions:
     tokenizer: str | None = None
     save_every: float = 300.0
     save_every_examples: int | None = None
-    stop_after: int | None = field(default=None, repr=False)  # tests: stop after this many examples
+    stop_after: int | None = field(
+        default=None, repr=False
+    )  # tests: stop after this many examples (all passes)
 
     def check(self) -> None:
         def pos_int(name, v, lo=1, none_ok=False):
@@ -238,7 +240,8 @@ def run_stats(
             )
         start_pass, start_done, files = state["pass"], state["examples_done"], list(state["files"])
         acc.begin_pass(start_pass)
-        acc.load_state(output.load_state_tensors(out_dir, state), state["acc"])
+        if start_done > 0:  # saved between two passes: nothing accumulated yet
+            acc.load_state(output.load_state_tensors(out_dir, state), state["acc"])
         log.info("resuming %s: pass %d, %d examples done", out_dir, start_pass + 1, start_done)
     n, bs, passes = len(examples), opts.batch_size, acc.n_passes
     bar = tqdm(
@@ -281,11 +284,13 @@ def run_stats(
                     if done < n:
                         save(p, done)
                     last_save, since = time.monotonic(), 0
-                    if opts.stop_after is not None and done >= opts.stop_after:
+                    if opts.stop_after is not None and p * n + done >= opts.stop_after:
                         raise StopRequested()
             files += acc.end_pass(p, out_dir, torch_dtype(opts.dtype))
             if p + 1 < passes:
                 save(p + 1, 0)
+                if opts.stop_after is not None and (p + 1) * n >= opts.stop_after:
+                    raise StopRequested()
     finally:
         bar.close()
     manifest = {
