@@ -143,21 +143,24 @@ def fisher_merge(
     flat_out = out.view(-1)
     flat_m = [m.reshape(-1) for m in models]
     flat_f = [f.reshape(-1) for f in fishers]
-    csum = torch.tensor(sum(c), dtype=F32)
+    csum = float(sum(c))
     for s in range(0, flat_out.numel(), chunk):
         e = min(s + chunk, flat_out.numel())
-        num = den = avg = None
+        num = torch.zeros(e - s, dtype=F32, device=out.device)
+        den = torch.zeros(e - s, dtype=F32, device=out.device)
         for ci, m, f in zip(c, flat_m, flat_f):
-            ci32 = torch.tensor(ci, dtype=F32, device=out.device)
-            f32 = f[s:e].to(F32)
-            f32 = torch.clamp_min(f32, floor) if floor_mode == "max" else f32 + floor
-            cf = ci32 * f32
-            m32 = m[s:e].to(F32)
-            num = cf * m32 if num is None else num + cf * m32
-            den = cf if den is None else den + cf
-            avg = ci32 * m32 if avg is None else avg + ci32 * m32
-        res = torch.where(den == 0, avg / csum.to(out.device), num / den)
-        flat_out[s:e] = res.to(out.dtype)
+            cf = f[s:e].to(F32, copy=True)
+            cf.clamp_min_(floor) if floor_mode == "max" else cf.add_(floor)
+            cf.mul_(ci)  # cᵢ·F̃ᵢ
+            den.add_(cf)
+            num.addcmul_(cf, m[s:e].to(F32))
+        num.div_(den)
+        zero = den == 0
+        if bool(zero.any()):  # no Fisher anywhere here: the c-weighted average
+            idx = zero.nonzero()[:, 0]
+            avg = sum(ci * m[s:e][idx].to(F32) for ci, m in zip(c, flat_m))
+            num[idx] = avg / csum
+        flat_out[s:e] = num
     return out
 
 
