@@ -80,3 +80,54 @@ def kwargs_for(case: str, n: int) -> dict:
     if "mix_ratios" in kw:
         kw["mix_ratios"] = [x / sum(kw["mix_ratios"]) for x in kw["mix_ratios"]]
     return kw
+
+
+# The issue-8 methods with their own stage A (registry ``family``): read by tests/test_methods_*.py
+# only (the bit-for-bit matrices above stay the generic task-vector program). name -> (merge_tensors
+# keyword arguments, the model counts to run).
+FAMILY_CASES = {
+    "passthrough": (dict(method="passthrough"), [1]),
+    "passthrough_scale": (dict(method="passthrough", scale=0.37), [1]),
+    "nearswap": (dict(method="nearswap", t=0.004), [1]),
+    "nearswap_big_t": (dict(method="nearswap", t=5.0), [1]),
+    "ram": (dict(method="ram", epsilon=0.008), [1, 2, 3, 5]),
+    "ram_default": (dict(method="ram"), [2, 3]),
+    "ramplus_tl": (dict(method="ramplus_tl", epsilon=0.008), [1, 2, 3, 5]),
+    "ramplus_tl_r": (dict(method="ramplus_tl", epsilon=0.01, r=0.5, alpha=3.0), [2, 3]),
+    "breadcrumbs": (dict(method="breadcrumbs", density=0.6, gamma=0.05), [1, 2, 3]),
+    "breadcrumbs_w": (
+        dict(method="breadcrumbs", density=[0.3, 0.9, 0.5], gamma=[0.1, 0.0, 0.3], weights=[1.0, -0.5, 0.7]),
+        [2, 3],
+    ),
+    "breadcrumbs_ties": (dict(method="breadcrumbs_ties", density=0.5, gamma=0.02), [1, 2, 3]),
+    "breadcrumbs_ties_norm": (
+        dict(method="breadcrumbs_ties", density=[0.2, 0.7, 0.95], normalize=True, lambda_=0.8),
+        [2, 3],
+    ),
+    "breadcrumbs_m3": (dict(method="breadcrumbs", density=0.7, mixup_alpha=0.5, seed=4), [2, 3]),
+    "slerp": (dict(method="slerp", t=0.3), [1]),
+    "slerp_t0": (dict(method="slerp", t=0.0), [1]),
+    "slerp_extrapolate": (dict(method="slerp", t=1.4), [1]),
+    "slerp_m3": (dict(method="slerp", mixup_alpha=0.7, seed=9), [1]),
+    "nuslerp": (dict(method="nuslerp", weights=[1.0, 2.0]), [2]),
+    "nuslerp_rows": (dict(method="nuslerp", weights=[0.4, 0.6], nuslerp_flatten=False), [2]),
+    "nuslerp_cols": (dict(method="nuslerp", nuslerp_flatten=False, nuslerp_row_wise=True), [2]),
+    "nuslerp_m3": (dict(method="nuslerp", mix_ratios=[0.3, 0.7]), [2]),
+    "multislerp": (dict(method="multislerp"), [1, 2, 3, 4]),
+    "multislerp_w": (dict(method="multislerp", weights=[0.2, 0.5, 1.0, 0.3], eps=1e-6), [2, 3, 4]),
+    "multislerp_raw_w": (dict(method="multislerp", weights=[2.0, 1.0, 0.5], normalize_weights=False), [2, 3]),
+    "karcher": (dict(method="karcher"), [1, 2, 3, 4]),
+    "karcher_iter": (dict(method="karcher", max_iter=40, tol=1e-9), [2, 3]),
+    "karcher_m3": (dict(method="karcher", mixup_alpha=1.5, seed=2), [2, 3]),
+    "model_stock": (dict(method="model_stock"), [2, 3, 4]),
+    "model_stock_rows": (dict(method="model_stock", filter_wise=True), [2, 3]),
+}
+
+
+def family_kwargs(case: str, n: int) -> dict:
+    """FAMILY_CASES keyword arguments of ``case`` for ``n`` models (per-model lists cut to n)."""
+    kw = dict(FAMILY_CASES[case][0])
+    for k in ("weights", "density", "gamma", "mix_ratios"):
+        if isinstance(kw.get(k), list):
+            kw[k] = [kw[k][i % len(kw[k])] for i in range(n)]
+    return kw

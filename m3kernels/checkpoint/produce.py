@@ -172,6 +172,7 @@ def _in_parts(pt: PlannedTensor, be, thresholds) -> bool:
         or pt.nbytes < 2 * PART_BYTES
         or not hasattr(be, "merge_range")
         or (thresholds is not None and (r.trim_density is None or len(thresholds) != r.n))
+        or getattr(r, "family", None) is not None  # a method with its own stage A: whole
     ):
         return False
     return all(s.meta.dtype in (torch.float32, torch.bfloat16, torch.float16) for s in pt.sources())
@@ -247,6 +248,8 @@ def _batch_key(pt: PlannedTensor):
     recipes (no L1 rescale: its scale is a per-tensor stage-A sum) and dtypes."""
     r = pt.recipe
     if pt.action != MERGE or r is None or r.rescale == "l1" or not 0 < pt.numel <= BATCH_NUMEL:
+        return None
+    if getattr(r, "family", None) is not None:  # its own stage A (m3kernels.merge.methods): alone
         return None
     return (
         r,

@@ -44,6 +44,12 @@ def backend_name(backend) -> str:
     return getattr(backend, "__name__", str(backend)).rsplit(".", 1)[-1]
 
 
+def missing_features(backend, method) -> list:
+    """The kernel features ``method`` (a registry Method) may need that ``backend`` lacks."""
+    have = getattr(backend, "FEATURES", frozenset())
+    return [f for f in method.features if f not in have]
+
+
 def require(backend, method: str, *features: str) -> None:
     """ValueError unless ``backend`` lists every one of ``features`` in its ``FEATURES``."""
     have = getattr(backend, "FEATURES", frozenset())
@@ -90,4 +96,13 @@ def plain_params(recipe, name: str, n: int, has_base: bool, **fields) -> KernelP
     return p.with_fields(**fields) if fields else p
 
 
-__all__ = ["Staged", "stage", "merge", "require", "plain_params", "family_module", "FAMILIES"]
+__all__ = [
+    "Staged",
+    "stage",
+    "merge",
+    "require",
+    "missing_features",
+    "plain_params",
+    "family_module",
+    "FAMILIES",
+]
