@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 PREFIX = "m3k_"
 _state: dict = {"seed": 0, "registered": {}, "replaced": {}}
@@ -53,10 +53,10 @@ def _value_type(param, registry_mod):
         registry_mod.NUMBER: float,
         registry_mod.FRACTION: float,
         registry_mod.BOOL: bool,
-        registry_mod.RESCALE: Union[bool, str],
+        registry_mod.RESCALE: bool | str,
     }
     t = kinds[param.kind]
-    return Optional[t] if param.default is None or param.default == registry_mod.REQUIRED else t
+    return (t | None) if param.default is None or param.default == registry_mod.REQUIRED else t
 
 
 def method_spec(method, mk_base):
@@ -77,10 +77,10 @@ def method_spec(method, mk_base):
         params.append(mk_base.ParameterSpec(p.name, _value_type(p, reg), scope, description=p.doc, **kw))
     names = {p.name for p in params}
     if "mix_ratio" not in names:
-        params.append(mk_base.ParameterSpec("mix_ratio", Optional[float], per_model, default=None))
+        params.append(mk_base.ParameterSpec("mix_ratio", float | None, per_model, default=None))
     if "mixup_alpha" not in names:
         params.append(
-            mk_base.ParameterSpec("mixup_alpha", Optional[float], mk_base.ParameterScope.SHARED, default=None)
+            mk_base.ParameterSpec("mixup_alpha", float | None, mk_base.ParameterScope.SHARED, default=None)
         )
     contract = mk_base.InputContract(
         base=mk_base.BasePolicy.REQUIRED if method.needs_base else mk_base.BasePolicy.IGNORED
