@@ -41,7 +41,7 @@ def report_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bench")
     js, png = d / "r.json", d / "r.png"
     argv = ["bench", "--shape", TINY, "--repeats", "1", "--n", "2,3", "--backends", "cpu", "-q"]
-    argv += ["--json", str(js), "--plot", str(png)]
+    argv += ["--json", str(js), "--plot", str(png), "--markdown", str(d / "r.md")]
     return argv, js, png
 
 
@@ -61,7 +61,7 @@ def _close(a, b, rel=1e-9):
     return a is not None and b is not None and math.isclose(a, b, rel_tol=rel)
 
 
-def test_command_table_and_json_with_every_field(ran):
+def test_command_table_and_json_with_every_field(ran, report_files):
     rc, out, rep, _ = ran
     assert rc == 0
     assert rep["format"] == FORMAT
@@ -108,6 +108,9 @@ def test_command_table_and_json_with_every_field(ran):
             assert r["stage_a_s"] is not None and r["stage_b_s"] is not None, r["split_note"]
             assert r["eager_s"] is not None, r["eager_note"]
             assert " ".join(case_row(r)) in " ".join(out.split())  # the printed row is the record's
+    md = (report_files[1].parent / "r.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "stage A ms" not in line]
+    assert len(rows) == len(rep["cases"]) and all(line.count("|") == 14 for line in rows)
     assert by[("linear", 2)]["eager_equal_fraction"] > 0.99  # the same math, up to rounding
     assert by[("ties", 2)]["eager_equal_fraction"] > 0.9
 

@@ -71,6 +71,9 @@ def add_parser(subparsers) -> None:
     b.add_argument("--seed", default="0", help="seed of the generated tensors and of DARE (default: 0)")
     b.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON")
     b.add_argument(
+        "--markdown", default=None, metavar="FILE", help="write the header and the table as Markdown"
+    )
+    b.add_argument(
         "--plot",
         default=None,
         metavar="FILE.png",
@@ -155,7 +158,7 @@ def run(args) -> int:
         return _compare(args)
     if args.checkpoint:
         return _checkpoint(args)
-    from m3kernels.benchmark.report import plot, render, write_json
+    from m3kernels.benchmark.report import markdown, plot, render, write_json
     from m3kernels.benchmark.runner import run_benchmark
 
     if args.plot:
@@ -184,6 +187,11 @@ def run(args) -> int:
     if args.json:
         write_json(report, args.json)
         print(f"report written to {args.json}")
+    if args.markdown:
+        from pathlib import Path
+
+        Path(args.markdown).write_text(markdown(report), encoding="utf-8")
+        print(f"Markdown written to {args.markdown}")
     if args.plot:
         try:
             plot(report, args.plot)

@@ -139,6 +139,23 @@ def render(report: dict) -> str:
     return "\n".join([header(report), "", table(report["cases"]), "", footer(report)])
 
 
+def markdown(report: dict) -> str:
+    """The header (as a bullet list) and the table in Markdown, for bench/RESULTS.md."""
+    lines = [f"* {line}" for line in header(report).splitlines()]
+    lines += [f"* {line}" for line in footer(report).splitlines()]
+    lines += [
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|" + "|".join("---:" if c in RIGHT else "---" for c in COLUMNS) + "|",
+    ]
+    for r in report["cases"]:
+        row = case_row(r)
+        if len(row) < len(COLUMNS):
+            row = row[:4] + [row[4]] + [""] * (len(COLUMNS) - 5)
+        lines.append("| " + " | ".join(v.replace("|", "/") for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_json(report: dict, path) -> None:
     p = Path(path)
     if p.parent and not p.parent.exists():
@@ -177,7 +194,7 @@ def plot(report: dict, path) -> None:
     series = list(dict.fromkeys((r["backend"], r["dtype"], r["n"]) for r in ok))
     by = {(r["method"], r["backend"], r["dtype"], r["n"]): r for r in ok}
     width = 0.8 / len(series)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(methods) * 2), 5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(10.0, min(28.0, 2.4 * len(methods))), 5))
     for j, s in enumerate(series):
         xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(methods))]
         rows = [by.get((m, *s)) for m in methods]
