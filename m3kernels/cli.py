@@ -346,15 +346,18 @@ def cmd_backends(args) -> int:
 
 def methods_text(names=()) -> str:
     """Every registered method (or the named ones) with its parameters, from the registry."""
-    from m3kernels.merge.registry import METHODS, get_method
+    from m3kernels.merge.registry import MERGEKIT_ONLY_METHODS, METHODS, base_role, get_method
 
     chosen = [get_method(n) for n in names] if names else list(METHODS.values())
     lines = []
     for m in chosen:
         alias = f" (alias {', '.join(m.aliases)})" if m.aliases else ""
         lines.append(f"{m.name}{alias}: {m.summary}")
+        lo, hi = m.models
+        count = f"{lo}" if lo == hi else f"{lo}+" if hi is None else f"{lo}-{hi}"
+        m3 = m.mixup + (f" ({m.mixup_note})" if m.mixup_note else "")
         lines.append(
-            f"  base model: {'required' if m.needs_base else 'not used'}; stage A: "
+            f"  base model: {base_role(m)}; models: {count}; M³: {m3}; stage A: "
             f"{'; '.join(m.stage_a) or 'none'}; reference: {m.reference}"
         )
         for q in m.params:
@@ -364,6 +367,8 @@ def methods_text(names=()) -> str:
                 f"  {q.name:10s} {where}, {q.range}, default {default}"
                 f"{', gradient allowed' if q.gradient else ''}: {q.doc}"
             )
+    if not names:
+        lines.append(f"not implemented yet (mergekit): {', '.join(MERGEKIT_ONLY_METHODS)}")
     return "\n".join(lines)
 
 
