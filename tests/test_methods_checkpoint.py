@@ -104,7 +104,7 @@ def test_checkpoint_merge(case, fam, tmp_path):
     src = base if base is not None else models[0]
     assert set(got) == set(src)
     layers = SIZES["layers"]
-    for name, t in src.items():
+    for name in src:
         b = base[name] if (base is not None and method.program.uses_base) else None
         xs = [m[name] for m in models]
         kw = cfg.tensor_kwargs(name, layers)
