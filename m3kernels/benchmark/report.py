@@ -201,8 +201,17 @@ def plot(report: dict, path) -> None:
         b = [(r["stage_b_pct_copy"] or 0.0) if r else 0.0 for r in rows]
         f = [(r["full_pct_copy"] or 0.0) if r else 0.0 for r in rows]
         label = f"{s[0]} {s[1]} N={s[2]}"
-        bars = ax1.bar(xs, b, width, label=f"{label}: stage B")
-        ax1.bar(xs, f, width * 0.5, color="none", edgecolor=bars.patches[0].get_facecolor(), hatch="//")
+        ax1.bar(xs, b, width, label=f"{label}: stage B")
+        ax1.bar(
+            xs,
+            f,
+            width * 0.5,
+            color="none",
+            edgecolor="black",
+            hatch="//",
+            zorder=3,
+            label="full merge" if j == 0 else None,
+        )
         ours = [r["full_s"] * 1e3 if r else math.nan for r in rows]
         eager = [r["eager_s"] * 1e3 if r and r["eager_s"] else math.nan for r in rows]
         ax2.bar([x - width / 4 for x in xs], ours, width / 2, label=f"{label}: ours (full)")
