@@ -31,7 +31,7 @@ log = logging.getLogger("m3kernels")
 
 F32, F64 = torch.float32, torch.float64
 FISHER_FLOOR = 1e-6  # both the Fisher-merging paper's code and FusionBench
-REGMEAN_ALPHA = 0.9
+REGMEAN_ALPHA = 0.1  # the RegMean authors' released T5 / DeBERTa configs (regmean_reduce_nondiag: 0.1)
 FLOAT_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 STAT_TYPES = FLOAT_TYPES + (torch.float64,)
 RESIDUAL_TOL = 1e-4
