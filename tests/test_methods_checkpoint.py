@@ -127,3 +127,24 @@ def test_checkpoint_merge(case, fam, tmp_path):
         if method.family == "breadcrumbs":
             scale = scale * 4
         assert_close_ulp(got[name], ref, scale, f"{case}/{name}")
+
+
+def test_slices_form_gives_the_same_bytes(fam, tmp_path):
+    base_dir, ms = fam
+    flat = raw_config("model_stock", base_dir, ms)
+    flat["merge_method"] = "task_arithmetic"  # a kernel every CPU build has
+    flat["parameters"] = {"weight": [{"filter": "mlp", "value": [0.2, 1.0]}, {"value": 0.6}]}
+    sliced = {k: v for k, v in flat.items() if k != "models"}
+    L = SIZES["layers"]
+    sliced["slices"] = [{"sources": [{"model": m["model"], "layer_range": [0, L]} for m in flat["models"]]}]
+    for raw, out in ((flat, "a"), (sliced, "b")):
+        path = tmp_path / f"{out}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        assert cli.main(["merge", str(path), str(tmp_path / out), "--device", "cpu", "-q"]) == 0
+    a, b = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for src in sliced["slices"][0]["sources"]:
+        src["layer_range"] = [0, L + 1]  # one layer more than the models have
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(sliced))
+    assert cli.main(["merge", str(path), str(tmp_path / "c"), "--device", "cpu", "-q"]) != 0

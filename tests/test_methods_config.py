@@ -179,3 +179,75 @@ def test_same_name_different_kinds_per_method():
         cfg("breadcrumbs_ties", {"gamma": 0.05, "density": [0.2, 0.6]}, models=("x", "y"))
     ).tensor_kwargs("model.layers.1.mlp.up_proj.weight", 2)
     assert kw["gamma"] == [0.05, 0.05] and kw["density"] == [0.6, 0.6]
+
+
+SLERP_SLICES = {
+    "slices": [
+        {
+            "sources": [
+                {"model": "a", "layer_range": [0, 32]},
+                {"model": "b", "layer_range": [0, 32]},
+            ]
+        }
+    ],
+    "merge_method": "slerp",
+    "base_model": "a",
+    "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"value": 0.5}]},
+    "dtype": "bfloat16",
+}
+
+
+def test_trivial_slices_are_models():
+    """The slices form most published slerp configs use: one slice, every source over all layers."""
+    c = load_config(SLERP_SLICES)
+    assert c.models == ["b"] and c.base_model == "a" and c.layer_range == 32
+    flat = load_config(
+        {k: v for k, v in SLERP_SLICES.items() if k != "slices"}
+        | {"models": [{"model": "a"}, {"model": "b"}]}
+    )
+    for name in (
+        "model.layers.7.self_attn.q_proj.weight",
+        "model.layers.31.mlp.up_proj.weight",
+        "lm_head.weight",
+    ):
+        assert c.tensor_kwargs(name, 32) == flat.tensor_kwargs(name, 32)
+    with pytest.raises(MergeConfigError, match=r"layer_range \[0, 32\] must cover every layer .*40 layers"):
+        c.tensor_kwargs("model.layers.7.self_attn.q_proj.weight", 40)
+    # per-source parameters are the models' parameters
+    raw = {
+        "slices": [
+            {
+                "sources": [
+                    {"model": "x", "layer_range": [0, 4], "parameters": {"weight": 0.3}},
+                    {"model": "y", "layer_range": [0, 4]},
+                ]
+            }
+        ],
+        "merge_method": "nuslerp",
+    }
+    assert load_config(raw).tensor_kwargs("model.layers.1.mlp.up_proj.weight", 4)["weights"] == [0.3, 1.0]
+
+
+@pytest.mark.parametrize(
+    "slices,match",
+    [
+        ([], "only one slice"),
+        ([{"sources": []}, {"sources": []}], "only one slice"),
+        (
+            [{"sources": [{"model": "a", "layer_range": [0, 16]}, {"model": "b", "layer_range": [16, 32]}]}],
+            "layer_range",
+        ),
+        (
+            [{"sources": [{"model": "a", "layer_range": [0, 16]}, {"model": "b", "layer_range": [0, 32]}]}],
+            "same layers",
+        ),
+        ([{"sources": [{"model": "a"}]}], r"slices\[0\].sources\[0\].layer_range"),
+        ([{"sources": [{"model": "a", "layer_range": [0, 8], "weight": 1}]}], "unknown key"),
+        ([{"sources": [{"model": "a", "layer_range": [0, 8]}], "merge_method": "x"}], "unknown key"),
+    ],
+)
+def test_other_slices_are_rejected(slices, match):
+    with pytest.raises(MergeConfigError, match=match):
+        load_config({"slices": slices, "merge_method": "karcher"})
+    with pytest.raises(MergeConfigError, match="not both"):
+        load_config({"slices": slices, "models": [{"model": "a"}], "merge_method": "karcher"})

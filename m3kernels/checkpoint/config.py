@@ -66,10 +66,11 @@ TOP_LEVEL_KEYS = (
     "trim_scope",
     "mixup",
     "name",
+    "slices",
 )
-# mergekit keys that change the output and that we do not implement (a null value is fine)
+# mergekit keys that change the output and that we do not implement (a null value is fine);
+# 'slices' is read in its trivial form only (one slice, every source over all layers: _slices)
 REJECTED_TOP_LEVEL = {
-    "slices": "layer slicing (frankenmerges) is not supported; list whole models under 'models'",
     "modules": "multi-module merges are not supported; list whole models under 'models'",
     "tokenizer": "the tokenizer block (token unions, added tokens) is not supported; "
     "only 'tokenizer_source: base' is",
@@ -336,6 +337,7 @@ class MergeConfig:
     # parsed parameters: per model (aligned with `models`) and top level
     model_parameters: list = field(default_factory=list, repr=False)
     parameters: dict = field(default_factory=dict, repr=False)
+    layer_range: int | None = None  # slices: L of the one [0, L] range (must be every layer)
 
     def _per_model(self, name: str, tensor_name: str, t: float) -> list:
         """A per-model parameter for each model: the model's own setting, else the top
@@ -361,6 +363,11 @@ class MergeConfig:
         weights, density, drop_rate, normalize, rescale, lambda_ the method takes, and its own
         parameters (t, scale, epsilon, ...) where set (no M³ arguments). The six generic keys
         are always there (None, or lambda_ 1.0, where the method does not take them)."""
+        if self.layer_range is not None and num_layers != self.layer_range:
+            raise MergeConfigError(
+                f"slices[0]: layer_range [0, {self.layer_range}] must cover every layer of the model "
+                f"({num_layers} layers); only a whole-model slice (the same as 'models') is supported"
+            )
         t = tensor_position(tensor_name, num_layers)
         method = get_method(self.method)
         out: dict = dict(
@@ -715,7 +722,7 @@ _PROBE_TENSORS = (
 def _dry_run(cfg: MergeConfig) -> None:
     ratios = cfg.mix_ratios()
     for name in _PROBE_TENSORS:
-        kw = cfg.tensor_kwargs(name, 2)
+        kw = cfg.tensor_kwargs(name, cfg.layer_range or 2)
         try:
             make_recipe(
                 len(cfg.models),
@@ -727,6 +734,58 @@ def _dry_run(cfg: MergeConfig) -> None:
             )
         except ValueError as e:
             raise MergeConfigError(f"{e} (checking the parameters of tensor {name!r})") from None
+
+
+def _slices(raw: dict) -> tuple[list, int]:
+    """mergekit's ``slices`` in its trivial form, as ``models`` entries: one slice whose sources
+    all cover the same layer range [0, L] (checked against the models' layer count when the
+    plan is made). Anything else (several slices, partial ranges: frankenmerges) is rejected."""
+    sl = raw["slices"]
+    if raw.get("models") is not None:
+        raise MergeConfigError("slices: give 'models' or 'slices', not both")
+    if not isinstance(sl, list) or len(sl) != 1 or not isinstance(sl[0], dict):
+        raise MergeConfigError(
+            "slices: only one slice covering every layer is supported (the same as 'models'); "
+            "layer slicing across models (frankenmerges) is not"
+        )
+    extra = set(sl[0]) - {"sources"}
+    if extra:
+        raise MergeConfigError(f"slices[0].{sorted(extra)[0]}: unknown key; a slice has 'sources'")
+    sources = sl[0].get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise MergeConfigError("slices[0].sources: expected a non-empty list of {model, layer_range}")
+    entries, ends = [], set()
+    for i, src in enumerate(sources):
+        key = f"slices[0].sources[{i}]"
+        if not isinstance(src, dict):
+            raise MergeConfigError(f"{key}: expected {{model, layer_range, parameters}}, got {src!r}")
+        extra = set(src) - {"model", "layer_range", "parameters"}
+        if extra:
+            raise MergeConfigError(
+                f"{key}.{sorted(extra)[0]}: unknown key; a source has model, layer_range, parameters"
+            )
+        lr = src.get("layer_range")
+        if (
+            not isinstance(lr, list)
+            or len(lr) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in lr)
+            or lr[0] != 0
+            or lr[1] < 1
+        ):
+            raise MergeConfigError(
+                f"{key}.layer_range: expected [0, L] (every layer of the model), got {lr!r}; "
+                "partial layer ranges (frankenmerges) are not supported"
+            )
+        ends.add(lr[1])
+        entry = {"model": src.get("model")}
+        if src.get("parameters") is not None:
+            entry["parameters"] = src["parameters"]
+        entries.append(entry)
+    if len(ends) != 1:
+        raise MergeConfigError(
+            f"slices[0].sources: every source must cover the same layers [0, L], got {sorted(ends)}"
+        )
+    return entries, ends.pop()
 
 
 def parse_config(raw: dict) -> MergeConfig:
@@ -747,7 +806,11 @@ def parse_config(raw: dict) -> MergeConfig:
     if preset.needs_base and base is None:
         raise MergeConfigError(f"base_model: method {method!r} needs a base model")
 
-    entries = raw.get("models")
+    layer_range = None
+    if raw.get("slices") is not None:
+        entries, layer_range = _slices(raw)
+    else:
+        entries = raw.get("models")
     if not isinstance(entries, list) or not entries:
         raise MergeConfigError(
             "models: expected a non-empty list of {model: PATH, parameters: {...}} entries"
@@ -826,6 +889,7 @@ def parse_config(raw: dict) -> MergeConfig:
         raw=raw,
         model_parameters=[p for _, p in per_model],
         parameters=top,
+        layer_range=layer_range,
     )
     if scope == "model":
         _check_model_trim(cfg)
