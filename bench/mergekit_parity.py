@@ -792,14 +792,21 @@ class RandStats:
     def __init__(self):
         self.n = 0
         self.s = {k: [0, 0.0, 0.0, 0.0] for k in self.KEYS}  # changed, Σx, Σx², Σx⁴
+        self.l1_dev = {}  # key: max over tensors of |Σ|y − b| / Σ|w·δ| − 1| (single-model cases)
 
-    def add(self, base, **outs):
+    def add(self, base, dense=None, **outs):
+        """``dense``: w·δ of the one model of a single-model case (for the L1-ratio check)."""
         b = base.double()
         self.n += b.numel()
         for k, x in outs.items():
             if x is None:
                 continue
             d = x.double() - b
+            if dense is not None:
+                den = float(dense.double().abs().sum())
+                if den > 0:
+                    dev = abs(float(d.abs().sum()) / den - 1.0)
+                    self.l1_dev[k] = max(self.l1_dev.get(k, 0.0), dev)
             s = self.s[k]
             s[0] += int((d != 0).sum())
             s[1] += float(d.sum())
@@ -821,6 +828,8 @@ class RandStats:
             p, mean, std, m2, m4 = self._moments(k)
             out[k] = {"changed_fraction": p, "mean": mean, "std": std, "_m2": m2, "_m4": m4}
         n = max(self.n, 1)
+        if self.l1_dev:
+            out["l1_ratio_max_dev"] = dict(self.l1_dev)
         if "ours" in out and "mk32" in out:
             a, b = out["ours"], out["mk32"]
             se_p = math.sqrt(max(a["changed_fraction"] * (1 - a["changed_fraction"]), 1e-12) * 2 / n)
@@ -866,7 +875,12 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
             res.setdefault("shape_mismatch", []).append(name)
             continue
         if case.kind == "random":
-            st.add(base.get(name), ours=o, mk32=a, mk64=r)
+            dense = None
+            if len(case.models) == 1:
+                key = case.models[0][0]
+                w = float(resolve(case, key, "weight", name, num_layers, 1.0))
+                dense = (fts[key].get(name).double() - base.get(name).double()) * w
+            st.add(base.get(name), dense, ours=o, mk32=a, mk64=r)
             continue
         if o.dtype != a.dtype:
             res["dtype_mismatch"] = True
@@ -890,6 +904,12 @@ def verdict(case: Case, cmp: dict) -> tuple[str, str]:
             return "MISMATCH", ", ".join(
                 f"{k}={v:.1f}" for k, v in bad.items() if v is not None
             ) or "no stats"
+        l1 = s.get("l1_ratio_max_dev", {})
+        if "mk32" in l1 and "ours" in l1 and l1["mk32"] <= 1e-4 and l1["ours"] > 1e-3:
+            return "MISMATCH", (
+                f"mergekit keeps each tensor's L1 norm (max dev {l1['mk32']:.1e}), ours does not "
+                f"(max dev {l1['ours']:.2g}): the rescale rules differ"
+            )
         return "ok", f"|z| ≤ {TOL_Z:g}"
     e = cmp["exact"]
     if e["nonfinite_ours"]:
