@@ -37,6 +37,18 @@ T get(const py::dict& d, const char* key) {
     return d[key].cast<T>();
 }
 
+// An optional key (dicts of older callers lack the issue-8 fields): its value, or `fallback`.
+template <class T>
+T get_or(const py::dict& d, const char* key, T fallback) {
+    return d.contains(key) ? d[key].cast<T>() : fallback;
+}
+
+template <class T>
+std::vector<T> get_list_or(const py::dict& d, const char* key, int n, T fallback) {
+    if (!d.contains(key)) return std::vector<T>(n, fallback);
+    return get_list<T>(d, key, n);
+}
+
 int32_t check_dtype(int64_t code, const char* what) {
     if (code < 0 || code > 2)
         throw std::invalid_argument(std::string("m3kernels CUDA args: ") + what +
@@ -69,8 +81,28 @@ m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
     a.base_dtype = check_dtype(get<int64_t>(d, "base_dtype"), "base");
     a.out_dtype = check_dtype(get<int64_t>(d, "out_dtype"), "out");
     a.combine = static_cast<int32_t>(get<int64_t>(d, "combine"));
-    if (a.combine < 0 || a.combine > 2)
-        throw std::invalid_argument("m3kernels CUDA args: combine must be 0, 1 or 2");
+    if (a.combine < 0 || a.combine > 4)
+        throw std::invalid_argument("m3kernels CUDA args: combine must be 0 .. 4");
+    if (a.combine == m3k::kNearswap && a.n != 1)
+        throw std::invalid_argument("m3kernels CUDA args: the nearswap combine takes exactly one model");
+    if ((a.combine == m3k::kNearswap || a.combine == m3k::kRam) && !a.has_base)
+        throw std::invalid_argument("m3kernels CUDA args: the nearswap and ram combines need a base");
+    a.clip_t = static_cast<float>(get_or<double>(d, "clip_t", 0.0));
+    a.ram_eps = static_cast<float>(get_or<double>(d, "ram_eps", 0.0));
+    a.coef_group = static_cast<int32_t>(get_or<int64_t>(d, "coef_group", 0));
+    if (a.coef_group < 0 || a.coef_group > 2)
+        throw std::invalid_argument("m3kernels CUDA args: coef_group must be 0, 1 or 2");
+    a.row_len = get_or<int64_t>(d, "row_len", 1);
+    if (a.row_len < 1) throw std::invalid_argument("m3kernels CUDA args: row_len must be >= 1");
+    a.index_offset = get_or<int64_t>(d, "index_offset", 0);
+    if (a.index_offset < 0) throw std::invalid_argument("m3kernels CUDA args: index_offset must be >= 0");
+    const uintptr_t group_coef = get_or<uintptr_t>(d, "group_coef", 0);
+    if (need_out && a.coef_group != m3k::kGroupNone && (a.combine == m3k::kSum || a.combine == m3k::kMean) &&
+        a.numel > 0 && group_coef == 0)
+        throw std::invalid_argument("m3kernels CUDA args: coef_group is set but group_coef is null");
+    a.group_coef = reinterpret_cast<const float*>(group_coef);
+    const auto trim_max = get_list_or<uint64_t>(d, "trim_max", a.n, 0xffffffffu);
+    const auto unique_scale = get_list_or<double>(d, "unique_scale", a.n, 1.0);
     a.normalize = get<bool>(d, "normalize") ? 1 : 0;
     a.lam = static_cast<float>(get<double>(d, "lam"));
     a.mean_den = static_cast<float>(get<double>(d, "mean_den"));
@@ -91,6 +123,8 @@ m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
             throw std::invalid_argument("m3kernels CUDA args: dare_thr and trim_min must be <= 2^32");
         a.dare_thr[i] = dare_thr[i];
         a.trim_min[i] = trim_min[i];
+        a.trim_max[i] = trim_max[i];
+        a.unique_scale[i] = static_cast<float>(unique_scale[i]);
     }
     if (a.has_base) {
         if (a.numel > 0 && base == 0)
@@ -160,6 +194,28 @@ PYBIND11_MODULE(_cuda, m) {
         "Write 2 x l1_num_blocks float64 partials (Σ|d|, Σ|d|·keep) of model at partials.");
 
     m.def(
+        "gram_num_units", [](const py::dict& args) { return m3k::gram_num_units(parse_args(args, false)); },
+        py::arg("args"), "Number of (group, chunk) work units of the gram kernel (partials: units * n * n).");
+    m.def(
+        "gram_partials",
+        [](const py::dict& args, uintptr_t partials, int device, uintptr_t stream) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::launch_gram_partials(a, reinterpret_cast<double*>(partials), device, stream);
+        },
+        py::arg("args"), py::arg("partials"), py::arg("device"), py::arg("stream"),
+        "Write the float64 chunk values of the gram sums (k >= i) at partials[unit * n * n + i * n + k].");
+    m.def(
+        "ram_counts",
+        [](const py::dict& args, uintptr_t counts, int device, uintptr_t stream) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::launch_ram_counts(a, reinterpret_cast<uint64_t*>(counts), device, stream);
+        },
+        py::arg("args"), py::arg("counts"), py::arg("device"), py::arg("stream"),
+        "Add the RAM counts (shared_i at counts[i], unique_i at counts[n + i]) to 2n int64 counters.");
+
+    m.def(
         "emulate_merge",
         [](const py::dict& args) {
             const m3k::MergeArgs a = parse_args(args, true);
@@ -185,4 +241,20 @@ PYBIND11_MODULE(_cuda, m) {
         },
         py::arg("args"), py::arg("model"), py::arg("partials"),
         "Host emulation of l1_partials on host pointers.");
+    m.def(
+        "emulate_gram_partials",
+        [](const py::dict& args, uintptr_t partials) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::emulate_gram_partials(a, reinterpret_cast<double*>(partials));
+        },
+        py::arg("args"), py::arg("partials"), "Host emulation of gram_partials on host pointers.");
+    m.def(
+        "emulate_ram_counts",
+        [](const py::dict& args, uintptr_t counts) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::emulate_ram_counts(a, reinterpret_cast<uint64_t*>(counts));
+        },
+        py::arg("args"), py::arg("counts"), "Host emulation of ram_counts on host pointers.");
 }

@@ -38,4 +38,16 @@ int64_t l1_num_blocks(int64_t numel);
 void launch_l1_partials(const MergeArgs& a, int model, double* partials, int device, uintptr_t stream);
 void emulate_l1_partials(const MergeArgs& a, int model, double* partials);
 
+// Stage A gram partials (docs/KERNEL.md, gram): gram_num_units(a) work units (group, chunk), each
+// n * n float64 values at partials[unit * n * n + i * n + k], written for k >= i; the caller adds a
+// group's chunks (units g * chunks .. g * chunks + chunks - 1) in order. Throws std::invalid_argument
+// when row_len does not divide numel (grouped).
+int64_t gram_num_units(const MergeArgs& a);
+void launch_gram_partials(const MergeArgs& a, double* partials, int device, uintptr_t stream);
+void emulate_gram_partials(const MergeArgs& a, double* partials);
+
+// Stage A RAM counts: counts[i] += shared_i, counts[n + i] += unique_i (2n uint64, added to).
+void launch_ram_counts(const MergeArgs& a, uint64_t* counts, int device, uintptr_t stream);
+void emulate_ram_counts(const MergeArgs& a, uint64_t* counts);
+
 }  // namespace m3k

@@ -51,6 +51,23 @@ M3K_HD float fdiv(float a, float b) {
 #endif
 }
 
+// float64: the gram sums (products of two float32 values are exact in float64).
+M3K_HD double dadd(double a, double b) {
+#ifdef __CUDA_ARCH__
+    return __dadd_rn(a, b);
+#else
+    return a + b;
+#endif
+}
+
+M3K_HD double dmul(double a, double b) {
+#ifdef __CUDA_ARCH__
+    return __dmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
 M3K_HD uint32_t f2u(float x) {
 #ifdef __CUDA_ARCH__
     return __float_as_uint(x);

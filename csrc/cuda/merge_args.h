@@ -11,8 +11,11 @@ namespace m3k {
 
 constexpr int kMaxModels = 16;  // N beyond this is refused with a clear error
 
-enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };     // m3kernels.merge.kernel_params.DTYPE_CODES
-enum Combine : int32_t { kSum = 0, kMean = 1, kTies = 2 };  // COMBINE_CODES
+enum DType : int32_t { kF32 = 0, kBF16 = 1, kF16 = 2 };  // m3kernels.merge.kernel_params.DTYPE_CODES
+enum Combine : int32_t { kSum = 0, kMean = 1, kTies = 2, kNearswap = 3, kRam = 4 };  // COMBINE_CODES
+enum CoefGroup : int32_t { kGroupNone = 0, kGroupRow = 1, kGroupColumn = 2 };  // KernelParams.coef_group
+
+constexpr uint64_t kTrimMaxKeepAll = 0x7fffffffu;  // bits(|d|) <= 0x7fffffff always: trim_max keeps all
 
 struct MergeArgs {
     const void* models[kMaxModels];  // x_i, contiguous, numel elements each
@@ -35,8 +38,16 @@ struct MergeArgs {
     uint32_t dare[kMaxModels];  // 1: DARE drop on for model i
     uint32_t key0[kMaxModels];
     uint32_t key1[kMaxModels];
-    uint64_t dare_thr[kMaxModels];  // keep iff u32 < dare_thr (0 .. 2^32)
-    uint64_t trim_min[kMaxModels];  // 0: no trim; keep iff bits(|d|) >= trim_min (2^32: none)
+    uint64_t dare_thr[kMaxModels];   // keep iff u32 < dare_thr (0 .. 2^32)
+    uint64_t trim_min[kMaxModels];   // 0: no trim; keep iff bits(|d|) >= trim_min (2^32: none)
+    uint64_t trim_max[kMaxModels];   // keep iff bits(|d|) <= trim_max (>= 0x7fffffff: keep all)
+    float unique_scale[kMaxModels];  // RAM: the multiplier of a delta no other model shares
+    float clip_t;                    // NEARSWAP: the similarity threshold t
+    float ram_eps;                   // RAM: |d| > ram_eps counts as a contribution
+    int32_t coef_group;              // CoefGroup: per-row / per-column coefficients for sum and mean
+    int64_t row_len;                 // C, the length of the last dim (>= 1)
+    int64_t index_offset;            // flat index of element 0 (chunked calls; 0 for a whole tensor)
+    const float* group_coef;         // coef of model i in group g at [g * n + i]; nullptr when unused
 };
 
 }  // namespace m3k

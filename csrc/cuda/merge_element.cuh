@@ -1,13 +1,14 @@
 // The per-element program of docs/KERNEL.md on one chunk of EPT elements (host + device).
 //
-// delta -> DARE drop (Philox, one evaluation per 4 elements) -> trim -> combine -> scale
-// and add -> RNE cast. Stage B (merge_chunk) and stage A (delta_chunk, in the statistics
-// kernels) share these functions, so both stages see the same deltas bit for bit.
+// delta -> DARE drop (Philox, one evaluation per 4 elements) -> trim (window trim_min..trim_max)
+// -> combine (sum / mean with per-tensor or per-group coefficients, TIES, RAM) -> scale and add ->
+// RNE cast; NEARSWAP interpolates base and model directly. Stage B (merge_chunk) and stage A (delta_chunk, in
+// the statistics kernels) share these functions, so both stages see the same deltas bit for bit.
 //
 // Template parameters: NMAX models at most; EXACT: n == NMAX (loops need no guard, so all
 // loads of a chunk can be issued before the first one is used); EPT elements per chunk (a
-// multiple of 4); C: kTies, or kSum for sum and mean (a.combine picks); DT the input dtype (-1: runtime,
-// mixed dtypes).
+// multiple of 4); C: kTies, kNearswap, kRam, or kSum for sum and mean (a.combine picks); DT the input
+// dtype (-1: runtime, mixed dtypes).
 #pragma once
 
 #include <cstdint>
@@ -59,13 +60,55 @@ M3K_HD void dare_drop(const MergeArgs& a, int i, int64_t j0, float (&d)[EPT]) {
     }
 }
 
-// Magnitude trim of model i: keep iff bits(|d|) >= trim_min (0: keep all).
+// Magnitude trim of model i: keep iff trim_min <= bits(|d|) <= trim_max (trim_min 0 and
+// trim_max >= 0x7fffffff: keep all, NaN included). A value trim_min drops is 0, which trim_max keeps,
+// so the two tests in one are the two tests in sequence of docs/KERNEL.md.
 template <int EPT>
 M3K_HD void trim(const MergeArgs& a, int i, float (&d)[EPT]) {
-    const uint64_t t = a.trim_min[i];
-    if (t == 0) return;
+    const uint64_t lo = a.trim_min[i], hi = a.trim_max[i];
+    if (lo == 0 && hi >= kTrimMaxKeepAll) return;
 #pragma unroll
-    for (int k = 0; k < EPT; ++k) d[k] = (static_cast<uint64_t>(abs_bits(d[k])) >= t) ? d[k] : 0.0f;
+    for (int k = 0; k < EPT; ++k) {
+        const uint64_t x = abs_bits(d[k]);
+        d[k] = (x >= lo && x <= hi) ? d[k] : 0.0f;
+    }
+}
+
+// Per-group coefficients: gi[k] = g(J) * n for J = index_offset + j0 + k (row: J / row_len,
+// column: J % row_len); one 64-bit division per chunk. Elements past numel get 0 (never used).
+template <int EPT>
+M3K_HD void group_rows(const MergeArgs& a, int64_t j0, int64_t (&gi)[EPT]) {
+    const int64_t C = a.row_len, J0 = a.index_offset + j0;
+    int64_t row = J0 / C, col = J0 - row * C;
+#pragma unroll
+    for (int k = 0; k < EPT; ++k) {
+        const int64_t g = a.coef_group == kGroupRow ? row : col;
+        gi[k] = j0 + k < a.numel ? g * a.n : 0;
+        if (++col == C) {
+            col = 0;
+            ++row;
+        }
+    }
+}
+
+M3K_HD float load_coef(const float* p, int64_t idx) {
+#ifdef __CUDA_ARCH__
+    return __ldg(p + idx);
+#else
+    return p[idx];
+#endif
+}
+
+// NEARSWAP (n == 1, base a, model x): y = w * x + (1 - w) * a with w = clamp(t / max(|a - x|, 1e-6), 0, 1),
+// every operation one float32 rounding in that order; a NaN operand of max / clamp gives NaN.
+M3K_HD float nearswap(float a, float x, float t) {
+    constexpr float kMinDist = 1e-6f;
+    float dist = u2f(abs_bits(fsub(a, x)));
+    dist = dist < kMinDist ? kMinDist : dist;  // NaN stays NaN
+    float w = fdiv(t, dist);
+    w = w < 0.0f ? 0.0f : w;
+    w = w > 1.0f ? 1.0f : w;
+    return fadd(fmul(w, x), fmul(fsub(1.0f, w), a));
 }
 
 // d = x_i - b, then the DARE drop: the delta stage A histograms (no trim).
@@ -83,6 +126,31 @@ M3K_HD bool model_on(const MergeArgs& a, int i) {
     return EXACT ? true : i < a.n;
 }
 
+// RAM on element k of a chunk: c = #{i : |d_i| > eps}; m = Σ over those, in model order, of
+// d_i * unique_scale[i] (c == 1) or d_i / c.
+template <int NMAX, bool EXACT, int EPT>
+M3K_HD int ram_count(const MergeArgs& a, const float (&d)[NMAX][EPT], int k) {
+    int c = 0;
+#pragma unroll
+    for (int i = 0; i < NMAX; ++i)
+        if (model_on<NMAX, EXACT>(a, i) && u2f(abs_bits(d[i][k])) > a.ram_eps) ++c;
+    return c;
+}
+
+template <int NMAX, bool EXACT, int EPT>
+M3K_HD float ram_element(const MergeArgs& a, const float (&d)[NMAX][EPT], int k) {
+    const int c = ram_count<NMAX, EXACT, EPT>(a, d, k);
+    const float cf = static_cast<float>(c);
+    float m = 0.0f;
+#pragma unroll
+    for (int i = 0; i < NMAX; ++i) {
+        const float x = d[i][k];
+        if (model_on<NMAX, EXACT>(a, i) && u2f(abs_bits(x)) > a.ram_eps)
+            m = fadd(m, c == 1 ? fmul(x, a.unique_scale[i]) : fdiv(x, cf));
+    }
+    return m;
+}
+
 // Stage B on chunk c: reads base and every model once, writes the output once.
 template <int NMAX, bool EXACT, int EPT, int C, int DT>
 M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
@@ -90,8 +158,15 @@ M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
     const bool vec = chunk_vec<EPT>(a, j0);
     float b[EPT];
     base_chunk<EPT, DT>(a, j0, vec, b);
-    float m[EPT];
-    if constexpr (C != kTies) {
+    float m[EPT], y[EPT];
+    if constexpr (C == kNearswap) {  // y directly: no delta, no b + lam * m
+        float x[EPT];
+        load_chunk<EPT, DT>(a.models[0], a.model_dtype[0], j0, a.numel, vec, x);
+#pragma unroll
+        for (int k = 0; k < EPT; ++k) y[k] = nearswap(b[k], x[k], a.clip_t);
+    } else if constexpr (C == kSum) {
+        int64_t gi[EPT];
+        if (a.coef_group != kGroupNone) group_rows<EPT>(a, j0, gi);
 #pragma unroll
         for (int k = 0; k < EPT; ++k) m[k] = 0.0f;
 #pragma unroll
@@ -100,15 +175,32 @@ M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
                 float d[EPT];
                 delta_chunk<EPT, DT>(a, i, j0, vec, b, d);
                 trim<EPT>(a, i, d);
-                const float coef = a.coef[i];
+                if (a.coef_group != kGroupNone) {
 #pragma unroll
-                for (int k = 0; k < EPT; ++k) m[k] = fadd(m[k], fmul(coef, d[k]));
+                    for (int k = 0; k < EPT; ++k)
+                        m[k] = fadd(m[k], fmul(load_coef(a.group_coef, gi[k] + i), d[k]));
+                } else {
+                    const float coef = a.coef[i];
+#pragma unroll
+                    for (int k = 0; k < EPT; ++k) m[k] = fadd(m[k], fmul(coef, d[k]));
+                }
             }
         }
         if (a.combine == kMean) {
 #pragma unroll
             for (int k = 0; k < EPT; ++k) m[k] = fdiv(m[k], a.mean_den);
         }
+    } else if constexpr (C == kRam) {
+        float d[NMAX][EPT];
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (model_on<NMAX, EXACT>(a, i)) {
+                delta_chunk<EPT, DT>(a, i, j0, vec, b, d[i]);
+                trim<EPT>(a, i, d[i]);
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < EPT; ++k) m[k] = ram_element<NMAX, EXACT, EPT>(a, d, k);
     } else {
         float d[NMAX][EPT];
         float v[EPT];
@@ -142,9 +234,10 @@ M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
             m[k] = a.normalize ? (den != 0.0f ? fdiv(num, den) : 0.0f) : num;
         }
     }
-    float y[EPT];
+    if constexpr (C != kNearswap) {
 #pragma unroll
-    for (int k = 0; k < EPT; ++k) y[k] = fadd(b[k], fmul(a.lam, m[k]));
+        for (int k = 0; k < EPT; ++k) y[k] = fadd(b[k], fmul(a.lam, m[k]));
+    }
     store_chunk<EPT>(a.out, a.out_dtype, j0, a.numel, vec, y);
 }
 

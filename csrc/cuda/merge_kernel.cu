@@ -3,8 +3,9 @@
 // Instantiations: exact N = 1..4 with one input dtype shared by base and models (8 elements
 // per thread and chunk, every load of a chunk issued up front); anything else (N up to 16,
 // or mixed input dtypes) goes to the generic kernel (NMAX = 16, guarded loops, 4 elements,
-// runtime dtype switch per load). Sum and mean share a kernel (the final division is a
-// uniform branch); the output dtype is a runtime switch at the store. emulate_merge runs the same dispatch
+// runtime dtype switch per load). Sum and mean share a kernel (the final division and the
+// per-group coefficients are uniform branches), TIES, RAM and NEARSWAP (one model) have their own;
+// the output dtype is a runtime switch at the store. emulate_merge runs the same dispatch
 // and chunk code on the host.
 #include <cstdint>
 #include <stdexcept>
@@ -50,8 +51,15 @@ void with_combine(const MergeArgs& a, F&& f) {
             return f(Int<NMAX>{}, std::bool_constant<EXACT>{}, Int<EPT>{}, Int<kSum>{}, Int<DT>{});
         case kTies:
             return f(Int<NMAX>{}, std::bool_constant<EXACT>{}, Int<EPT>{}, Int<kTies>{}, Int<DT>{});
+        case kRam:
+            return f(Int<NMAX>{}, std::bool_constant<EXACT>{}, Int<EPT>{}, Int<kRam>{}, Int<DT>{});
+        case kNearswap:
+            // n == 1 (checked when the arguments are parsed): only the one-model kernels exist.
+            if constexpr (NMAX == 1 || !EXACT)
+                return f(Int<NMAX>{}, std::bool_constant<EXACT>{}, Int<EPT>{}, Int<kNearswap>{}, Int<DT>{});
+            break;
     }
-    throw std::invalid_argument("m3kernels CUDA merge: combine code must be 0, 1 or 2");
+    throw std::invalid_argument("m3kernels CUDA merge: combine code must be 0..4 (nearswap: one model)");
 }
 
 template <int NMAX, bool EXACT, int EPT, class F>

@@ -1,4 +1,4 @@
-// Stage A per-chunk work (host + device): histogram bins and L1 partial sums of one model.
+// Stage A per-chunk work (host + device): histogram bins and L1 partial sums of one model, RAM counts.
 //
 // Histograms count bits(|d_i|) of the DARE-dropped delta (no trim), pass 1 the high 16
 // bits, pass 2 the low 16 bits of the elements whose high 16 bits equal the prefix. The L1
@@ -100,6 +100,33 @@ M3K_HD void l1_thread(const MergeArgs& a, int i, int64_t blk, int t, double& tot
                 total += ad;
                 if (!a.dare[i] || static_cast<uint64_t>(w[k]) < a.dare_thr[i]) kept += ad;
             }
+        }
+    }
+}
+
+// RAM contribution counts, one thread's share (chunks first, first + stride, ... of 4 elements):
+// for each element c = #{i : |d_i| > ram_eps} (d_i after DARE and trim, as stage B's RAM combine
+// sees them); a model with |d_i| > ram_eps counts the element in unique[i] when c == 1, else in
+// shared[i]. Integer counts: any split of the elements gives the same totals.
+constexpr int kRamEPT = 4;
+
+M3K_HD void ram_counts_thread(const MergeArgs& a, int64_t first, int64_t stride,
+                              uint64_t (&shared)[kMaxModels], uint64_t (&unique)[kMaxModels]) {
+    for (int i = 0; i < kMaxModels; ++i) shared[i] = unique[i] = 0;
+    const int64_t nchunks = (a.numel + kRamEPT - 1) / kRamEPT;
+    for (int64_t c = first; c < nchunks; c += stride) {
+        const int64_t j0 = c * kRamEPT;
+        const bool vec = chunk_vec<kRamEPT>(a, j0);
+        float b[kRamEPT], d[kMaxModels][kRamEPT];
+        base_chunk<kRamEPT, -1>(a, j0, vec, b);
+        for (int i = 0; i < a.n; ++i) {
+            delta_chunk<kRamEPT, -1>(a, i, j0, vec, b, d[i]);
+            trim<kRamEPT>(a, i, d[i]);
+        }
+        for (int k = 0; k < kRamEPT && j0 + k < a.numel; ++k) {
+            const int cnt = ram_count<kMaxModels, false, kRamEPT>(a, d, k);
+            for (int i = 0; i < a.n; ++i)
+                if (u2f(abs_bits(d[i][k])) > a.ram_eps) ++(cnt == 1 ? unique[i] : shared[i]);
         }
     }
 }

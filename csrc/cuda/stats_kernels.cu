@@ -1,4 +1,5 @@
-// Stage A kernels: radix-select histograms and L1 partial sums, with launchers and host emulation.
+// Stage A kernels: radix-select histograms, L1 partial sums and RAM counts, with launchers and host
+// emulation.
 //
 // Pass-1 histograms use a 32768-bin uint32 sub-histogram per block in shared memory
 // (128 KiB: fits the opt-in limit of sm_80 and sm_90) flushed once per block with global
@@ -66,6 +67,23 @@ __global__ void __launch_bounds__(kL1Threads)
         partials[blockIdx.x] = s_total[0];
         partials[gridDim.x + blockIdx.x] = s_kept[0];
     }
+}
+
+__global__ void __launch_bounds__(256)
+    ram_counts_kernel(const __grid_constant__ MergeArgs a, unsigned long long* counts) {
+    __shared__ unsigned long long s_counts[2 * kMaxModels];
+    const int t = threadIdx.x;
+    if (t < 2 * kMaxModels) s_counts[t] = 0;
+    __syncthreads();
+    uint64_t shared[kMaxModels], unique[kMaxModels];
+    ram_counts_thread(a, static_cast<int64_t>(blockIdx.x) * blockDim.x + t,
+                      static_cast<int64_t>(gridDim.x) * blockDim.x, shared, unique);
+    for (int i = 0; i < a.n; ++i) {
+        if (shared[i]) atomicAdd(&s_counts[i], static_cast<unsigned long long>(shared[i]));
+        if (unique[i]) atomicAdd(&s_counts[a.n + i], static_cast<unsigned long long>(unique[i]));
+    }
+    __syncthreads();
+    if (t < 2 * a.n && s_counts[t]) atomicAdd(&counts[t], s_counts[t]);
 }
 
 // Input dtype shared by the base (if used) and model i, or -1.
@@ -186,6 +204,30 @@ void emulate_l1_partials(const MergeArgs& a, int model, double* partials) {
             partials[blocks + blk] = kept[0];
         }
     });
+}
+
+void launch_ram_counts(const MergeArgs& a, uint64_t* counts, int device, uintptr_t stream) {
+    if (a.numel <= 0) return;
+    use_device(device);
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    constexpr int kThreads = 256;
+    const int64_t work = ((a.numel + kRamEPT - 1) / kRamEPT + kThreads - 1) / kThreads;
+    const unsigned grid =
+        grid_size(reinterpret_cast<const void*>(ram_counts_kernel), device, kThreads, 0, work);
+    ram_counts_kernel<<<grid, kThreads, 0, s>>>(a, reinterpret_cast<unsigned long long*>(counts));
+    check_cuda(cudaGetLastError(), "ram counts kernel launch");
+}
+
+void emulate_ram_counts(const MergeArgs& a, uint64_t* counts) {
+    constexpr int64_t kEmulatedThreads = 5 * 61;  // a small odd grid, threads one after the other
+    for (int64_t t = 0; t < kEmulatedThreads; ++t) {
+        uint64_t shared[kMaxModels], unique[kMaxModels];
+        ram_counts_thread(a, t, kEmulatedThreads, shared, unique);
+        for (int i = 0; i < a.n; ++i) {
+            counts[i] += shared[i];
+            counts[a.n + i] += unique[i];
+        }
+    }
 }
 
 }  // namespace m3k

@@ -30,6 +30,12 @@ except ImportError as exc:  # not built (no nvcc at install time) or libcudart m
 
 MAX_MODELS = 16
 
+# What this backend implements of docs/KERNEL.md beyond the first five methods (issue 8).
+FEATURES = frozenset({"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts"})
+
+_TRIM_MAX_ALL = 0xFFFFFFFF
+_GRAM_CHUNK = 1 << 16  # docs/KERNEL.md, gram: positions per chunk (csrc/cuda/gram_element.cuh)
+
 
 def extension_available() -> bool:
     """True when the compiled extension ``m3kernels._cuda`` could be imported."""
@@ -137,6 +143,15 @@ def kernel_args(
         if out.device != device:
             raise ValueError(f"out is on {out.device}, models on {device}")
     trim_min = p.trim_min if p.trim_min is not None else np.zeros(p.n, np.uint64)
+    trim_max = getattr(p, "trim_max", None)
+    trim_max = np.full(p.n, _TRIM_MAX_ALL, np.uint64) if trim_max is None else trim_max
+    unique_scale = getattr(p, "unique_scale", None)
+    unique_scale = np.ones(p.n, np.float32) if unique_scale is None else unique_scale
+    coef_group, row_len = _groups(p, numel)
+    group_coef_ptr, group_coef_keep = 0, None
+    if coef_group and int(p.combine) in (0, 1) and out is not None:  # stage B only
+        group_coef_keep = _group_coef_tensor(p, numel, coef_group, row_len, device)
+        group_coef_ptr = group_coef_keep.data_ptr()
     return {
         "n": p.n,
         "numel": numel,
@@ -159,7 +174,74 @@ def kernel_args(
         "key1": [int(x) for x in p.key1],
         "dare_thr": [int(x) for x in p.dare_thr],
         "trim_min": [int(x) for x in trim_min],
+        "trim_max": [int(x) for x in trim_max],
+        "unique_scale": [float(x) for x in unique_scale],
+        "clip_t": float(getattr(p, "clip_t", 0.0)),
+        "ram_eps": float(getattr(p, "ram_eps", 0.0)),
+        "coef_group": coef_group,
+        "row_len": row_len,
+        "index_offset": 0,
+        "group_coef": group_coef_ptr,
+        "_keep_alive": group_coef_keep,  # the buffer behind group_coef (not read by the extension)
     }
+
+
+def _groups(p: KernelParams, numel: int) -> tuple[int, int]:
+    """(coef_group, row_len) of ``p``, checked: 0, 1 (rows) or 2 (columns), row_len >= 1."""
+    coef_group = getattr(p, "coef_group", 0)
+    coef_group = 0 if coef_group is None else int(coef_group)
+    row_len = getattr(p, "row_len", 1)
+    row_len = 1 if row_len is None else int(row_len)
+    if coef_group not in (0, 1, 2):
+        raise ValueError(f"KernelParams.coef_group must be 0, 1 or 2, got {coef_group}")
+    if row_len < 1:
+        raise ValueError(f"KernelParams.row_len must be >= 1, got {row_len}")
+    return coef_group, row_len
+
+
+def num_groups(coef_group: int, row_len: int, numel: int) -> int:
+    """Groups of the per-group coefficients: 1, the rows (ceil(numel / row_len)) or row_len columns."""
+    if coef_group == 0:
+        return 1
+    return -(-numel // row_len) if coef_group == 1 else row_len
+
+
+def _group_coef_tensor(p, numel, coef_group, row_len, device) -> torch.Tensor:
+    """p.group_coef as a float32 tensor on ``device``, checked to cover every group."""
+    if getattr(p, "group_coef", None) is None:
+        raise ValueError("KernelParams.coef_group is set but group_coef is None")
+    gc = np.ascontiguousarray(p.group_coef, dtype=np.float32).reshape(-1)
+    need = num_groups(coef_group, row_len, numel) * p.n
+    if gc.size < need:
+        raise ValueError(
+            f"KernelParams.group_coef has {gc.size} values; {need} needed (groups x n = "
+            f"{num_groups(coef_group, row_len, numel)} x {p.n})"
+        )
+    t = torch.from_numpy(gc[: max(need, 1)].copy())
+    return t if device.type == "cpu" else t.to(device)
+
+
+def _gram_layout(p: KernelParams, numel: int) -> tuple[int, int]:
+    """(groups, chunks per group) of the gram sums; grouped tensors need row_len | numel."""
+    coef_group, row_len = _groups(p, numel)
+    if coef_group == 0:
+        groups, length = 1, numel
+    else:
+        if numel % row_len:
+            raise ValueError(f"gram: numel {numel} is not a multiple of row_len {row_len}")
+        groups = numel // row_len if coef_group == 1 else row_len
+        length = row_len if coef_group == 1 else numel // row_len
+    return groups, -(-length // _GRAM_CHUNK)
+
+
+def _gram_from_partials(partials: np.ndarray, groups: int, chunks: int, n: int) -> np.ndarray:
+    """float64[groups, n, n]: each group's chunk values added in chunk order, mirrored."""
+    if chunks == 0:
+        return np.zeros((groups, n, n), np.float64)
+    g = np.cumsum(partials.reshape(groups, chunks, n, n), axis=1)[:, -1]  # sequential: chunk order
+    iu = np.triu_indices(n, 1)
+    g[:, iu[1], iu[0]] = g[:, iu[0], iu[1]]
+    return np.ascontiguousarray(g)
 
 
 def _stream(device: torch.device) -> int:
@@ -208,6 +290,32 @@ def merge(p: KernelParams, base, models, out: torch.Tensor) -> None:
         ext.merge(args, out.device.index, _stream(out.device))
 
 
+def gram(p: KernelParams, base, models) -> np.ndarray:
+    """float64[groups, n, n]: Σ v_i v_k per group (tensor, rows or columns of ``p.coef_group``),
+    v_i = f32(x_i) - b, in the summation order of docs/KERNEL.md (independent of the grid)."""
+    ext = _ext()
+    args = kernel_args(p, base, models)
+    groups, chunks = _gram_layout(p, args["numel"])
+    device = models[0].device
+    partials = torch.zeros((groups * chunks * p.n * p.n,), dtype=torch.float64, device=device)
+    with torch.cuda.device(device):
+        ext.gram_partials(args, partials.data_ptr(), device.index, _stream(device))
+    return _gram_from_partials(partials.cpu().numpy(), groups, chunks, p.n)
+
+
+def ram_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """(shared, unique) int64[n]: elements where |d_i| > ram_eps and more than one / only model i
+    has such a delta (docs/KERNEL.md, combine 4)."""
+    ext = _ext()
+    args = kernel_args(p, base, models)
+    device = models[0].device
+    counts = torch.zeros((2 * p.n,), dtype=torch.int64, device=device)
+    with torch.cuda.device(device):
+        ext.ram_counts(args, counts.data_ptr(), device.index, _stream(device))
+    c = counts.cpu().numpy()
+    return c[: p.n].copy(), c[p.n :].copy()
+
+
 # Host emulation of the kernels above, on CPU tensors (tests without a GPU).
 
 
@@ -239,7 +347,33 @@ def emulate_l1_sums(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarr
     return sums[:, 0].copy(), sums[:, 1].copy()
 
 
+def emulate_gram(p: KernelParams, base, models) -> np.ndarray:
+    """The stage-A gram kernel body (same work units, lanes and additions) on the host."""
+    ext = _ext()
+    args = kernel_args(p, base, models, device_type="cpu")
+    groups, chunks = _gram_layout(p, args["numel"])
+    assert ext.gram_num_units(args) == groups * chunks
+    partials = np.zeros(groups * chunks * p.n * p.n, dtype=np.float64)
+    ext.emulate_gram_partials(args, partials.ctypes.data)
+    return _gram_from_partials(partials, groups, chunks, p.n)
+
+
+def emulate_ram_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """The stage-A RAM count kernel body on the host."""
+    ext = _ext()
+    args = kernel_args(p, base, models, device_type="cpu")
+    counts = np.zeros(2 * p.n, dtype=np.uint64)
+    ext.emulate_ram_counts(args, counts.ctypes.data)
+    c = counts.astype(np.int64)
+    return c[: p.n].copy(), c[p.n :].copy()
+
+
 __all__ = [
+    "FEATURES",
+    "gram",
+    "ram_counts",
+    "emulate_gram",
+    "emulate_ram_counts",
     "available",
     "unavailable_reason",
     "supports",

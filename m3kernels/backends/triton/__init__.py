@@ -7,7 +7,9 @@ Triton: :func:`available` says whether ``triton`` can be imported, and the kerne
 on first use.
 
 Per tensor the only host synchronisations are the read-backs of the histograms and L1 partial
-sums that stage A exists to produce; stage B launches one kernel and returns.
+sums that stage A exists to produce; stage B launches one kernel and returns. :data:`FEATURES`
+names the issue-8 pieces of docs/KERNEL.md implemented here (all of them: window trim, per-group
+coefficients, NEARSWAP and RAM combines, gram sums in the documented order, RAM counts).
 """
 
 from __future__ import annotations
@@ -34,6 +36,16 @@ BLOCK_GPU = 1024
 WARPS_GPU = 4
 BLOCK_INTERPRETED = 8192
 INT32_LIMIT = 2**31
+
+# What this backend implements of docs/KERNEL.md beyond the first five methods (issue 8).
+FEATURES = frozenset({"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts"})
+
+# gram (docs/KERNEL.md): positions per chunk and float64 lanes per chunk. Fixed by the document;
+# a module attribute only so a test can exercise chunk boundaries on small tensors.
+GRAM_CHUNK = 1 << 16
+GRAM_LANES = 16
+GRAM_UNITS_GPU = 16  # (group, chunk) work units side by side in one gram program
+GRAM_UNITS_INTERPRETED = 64
 
 
 def available() -> bool:
@@ -166,24 +178,42 @@ def merge(p, base, models, out):
     if not out.is_contiguous():
         raise ValueError("out must be contiguous")
     block = _block()
-    trim = p.trim_min is not None and bool(np.any(np.asarray(p.trim_min) != 0))
+    combine = int(p.combine)
+    if combine not in (0, 1, 2, 3, 4):
+        raise ValueError(f"KernelParams.combine must be 0 .. 4, got {combine}")
+    if combine == 3 and p.n != 1:
+        raise ValueError(f"the nearswap combine takes exactly one model, got {p.n}")
+    if combine in (3, 4) and not has_base:
+        raise ValueError("the nearswap and ram combines need a base (p.has_base)")
+    coef_group, row_len = _groups(p)
     dev = out.device
     with _on_device(out):
         table = k.param_table(p, dev)
+        group_coef = table
+        if coef_group and combine in (0, 1):
+            group_coef = _group_coef_tensor(p, numel, coef_group, row_len, dev)
+        else:
+            coef_group = 0
         k.merge_kernel[(triton.cdiv(numel, block),)](
             base_t,
             models,
             out,
             table,
+            group_coef,
             numel,
             float(p.lam),
             float(p.mean_den),
+            row_len,
+            0,  # index_offset: this backend merges whole tensors
+            float(getattr(p, "clip_t", 0.0)),
+            float(getattr(p, "ram_eps", 0.0)),
             N=p.n,
             HAS_BASE=has_base,
             DARE=bool(np.any(p.dare)),
-            TRIM=trim,
-            COMBINE=int(p.combine),
+            TRIM=k.trims(p),
+            COMBINE=combine,
             NORMALIZE=bool(p.normalize),
+            COEF_GROUP=coef_group,
             OUT_KIND=DTYPE_CODES[out.dtype],
             BIG=_is_big(numel, block),
             BLOCK=block,
@@ -192,4 +222,130 @@ def merge(p, base, models, out):
     return out
 
 
-__all__ = ["available", "unavailable_reason", "supports", "l1_sums", "histogram", "merge"]
+def _groups(p) -> tuple[int, int]:
+    """(coef_group, row_len) of ``p``, checked: 0, 1 (rows) or 2 (columns), row_len >= 1."""
+    coef_group = getattr(p, "coef_group", 0)
+    coef_group = 0 if coef_group is None else int(coef_group)
+    row_len = getattr(p, "row_len", 1)
+    row_len = 1 if row_len is None else int(row_len)
+    if coef_group not in (0, 1, 2):
+        raise ValueError(f"KernelParams.coef_group must be 0, 1 or 2, got {coef_group}")
+    if row_len < 1:
+        raise ValueError(f"KernelParams.row_len must be >= 1, got {row_len}")
+    return coef_group, row_len
+
+
+def _group_coef_tensor(p, numel: int, coef_group: int, row_len: int, device) -> torch.Tensor:
+    """p.group_coef as float32 on ``device``, checked to cover every group the tensor has."""
+    if getattr(p, "group_coef", None) is None:
+        raise ValueError("KernelParams.coef_group is set but group_coef is None")
+    gc = np.ascontiguousarray(p.group_coef, dtype=np.float32).reshape(-1)
+    groups = -(-numel // row_len) if coef_group == 1 else row_len
+    if gc.size < groups * p.n:
+        raise ValueError(
+            f"KernelParams.group_coef has {gc.size} values; {groups * p.n} needed (groups x n = {groups} x {p.n})"
+        )
+    host = torch.from_numpy(gc.copy())
+    return host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True)
+
+
+def gram(p, base, models) -> np.ndarray:
+    """float64[groups, n, n]: Σ v_i v_k over the tensor (``p.coef_group`` 0), each row (1) or each
+    column (2), v_i = f32(x_i) - b, in the summation order of docs/KERNEL.md (chunks of 65536
+    positions, 16 lanes, lanes then chunks added in order), whatever the launch."""
+    k = _kernels()
+    base_t, models, has_base = _inputs(p, base, models)
+    numel = models[0].numel()
+    coef_group, row_len = _groups(p)
+    if coef_group == 0:
+        groups, length, g_stride, q_stride = 1, numel, 0, 1
+    else:
+        if numel % row_len:
+            raise ValueError(f"gram: numel {numel} is not a multiple of row_len {row_len}")
+        rows = numel // row_len
+        if coef_group == 1:
+            groups, length, g_stride, q_stride = rows, row_len, row_len, 1
+        else:
+            groups, length, g_stride, q_stride = row_len, rows, 1, row_len
+    n = p.n
+    chunks = -(-length // GRAM_CHUNK)
+    if chunks == 0 or groups == 0:
+        return np.zeros((groups, n, n), np.float64)
+    units = groups * chunks
+    if k.INTERPRETED:
+        bu = min(GRAM_UNITS_INTERPRETED, triton.next_power_of_2(units))
+    else:  # up to 16 units per program, fewer when that leaves under ~256 programs
+        bu = 1
+        while bu < GRAM_UNITS_GPU and units // (2 * bu) >= 256:
+            bu *= 2
+    dev = models[0].device
+    partial = torch.zeros((units * n * n,), dtype=torch.float64, device=dev)
+    opts = {} if k.INTERPRETED else {"num_warps": WARPS_GPU}
+    with _on_device(models[0]):
+        k.gram_kernel[(triton.cdiv(units, bu),)](
+            base_t,
+            models,
+            partial,
+            units,
+            length,
+            g_stride,
+            q_stride,
+            chunks,
+            N=n,
+            HAS_BASE=has_base,
+            BU=bu,
+            LANES=GRAM_LANES,
+            CHUNK=GRAM_CHUNK,
+            **opts,
+        )
+    g = np.cumsum(partial.cpu().numpy().reshape(groups, chunks, n, n), axis=1)[:, -1]  # chunk order
+    iu = np.triu_indices(n, 1)
+    g[:, iu[1], iu[0]] = g[:, iu[0], iu[1]]
+    return np.ascontiguousarray(g)
+
+
+def ram_counts(p, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """(shared, unique) int64[n]: elements where |d_i| > ram_eps and more than one model / only
+    model i has such a delta (docs/KERNEL.md, combine 4; d_i after DARE and trim)."""
+    k = _kernels()
+    base_t, models, has_base = _inputs(p, base, models)
+    numel = models[0].numel()
+    if numel == 0:
+        return np.zeros(p.n, np.int64), np.zeros(p.n, np.int64)
+    block = _block()
+    nblocks = triton.cdiv(numel, block)
+    dev = models[0].device
+    partial = torch.empty((2 * p.n, nblocks), dtype=torch.int32, device=dev)
+    with _on_device(models[0]):
+        table = k.param_table(p, dev)
+        k.ram_counts_kernel[(nblocks,)](
+            base_t,
+            models,
+            partial,
+            table,
+            numel,
+            nblocks,
+            float(getattr(p, "ram_eps", 0.0)),
+            N=p.n,
+            HAS_BASE=has_base,
+            DARE=bool(np.any(p.dare)),
+            TRIM=k.trims(p),
+            BIG=_is_big(numel, block),
+            BLOCK=block,
+            **_launch_options(k),
+        )
+    sums = partial.cpu().numpy().astype(np.int64).sum(axis=1)
+    return sums[0::2].copy(), sums[1::2].copy()
+
+
+__all__ = [
+    "FEATURES",
+    "available",
+    "unavailable_reason",
+    "supports",
+    "l1_sums",
+    "histogram",
+    "merge",
+    "gram",
+    "ram_counts",
+]

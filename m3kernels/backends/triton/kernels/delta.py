@@ -9,7 +9,7 @@ every nested ``@triton.jit`` call has a fixed cost of a few milliseconds.)
 import triton
 import triton.language as tl
 
-from m3kernels.backends.triton.kernels.params import KEEP_THR, KEY0, KEY1, SCALE
+from m3kernels.backends.triton.kernels.params import KEEP_THR, KEY0, KEY1, SCALE, TRIM_MAX, TRIM_MIN
 from m3kernels.backends.triton.kernels.philox import dare_u32
 
 
@@ -39,6 +39,17 @@ def model_keep(table, i: tl.constexpr, N: tl.constexpr, start, BLOCK: tl.constex
     k1 = tl.load(table + KEY1 * N + i).to(tl.uint32)
     thr = tl.load(table + KEEP_THR * N + i)
     return dare_u32(k0, k1, start, BLOCK, BIG).to(tl.int64) < thr
+
+
+@triton.jit
+def trim_delta(d, table, i: tl.constexpr, N: tl.constexpr):
+    """The magnitude trim of model ``i``: keep iff trim_min <= bits(|d|) <= trim_max (uint32; trim_min
+    0 and trim_max 0xFFFFFFFF keep all, a clamped 2**31 trim_min none). A value the lower test drops
+    is 0, which the upper test keeps, so one combined test is the two tests of docs/KERNEL.md."""
+    a = d.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    lo = tl.load(table + TRIM_MIN * N + i).to(tl.uint32)
+    hi = tl.load(table + TRIM_MAX * N + i).to(tl.uint32)
+    return tl.where((a >= lo) & (a <= hi), d, 0.0)
 
 
 @triton.jit

@@ -22,11 +22,23 @@ TRIM_MIN = tl.constexpr(4)  # keep iff bits(|d|) >= value, clamped to 2**31 (sti
 COEF = tl.constexpr(5)  # float32 bits: r_i * w_i
 VOTE_W = tl.constexpr(6)  # float32 bits: w_i (the TIES sign vote)
 PREFIX = tl.constexpr(7)  # histogram pass 2: the high 16 bits selected for model i
-FIELDS = 8
+TRIM_MAX = tl.constexpr(8)  # keep iff bits(|d|) <= value, clamped to 0xFFFFFFFF (keeps all)
+UNIQUE_SCALE = tl.constexpr(9)  # float32 bits: RAM, the multiplier of a delta no other model shares
+FIELDS = 10
 
 # bits(|d|) <= 0x7fffffff, so any threshold above 2**31 keeps nothing; clamping lets the
 # kernel compare in uint32.
 _TRIM_CLAMP = 1 << 31
+TRIM_MAX_ALL = 0xFFFFFFFF
+
+
+def trims(p) -> bool:
+    """Whether the trim step can drop anything: some trim_min != 0 or trim_max < 0x7FFFFFFF."""
+    tmin = getattr(p, "trim_min", None)
+    tmax = getattr(p, "trim_max", None)
+    lo = tmin is not None and bool(np.any(np.asarray(tmin) != 0))
+    hi = tmax is not None and bool(np.any(np.asarray(tmax, dtype=np.uint64) < np.uint64(0x7FFFFFFF)))
+    return lo or hi
 
 
 def _f32_bits(values) -> np.ndarray:
@@ -45,6 +57,11 @@ def param_table(p, device, prefix: np.ndarray | None = None) -> torch.Tensor:
     table[SCALE.value] = np.where(dare, _f32_bits(p.dare_scale), _f32_bits(np.ones(n)))
     trim = np.zeros(n, np.int64) if p.trim_min is None else np.asarray(p.trim_min, dtype=np.int64)
     table[TRIM_MIN.value] = np.minimum(trim, _TRIM_CLAMP)
+    tmax = getattr(p, "trim_max", None)
+    tmax = np.full(n, TRIM_MAX_ALL, np.uint64) if tmax is None else np.asarray(tmax, dtype=np.uint64)
+    table[TRIM_MAX.value] = np.minimum(tmax, np.uint64(TRIM_MAX_ALL)).astype(np.int64)
+    scale = getattr(p, "unique_scale", None)
+    table[UNIQUE_SCALE.value] = _f32_bits(np.ones(n) if scale is None else scale)
     table[COEF.value] = _f32_bits(p.coef)
     table[VOTE_W.value] = _f32_bits(p.vote_w)
     if prefix is not None:

@@ -7,12 +7,15 @@
 * ``l1_partial_kernel``: per block, float64 sums of ``|d|`` (raw delta) and of ``|d|`` over the
   DARE-kept elements, written to ``partial[2 * i + {0, 1}, block]``; the host adds them in block
   order, so the result does not depend on scheduling.
+* ``ram_counts_kernel``: per block, the RAM shared / unique counts of each model (integers).
+
+The gram sums (float64, a fixed summation order) are in :mod:`.gram`.
 """
 
 import triton
 import triton.language as tl
 
-from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base, model_keep
+from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base, model_keep, trim_delta
 from m3kernels.backends.triton.kernels.params import PREFIX
 
 HIST_BINS = tl.constexpr(65536)
@@ -77,3 +80,43 @@ def l1_partial_kernel(
         keep = model_keep(table, i, N, start, BLOCK, BIG)
         tl.store(partial_ptr + (2 * i) * nblocks + pid, tl.sum(a, axis=0))
         tl.store(partial_ptr + (2 * i + 1) * nblocks + pid, tl.sum(tl.where(keep, a, 0.0), axis=0))
+
+
+@triton.jit
+def ram_counts_kernel(
+    base_ptr,
+    models,
+    partial_ptr,
+    table,
+    numel,
+    nblocks,
+    ram_eps,
+    N: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    DARE: tl.constexpr,
+    TRIM: tl.constexpr,
+    BIG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """partial[2i, block] / partial[2i+1, block] (int32): this block's elements where |d_i| > ram_eps
+    and more than one model / only model i has such a delta (d_i after DARE and trim, as stage B's
+    RAM combine sees them)."""
+    start = block_start(BLOCK, BIG)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    b = load_base(base_ptr, offs, mask, HAS_BASE, BLOCK)
+    pid = tl.program_id(0)
+    sel = ()
+    cnt = tl.zeros([BLOCK], tl.int32)
+    for i in tl.static_range(N):
+        d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
+        if TRIM:
+            d = trim_delta(d, table, i, N)
+        s = mask & (tl.abs(d) > ram_eps)
+        cnt += s.to(tl.int32)
+        sel = sel + (s,)
+    for i in tl.static_range(N):
+        shared = tl.sum((sel[i] & (cnt > 1)).to(tl.int32), axis=0)
+        unique = tl.sum((sel[i] & (cnt == 1)).to(tl.int32), axis=0)
+        tl.store(partial_ptr + (2 * i) * nblocks + pid, shared)
+        tl.store(partial_ptr + (2 * i + 1) * nblocks + pid, unique)

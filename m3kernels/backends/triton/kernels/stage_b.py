@@ -2,21 +2,29 @@
 
 Each program loads the base and all N models for its block once (N is the length of the tuple
 of model tensors, so every N >= 1 gets its own specialisation and every model its own dtype),
-forms the deltas, applies DARE and the trim, combines (sum / mean / TIES vote and disjoint
-merge), scales, adds the base and writes the output dtype once. Float operations are unfused
-(the launcher passes ``enable_fp_fusion=False``), in the documented order; divisions are
-``tl.math.div_rn`` (IEEE, correctly rounded).
+forms the deltas, applies DARE and the trim window, combines (sum / mean with per-tensor or
+per-row / per-column coefficients, TIES vote and disjoint merge, RAM), scales, adds the base and
+writes the output dtype once; NEARSWAP (one model) interpolates base and model directly. Float
+operations are unfused (the launcher passes ``enable_fp_fusion=False``), in the documented order;
+divisions are ``tl.math.div_rn`` (IEEE, correctly rounded).
 """
 
+import numpy as np
 import triton
 import triton.language as tl
 
-from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base
-from m3kernels.backends.triton.kernels.params import COEF, TRIM_MIN, VOTE_W
+from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base, trim_delta
+from m3kernels.backends.triton.kernels.params import COEF, UNIQUE_SCALE, VOTE_W
 
 COMBINE_SUM = tl.constexpr(0)
 COMBINE_MEAN = tl.constexpr(1)
 COMBINE_TIES = tl.constexpr(2)
+COMBINE_NEARSWAP = tl.constexpr(3)
+COMBINE_RAM = tl.constexpr(4)
+
+GROUP_ROW = tl.constexpr(1)  # coef_group: g = J // row_len; 2 (column): g = J % row_len
+
+NEARSWAP_MIN_DIST = tl.constexpr(float(np.float32(1e-6)))  # the float32 nearest 1e-6
 
 OUT_F32 = tl.constexpr(0)
 OUT_BF16 = tl.constexpr(1)
@@ -55,63 +63,106 @@ def store_output(out_ptr, offs, mask, y, OUT_KIND: tl.constexpr):
 
 
 @triton.jit
+def nearswap(a, x, clip_t):
+    """w = clamp(t / max(|a - x|, 1e-6), 0, 1); y = w * x + (1 - w) * a, one rounding per operation;
+    a NaN operand of max / clamp gives NaN (the comparisons are false for NaN)."""
+    dist = tl.abs(a - x)
+    dist = tl.where(dist < NEARSWAP_MIN_DIST, NEARSWAP_MIN_DIST, dist)
+    w = tl.math.div_rn(tl.zeros_like(dist) + clip_t, dist)
+    w = tl.where(w < 0.0, 0.0, w)
+    w = tl.where(w > 1.0, 1.0, w)
+    return w * x + (1.0 - w) * a
+
+
+@triton.jit
 def merge_kernel(
     base_ptr,
     models,
     out_ptr,
     table,
+    group_coef,
     numel,
     lam,
     mean_den,
+    row_len,
+    index_offset,
+    clip_t,
+    ram_eps,
     N: tl.constexpr,
     HAS_BASE: tl.constexpr,
     DARE: tl.constexpr,
     TRIM: tl.constexpr,
     COMBINE: tl.constexpr,
     NORMALIZE: tl.constexpr,
+    COEF_GROUP: tl.constexpr,
     OUT_KIND: tl.constexpr,
     BIG: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """out[j] = base[j] + lam * combine_i(sparsify(models[i][j] - base[j])) for one block."""
+    """out[j] = base[j] + lam * combine_i(sparsify(models[i][j] - base[j])) for one block
+    (NEARSWAP: the interpolation of base and model)."""
     start = block_start(BLOCK, BIG)
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
     b = load_base(base_ptr, offs, mask, HAS_BASE, BLOCK)
 
-    ds = ()
-    for i in tl.static_range(N):
-        d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
-        if TRIM:  # keep iff bits(|d|) >= trim_min (0 keeps all; 2**31 after clamping none)
-            a = d.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
-            d = tl.where(a >= tl.load(table + TRIM_MIN * N + i).to(tl.uint32), d, 0.0)
-        ds = ds + (d,)
-
     zero = tl.zeros([BLOCK], tl.float32)
-    if COMBINE == COMBINE_TIES:
-        v = zero
-        for i in tl.static_range(N):
-            w = tl.load(table + VOTE_W * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
-            v = v + w * ds[i]
-        pos = v >= 0.0
-        num = zero
-        den = zero
-        for i in tl.static_range(N):
-            c = tl.load(table + COEF * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
-            agree = (ds[i] != 0.0) & ((ds[i] > 0.0) == pos)
-            num = tl.where(agree, num + c * ds[i], num)
-            den = tl.where(agree, den + c, den)
-        if NORMALIZE:
-            nonzero = den != 0.0
-            m = tl.where(nonzero, tl.math.div_rn(num, tl.where(nonzero, den, 1.0)), 0.0)
-        else:
-            m = num
+    if COMBINE == COMBINE_NEARSWAP:
+        x = tl.load(models[0] + offs, mask=mask, other=0.0).to(tl.float32)
+        y = nearswap(b, x, clip_t)
     else:
-        m = zero
+        ds = ()
         for i in tl.static_range(N):
-            c = tl.load(table + COEF * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
-            m = m + c * ds[i]
-        if COMBINE == COMBINE_MEAN:
-            m = tl.math.div_rn(m, zero + mean_den)
-    y = b + lam * m
+            d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
+            if TRIM:
+                d = trim_delta(d, table, i, N)
+            ds = ds + (d,)
+
+        if COMBINE == COMBINE_TIES:
+            v = zero
+            for i in tl.static_range(N):
+                w = tl.load(table + VOTE_W * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+                v = v + w * ds[i]
+            pos = v >= 0.0
+            num = zero
+            den = zero
+            for i in tl.static_range(N):
+                c = tl.load(table + COEF * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+                agree = (ds[i] != 0.0) & ((ds[i] > 0.0) == pos)
+                num = tl.where(agree, num + c * ds[i], num)
+                den = tl.where(agree, den + c, den)
+            if NORMALIZE:
+                nonzero = den != 0.0
+                m = tl.where(nonzero, tl.math.div_rn(num, tl.where(nonzero, den, 1.0)), 0.0)
+            else:
+                m = num
+        elif COMBINE == COMBINE_RAM:
+            cnt = tl.zeros([BLOCK], tl.int32)
+            for i in tl.static_range(N):
+                cnt += (tl.abs(ds[i]) > ram_eps).to(tl.int32)
+            one = cnt == 1
+            cf = tl.where(one, 1, cnt).to(tl.float32)  # c > 1 where it divides
+            m = zero
+            for i in tl.static_range(N):
+                us = tl.load(table + UNIQUE_SCALE * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+                t = tl.where(one, ds[i] * us, tl.math.div_rn(ds[i], cf))
+                m = tl.where(tl.abs(ds[i]) > ram_eps, m + t, m)
+        else:
+            m = zero
+            if COEF_GROUP != 0:
+                J = offs + index_offset  # int32 unless BIG (the host checks numel + offset < 2**31)
+                if COEF_GROUP == GROUP_ROW:
+                    g = J // row_len
+                else:
+                    g = J % row_len
+                gi = tl.where(mask, g.to(tl.int64) * N, 0)
+            for i in tl.static_range(N):
+                if COEF_GROUP != 0:
+                    c = tl.load(group_coef + gi + i, mask=mask, other=0.0)
+                else:
+                    c = tl.load(table + COEF * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+                m = m + c * ds[i]
+            if COMBINE == COMBINE_MEAN:
+                m = tl.math.div_rn(m, zero + mean_den)
+        y = b + lam * m
     store_output(out_ptr, offs, mask, y, OUT_KIND)
