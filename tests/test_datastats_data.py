@@ -30,7 +30,7 @@ def test_text_file_one_example_per_line(tmp_path, tok):
     assert [e.line for e in ex] == [1, 4] and skipped == []
     for e, text in zip(ex, ["the cat runs", "a dog sits near the tree"]):
         assert list(e.ids) == tok(text)["input_ids"]
-        assert e.targets == (False,) + (True,) * (len(e.ids) - 1)
+        assert list(map(bool, e.targets)) == [False] + [True] * (len(e.ids) - 1)
 
 
 def test_jsonl_text_and_max_examples(tmp_path, tok):
@@ -45,7 +45,7 @@ def test_prompt_response_targets_are_the_response_and_eos(tmp_path, tok):
     prompt = tok("the cat")["input_ids"]
     resp = tok(" runs over the road", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert list(e.ids) == prompt + resp
-    assert e.targets == (False,) * len(prompt) + (True,) * len(resp)
+    assert list(map(bool, e.targets)) == [False] * len(prompt) + [True] * len(resp)
 
 
 def test_cut_to_max_length_and_examples_without_target_skipped(tmp_path, tok):

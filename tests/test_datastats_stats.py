@@ -61,8 +61,8 @@ def loop_fisher(model_dir, data):
     examples, _ = load_examples(data, tok, max_length=512)
     sums = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
     for e in examples:
-        ids = torch.tensor([e.ids])
-        labels = ids.masked_fill(~torch.tensor([e.targets]), -100)
+        ids = torch.tensor([list(e.ids)])
+        labels = ids.masked_fill(~torch.tensor([list(map(bool, e.targets))]), -100)
         out = model(input_ids=ids, labels=labels)
         model.zero_grad()
         (out.loss * e.n_targets).backward()
@@ -107,7 +107,7 @@ def test_gram_matrices_equal_xtx_from_forward_hooks(fam, tmp_path):
             handles.append(mod.register_forward_pre_hook(hook))
     with torch.no_grad():
         for e in examples:
-            model(input_ids=torch.tensor([e.ids]))
+            model(input_ids=torch.tensor([list(e.ids)]))
     for h in handles:
         h.remove()
     m = compute_regmean(

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,10 +36,12 @@ class DataError(M3KError):
 @dataclass(frozen=True)
 class Example:
     """One tokenized example: ``ids`` and ``targets[t]`` = whether token t is a loss target
-    (predicted from tokens < t); ``line`` is its 1-based line in the data file."""
+    (predicted from tokens < t); ``line`` is its 1-based line in the data file. Stored compactly
+    (``array('q')`` ids, ``array('B')`` target flags: 9 bytes a token), as every selected example is
+    kept in memory for the run."""
 
-    ids: tuple[int, ...]
-    targets: tuple[bool, ...]
+    ids: array
+    targets: array
     line: int
 
     @property
@@ -151,7 +154,7 @@ def tokenize(tokenizer, kind: str, fields: tuple, max_length: int, line: int) ->
         if targets:
             targets[0] = False  # the first token has nothing to be predicted from
     ids, targets = ids[:max_length], targets[:max_length]
-    return Example(tuple(int(i) for i in ids), tuple(targets), line)
+    return Example(array("q", (int(i) for i in ids)), array("B", targets), line)
 
 
 def iter_examples(
@@ -204,8 +207,8 @@ def pad_batch(examples, pad_id: int = 0):
     real = torch.zeros((len(examples), length), dtype=torch.bool)
     for b, e in enumerate(examples):
         n = len(e.ids)
-        ids[b, :n] = torch.tensor(e.ids, dtype=torch.int64)
-        targets[b, :n] = torch.tensor(e.targets, dtype=torch.bool)
+        ids[b, :n] = torch.frombuffer(e.ids, dtype=torch.int64)
+        targets[b, :n] = torch.frombuffer(e.targets, dtype=torch.uint8).bool()
         real[b, :n] = True
     return ids, targets, real
 
