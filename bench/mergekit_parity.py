@@ -1226,6 +1226,58 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _short(r: dict) -> str:
+    """One cell: the status and the figure that decided it."""
+    st = r["status"]
+    cmp = r.get("compare", {})
+    if "exact" in cmp:
+        e = cmp["exact"]
+        if r["kind"] == "norm":
+            fig = (
+                f"{_fmt_g(e['max_tensor_scale_ulps_vs_f64'])} ts-ulp vs mk64 "
+                f"(mk32: {_fmt_g(e['mk32_max_tensor_scale_ulps_vs_f64'])}); "
+                f"{100 * e['bit_equal_fraction']:.1f}% = mk32"
+            )
+        else:
+            fig = f"{e['max_ulps_outside_ties']} ulp, {100 * e['bit_equal_fraction_outside_ties']:.1f}% ="
+            if e["trim_ties_excluded"]:
+                fig += f" ({e['trim_ties_excluded']} tie elts excl.)"
+            if e["max_ulps_outside_ties"]:
+                fig += f", {e['max_diff_in_tensor_scale_ulps']:.3g} ts-ulp"
+        return f"{st}: {fig}"
+    if "stats" in cmp:
+        z = cmp["stats"]
+        zz = max(abs(z.get(k, 0) or 0) for k in ("z_changed_fraction", "z_mean", "z_second_moment"))
+        extra = ""
+        if "l1_ratio_max_dev" in z:
+            l1 = z["l1_ratio_max_dev"]
+            extra = f", L1 dev {l1.get('ours', 0):.2g} vs {l1.get('mk32', 0):.1e}"
+        return f"{st}: max abs z {zz:.1f}{extra}"
+    if st in ("ours-error", "mk-error", "both-fail"):
+        return f"{st}"
+    return st
+
+
+def doc_table(result: dict) -> str:
+    """Compact Markdown: one line per case, both input families side by side."""
+    fams = sorted({r["family"] for r in result["rows"]})
+    by = {}
+    for r in result["rows"]:
+        by.setdefault(r["id"], {})[r["family"]] = r
+    lines = [
+        "| case | class | " + " | ".join(f"{f} inputs" for f in fams) + " |",
+        "|---|---|" + "---|" * len(fams),
+    ]
+    for cid, rs in by.items():
+        first = next(iter(rs.values()))
+        if first["status"] == "unsupported":
+            continue
+        lines.append(
+            f"| `{cid}` | {first['kind']} | " + " | ".join(_short(rs[f]) for f in fams if f in rs) + " |"
+        )
+    return "\n".join(lines)
+
+
 def mismatch_details(result: dict) -> str:
     """Per mismatching case: the tensors that differ most (name, max ulps, bit-equal fraction)."""
     out = []
@@ -1299,6 +1351,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sections", help="comma-separated: explicit, edge, defaults")
     ap.add_argument("--families", default=",".join(FAMILIES), help="bf16,f32 (input dtypes)")
     ap.add_argument("--no-f64", action="store_true", help="skip the mergekit dtype: float64 runs")
+    ap.add_argument("--markdown", type=Path, help="write the compact tables (for docs/MERGEKIT_PARITY.md)")
     ap.add_argument("--mergekit-cli", action="store_true", help="the mergekit-yaml executable per job")
     args = ap.parse_args(argv)
 
@@ -1333,6 +1386,25 @@ def main(argv=None) -> int:
     for r in result["rows"]:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     print("status counts:", counts, f"- {result['total_seconds']:.0f} s")
+    if args.markdown:
+        v = result["versions"]
+        head = (
+            f"Run of {v['date_utc']}: {v.get('cpu', '?')}, {v.get('cores')} cores; m3kernels "
+            f"{v['m3kernels_git']} ({v['m3kernels_path']}), torch {v['torch']}; mergekit "
+            f"{v.get('mergekit')} with torch {v.get('mergekit_torch')}; {result['total_seconds']:.0f} s."
+        )
+        args.markdown.write_text(
+            head
+            + "\n\n"
+            + doc_table(result)
+            + "\n\nMismatching tensors:\n\n```\n"
+            + mismatch_details(result)
+            + "\n```\n\nParameter declarations that differ:\n\n"
+            + defaults_table(result)
+            + "\n\nUnsupported: "
+            + (", ".join(result["unsupported"]) or "none")
+            + "\n"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1, default=str))
