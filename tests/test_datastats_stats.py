@@ -78,13 +78,21 @@ def close(got, want, rtol=2e-4):
 
 
 @pytest.mark.parametrize(
-    "per_example, batch, data", [("vmap", 3, "data.txt"), ("loop", 2, "pr.jsonl"), ("vmap", 2, "pr.jsonl")]
+    "per_example, batch, data, max_memory",
+    [("vmap", 3, "data.txt", None), ("loop", 2, "pr.jsonl", None), ("vmap", 2, "pr.jsonl", 60_000)],
 )
-def test_fisher_equals_per_example_autograd_loop(fam, tmp_path, per_example, batch, data):
+def test_fisher_equals_per_example_autograd_loop(fam, tmp_path, per_example, batch, data, max_memory):
     want, n = loop_fisher(fam / "ft", fam / data)
     m = compute_fisher(
-        fam / "ft", fam / data, tmp_path / "f", batch_size=batch, per_example=per_example, progress=False
+        fam / "ft",
+        fam / data,
+        tmp_path / "f",
+        batch_size=batch,
+        per_example=per_example,
+        max_memory=max_memory,
+        progress=False,
     )
+    assert (len(m["files"]) > 3) == (max_memory is not None)  # passes: a file each
     manifest, got = stats_tensors(tmp_path / "f")
     assert set(got) == set(want) and m["counts"]["examples"] == n
     for name in want:
@@ -157,20 +165,23 @@ def digest(out):
 
 
 @pytest.mark.parametrize(
-    "kind, stop, every", [("fisher", 4, 2), ("regmean", 4, 2), ("regmean", 7, 100), ("regmean", 9, 2)]
+    "kind, stop, every",
+    [("fisher", 4, 2), ("fisher", 9, 2), ("regmean", 4, 2), ("regmean", 7, 100), ("regmean", 9, 2)],
 )
 def test_resume_after_a_crash_gives_the_same_bytes(fam, tmp_path, kind, stop, every):
-    """Stopped after a save: in the first pass, or (regmean, 2 passes over the 7 examples) between
-    the passes or in the second."""
+    """Stopped after a save: in the first pass, or (several passes over the 7 examples under a
+    memory bound) between the passes or in the second."""
     compute = compute_fisher if kind == "fisher" else compute_regmean
     opts = dict(batch_size=2, progress=False)
-    opts.update(sampled=True, seed=5) if kind == "fisher" else opts.update(max_memory=40_000)
+    if kind == "fisher":
+        opts.update(sampled=True, seed=5, max_memory=None if stop < 7 else 150_000)
+    else:
+        opts.update(max_memory=40_000)
     compute(fam / "ft", fam / "data.txt", tmp_path / "full", **opts)
     out = tmp_path / "cut"
     with pytest.raises(StopRequested):
         compute(fam / "ft", fam / "data.txt", out, save_every_examples=every, stop_after=stop, **opts)
-    if kind == "regmean":
-        assert json.loads((out / ".partial" / "state.json").read_text())["pass"] == stop // 7
+    assert json.loads((out / ".partial" / "state.json").read_text())["pass"] == stop // 7
     assert not (out / "manifest.json").exists() and (out / ".partial" / "state.json").exists()
     with pytest.raises(Exception, match="--resume continues"):
         compute(fam / "ft", fam / "data.txt", out, **opts)
@@ -189,7 +200,9 @@ def test_sampled_fisher_is_seeded_and_differs_from_empirical(fam, tmp_path):
         "c": dict(sampled=True, seed=2),
         "e": {},
     }.items():
-        compute_fisher(fam / "ft", fam / "pr.jsonl", tmp_path / tag, batch_size=2, progress=False, **kw)
+        compute_fisher(
+            fam / "ft", fam / "pr.jsonl", tmp_path / tag, batch_size=3, max_examples=3, progress=False, **kw
+        )
         runs[tag] = stats_tensors(tmp_path / tag)[1]
     key = "model.layers.0.mlp.down_proj.weight"
     assert torch.equal(runs["a"][key], runs["b"][key])

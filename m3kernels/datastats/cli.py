@@ -91,14 +91,14 @@ def add_parser(subparsers) -> None:
                 choices=("vmap", "loop"),
                 help="how per-example gradients are computed",
             )
-        else:
-            p.add_argument(
-                "--max-memory",
-                type=_size,
-                default=None,
-                metavar="SIZE",
-                help="Gram matrices held at once (more passes over the data when smaller)",
-            )
+        p.add_argument(
+            "--max-memory",
+            type=_size,
+            default=None,
+            metavar="SIZE",
+            help=("Fisher sums + per-example gradients" if kind == "fisher" else "Gram matrices")
+            + " held at once (more passes over the data when smaller; default: all at once)",
+        )
         p.add_argument(
             "--save-every",
             type=float,
@@ -132,7 +132,7 @@ def run(args) -> int:
     if args.stats_kind == "fisher":
         from m3kernels.datastats.fisher import compute_fisher as compute
 
-        opts.update(sampled=args.sampled, per_example=args.per_example)
+        opts.update(sampled=args.sampled, per_example=args.per_example, max_memory=args.max_memory)
     else:
         from m3kernels.datastats.regmean import compute_regmean as compute
 

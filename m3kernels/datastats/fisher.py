@@ -13,7 +13,10 @@ example is its own unbatched forward and backward; right padding beyond an examp
 never seen by its real tokens under causal attention and carries no target, so the result is that
 of the example alone); memory: the model plus ``batch_size`` gradients plus the accumulator.
 ``per_example="loop"``: one forward + backward per example (model + one gradient + accumulator).
-Both give the same numbers; vmap is faster for small models.
+Both give the same numbers; vmap is faster for small models. With ``max_memory`` (bytes of
+accumulators + per-example gradients held at once) the parameters are split into passes, one
+forward and backward sweep over the data each, gradients taken for that pass's parameters only:
+memory = the model + one pass's statistics (as little as one tensor's).
 
 What a batch approximation would change: squaring the gradient of a batch's summed loss gives
 (Σₙ gₙ)² = Σₙ gₙ² + Σₙ≠ₘ gₙgₘ: the cross terms stay, and near a fine-tuned optimum, where the
@@ -44,20 +47,36 @@ def example_log_likelihood(logits: torch.Tensor, labels: torch.Tensor, targets: 
 class FisherAccumulator:
     """Σ gₙ² per parameter (in the ``accumulate`` dtype), with example and token counts."""
 
-    n_passes = 1
-
     def __init__(self, model, opts: StatsOptions, pad: int):
         self.model, self.opts, self.pad = model, opts, pad
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.all_params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.acc_dtype = torch_dtype(opts.accumulate)
         self.n_examples = self.n_tokens = self.n_targets = 0
         self.sums: dict[str, torch.Tensor] = {}
+        self.params: dict = {}
+        # bytes a parameter costs while its pass runs: its accumulator and its gradients
+        grads = opts.batch_size if opts.per_example == "vmap" else 1
+        self.passes: list[list[str]] = [[]]
+        used = 0
+        for n, q in self.all_params.items():
+            cost = q.numel() * (self.acc_dtype.itemsize + grads * max(q.element_size(), 4))
+            if self.passes[-1] and opts.max_memory is not None and used + cost > opts.max_memory:
+                self.passes.append([])
+                used = 0
+            self.passes[-1].append(n)
+            used += cost
+        self.n_passes = len(self.passes)
 
     # -- state
     def begin_pass(self, p: int) -> None:
+        names = set(self.passes[p])
+        self.params = {n: q for n, q in self.all_params.items() if n in names}
+        for n, q in self.all_params.items():
+            q.requires_grad_(n in names)
         self.sums = {
             n: torch.zeros(q.shape, dtype=self.acc_dtype, device=q.device) for n, q in self.params.items()
         }
+        self.n_examples = self.n_tokens = self.n_targets = 0  # every pass sees the same data
 
     def state_tensors(self) -> dict:
         return self.sums
@@ -75,7 +94,7 @@ class FisherAccumulator:
 
     def manifest_extra(self) -> dict:
         return {
-            "tensors": {n: n for n in self.params},
+            "tensors": {n: n for n in self.all_params},
             "fisher": "sampled" if self.opts.sampled else "empirical",
         }
 
@@ -114,10 +133,11 @@ class FisherAccumulator:
 
         model = self.model
         frozen = {n: p.detach() for n, p in self.params.items()}
-        buffers = dict(model.named_buffers())
+        rest = {n: p.detach() for n, p in self.all_params.items() if n not in self.params}
+        rest.update(dict(model.named_buffers()))
 
         def ll(params, x, y, w):
-            out = functional_call(model, (params, buffers), (x[None],), {"use_cache": False})
+            out = functional_call(model, (params, rest), (x[None],), {"use_cache": False})
             return example_log_likelihood(out.logits[0], y, w)
 
         with warnings.catch_warnings():
@@ -138,24 +158,25 @@ class FisherAccumulator:
         self.model.zero_grad(set_to_none=True)
 
     def end_pass(self, p: int, out_dir, store_dtype) -> list[str]:
-        """F = Σ g² / N, written in shards of at most SHARD_BYTES (parameter order)."""
-        files, shard, size = [], {}, 0
-
-        def flush():
-            nonlocal shard, size
-            if shard:
-                name = f"fisher-{len(files) + 1:05d}.safetensors"
-                write_tensors(out_dir / name, shard, {"m3kernels_stats": "fisher"})
-                files.append(name)
-            shard, size = {}, 0
-
+        """F = Σ g² / N of this pass's parameters, in files of at most SHARD_BYTES (parameter
+        order): ``fisher-<pass>.safetensors``, or ``fisher-<pass>-<part>.safetensors``."""
+        shards, size = [{}], 0
         for n, s in self.sums.items():
             t = (s / max(self.n_examples, 1)).to(store_dtype).cpu()
-            if size and size + t.nbytes > SHARD_BYTES:
-                flush()
-            shard[n] = t
+            if shards[-1] and size + t.nbytes > SHARD_BYTES:
+                shards.append({})
+                size = 0
+            shards[-1][n] = t
             size += t.nbytes
-        flush()
+        files = []
+        for k, shard in enumerate(shards):
+            name = f"fisher-{p + 1:05d}" + (f"-{k + 1:03d}" if len(shards) > 1 else "") + ".safetensors"
+            write_tensors(out_dir / name, shard, {"m3kernels_stats": "fisher"})
+            files.append(name)
+        self.sums = {}
+        if p + 1 == self.n_passes:
+            for q in self.all_params.values():
+                q.requires_grad_(True)
         return files
 
 

@@ -3,7 +3,7 @@ progress bar, periodic saves and resume, then the output files and the manifest.
 
 An accumulator (:mod:`.fisher`, :mod:`.regmean`) supplies the per-batch work; this module owns
 everything around it. A run is split into one or more passes over the data (RegMean, when its
-Gram matrices would not fit ``max_memory`` at once); within a pass the accumulators are saved to
+statistics would not fit ``max_memory`` at once); within a pass the accumulators are saved to
 ``OUT/.partial`` every ``save_every`` seconds (and every ``save_every_examples`` examples, when
 given), so a run that dies loses at most that much work: ``resume=True`` continues from the last
 save and gives the same bytes as an uninterrupted run (the same batches, in the same order).
@@ -47,7 +47,7 @@ class StatsOptions:
     fmt: str = "auto"
     sampled: bool = False  # fisher: labels drawn from the model
     per_example: str = "vmap"  # fisher: vmap | loop
-    max_memory: int | None = None  # regmean: bytes of Gram matrices held at once
+    max_memory: int | None = None  # bytes of statistics held at once (more passes when smaller)
     tokenizer: str | None = None
     save_every: float = 300.0
     save_every_examples: int | None = None
@@ -97,7 +97,7 @@ class StatsOptions:
             "model_dtype",
             "fmt",
         ]
-        keep += ["sampled", "per_example"] if kind == "fisher" else ["max_memory"]
+        keep += ["max_memory"] + (["sampled", "per_example"] if kind == "fisher" else [])
         d = asdict(self)
         return {k: d[k] for k in keep}
 
