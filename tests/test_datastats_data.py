@@ -110,3 +110,16 @@ def test_pad_batch_right_padding(tmp_path, tok):
     n0 = len(ex[0].ids)
     assert real[0, :n0].all() and not real[0, n0:].any() and (ids[0, n0:] == 3).all()
     assert not targets[0, n0:].any() and targets[1].sum() == ex[1].n_targets
+
+
+def test_the_stats_plugin_imports_no_torch():
+    """m3kernels.cli builds every plugin's parser on each start: the module must stay light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, argparse, m3kernels.datastats, m3kernels.datastats.cli as c\n"
+        "c.add_parser(argparse.ArgumentParser().add_subparsers())\n"
+        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
