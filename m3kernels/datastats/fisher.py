@@ -18,10 +18,14 @@ accumulators + per-example gradients held at once) the parameters are split into
 forward and backward sweep over the data each, gradients taken for that pass's parameters only:
 memory = the model + one pass's statistics (as little as one tensor's).
 
-What a batch approximation would change: squaring the gradient of a batch's summed loss gives
-(Σₙ gₙ)² = Σₙ gₙ² + Σₙ≠ₘ gₙgₘ: the cross terms stay, and near a fine-tuned optimum, where the
-per-example gradients largely cancel, (Σ gₙ)²/B underestimates F by up to a factor B and
-measures the squared mean gradient rather than the gradient's second moment. We never do it.
+What a batch approximation would change: squaring the gradient of a batch's loss instead of each
+example's. With the batch's summed loss, (Σₙ gₙ)² = Σₙ gₙ² + Σₙ≠ₘ gₙgₘ; per element its expectation
+is B·F + B(B − 1)·μ² (μ the mean gradient), so (Σ gₙ)²/B estimates F + (B − 1)μ², too large where the
+examples' gradients agree, and the cross terms add noise of the order of F instead of averaging it
+out. With the batch's mean loss (what training loops use), squaring (Σ gₙ / B) and dividing by the
+number of examples estimates F/B + (1 − 1/B)μ²: about B times too small near an optimum (μ ≈ 0).
+Either way the result depends on the batch size and on which examples share a batch; per-example
+gradients do not. We never do it.
 """
 
 from __future__ import annotations
