@@ -22,8 +22,8 @@ What a batch approximation would change: squaring the gradient of a batch's loss
 example's. With the batch's summed loss, (Σₙ gₙ)² = Σₙ gₙ² + Σₙ≠ₘ gₙgₘ; per element its expectation
 is B·F + B(B − 1)·μ² (μ the mean gradient), so (Σ gₙ)²/B estimates F + (B − 1)μ², too large where the
 examples' gradients agree, and the cross terms add noise of the order of F instead of averaging it
-out. With the batch's mean loss (what training loops use), squaring (Σ gₙ / B) and dividing by the
-number of examples estimates F/B + (1 − 1/B)μ²: about B times too small near an optimum (μ ≈ 0).
+out. With the batch's mean loss (what training loops use), averaging (Σ gₙ / B)² over the batches
+estimates F/B + (1 − 1/B)μ²: about B times too small near an optimum (μ ≈ 0).
 Either way the result depends on the batch size and on which examples share a batch; per-example
 gradients do not. We never do it.
 """
