@@ -333,6 +333,10 @@ def trim_thresholds(base, models, *, method, name="", backend="auto", **kwargs) 
     """The per-tensor trim thresholds stage A computes (float per model; None: no trim)."""
     base, models, _ = validate_inputs(base, models)
     recipe = make_recipe(len(models), method=method, has_base=base is not None, **kwargs)
+    if recipe.family is not None:  # the issue-8 methods: no top-k trim threshold
+        if recipe.trim_density is not None:
+            raise ValueError(f"trim_thresholds: method {recipe.method!r} trims a window, not the top k")
+        return [None] * recipe.n
     be = get_backend(backend, models[0].device)
     p, _ = prepare(base, models, recipe, name, be)
     if recipe.trim_density is None:

@@ -61,7 +61,7 @@ def finite_gram(base, models, coef_group: int, row_len: int) -> tuple[np.ndarray
     G = np.zeros((groups, n, n))
     for i in range(n):
         for k in range(i, n):
-            prod = (v64[i] * v64[k]).reshape(shape).sum(dim=axis).numpy()
+            prod = (v64[i] * v64[k]).reshape(shape).sum(dim=axis).cpu().numpy()
             G[:, i, k] = prod
             G[:, k, i] = prod
     return G, [int((~o).sum()) for o in ok]
