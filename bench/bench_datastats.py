@@ -6,13 +6,14 @@ chunked Fisher merge's bandwidth and RegMean's solve time per layer.
   2 steps and saved in float32; ``--examples`` texts of ~``--words`` words are its data.
 * Stats throughput: tokens/s of ``compute_fisher`` (vmap, batch 4; loop, batch 1; sampled,
   batch 4) and ``compute_regmean`` (batch 8), end to end (model load and fingerprint included)
-  and of the pass over the data alone (the run's time minus a zero-work run's ... no: the time
-  of the run minus the time of the same run on 1 example, scaled), with the sizes of the files.
+  and of the pass over the data alone (the run's time minus that of the same run on one
+  example: model load, fingerprint and output), with the sizes of the files against the model's.
 * Fisher merge (chunked torch code, not the fused kernel): GB/s over the 2N+1 streams (N bf16
   models, N float32 Fisher tensors, one bf16 output) of a 4096 x 4096 tensor, N = 2, against
   torch's copy bandwidth over the same bytes.
-* RegMean: one layer at Llama-2-13B size, W 5120 x 5120, N = 2 float32 Grams, float64 solve on
-  the CPU (``--big`` adds the 13824-input down projection: minutes on 2 cores).
+* RegMean: one layer at Llama-2-13B size, W 5120 x 5120, N = 2 float32 Grams, the float64
+  Cholesky solve on the CPU and the float32 one with its residual check (``--big`` adds the
+  13824-input down projection: minutes on 2 cores).
 
 Usage: ``python bench/bench_datastats.py [--json bench/out/datastats.json] [--big]``.
 """
@@ -142,13 +143,12 @@ def regmean_solve(d_in: int, d_out: int, n: int = 2, repeats: int = 1) -> dict:
         x = torch.randn(d_in + 512, d_in, generator=g)
         grams.append(x.T @ x)
         del x
-    t = best_of(lambda: regmean_merge(ws, grams, alpha=0.9), repeats)
-    r = {
-        "layer": f"W {d_out} x {d_in}, N = {n}",
-        "gram": f"{d_in}^2",
-        "solve_s": round(t, 2),
-        "threads": torch.get_num_threads(),
-    }
+    r = {"layer": f"W {d_out} x {d_in}, N = {n}", "gram": f"{d_in}^2", "threads": torch.get_num_threads()}
+    for precision in ("float64", "float32"):
+        load0 = os.getloadavg()[0]
+        t = best_of(lambda p=precision: regmean_merge(ws, grams, precision=p), repeats)
+        r[f"{precision}_s"] = round(t, 2)
+        r[f"{precision}_load1"] = round((load0 + os.getloadavg()[0]) / 2, 2)
     print(json.dumps(r))
     return r
 
