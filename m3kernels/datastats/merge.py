@@ -279,7 +279,7 @@ def merge_checkpoints_data_aware(
                                     ms,
                                     method=fallback,
                                     weights=w,
-                                    mix_ratios=ratios,
+                                    mix_ratios=record["mix_ratios"],  # None without M³, as the main merge
                                     seed=seed,
                                     name=t,
                                     out_dtype=dt,
