@@ -186,5 +186,15 @@ def test_command_line_wrapper(runs, tmp_path):
     assert bad.returncode == 2 and "--m3k-seed" in bad.stderr
 
 
+def test_example_runs(runs, tmp_path):
+    *_, env = runs
+    script = REPO / "python" / "mergekit_plugin_example.py"
+    proc = subprocess.run(
+        [str(PY), str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "elements identical" in proc.stdout
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

@@ -6,6 +6,7 @@ DARE: PEFT's ``torch.bernoulli`` is replaced by the Philox mask (NumPy reference
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +223,12 @@ def test_install_and_uninstall_restore_peft():
     finally:
         dropin.uninstall()
     assert lora_model.ties is orig and peft_merge.ties is not dropin.ties
+
+
+def test_example_runs(capsys):
+    import runpy
+
+    mod = runpy.run_path(str(Path(__file__).resolve().parent.parent / "python" / "peft_dropin_example.py"))
+    assert mod["main"](["--rows", "64", "--cols", "96"]) == 0
+    out = capsys.readouterr().out
+    assert "identical to PEFT's: True" in out and "identical: False" not in out

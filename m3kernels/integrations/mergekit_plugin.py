@@ -49,13 +49,12 @@ def _mergekit():
 
 
 def _value_type(param, registry_mod):
-    kinds = {
-        registry_mod.NUMBER: float,
-        registry_mod.FRACTION: float,
-        registry_mod.BOOL: bool,
-        registry_mod.RESCALE: bool | str,
-    }
-    t = kinds[param.kind]
+    """The Python type mergekit validates a value against (a kind we do not know: anything, left
+    to our own checks in ``make_recipe``)."""
+    kinds = {"number": float, "fraction": float, "bool": bool, "rescale": bool | str, "int": int}
+    t = kinds.get(param.kind, Any)
+    if t is Any:
+        return Any
     return (t | None) if param.default is None or param.default == registry_mod.REQUIRED else t
 
 
