@@ -87,13 +87,26 @@ def table(records: list) -> str:
 
 
 def notes(records: list) -> list:
-    """One line per case note (stage split not timed, no eager version)."""
-    out = []
+    """One line per method with notes (stage split not timed, no eager version), naming the cases."""
+    by: dict = {}
     for r in records:
         for key in ("split_note", "eager_note"):
             if r.get(key):
-                out.append(f"{r['method']} {r['backend']} {r['dtype']} N={r['n']}: {r[key]}")
-    return list(dict.fromkeys(out))
+                by.setdefault(r["method"], {}).setdefault(r[key], []).append(
+                    f"{r['backend']} {r['dtype']} N={r['n']}"
+                )
+    ran = {}
+    for r in records:
+        if r["status"] == "ok":
+            ran[r["method"]] = ran.get(r["method"], 0) + 1
+    out = []
+    for method, msgs in by.items():  # the cases named only when the note is not for all that ran
+        parts = [
+            msg if len(cases) == ran.get(method) else f"{msg} ({', '.join(cases)})"
+            for msg, cases in msgs.items()
+        ]
+        out.append(f"{method}: " + "; ".join(parts))
+    return out
 
 
 def copy_lines(report: dict) -> list:

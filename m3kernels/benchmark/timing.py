@@ -116,7 +116,7 @@ def time_stages(base, models, kwargs: dict, backend_name: str, *, repeats: int, 
         be = get_backend(backend_name, device)
         recipe = make_recipe(len(models), has_base=base is not None, **kwargs)
         if getattr(recipe, "family", None) is not None:  # its own stage A (m3kernels.merge.methods)
-            note = f"stage split not timed: {recipe.method!r} runs its own stage A hook; full merge only"
+            note = "full merge timed only (the method has its own stage A hook)"
             return StageTimes(full, None, None, note), result
         prepared = {}
 
