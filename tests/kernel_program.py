@@ -9,7 +9,8 @@ in the document's order, so a backend's output must equal it bit for bit (NaN pa
 * :func:`stage_a`: ``make_params`` plus this module's own stage A (KERNEL.md "Stage A"): L1
   scales from float64 sums, exact trim thresholds from a full sort of the ``bits(|d|)``;
 * :func:`f32_program`: both, i.e. the whole float32 merge of one tensor from a recipe;
-* :func:`dropped_deltas`: ``b`` and the deltas after the DARE step (what stage A histograms).
+* :func:`dropped_deltas`: ``b`` and the deltas after the DARE step (what stage A histograms);
+* :func:`gram`: the float64 Gram matrices of stage A in the defined summation order.
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from m3kernels.merge.kernel_params import TRIM_KEEP_NONE, KernelParams, f32, make_params, trim_k
+from m3kernels.merge.kernel_params import (
+    GRAM_CHUNK,
+    GRAM_LANES,
+    GROUP_NONE,
+    GROUP_ROW,
+    TRIM_KEEP_NONE,
+    KernelParams,
+    f32,
+    make_params,
+    trim_k,
+)
 from m3kernels.merge.philox import dare_keep_mask, dare_uniform_u32
 
 F32, F64 = torch.float32, torch.float64
@@ -113,9 +124,44 @@ def stage_a(base, models, recipe, name: str) -> KernelParams:
     return p
 
 
+def _ordered_sum(prods: np.ndarray) -> np.ndarray:
+    """float64 sums of the rows of ``prods`` (float64[S, L], S sequences of L positions) in
+    KERNEL.md's order: chunks of GRAM_CHUNK positions, position q into lane q mod GRAM_LANES (each
+    lane summed in position order from +0.0), a chunk's lanes added in lane order, the chunks in
+    chunk order. ``np.cumsum`` adds sequentially (``np.sum`` would add pairwise)."""
+    s, length = prods.shape
+    nchunks = max(1, -(-length // GRAM_CHUNK))
+    per_chunk = GRAM_CHUNK if nchunks > 1 else max(1, -(-length // GRAM_LANES)) * GRAM_LANES
+    pad = np.zeros((s, nchunks * per_chunk), np.float64)
+    pad[:, :length] = prods  # trailing +0.0 leave every sum unchanged
+    lanes = pad.reshape(s, nchunks, per_chunk // GRAM_LANES, GRAM_LANES)
+    zero = np.zeros((s, nchunks, 1, GRAM_LANES))
+    lane_sums = np.cumsum(np.concatenate([zero, lanes], axis=2), axis=2)[:, :, -1, :]
+    chunk = np.cumsum(np.concatenate([np.zeros((s, nchunks, 1)), lane_sums], axis=2), axis=2)[:, :, -1]
+    return np.cumsum(np.concatenate([np.zeros((s, 1)), chunk], axis=1), axis=1)[:, -1]
+
+
+def gram(p: KernelParams, base, models) -> np.ndarray:
+    """float64[groups, n, n]: KERNEL.md's Gram matrices of ``v_i = f32(x_i) - b`` (float32, no
+    DARE, no trim), per tensor / row / column (``p.coef_group``), in the defined summation order."""
+    b = base.reshape(-1).to(F32) if p.has_base else torch.zeros(models[0].numel(), dtype=F32)
+    vs = [(x.reshape(-1).to(F32) - b).to(F64).numpy() for x in models]
+    numel, n = b.numel(), p.n
+    if p.coef_group == GROUP_NONE:
+        seqs = [v.reshape(1, numel) for v in vs]
+    else:
+        rows = [v.reshape(numel // p.row_len, p.row_len) for v in vs]
+        seqs = rows if p.coef_group == GROUP_ROW else [np.ascontiguousarray(r.T) for r in rows]
+    out = np.zeros((seqs[0].shape[0], n, n), np.float64)
+    for i in range(n):
+        for k in range(i, n):
+            out[:, i, k] = out[:, k, i] = _ordered_sum(seqs[i] * seqs[k])
+    return out
+
+
 def f32_program(base, models, recipe, name: str, out_dtype) -> torch.Tensor:
     """The whole float32 merge of one tensor: :func:`stage_a`, then :func:`stage_b`."""
     return stage_b(stage_a(base, models, recipe, name), base, models, out_dtype, recipe.seed, name)
 
 
-__all__ = ["dropped_deltas", "stage_b", "stage_a", "f32_program"]
+__all__ = ["dropped_deltas", "stage_b", "stage_a", "f32_program", "gram"]

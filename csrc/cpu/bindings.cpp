@@ -50,7 +50,8 @@ struct Call {
     CArray<float> vote_w, coef, dare_scale;
     CArray<uint8_t> dare;
     CArray<uint32_t> key0, key1;
-    CArray<uint64_t> dare_thr, trim_min;
+    CArray<uint64_t> dare_thr, trim_min, trim_max;
+    CArray<float> group_coef, unique_scale;
     std::vector<const void*> models;
     std::vector<int> dtypes;
     m3k::TensorArgs args{};
@@ -82,8 +83,9 @@ struct Call {
         args.n = n;
         args.has_base = p.attr("has_base").cast<bool>() ? 1 : 0;
         args.combine = p.attr("combine").cast<int>();
-        if (args.combine < 0 || args.combine > 2)
-            throw py::value_error("KernelParams.combine must be 0 (sum), 1 (mean) or 2 (ties)");
+        if (args.combine < 0 || args.combine > 4)
+            throw py::value_error(
+                "KernelParams.combine must be 0 (sum), 1 (mean), 2 (ties), 3 (nearswap) or 4 (ram)");
         args.normalize = p.attr("normalize").cast<bool>() ? 1 : 0;
         args.lam = p.attr("lam").cast<float>();
         args.mean_den = p.attr("mean_den").cast<float>();
@@ -108,6 +110,68 @@ struct Call {
         args.model_dtypes = dtypes.data();
         args.numel = numel;
         args.index_offset = index_offset;
+        read_issue8_fields(p, n);
+    }
+
+    // The optional fields of docs/KERNEL.md's issue-8 pieces (absent or None: the defaults).
+    void read_issue8_fields(py::handle p, int n) {
+        py::object tmax = py::getattr(p, "trim_max", py::none());
+        if (!tmax.is_none()) {
+            trim_max = param_array<uint64_t>(p, "trim_max", n);
+            args.trim_max = trim_max.data();
+        }
+        args.coef_group = py::getattr(p, "coef_group", py::int_(0)).cast<int>();
+        if (args.coef_group < 0 || args.coef_group > 2)
+            throw py::value_error("KernelParams.coef_group must be 0 (none), 1 (row) or 2 (column), got " +
+                                  std::to_string(args.coef_group));
+        args.row_len = py::getattr(p, "row_len", py::int_(1)).cast<int64_t>();
+        if (args.row_len < 1)
+            throw py::value_error("KernelParams.row_len must be >= 1, got " + std::to_string(args.row_len));
+        py::object gc = py::getattr(p, "group_coef", py::none());
+        if (!gc.is_none()) {
+            group_coef = CArray<float>::ensure(gc);
+            if (!group_coef || group_coef.size() % n != 0)
+                throw py::value_error("KernelParams.group_coef: expected groups * n = groups * " +
+                                      std::to_string(n) + " float32 values");
+            args.group_coef = group_coef.data();
+            args.groups = int64_t(group_coef.size()) / n;
+        }
+        args.clip_t = py::getattr(p, "clip_t", py::float_(0.0)).cast<float>();
+        args.ram_eps = py::getattr(p, "ram_eps", py::float_(0.0)).cast<float>();
+        py::object us = py::getattr(p, "unique_scale", py::none());
+        if (!us.is_none()) {
+            unique_scale = param_array<float>(p, "unique_scale", n);
+            args.unique_scale = unique_scale.data();
+        }
+    }
+
+    // The groups of the Gram matrices (coef_group 0: 1, row: numel / row_len, column: row_len).
+    int64_t gram_groups() const {
+        if (args.coef_group == 0) return 1;
+        if (args.numel % args.row_len != 0)
+            throw py::value_error("KernelParams.row_len = " + std::to_string(args.row_len) +
+                                  " does not divide numel = " + std::to_string(args.numel));
+        return args.coef_group == 1 ? args.numel / args.row_len : args.row_len;
+    }
+
+    // Stage B checks of the issue-8 fields against this call's elements.
+    void check_merge() const {
+        const int c = args.combine;
+        if (c == 3 && (args.n != 1 || !args.has_base))
+            throw py::value_error("combine 3 (nearswap) needs n == 1 and has_base");
+        if (c == 4 && !args.has_base) throw py::value_error("combine 4 (ram) needs has_base");
+        if (args.coef_group == 0) return;
+        if (c != 0 && c != 1)
+            throw py::value_error("KernelParams.coef_group != 0 needs combine 0 (sum) or 1 (mean)");
+        if (!args.group_coef) throw py::value_error("KernelParams.coef_group != 0 but group_coef is None");
+        if (args.numel == 0) return;
+        const int64_t last = args.index_offset + args.numel - 1;
+        const int64_t need = args.coef_group == 1 ? last / args.row_len + 1 : args.row_len;
+        if ((args.coef_group == 2 && args.groups != args.row_len) || args.groups < need)
+            throw py::value_error("KernelParams.group_coef has " + std::to_string(args.groups) +
+                                  " groups; elements up to flat index " + std::to_string(last) +
+                                  " with row_len " + std::to_string(args.row_len) + " need " +
+                                  (args.coef_group == 2 ? "exactly " : "at least ") + std::to_string(need));
     }
 };
 
@@ -117,6 +181,12 @@ void merge(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<u
     Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
     check_dtype(out_dtype, "out");
     if (out_ptr == 0 && numel > 0) throw py::value_error("null output pointer");
+    call.check_merge();
+    bool window = false;
+    for (int i = 0; call.args.trim_max && i < call.args.n; ++i)
+        window = window || call.args.trim_max[i] < 0x7fffffffu;
+    if (window || call.args.coef_group || call.args.combine > 2)
+        throw py::value_error("not implemented yet");  // TEMPORARY
     const m3k::KernelTable& t = m3k::active_table();
     py::gil_scoped_release nogil;
     t.merge(call.args, reinterpret_cast<void*>(out_ptr), out_dtype);
@@ -358,6 +428,25 @@ py::tuple l1_sums(py::handle p, uintptr_t base_ptr, int base_dtype, const std::v
     return py::make_tuple(total, kept);
 }
 
+// Stage A: float64[groups, n, n] Gram matrices of v_i = f32(x_i) - b (docs/KERNEL.md).
+py::array_t<double> gram(py::handle p, uintptr_t base_ptr, int base_dtype,
+                         const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
+                         int64_t numel) {
+    Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, 0);
+    const int n = call.args.n;
+    const int64_t groups = call.gram_groups();
+    py::array_t<double> out({py::ssize_t(groups), py::ssize_t(n), py::ssize_t(n)});
+    double* o = out.mutable_data();
+    const m3k::KernelTable& t = m3k::active_table();
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = t.gram(call.args, groups, o);
+    }
+    if (!ok) throw std::bad_alloc();
+    return out;
+}
+
 py::array_t<uint32_t> philox_u32(uint32_t key0, uint32_t key1, int64_t first, int64_t count) {
     if (first < 0 || count < 0) throw py::value_error("first and count must be >= 0");
     py::array_t<uint32_t> out(count);
@@ -457,6 +546,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("l1_sums", &l1_sums, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
           "Stage A: (total, kept) float64[n] sums of |delta| for rescale: l1.");
+    m.def("gram", &gram, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("model_ptrs"),
+          py::arg("model_dtypes"), py::arg("numel"),
+          "Stage A: float64[groups, n, n] Gram matrices of f32(x_i) - b per tensor, row or column "
+          "(p.coef_group), in the fixed summation order of docs/KERNEL.md.");
     m.def("philox_u32", &philox_u32, py::arg("key0"), py::arg("key1"), py::arg("first"), py::arg("count"),
           "DARE stream words u32 for flat indices first .. first + count - 1.");
     m.def("copy", &copy_bytes, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"),

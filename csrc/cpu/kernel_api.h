@@ -14,7 +14,9 @@ namespace m3k {
 // dtype codes: m3kernels.merge.kernel_params.DTYPE_CODES
 enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 // combine codes: m3kernels.merge.kernel_params.COMBINE_CODES
-enum Combine : int { kSum = 0, kMean = 1, kTies = 2 };
+enum Combine : int { kSum = 0, kMean = 1, kTies = 2, kNearswap = 3, kRam = 4 };
+// coefficient groups: KernelParams.coef_group (also the grouping of the Gram matrices)
+enum CoefGroup : int { kGroupNone = 0, kGroupRow = 1, kGroupColumn = 2 };
 
 struct TensorArgs {
     int n;                     // number of fine-tuned models
@@ -37,6 +39,15 @@ struct TensorArgs {
     const int* model_dtypes;    // [n]
     int64_t numel;
     int64_t index_offset;  // flat index of element 0 (DARE counter); 0 for whole tensors
+    // issue 8 (docs/KERNEL.md): all optional, the defaults leave the program above unchanged
+    const uint64_t* trim_max;   // [n] keep iff bits(|d|) <= trim_max (after trim_min); nullptr: keep all
+    int coef_group;             // CoefGroup: per-row / per-column coefficients (sum, mean)
+    int64_t row_len;            // C, the length of the last dimension (coef_group != 0)
+    int64_t groups;             // rows of group_coef
+    const float* group_coef;    // [groups][n] coefficient of model i in group g
+    float clip_t;               // nearswap: t
+    float ram_eps;              // ram: |d| > eps counts
+    const float* unique_scale;  // [n] ram: scale of a delta no other model shares; nullptr: 1
 };
 
 struct KernelTable {
@@ -63,6 +74,12 @@ struct KernelTable {
     // range). All zeroed by the caller. False: no memory.
     bool (*bracket_count)(const TensorArgs& a, const uint32_t* lo, const uint32_t* span,
                           const uint32_t* fine_buckets, int64_t* above, int64_t* range, int64_t* fine);
+    // stage A: Gram matrices float64[groups][n][n] of v_i = f32(x_i) - b (groups: 1, the rows or the
+    // columns by a.coef_group), in the fixed summation order of docs/KERNEL.md. False: no memory.
+    bool (*gram)(const TensorArgs& a, int64_t groups, double* out);
+    // stage A: per model, the elements with |d_i| > ram_eps that c > 1 / c == 1 models share
+    // (d after DARE and trim, c as in combine 4). Zeroed by the callee. False: no memory.
+    bool (*ram_counts)(const TensorArgs& a, int64_t* shared, int64_t* unique);
 };
 
 const KernelTable& table_generic();

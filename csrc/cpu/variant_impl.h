@@ -768,5 +768,7 @@ static void philox_u32(uint32_t key0, uint32_t key1, int64_t first, int64_t coun
     free(buf);
 }
 
+#include "variant_gram.h"
+
 }  // namespace M3K_VARIANT
 }  // namespace m3k

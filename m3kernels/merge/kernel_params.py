@@ -8,6 +8,7 @@ docs/KERNEL.md on these numbers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,10 +20,36 @@ from m3kernels.merge.recipe import Recipe
 from m3kernels.merge.registry import MEAN, SUM, TIES
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-COMBINE_CODES = {SUM: 0, MEAN: 1, TIES: 2}
+COMBINE_SUM, COMBINE_MEAN, COMBINE_TIES, COMBINE_NEARSWAP, COMBINE_RAM = 0, 1, 2, 3, 4
+COMBINE_CODES = {
+    SUM: COMBINE_SUM,
+    MEAN: COMBINE_MEAN,
+    TIES: COMBINE_TIES,
+    "nearswap": COMBINE_NEARSWAP,
+    "ram": COMBINE_RAM,
+}
+GROUP_NONE, GROUP_ROW, GROUP_COLUMN = 0, 1, 2  # KernelParams.coef_group (and the Gram matrices' groups)
 TRIM_KEEP_ALL = 0
 TRIM_KEEP_NONE = 1 << 32
+TRIM_MAX_ALL = 0xFFFFFFFF  # trim_max keeping every element (bits(|d|) <= 0x7FFFFFFF always)
+GRAM_CHUNK = 1 << 16  # Gram matrices: positions per chunk ...
+GRAM_LANES = 16  # ... and float64 lanes per chunk (docs/KERNEL.md)
 HIST_BINS = 1 << 16
+
+
+_ARRAY_DTYPES = {
+    "vote_w": np.float32,
+    "coef": np.float32,
+    "dare": np.uint8,
+    "key0": np.uint32,
+    "key1": np.uint32,
+    "dare_thr": np.uint64,
+    "dare_scale": np.float32,
+    "trim_min": np.uint64,
+    "trim_max": np.uint64,
+    "group_coef": np.float32,
+    "unique_scale": np.float32,
+}
 
 
 def f32(x: float) -> float:
@@ -46,11 +73,32 @@ class KernelParams:
     dare_thr: np.ndarray  # uint64[n]    keep iff u32 < thr
     dare_scale: np.ndarray  # float32[n]   multiplier of kept values
     trim_min: np.ndarray = field(default=None)  # uint64[n] keep iff bits(|d|) >= trim_min
+    # issue 8 (docs/KERNEL.md); the defaults leave the program of the five first methods unchanged
+    trim_max: np.ndarray = field(default=None)  # uint64[n] keep iff bits(|d|) <= trim_max (None: all)
+    coef_group: int = GROUP_NONE  # 0 none, 1 row, 2 column: group_coef instead of coef (sum, mean)
+    row_len: int = 1  # C, the length of the last dimension (coef_group != 0, gram)
+    group_coef: np.ndarray = field(default=None)  # float32[groups * n], group g model i at g * n + i
+    clip_t: float = 0.0  # float32 t of combine 3 (nearswap)
+    ram_eps: float = 0.0  # float32 epsilon of combine 4 (ram): |d| > eps counts
+    unique_scale: np.ndarray = field(default=None)  # float32[n] ram: scale of an unshared delta (None: 1)
 
-    def with_trim(self, trim_min: Sequence[int]) -> KernelParams:
+    def with_trim(self, trim_min: Sequence[int], trim_max: Sequence[int] | None = None) -> KernelParams:
+        """A copy with trim thresholds ``trim_min`` (and, if given, the window's ``trim_max``)."""
         p = KernelParams(**{k: getattr(self, k) for k in self.__dataclass_fields__})
         p.trim_min = np.asarray(trim_min, dtype=np.uint64)
+        if trim_max is not None:
+            p.trim_max = np.asarray(trim_max, dtype=np.uint64)
         return p
+
+    def with_fields(self, **changes) -> KernelParams:
+        """A copy with the given fields replaced (arrays cast to their documented dtypes)."""
+        unknown = set(changes) - set(self.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"KernelParams has no field(s) {sorted(unknown)}")
+        for k, dt in _ARRAY_DTYPES.items():
+            if changes.get(k) is not None:
+                changes[k] = np.asarray(changes[k], dtype=dt)
+        return dataclasses.replace(self, **changes)
 
     def with_dare_scale(self, scale: Sequence[float]) -> KernelParams:
         p = KernelParams(**{k: getattr(self, k) for k in self.__dataclass_fields__})
@@ -89,6 +137,8 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
         dare_thr=thr,
         dare_scale=scale,
         trim_min=np.zeros(n, np.uint64),
+        trim_max=np.full(n, TRIM_MAX_ALL, np.uint64),
+        unique_scale=np.ones(n, np.float32),
     )
 
 
@@ -104,6 +154,17 @@ __all__ = [
     "COMBINE_CODES",
     "TRIM_KEEP_ALL",
     "TRIM_KEEP_NONE",
+    "TRIM_MAX_ALL",
+    "COMBINE_SUM",
+    "COMBINE_MEAN",
+    "COMBINE_TIES",
+    "COMBINE_NEARSWAP",
+    "COMBINE_RAM",
+    "GROUP_NONE",
+    "GROUP_ROW",
+    "GROUP_COLUMN",
+    "GRAM_CHUNK",
+    "GRAM_LANES",
     "HIST_BINS",
     "f32",
     "trim_k",

@@ -16,6 +16,9 @@ import torch
 from m3kernels.backends.tensor_args import pointer_and_code
 from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
 
+# The issue-8 pieces of docs/KERNEL.md this backend implements (METHODS checks these names).
+FEATURES: frozenset[str] = frozenset({"gram"})
+
 try:
     from m3kernels import _C
 
@@ -83,6 +86,14 @@ def l1_sums(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
     base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
     total, kept = _C.l1_sums(p, base_ptr, base_code, ptrs, codes, numel)
     return np.asarray(total, dtype=np.float64), np.asarray(kept, dtype=np.float64)
+
+
+def gram(p: KernelParams, base, models) -> np.ndarray:
+    """float64[groups, n, n] Gram matrices of v_i = f32(x_i) - b (b = 0 without a base): per tensor
+    (``p.coef_group`` 0, groups = 1), per row (1, numel // row_len) or per column (2, row_len), in
+    the fixed summation order of docs/KERNEL.md (the same bits for any thread count)."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    return np.asarray(_C.gram(p, base_ptr, base_code, ptrs, codes, numel), dtype=np.float64)
 
 
 def histogram(p: KernelParams, base, models, prefix) -> np.ndarray:
@@ -170,7 +181,9 @@ __all__ = [
     "available",
     "unavailable_reason",
     "supports",
+    "FEATURES",
     "l1_sums",
+    "gram",
     "histogram",
     "delta_keys",
     "sample_keys",
