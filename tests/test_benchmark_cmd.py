@@ -18,7 +18,7 @@ import torch
 from m3kernels import cli
 from m3kernels.backends import available_backends
 from m3kernels.benchmark import run_benchmark
-from m3kernels.benchmark.cases import BENCH_PARAMS, method_kwargs, parse_shape, registered_methods
+from m3kernels.benchmark.cases import method_kwargs, parse_shape, registered_methods
 from m3kernels.benchmark.compare import compare_reports
 from m3kernels.benchmark.report import case_row, load_json
 from m3kernels.benchmark.roofline import bytes_moved, copy_bandwidth, gbps, pct_of
@@ -28,7 +28,7 @@ from m3kernels.merge import registry
 from m3kernels.synthetic import fine_tune, llama_config, llama_tensors, write_checkpoint
 
 TINY = "48x67"  # odd sizes
-KNOWN = ",".join(BENCH_PARAMS)
+CORE = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "ties_dare")
 CPU_OK = available_backends()["cpu"] == "available"
 needs_cpu = pytest.mark.skipif(not CPU_OK, reason="the CPU extension is not built")
 
@@ -101,7 +101,7 @@ def test_command_table_and_json_with_every_field(ran, report_files):
             assert _close(r["speedup_vs_eager"], r["eager_s"] / r["full_s"])
             assert 0.0 <= r["eager_equal_fraction"] <= 1.0
     by = {(r["method"], r["n"]): r for r in rep["cases"]}
-    for m in BENCH_PARAMS:  # the methods the benchmark knows: all timed, split, and with an eager time
+    for m in CORE:  # the first six methods: all timed, split, and with an eager time
         for n in (2, 3):
             r = by[(m, n)]
             assert r["status"] == "ok", r["reason"]
@@ -288,3 +288,23 @@ def test_cli_module_imports_nothing_heavy():
     code = "import sys, m3kernels.benchmark.cli; print('torch' in sys.modules, 'numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_eager_later_methods_on_hand_examples():
+    from m3kernels.benchmark.eager import eager_merge, trim_window
+
+    f32 = torch.float32
+    base = torch.tensor([0.0, 1.0, 2.0, -1.0], dtype=f32)
+    x = torch.tensor([0.5, 1.0005, 1.0, -1.2], dtype=f32)
+    y = eager_merge(base, [x], method="nearswap", t=0.1)  # = base + clamp(x - base, -t, t)
+    assert torch.allclose(y, base + torch.clamp(x - base, -0.1, 0.1), atol=1e-6)
+    m1 = base + torch.tensor([1e-6, 0.3, -0.2, 0.0])
+    m2 = base + torch.tensor([0.0, 0.1, 0.4, 1e-6])
+    y = eager_merge(base, [m1, m2], method="ram", epsilon=1e-5)  # counted members, each / count
+    assert torch.allclose(y, base + torch.tensor([0.0, 0.2, 0.1, 0.0]), atol=1e-6)
+    d = torch.tensor([5.0, -1.0, 3.0, 0.5, -9.0, 2.0, 4.0, -0.1, 7.0, 6.0])
+    kept = trim_window(d, density=0.5, gamma=0.2)  # T = 5, G = 2, B = 3: ranks 3..7 ascending
+    assert kept.tolist() == [5.0, 0.0, 3.0, 0.0, 0.0, 2.0, 4.0, 0.0, 0.0, 6.0]
+    assert torch.equal(trim_window(d, 1.0, 0.2), d)
+    v = torch.randn(257, generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(eager_merge(v, [2 * v], method="slerp", t=0.25), 1.25 * v)  # parallel: linear

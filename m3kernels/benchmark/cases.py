@@ -3,7 +3,7 @@
 Methods come from the registry (:mod:`m3kernels.merge.registry`) when the run starts, so a method
 registered later is benchmarked too. The known methods run with the parameters bench/RESULTS.md's
 figures were measured with (:data:`BENCH_PARAMS`: TIES density 0.2, DARE density 0.5, ...); any
-other method gets its registry defaults, a required parameter filled from its kind (a fraction
+other method (or a known one whose parameters no longer validate) gets its registry defaults, a required parameter filled from its kind (a fraction
 0.5, a number 1, a flag false). A method that still cannot run (it needs another N, a parameter
 the tensor API cannot take, a feature a backend lacks) becomes a skipped case with the reason,
 never an error of the run.
@@ -39,6 +39,10 @@ BENCH_PARAMS = {  # the parameters of bench/RESULTS.md's tensor figures
     "dare_linear": {"density": 0.5},
     "dare_ties": {"density": 0.5},
     "ties_dare": {"drop_rate": 0.5, "density": 0.2},
+    "nearswap": {"t": 0.001},  # about half the deltas (σ 0.002) clipped
+    "slerp": {"t": 0.5},
+    "breadcrumbs": {"density": 0.9, "gamma": 0.01},
+    "breadcrumbs_ties": {"density": 0.9, "gamma": 0.01},
 }
 FILL_BY_KIND = {"fraction": 0.5, "number": 1.0, "bool": False, "rescale": True}
 MAX_N = 64
@@ -169,18 +173,22 @@ def method_kwargs(method_name: str, n: int) -> tuple:
     m = get_method(method_name)
     if m.name in BENCH_PARAMS:
         kw = dict(BENCH_PARAMS[m.name])
-    else:
-        kw = {}
-        for p in m.params:
-            if p.default is not REQUIRED:
-                continue
-            if not p.api:
-                return kw, f"required parameter {p.name!r} has no tensor-API keyword"
-            if p.kind not in FILL_BY_KIND:
-                return kw, f"required parameter {p.name!r} of kind {p.kind!r}: no benchmark value"
-            kw[p.api] = FILL_BY_KIND[p.kind]
-        if m.param("density") is not None and "drop_rate" in kw and "density" in kw:
-            kw.pop("density")  # DARE-style: density = 1 - drop_rate, one of them suffices
+        try:
+            make_recipe(n, method=m.name, has_base=True, **kw)
+            return kw, ""
+        except (ValueError, TypeError):  # its parameters changed: the registry's defaults below
+            pass
+    kw = {}
+    for p in m.params:
+        if p.default is not REQUIRED:
+            continue
+        if not p.api:
+            return kw, f"required parameter {p.name!r} has no tensor-API keyword"
+        if p.kind not in FILL_BY_KIND:
+            return kw, f"required parameter {p.name!r} of kind {p.kind!r}: no benchmark value"
+        kw[p.api] = FILL_BY_KIND[p.kind]
+    if m.param("density") is not None and "drop_rate" in kw and "density" in kw:
+        kw.pop("density")  # DARE-style: density = 1 - drop_rate, one of them suffices
     try:
         make_recipe(n, method=m.name, has_base=True, **kw)
     except (ValueError, TypeError) as exc:

@@ -14,6 +14,13 @@ What makes this style slow is its data flow, not its arithmetic:
   divisor counted as 1);
 * linear: the weighted mean of the stacked models; task arithmetic: θ0 + λ Σ w_i δ_i.
 
+The later methods in the same style (docs/MERGEKIT_METHODS.md has their semantics): passthrough
+(a copy, or x·scale), nearswap (w = clamp(t / max(|a − x|, 1e-6), 0, 1), y = w·x + (1 − w)·a),
+ram (a count of |δ_i| > ε over the stacked deltas, δ_i / count summed), slerp (normalised copies
+of the whole tensors, their dot product, the spherical or, beyond 0.9995, linear blend),
+breadcrumbs / breadcrumbs_ties (an ascending sort of |δ| per model, a mask keeping the window
+between the small and the outlier ranks, then the sum or the sign consensus).
+
 M³ ratios (``mix_ratios``, or ``mixup_alpha`` drawn as the package draws them) multiply the
 combine weights; the TIES vote keeps the user weights. :func:`eager_supported` says which
 methods this covers; the others get no eager time (and no speed-up) in the report.
@@ -23,7 +30,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-EAGER_METHODS = ("linear", "average", "task_arithmetic", "ties", "dare_linear", "dare_ties", "ties_dare")
+EAGER_METHODS = (
+    "linear",
+    "average",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "ties_dare",
+    "passthrough",
+    "nearswap",
+    "ram",
+    "slerp",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+)
 
 
 def eager_supported(method: str, kwargs: dict | None = None) -> str:
@@ -43,6 +64,10 @@ def eager_supported(method: str, kwargs: dict | None = None) -> str:
         "mix_ratios",
         "mixup_alpha",
         "seed",
+        "t",
+        "scale",
+        "gamma",
+        "epsilon",
     }
     return f"eager merge does not take {', '.join(sorted(unknown))}" if unknown else ""
 
@@ -101,6 +126,60 @@ def sign_consensus(deltas, vote_w, mix_w, normalize: bool):
     return mixed / divisor
 
 
+def trim_window(delta, density: float, gamma: float):
+    """Breadcrumbs: sort |δ| ascending, keep ranks [B, B + T) with T = int(density·n),
+    G = int(gamma·n), B = max(0, n − T − G) (the small ones and the outliers dropped)."""
+    import torch
+
+    if density >= 1.0:
+        return delta
+    n = delta.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.argsort(delta.abs().reshape(-1), descending=False)
+    mask = torch.zeros_like(delta)
+    mask.reshape(-1)[order[bottom : bottom + keep]] = 1.0
+    return delta * mask
+
+
+def slerp_pair(v0, v1, t: float, eps: float = 1e-8):
+    """mergekit's slerp of two whole tensors (float32): normalised copies, their dot product,
+    linear interpolation when nearly (anti)parallel, else the spherical blend."""
+    import torch
+
+    n0, n1 = v0.norm(), v1.norm()
+    u0 = v0 / n0 if n0 > eps else v0
+    u1 = v1 / n1 if n1 > eps else v1
+    dot = torch.clamp((u0 * u1).sum(), -1.0, 1.0)
+    if dot.abs() > 0.9995:
+        return (1 - t) * v0 + t * v1
+    theta = torch.arccos(dot)
+    s = torch.sin(theta)
+    return (torch.sin((1 - t) * theta) / s) * v0 + (torch.sin(t * theta) / s) * v1
+
+
+def _later_method(method, base, models, out_dtype, kw):
+    """passthrough, nearswap, ram, slerp (see the module docstring)."""
+    import torch
+
+    f32 = torch.float32
+    if method == "passthrough":
+        scale = kw.get("scale")
+        return models[0].clone() if scale is None else (models[0].to(f32) * scale).to(out_dtype)
+    a = base.to(f32)
+    if method == "nearswap":
+        x = models[0].to(f32)
+        w = torch.clamp(kw["t"] / torch.clamp((a - x).abs(), min=1e-6), 0.0, 1.0)
+        return (w * x + (1 - w) * a).to(out_dtype)
+    if method == "slerp":
+        return slerp_pair(a, models[0].to(f32), kw["t"]).to(out_dtype)
+    eps = 1e-5 if kw.get("epsilon") is None else kw["epsilon"]
+    stacked = torch.stack([m.to(f32) - a for m in models], dim=0)  # ram
+    member = (stacked.abs() > eps).to(f32)
+    count = member.sum(dim=0)
+    return (a + (stacked * member / torch.clamp(count, min=1.0)).sum(dim=0)).to(out_dtype)
+
+
 def eager_merge(
     base,
     models: Sequence,
@@ -115,6 +194,10 @@ def eager_merge(
     mix_ratios=None,
     mixup_alpha=None,
     seed: int = 0,
+    t=None,
+    scale=None,
+    gamma=None,
+    epsilon=None,
 ):
     """One tensor merged eagerly (output in the base's dtype, else the first model's)."""
     import torch
@@ -126,6 +209,8 @@ def eager_merge(
     n = len(models)
     device = models[0].device
     out_dtype = base.dtype if base is not None else models[0].dtype
+    if method in ("passthrough", "nearswap", "ram", "slerp"):
+        return _later_method(method, base, models, out_dtype, {"t": t, "scale": scale, "epsilon": epsilon})
     if mixup_alpha is not None and mix_ratios is None:
         from m3kernels.merge.mixup import draw_mix_ratios
 
@@ -156,12 +241,15 @@ def eager_merge(
         deltas = [bernoulli_drop(d, p, gen, rescale is not False) for d, p in zip(deltas, keep)]
     if method in ("ties", "ties_dare"):
         deltas = [trim_by_sort(d, p) for d, p in zip(deltas, _per_model(density, n, 0.2))]
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        g = _per_model(gamma, n, 0.01)
+        deltas = [trim_window(d, p, q) for d, p, q in zip(deltas, _per_model(density, n, 1.0), g)]
     stacked = torch.stack(deltas, dim=0)
     del deltas
-    if method in ("ties", "dare_ties", "ties_dare"):
-        norm = (method != "dare_ties") if normalize is None else normalize
+    if method in ("ties", "dare_ties", "ties_dare", "breadcrumbs_ties"):
+        norm = (method in ("ties", "ties_dare")) if normalize is None else normalize
         mixed = sign_consensus(stacked, vote_w, mix_w, norm)
-    else:  # task_arithmetic, dare_linear
+    else:  # task_arithmetic, dare_linear, breadcrumbs
         mixed = (stacked * mix_w).sum(dim=0)
         if normalize:
             mixed = mixed / mix_w.sum()
@@ -170,6 +258,8 @@ def eager_merge(
 
 __all__ = [
     "EAGER_METHODS",
+    "trim_window",
+    "slerp_pair",
     "eager_supported",
     "eager_merge",
     "trim_by_sort",

@@ -68,7 +68,7 @@ def case_row(r: dict) -> list:
         _num(r["stage_b_pct_copy"], ".0f", "%"),
         _num(r["full_pct_copy"], ".0f", "%"),
         _ms(r["eager_s"]),
-        _num(r["speedup_vs_eager"], ".0f", "x"),
+        _num(r["speedup_vs_eager"], ".1f" if (r["speedup_vs_eager"] or 0) < 10 else ".0f", "x"),
         _num(r["other_cpu_s"], ".1f"),
     ]
 
