@@ -90,6 +90,29 @@ def _version(module: str) -> str | None:
     return getattr(mod, "__version__", None)
 
 
+def source_revision() -> str | None:
+    """'<commit> (+ local changes)' when the package runs from a git checkout, else None."""
+    import subprocess
+    from pathlib import Path
+
+    import m3kernels
+
+    root = Path(m3kernels.__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        run = lambda *a: subprocess.run(
+            ["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10
+        )  # noqa: E731
+        head = run("rev-parse", "--short=12", "HEAD")
+        if head.returncode != 0:
+            return None
+        dirty = run("status", "--porcelain", "--untracked-files=no", "--", "m3kernels", "csrc").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + (" (+ local changes)" if dirty else "")
+
+
 def machine_info() -> dict:
     """The report header (see the module docstring)."""
     import torch
@@ -111,6 +134,7 @@ def machine_info() -> dict:
         "cuda": torch.version.cuda,
         "torch": torch.__version__,
         "m3kernels": m3kernels.__version__,
+        "source": source_revision(),
         "triton": _version("triton"),
         "load_avg_1m": load_average(),
     }
@@ -144,8 +168,9 @@ def header_lines(info: dict) -> list:
         cpu += f"; CPU kernel variant {info['cpu_isa']} (supported: {', '.join(info['cpu_isa_available'])})"
     threads = f"threads: kernel {info.get('kernel_threads')}, torch {info.get('torch_threads')}"
     gpu = f"GPU: {info['gpu']} (CUDA {info['cuda']})" if info.get("gpu") else "GPU: none"
+    src = f" (git {info['source']})" if info.get("source") else ""
     versions = (
-        f"m3kernels {info['m3kernels']}, torch {info['torch']}, triton {info.get('triton') or 'absent'}, "
+        f"m3kernels {info['m3kernels']}{src}, torch {info['torch']}, triton {info.get('triton') or 'absent'}, "
         f"Python {info['python']}"
     )
     return [f"{info['date']} on {info['hostname']}", cpu, threads, gpu, versions]
