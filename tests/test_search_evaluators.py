@@ -42,6 +42,16 @@ class NextPlusOne(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread (two spin-waiting threads on a busy 2-core machine are
+    many times slower); the merge kernels keep their own threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     return make_tokenizer()
