@@ -20,7 +20,7 @@ import m3kernels
 from m3kernels.backends import _load
 from m3kernels.merge import registry
 from m3kernels.merge.methods import gram as gram_family
-from m3kernels.merge.methods import missing_features, stage
+from m3kernels.merge.methods import stage
 from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge
 
@@ -69,8 +69,15 @@ def _inputs(case, n, shape, dtype_case, gen, related, with_base=True):
     return base, models, kw
 
 
-def _skip_unless(backend: str, method: str):
-    missing = missing_features(_load(backend), registry.get_method(method))
+def _needed(kw: dict) -> list:
+    """The kernel features a case needs: the Gram, and group tables for row / column groups."""
+    grouped = kw.get("nuslerp_flatten") is False or kw.get("filter_wise") is True
+    return ["gram"] + (["group_coef"] if grouped else [])
+
+
+def _skip_unless(backend: str, kw: dict):
+    have = getattr(_load(backend), "FEATURES", frozenset())
+    missing = [f for f in _needed(kw) if f not in have]
     if missing:
         pytest.skip(f"backend {backend} has no {', '.join(missing)} yet (FEATURES)")
 
@@ -100,7 +107,7 @@ MATRIX = [
 
 @pytest.mark.parametrize("backend,case,dtype_case", MATRIX)
 def test_against_the_reference(backend, case, dtype_case, gen):
-    _skip_unless(backend, FAMILY_CASES[case][0]["method"])
+    _skip_unless(backend, FAMILY_CASES[case][0])
     interp = backend == "triton"  # the interpreter is slow: the largest N, two shapes
     for n in _runs(case)[-1:] if interp else _runs(case):
         for shape in ((7,), (3, 5, 7)) if interp else SHAPES:
@@ -112,7 +119,7 @@ def test_against_the_reference(backend, case, dtype_case, gen):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", ["nuslerp", "nuslerp_rows", "nuslerp_cols", "multislerp", "multislerp_w"])
 def test_without_a_base(backend, case, gen):
-    _skip_unless(backend, FAMILY_CASES[case][0]["method"])
+    _skip_unless(backend, FAMILY_CASES[case][0])
     for n in _runs(case)[-1:] if backend == "triton" else _runs(case):
         for shape in ((7,), (3, 5, 7)) if backend == "triton" else ((7,), (37, 129), (3, 5, 7)):
             _check(backend, case, n, shape, "mixed", gen, related=False, with_base=False)
