@@ -1,19 +1,26 @@
 """``torch.library`` custom ops: one merge as one graph node (``torch.ops.m3kernels.*``).
 
-Two ops, registered for CPU and CUDA tensors with fake (meta) implementations:
+Two ops, registered for CPU and CUDA tensors with fake (meta) implementations::
 
-* ``m3kernels::merge(Tensor? base, Tensor[] models, str spec) -> Tensor``
-* ``m3kernels::merge_out(Tensor? base, Tensor[] models, str spec, Tensor(a!) out) -> ()``
+    m3kernels::merge(Tensor? base, Tensor[] models, str method, float[]? weights, float[]? density,
+                     float[]? drop_rate, int normalize, str rescale, float lambda_,
+                     float[]? mix_ratios, float? mixup_alpha, int seed, str name,
+                     ScalarType? out_dtype, str backend, float[]? thresholds, int scalars) -> Tensor
+    m3kernels::merge_out(<the same>, Tensor(a!) out) -> ()
 
-``spec`` is a JSON object holding the keyword arguments of :func:`m3kernels.api.merge_tensors`
-(``method`` required; ``out_dtype`` as a name such as ``"bfloat16"``; ``thresholds`` entries may be
-``null`` or ``Infinity``). :func:`merge_tensors` here has the signature of the API function and
-builds the spec for you. The whole merge, stage A (L1 sums, exact trim thresholds: Python and
-NumPy on the host) and stage B (the fused kernel), runs *inside* the op, so ``torch.compile``
-sees one opaque node: ``fullgraph=True`` works and a compiled function calling it is one graph.
-The fake implementation checks the arguments the way the API does (``ValueError`` at trace
-time) and returns an empty tensor of the output's shape, dtype and device, so FakeTensorMode
-and meta tensors work.
+The arguments are those of :func:`m3kernels.api.merge_tensors`, encoded for a schema:
+``normalize`` -1 (the method's default), 0 or 1; ``rescale`` "" (default), "true", "false" or
+"l1"; ``seed`` as a signed 64-bit integer (seeds of 2**63 and above wrap); a ``thresholds`` entry
+NaN means None (keep all); ``scalars`` has bit 0, 1, 2, 3 set when ``weights``, ``density``,
+``drop_rate``, ``mix_ratios`` were given as a scalar (passed as a one-element list).
+:func:`merge_tensors` here has the signature of the API function and does the encoding.
+
+The whole merge, stage A (L1 sums, exact trim thresholds: Python and NumPy on the host) and
+stage B (the fused kernel), runs *inside* the op, so ``torch.compile`` sees one opaque node:
+``fullgraph=True`` works and a compiled function calling it is one graph, with static or dynamic
+shapes and scalar arguments. The fake implementation checks the arguments the way the API does
+(``ValueError`` at trace time) and returns an empty tensor of the output's shape, dtype and
+device, so FakeTensorMode and meta tensors work.
 
 Gradients: a merge is not differentiable (the trim and the sign vote are piecewise constant
 selections, the kernels have no backward). :func:`merge_tensors` runs the op under
@@ -24,114 +31,261 @@ backward raises PyTorch's "no autograd formula" error.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 
 import torch
 
-from m3kernels.merge.kernel_params import DTYPE_CODES
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_KEYS = (
-    "method",
-    "weights",
-    "density",
-    "drop_rate",
-    "normalize",
-    "rescale",
-    "lambda_",
-    "mix_ratios",
-    "mixup_alpha",
-    "seed",
-    "name",
-    "out_dtype",
-    "backend",
-    "thresholds",
-)
+_SCALAR_BITS = {"weights": 1, "density": 2, "drop_rate": 4, "mix_ratios": 8}
+_RESCALE = {"": None, "true": True, "false": False, "l1": "l1"}
 
 
-def _plain(value, arg: str):
-    """A JSON-ready copy of one argument: numbers, bools, strings, None and lists of them."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, torch.dtype):
-        if value not in _DTYPE_NAMES:
-            raise ValueError(f"{arg}: dtype {value} is not supported; use float32, bfloat16 or float16")
-        return _DTYPE_NAMES[value]
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
+def _floats(value, arg: str):
+    """(list of floats or None, given as a scalar?) for a scalar-or-per-model argument."""
+    if value is None:
+        return None, False
+    if isinstance(value, (bool, str)):
+        raise ValueError(f"{arg} must be a number or one number per model, got {value!r}")
+    if isinstance(value, (int, float, torch.SymInt, torch.SymFloat)):
+        return [float(value)], True
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return [float(value)], True
     if hasattr(value, "tolist"):  # a tensor or NumPy array of values (eager only)
-        return _plain(value.tolist(), arg)
-    if isinstance(value, Sequence):
-        return [_plain(v, arg) for v in value]
-    if hasattr(value, "__float__"):
-        return float(value)
-    raise ValueError(f"{arg}: cannot pass {type(value).__name__} to the m3kernels op")
-
-
-@torch.compiler.assume_constant_result
-def make_spec(**kwargs) -> str:
-    """The ``spec`` string of the ops from ``merge_tensors`` keyword arguments (a constant to
-    ``torch.compile``: the arguments are Python values, baked into the graph)."""
-    unknown = sorted(set(kwargs) - set(_KEYS))
-    if unknown:
-        raise ValueError(f"unknown merge argument(s): {', '.join(unknown)}")
-    if "method" not in kwargs:
-        raise ValueError("method: required")
-    return json.dumps({k: _plain(v, k) for k, v in kwargs.items()}, allow_nan=True)
-
-
-def parse_spec(spec: str) -> dict:
-    """``merge_tensors`` keyword arguments from a spec string."""
+        value = value.tolist()
+    if not isinstance(value, Sequence):
+        raise ValueError(f"{arg} must be a number or one number per model, got {type(value).__name__}")
     try:
-        kw = json.loads(spec)
-    except (TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"spec: not a JSON object ({exc})") from None
-    if not isinstance(kw, dict):
-        raise ValueError("spec: must be a JSON object of merge_tensors keyword arguments")
-    unknown = sorted(set(kw) - set(_KEYS))
-    if unknown:
-        raise ValueError(f"spec: unknown merge argument(s): {', '.join(unknown)}")
-    if "method" not in kw:
-        raise ValueError("spec: method is required")
-    if kw.get("out_dtype") is not None:
-        name = kw["out_dtype"]
-        if name not in _DTYPES:
-            raise ValueError(f"out_dtype {name!r} is not supported; use float32, bfloat16 or float16")
-        kw["out_dtype"] = _DTYPES[name]
-    if kw.get("thresholds") is not None:
-        kw["thresholds"] = [None if t is None else float(t) for t in kw["thresholds"]]
+        return [float(v) for v in value], False
+    except (TypeError, ValueError):
+        raise ValueError(f"{arg} must be a number or one number per model, got {value!r}") from None
+
+
+def encode(
+    *,
+    method,
+    weights=None,
+    density=None,
+    drop_rate=None,
+    normalize=None,
+    rescale=None,
+    lambda_=1.0,
+    mix_ratios=None,
+    mixup_alpha=None,
+    seed=0,
+    name="",
+    out_dtype=None,
+    backend="auto",
+    thresholds=None,
+) -> tuple:
+    """The ops' arguments after ``(base, models)`` from ``merge_tensors`` keyword arguments."""
+    if not isinstance(method, str):
+        raise ValueError("method must be a string")
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a string, got {type(name).__name__}")
+    if not isinstance(backend, str):
+        raise ValueError("backend must be a string")
+    scalars = 0
+    lists = {}
+    for arg, value in (
+        ("weights", weights),
+        ("density", density),
+        ("drop_rate", drop_rate),
+        ("mix_ratios", mix_ratios),
+    ):
+        lists[arg], is_scalar = _floats(value, arg)
+        scalars |= _SCALAR_BITS[arg] if is_scalar else 0
+    norm = -1 if normalize is None else int(bool(normalize))
+    if rescale is None:
+        resc = ""
+    elif isinstance(rescale, bool):
+        resc = "true" if rescale else "false"
+    elif isinstance(rescale, str) and rescale.lower() in _RESCALE:
+        resc = rescale.lower()
+    else:
+        raise ValueError(f"rescale must be True, False or 'l1', got {rescale!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)):
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+    if isinstance(seed, int):
+        if not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed}")
+        seed = seed - 2**64 if seed >= 2**63 else seed
+    if out_dtype is not None and not isinstance(out_dtype, torch.dtype):
+        raise ValueError(f"out_dtype must be a torch.dtype, got {out_dtype!r}")
+    th = None
+    if thresholds is not None:
+        th = [math.nan if t is None else float(t) for t in thresholds]
+    alpha = None if mixup_alpha is None else float(mixup_alpha)
+    return (
+        method,
+        lists["weights"],
+        lists["density"],
+        lists["drop_rate"],
+        norm,
+        resc,
+        float(lambda_),
+        lists["mix_ratios"],
+        alpha,
+        seed,
+        name,
+        out_dtype,
+        backend,
+        th,
+        scalars,
+    )
+
+
+def decode(
+    method,
+    weights,
+    density,
+    drop_rate,
+    normalize,
+    rescale,
+    lambda_,
+    mix_ratios,
+    mixup_alpha,
+    seed,
+    name,
+    out_dtype,
+    backend,
+    thresholds,
+    scalars,
+) -> dict:
+    """``merge_tensors`` keyword arguments from the ops' arguments (the inverse of :func:`encode`)."""
+    kw = {"method": method}
+    for arg, value in (
+        ("weights", weights),
+        ("density", density),
+        ("drop_rate", drop_rate),
+        ("mix_ratios", mix_ratios),
+    ):
+        if value is not None:
+            value = list(value)
+            kw[arg] = value[0] if scalars & _SCALAR_BITS[arg] and len(value) == 1 else value
+    if normalize not in (-1, 0, 1):
+        raise ValueError(f"normalize: -1 (default), 0 or 1 expected, got {normalize}")
+    if normalize != -1:
+        kw["normalize"] = bool(normalize)
+    if rescale not in _RESCALE:
+        raise ValueError(f"rescale must be '', 'true', 'false' or 'l1', got {rescale!r}")
+    if _RESCALE[rescale] is not None:
+        kw["rescale"] = _RESCALE[rescale]
+    kw["lambda_"] = lambda_
+    if mixup_alpha is not None:
+        kw["mixup_alpha"] = mixup_alpha
+    kw["seed"] = int(seed) % 2**64
+    kw["name"] = name
+    if out_dtype is not None:
+        kw["out_dtype"] = out_dtype
+    kw["backend"] = backend
+    if thresholds is not None:
+        kw["thresholds"] = [None if math.isnan(t) else t for t in thresholds]
     return kw
 
 
-def _run(base, models, spec: str, out):
+def _run(base, models, args, out):
     from m3kernels.api import merge_tensors as api_merge
 
-    return api_merge(base, list(models), out=out, **parse_spec(spec))
+    return api_merge(base, list(models), out=out, **decode(*args))
 
 
 @torch.library.custom_op("m3kernels::merge", mutates_args=(), device_types=("cpu", "cuda"))
-def merge(base: torch.Tensor | None, models: list[torch.Tensor], spec: str) -> torch.Tensor:
-    """The merged tensor (``merge_tensors(base, models, **json.loads(spec))``)."""
-    return _run(base, models, spec, None)
+def merge(
+    base: torch.Tensor | None,
+    models: list[torch.Tensor],
+    method: str,
+    weights: list[float] | None,
+    density: list[float] | None,
+    drop_rate: list[float] | None,
+    normalize: int,
+    rescale: str,
+    lambda_: float,
+    mix_ratios: list[float] | None,
+    mixup_alpha: float | None,
+    seed: int,
+    name: str,
+    out_dtype: torch.dtype | None,
+    backend: str,
+    thresholds: list[float] | None,
+    scalars: int,
+) -> torch.Tensor:
+    """The merged tensor: ``merge_tensors(base, models, **decode(...))``."""
+    return _run(
+        base,
+        models,
+        (
+            method,
+            weights,
+            density,
+            drop_rate,
+            normalize,
+            rescale,
+            lambda_,
+            mix_ratios,
+            mixup_alpha,
+            seed,
+            name,
+            out_dtype,
+            backend,
+            thresholds,
+            scalars,
+        ),
+        None,
+    )
 
 
 @torch.library.custom_op("m3kernels::merge_out", mutates_args=("out",), device_types=("cpu", "cuda"))
-def merge_out(base: torch.Tensor | None, models: list[torch.Tensor], spec: str, out: torch.Tensor) -> None:
+def merge_out(
+    base: torch.Tensor | None,
+    models: list[torch.Tensor],
+    method: str,
+    weights: list[float] | None,
+    density: list[float] | None,
+    drop_rate: list[float] | None,
+    normalize: int,
+    rescale: str,
+    lambda_: float,
+    mix_ratios: list[float] | None,
+    mixup_alpha: float | None,
+    seed: int,
+    name: str,
+    out_dtype: torch.dtype | None,
+    backend: str,
+    thresholds: list[float] | None,
+    scalars: int,
+    out: torch.Tensor,
+) -> None:
     """The merged tensor written into ``out`` (contiguous, the models' shape and device)."""
-    _run(base, models, spec, out)
+    _run(
+        base,
+        models,
+        (
+            method,
+            weights,
+            density,
+            drop_rate,
+            normalize,
+            rescale,
+            lambda_,
+            mix_ratios,
+            mixup_alpha,
+            seed,
+            name,
+            out_dtype,
+            backend,
+            thresholds,
+            scalars,
+        ),
+        out,
+    )
 
 
-def _fake_check(base, models, spec: str, out=None) -> tuple:
+def _fake_check(base, models, args, out=None) -> tuple:
     """What the op would raise for these arguments, without data; (shape, dtype, device)."""
     from m3kernels.api import validate_inputs
     from m3kernels.merge.recipe import make_recipe
 
-    kw = parse_spec(spec)
+    kw = decode(*args)
     base, models, out_dtype = validate_inputs(base, models, out, kw.pop("out_dtype", None))
     recipe_kw = {k: kw[k] for k in kw if k not in ("name", "backend", "thresholds", "method")}
     recipe = make_recipe(len(models), method=kw["method"], has_base=base is not None, **recipe_kw)
@@ -142,22 +296,20 @@ def _fake_check(base, models, spec: str, out=None) -> tuple:
         if len(th) != recipe.n:
             raise ValueError(f"thresholds: expected {recipe.n} values, got {len(th)}")
         for t in th:
-            if t is not None and (math.isnan(t) or t < 0):
+            if t is not None and t < 0:
                 raise ValueError(f"thresholds must be >= 0 (or None, or inf to keep nothing), got {t}")
-    if not isinstance(kw.get("name", ""), str):
-        raise ValueError("name must be a string")
     return models[0].shape, out_dtype, models[0].device
 
 
 @merge.register_fake
-def _merge_fake(base, models, spec):
-    shape, dtype, device = _fake_check(base, models, spec)
+def _merge_fake(base, models, *args):
+    shape, dtype, device = _fake_check(base, models, args)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
 @merge_out.register_fake
-def _merge_out_fake(base, models, spec, out):
-    _fake_check(base, models, spec, out)
+def _merge_out_fake(base, models, *args):
+    _fake_check(base, models, args[:-1], args[-1])
 
 
 def merge_tensors(
@@ -183,12 +335,13 @@ def merge_tensors(
     """:func:`m3kernels.api.merge_tensors` through the custom ops: the same arguments and bytes,
     and traceable (``torch.compile(fullgraph=True)``, FakeTensorMode, meta tensors).
 
-    Scalar arguments must be Python values (under ``torch.compile`` they are constants of the
-    graph; a change recompiles). The result never requires grad (module docstring).
+    Under ``torch.compile`` per-model arguments should be Python numbers or lists of them (a
+    tensor of weights is read with ``tolist()``, which only works eagerly). The result never
+    requires grad (module docstring).
     """
     if isinstance(models, torch.Tensor) or models is None:
         raise ValueError("models must be a sequence of tensors (one per fine-tuned model)")
-    spec = make_spec(
+    args = encode(
         method=method,
         weights=weights,
         density=density,
@@ -207,11 +360,9 @@ def merge_tensors(
     models = list(models)
     with torch.no_grad():
         if out is None:
-            return torch.ops.m3kernels.merge(base, models, spec)
-        torch.ops.m3kernels.merge_out(base, models, spec, out)
+            return torch.ops.m3kernels.merge(base, models, *args)
+        torch.ops.m3kernels.merge_out(base, models, *args, out)
         return out
 
 
-SUPPORTED_DTYPES = tuple(DTYPE_CODES)
-
-__all__ = ["merge", "merge_out", "merge_tensors", "make_spec", "parse_spec", "SUPPORTED_DTYPES"]
+__all__ = ["merge", "merge_out", "merge_tensors", "encode", "decode"]

@@ -67,16 +67,14 @@ def test_non_contiguous_inputs(gen):
 @pytest.mark.parametrize("op", ["merge", "merge_out"])
 def test_opcheck(gen, op):
     base, models = make_inputs((17, 9), 3, (torch.bfloat16, [torch.float32, torch.float16]), gen)
-    spec = ops.make_spec(method="dare_ties", density=0.5, weights=[1.0, 2.0, -1.0], seed=4, name="t")
+    args = ops.encode(method="dare_ties", density=0.5, weights=[1.0, 2.0, -1.0], seed=4, name="t")
     if op == "merge":
-        args = (base, models, spec)
-        torch.library.opcheck(torch.ops.m3kernels.merge.default, args)
-        torch.library.opcheck(
-            torch.ops.m3kernels.merge.default, (None, models, ops.make_spec(method="linear"))
-        )
+        torch.library.opcheck(torch.ops.m3kernels.merge.default, (base, models, *args))
+        lin = ops.encode(method="linear", weights=0.5, out_dtype=torch.float16)
+        torch.library.opcheck(torch.ops.m3kernels.merge.default, (None, models, *lin))
     else:
         out = torch.empty(17, 9, dtype=torch.bfloat16)
-        torch.library.opcheck(torch.ops.m3kernels.merge_out.default, (base, models, spec, out))
+        torch.library.opcheck(torch.ops.m3kernels.merge_out.default, (base, models, *args, out))
 
 
 def _merge_then_scale(b, x, y, z):
@@ -160,14 +158,43 @@ def test_result_never_requires_grad(gen):
     assert_same_bytes(y, ref)
 
 
-def test_spec_round_trip():
-    spec = ops.make_spec(
-        method="ties", thresholds=[None, float("inf"), 0.5], out_dtype=torch.bfloat16, seed=2**64 - 1
+def test_encode_decode_round_trip():
+    kw = dict(
+        method="ties",
+        weights=0.5,
+        density=[0.1, 0.2],
+        normalize=False,
+        rescale="L1",
+        thresholds=[None, float("inf")],
+        out_dtype=torch.bfloat16,
+        seed=2**64 - 1,
+        mix_ratios=0.3,
     )
-    kw = ops.parse_spec(spec)
-    assert kw["thresholds"] == [None, float("inf"), 0.5]
-    assert kw["out_dtype"] is torch.bfloat16 and kw["seed"] == 2**64 - 1
-    with pytest.raises(ValueError, match="unknown"):
-        ops.make_spec(method="ties", densty=0.2)
-    with pytest.raises(ValueError, match="JSON"):
-        ops.parse_spec("not json")
+    got = ops.decode(*ops.encode(**kw))
+    assert got["weights"] == 0.5 and got["density"] == [0.1, 0.2] and got["mix_ratios"] == 0.3
+    assert got["normalize"] is False and got["rescale"] == "l1" and got["thresholds"] == [None, float("inf")]
+    assert got["out_dtype"] is torch.bfloat16 and got["seed"] == 2**64 - 1
+    assert "normalize" not in ops.decode(*ops.encode(method="ties"))
+    with pytest.raises(ValueError, match="seed"):
+        ops.encode(method="ties", seed=-1)
+    with pytest.raises(ValueError, match="rescale"):
+        ops.encode(method="dare_ties", rescale="sqrt")
+    with pytest.raises(ValueError, match="weights"):
+        ops.encode(method="ties", weights="heavy")
+
+
+def test_compile_dynamic_shapes_and_scalars(gen):
+    """dynamic=True: symbolic shapes and scalar arguments that change; fullgraph holds (a float
+    argument is specialized by dynamo, so a new density recompiles: one graph per compile)."""
+
+    def f(b, x, y, density, seed):
+        return ops.merge_tensors(b, [x, y], method="dare_ties", density=density, seed=seed, name="w") + 1
+
+    cnt = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, dynamic=True, backend=cnt)
+    for shape, density, seed in (((7, 5), 0.5, 1), ((9, 11), 0.3, 2), ((13, 3), 0.7, 2**40)):
+        base, models = make_inputs(shape, 2, (torch.float32, [torch.bfloat16]), gen)
+        ref = api_merge(base, models, method="dare_ties", density=density, seed=seed, name="w") + 1
+        assert_same_bytes(compiled(base, *models, density, seed), ref)
+    assert 1 <= cnt.frame_count <= 3
