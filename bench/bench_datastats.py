@@ -86,12 +86,12 @@ def stats_runs(root: Path, args) -> list[dict]:
         ("regmean, batch 8", compute_regmean, dict(batch_size=8)),
     ]
     for i, (label, fn, kw) in enumerate(runs):
-        t0 = time.perf_counter()
+        load0, c0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
         m = fn(model, data, root / f"s{i}", progress=False, **kw)
-        total = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        total, cpu = time.perf_counter() - t0, time.process_time() - c0
+        c0, t0 = time.process_time(), time.perf_counter()
         fn(model, one, root / f"o{i}", progress=False, **kw)
-        fixed = time.perf_counter() - t0
+        fixed, fixed_cpu = time.perf_counter() - t0, time.process_time() - c0
         tokens = m["counts"]["tokens"]
         loop = max(total - fixed, 1e-9)
         rows.append(
@@ -102,6 +102,9 @@ def stats_runs(root: Path, args) -> list[dict]:
                 "seconds": round(total, 2),
                 "tokens_per_s_end_to_end": round(tokens / total, 1),
                 "tokens_per_s_data_pass": round(tokens / loop, 1),
+                "cpu_s": round(cpu, 2),
+                "tokens_per_cpu_s_data_pass": round(tokens / max(cpu - fixed_cpu, 1e-9), 1),
+                "load1": round((load0 + os.getloadavg()[0]) / 2, 2),
                 "stats_bytes": folder_bytes(root / f"s{i}"),
                 "model_bytes": model_bytes,
                 "stats_over_model": round(folder_bytes(root / f"s{i}") / model_bytes, 3),
@@ -119,7 +122,9 @@ def fisher_bandwidth(args) -> dict:
     fishers = [torch.rand(shape, generator=g) for _ in range(n)]
     out = torch.empty(shape, dtype=torch.bfloat16)
     streams = sum(t.nbytes for t in models + fishers) + out.nbytes
+    load0, c0 = os.getloadavg()[0], time.process_time()
     t = best_of(lambda: fisher_merge(models, fishers, out=out), args.repeats)
+    cpu = (time.process_time() - c0) / args.repeats
     src = torch.empty(streams // 2, dtype=torch.uint8)
     dst = torch.empty_like(src)
     tc = best_of(lambda: dst.copy_(src), args.repeats)
@@ -131,6 +136,8 @@ def fisher_bandwidth(args) -> dict:
         "copy_GB_per_s": round(copy_gbs, 2),
     }
     r["pct_of_copy"] = round(100 * r["GB_per_s"] / copy_gbs, 1)
+    r["cpu_s_per_call"] = round(cpu, 3)
+    r["load1"] = round((load0 + os.getloadavg()[0]) / 2, 2)
     print(json.dumps(r))
     return r
 
