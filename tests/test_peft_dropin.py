@@ -142,6 +142,26 @@ def test_density_edges(monkeypatch, gen, fn, density):
     same(ours, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_inputs(monkeypatch, gen, dtype):
+    """NaN and inf where PEFT gives them (a trimmed or dropped inf is inf · 0 = NaN in PEFT)."""
+    ts = task_tensors(gen, 3, (40, 30), dtype)
+    ts[0][0, 0], ts[1][3, 4], ts[2][5, 6], ts[2][7, 7] = (
+        float("nan"),
+        float("inf"),
+        -float("inf"),
+        float("nan"),
+    )
+    w = torch.tensor(WEIGHTS[3])
+    same(dropin.task_arithmetic(ts, w), peft_merge.task_arithmetic(ts, w))
+    for density in (0.3, 0.0005):  # 0.0005: k = 0, everything trimmed
+        same(dropin.magnitude_prune(ts, w, density), peft_merge.magnitude_prune(ts, w, density))
+        for vote in ("total", "frequency"):
+            same(dropin.ties(ts, w, density, vote), peft_merge.ties(ts, w, density, vote))
+    ours = dropin.dare_linear(ts, w, 0.5, seed=2, name="nf")
+    same(ours, peft_call(monkeypatch, "dare_linear", ts, w, 0.5, bern=_bern(3, 0.5, 2, "nf")))
+
+
 def test_bad_arguments():
     ts = [torch.zeros(3, 3), torch.zeros(3, 3)]
     with pytest.raises(ValueError, match="density"):

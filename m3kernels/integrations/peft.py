@@ -23,8 +23,9 @@ What runs fused (one m3kernels stage-B pass, after our stage A) and what runs as
   magnitudes is ``torch.topk``'s, so that tensor's mask comes from ``torch.topk`` and the rest is
   eager (needs: an exact-k trim variant with topk's tie order, which no kernel can promise).
 * ``dare_linear``: fused when density is a power of two (x / density is then exactly
-  x · (1 / density)); else eager with the kernel's DARE mask (needs: a rescale-by-division
-  variant that rounds the quotient to the input dtype).
+  x · (1 / density)) and the tensors are finite (PEFT's dropped inf is inf · 0 = NaN); else eager
+  with the kernel's DARE mask (needs: a rescale-by-division variant that rounds the quotient to
+  the input dtype).
 * ``ties``, ``dare_ties``: not fused (need: the count divisor and the ``frequency`` vote). The
   trim thresholds still come from our exact selection (no ``torch.topk`` when they are unique)
   and the DARE masks from the kernel; the vote and disjoint merge are PyTorch ops.
@@ -200,8 +201,8 @@ def _magnitude_masks(tensors, density: float):
     exactly PEFT's k = int(density · numel) elements; k = 0 gives (TRIM_KEEP_NONE, True)."""
     numel = tensors[0].numel()
     k = int(density * numel)
-    if k <= 0:
-        return [(TRIM_KEEP_NONE, True)] * len(tensors)
+    if k <= 0:  # PEFT's t * 0 is NaN at inf / NaN: only a finite tensor trims to plain zeros
+        return [(TRIM_KEEP_NONE, bool(torch.isfinite(t).all())) for t in tensors]
     out = []
     for t, thr in zip(tensors, _kth_largest_bits(tensors, k)):
         unique = thr <= 0x7F800000 and int((_keys(t) >= thr).sum()) == k  # not inside the NaNs
@@ -333,7 +334,12 @@ def dare_linear(
         _no_pruning_warning(density, len(tensors))
         return task_arithmetic(tensors, weights)
     seed, name = _key(seed, name)
-    if density > 0 and math.frexp(density)[0] == 0.5 and _fusable(tensors, weights):
+    if (
+        density > 0
+        and math.frexp(density)[0] == 0.5
+        and _fusable(tensors, weights)
+        and all(bool(torch.isfinite(t).all()) for t in tensors)  # a dropped inf is NaN in PEFT
+    ):
         fp16 = [t for t in tensors if t.dtype == torch.float16]
         if not fp16 or max(float(t.abs().max()) for t in fp16) / density <= _FP16_MAX:
             p = _sum_params(len(tensors), weights.tolist(), density=density, seed=seed, name=name)
