@@ -18,6 +18,7 @@ import torch
 
 import m3kernels
 from m3kernels.backends import _load
+from m3kernels.errors import M3KError
 from m3kernels.merge import registry
 from m3kernels.merge.methods import gram as gram_family
 from m3kernels.merge.methods import stage
@@ -311,7 +312,8 @@ def test_missing_feature_is_a_clear_error():
     base = torch.randn(4, 6)
     models = [base + 1, base - 1]
     recipe = make_recipe(2, method="model_stock", has_base=True, filter_wise=True)
-    with pytest.raises(ValueError, match="not implemented on backend 'stand_in' yet.*group_coef"):
+    with pytest.raises(ValueError, match="not implemented on backend 'stand_in' yet.*group_coef") as ei:
         stage(base, models, recipe, "w", be)
+    assert isinstance(ei.value, M3KError)  # the CLI reports it as a user error, not an internal one
     recipe = make_recipe(2, method="model_stock", has_base=True)
     stage(base, models, recipe, "w", be)  # per tensor: no group table needed

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from m3kernels.errors import M3KError
 from m3kernels.merge.kernel_params import KernelParams, make_params
 from m3kernels.merge.registry import SUM
 
@@ -44,6 +45,11 @@ def backend_name(backend) -> str:
     return getattr(backend, "__name__", str(backend)).rsplit(".", 1)[-1]
 
 
+class BackendFeatureError(M3KError, ValueError):
+    """A method needs a kernel piece (``FEATURES``) the chosen backend does not have yet: a
+    ``ValueError`` for the API, a user error (not an internal one) for the CLI."""
+
+
 def missing_features(backend, method) -> list:
     """The kernel features ``method`` (a registry Method) may need that ``backend`` lacks."""
     have = getattr(backend, "FEATURES", frozenset())
@@ -55,7 +61,7 @@ def require(backend, method: str, *features: str) -> None:
     have = getattr(backend, "FEATURES", frozenset())
     missing = [f for f in features if f not in have]
     if missing:
-        raise ValueError(
+        raise BackendFeatureError(
             f"method {method!r} is not implemented on backend {backend_name(backend)!r} yet "
             f"(it needs the kernel feature(s) {', '.join(missing)})"
         )
@@ -97,6 +103,7 @@ def plain_params(recipe, name: str, n: int, has_base: bool, **fields) -> KernelP
 
 
 __all__ = [
+    "BackendFeatureError",
     "Staged",
     "stage",
     "merge",
