@@ -188,8 +188,11 @@ COMBINATIONS = [
     "dare_linear",
     "dare_ties",
     "magnitude_prune",
+    "svd",
     "ties_svd",
     "dare_linear_svd",
+    "dare_ties_svd",
+    "magnitude_prune_svd",
 ]
 
 
