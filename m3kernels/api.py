@@ -199,10 +199,12 @@ def merge_tensors(
     ``m3kernels methods`` (or docs/CONFIG.md) lists each method's parameters and defaults.
 
     Args:
-        base: the base model's tensor θ0 (float32, bfloat16 or float16), or None. Every method
-            but ``linear`` needs it; ``linear`` ignores it.
+        base: the base model's tensor θ0 (float32, bfloat16 or float16), or None. Most methods
+            need it; ``linear``, ``passthrough`` and ``karcher`` ignore it; ``nuslerp`` and
+            ``multislerp`` use it when given (task vectors) and work on the raw tensors without.
         models: sequence of N ≥ 1 tensors, one per fine-tuned model, the base's shape, on the
-            base's device; dtypes may differ.
+            base's device; dtypes may differ. ``slerp``, ``nearswap``, ``passthrough`` take one,
+            ``nuslerp`` two, ``model_stock`` at least two.
         method: a registered name (``m3kernels.METHODS``): ``linear`` / ``average``,
             ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``ties_dare``,
             ``passthrough``, ``nearswap``, ``ram``, ``ramplus_tl``, ``breadcrumbs``,

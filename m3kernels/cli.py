@@ -362,6 +362,7 @@ def methods_text(names=()) -> str:
         )
         for q in m.params:
             default = q.default if not isinstance(q.default, bool) else str(q.default).lower()
+            default = "none (unset)" if default is None else default
             where = q.scope + ("" if q.config else ", tensor API only")
             lines.append(
                 f"  {q.name:10s} {where}, {q.range}, default {default}"
