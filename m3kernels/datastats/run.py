@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -158,30 +159,43 @@ def pad_id(tok) -> int:
     return 0
 
 
-def _prepare_out(out_dir: Path, force: bool, resume: bool) -> None:
+STATS_FILE = re.compile(r"^(fisher|regmean)-\d{5}(-\d{3})?\.safetensors(\.tmp)?$")
+
+
+def _ours(p: Path) -> bool:
     from m3kernels.datastats.output import MANIFEST, PARTIAL
+
+    return p.name in (MANIFEST, MANIFEST + ".tmp", PARTIAL) or bool(STATS_FILE.match(p.name))
+
+
+def _prepare_out(out_dir: Path, force: bool, resume: bool, model_path: Path) -> None:
+    """OUT as a statistics folder: new, or one of ours (finished: only with ``force``; unfinished:
+    ``resume`` keeps it, ``force`` clears it). A folder holding anything else is never touched."""
+    from m3kernels.datastats.output import MANIFEST
 
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir} exists and is not a folder", path=str(out_dir))
+    if out_dir.resolve() == model_path.resolve():
+        raise OutputExistsError(
+            f"{out_dir} is the model folder: the statistics need a folder of their own", path=str(out_dir)
+        )
     if out_dir.is_dir() and any(out_dir.iterdir()):
-        if force:
-            for p in out_dir.iterdir():
-                if p.name == MANIFEST or p.name == PARTIAL or p.suffix in (".safetensors", ".tmp"):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
-            left = [p.name for p in out_dir.iterdir()]
-            if left:
-                raise OutputExistsError(
-                    f"{out_dir}: holds files that are not statistics ({left[0]} ...); not replaced",
-                    path=str(out_dir),
-                )
-        elif resume and not (out_dir / MANIFEST).exists():
-            pass
-        else:
-            what = "finished statistics" if (out_dir / MANIFEST).exists() else "files"
-            hint = "--force replaces them" + (
-                "" if (out_dir / MANIFEST).exists() else ", --resume continues an unfinished run"
+        foreign = sorted(p.name for p in out_dir.iterdir() if not _ours(p))
+        if foreign:
+            raise OutputExistsError(
+                f"{out_dir} holds files that are not statistics ({foreign[0]}{' …' if len(foreign) > 1 else ''}): "
+                f"choose another OUT (nothing there is replaced)",
+                path=str(out_dir),
             )
+        finished = (out_dir / MANIFEST).exists()
+        if resume and not finished:
+            return
+        if not force:
+            hint = "--force replaces them" + ("" if finished else ", --resume continues the unfinished run")
+            what = "finished statistics" if finished else "an unfinished statistics run"
             raise OutputExistsError(f"{out_dir} already holds {what} ({hint})", path=str(out_dir))
+        for p in out_dir.iterdir():
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -226,7 +240,7 @@ def run_stats(
     key = hashlib.sha256(
         json.dumps([kind, fingerprint, data_sha, opts.recorded(kind)], sort_keys=True).encode()
     ).hexdigest()
-    _prepare_out(out_dir, force, resume)
+    _prepare_out(out_dir, force, resume, model_path)
     acc = make_accumulator(model, opts, pad_id(tok))
     files, start_pass, start_done = [], 0, 0
     state = output.load_state_info(out_dir) if resume else None
