@@ -254,3 +254,14 @@ def test_cli_stats_one_line_errors(fam, tmp_path, capsys, fresh_cli_logging):
         cli.main(["stats", "fisher", str(tmp_path / "nomodel"), str(fam / "data.txt"), str(tmp_path / "z")])
         == 2
     )
+    # never into (or over) a folder holding anything else, --force or not: the model's weights stay
+    for out, words in (
+        (fam / "ft", "is the model folder"),
+        (tmp_path, "holds files that are not statistics"),
+    ):
+        assert (
+            cli.main(["stats", "fisher", str(fam / "ft"), str(fam / "data.txt"), str(out), "--force", "-q"])
+            == 2
+        )
+        assert words in capsys.readouterr().err
+    assert (fam / "ft" / "model.safetensors").exists() and (tmp_path / "bad.jsonl").exists()
