@@ -200,3 +200,58 @@ def test_mutation_fuzzer_never_crashes(tmp_path):
         assert time.perf_counter() - t0 < 1.0, text
     assert outcomes["error"] > FUZZ_CASES // 2
     yaml.safe_load(VALID)  # the seed config itself is valid YAML
+
+
+# every parameter of every method, given hostile values: a MergeConfigError naming it, or a valid
+# config whose tensors all resolve (never another exception)
+HOSTILE_VALUES = [
+    None,
+    [],
+    {},
+    [[0.5]],
+    [{"filter": 3, "value": 1}],
+    [{"value": [{"value": 1}]}],
+    "nan",
+    "1e400",
+    1e400,
+    -1,
+    10**30,
+    True,
+    "x",
+    [True, 0.5],
+    [0.0, 2.5],
+]
+
+
+def _hostile_cases():
+    from m3kernels.merge.registry import METHODS
+
+    for m in METHODS.values():
+        for p in m.params:
+            if p.config:
+                yield m, p
+
+
+@pytest.mark.parametrize("method,param", list(_hostile_cases()), ids=lambda x: getattr(x, "name", str(x)))
+def test_hostile_parameter_values(method, param):
+    lo, hi = method.models
+    n = lo if hi == lo else max(lo, 2)
+    for value in HOSTILE_VALUES:
+        raw = {"merge_method": method.name, "models": [{"model": f"m{i}"} for i in range(n)]}
+        if method.program.uses_base or method.needs_base:
+            raw["base_model"] = "b"
+        params = (
+            {"t": 0.5} if method.param("t") is not None and method.param("t").default == "required" else {}
+        )
+        params[param.name] = value
+        raw["parameters"] = params
+        try:
+            cfg = load_config(raw)
+        except MergeConfigError as exc:
+            assert "\n" not in str(exc)
+            continue
+        for name in ("model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight", "lm_head.weight"):
+            try:
+                cfg.tensor_kwargs(name, 4)
+            except MergeConfigError:
+                pass
