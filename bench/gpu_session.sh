@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs the lent GPU, in two device calls of < 10 minutes each:
 #   bench/gpu_session.sh test    build for the GPU, GPU tests, compute-sanitizer
-#   bench/gpu_session.sh bench   bench/bench_gpu.py and bench/bench_gpu_pipeline.py
+#   bench/gpu_session.sh bench   bench/bench_gpu.py, bench/bench_gpu_pipeline.py, issue-8 kernel timings
 # Results go to $OUT (the device tool brings them back): at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,9 @@ if [ "$phase" = test ]; then
   echo "== GPU tests" >> "$OUT/$phase.log"
   timeout 330 $PY -m pytest tests/test_gpu_backends.py tests/test_triton_backend.py tests/test_merge_tensors.py \
     -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1; echo "pytest rc=$?" >> "$OUT/$phase.log"
+  echo "== issue-8 kernel pieces (trim window, group coefficients, nearswap, ram, gram, ram_counts)" >> "$OUT/$phase.log"
+  timeout 240 $PY -m pytest tests/test_kernel_features.py tests/test_kernel_features_gpu.py \
+    -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1; echo "features pytest rc=$?" >> "$OUT/$phase.log"
   echo "== compute-sanitizer" > "$OUT/sanitizer.log"
   for tool in memcheck racecheck initcheck synccheck; do
     small=""; [ "$tool" = memcheck ] || small="--small"
@@ -31,5 +34,42 @@ else
   echo "bench_gpu rc=$?" >> "$OUT/$phase.log"
   timeout 300 $PY bench/bench_gpu_pipeline.py --json "$OUT/bench_gpu_pipeline.json" > "$OUT/bench_gpu_pipeline.txt" 2>&1
   echo "bench_gpu_pipeline rc=$?" >> "$OUT/$phase.log"
+  # issue-8 pieces: stage B (group coefficients, ram, nearswap) and stage A (gram, ram_counts) times
+  timeout 120 $PY - > "$OUT/features_gpu.txt" 2>&1 <<'PYEOF'
+import time, numpy as np, torch
+from m3kernels.merge.kernel_params import make_params
+from m3kernels.merge.recipe import make_recipe
+from m3kernels.backends import cuda, triton
+rows, cols, n = 4096, 14336, 2
+g = torch.Generator(device="cuda").manual_seed(0)
+base = torch.randn(rows, cols, device="cuda", generator=g).to(torch.bfloat16)
+models = [(base.float() + 0.01 * torch.randn(rows, cols, device="cuda", generator=g)).to(torch.bfloat16) for _ in range(n)]
+out = torch.empty_like(base)
+def p(k, **f):
+    q = make_params(make_recipe(k, has_base=True, method="task_arithmetic"), "w", True)
+    return q.with_fields(**f)
+gc = np.full(rows * n, 0.5, np.float32)
+cases = {
+    "sum": (p(n), n), "group_row": (p(n, coef_group=1, row_len=cols, group_coef=gc), n),
+    "ram": (p(n, combine=4, ram_eps=1e-5), n), "nearswap": (p(1, combine=3, clip_t=0.01), 1),
+}
+gbytes = base.numel() * 2 * (n + 2) / 1e9
+def timed(fn, reps=5):
+    fn(); torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(reps): fn()
+    torch.cuda.synchronize(); return (time.perf_counter() - t) / reps
+print(torch.cuda.get_device_name(), f"{rows}x{cols} bf16, n={n}")
+for name, be in (("cuda", cuda), ("triton", triton)):
+    for case, (q, k) in cases.items():
+        s = timed(lambda: be.merge(q, base, models[:k], out))
+        print(f"{name:6s} merge {case:10s} {s * 1e3:8.3f} ms  ~{base.numel() * 2 * (k + 2) / s / 1e9:7.1f} GB/s")
+    for group, rl in ((0, 1), (1, cols), (2, cols)):
+        q = p(n, coef_group=group, row_len=rl)
+        s = timed(lambda: be.gram(q, base, models), reps=2)
+        print(f"{name:6s} gram group={group}      {s * 1e3:8.3f} ms  ~{gbytes * n / (n + 2) / s:7.1f} GB/s of inputs")
+    q = p(n, combine=4, ram_eps=1e-5)
+    print(f"{name:6s} ram_counts          {timed(lambda: be.ram_counts(q, base, models), reps=2) * 1e3:8.3f} ms")
+PYEOF
+  echo "features timing rc=$?" >> "$OUT/$phase.log"
 fi
 tail -3 "$OUT/$phase.log"

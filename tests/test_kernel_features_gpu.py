@@ -430,6 +430,19 @@ def test_triton_gram_bits(group, shape, gen):
             np.testing.assert_array_equal(got, cuda_backend.emulate_gram(p, base, models))
 
 
+@need_triton
+def test_triton_gram_non_finite_and_dtypes(gen):
+    for dtypes in [(F16, [BF16]), (F32, [F16, F32])]:
+        base, models = inputs((3, 41), 2, *dtypes, gen)
+        models[0][1, 7] = float("nan")
+        models[1][2, 40] = float("inf")
+        for group in (NONE, ROW, COL):
+            p = params(2, coef_group=group, row_len=41)
+            got = triton_backend.gram(p, _to(base), [_to(m) for m in models])
+            np.testing.assert_array_equal(got, kp.gram(p, base, models))
+            assert np.isnan(got).any() and np.isinf(got).any() or group != NONE
+
+
 def _ordered_gram(vs, chunk, lanes=16):
     """float64 Gram matrix of the rows of vs (one group) in KERNEL.md's order with ``chunk``."""
     n, length = vs.shape
@@ -537,3 +550,91 @@ def test_triton_new_kernels_compile_unfused_for_sm90():
     for name in ("ram", "nearswap"):
         assert "div.rn.f32" in found[name] and not any("approx" in x or "full" in x for x in found[name])
     assert {"mul.rn.f64", "add.rn.f64"} <= found["gram"], found["gram"]
+
+
+# ----------------------------------------------------------------------------- on a real GPU
+
+HAS_GPU = torch.cuda.is_available()
+
+
+def gpu_test(fn):
+    """Needs a CUDA GPU (skipped cleanly without one): the launched kernels, at launch shapes the
+    emulation does not have (grid-stride loops over more than one wave, many gram units)."""
+    return pytest.mark.gpu(pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")(fn))
+
+
+def _gpu_backends():
+    out = []
+    if HAVE_CUDA_EXT and cuda_backend.available():
+        out.append(("cuda", cuda_backend))
+    if HAVE_TRITON and HAS_GPU:
+        out.append(("triton", triton_backend))
+    return out
+
+
+@gpu_test
+def test_gpu_stage_b_pieces_match_emulation(gen):
+    """Every issue-8 combine on the device equals the CUDA host emulation and the float32 program."""
+    if not HAVE_CUDA_EXT:
+        pytest.skip("the CUDA extension is needed for the emulated reference")
+    rows, cols = 1031, 4099  # 4.2M elements: several waves of the grid-stride merge kernel
+    for n, dtypes in [(1, (BF16, [BF16])), (3, (BF16, [BF16])), (5, (F32, [BF16, F16]))]:
+        base, models = inputs((rows, cols), n, *dtypes, gen)
+        hi = [
+            int(((m.to(F32) - base.to(F32)).abs().view(torch.int32)).double().quantile(0.9))
+            for m in models[:1]
+        ]
+        cases = [
+            params(n, coef_group=ROW, row_len=cols, group_coef=group_coefs(rows, n, gen)),
+            params(
+                n,
+                combine=MEAN,
+                mean_den=2.5,
+                coef_group=COL,
+                row_len=cols,
+                group_coef=group_coefs(cols, n, gen),
+            ),
+            params(n, method="ties", trim_min=[0x3A800000] * n, trim_max=hi * n),
+            params(n, combine=RAM, ram_eps=0.02, unique_scale=[1.25] * n),
+        ]
+        if n == 1:
+            cases.append(params(1, combine=NEARSWAP, clip_t=0.03))
+        gb, gm = base.cuda(), [m.cuda() for m in models]
+        for p in cases:
+            want = torch.full((rows, cols), float("nan"), dtype=BF16)
+            cuda_backend.emulate_merge(p, base, models, want)
+            if p.combine != TIES:
+                same_bits(want, program(p, base, models, BF16), f"emulation n={n} combine {p.combine}")
+            for name, be in _gpu_backends():
+                out = torch.full((rows, cols), float("nan"), dtype=BF16, device="cuda")
+                be.merge(p, gb, gm, out)
+                torch.cuda.synchronize()
+                same_bits(out.cpu(), want, f"{name} n={n} combine {p.combine}")
+
+
+@gpu_test
+def test_gpu_gram_and_ram_counts_match(gen):
+    cases = [(NONE, (10_000_019,)), (ROW, (8193, 129)), (COL, (70_001, 33)), (ROW, (2, 200_003))]
+    for group, shape in cases:
+        for n in (2, 5):
+            base, models = inputs(shape, n, BF16, [BF16, F16], gen)
+            p = params(n, coef_group=group, row_len=shape[-1] if group else 1)
+            groups = {NONE: 1, ROW: shape[0], COL: shape[-1]}[group]
+            want = kp.gram(p, base, models) if groups <= 64 else None  # kp pads every group to a chunk
+            if HAVE_CUDA_EXT:
+                emu = cuda_backend.emulate_gram(p, base, models)
+                if want is not None:
+                    np.testing.assert_array_equal(emu, want)
+                want = emu
+            if want is None:
+                pytest.skip("needs the CUDA extension's emulation as the reference")
+            gb, gm = base.cuda(), [m.cuda() for m in models]
+            for name, be in _gpu_backends():
+                np.testing.assert_array_equal(
+                    be.gram(p, gb, gm), want, err_msg=f"{name} {group} {shape} n={n}"
+                )
+            pr = params(n, combine=RAM, ram_eps=0.05)
+            counts = ram_counts_reference(pr, base, models)
+            for name, be in _gpu_backends():
+                for g, w in zip(be.ram_counts(pr, gb, gm), counts):
+                    np.testing.assert_array_equal(g, w, err_msg=f"{name} ram counts {shape}")

@@ -7,6 +7,7 @@
 // row_len (uncoalesced within a block; neighbouring blocks share the cache lines).
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "launch.h"
@@ -24,7 +25,9 @@ __global__ void __launch_bounds__(kGramLanes* kMaxModels)
     for (int64_t u = blockIdx.x; u < s.units(); u += gridDim.x) {
         double acc[NMAX];
         gram_lane<NMAX>(a, s, u, i, lane, acc);
-        for (int k = i; k < a.n; ++k) lanes[(i * a.n + k) * kGramLanes + lane] = acc[k];
+#pragma unroll
+        for (int k = 0; k < NMAX; ++k)  // compile-time indices keep acc in registers
+            if (k >= i && k < a.n) lanes[(i * a.n + k) * kGramLanes + lane] = acc[k];
         __syncthreads();
         if (t < nn && t % a.n >= t / a.n) partials[u * nn + t] = gram_lanes_sum(lanes, t);
         __syncthreads();
@@ -71,16 +74,23 @@ void emulate_gram_partials(const MergeArgs& a, double* partials) {
     const GramShape s = gram_shape(a);
     const int nn = a.n * a.n;
     std::vector<double> lanes(static_cast<size_t>(nn) * kGramLanes);
-    for (int64_t u = 0; u < s.units(); ++u) {
-        for (int t = 0; t < kGramLanes * a.n; ++t) {
-            const int i = t / kGramLanes, lane = t % kGramLanes;
-            double acc[kMaxModels];
-            gram_lane<kMaxModels>(a, s, u, i, lane, acc);
-            for (int k = i; k < a.n; ++k) lanes[(i * a.n + k) * kGramLanes + lane] = acc[k];
+    auto run = [&](auto nmax) {  // the instantiation the launcher picks
+        constexpr int NMAX = decltype(nmax)::value;
+        for (int64_t u = 0; u < s.units(); ++u) {
+            for (int t = 0; t < kGramLanes * a.n; ++t) {
+                const int i = t / kGramLanes, lane = t % kGramLanes;
+                double acc[NMAX];
+                gram_lane<NMAX>(a, s, u, i, lane, acc);
+                for (int k = i; k < a.n; ++k) lanes[(i * a.n + k) * kGramLanes + lane] = acc[k];
+            }
+            for (int t = 0; t < nn; ++t)
+                if (t % a.n >= t / a.n) partials[u * nn + t] = gram_lanes_sum(lanes.data(), t);
         }
-        for (int t = 0; t < nn; ++t)
-            if (t % a.n >= t / a.n) partials[u * nn + t] = gram_lanes_sum(lanes.data(), t);
-    }
+    };
+    if (a.n <= 4)
+        run(std::integral_constant<int, 4>{});
+    else
+        run(std::integral_constant<int, kMaxModels>{});
 }
 
 }  // namespace m3k

@@ -45,7 +45,7 @@ FEATURES = frozenset({"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_
 GRAM_CHUNK = 1 << 16
 GRAM_LANES = 16
 GRAM_UNITS_GPU = 16  # (group, chunk) work units side by side in one gram program
-GRAM_UNITS_INTERPRETED = 64
+GRAM_UNITS_INTERPRETED = 1024
 
 
 def available() -> bool:

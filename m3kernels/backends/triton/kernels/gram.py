@@ -43,13 +43,13 @@ def gram_kernel(
     q = q0[None, :] + lane[:, None]  # [LANES, BU] positions of the current step
     e = q * q_stride + (g * g_stride)[None, :]  # their elements
     e_step = LANES * q_stride
-    q_end = q_end[None, :]
-    umask = umask[None, :]
-    accs = ()
-    for _t in tl.static_range(N * N):  # entry t = i * N + k; only k >= i is used
-        accs = accs + (tl.zeros([LANES, BU], tl.float64),)
+    q_end = tl.where(umask, q_end, 0)[None, :]  # units past the end: no position
+    accs = ()  # pair (i, k), k >= i, at i * N - i * (i - 1) // 2 + k - i
+    for i in tl.static_range(N):
+        for _k in tl.static_range(i, N):
+            accs = accs + (tl.zeros([LANES, BU], tl.float64),)
     for _r in range(0, nr):
-        m = (q < q_end) & umask
+        m = q < q_end
         if HAS_BASE:
             b = tl.load(base_ptr + e, mask=m, other=0.0).to(tl.float32)
         else:
@@ -58,17 +58,16 @@ def gram_kernel(
         for i in tl.static_range(N):
             vs = vs + ((tl.load(models[i] + e, mask=m, other=0.0).to(tl.float32) - b).to(tl.float64),)
         new = ()
-        for t in tl.static_range(N * N):
-            if t % N >= t // N:
-                new = new + (accs[t] + vs[t // N] * vs[t % N],)
-            else:
-                new = new + (accs[t],)
+        for i in tl.static_range(N):
+            for k in tl.static_range(i, N):
+                new = new + (accs[i * N - i * (i - 1) // 2 + k - i] + vs[i] * vs[k],)
         accs = new
         q += LANES
         e += e_step
-    for t in tl.static_range(N * N):
-        if t % N >= t // N:
+    for i in tl.static_range(N):
+        for k in tl.static_range(i, N):
+            acc = accs[i * N - i * (i - 1) // 2 + k - i]
             v = tl.zeros([BU], tl.float64)
             for ln in tl.static_range(LANES):
-                v = v + tl.sum(tl.where(lane[:, None] == ln, accs[t], 0.0), axis=0)
-            tl.store(partial_ptr + u * (N * N) + t, v, mask=u < units)
+                v = v + tl.sum(tl.where(lane[:, None] == ln, acc, 0.0), axis=0)
+            tl.store(partial_ptr + u * (N * N) + i * N + k, v, mask=umask)
