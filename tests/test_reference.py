@@ -93,3 +93,51 @@ def test_thresholds_are_kth_largest_magnitudes():
     (t,) = reference_thresholds(base, [m], recipe)
     mags = (m - base).abs()
     assert int((mags >= t).sum()) == 100 and int((mags > t).sum()) == 99
+
+
+def _ref(base, models, **kw):
+    recipe = make_recipe(len(models), has_base=base is not None, **kw)
+    return reference_merge(base, models, recipe)[0]
+
+
+def test_issue8_references_by_hand():
+    """Numbers worked out on paper from mergekit's formulas (docs/MERGEKIT_METHODS.md §3)."""
+    c45 = math.cos(math.pi / 4)
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # slerp of orthogonal unit vectors at t = 0.5: the 45° unit vector; at t = 1/3: 30°
+    assert torch.allclose(
+        _ref(e1, [e2], method="slerp", t=0.5), torch.tensor([c45, c45], dtype=torch.float64)
+    )
+    got = _ref(e1, [e2], method="slerp", t=1 / 3)
+    assert torch.allclose(got, torch.tensor([math.cos(math.pi / 6), 0.5], dtype=torch.float64))
+    # nearly parallel (|cos| > 0.9995): linear interpolation
+    x = torch.tensor([1.0, 0.01])
+    assert torch.allclose(_ref(e1, [x], method="slerp", t=0.25), 0.75 * e1.double() + 0.25 * x.double())
+    # model_stock, N = 2: δ1 = e1, δ2 = (e1 + e2)/√2 ⇒ cos = 1/√2, t = 2c / (1 + c)
+    base = torch.tensor([0.5, -0.25])
+    x1, x2 = base + e1, base + torch.tensor([c45, c45])
+    t = 2 * c45 / (1 + c45)
+    want = t * (x1.double() + x2.double()) / 2 + (1 - t) * base.double()
+    assert torch.allclose(_ref(base, [x1, x2], method="model_stock"), want)
+    # nearswap: a + clamp(x − a, ±t)
+    a, b = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.3, 0.95, 1.0])
+    assert torch.allclose(
+        _ref(a, [b], method="nearswap", t=0.1), torch.tensor([0.1, 0.95, 1.9], dtype=torch.float64)
+    )
+    # ram: c = 2 where both move: mean; c = 1: the one; below epsilon: nothing
+    got = _ref(a, [a + torch.tensor([0.2, 0.0, 1e-7]), a + torch.tensor([0.4, 0.3, 0.0])], method="ram")
+    assert torch.allclose(got, a.double() + torch.tensor([0.3, 0.3, 0.0], dtype=torch.float64), atol=1e-7)
+    # karcher of two orthogonal unit vectors: the 45° unit vector (scale = mean norm = 1)
+    assert torch.allclose(
+        _ref(None, [e1, e2], method="karcher"), torch.tensor([c45, c45], dtype=torch.float64)
+    )
+    # multislerp of the same two (no base): the same point
+    assert torch.allclose(
+        _ref(None, [e1, e2], method="multislerp"), torch.tensor([c45, c45], dtype=torch.float64)
+    )
+    # nuslerp of orthogonal task vectors, weights 1:3 ⇒ t = 0.75
+    got = _ref(None, [e1, e2], method="nuslerp", weights=[1.0, 3.0])
+    want = torch.tensor([math.sin(0.25 * math.pi / 2), math.sin(0.75 * math.pi / 2)], dtype=torch.float64)
+    assert torch.allclose(got, want)
+    # passthrough: a copy, or times scale
+    assert torch.equal(_ref(None, [b], method="passthrough", scale=2.0), 2.0 * b.double())
