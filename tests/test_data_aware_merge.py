@@ -361,3 +361,37 @@ def test_on_the_gpu_against_the_reference(gen):
     )
     assert got.is_cuda
     assert_close(got.cpu(), want, torch.float16)
+
+
+def test_checkpoint_regmean_named_fallback_goes_through_merge_tensors(fam, tmp_path):
+    """fallback='task_arithmetic' with a base: the non-linear tensors are merge_tensors' result."""
+    import m3kernels
+
+    out = tmp_path / "merged"
+    merge_checkpoints_data_aware(
+        "regmean",
+        [fam / "ft1", fam / "ft2"],
+        [fam / "gram1", fam / "gram2"],
+        out,
+        weights=[0.6, 0.9],
+        base=fam / "base",
+        fallback="task_arithmetic",
+        fallback_kwargs={"lambda_": 0.8},
+        progress=False,
+    )
+    got = folder_tensors(out)
+    base = folder_tensors(fam / "base")
+    ms = [folder_tensors(fam / f"ft{i}") for i in (1, 2)]
+    layers = json.loads((fam / "gram1" / "manifest.json").read_text())["layers"]
+    others = [n for n in base if n not in layers]
+    assert others and "model.embed_tokens.weight" in others
+    for name in others:
+        want = m3kernels.merge_tensors(
+            base[name],
+            [m[name] for m in ms],
+            method="task_arithmetic",
+            weights=[0.6, 0.9],
+            lambda_=0.8,
+            name=name,
+        )
+        assert torch.equal(got[name], want), name
