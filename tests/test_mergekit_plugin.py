@@ -50,7 +50,41 @@ for cfg_path, out, replace in jobs:
         plugin.unregister()
         plugin.register(seed=7)
 import mergekit.merge_methods.registry as r
-print(json.dumps(sorted(k for k in r._METHODS if k.startswith("m3k_"))))
+registered = sorted(k for k in r._METHODS if k.startswith("m3k_"))
+
+# every method through mergekit's own tensor API, against merge_tensors in this process
+import torch
+from mergekit.merge_methods.api import merge_tensors as mk_merge
+from m3kernels.api import merge_tensors
+from m3kernels.merge import registry as reg
+
+VALUES = {"fraction": 0.5, "number": 0.5, "int": 2, "bool": False, "rescale": True}
+g = torch.Generator().manual_seed(3)
+b = torch.randn(23, 17, generator=g)
+xs = [b + 0.1 * torch.randn(23, 17, generator=g) for _ in range(2)]
+generic = {}
+for m in reg.METHODS.values():
+    req = [p for p in m.params if p.config and p.default == reg.REQUIRED]
+    mk_params = {p.name: VALUES.get(p.kind, 0.5) for p in req}
+    kw = {p.api: VALUES.get(p.kind, 0.5) for p in req if p.api}
+    try:
+        ref = merge_tensors(b if m.needs_base else None, xs, method=m.name, seed=7, name="t", **kw)
+    except ValueError as exc:
+        ref = exc
+    try:
+        if m.needs_base:
+            got = mk_merge([b, *xs], "m3k_" + m.name, base_index=0, name="t", parameters=mk_params)
+        else:
+            got = mk_merge(xs, "m3k_" + m.name, name="t", parameters=mk_params)
+    except Exception as exc:
+        got = exc
+    if isinstance(ref, Exception):
+        generic[m.name] = "both raise" if isinstance(got, Exception) else f"only ours raises: {ref}"
+    elif isinstance(got, Exception):
+        generic[m.name] = f"plugin raises {type(got).__name__}: {got}"
+    else:
+        generic[m.name] = "same" if torch.equal(got.view(torch.int32), ref.view(torch.int32)) else "differ"
+print(json.dumps({"registered": registered, "generic": generic}))
 """
 
 
@@ -105,7 +139,7 @@ def runs(tmp_path_factory):
         [str(PY), "-c", DRIVER, json.dumps(jobs)], capture_output=True, text=True, env=env, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    registered = json.loads(proc.stdout.strip().splitlines()[-1])
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
     ours = {}
     for key in ("m3k_ties", "m3k_linear", "m3k_dare_ties", "m3k_task_arithmetic"):
         cfg = dict(cases[key], merge_method=key[len("m3k_") :], seed=7)
@@ -114,14 +148,23 @@ def runs(tmp_path_factory):
         merge_checkpoints(str(path), str(root / f"ours_{key}"), device="cpu", progress=False)
         ours[key] = _load(root / f"ours_{key}")
     outs = {key: _load(root / f"out_{key}") for key in cases}
-    return outs, ours, registered, family, root, env
+    return outs, ours, report, family, root, env
 
 
 def test_every_method_registered(runs):
     from m3kernels.merge.registry import METHODS
 
-    _, _, registered, *_ = runs
-    assert registered == sorted("m3k_" + m for m in METHODS)
+    _, _, report, *_ = runs
+    assert report["registered"] == sorted("m3k_" + m for m in METHODS)
+
+
+def test_every_method_through_mergekits_api(runs):
+    """Each m3k_<method> via mergekit's merge_tensors (required parameters set) gives the bytes
+    of m3kernels.merge_tensors, or both refuse the arguments."""
+    _, _, report, *_ = runs
+    bad = {m: r for m, r in report["generic"].items() if r not in ("same", "both raise")}
+    assert not bad, bad
+    assert sum(r == "same" for r in report["generic"].values()) >= 6
 
 
 @pytest.mark.parametrize("key", ["m3k_ties", "m3k_linear", "m3k_dare_ties", "m3k_task_arithmetic"])
