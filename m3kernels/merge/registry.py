@@ -480,7 +480,12 @@ def _gamma() -> Param:
 
 
 for _name, _combine, _summary, _norm_doc in (
-    ("breadcrumbs", SUM, "drop the smallest and the largest |δ| of each task vector, then sum", _SUM_NORM),
+    (
+        "breadcrumbs",
+        SUM,
+        "drop the smallest and the largest magnitudes of each task vector, then sum",
+        _SUM_NORM,
+    ),
     (
         "breadcrumbs_ties",
         TIES,
@@ -708,9 +713,12 @@ def _default_text(p: Param) -> str:
 
 
 def base_role(m: Method) -> str:
-    """'required', 'optional' (used when given) or 'not used', for the docs and the CLI."""
+    """'required', 'optional' (used when given), 'one more model (config)' (karcher: an unlisted
+    base_model is one more input) or 'not used', for the docs and the CLI."""
     if m.needs_base:
         return "required"
+    if m.base_as_model:
+        return "one more model (config)"
     return "optional" if m.program.uses_base else "not used"
 
 
