@@ -20,7 +20,6 @@ from m3kernels.merge.data_aware import (  # noqa: E402
     fisher_norm_scales,
     regmean_merge,
     regmean_merge_reference,
-    weighted_average,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -69,7 +68,6 @@ def test_fisher_with_equal_f_is_the_weighted_average(gen):
     got = fisher_merge(models, [f, f, f], weights=w)
     want = sum(wi * m.double() for wi, m in zip(w, models)) / sum(w)
     assert_close(got, want, torch.float32)
-    assert_close(weighted_average(models, weights=w), want, torch.float32)
 
 
 def test_fisher_floor_and_zero_fisher(gen):

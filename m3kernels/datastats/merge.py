@@ -14,9 +14,9 @@ inputs and N statistics (for regmean: the largest layer's N Gram matrices in flo
   (one more read of the statistics first, for ‖Fᵢ‖₂ over all parameters).
 * ``regmean``: every linear weight with a Gram matrix in the manifests by
   :func:`~m3kernels.merge.data_aware.regmean_merge`; every other tensor (biases, norms,
-  embeddings) by the ``fallback`` method (default ``average``: Σ cᵢθᵢ / Σ cᵢ, computed here; any
-  other name goes to :func:`m3kernels.merge_tensors` with ``base``, the same weights and M³ ratios
-  and ``fallback_kwargs``). ``gram_normalize="tokens"`` divides each model's Grams by
+  embeddings) by the ``fallback`` method of :func:`m3kernels.merge_tensors` (the fused kernel;
+  default ``average`` = ``linear``, Σ cᵢθᵢ / Σ cᵢ), with ``base``, the same weights and M³ ratios
+  and ``fallback_kwargs``. ``gram_normalize="tokens"`` divides each model's Grams by
   its token count (equal say per model whatever its data size); default: the sums, as the paper.
 
 M³: ratios rᵢ (``mix_ratios``, or drawn from ``mixup_alpha`` and ``seed``) multiply each model's
@@ -270,8 +270,6 @@ def merge_checkpoints_data_aware(
                                     out_dtype=dt,
                                 )
                                 n_regmean += 1
-                            elif fallback in ("average", "linear") and not fallback_kwargs:
-                                out = da.weighted_average(ms, weights=w, mix_ratios=ratios, out_dtype=dt)
                             else:
                                 b = base_ck.tensor(t) if base_ck is not None else None
                                 out = merge_tensors(

@@ -194,26 +194,6 @@ def fisher_norm_scales(norms, eps: float = FISHER_FLOOR) -> list[float]:
     return [x / total for x in inv]
 
 
-def weighted_average(
-    models, *, weights=None, mix_ratios=None, out_dtype=None, chunk: int = CHUNK
-) -> torch.Tensor:
-    """Σ cᵢθᵢ / Σ cᵢ (cᵢ = wᵢrᵢ) in float32, chunked: RegMean's default fallback for the tensors
-    that are not linear weights (the ``linear`` method's result, without the kernel extension)."""
-    models, _ = _check_pairs(models, models, "models")
-    c = coefficients(len(models), weights, mix_ratios)
-    out = _out(None, out_dtype, models)
-    flat_out, flat_m = out.view(-1), [m.reshape(-1) for m in models]
-    csum = torch.tensor(sum(c), dtype=F32)
-    for s in range(0, flat_out.numel(), chunk):
-        e = min(s + chunk, flat_out.numel())
-        acc = None
-        for ci, m in zip(c, flat_m):
-            term = torch.tensor(ci, dtype=F32) * m[s:e].to(F32)
-            acc = term if acc is None else acc + term
-        flat_out[s:e] = (acc / csum).to(out.dtype)
-    return out
-
-
 # ----------------------------------------------------------------------------- regmean
 def reduce_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     """G̃ = α·G + (1 − α)·diag(G) (a new tensor in G's dtype)."""
@@ -354,7 +334,6 @@ __all__ = [
     "fisher_merge",
     "fisher_merge_reference",
     "fisher_norm_scales",
-    "weighted_average",
     "regmean_merge",
     "regmean_merge_reference",
     "reduce_off_diagonal",
