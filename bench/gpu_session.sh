@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Everything that needs the lent GPU, in two device calls of < 10 minutes each:
-#   bench/gpu_session.sh test    build for the GPU, GPU tests, compute-sanitizer
-#   bench/gpu_session.sh bench   bench/bench_gpu.py, bench/bench_gpu_pipeline.py, issue-8 kernel timings
+# Everything that needs the lent GPU, in device calls of < 10 minutes each:
+#   bench/gpu_session.sh test      build for the GPU, GPU tests, compute-sanitizer (incl. the issue-8 pieces)
+#   bench/gpu_session.sh bench     bench/bench_gpu.py, bench/bench_gpu_pipeline.py, issue-8 kernel timings
+#   bench/gpu_session.sh features  only the issue-8 pieces (trim window, group coefficients, nearswap, ram,
+#                                  gram, ram_counts): their tests, compute-sanitizer, timings (~5 minutes)
 # Results go to $OUT (the device tool brings them back): at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,26 +18,22 @@ M3KERNELS_BUILD_CUDA=1 M3KERNELS_CUDA_ARCHS="${M3KERNELS_CUDA_ARCHS:-90}" \
   $PY setup.py build_ext --inplace >> "$OUT/$phase.log" 2>&1 || { echo "BUILD FAILED" >> "$OUT/$phase.log"; exit 1; }
 $PY -c "import m3kernels; print(m3kernels.available_backends())" >> "$OUT/$phase.log" 2>&1
 
-if [ "$phase" = test ]; then
-  echo "== GPU tests" >> "$OUT/$phase.log"
-  timeout 330 $PY -m pytest tests/test_gpu_backends.py tests/test_triton_backend.py tests/test_merge_tensors.py \
-    -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1; echo "pytest rc=$?" >> "$OUT/$phase.log"
+features_tests() {  # the issue-8 kernel pieces on the GPU (both backends, launched kernels vs emulation)
   echo "== issue-8 kernel pieces (trim window, group coefficients, nearswap, ram, gram, ram_counts)" >> "$OUT/$phase.log"
-  timeout 240 $PY -m pytest tests/test_kernel_features.py tests/test_kernel_features_gpu.py \
+  timeout 150 $PY -m pytest tests/test_kernel_features.py tests/test_kernel_features_gpu.py \
     -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1; echo "features pytest rc=$?" >> "$OUT/$phase.log"
-  echo "== compute-sanitizer" > "$OUT/sanitizer.log"
-  for tool in memcheck racecheck initcheck synccheck; do
-    small=""; [ "$tool" = memcheck ] || small="--small"
-    timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY tests/cuda_sanitize_driver.py $small \
-      >> "$OUT/sanitizer.log" 2>&1; echo "$tool rc=$?" >> "$OUT/sanitizer.log"
+}
+
+features_sanitizer() {  # the issue-8 kernels (merge combines, gram, ram_counts) on small sizes
+  for tool in memcheck racecheck; do
+    M3K_SANITIZE_SMALL=1 timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest \
+      tests/test_kernel_features_gpu.py -k "gpu_" -q -p no:cacheprovider >> "$OUT/sanitizer.log" 2>&1
+    echo "features $tool rc=$?" >> "$OUT/sanitizer.log"
   done
-else
-  timeout 200 $PY bench/bench_gpu.py --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1
-  echo "bench_gpu rc=$?" >> "$OUT/$phase.log"
-  timeout 300 $PY bench/bench_gpu_pipeline.py --json "$OUT/bench_gpu_pipeline.json" > "$OUT/bench_gpu_pipeline.txt" 2>&1
-  echo "bench_gpu_pipeline rc=$?" >> "$OUT/$phase.log"
-  # issue-8 pieces: stage B (group coefficients, ram, nearswap) and stage A (gram, ram_counts) times
-  timeout 120 $PY - > "$OUT/features_gpu.txt" 2>&1 <<'PYEOF'
+}
+
+features_timing() {  # stage B (group coefficients, ram, nearswap) and stage A (gram, ram_counts) times
+  timeout 90 $PY - > "$OUT/features_gpu.txt" 2>&1 <<'PYEOF'
 import time, numpy as np, torch
 from m3kernels.merge.kernel_params import make_params
 from m3kernels.merge.recipe import make_recipe
@@ -71,5 +69,30 @@ for name, be in (("cuda", cuda), ("triton", triton)):
     print(f"{name:6s} ram_counts          {timed(lambda: be.ram_counts(q, base, models), reps=2) * 1e3:8.3f} ms")
 PYEOF
   echo "features timing rc=$?" >> "$OUT/$phase.log"
+}
+
+if [ "$phase" = test ]; then
+  echo "== GPU tests" >> "$OUT/$phase.log"
+  timeout 330 $PY -m pytest tests/test_gpu_backends.py tests/test_triton_backend.py tests/test_merge_tensors.py \
+    -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1; echo "pytest rc=$?" >> "$OUT/$phase.log"
+  features_tests
+  echo "== compute-sanitizer" > "$OUT/sanitizer.log"
+  for tool in memcheck racecheck initcheck synccheck; do
+    small=""; [ "$tool" = memcheck ] || small="--small"
+    timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY tests/cuda_sanitize_driver.py $small \
+      >> "$OUT/sanitizer.log" 2>&1; echo "$tool rc=$?" >> "$OUT/sanitizer.log"
+  done
+  features_sanitizer
+elif [ "$phase" = features ]; then
+  echo "== compute-sanitizer (issue-8 kernels)" > "$OUT/sanitizer.log"
+  features_tests
+  features_sanitizer
+  features_timing
+else
+  timeout 200 $PY bench/bench_gpu.py --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.txt" 2>&1
+  echo "bench_gpu rc=$?" >> "$OUT/$phase.log"
+  timeout 300 $PY bench/bench_gpu_pipeline.py --json "$OUT/bench_gpu_pipeline.json" > "$OUT/bench_gpu_pipeline.txt" 2>&1
+  echo "bench_gpu_pipeline rc=$?" >> "$OUT/$phase.log"
+  features_timing
 fi
 tail -3 "$OUT/$phase.log"
