@@ -162,6 +162,21 @@ def test_non_finite_inputs(monkeypatch, gen, dtype):
     same(ours, peft_call(monkeypatch, "dare_linear", ts, w, 0.5, bern=_bern(3, 0.5, 2, "nf")))
 
 
+def test_float64_tensors_and_weights_run_eager_and_agree(gen):
+    ts = task_tensors(gen, 3, (37, 29), torch.float64)
+    for w in (torch.tensor(WEIGHTS[3]), torch.tensor(WEIGHTS[3], dtype=torch.float64)):
+        same64(dropin.task_arithmetic(ts, w), peft_merge.task_arithmetic(ts, w))
+        same64(dropin.magnitude_prune(ts, w, 0.3), peft_merge.magnitude_prune(ts, w, 0.3))
+        same64(dropin.ties(ts, w, 0.3, "frequency"), peft_merge.ties(ts, w, 0.3, "frequency"))
+    ts32 = task_tensors(gen, 2, (37, 29), torch.bfloat16)
+    w64 = torch.tensor(WEIGHTS[2], dtype=torch.float64)
+    same64(dropin.magnitude_prune(ts32, w64, 0.3), peft_merge.magnitude_prune(ts32, w64, 0.3))
+
+
+def same64(a, b):
+    assert a.dtype == b.dtype == torch.float64 and torch.equal(a.view(torch.int64), b.view(torch.int64))
+
+
 def test_bad_arguments():
     ts = [torch.zeros(3, 3), torch.zeros(3, 3)]
     with pytest.raises(ValueError, match="density"):
