@@ -114,6 +114,8 @@ def encode(
     th = None
     if thresholds is not None:
         th = [math.nan if t is None else float(t) for t in thresholds]
+        if any(t is not None and math.isnan(float(t)) for t in thresholds):  # NaN encodes None
+            raise ValueError("thresholds must be >= 0 (or None, or inf to keep nothing), got nan")
     alpha = None if mixup_alpha is None else float(mixup_alpha)
     return (
         method,

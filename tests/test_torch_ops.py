@@ -181,6 +181,8 @@ def test_encode_decode_round_trip():
         ops.encode(method="dare_ties", rescale="sqrt")
     with pytest.raises(ValueError, match="weights"):
         ops.encode(method="ties", weights="heavy")
+    with pytest.raises(ValueError, match="thresholds"):
+        ops.encode(method="ties", thresholds=[float("nan"), 0.1])
 
 
 def test_compile_dynamic_shapes_and_scalars(gen):
