@@ -71,13 +71,8 @@ def plot_results(rows: list, references: dict, panels: list, path, title: str = 
                     ax.axhline(v, color="0.35", ls="--", lw=1, label="base")
                 else:
                     i = int(name.split(":")[1])
-                    ax.axhline(
-                        v,
-                        color=("tab:green", "tab:red", "tab:purple", "tab:brown")[i % 4],
-                        ls="-.",
-                        lw=1,
-                        label=f"expert: model {i + 1}",
-                    )
+                    dashes = ((0, (6, 2, 1, 2)), (0, (2, 2)), (0, (8, 2)), (0, (1, 3)))[i % 4]
+                    ax.axhline(v, color="black", ls=dashes, lw=1, label=f"expert: model {i + 1}")
         else:
             ax.axhline(0.0, color="0.4", ls="--", lw=1)
         ax.set_xlabel("λ (ratio of model 1)")

@@ -92,8 +92,10 @@ class Candidate:
             parts.append(f"density={self.density!r}")
         if self.mix == "draw":
             parts.append(f"m3=alpha:{self.alpha!r},seed:{self.seed}")
-        elif self.mix in ("lambda", "ratios"):
-            parts.append("ratios=" + ",".join(repr(r) for r in self.ratios))
+        elif self.mix == "lambda":
+            parts.append(f"m3=lambda:{self.ratios[0]!r}")
+        elif self.mix == "ratios":
+            parts.append("m3=ratios:" + ",".join(repr(r) for r in self.ratios))
         elif self.mix == "plain":
             parts.append("m3=none")
         else:
