@@ -331,3 +331,15 @@ def test_cli(fam, tmp_path, capsys):
         == 2
     )
     assert "max_candidates" in capsys.readouterr().err
+
+
+def test_max_time_spent_before_any_candidate(fam, tmp_path):
+    cfg = write_config(tmp_path / "merge.yaml", fam)
+    ev = write_eval(tmp_path / "eval.yaml", fam)
+    kw = dict(space={"lambdas": [0.5]}, progress=False, results_dir=tmp_path / "r", plot=False)
+    with pytest.raises(SearchError, match="none was evaluated within --max-time"):
+        search(cfg, tmp_path / "out", ev, max_time=1e-9, **kw)
+    assert not (tmp_path / "out").exists()
+    res = search(cfg, tmp_path / "out", ev, max_time=3600, **kw)  # the references were kept
+    assert res.evaluated == 1 and res.stopped is None
+    assert len((tmp_path / "r" / "results.jsonl").read_text().splitlines()) == 1 + 3 + 1
