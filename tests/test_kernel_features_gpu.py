@@ -318,6 +318,22 @@ def test_cuda_gram_non_finite_and_unaligned(gen):
 
 
 @need_cuda_ext
+def test_cuda_unset_fields_mean_the_defaults(gen):
+    """trim_max / unique_scale None (a KernelParams built without them) keep all / scale by 1."""
+    base, models = inputs((999,), 3, BF16, [BF16], gen)
+    for combine in (SUM, RAM):
+        p = params(3, combine=combine, ram_eps=1e-5)
+        a, b = torch.empty(999, dtype=F32), torch.empty(999, dtype=F32)
+        cuda_backend.emulate_merge(p, base, models, a)
+        cuda_backend.emulate_merge(p.with_fields(trim_max=None, unique_scale=None), base, models, b)
+        same_bits(a, b, f"combine {combine}")
+        if HAVE_TRITON:
+            t = torch.empty(999, dtype=F32)
+            triton_merge(p.with_fields(trim_max=None, unique_scale=None), base, models, t)
+            same_bits(t, a, f"triton combine {combine}")
+
+
+@need_cuda_ext
 def test_cuda_argument_checks(gen):
     base, models = inputs((6, 5), 2, F32, [F32], gen)
     out = torch.empty(6, 5)
