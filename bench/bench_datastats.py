@@ -171,10 +171,14 @@ def main() -> None:
     ap.add_argument("--big", action="store_true", help="also the 13824-input layer (minutes)")
     ap.add_argument("--skip-solve", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     res = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
         "load1_start": os.getloadavg()[0],
     }
     with tempfile.TemporaryDirectory() as tmp:
