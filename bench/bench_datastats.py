@@ -152,9 +152,10 @@ def regmean_solve(d_in: int, d_out: int, n: int = 2, repeats: int = 1) -> dict:
         del x
     r = {"layer": f"W {d_out} x {d_in}, N = {n}", "gram": f"{d_in}^2", "threads": torch.get_num_threads()}
     for precision in ("float64", "float32"):
-        load0 = os.getloadavg()[0]
+        load0, c0 = os.getloadavg()[0], time.process_time()
         t = best_of(lambda p=precision: regmean_merge(ws, grams, precision=p), repeats)
         r[f"{precision}_s"] = round(t, 2)
+        r[f"{precision}_cpu_s"] = round((time.process_time() - c0) / repeats, 2)
         r[f"{precision}_load1"] = round((load0 + os.getloadavg()[0]) / 2, 2)
     print(json.dumps(r))
     return r
