@@ -193,7 +193,7 @@ def search(
     out_dir,
     eval_file,
     *,
-    space: dict | None = None,
+    space=None,
     results_dir=None,
     device: str = "cpu",
     backend: str = "auto",
@@ -209,8 +209,8 @@ def search(
     table=None,
 ) -> SearchResult:
     """Search the merges of ``config`` (a YAML path, YAML text or dict; its ``search:`` block
-    and ``space`` (a dict of :data:`~m3kernels.search.space.SPACE_KEYS`, None values ignored)
-    give the candidates) with the evaluation of ``eval_file`` (EVAL.yaml), in memory; write the
+    and ``space`` (a dict of :data:`~m3kernels.search.space.SPACE_KEYS`, None values ignored,
+    or a whole :class:`~m3kernels.search.space.SearchSpace`) give the candidates) with the evaluation of ``eval_file`` (EVAL.yaml), in memory; write the
     results to ``results_dir`` (default: ``OUT.search`` beside OUT) and the best candidate to
     ``out_dir`` (unless ``write_best`` is False; ``out_dir`` may then be None).
 
@@ -220,7 +220,7 @@ def search(
     from m3kernels.checkpoint.config import parse_config, read_config_source
     from m3kernels.errors import OutputExistsError
     from m3kernels.search.evalspec import load_eval
-    from m3kernels.search.space import build_candidates, parse_space
+    from m3kernels.search.space import SearchSpace, build_candidates, parse_space
 
     t_start = time.perf_counter()
     cfg_dir = None
@@ -228,7 +228,10 @@ def search(
         cfg_dir = Path(config).resolve().parent
     raw = read_config_source(config)
     sp = parse_space(raw.pop("search", None), "search")
-    sp = parse_space({k: v for k, v in (space or {}).items()}, "search option", base=sp)
+    if isinstance(space, SearchSpace):  # a whole space: the config's search block is not used
+        sp = space
+    else:
+        sp = parse_space(dict(space or {}), "search option", base=sp)
     sp = parse_space({"max_candidates": max_candidates, "max_time": max_time}, "search option", base=sp)
     raw = _absolute_paths(raw, cfg_dir)
     cfg = parse_config(copy.deepcopy(raw))
