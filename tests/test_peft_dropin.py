@@ -177,6 +177,22 @@ def same64(a, b):
     assert a.dtype == b.dtype == torch.float64 and torch.equal(a.view(torch.int64), b.view(torch.int64))
 
 
+def test_ties_at_the_threshold_take_topks_pick(gen, monkeypatch):
+    """Quantized values: many equal magnitudes at the k-th, so the mask must be torch.topk's."""
+    ts = [torch.randint(-4, 5, (61, 43), generator=gen).float() * 0.125 for _ in range(3)]
+    w = torch.tensor(WEIGHTS[3])
+    calls = []
+    real_topk = torch.Tensor.topk
+    monkeypatch.setattr(
+        torch.Tensor, "topk", lambda self, *a, **k: calls.append(1) or real_topk(self, *a, **k)
+    )
+    ours = dropin.magnitude_prune(ts, w, 0.3)
+    assert len(calls) == 3  # every tensor tied at its cut
+    monkeypatch.undo()
+    same(ours, peft_merge.magnitude_prune(ts, w, 0.3))
+    same(dropin.ties(ts, w, 0.3), peft_merge.ties(ts, w, 0.3))
+
+
 def test_bad_arguments():
     ts = [torch.zeros(3, 3), torch.zeros(3, 3)]
     with pytest.raises(ValueError, match="density"):

@@ -196,26 +196,29 @@ def _keys(t: torch.Tensor) -> torch.Tensor:
     return t.detach().abs().to(torch.float32).contiguous().view(torch.int32)
 
 
-def _magnitude_masks(tensors, density: float):
-    """Per tensor: (threshold bits, exact) where ``exact`` says that bits(|x|) >= threshold keeps
-    exactly PEFT's k = int(density · numel) elements; k = 0 gives (TRIM_KEEP_NONE, True)."""
+def _magnitude_cuts(tensors, density: float):
+    """Per tensor: (threshold bits, keep mask or None, exact). ``exact``: bits(|x|) >= threshold
+    keeps exactly PEFT's k = int(density · numel) elements (so the set is PEFT's); k = 0 gives
+    (TRIM_KEEP_NONE, None, finite)."""
     numel = tensors[0].numel()
     k = int(density * numel)
     if k <= 0:  # PEFT's t * 0 is NaN at inf / NaN: only a finite tensor trims to plain zeros
-        return [(TRIM_KEEP_NONE, bool(torch.isfinite(t).all())) for t in tensors]
+        return [(TRIM_KEEP_NONE, None, bool(torch.isfinite(t).all())) for t in tensors]
     out = []
     for t, thr in zip(tensors, _kth_largest_bits(tensors, k)):
-        unique = thr <= 0x7F800000 and int((_keys(t) >= thr).sum()) == k  # not inside the NaNs
-        out.append((thr, unique))
+        keep = _keys(t) >= thr
+        exact = thr <= 0x7F800000 and int(keep.sum()) == k  # (a threshold inside the NaNs: not exact)
+        out.append((thr, keep, exact))
     return out
 
 
-def _magnitude_prune_one(t: torch.Tensor, thr: int, exact: bool, k: int) -> torch.Tensor:
+def _magnitude_prune_one(t: torch.Tensor, cut, k: int) -> torch.Tensor:
     """t with all but PEFT's k largest magnitudes set to (signed) zero, as PEFT's t * mask."""
+    thr, keep, exact = cut
     if thr == TRIM_KEEP_NONE:
         return t * torch.zeros_like(t)
     if exact:
-        return t * (_keys(t) >= thr).to(t.dtype).reshape(t.shape)
+        return t * keep.to(t.dtype).reshape(t.shape)
     mask = torch.zeros(t.numel(), dtype=t.dtype, device=t.device)
     mask[t.abs().reshape(-1).topk(k).indices] = 1  # equal magnitudes at the cut: topk's pick
     return t * mask.reshape(t.shape)
@@ -263,12 +266,10 @@ def _check_vote(majority_sign_method) -> None:
         raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
 
 
-def _magnitude_pruned(tensors, density: float):
+def _magnitude_pruned(tensors, density: float, cuts=None):
     k = int(density * tensors[0].numel())
-    return [
-        _magnitude_prune_one(t, thr, ex, k)
-        for t, (thr, ex) in zip(tensors, _magnitude_masks(tensors, density))
-    ]
+    cuts = _magnitude_cuts(tensors, density) if cuts is None else cuts
+    return [_magnitude_prune_one(t, cut, k) for t, cut in zip(tensors, cuts)]
 
 
 def _dare_pruned(tensors, density: float, seed: int, name: str):
@@ -293,12 +294,11 @@ def magnitude_prune(task_tensors: list[torch.Tensor], weights: torch.Tensor, den
     if density >= 1:
         _no_pruning_warning(density, len(tensors))
         return task_arithmetic(tensors, weights)
-    if _fusable(tensors, weights):
-        cuts = _magnitude_masks(tensors, density)
-        if all(ex for _, ex in cuts):
-            p = _sum_params(len(tensors), weights.tolist()).with_trim([thr for thr, _ in cuts])
-            return _kernel_sum(p, tensors)
-    return _combine(_magnitude_pruned(tensors, density), weights)
+    cuts = _magnitude_cuts(tensors, density)
+    if _fusable(tensors, weights) and all(exact for _, _, exact in cuts):
+        p = _sum_params(len(tensors), weights.tolist()).with_trim([thr for thr, _, _ in cuts])
+        return _kernel_sum(p, tensors)
+    return _combine(_magnitude_pruned(tensors, density, cuts), weights)
 
 
 def ties(
