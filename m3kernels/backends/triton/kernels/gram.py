@@ -16,6 +16,8 @@ the grid or ``BU``, compiled or interpreted.
 import triton
 import triton.language as tl
 
+from m3kernels.backends.triton.kernels.delta import load_f32
+
 
 @triton.jit
 def gram_kernel(
@@ -51,12 +53,12 @@ def gram_kernel(
     for _r in range(0, nr):
         m = q < q_end
         if HAS_BASE:
-            b = tl.load(base_ptr + e, mask=m, other=0.0).to(tl.float32)
+            b = load_f32(base_ptr, e, m)
         else:
             b = tl.zeros([LANES, BU], tl.float32)
         vs = ()
         for i in tl.static_range(N):
-            vs = vs + ((tl.load(models[i] + e, mask=m, other=0.0).to(tl.float32) - b).to(tl.float64),)
+            vs = vs + ((load_f32(models[i], e, m) - b).to(tl.float64),)
         new = ()
         for i in tl.static_range(N):
             for k in tl.static_range(i, N):

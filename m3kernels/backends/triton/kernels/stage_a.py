@@ -15,7 +15,14 @@ The gram sums (float64, a fixed summation order) are in :mod:`.gram`.
 import triton
 import triton.language as tl
 
-from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base, model_keep, trim_delta
+from m3kernels.backends.triton.kernels.delta import (
+    block_start,
+    dare_delta,
+    load_base,
+    load_f32,
+    model_keep,
+    trim_delta,
+)
 from m3kernels.backends.triton.kernels.params import PREFIX
 
 HIST_BINS = tl.constexpr(65536)
@@ -74,7 +81,7 @@ def l1_partial_kernel(
     b = load_base(base_ptr, offs, mask, HAS_BASE, BLOCK)
     pid = tl.program_id(0)
     for i in tl.static_range(N):
-        d = tl.load(models[i] + offs, mask=mask, other=0.0).to(tl.float32) - b
+        d = load_f32(models[i], offs, mask) - b
         a = tl.abs(d).to(tl.float64)
         a = tl.where(mask, a, 0.0)
         keep = model_keep(table, i, N, start, BLOCK, BIG)

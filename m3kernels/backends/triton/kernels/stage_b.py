@@ -13,7 +13,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base, trim_delta
+from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base, load_f32, trim_delta
 from m3kernels.backends.triton.kernels.params import COEF, UNIQUE_SCALE, VOTE_W
 
 COMBINE_SUM = tl.constexpr(0)
@@ -108,7 +108,7 @@ def merge_kernel(
 
     zero = tl.zeros([BLOCK], tl.float32)
     if COMBINE == COMBINE_NEARSWAP:
-        x = tl.load(models[0] + offs, mask=mask, other=0.0).to(tl.float32)
+        x = load_f32(models[0], offs, mask)
         y = nearswap(b, x, clip_t)
     else:
         ds = ()
