@@ -336,6 +336,12 @@ def test_checkpoint_merge_bad_inputs(fam, tmp_path):
         merge_checkpoints_data_aware(
             "regmean", models, [fam / "gram1", fam / "gram2"], tmp_path / "g", progress=False
         )
+    for out in (fam / "ft2", fam / "gram1" / "sub", fam):
+        with pytest.raises(M3KError, match="would be inside, equal to or a parent of the"):
+            merge_checkpoints_data_aware(
+                "regmean", models, [fam / "gram1", fam / "gram2"], out, force=True, progress=False
+            )
+    assert (fam / "ft2" / "model.safetensors").exists()
     with pytest.raises(M3KError, match="no manifest.json"):
         merge_checkpoints_data_aware(
             "regmean", models, [fam / "gram1", tmp_path / "g"], tmp_path / "h", progress=False

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from m3kernels.datastats.output import StatsFolder, StreamWriter
-from m3kernels.errors import M3KError, OutputExistsError, TensorMismatchError
+from m3kernels.errors import M3KError, OutputExistsError, OutputIsInputError, TensorMismatchError
 
 log = logging.getLogger("m3kernels")
 METHODS = ("fisher", "regmean")
@@ -126,6 +126,18 @@ def merge_checkpoints_data_aware(
     floor = da.FISHER_FLOOR if floor is None else floor
     alpha = da.REGMEAN_ALPHA if alpha is None else alpha
     out_dir = Path(out_dir).expanduser().absolute()
+    real_out = Path(os.path.realpath(out_dir))
+    for what, p in (
+        [("model", m) for m in models]
+        + [("statistics", st) for st in stats]
+        + [("base", base)] * (base is not None)
+    ):
+        real_in = Path(os.path.realpath(p))
+        if real_out == real_in or real_out in real_in.parents or real_in in real_out.parents:
+            raise OutputIsInputError(
+                f"{out_dir} would be inside, equal to or a parent of the {what} folder {p}: choose another output folder",
+                path=str(out_dir),
+            )
     if out_dir.exists() and not force:
         raise OutputExistsError(f"{out_dir} exists (force=True replaces it)", path=str(out_dir))
     t0 = time.perf_counter()
