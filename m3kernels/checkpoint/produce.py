@@ -21,6 +21,7 @@ from m3kernels.api import merge_job, merge_tensors, prepare, thresholds_to_bits
 from m3kernels.backends import get_backend
 from m3kernels.checkpoint.plan import COPY, MERGE, VOCAB, MergePlan, PlannedTensor
 from m3kernels.checkpoint.writer import DIRECT_ALIGN, TensorPart, output_offset
+from m3kernels.merge import methods
 from m3kernels.merge.job import MergeJob
 from m3kernels.merge.kernel_params import make_params, trim_k
 from m3kernels.merge.philox import dare_key
@@ -172,7 +173,8 @@ def _in_parts(pt: PlannedTensor, be, thresholds) -> bool:
         or pt.nbytes < 2 * PART_BYTES
         or not hasattr(be, "merge_range")
         or (thresholds is not None and (r.trim_density is None or len(thresholds) != r.n))
-        or getattr(r, "family", None) is not None  # a method with its own stage A: whole
+        or (getattr(r, "family", None) is not None and thresholds is not None)
+        or getattr(r, "family", None) == "passthrough"  # a copy: no kernel pass to split
     ):
         return False
     return all(s.meta.dtype in (torch.float32, torch.bfloat16, torch.float16) for s in pt.sources())
@@ -186,7 +188,11 @@ def _merge_parts(pt: PlannedTensor, be, thresholds, pool: BufferPool) -> Iterato
     if not all(m.is_contiguous() for m in ms) or (b is not None and not b.is_contiguous()):
         b = b.contiguous() if b is not None else None
         ms = [m.contiguous() for m in ms]
-    p, bb = prepare(b, ms, pt.recipe, pt.name, be, thresholds)
+    if getattr(pt.recipe, "family", None) is not None:  # the method's own stage A (merge/methods)
+        st = methods.stage(b, ms, pt.recipe, pt.name, be)
+        p, bb, ms = st.params, st.base, list(st.models)
+    else:
+        p, bb = prepare(b, ms, pt.recipe, pt.name, be, thresholds)
     flat_b = bb.reshape(-1) if bb is not None else None
     flat_ms = [m.reshape(-1) for m in ms]
     numel, size = pt.numel, pt.out_dtype.itemsize
