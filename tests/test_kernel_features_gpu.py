@@ -256,6 +256,51 @@ def test_cuda_ram(n, dtypes, gen):
         assert got[0].dtype == np.int64 and got[0].sum() + got[1].sum() > 0
 
 
+def special(numel, dtype, gen) -> torch.Tensor:
+    """Random values with NaN, +-inf, +-0 and subnormals (of float32 and of the dtype) sprinkled in."""
+    x = torch.randn(numel, generator=gen, dtype=F64) * 0.1
+    sp = torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, 3e-39, -6e-8, 1e-40], dtype=F64
+    )
+    idx = torch.randint(0, numel, (numel // 9,), generator=gen)
+    x[idx] = sp[torch.randint(0, len(sp), (len(idx),), generator=gen)]
+    return x.to(dtype)
+
+
+@need_cuda_ext
+@pytest.mark.parametrize("dtypes", CUDA_DTYPES, ids=lambda d: f"{d[0]}-{len(d[1])}")
+def test_cuda_special_values_every_piece(dtypes, gen):
+    numel, C, n = 1037, 17, 3
+    base = special(numel, dtypes[0], gen)
+    models = [special(numel, dtypes[1][i % len(dtypes[1])], gen) for i in range(n)]
+    rows = -(-numel // C)
+    cases = [
+        params(n, coef_group=ROW, row_len=C, group_coef=group_coefs(rows, n, gen)),
+        params(n, combine=MEAN, mean_den=3.0, coef_group=COL, row_len=C, group_coef=group_coefs(C, n, gen)),
+        params(n, trim_min=[0x00400000] * n, trim_max=[0x3E000000] * n),
+        params(n, combine=RAM, ram_eps=0.0, unique_scale=[0.5, 2.0, 3.0]),
+        params(1, combine=NEARSWAP, clip_t=0.25),
+    ]
+    for p in cases:
+        for out_dtype in (F32, BF16, F16):
+            check_against_program(
+                cuda_backend.emulate_merge,
+                p,
+                base,
+                models[: p.n],
+                out_dtype,
+                f"combine {p.combine} {out_dtype}",
+            )
+    pr = cases[3]
+    for g, w in zip(
+        cuda_backend.emulate_ram_counts(pr, base, models), ram_counts_reference(pr, base, models)
+    ):
+        np.testing.assert_array_equal(g, w)
+    p = params(n, coef_group=ROW, row_len=C)
+    b, ms = base[: rows * C - C], [m[: rows * C - C] for m in models]  # a multiple of C
+    np.testing.assert_array_equal(cuda_backend.emulate_gram(p, b, ms), kp.gram(p, b, ms))  # NaN == NaN here
+
+
 @need_cuda_ext
 def test_cuda_unaligned_views_take_the_scalar_path(gen):
     n, numel, C = 3, 1031, 7
