@@ -19,11 +19,16 @@ import numpy as np
 import torch
 
 from m3kernels.merge.kernel_params import (
+    COMBINE_MEAN,
+    COMBINE_NEARSWAP,
+    COMBINE_RAM,
+    COMBINE_SUM,
     GRAM_CHUNK,
     GRAM_LANES,
     GROUP_NONE,
     GROUP_ROW,
     TRIM_KEEP_NONE,
+    TRIM_MAX_ALL,
     KernelParams,
     f32,
     make_params,
@@ -61,9 +66,12 @@ def _abs_bits(d: torch.Tensor) -> torch.Tensor:
     return d.abs().contiguous().view(torch.int32).to(torch.int64)
 
 
-def stage_b(p: KernelParams, base, models, out_dtype, seed: int, name: str) -> torch.Tensor:
+def stage_b(
+    p: KernelParams, base, models, out_dtype, seed: int, name: str, index_offset: int = 0
+) -> torch.Tensor:
     """The float32 program of docs/KERNEL.md on parameters ``p`` (``seed``, ``name``: the DARE
-    stream's), rounded to ``out_dtype``."""
+    stream's), rounded to ``out_dtype``. ``index_offset``: the flat index of the first element
+    (the coefficient groups'; the DARE stream here always starts at 0, so use it without DARE)."""
     shape = models[0].shape
     zero = torch.zeros((), dtype=F32)
     b, ds = dropped_deltas(p, base, models, seed, name)
@@ -71,7 +79,37 @@ def stage_b(p: KernelParams, base, models, out_dtype, seed: int, name: str) -> t
         tmin = 0 if p.trim_min is None else int(p.trim_min[i])
         if tmin:  # 0 keeps all; TRIM_KEEP_NONE (2**32) keeps nothing
             ds[i] = torch.where(_abs_bits(d) >= tmin, d, zero)
-    if p.combine == 2:
+        tmax = TRIM_MAX_ALL if p.trim_max is None else int(p.trim_max[i])
+        ds[i] = torch.where(_abs_bits(ds[i]) <= tmax, ds[i], zero)  # the window's upper end
+    if p.combine == COMBINE_NEARSWAP:
+        a, x = b, models[0].to(F32)
+        dist = (a - x).abs()
+        dist = torch.where(dist < _s(1e-6), _s(1e-6), dist)  # max(dist, 1e-6f), NaN kept
+        w = _s(p.clip_t) / dist
+        w = torch.where(w < 0, _s(0.0), w)  # max(w, 0)
+        w = torch.where(w > 1, _s(1.0), w)  # min(w, 1)
+        return (w * x + (_s(1.0) - w) * a).to(out_dtype)
+    if p.combine == COMBINE_RAM:
+        eps = _s(p.ram_eps)
+        c = torch.zeros(shape, dtype=F32)
+        for d in ds:
+            c = c + (d.abs() > eps).to(F32)
+        m = torch.zeros(shape, dtype=F32)
+        us = np.ones(p.n, np.float32) if p.unique_scale is None else p.unique_scale
+        for d, u in zip(ds, us):
+            t = torch.where(c == 1, d * _s(u), d / c)
+            m = torch.where(d.abs() > eps, m + t, m)
+        return (b + _s(p.lam) * m).to(out_dtype)
+    if p.coef_group != GROUP_NONE and p.combine in (COMBINE_SUM, COMBINE_MEAN):
+        flat = torch.arange(index_offset, index_offset + b.numel(), dtype=torch.int64).reshape(shape)
+        g = flat // p.row_len if p.coef_group == GROUP_ROW else flat % p.row_len
+        table = torch.from_numpy(np.asarray(p.group_coef, np.float32).reshape(-1, p.n))
+        m = torch.zeros(shape, dtype=F32)
+        for i, d in enumerate(ds):
+            m = m + table[:, i][g] * d
+        if p.combine == COMBINE_MEAN:
+            m = m / _s(p.mean_den)
+    elif p.combine == 2:
         vote = torch.zeros(shape, dtype=F32)
         for w, d in zip(p.vote_w, ds):
             vote = vote + _s(w) * d
@@ -159,9 +197,25 @@ def gram(p: KernelParams, base, models) -> np.ndarray:
     return out
 
 
+def ram_counts(p: KernelParams, base, models, seed: int = 0, name: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(shared, unique) int64[n]: per model, #elements with |d_i| > ram_eps where c > 1 / c == 1
+    (d after the DARE step and the trim window, c as in combine 4)."""
+    zero = torch.zeros((), dtype=F32)
+    _, ds = dropped_deltas(p, base, models, seed, name)
+    for i, d in enumerate(ds):
+        tmin = 0 if p.trim_min is None else int(p.trim_min[i])
+        tmax = TRIM_MAX_ALL if p.trim_max is None else int(p.trim_max[i])
+        ds[i] = torch.where((_abs_bits(d) >= tmin) & (_abs_bits(d) <= tmax), d, zero)
+    masks = [d.abs() > _s(p.ram_eps) for d in ds]
+    c = sum(mk.to(torch.int64) for mk in masks)
+    shared = np.array([int((mk & (c > 1)).sum()) for mk in masks], np.int64)
+    unique = np.array([int((mk & (c == 1)).sum()) for mk in masks], np.int64)
+    return shared, unique
+
+
 def f32_program(base, models, recipe, name: str, out_dtype) -> torch.Tensor:
     """The whole float32 merge of one tensor: :func:`stage_a`, then :func:`stage_b`."""
     return stage_b(stage_a(base, models, recipe, name), base, models, out_dtype, recipe.seed, name)
 
 
-__all__ = ["dropped_deltas", "stage_b", "stage_a", "f32_program", "gram"]
+__all__ = ["dropped_deltas", "stage_b", "stage_a", "f32_program", "gram", "ram_counts"]

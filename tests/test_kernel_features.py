@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from m3kernels.merge.kernel_params import GROUP_COLUMN, GROUP_NONE, GROUP_ROW, make_params
+from m3kernels.merge.kernel_params import (
+    COMBINE_NEARSWAP,
+    COMBINE_RAM,
+    GROUP_COLUMN,
+    GROUP_NONE,
+    GROUP_ROW,
+    make_params,
+)
 from m3kernels.merge.recipe import make_recipe
 
 import kernel_program as kp
@@ -76,11 +83,57 @@ def inputs(shape, n, base_dtype, model_dtypes, gen, device="cpu", scale=1.0):
     return (None if base_dtype is None else b.to(base_dtype).to(device)), models
 
 
-def params(n, has_base, **fields):
-    """make_params of a task_arithmetic recipe (or linear without a base) with ``fields`` replaced."""
-    method = "task_arithmetic" if has_base else "linear"
-    p = make_params(make_recipe(n, has_base=has_base, method=method), "t", has_base)
+SEED, NAME = 11, "t"
+
+
+def params(n, has_base, method=None, recipe_kw=None, **fields):
+    """make_params of a recipe (task_arithmetic, or linear without a base) with ``fields`` replaced."""
+    method = method or ("task_arithmetic" if has_base else "linear")
+    recipe = make_recipe(n, has_base=has_base, method=method, seed=SEED, **(recipe_kw or {}))
+    p = make_params(recipe, NAME, has_base)
     return p.with_fields(**fields) if fields else p
+
+
+def poisoned(shape, dtype, device="cpu") -> torch.Tensor:
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+INT_VIEW = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
+
+
+def assert_same_bits(out: torch.Tensor, expected: torch.Tensor, what: str = ""):
+    """Equal bit patterns (NaNs: NaN in both; the kernels write one canonical NaN)."""
+    out, expected = out.cpu(), expected.cpu()
+    assert out.dtype == expected.dtype and out.shape == expected.shape, what
+    on, en = torch.isnan(out), torch.isnan(expected)
+    assert torch.equal(on, en), f"{what}: NaN positions differ ({int((on != en).sum())} elements)"
+    a = out.reshape(-1).view(INT_VIEW[out.dtype])[~on.reshape(-1)]
+    b = expected.reshape(-1).view(INT_VIEW[out.dtype])[~en.reshape(-1)]
+    bad = (a != b).nonzero()
+    if bad.numel():
+        j = int(bad[0])
+        raise AssertionError(
+            f"{what}: {bad.numel()} of {out.numel()} elements differ; first: got "
+            f"{out.reshape(-1)[~on.reshape(-1)][j].item()!r}, expected {expected.reshape(-1)[~en.reshape(-1)][j].item()!r}"
+        )
+
+
+def run_merge(be, p, base, models, out_dtype):
+    """backend ``be``'s stage B into a poisoned output, and the program's result."""
+    dev = _device(be)
+    out = poisoned(models[0].shape, out_dtype, dev)
+    backend(be).merge(p, base, models, out)
+    want = kp.stage_b(
+        p, None if base is None else base.cpu(), [m.cpu() for m in models], out_dtype, SEED, NAME
+    )
+    return out, want
+
+
+def key_at_rank(base, models, i, q) -> int:
+    """bits(|d_i|) at quantile q of model i (a realistic trim bound)."""
+    b = base.cpu().to(F32) if base is not None else 0.0
+    bits = (models[i].cpu().to(F32) - b).abs().reshape(-1).view(torch.int32).to(torch.int64)
+    return int(torch.quantile(bits.to(torch.float64), q))
 
 
 @pytest.fixture
@@ -210,3 +263,355 @@ def test_gram_argument_checks(gen):
         _cpu_gram(params(2, True, coef_group=3, row_len=5), base, models)
     empty = _cpu_gram(params(2, True), torch.zeros(0), [torch.zeros(0), torch.zeros(0)])
     np.testing.assert_array_equal(empty, np.zeros((1, 2, 2)))
+
+
+# ----------------------------------------------------------------------------- trim window
+
+DTYPE_MIXES = [(F32, [F32], F32), (BF16, [BF16, F16], BF16), (F16, [F32, BF16], F16), (BF16, [F16], F32)]
+IDS = lambda d: f"{d[0]}-{'-'.join(str(x) for x in d[1])}-{d[2]}"  # noqa: E731
+
+
+@pytest.mark.parametrize("be", feature_backends("trim_max"))
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES, ids=IDS)
+@pytest.mark.parametrize("numel", [1, 7, 4099])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+def test_trim_window_bits_equal_program(be, method, numel, dtypes, gen):
+    for n in (1, 3):
+        base, models = inputs((numel,), n, dtypes[0], dtypes[1], gen, device=_device(be))
+        kw = {"density": 0.7} if method == "dare_ties" else {}
+        p = params(n, True, method=method, recipe_kw=kw)
+        lo = [key_at_rank(base, models, i, 0.2) for i in range(n)]
+        hi = [key_at_rank(base, models, i, 0.8) for i in range(n)]
+        lo[0] = 0  # a window with no lower end
+        if n > 1:
+            hi[1] = 0x7FFFFFFF  # no real upper end
+        if n > 2:
+            lo[2] = 1 << 32  # keep nothing
+        p = p.with_trim(lo, hi)
+        out, want = run_merge(be, p, base, models, dtypes[2])
+        assert_same_bits(out, want, f"{be} {method} n={n}")
+        # the window matters: without it the result differs (where anything lies above it)
+        if numel > 100:
+            plain = kp.stage_b(
+                p.with_fields(trim_max=None), base.cpu(), [m.cpu() for m in models], dtypes[2], SEED, NAME
+            )
+            assert not torch.equal(plain, want)
+
+
+@pytest.mark.parametrize("be", feature_backends("trim_max"))
+def test_trim_window_drops_nan_and_inf_above_it(be, gen):
+    base, models = inputs((1000,), 2, F32, [F32], gen, device=_device(be))
+    models[0][5] = float("nan")
+    models[1][6] = float("inf")
+    p = params(2, True).with_trim([0, 0], [0x3F800000, 0x7F800000])  # |d| <= 1.0 / <= inf
+    out, want = run_merge(be, p, base, models, F32)
+    assert_same_bits(out, want)
+    assert not torch.isnan(out[5]) and torch.isinf(out[6])
+
+
+# ----------------------------------------------------------------------------- group coefficients
+
+GROUP_CASES = [
+    (GROUP_ROW, (5, 13)),
+    (GROUP_ROW, (301, 3)),
+    (GROUP_ROW, (4, 1)),
+    (GROUP_COLUMN, (9, 37)),
+    (GROUP_COLUMN, (70, 17)),
+    (GROUP_COLUMN, (1, 5)),
+    (GROUP_ROW, (3, 4099)),
+]
+
+
+def group_params(n, has_base, group, shape, gen, combine=0, method=None, recipe_kw=None, lam=1.0):
+    groups = shape[0] if group == GROUP_ROW else shape[-1]
+    gc = (torch.randn(groups * n, generator=gen) * 0.7).numpy().astype(np.float32)
+    gc[: min(3, gc.size)] = [0.0, -0.0, 1.0][: min(3, gc.size)]
+    p = params(n, has_base, method=method, recipe_kw=recipe_kw)
+    return p.with_fields(
+        coef_group=group, row_len=shape[-1], group_coef=gc, combine=combine, lam=lam, mean_den=1.75
+    )
+
+
+@pytest.mark.parametrize("be", feature_backends("group_coef"))
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES, ids=IDS)
+@pytest.mark.parametrize("group,shape", GROUP_CASES, ids=str)
+def test_group_coef_bits_equal_program(be, group, shape, dtypes, gen):
+    for n, has_base, combine, lam in (
+        (2, False, 0, 1.0),
+        (3, True, 0, 0.75),
+        (1, True, 1, 1.0),
+        (5, True, 0, 1.0),
+    ):
+        base, models = inputs(shape, n, dtypes[0], dtypes[1], gen, device=_device(be))
+        p = group_params(n, has_base, group, shape, gen, combine=combine, lam=lam)
+        out, want = run_merge(be, p, base if has_base else None, models, dtypes[2])
+        assert_same_bits(out, want, f"{be} n={n} base={has_base} combine={combine}")
+
+
+@pytest.mark.parametrize("be", feature_backends("group_coef"))
+def test_group_coef_with_dare_and_trim(be, gen):
+    shape = (37, 41)
+    base, models = inputs(shape, 3, BF16, [BF16, F32], gen, device=_device(be))
+    p = group_params(3, True, GROUP_COLUMN, shape, gen, method="dare_linear", recipe_kw={"density": 0.6})
+    p = p.with_trim(
+        [key_at_rank(base, models, i, 0.3) for i in range(3)],
+        [key_at_rank(base, models, i, 0.9) for i in range(3)],
+    )
+    out, want = run_merge(be, p, base, models, BF16)
+    assert_same_bits(out, want)
+
+
+def test_group_coef_index_ranges_give_one_merge(gen):
+    """merge_range (the CPU's parts of a large tensor): flat index J = index_offset + j."""
+    if not have_backend("cpu"):
+        pytest.skip("m3kernels._C is not built")
+    cpu = backend("cpu")
+    for group, shape in ((GROUP_ROW, (29, 37)), (GROUP_COLUMN, (29, 37))):
+        base, models = inputs(shape, 2, F16, [BF16, F32], gen)
+        p = group_params(2, True, group, shape, gen, method="dare_linear", recipe_kw={"density": 0.5})
+        p = p.with_trim(
+            [0, key_at_rank(base, models, 1, 0.2)], [key_at_rank(base, models, 0, 0.9), 0x7FFFFFFF]
+        )
+        whole = poisoned(shape, BF16)
+        cpu.merge(p, base, models, whole)
+        assert_same_bits(whole, kp.stage_b(p, base, models, BF16, SEED, NAME))
+        flat_b, flat_m = base.reshape(-1), [m.reshape(-1) for m in models]
+        parts = poisoned((base.numel(),), BF16)
+        cuts = [0, 1, 38, 500, 517, 1072, base.numel()]
+        for lo, hi in zip(cuts, cuts[1:]):
+            cpu.merge_range(p, flat_b[lo:hi], [m[lo:hi] for m in flat_m], parts[lo:hi], lo)
+        assert_same_bits(parts.reshape(shape), whole, f"group {group} in parts")
+
+
+def test_group_coef_argument_checks(gen):
+    if not have_backend("cpu"):
+        pytest.skip("m3kernels._C is not built")
+    cpu = backend("cpu")
+    shape = (6, 5)
+    base, models = inputs(shape, 2, F32, [F32], gen)
+    out = poisoned(shape, F32)
+    p = group_params(2, True, GROUP_ROW, shape, gen)
+    with pytest.raises(ValueError, match="group_coef"):
+        cpu.merge(p.with_fields(group_coef=p.group_coef[:-2]), base, models, out)  # 5 rows, 6 needed
+    with pytest.raises(ValueError, match="group_coef"):
+        cpu.merge(p.with_fields(group_coef=p.group_coef[:-1]), base, models, out)  # not groups * n
+    with pytest.raises(ValueError, match="group_coef is None"):
+        cpu.merge(p.with_fields(group_coef=None), base, models, out)
+    with pytest.raises(ValueError, match="combine"):
+        cpu.merge(p.with_fields(combine=2), base, models, out)
+    pc = group_params(2, True, GROUP_COLUMN, shape, gen)
+    with pytest.raises(ValueError, match="exactly 6"):  # column groups: one per column
+        cpu.merge(pc.with_fields(row_len=6, group_coef=np.zeros(10, np.float32)), base, models, out)
+    with pytest.raises(ValueError, match="not supported"):
+        cpu.merge_batch(
+            p, [base.data_ptr()], F32, [m.data_ptr() for m in models], [F32, F32], [30], [out.data_ptr()], F32
+        )
+
+
+# ----------------------------------------------------------------------------- nearswap
+
+
+def special_values(numel, dtype, gen) -> torch.Tensor:
+    """Random values with NaN, +-inf, +-0 and subnormals sprinkled in."""
+    x = torch.randn(numel, generator=gen, dtype=torch.float64)
+    specials = torch.tensor(
+        [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-45, 3e-39, 6e-8], dtype=torch.float64
+    )
+    idx = torch.randint(0, numel, (max(1, numel // 15),), generator=gen)
+    x[idx] = specials[torch.randint(0, len(specials), (len(idx),), generator=gen)]
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("be", feature_backends("nearswap"))
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES, ids=IDS)
+@pytest.mark.parametrize("numel", [1, 7, 4099])
+def test_nearswap_bits_equal_program(be, numel, dtypes, gen):
+    dev = _device(be)
+    for t in (0.001, 0.1, 0.0, 5.0, -0.5):
+        base, models = inputs((numel,), 1, dtypes[0], dtypes[1][:1], gen, device=dev, scale=0.01)
+        models[0][: numel // 3] = base[: numel // 3].to(models[0].dtype)  # dist 0 (clamped to 1e-6)
+        p = params(1, True).with_fields(combine=COMBINE_NEARSWAP, clip_t=float(np.float32(t)))
+        out, want = run_merge(be, p, base, models, dtypes[2])
+        assert_same_bits(out, want, f"t={t}")
+    base = special_values(numel, dtypes[0], gen).to(dev)
+    models = [special_values(numel, dtypes[1][0], gen).to(dev)]
+    p = params(1, True).with_fields(combine=COMBINE_NEARSWAP, clip_t=0.25)
+    out, want = run_merge(be, p, base, models, dtypes[2])
+    assert_same_bits(out, want, "special values")
+
+
+def test_nearswap_against_float64_formula(gen):
+    """The program is mergekit's nearswap: w = clamp(t / max(|a - x|, 1e-6), 0, 1), y = w x + (1 - w) a."""
+    if not have_backend("cpu"):
+        pytest.skip("m3kernels._C is not built")
+    base, models = inputs((5000,), 1, F32, [F32], gen, scale=0.01)
+    p = params(1, True).with_fields(combine=COMBINE_NEARSWAP, clip_t=float(np.float32(0.0005)))
+    out, _ = run_merge("cpu", p, base, models, F32)
+    a, x = base.double(), models[0].double()
+    w = (0.0005 / (a - x).abs().clamp_min(1e-6)).clamp(0, 1)
+    ref = w * x + (1 - w) * a
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- ram
+
+
+def ram_inputs(numel, n, dtypes, gen, dev):
+    """Models equal to the base at random places, so that c (the models with |d| > eps) varies."""
+    base, models = inputs((numel,), n, dtypes[0], dtypes[1], gen, device=dev)
+    for m in models:
+        same = torch.rand(numel, generator=gen) < 0.4
+        m[same.to(dev)] = base[same.to(dev)].to(m.dtype)
+    return base, models
+
+
+@pytest.mark.parametrize("be", feature_backends("ram"))
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES, ids=IDS)
+@pytest.mark.parametrize("numel", [1, 7, 4099])
+def test_ram_bits_equal_program(be, numel, dtypes, gen):
+    dev = _device(be)
+    for n, eps, scales in ((1, 0.0, None), (2, 1e-3, None), (3, 0.0, [0.5, 2.0, 1.25]), (5, 5e-3, [1.5] * 5)):
+        base, models = ram_inputs(numel, n, dtypes, gen, dev)
+        p = params(n, True).with_fields(combine=COMBINE_RAM, ram_eps=float(np.float32(eps)))
+        if scales is not None:
+            p = p.with_fields(unique_scale=scales)
+        out, want = run_merge(be, p, base, models, dtypes[2])
+        assert_same_bits(out, want, f"{be} n={n} eps={eps}")
+    base = special_values(numel, dtypes[0], gen).to(dev)
+    models = [special_values(numel, d, gen).to(dev) for d in dtypes[1]]
+    p = params(len(models), True).with_fields(combine=COMBINE_RAM, ram_eps=0.01)
+    out, want = run_merge(be, p, base, models, dtypes[2])
+    assert_same_bits(out, want, "special values")
+
+
+def test_ram_against_float64_formula(gen):
+    """RAM: a delta no other model has is kept (times its unique scale), shared ones are averaged."""
+    if not have_backend("cpu"):
+        pytest.skip("m3kernels._C is not built")
+    base, models = ram_inputs(6000, 3, (F32, [F32]), gen, "cpu")
+    p = params(3, True).with_fields(combine=COMBINE_RAM, ram_eps=0.0, unique_scale=[1.0, 2.0, 0.5])
+    out, _ = run_merge("cpu", p, base, models, F32)
+    d = torch.stack([m.double() - base.double() for m in models])
+    mask = d.abs() > 0
+    c = mask.sum(0)
+    uniq = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)[:, None]
+    term = torch.where(c == 1, d * uniq, d / c.clamp_min(1))
+    ref = base.double() + (term * mask).sum(0)
+    assert torch.allclose(out.double(), ref, rtol=1e-6, atol=1e-7)
+    assert (c == 1).any() and (c > 1).any() and (c == 0).any()
+
+
+@pytest.mark.parametrize("be", feature_backends("ram_counts"))
+@pytest.mark.parametrize("numel", [1, 7, 70_001])
+def test_ram_counts_equal_program(be, numel, gen):
+    skip_big(be, numel)
+    dev = _device(be)
+    for n, eps in ((1, 0.0), (3, 2e-3)):
+        base, models = ram_inputs(numel, n, (BF16, [BF16, F16, F32]), gen, dev)
+        p = params(n, True, method="dare_linear", recipe_kw={"density": 0.8}).with_fields(
+            combine=COMBINE_RAM, ram_eps=float(np.float32(eps))
+        )
+        shared, unique = backend(be).ram_counts(p, base, models)
+        ws, wu = kp.ram_counts(p, base.cpu(), [m.cpu() for m in models], SEED, NAME)
+        np.testing.assert_array_equal(np.asarray(shared), ws)
+        np.testing.assert_array_equal(np.asarray(unique), wu)
+        if numel > 1000:
+            assert (wu > 0).all() and ((ws > 0).all() or n == 1)
+
+
+# ----------------------------------------------------------------------------- CPU entry points
+
+
+def test_new_combines_thread_counts_simd_and_batches(gen, restore_threads):
+    """The same bytes for 1 and 2 threads, every SIMD variant, merge_range parts and merge_batch."""
+    _C = restore_threads
+    cpu = backend("cpu")
+    numel = 30_011
+    base, models = ram_inputs(numel, 3, (BF16, [BF16, F16]), gen, "cpu")
+    shape2 = (70, 429)  # 30,030 elements
+    cases = [
+        (
+            params(3, True).with_fields(combine=COMBINE_RAM, ram_eps=1e-3, unique_scale=[1.5, 1, 0.5]),
+            base,
+            models,
+        ),
+        (params(1, True).with_fields(combine=COMBINE_NEARSWAP, clip_t=0.002), base, models[:1]),
+        (
+            params(3, True, method="ties", recipe_kw={"density": 0.5}).with_trim([0, 1, 2], [0x3C000000] * 3),
+            base,
+            models,
+        ),
+    ]
+    b2, m2 = inputs(shape2, 2, F16, [BF16], gen)
+    for group in (GROUP_ROW, GROUP_COLUMN):
+        cases.append((group_params(2, True, group, shape2, gen), b2, m2))
+    for p, b, ms in cases:
+        want = kp.stage_b(p, b, ms, BF16, SEED, NAME)
+        for level in _C.simd_levels():
+            _C.set_simd_level(level)
+            for threads in (1, 2):
+                _C.set_num_threads(threads)
+                out = poisoned(ms[0].shape, BF16)
+                cpu.merge(p, b, ms, out)
+                assert_same_bits(out, want, f"{level} {threads} threads combine {p.combine}")
+        fb, fm = b.reshape(-1), [m.reshape(-1) for m in ms]
+        parts = poisoned((fb.numel(),), BF16)
+        for lo in range(0, fb.numel(), 7001):
+            hi = min(fb.numel(), lo + 7001)
+            cpu.merge_range(p, fb[lo:hi], [m[lo:hi] for m in fm], parts[lo:hi], lo)
+        assert_same_bits(parts.reshape(want.shape), want, f"parts, combine {p.combine}")
+    # merge_batch: nearswap and ram (no per-tensor state) per tensor as merge does
+    for p, ms in ((cases[0][0], models), (cases[1][0], models[:1])):
+        sizes = [7, 1000, 3]
+        bs = [base[:k].clone() for k in sizes]
+        mss = [[m[:k].clone() for m in ms] for k in sizes]
+        outs = [poisoned((k,), BF16) for k in sizes]
+        cpu.merge_batch(
+            p,
+            [x.data_ptr() for x in bs],
+            BF16,
+            [m.data_ptr() for t in mss for m in t],
+            [m.dtype for m in ms],
+            sizes,
+            [o.data_ptr() for o in outs],
+            BF16,
+        )
+        for b, t, o in zip(bs, mss, outs):
+            assert_same_bits(o, kp.stage_b(p, b, t, BF16, SEED, NAME), "merge_batch")
+    # a trim window with per-tensor ks is refused
+    p = cases[2][0]
+    out = poisoned((7,), BF16)
+    with pytest.raises(ValueError, match="trim_max"):
+        cpu.merge_batch(
+            p,
+            [base.data_ptr()],
+            BF16,
+            [m.data_ptr() for m in models],
+            [BF16, F16, BF16],
+            [7],
+            [out.data_ptr()],
+            BF16,
+            [1, 1, 1],
+        )
+
+
+def test_new_combine_argument_checks(gen):
+    if not have_backend("cpu"):
+        pytest.skip("m3kernels._C is not built")
+    cpu = backend("cpu")
+    base, models = inputs((10,), 2, F32, [F32], gen)
+    out = poisoned((10,), F32)
+    with pytest.raises(ValueError, match="nearswap"):
+        cpu.merge(params(2, True).with_fields(combine=COMBINE_NEARSWAP), base, models, out)
+    with pytest.raises(ValueError, match="nearswap"):
+        cpu.merge(params(1, False).with_fields(combine=COMBINE_NEARSWAP), None, models[:1], out)
+    with pytest.raises(ValueError, match="ram"):
+        cpu.merge(params(2, False).with_fields(combine=COMBINE_RAM), None, models, out)
+    with pytest.raises(ValueError, match="combine"):
+        cpu.merge(params(2, True).with_fields(combine=5), base, models, out)
+    with pytest.raises(ValueError, match="unique_scale"):
+        cpu.merge(params(2, True).with_fields(combine=COMBINE_RAM, unique_scale=[1.0]), base, models, out)
+    with pytest.raises(ValueError, match="trim_max"):
+        cpu.merge(params(2, True).with_fields(trim_max=[1]), base, models, out)
+    with pytest.raises(ValueError, match="no field"):
+        params(2, True).with_fields(clipt=1.0)

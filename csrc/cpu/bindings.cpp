@@ -182,14 +182,13 @@ void merge(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<u
     check_dtype(out_dtype, "out");
     if (out_ptr == 0 && numel > 0) throw py::value_error("null output pointer");
     call.check_merge();
-    bool window = false;
-    for (int i = 0; call.args.trim_max && i < call.args.n; ++i)
-        window = window || call.args.trim_max[i] < 0x7fffffffu;
-    if (window || call.args.coef_group || call.args.combine > 2)
-        throw py::value_error("not implemented yet");  // TEMPORARY
     const m3k::KernelTable& t = m3k::active_table();
-    py::gil_scoped_release nogil;
-    t.merge(call.args, reinterpret_cast<void*>(out_ptr), out_dtype);
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = t.merge(call.args, reinterpret_cast<void*>(out_ptr), out_dtype);
+    }
+    if (!ok) throw std::bad_alloc();
 }
 
 py::array_t<int64_t> histogram(py::handle p, uintptr_t base_ptr, int base_dtype,
@@ -345,6 +344,16 @@ py::array_t<uint64_t> merge_batch(py::handle p, const std::vector<uintptr_t>& ba
     if (count == 0) return used;
     const std::vector<uintptr_t> first(model_ptrs.begin(), model_ptrs.begin() + n);
     Call call(p, has_base ? base_ptrs[0] : 0, base_dtype, first, model_dtypes, numels[0], 0);
+    // per-tensor group coefficients and a per-tensor trim window cannot be shared by a batch
+    if (call.args.coef_group != 0)
+        throw py::value_error(
+            "merge_batch: KernelParams.coef_group != 0 (per-tensor group_coef) is not supported");
+    call.check_merge();
+    bool window = false;
+    for (int i = 0; call.args.trim_max && i < n; ++i) window = window || call.args.trim_max[i] < 0x7fffffffu;
+    if (window && !ks.is_none())
+        throw py::value_error(
+            "merge_batch: per-tensor trim thresholds (ks) with a trim_max window are not supported");
     const size_t flat = count * size_t(n);
     CArray<int64_t> k_arr;
     CArray<uint32_t> k0_arr, k1_arr;
@@ -406,7 +415,7 @@ py::array_t<uint64_t> merge_batch(py::handle p, const std::vector<uintptr_t>& ba
             }
             a.trim_min = trim.data();
             for (int i = 0; i < n; ++i) u[t * n + i] = trim[i];
-            if (ok) table.merge(a, reinterpret_cast<void*>(out_ptrs[t]), out_dtype);
+            if (ok) ok = table.merge(a, reinterpret_cast<void*>(out_ptrs[t]), out_dtype);
         }
     }
     if (!ok) throw std::bad_alloc();
@@ -445,6 +454,26 @@ py::array_t<double> gram(py::handle p, uintptr_t base_ptr, int base_dtype,
     }
     if (!ok) throw std::bad_alloc();
     return out;
+}
+
+// Stage A: (shared, unique) int64[n] counts of combine 4 (docs/KERNEL.md).
+py::tuple ram_counts(py::handle p, uintptr_t base_ptr, int base_dtype,
+                     const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
+                     int64_t numel, int64_t index_offset) {
+    Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
+    if (!call.args.has_base) throw py::value_error("ram_counts needs has_base");
+    const int n = call.args.n;
+    py::array_t<int64_t> shared(n), unique(n);
+    int64_t* sp = shared.mutable_data();
+    int64_t* up = unique.mutable_data();
+    const m3k::KernelTable& t = m3k::active_table();
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = t.ram_counts(call.args, sp, up);
+    }
+    if (!ok) throw std::bad_alloc();
+    return py::make_tuple(shared, unique);
 }
 
 py::array_t<uint32_t> philox_u32(uint32_t key0, uint32_t key1, int64_t first, int64_t count) {
@@ -550,6 +579,10 @@ PYBIND11_MODULE(_C, m) {
           py::arg("model_dtypes"), py::arg("numel"),
           "Stage A: float64[groups, n, n] Gram matrices of f32(x_i) - b per tensor, row or column "
           "(p.coef_group), in the fixed summation order of docs/KERNEL.md.");
+    m.def("ram_counts", &ram_counts, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
+          py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
+          "Stage A: (shared, unique) int64[n]: elements with |d_i| > ram_eps that other models share / "
+          "do not share (combine 4).");
     m.def("philox_u32", &philox_u32, py::arg("key0"), py::arg("key1"), py::arg("first"), py::arg("count"),
           "DARE stream words u32 for flat indices first .. first + count - 1.");
     m.def("copy", &copy_bytes, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"),

@@ -52,8 +52,8 @@ struct TensorArgs {
 
 struct KernelTable {
     const char* name;
-    // stage B: out[j] for j < numel
-    void (*merge)(const TensorArgs& a, void* out, int out_dtype);
+    // stage B: out[j] for j < numel; false: no memory
+    bool (*merge)(const TensorArgs& a, void* out, int out_dtype);
     // stage A: hist is int64[n][65536], zeroed by the caller, counts are added.
     // prefix == nullptr: high-16 pass; else low-16 of elements whose high 16 equal prefix[i].
     void (*histogram)(const TensorArgs& a, const uint32_t* prefix, int64_t* hist);

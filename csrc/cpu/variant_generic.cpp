@@ -19,16 +19,10 @@
 namespace m3k {
 
 const KernelTable& table_generic() {
-    static const KernelTable t = {"generic",
-                                  generic::merge,
-                                  generic::histogram,
-                                  generic::l1_sums,
-                                  generic::philox_u32,
-                                  generic::delta_keys,
-                                  generic::sample_keys,
-                                  generic::bracket_count,
-                                  generic::gram,
-                                  nullptr};
+    static const KernelTable t = {
+        "generic",           generic::merge,      generic::histogram,   generic::l1_sums,
+        generic::philox_u32, generic::delta_keys, generic::sample_keys, generic::bracket_count,
+        generic::gram,       generic::ram_counts};
     return t;
 }
 

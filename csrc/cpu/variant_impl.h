@@ -47,8 +47,10 @@ struct ModelPlan {
     int dare;          // 0 off, 1 keep iff u32 <= dare_le, 2 drop everything (density 0)
     uint32_t dare_le;  // thr - 1 (thr = 2^32 keeps everything)
     float dare_scale;
-    int trim;  // 0 off, 1 keep iff bits(|d|) >= trim_min, 2 keep nothing
+    int trim;  // 0 off, 1 keep iff bits(|d|) >= trim_min, 2 keep nothing, 3 the window: keep iff
+               // trim_min <= bits(|d|) <= trim_max
     uint32_t trim_min;
+    uint32_t trim_max;
     PhiloxKeys key;
 };
 
@@ -66,8 +68,11 @@ static void make_plan(const TensorArgs& a, int i, ModelPlan& p) {
         }
     }
     const uint64_t tm = a.trim_min ? a.trim_min[i] : 0;
+    const uint64_t tx = a.trim_max ? a.trim_max[i] : 0xffffffffull;
     p.trim = tm == 0 ? 0 : (tm > 0xffffffffull ? 2 : 1);
-    p.trim_min = uint32_t(tm);
+    if (p.trim != 2 && tx < 0x7fffffffull) p.trim = 3;  // bits(|d|) <= 0x7fffffff: a real bound
+    p.trim_min = uint32_t(p.trim == 2 ? 0 : tm);
+    p.trim_max = uint32_t(tx < 0x7fffffffull ? tx : 0x7fffffffull);
     p.key = philox_keys(a.key0[i], a.key1[i]);
 }
 
@@ -87,16 +92,28 @@ struct ModelIn {
     int trim;
     uint32_t dare_le;
     uint32_t trim_min;
+    uint32_t trim_max;
     float dare_scale;
     float coef;
     float vote_w;
+    float unique_scale;  // ram
     const uint32_t* u;
 };
 
 // Model i's inputs for one block (u: its Philox words; trim = false in stage A).
 static inline ModelIn model_in(const TensorArgs& a, const ModelPlan& p, int i, const uint32_t* u, bool trim) {
-    return ModelIn{a.models[i], a.model_dtypes[i], p.dare,    trim ? p.trim : 0, p.dare_le,
-                   p.trim_min,  p.dare_scale,      a.coef[i], a.vote_w[i],       u};
+    return ModelIn{a.models[i],
+                   a.model_dtypes[i],
+                   p.dare,
+                   trim ? p.trim : 0,
+                   p.dare_le,
+                   p.trim_min,
+                   p.trim_max,
+                   p.dare_scale,
+                   a.coef[i],
+                   a.vote_w[i],
+                   a.unique_scale ? a.unique_scale[i] : 1.0f,
+                   u};
 }
 
 // ---------------------------------------------------------------- per-thread scratch
@@ -164,6 +181,10 @@ M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b)
     vf d = x - b;
     if (m.dare == 1) d = vsel(dare_words<PARTIAL>(m, k, rem) <= m.dare_le, d * vsplat(m.dare_scale), vf{});
     if (m.trim == 1) d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
+    if (m.trim == 3) {
+        const vu ab = (vu)d & 0x7fffffffu;
+        d = vsel((ab >= m.trim_min) & (ab <= m.trim_max), d, vf{});
+    }
     return d;
 }
 
@@ -176,10 +197,19 @@ struct TensorIn {
     int normalize;
     float lam;
     float mean_den;
+    // issue 8: coefficient groups (gct = group_coef transposed to [n][groups]), nearswap, ram
+    int coef_group;
+    int64_t row_len;
+    int64_t groups;
+    const float* gct;
+    int64_t index_offset;
+    float clip_t;
+    float ram_eps;
 };
 
-static inline TensorIn tensor_in(const TensorArgs& a) {
-    return TensorIn{a.base, a.base_dtype, a.has_base, a.combine, a.normalize, a.lam, a.mean_den};
+static inline TensorIn tensor_in(const TensorArgs& a, const float* gct = nullptr) {
+    return TensorIn{a.base,       a.base_dtype, a.has_base, a.combine, a.normalize,    a.lam,    a.mean_den,
+                    a.coef_group, a.row_len,    a.groups,   gct,       a.index_offset, a.clip_t, a.ram_eps};
 }
 
 // Base of elements [g, g + W) (zeros without a base; rem lanes when PARTIAL).
@@ -190,17 +220,102 @@ M3K_INLINE vf base_vec(const TensorIn& t, int64_t g, int rem) {
     return PARTIAL ? load_vec_partial(t.base, dtype, g, rem) : load_vec(t.base, dtype, g);
 }
 
+// Where the lanes [J0, J0 + rem) of a vector fall among the coefficient groups (row: J / C,
+// column: J % C): `first` is the group of lane 0 when `same` (row: one group; column: consecutive
+// groups first, first + 1, ...), else gi[l] names lane l's group.
+struct GroupLanes {
+    bool same;
+    int64_t first;
+    int64_t gi[W];
+};
+
+M3K_INLINE void group_lanes(const TensorIn& t, int64_t J0, int rem, GroupLanes& gl) {
+    const int64_t C = t.row_len;
+    int64_t row = J0 / C, col = J0 - row * C;
+    if (t.coef_group == kGroupRow) {
+        gl.first = row;
+        gl.same = col + rem <= C;
+    } else {
+        gl.first = col;
+        gl.same = col + rem <= C;
+    }
+    if (gl.same) return;
+    for (int l = 0; l < W; ++l) {
+        gl.gi[l] = l < rem ? (t.coef_group == kGroupRow ? row : col) : gl.first;
+        if (++col == C) {
+            col = 0;
+            ++row;
+        }
+    }
+}
+
+// Model i's coefficients of the vector's lanes (group_coef, through the transposed table).
+template <bool PARTIAL>
+M3K_INLINE vf group_coef_vec(const TensorIn& t, const GroupLanes& gl, int i, int rem) {
+    const float* row = t.gct + size_t(i) * size_t(t.groups);
+    if (gl.same && t.coef_group == kGroupRow) return vsplat(row[gl.first]);
+    vf c = vf{};
+    if (gl.same && !PARTIAL) {
+        __builtin_memcpy(&c, row + gl.first, sizeof(c));
+    } else if (gl.same) {
+        for (int l = 0; l < rem; ++l) c[l] = row[gl.first + l];
+    } else {
+        for (int l = 0; l < W; ++l) c[l] = row[gl.gi[l]];
+    }
+    return c;
+}
+
+// Combine classes of merge_vec (compile time): 0 sum / mean / ties (p.combine at run time), 1 sum /
+// mean with group coefficients, 2 nearswap, 3 ram.
+enum CombineClass : int { kCbPlain = 0, kCbGroup = 1, kCbNearswap = 2, kCbRam = 3 };
+
 // Stage B for elements [g, g + W): combine, scale, add, round, store. NM > 0 fixes the number
 // of models at compile time (loops unrolled, deltas in registers); NM = 0 reads it from n.
 // DT >= 0: base, every model and the output have that dtype (no per-vector dtype branches).
-template <int NM, int DT, bool PARTIAL>
+template <int NM, int DT, bool PARTIAL, int CB = kCbPlain>
 M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
                           void* out, int out_dtype) {
     if (NM > 0) n = NM;
     if (DT >= 0) out_dtype = DT;
     const vf b = base_vec<PARTIAL, DT>(t, g, rem);
     vf m;
-    if (t.combine != kTies) {
+    vf y0;
+    if (CB == kCbNearswap) {  // model 0 itself, no DARE / trim (docs/KERNEL.md, combine 3)
+        const int dtype = DT >= 0 ? DT : mi[0].dtype;
+        const vf x = PARTIAL ? load_vec_partial(mi[0].src, dtype, g, rem) : load_vec(mi[0].src, dtype, g);
+        vf dist = vabs(b - x);
+        const vf eps = vsplat(1e-6f);
+        dist = vsel(dist < eps, eps, dist);  // max(dist, 1e-6f); NaN stays NaN
+        vf w = vsplat(t.clip_t) / dist;
+        w = vsel(w < vf{}, vf{}, w);  // max(w, 0)
+        const vf one = vsplat(1.0f);
+        w = vsel(w > one, one, w);  // min(w, 1)
+        y0 = w * x + (one - w) * b;
+    } else if (CB == kCbRam) {
+        const vf eps = vsplat(t.ram_eps);
+        vf c = vf{};
+        for (int i = 0; i < n; ++i) {
+            dv[i] = model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
+            c = c + vsel(vabs(dv[i]) > eps, vsplat(1.0f), vf{});
+        }
+        const vi unique = c == vsplat(1.0f);
+        vf acc = vf{};
+        for (int i = 0; i < n; ++i) {
+            const vf d = dv[i];
+            const vf term = vsel(unique, d * vsplat(mi[i].unique_scale), d / c);
+            acc = vsel(vabs(d) > eps, acc + term, acc);
+        }
+        y0 = b + vsplat(t.lam) * acc;
+    } else if (CB == kCbGroup) {
+        GroupLanes gl = {};
+        group_lanes(t, t.index_offset + g, rem, gl);
+        vf acc = vf{};
+        for (int i = 0; i < n; ++i)
+            acc =
+                acc + group_coef_vec<PARTIAL>(t, gl, i, rem) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
+        m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
+        y0 = b + vsplat(t.lam) * m;
+    } else if (t.combine != kTies) {
         vf acc = vf{};
         for (int i = 0; i < n; ++i)
             acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
@@ -222,7 +337,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         }
         m = t.normalize ? vsel(den != vf{}, num / den, vf{}) : num;
     }
-    const vf y0 = b + vsplat(t.lam) * m;
+    if (CB == kCbPlain) y0 = b + vsplat(t.lam) * m;
     const vf y = vsel(y0 != y0, vsplat(__builtin_nanf("")), y0);  // one canonical NaN (KERNEL.md)
     if (PARTIAL)
         store_vec_partial(out, out_dtype, g, rem, y);
@@ -231,42 +346,51 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
 }
 
 // One block of stage B: elements [start, start + cnt).
-template <int NM, int DT>
-static void merge_block(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t cnt, Scratch& s,
-                        void* out, int out_dtype) {
+template <int NM, int DT, int CB>
+static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float* gct, int64_t start,
+                        int64_t cnt, Scratch& s, void* out, int out_dtype) {
     block_philox(a, plans, start, cnt, s);
     const int n = NM > 0 ? NM : a.n;
     ModelIn local[NM > 0 ? NM : 1];
     ModelIn* mi = NM > 0 ? local : s.mi;
     for (int i = 0; i < n; ++i) mi[i] = model_in(a, plans[i], i, s.uptr[i], true);
-    const TensorIn t = tensor_in(a);
+    const TensorIn t = tensor_in(a, gct);
     vf dv_local[NM > 0 ? NM : 1];
     vf* dv = NM > 0 ? dv_local : s.dv;
     const int64_t full = cnt / W * W;
     for (int64_t k = 0; k < full; k += W)
-        merge_vec<NM, DT, false>(t, mi, n, dv, start + k, k, W, out, out_dtype);
+        merge_vec<NM, DT, false, CB>(t, mi, n, dv, start + k, k, W, out, out_dtype);
     if (full < cnt)
-        merge_vec<NM, DT, true>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype);
+        merge_vec<NM, DT, true, CB>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype);
 }
 
 // ---------------------------------------------------------------- stage B
 
-typedef void (*MergeBlockFn)(const TensorArgs&, const ModelPlan*, int64_t, int64_t, Scratch&, void*, int);
+typedef void (*MergeBlockFn)(const TensorArgs&, const ModelPlan*, const float*, int64_t, int64_t, Scratch&,
+                             void*, int);
 
-template <int DT>
-static MergeBlockFn pick_merge_block_n(int n) {
+template <int DT, int CB>
+static MergeBlockFn pick_merge_block_nc(int n) {
     switch (n) {
         case 1:
-            return merge_block<1, DT>;
+            return merge_block<1, DT, CB>;
         case 2:
-            return merge_block<2, DT>;
+            return merge_block<2, DT, CB>;
         case 3:
-            return merge_block<3, DT>;
+            return merge_block<3, DT, CB>;
         case 4:
-            return merge_block<4, DT>;
+            return merge_block<4, DT, CB>;
         default:
-            return merge_block<0, DT>;
+            return merge_block<0, DT, CB>;
     }
+}
+
+template <int DT>
+static MergeBlockFn pick_merge_block_n(const TensorArgs& a) {
+    if (a.combine == kNearswap) return merge_block<1, DT, kCbNearswap>;  // n == 1 (checked by the caller)
+    if (a.combine == kRam) return pick_merge_block_nc<DT, kCbRam>(a.n);
+    if (a.coef_group != kGroupNone) return pick_merge_block_nc<DT, kCbGroup>(a.n);
+    return pick_merge_block_nc<DT, kCbPlain>(a.n);
 }
 
 // Models unrolled at compile time for N <= 4 (the common merges; any N through NM = 0), and
@@ -274,16 +398,32 @@ static MergeBlockFn pick_merge_block_n(int n) {
 static MergeBlockFn pick_merge_block(const TensorArgs& a, int out_dtype) {
     bool uniform = !a.has_base || a.base_dtype == out_dtype;
     for (int i = 0; i < a.n; ++i) uniform = uniform && a.model_dtypes[i] == out_dtype;
-    if (!uniform) return pick_merge_block_n<-1>(a.n);
-    if (out_dtype == kBF16) return pick_merge_block_n<kBF16>(a.n);
-    if (out_dtype == kF16) return pick_merge_block_n<kF16>(a.n);
-    return pick_merge_block_n<kF32>(a.n);
+    if (!uniform) return pick_merge_block_n<-1>(a);
+    if (out_dtype == kBF16) return pick_merge_block_n<kBF16>(a);
+    if (out_dtype == kF16) return pick_merge_block_n<kF16>(a);
+    return pick_merge_block_n<kF32>(a);
 }
 
-static void merge(const TensorArgs& a, void* out, int out_dtype) {
-    if (a.numel <= 0) return;
+// group_coef transposed to [n][groups] (coefficients of consecutive columns side by side).
+static float* transpose_group_coef(const TensorArgs& a) {
+    float* gct = static_cast<float*>(malloc(sizeof(float) * size_t(a.n) * size_t(a.groups) + 1));
+    if (gct)
+        for (int64_t g = 0; g < a.groups; ++g)
+            for (int i = 0; i < a.n; ++i)
+                gct[size_t(i) * size_t(a.groups) + size_t(g)] = a.group_coef[g * a.n + i];
+    return gct;
+}
+
+static bool merge(const TensorArgs& a, void* out, int out_dtype) {
+    if (a.numel <= 0) return true;
+    const bool grouped = a.coef_group != kGroupNone && (a.combine == kSum || a.combine == kMean);
+    float* gct = grouped ? transpose_group_coef(a) : nullptr;
     ModelPlan* plans = make_plans(a);
-    if (!plans) return;
+    if (!plans || (grouped && !gct)) {
+        free(plans);
+        free(gct);
+        return false;
+    }
     const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
     const MergeBlockFn block = pick_merge_block(a, out_dtype);
 #pragma omp parallel if (nblocks > 4)
@@ -295,11 +435,73 @@ static void merge(const TensorArgs& a, void* out, int out_dtype) {
             if (!ok) continue;
             const int64_t start = bi * kBlock;
             const int64_t cnt = a.numel - start < kBlock ? a.numel - start : kBlock;
-            block(a, plans, start, cnt, s, out, out_dtype);
+            block(a, plans, gct, start, cnt, s, out, out_dtype);
         }
         free(s.mem);
     }
     free(plans);
+    free(gct);
+    return true;
+}
+
+// ---------------------------------------------------------------- stage A: ram counts
+
+// Per model, the elements with |d_i| > ram_eps shared by c > 1 models (shared) or by none other
+// (unique); d after DARE and trim, c as in combine 4 (docs/KERNEL.md). Integers: any split.
+static bool ram_counts(const TensorArgs& a, int64_t* shared, int64_t* unique) {
+    const int n = a.n;
+    for (int i = 0; i < n; ++i) shared[i] = unique[i] = 0;
+    if (a.numel <= 0) return true;
+    ModelPlan* plans = make_plans(a);
+    if (!plans) return false;
+    const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
+    const TensorIn t = tensor_in(a);
+    bool failed = false;
+#pragma omp parallel if (nblocks > 4) reduction(|| : failed)
+    {
+        Scratch s = {};
+        bool ok = scratch_alloc(s, n);
+        int64_t* cnt_s = static_cast<int64_t*>(calloc(size_t(2 * n), sizeof(int64_t)));
+        ok = ok && cnt_s;
+        failed = !ok;
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < nblocks; ++bi) {
+            if (!ok) continue;
+            const int64_t start = bi * kBlock;
+            const int64_t cnt = a.numel - start < kBlock ? a.numel - start : kBlock;
+            block_philox(a, plans, start, cnt, s);
+            for (int i = 0; i < n; ++i) s.mi[i] = model_in(a, plans[i], i, s.uptr[i], true);
+            const vf eps = vsplat(a.ram_eps);
+            for (int64_t k = 0; k < cnt; k += W) {
+                const int rem = cnt - k < W ? int(cnt - k) : W;
+                const uint32_t lanes = rem == W ? (W == 32 ? 0xffffffffu : (1u << W) - 1u) : (1u << rem) - 1u;
+                const vf b = rem == W ? base_vec<false>(t, start + k, W) : base_vec<true>(t, start + k, rem);
+                vf c = vf{};
+                for (int i = 0; i < n; ++i) {
+                    s.dv[i] = rem == W ? model_delta<false>(s.mi[i], start + k, k, W, b)
+                                       : model_delta<true>(s.mi[i], start + k, k, rem, b);
+                    c = c + vsel(vabs(s.dv[i]) > eps, vsplat(1.0f), vf{});
+                }
+                const uint32_t one = lane_bits(c == vsplat(1.0f));
+                for (int i = 0; i < n; ++i) {
+                    const uint32_t in = lane_bits(vabs(s.dv[i]) > eps) & lanes;
+                    cnt_s[i] += __builtin_popcount(in & ~one);
+                    cnt_s[n + i] += __builtin_popcount(in & one);
+                }
+            }
+        }
+        if (ok) {
+#pragma omp critical(m3k_ram_reduce)
+            for (int i = 0; i < n; ++i) {
+                shared[i] += cnt_s[i];
+                unique[i] += cnt_s[n + i];
+            }
+        }
+        free(cnt_s);
+        free(s.mem);
+    }
+    free(plans);
+    return !failed;
 }
 
 // ---------------------------------------------------------------- stage A: histograms

@@ -17,7 +17,7 @@ from m3kernels.backends.tensor_args import pointer_and_code
 from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
 
 # The issue-8 pieces of docs/KERNEL.md this backend implements (METHODS checks these names).
-FEATURES: frozenset[str] = frozenset({"gram"})
+FEATURES: frozenset[str] = frozenset({"gram", "trim_max", "group_coef", "nearswap", "ram", "ram_counts"})
 
 try:
     from m3kernels import _C
@@ -94,6 +94,14 @@ def gram(p: KernelParams, base, models) -> np.ndarray:
     the fixed summation order of docs/KERNEL.md (the same bits for any thread count)."""
     base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
     return np.asarray(_C.gram(p, base_ptr, base_code, ptrs, codes, numel), dtype=np.float64)
+
+
+def ram_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """(shared, unique) int64[n]: per model the elements with |δ_i| > p.ram_eps that another model
+    also has (c > 1) / that no other model has (c == 1); δ after DARE and trim, as combine 4 sees it."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    shared, unique = _C.ram_counts(p, base_ptr, base_code, ptrs, codes, numel)
+    return np.asarray(shared, dtype=np.int64), np.asarray(unique, dtype=np.int64)
 
 
 def histogram(p: KernelParams, base, models, prefix) -> np.ndarray:
@@ -184,6 +192,7 @@ __all__ = [
     "FEATURES",
     "l1_sums",
     "gram",
+    "ram_counts",
     "histogram",
     "delta_keys",
     "sample_keys",
