@@ -571,11 +571,11 @@ def test_triton_new_kernels_compile_unfused_for_sm90():
         from triton.compiler import ASTSource
         from m3kernels.backends.triton.kernels import INTERPRETED, gram_kernel, merge_kernel
         assert not INTERPRETED
-        def ops(kernel, sig, const):
+        def ops(kernel, sig, const, warps=4):
             sig = dict(sig, **{k: "constexpr" for k in const})
             try:
                 k = triton.compile(ASTSource(kernel, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                                   options={"enable_fp_fusion": False, "num_warps": 4})
+                                   options={"enable_fp_fusion": False, "num_warps": warps})
             except Exception as exc:
                 if "ptxas" in str(exc) or "NVIDIA" in str(exc) or "cuda" in type(exc).__name__.lower():
                     print("SKIP", type(exc).__name__, str(exc)[:200]); raise SystemExit(0)
@@ -594,6 +594,8 @@ def test_triton_new_kernels_compile_unfused_for_sm90():
         gsig = {"base_ptr": "*bf16", "models": ("*bf16", "*fp32"), "partial_ptr": "*fp64", "units": "i64",
                 "length": "i64", "g_stride": "i64", "q_stride": "i64", "chunks": "i64"}
         found["gram"] = ops(gram_kernel, gsig, dict(N=2, HAS_BASE=True, BU=16, LANES=16, CHUNK=65536))
+        found["gram1"] = ops(gram_kernel, dict(gsig, models=("*fp16",)),
+                             dict(N=1, HAS_BASE=False, BU=1, LANES=16, CHUNK=65536), warps=1)
         for name, o in found.items():
             print(name, " ".join(sorted(o)))
     """)
@@ -603,14 +605,15 @@ def test_triton_new_kernels_compile_unfused_for_sm90():
     if res.stdout.startswith("SKIP"):
         pytest.skip(f"no NVIDIA compiler toolchain in this Triton install: {res.stdout}")
     found = {line.split()[0]: set(line.split()[1:]) for line in res.stdout.splitlines()}
-    assert set(found) == {"group", "ram", "nearswap", "gram"}, res.stdout
+    assert set(found) == {"group", "ram", "nearswap", "gram", "gram1"}, res.stdout
     for name, o in found.items():
         assert not any(x.startswith("fma") for x in o), (name, o)
     for name in ("group", "ram", "nearswap"):
         assert {"mul.rn.f32", "add.rn.f32"} <= found[name], (name, found[name])
     for name in ("ram", "nearswap"):
         assert "div.rn.f32" in found[name] and not any("approx" in x or "full" in x for x in found[name])
-    assert {"mul.rn.f64", "add.rn.f64"} <= found["gram"], found["gram"]
+    for name in ("gram", "gram1"):
+        assert {"mul.rn.f64", "add.rn.f64"} <= found[name], (name, found[name])
 
 
 # ----------------------------------------------------------------------------- on a real GPU

@@ -280,7 +280,8 @@ def gram(p, base, models) -> np.ndarray:
             bu *= 2
     dev = models[0].device
     partial = torch.zeros((units * n * n,), dtype=torch.float64, device=dev)
-    opts = {} if k.INTERPRETED else {"num_warps": WARPS_GPU}
+    # a [16, bu] tile: one warp per 32 elements, at most WARPS_GPU
+    opts = {} if k.INTERPRETED else {"num_warps": max(1, min(WARPS_GPU, GRAM_LANES * bu // 32))}
     with _on_device(models[0]):
         k.gram_kernel[(triton.cdiv(units, bu),)](
             base_t,
