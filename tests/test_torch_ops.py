@@ -200,3 +200,16 @@ def test_compile_dynamic_shapes_and_scalars(gen):
         ref = api_merge(base, models, method="dare_ties", density=density, seed=seed, name="w") + 1
         assert_same_bytes(compiled(base, *models, density, seed), ref)
     assert 1 <= cnt.frame_count <= 3
+
+
+def test_torch_export(gen):
+    class Merge(torch.nn.Module):
+        def forward(self, b, x, y):
+            return ops.merge_tensors(b, [x, y], method="ties", density=0.3, weights=[1.0, 0.5], name="e") * 2
+
+    base, models = make_inputs((9, 7), 2, (torch.float32, [torch.float32]), gen)
+    ep = torch.export.export(Merge(), (base, *models))
+    text = str(ep.graph_module.code) + "".join(str(m.code) for m in ep.graph_module.modules())
+    assert "m3kernels.merge" in text
+    ref = api_merge(base, models, method="ties", density=0.3, weights=[1.0, 0.5], name="e") * 2
+    assert_same_bytes(ep.module()(base, *models), ref)
