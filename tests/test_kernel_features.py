@@ -615,3 +615,58 @@ def test_new_combine_argument_checks(gen):
         cpu.merge(params(2, True).with_fields(trim_max=[1]), base, models, out)
     with pytest.raises(ValueError, match="no field"):
         params(2, True).with_fields(clipt=1.0)
+
+
+# ----------------------------------------------------------------------------- two order statistics
+
+
+@pytest.mark.parametrize("numel", [1, 7, 5003, 70_001])
+def test_select_thresholds_multi_equals_sorting(numel, gen):
+    """select_thresholds_multi (histogram passes) and select_from_keys_multi: for every k of every
+    model the exact k-th largest bits(|d'|), as a full sort gives; one low-16 pass per distinct bucket."""
+    from m3kernels.merge.kernel_params import TRIM_KEEP_ALL, TRIM_KEEP_NONE
+    from m3kernels.merge.select import select_from_keys_multi, select_thresholds, select_thresholds_multi
+
+    n = 3
+    base, models = inputs((numel,), n, BF16, [BF16, F16, F32], gen)
+    models[1][: numel // 2] = base[: numel // 2].to(F16)  # many ties at 0
+    keys = np.stack(
+        [(m.to(F32) - base.to(F32)).abs().view(torch.int32).numpy().astype(np.uint32) for m in models]
+    )
+    calls = []
+
+    def hist(prefix):
+        calls.append(None if prefix is None else prefix.copy())
+        h = np.zeros((n, 65536), np.int64)
+        for i in range(n):
+            if prefix is None:
+                h[i] = np.bincount(keys[i] >> 16, minlength=65536)
+            else:
+                sel = keys[i][(keys[i] >> 16) == prefix[i]]
+                h[i] = np.bincount(sel & 0xFFFF, minlength=65536)
+        return h
+
+    ks = [
+        (1, max(1, numel // 10), numel // 2, numel),
+        (numel, numel + 5, 0, None),
+        (max(1, numel // 3), max(1, numel // 3 + 1)),
+    ]
+    got = select_thresholds_multi(hist, ks, numel)
+    by_keys = select_from_keys_multi(keys, ks, numel)
+    for i, row in enumerate(ks):
+        desc = np.sort(keys[i])[::-1]
+        want = tuple(
+            TRIM_KEEP_ALL if k is None else TRIM_KEEP_NONE if k <= 0 else int(desc[min(k, numel) - 1])
+            for k in row
+        )
+        assert got[i] == want and by_keys[i] == want, (i, row)
+        for k, v in zip(row, want):  # each equals the single-k selection
+            calls_before = len(calls)
+            assert select_thresholds(hist, [k if j == i else None for j in range(n)], numel)[i] == v
+            del calls[calls_before:]
+    # one high-16 pass, then one pass per distinct bucket of the model that needs the most
+    need = max(
+        len({int(np.sort(keys[i])[::-1][min(k, numel) - 1]) >> 16 for k in row if k is not None and k > 0})
+        for i, row in enumerate(ks)
+    )
+    assert calls[0] is None and len(calls) == 1 + need

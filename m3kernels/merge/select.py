@@ -6,6 +6,8 @@ top; pass 2 histograms the low 16 bits of the elements in that bin. Two passes g
 exact threshold. Histograms are plain counts, so they add across chunks, threads and
 tensors: ``trim_scope: model`` sums pass-1 histograms over all tensors, then pass-2.
 Small tensors skip the histograms: :func:`select_from_keys` selects from the bit patterns.
+:func:`select_thresholds_multi` (and :func:`select_from_keys_multi`) give several k-th largest
+per model (a window of ranks) from the same passes.
 
 A backend supplies ``hist(prefix)``: with ``prefix=None`` a (n, 65536) int64 array of
 high-16 counts per model; with ``prefix`` (uint32[n]) the low-16 counts of the elements
@@ -190,6 +192,69 @@ def select_thresholds_single_pass(
     return out
 
 
+def _k_value(k: int | None, total: int) -> int | None:
+    """k clamped as select_thresholds does (None: no trim; <= 0: keep nothing)."""
+    return None if k is None else min(int(k), total)
+
+
+def select_thresholds_multi(
+    hist: Callable[[np.ndarray | None], np.ndarray], ks_per_model: Sequence[Sequence[int | None]], total: int
+) -> list[tuple[int, ...]]:
+    """The exact k-th largest bit pattern for **several k per model** (the two ends of a window of
+    ranks, for breadcrumbs): ``ks_per_model[i]`` is a tuple of ks for model i; the result is, per
+    model, the tuple of :func:`select_thresholds` values for those ks (k >= total: the smallest;
+    k <= 0: TRIM_KEEP_NONE; None: TRIM_KEEP_ALL). One high-16 pass serves every k; the low-16
+    pass runs once per distinct high-16 bucket a model needs, models side by side: as many
+    ``hist(prefix)`` calls as the most distinct buckets one model needs (usually 1 or 2; a model
+    with fewer gets the prefix NO_BUCKET, which no key has).
+    """
+    n = len(ks_per_model)
+    ks = [[_k_value(k, total) for k in row] for row in ks_per_model]
+    out = [[TRIM_KEEP_ALL if k is None else (TRIM_KEEP_NONE if k <= 0 else None) for k in row] for row in ks]
+    if not any(k is not None and k > 0 for row in ks for k in row):
+        return [tuple(int(v) for v in row) for row in out]
+    h1 = hist(None)
+    # per model: bucket -> [(position in the tuple, rank still needed inside the bucket)]
+    wants = [dict() for _ in range(n)]
+    for i, row in enumerate(ks):
+        for j, k in enumerate(row):
+            if k is not None and k > 0:
+                b, rem = _locate(h1[i], k)
+                wants[i].setdefault(b, []).append((j, rem))
+    buckets = [sorted(w) for w in wants]
+    for r in range(max(len(b) for b in buckets)):
+        prefix = np.full(n, NO_BUCKET, dtype=np.uint32)
+        for i, b in enumerate(buckets):
+            if r < len(b):
+                prefix[i] = b[r]
+        h2 = hist(prefix)
+        for i, b in enumerate(buckets):
+            if r < len(b):
+                for j, rem in wants[i][b[r]]:
+                    low, _ = _locate(h2[i], rem)
+                    out[i][j] = (b[r] << 16) | low
+    return [tuple(int(v) for v in row) for row in out]
+
+
+def select_from_keys_multi(
+    keys: np.ndarray, ks_per_model: Sequence[Sequence[int | None]], total: int
+) -> list[tuple[int, ...]]:
+    """What :func:`select_thresholds_multi` returns, from the keys themselves (uint32[n, total],
+    as for :func:`select_from_keys`): one ``np.partition`` per model for all its ks."""
+    out = []
+    for i, row in enumerate(ks_per_model):
+        ks = [_k_value(k, total) for k in row]
+        pos = sorted({total - k for k in ks if k is not None and k > 0})
+        part = np.partition(keys[i], pos) if pos else None
+        out.append(
+            tuple(
+                TRIM_KEEP_ALL if k is None else (TRIM_KEEP_NONE if k <= 0 else int(part[total - k]))
+                for k in ks
+            )
+        )
+    return out
+
+
 def select_from_keys(keys: np.ndarray, ks: Sequence[int | None], total: int) -> np.ndarray:
     """What :func:`select_thresholds` returns, from the keys themselves: ``keys`` is
     uint32[n, total], row i holding bits(|δ'_i|) of every element (the values the histograms
@@ -220,6 +285,8 @@ __all__ = [
     "select_thresholds",
     "select_thresholds_single_pass",
     "select_from_keys",
+    "select_thresholds_multi",
+    "select_from_keys_multi",
     "bits_to_float",
     "bracket",
     "sample_runs",
