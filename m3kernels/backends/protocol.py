@@ -7,6 +7,19 @@ device, float32/bfloat16/float16 in any mix; ``base`` is None when ``p.has_base`
 Optional extras a backend may add (checked with ``hasattr``): ``delta_keys`` (the |δ'| bit
 patterns of a small tensor, for an exact sort-based threshold) and ``merge_batch`` (many small
 tensors in one call).
+
+The pieces of issue 8 (docs/KERNEL.md) are announced, not guessed: each backend module has
+``FEATURES: frozenset[str]`` naming those it implements: ``"trim_max"`` (the trim window),
+``"group_coef"`` (per-row / per-column coefficients), ``"nearswap"`` (combine 3), ``"ram"``
+(combine 4), and the optional stage-A extras
+
+* ``"gram"``: ``gram(p, base, models) -> np.ndarray`` float64[groups, n, n], the Gram matrices of
+  ``f32(x_i) - b`` per tensor / row / column (``p.coef_group``) in the documented summation order
+  (a module constant ``GRAM_EXACT_ORDER = False`` says a backend only agrees to 1e-12 relative);
+* ``"ram_counts"``: ``ram_counts(p, base, models) -> (shared, unique)``, int64[n] each.
+
+A backend without a name in ``FEATURES`` must not be handed that piece: the method layer raises
+"method X is not implemented on backend Y yet" instead.
 """
 
 from __future__ import annotations
