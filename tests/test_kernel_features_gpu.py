@@ -11,7 +11,10 @@ Triton kernels in the interpreter on the shapes every backend shares. Here:
   argument checks;
 * the Triton kernels in the interpreter on small inputs (the interpreter is slow), the gram chunk
   boundary with a small chunk, and the compiled PTX for sm_90 (no FMA, IEEE division, float64 gram
-  additions) when this Triton can compile for NVIDIA.
+  additions) when this Triton can compile for NVIDIA;
+* every method built on these pieces (slerp ... breadcrumbs) end to end through the emulated CUDA
+  kernels and through Triton, against the CPU backend's bytes;
+* on a GPU (skipped here): the launched kernels against the emulation at multi-wave sizes.
 
 Stage B is compared bit for bit with a short float32 transcription of docs/KERNEL.md written here
 (:func:`program`; torch operations, one rounding each, in the document's order), and with
@@ -30,10 +33,14 @@ import numpy as np
 import pytest
 import torch
 
+import m3kernels
+from m3kernels.api import merge_job
+from m3kernels.merge.job import MergeJob
 from m3kernels.merge.kernel_params import make_params
 from m3kernels.merge.recipe import make_recipe
 
 import kernel_program as kp
+from helpers import have_backend
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 BITS = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
@@ -706,3 +713,57 @@ def test_gpu_gram_and_ram_counts_match(gen):
             for name, be in _gpu_backends():
                 for g, w in zip(be.ram_counts(pr, gb, gm), counts):
                     np.testing.assert_array_equal(g, w, err_msg=f"{name} ram counts {shape}")
+
+
+# ----------------------------------------------------------------------------- whole methods
+
+METHOD_KW = {
+    "slerp": dict(t=0.3),
+    "nuslerp": dict(nuslerp_flatten=False),
+    "multislerp": dict(),
+    "karcher": dict(),
+    "model_stock": dict(filter_wise=True),
+    "nearswap": dict(t=0.01),
+    "ram": dict(),
+    "ramplus_tl": dict(),
+    "breadcrumbs": dict(density=0.6, gamma=0.05),
+    "breadcrumbs_ties": dict(density=0.6, gamma=0.05),
+}
+ONE_MODEL, TWO_MODELS = ("slerp", "nearswap"), ("nuslerp",)
+
+
+class EmulatedCuda:
+    """The cuda backend's kernels run on the host, as a backend object for merge_job."""
+
+    FEATURES = cuda_backend.FEATURES if HAVE_CUDA_EXT else frozenset()
+    l1_sums = staticmethod(cuda_backend.emulate_l1_sums) if HAVE_CUDA_EXT else None
+    histogram = staticmethod(cuda_backend.emulate_histogram) if HAVE_CUDA_EXT else None
+    merge = staticmethod(cuda_backend.emulate_merge) if HAVE_CUDA_EXT else None
+    gram = staticmethod(cuda_backend.emulate_gram) if HAVE_CUDA_EXT else None
+    ram_counts = staticmethod(cuda_backend.emulate_ram_counts) if HAVE_CUDA_EXT else None
+
+
+@pytest.mark.parametrize("method", list(METHOD_KW))
+def test_methods_through_the_gpu_kernels_equal_cpu(method, gen):
+    """merge_job with the emulated CUDA kernels, and merge_tensors on Triton (interpreter), give the
+    CPU backend's bytes for every method built on the issue-8 pieces."""
+    if not have_backend("cpu"):
+        pytest.skip("the CPU backend (m3kernels._C) is the reference here")
+    n = 1 if method in ONE_MODEL else 2 if method in TWO_MODELS else 3
+    shape = (33, 65)
+    base, models = inputs(shape, n, BF16, [BF16, F32], gen, scale=0.1)
+    kw = METHOD_KW[method]
+    want = torch.full(shape, float("nan"), dtype=BF16)
+    m3kernels.merge_tensors(base, models, out=want, name="w", backend="cpu", method=method, **kw)
+    assert not torch.isnan(want).any()
+    if HAVE_CUDA_EXT:
+        recipe = make_recipe(n, method=method, has_base=True, **kw)
+        got = torch.full(shape, float("nan"), dtype=BF16)
+        merge_job(MergeJob("w", base, models, BF16, recipe, None), EmulatedCuda, got)
+        same_bits(got, want, f"{method}: emulated CUDA vs CPU")
+    if HAVE_TRITON:
+        got = torch.full(shape, float("nan"), dtype=BF16, device=DEV)
+        m3kernels.merge_tensors(
+            _to(base), [_to(m) for m in models], out=got, name="w", backend="triton", method=method, **kw
+        )
+        same_bits(got.cpu(), want, f"{method}: Triton vs CPU")
