@@ -5,14 +5,19 @@ Two ops, registered for CPU and CUDA tensors with fake (meta) implementations::
     m3kernels::merge(Tensor? base, Tensor[] models, str method, float[]? weights, float[]? density,
                      float[]? drop_rate, int normalize, str rescale, float lambda_,
                      float[]? mix_ratios, float? mixup_alpha, int seed, str name,
-                     ScalarType? out_dtype, str backend, float[]? thresholds, int scalars) -> Tensor
+                     ScalarType? out_dtype, str backend, float[]? thresholds, int scalars,
+                     str param_names, int[] param_kinds, int[] param_lengths,
+                     float[] param_values) -> Tensor
     m3kernels::merge_out(<the same>, Tensor(a!) out) -> ()
 
 The arguments are those of :func:`m3kernels.api.merge_tensors`, encoded for a schema:
 ``normalize`` -1 (the method's default), 0 or 1; ``rescale`` "" (default), "true", "false" or
 "l1"; ``seed`` as a signed 64-bit integer (seeds of 2**63 and above wrap); a ``thresholds`` entry
 NaN means None (keep all); ``scalars`` has bit 0, 1, 2, 3 set when ``weights``, ``density``,
-``drop_rate``, ``mix_ratios`` were given as a scalar (passed as a one-element list).
+``drop_rate``, ``mix_ratios`` were given as a scalar (passed as a one-element list). The
+method-specific parameters (``t``, ``epsilon``, ``gamma``, ``max_iter``, …: whatever other keywords
+the API takes) travel as ``param_names`` (comma-separated) with a kind each (0 float, 1 int, 2 bool, 3 list of
+floats), the list lengths and the values flattened into ``param_values``.
 :func:`merge_tensors` here has the signature of the API function and does the encoding.
 
 The whole merge, stage A (L1 sums, exact trim thresholds: Python and NumPy on the host) and
@@ -76,8 +81,10 @@ def encode(
     out_dtype=None,
     backend="auto",
     thresholds=None,
+    **params,
 ) -> tuple:
-    """The ops' arguments after ``(base, models)`` from ``merge_tensors`` keyword arguments."""
+    """The ops' arguments after ``(base, models)`` from ``merge_tensors`` keyword arguments
+    (``params``: the method-specific ones, ``t=0.3``, ``max_iter=5``, …; None values are dropped)."""
     if not isinstance(method, str):
         raise ValueError("method must be a string")
     if not isinstance(name, str):
@@ -117,6 +124,7 @@ def encode(
         if any(t is not None and math.isnan(float(t)) for t in thresholds):  # NaN encodes None
             raise ValueError("thresholds must be >= 0 (or None, or inf to keep nothing), got nan")
     alpha = None if mixup_alpha is None else float(mixup_alpha)
+    names, kinds, lengths, values = _encode_params(params)
     return (
         method,
         lists["weights"],
@@ -133,7 +141,53 @@ def encode(
         backend,
         th,
         scalars,
+        names,
+        kinds,
+        lengths,
+        values,
     )
+
+
+_FLOAT, _INT, _BOOL, _LIST = 0, 1, 2, 3
+
+
+def _encode_params(params: dict) -> tuple:
+    names, kinds, lengths, values = [], [], [], []
+    for key in sorted(params):
+        v = params[key]
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            kind, vals = _BOOL, [float(v)]
+        elif isinstance(v, (int, torch.SymInt)):
+            kind, vals = _INT, [float(v)]
+        elif isinstance(v, (float, torch.SymFloat)):
+            kind, vals = _FLOAT, [float(v)]
+        else:
+            vals, is_scalar = _floats(v, key)
+            kind = _FLOAT if is_scalar else _LIST
+        names.append(key)
+        kinds.append(kind)
+        lengths.append(len(vals))
+        values.extend(vals)
+    return ",".join(names), kinds, lengths, values
+
+
+def _decode_params(names, kinds, lengths, values) -> dict:
+    names = [x for x in names.split(",") if x] if isinstance(names, str) else list(names)
+    if not (len(names) == len(kinds) == len(lengths)) or sum(lengths) != len(values):
+        raise ValueError("param_names, param_kinds, param_lengths and param_values disagree")
+    out, pos = {}, 0
+    for key, kind, n in zip(names, kinds, lengths):
+        vals = list(values[pos : pos + n])
+        pos += n
+        if kind == _LIST:
+            out[key] = vals
+        elif n != 1 or kind not in (_FLOAT, _INT, _BOOL):
+            raise ValueError(f"{key}: bad encoded parameter (kind {kind}, {n} values)")
+        else:
+            out[key] = {_FLOAT: float, _INT: int, _BOOL: bool}[kind](vals[0])
+    return out
 
 
 def decode(
@@ -152,6 +206,10 @@ def decode(
     backend,
     thresholds,
     scalars,
+    param_names="",
+    param_kinds=(),
+    param_lengths=(),
+    param_values=(),
 ) -> dict:
     """``merge_tensors`` keyword arguments from the ops' arguments (the inverse of :func:`encode`)."""
     kw = {"method": method}
@@ -182,6 +240,11 @@ def decode(
     kw["backend"] = backend
     if thresholds is not None:
         kw["thresholds"] = [None if math.isnan(t) else t for t in thresholds]
+    extra = _decode_params(param_names, param_kinds, param_lengths, param_values)
+    clash = sorted(set(extra) & set(kw))
+    if clash:
+        raise ValueError(f"param_names repeats core arguments: {', '.join(clash)}")
+    kw.update(extra)
     return kw
 
 
@@ -210,6 +273,10 @@ def merge(
     backend: str,
     thresholds: list[float] | None,
     scalars: int,
+    param_names: str,
+    param_kinds: list[int],
+    param_lengths: list[int],
+    param_values: list[float],
 ) -> torch.Tensor:
     """The merged tensor: ``merge_tensors(base, models, **decode(...))``."""
     return _run(
@@ -231,6 +298,10 @@ def merge(
             backend,
             thresholds,
             scalars,
+            param_names,
+            param_kinds,
+            param_lengths,
+            param_values,
         ),
         None,
     )
@@ -255,6 +326,10 @@ def merge_out(
     backend: str,
     thresholds: list[float] | None,
     scalars: int,
+    param_names: str,
+    param_kinds: list[int],
+    param_lengths: list[int],
+    param_values: list[float],
     out: torch.Tensor,
 ) -> None:
     """The merged tensor written into ``out`` (contiguous, the models' shape and device)."""
@@ -277,6 +352,10 @@ def merge_out(
             backend,
             thresholds,
             scalars,
+            param_names,
+            param_kinds,
+            param_lengths,
+            param_values,
         ),
         out,
     )
@@ -293,8 +372,8 @@ def _fake_check(base, models, args, out=None) -> tuple:
     recipe = make_recipe(len(models), method=kw["method"], has_base=base is not None, **recipe_kw)
     th = kw.get("thresholds")
     if th is not None:
-        if recipe.trim_density is None:
-            raise ValueError(f"thresholds: method {recipe.method!r} has no magnitude trim")
+        if recipe.trim_density is None or getattr(recipe, "family", None) is not None:
+            raise ValueError(f"thresholds: method {recipe.method!r} has no top-k magnitude trim")
         if len(th) != recipe.n:
             raise ValueError(f"thresholds: expected {recipe.n} values, got {len(th)}")
         for t in th:
@@ -333,13 +412,15 @@ def merge_tensors(
     backend="auto",
     out=None,
     thresholds=None,
+    **params,
 ) -> torch.Tensor:
     """:func:`m3kernels.api.merge_tensors` through the custom ops: the same arguments and bytes,
     and traceable (``torch.compile(fullgraph=True)``, FakeTensorMode, meta tensors).
 
-    Under ``torch.compile`` per-model arguments should be Python numbers or lists of them (a
-    tensor of weights is read with ``tolist()``, which only works eagerly). The result never
-    requires grad (module docstring).
+    ``params`` are the method-specific keywords of the API (``t``, ``epsilon``, ``gamma``,
+    ``max_iter``, …), passed through. Under ``torch.compile`` per-model arguments should be Python
+    numbers or lists of them (a tensor of weights is read with ``tolist()``, which only works
+    eagerly). The result never requires grad (module docstring).
     """
     if isinstance(models, torch.Tensor) or models is None:
         raise ValueError("models must be a sequence of tensors (one per fine-tuned model)")
@@ -358,6 +439,7 @@ def merge_tensors(
         out_dtype=out_dtype,
         backend=backend,
         thresholds=thresholds,
+        **params,
     )
     models = list(models)
     with torch.no_grad():

@@ -36,6 +36,33 @@ def assert_same_bytes(a, b):
     assert torch.equal(bits(a.contiguous()), bits(b.contiguous()))
 
 
+# method-specific parameters (the generic channel of the schema): (number of models, arguments)
+METHOD_CASES = [
+    (1, dict(method="slerp", t=0.3)),
+    (1, dict(method="nearswap", t=0.001)),
+    (3, dict(method="breadcrumbs", density=0.8, gamma=[0.01, 0.02, 0.05])),
+    (3, dict(method="karcher", max_iter=5, tol=1e-6)),
+    (3, dict(method="multislerp", normalize_weights=False, weights=[0.2, 0.3, 0.5])),
+    (3, dict(method="model_stock", filter_wise=True)),
+    (3, dict(method="ram", epsilon=1e-4)),
+    (2, dict(method="nuslerp", nuslerp_flatten=False, nuslerp_row_wise=True, weights=[0.4, 0.6])),
+    (1, dict(method="passthrough", scale=0.5)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(METHOD_CASES)), ids=[c["method"] for _, c in METHOD_CASES])
+def test_method_parameters_pass_through(gen, case):
+    from m3kernels.merge.registry import METHODS
+
+    n, kw = METHOD_CASES[case]
+    if kw["method"] not in METHODS:
+        pytest.skip(f"{kw['method']} is not registered in this checkout")
+    base, models = make_inputs((37, 29), n, (torch.bfloat16, [torch.float32]), gen)
+    assert_same_bytes(ops.merge_tensors(base, models, **kw), api_merge(base, models, **kw))
+    meta = torch.empty(37, 29, device="meta", dtype=torch.bfloat16)
+    assert ops.merge_tensors(meta, [meta] * n, **kw).shape == (37, 29)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_op_equals_merge_tensors(gen, dtype, case):
@@ -72,6 +99,11 @@ def test_opcheck(gen, op):
         torch.library.opcheck(torch.ops.m3kernels.merge.default, (base, models, *args))
         lin = ops.encode(method="linear", weights=0.5, out_dtype=torch.float16)
         torch.library.opcheck(torch.ops.m3kernels.merge.default, (None, models, *lin))
+        from m3kernels.merge.registry import METHODS
+
+        if "breadcrumbs" in METHODS:  # a method-specific parameter through the generic channel
+            bc = ops.encode(method="breadcrumbs", density=0.8, gamma=[0.01, 0.02, 0.05])
+            torch.library.opcheck(torch.ops.m3kernels.merge.default, (base, models, *bc))
     else:
         out = torch.empty(17, 9, dtype=torch.bfloat16)
         torch.library.opcheck(torch.ops.m3kernels.merge_out.default, (base, models, *args, out))
@@ -175,6 +207,11 @@ def test_encode_decode_round_trip():
     assert got["normalize"] is False and got["rescale"] == "l1" and got["thresholds"] == [None, float("inf")]
     assert got["out_dtype"] is torch.bfloat16 and got["seed"] == 2**64 - 1
     assert "normalize" not in ops.decode(*ops.encode(method="ties"))
+    extra = ops.decode(
+        *ops.encode(method="karcher", max_iter=7, tol=1e-6, filter_wise=True, gamma=[0.1, 0.2])
+    )
+    assert extra["max_iter"] == 7 and isinstance(extra["max_iter"], int) and extra["tol"] == 1e-6
+    assert extra["filter_wise"] is True and extra["gamma"] == [0.1, 0.2]
     with pytest.raises(ValueError, match="seed"):
         ops.encode(method="ties", seed=-1)
     with pytest.raises(ValueError, match="rescale"):
