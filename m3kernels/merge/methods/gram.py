@@ -7,9 +7,11 @@ only (with a warning, as for the L1 sums), then the coefficients of
 SUM combine ``y = b + Σ c_i·x_i`` with those coefficients, per tensor (``p.coef``) or per group
 (``p.group_coef``):
 
-* raw-value forms (slerp, karcher, model_stock, nuslerp/multislerp without a base): ``has_base``
-  0 and the base, where it takes part, passed as model 0, so y = Σ c_i·x_i in model order;
-* task-vector forms (nuslerp, multislerp with a base): ``has_base`` 1, y = b + Σ c_i·(x_i − b).
+* raw-value forms (slerp, karcher, nuslerp/multislerp without a base): ``has_base`` 0 and the
+  base, where it takes part, passed as model 0, so y = Σ c_i·x_i in model order;
+* task-vector forms (nuslerp, multislerp with a base, model_stock): ``has_base`` 1,
+  y = b + Σ c_i·(x_i − b). model_stock's (1 − t)·b + (t/N)·Σ x_i is written this way: the small
+  terms carry the rounding, not b (mergekit 0.1.5's own order is t·avg + (1 − t)·b).
 """
 
 from __future__ import annotations
@@ -104,9 +106,9 @@ def prepare(base, models, recipe, name: str, backend) -> Staged:
     if method in ("slerp", "karcher"):
         stat_base, stat_models = None, ([base] if method == "slerp" else []) + models
         out_base, out_models = None, stat_models
-    elif method == "model_stock":
+    elif method == "model_stock":  # y = b + (t/N)·Σ δ_i: the task-vector form rounds less
         stat_base, stat_models = base, models
-        out_base, out_models = None, [base] + models
+        out_base, out_models = base, models
     else:  # nuslerp, multislerp: task vectors when a base is given
         stat_base, stat_models = base, models
         out_base, out_models = base, models
@@ -114,6 +116,8 @@ def prepare(base, models, recipe, name: str, backend) -> Staged:
     ps = plain_params(recipe, name, len(stat_models), has_stat_base, coef_group=group, row_len=row_len)
     G = _gram(ps, stat_base, stat_models, name, backend)
     coefs = _coefs(recipe, G, name)
+    if method == "model_stock":
+        coefs = coefs[:, 1:]  # (1 − t)·b + (t/N)·Σ x_i = b + (t/N)·Σ (x_i − b)
     k = len(out_models)
     c32 = coefs.astype(np.float32)
     if not np.all(np.isfinite(c32)):
