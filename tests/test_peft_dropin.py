@@ -244,16 +244,18 @@ def _merged_factors(model, name):
 
 
 @pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
-@pytest.mark.parametrize("combination", COMBINATIONS)
-@pytest.mark.parametrize("vote", ("total", "frequency"))
-def test_add_weighted_adapter(monkeypatch, dtype, combination, vote):
-    if vote == "frequency" and "ties" not in combination:
-        pytest.skip("the sign vote method only matters for TIES combinations")
-    adapters, weights, density = ["x1", "x2", "x3"], [0.8, -0.6, 1.3], 0.5
+@pytest.mark.parametrize(
+    "combination, vote",  # the sign vote method only matters for the TIES combinations
+    [(c, v) for c in COMBINATIONS for v in (("total", "frequency") if "ties" in c else ("total",))],
+)
+@pytest.mark.parametrize("n", (2, 3))
+def test_add_weighted_adapter(monkeypatch, dtype, combination, vote, n):
+    adapters, weights = ["x1", "x2", "x3"][:n], [0.8, -0.6, 1.3][:n]
+    density = 0.5 if n == 3 else 0.3  # DARE: fused (a power of two) and eager
     kw = dict(density=density, majority_sign_method=vote) if combination != "linear" else {}
     model = _lora_model(dtype)
     with monkeypatch.context() as m:
-        m.setattr(torch, "bernoulli", PhiloxBernoulli(3, density, seed=11))
+        m.setattr(torch, "bernoulli", PhiloxBernoulli(n, density, seed=11))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.add_weighted_adapter(adapters, weights, "peft_ref", combination_type=combination, **kw)
