@@ -52,8 +52,9 @@ M3K_HD void gram_lane(const MergeArgs& a, const GramShape& s, int64_t unit, int 
     for (int k = 0; k < NMAX; ++k) acc[k] = 0.0;
     const int64_t g = unit / s.chunks, c = unit - g * s.chunks;
     const int64_t q_end = (c + 1) * kGramChunk < s.len ? (c + 1) * kGramChunk : s.len;
-    // Unrolled so that several iterations' loads are in flight; the additions keep their order.
-#pragma unroll 4
+    // Unrolled so that several iterations' loads are in flight (a chunk is 4096 dependent additions
+    // per lane, so the loop is load-latency bound); the additions keep their order.
+#pragma unroll(NMAX <= 4 ? 8 : 2)
     for (int64_t q = c * kGramChunk + lane; q < q_end; q += kGramLanes) {
         const int64_t e = g * s.g_stride + q * s.q_stride;
         const float b = a.has_base ? load_one(a.base, a.base_dtype, e) : 0.0f;
