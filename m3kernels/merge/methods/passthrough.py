@@ -19,6 +19,8 @@ def prepare(base, models, recipe, name: str, backend) -> Staged:
     def direct(out: torch.Tensor) -> None:
         if scale is None:
             out.copy_(x)
+        elif out.dtype == x.dtype:  # torch multiplies in float32 (a float32 scalar), rounds once
+            torch.mul(x, f32(scale), out=out)
         else:
             out.copy_(x.to(torch.float32) * f32(scale))
 
