@@ -969,12 +969,14 @@ def _dump(cfg: dict) -> str:
     return yaml.dump(cfg, Dumper=NoAliases, sort_keys=False)
 
 
-def write_jobs(cases, inputs: dict, work: Path, mk64: bool = True) -> tuple[list, list]:
+def write_jobs(cases, inputs: dict, work: Path, mk64: bool = True, pairs=None) -> tuple[list, list]:
     """Write every config; ([mergekit jobs], [our jobs])."""
 
     mk_jobs, our_jobs = [], []
     for fam, dirs in inputs.items():
         for case in cases:
+            if pairs is not None and (fam, case.id) not in pairs:
+                continue
             slug = re.sub(r"[^A-Za-z0-9_.+-]", "_", case.id.replace(":", "__"))
             d = work / "runs" / fam / slug
             d.mkdir(parents=True, exist_ok=True)
@@ -1121,11 +1123,14 @@ def _default_differs(mp, op) -> bool:
     return a != dflt
 
 
-def run_cases(cases, inputs: dict, work: Path, venv: Path, mk64: bool = True, cli: bool = False) -> dict:
-    """Run every case on every input family; the results (see :func:`report`) as a dict."""
+def run_cases(
+    cases, inputs: dict, work: Path, venv: Path, mk64: bool = True, cli: bool = False, pairs=None
+) -> dict:
+    """Run every case on every input family (``pairs``: only these (family, case id)); the
+    results as a dict (rows, defaults, unsupported, ...)."""
     methods = registry_methods()
     runnable = [c for c in cases if c.method in methods]
-    mk_jobs, our_jobs = write_jobs(runnable, inputs, work, mk64=mk64)
+    mk_jobs, our_jobs = write_jobs(runnable, inputs, work, mk64=mk64, pairs=pairs)
     t0 = time.perf_counter()
     handle = start_mergekit(venv, mk_jobs, work, cli=cli)
     ours = {}
@@ -1139,6 +1144,8 @@ def run_cases(cases, inputs: dict, work: Path, venv: Path, mk64: bool = True, cl
     rows = []
     for fam, dirs in inputs.items():
         for case in cases:
+            if pairs is not None and (fam, case.id) not in pairs:
+                continue
             row = {
                 "family": fam,
                 "id": case.id,
