@@ -115,6 +115,8 @@ def test_fused_paths_are_taken(gen, monkeypatch):
     dropin.task_arithmetic(ts, w)
     dropin.magnitude_prune(ts, w, 0.3)  # float32 random: the k-th magnitude is unique
     dropin.dare_linear(ts, w, 0.5, seed=1, name="x")
+    dropin.ties(ts, w, 0.3)  # "total": two kernel passes and the count
+    dropin.dare_ties(ts, w, 0.25, seed=1, name="y")
 
 
 def test_against_float64(gen):

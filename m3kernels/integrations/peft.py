@@ -26,9 +26,12 @@ What runs fused (one m3kernels stage-B pass, after our stage A) and what runs as
   x · (1 / density)) and the tensors are finite (PEFT's dropped inf is inf · 0 = NaN); else eager
   with the kernel's DARE mask (needs: a rescale-by-division variant that rounds the quotient to
   the input dtype).
-* ``ties``, ``dare_ties``: not fused (need: the count divisor and the ``frequency`` vote). The
-  trim thresholds still come from our exact selection (no ``torch.topk`` when they are unique)
-  and the DARE masks from the kernel; the vote and disjoint merge are PyTorch ops.
+* ``ties``, ``dare_ties`` with the ``"total"`` vote (and, for ``ties``, unique cuts; for
+  ``dare_ties``, a power-of-two density), finite products w_i·x_i: two kernel passes (the
+  weighted agreeing sum with vote weights 1, and the vote itself) and the agreeing count in
+  PyTorch, since the kernel has no count divisor yet. Otherwise (``"frequency"``, ties at the
+  cut, non-finite values) PyTorch ops in PEFT's order, with our trim thresholds and the kernel's
+  DARE masks (needs: the count divisor, the ``frequency`` vote and PEFT's NaN agreement).
 
 The fused sum is bit-identical to PyTorch's ``sum(dim=0)`` for N ≤ 4 models on the CPU (which adds
 in order) and N ≤ 2 on CUDA (order-free); beyond that the eager path runs. NaN results of a fused
@@ -277,6 +280,49 @@ def _dare_pruned(tensors, density: float, seed: int, name: str):
     return [(t * m) / density for t, m in zip(tensors, masks)]
 
 
+# ---------------------------------------------------------------- TIES by count, two kernel passes
+def _with_fields(p, **changes):
+    vals = {k: getattr(p, k) for k in p.__dataclass_fields__}
+    vals.update(changes)
+    return type(p)(**vals)
+
+
+def _products_finite(tensors, weights) -> bool:
+    """Every w_i · x_i finite in float32 (then PEFT's masked-out terms are ±0, never NaN)."""
+    for t, w in zip(tensors, weights.tolist()):
+        m = float(t.detach().abs().max()) if t.numel() else 0.0
+        if not (m * abs(w) < 3.0e38):  # NaN or inf inputs fail here too
+            return False
+    return True
+
+
+def _ties_by_count(tensors, weights, p, keeps) -> torch.Tensor:
+    """PEFT's vote ("total") and disjoint merge divided by the agreeing count, from two kernel
+    passes: ``num`` = Σ_agree w_i·d_i (combine ties, vote weights 1, no divisor) and the vote
+    ``v`` = Σ d_i (combine sum, coefficients 1), with ``p``'s trim or DARE step; the count is
+    Σ_i [keep_i and d_i ≠ 0 and (d_i > 0) == (v ≥ 0)] in PyTorch (``keeps``: the kept elements,
+    None: all). Exact where PEFT's order is the kernel's (finite products, N ≤ MAX_FUSED_MODELS)."""
+    from m3kernels.merge.kernel_params import COMBINE_CODES
+    from m3kernels.merge.registry import SUM, TIES
+
+    n = len(tensors)
+    ones = np.ones(n, np.float32)
+    w = np.asarray(weights.tolist(), np.float32)
+    num = _kernel_sum(
+        _with_fields(p, combine=COMBINE_CODES[TIES], normalize=False, vote_w=ones, coef=w), tensors
+    )
+    v = _kernel_sum(_with_fields(p, combine=COMBINE_CODES[SUM], coef=ones, vote_w=ones), tensors)
+    sign = torch.where(v >= 0, 1.0, -1.0)  # S of the vote (v = -0 counts as +, as in PEFT)
+    del v
+    count = torch.zeros(tensors[0].shape, dtype=torch.uint8, device=tensors[0].device)
+    for t, keep in zip(tensors, keeps):
+        agree = (t * sign) > 0  # d_i != 0 with the sign S (finite inputs: no NaN here)
+        if keep is not None:
+            agree &= keep.reshape(t.shape)
+        count += agree
+    return num / torch.clamp(count, min=1).to(torch.float32)
+
+
 # ---------------------------------------------------------------- PEFT's five functions
 def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Σ_i w_i · t_i (PEFT's ``task_arithmetic``); fused."""
@@ -308,14 +354,28 @@ def ties(
     majority_sign_method: str = "total",
 ) -> torch.Tensor:
     """PEFT's ``ties``: exact-k magnitude trim, sign vote on the unweighted trimmed tensors,
-    weighted disjoint merge divided by the agreeing count. Not fused yet (stage A is ours)."""
+    weighted disjoint merge divided by the agreeing count. ``"total"`` with unique cuts and finite
+    products: two kernel passes and a count in PyTorch; otherwise PyTorch ops (module docstring)."""
     _check_vote(majority_sign_method)
     tensors, weights = _arguments(task_tensors, weights)
     density = _check_density(density)
     if density >= 1:
         _no_pruning_warning(density, len(tensors))
         return _combine(tensors, weights, majority_sign_method)
-    return _combine(_magnitude_pruned(tensors, density), weights, majority_sign_method)
+    cuts = _magnitude_cuts(tensors, density)
+    if (
+        majority_sign_method == "total"
+        and _fusable(tensors, weights)
+        and all(exact for _, _, exact in cuts)
+        and _products_finite(tensors, weights)
+    ):
+        p = _sum_params(len(tensors), [1.0] * len(tensors)).with_trim([thr for thr, _, _ in cuts])
+        keeps = [
+            keep if keep is not None else torch.zeros_like(t, dtype=torch.bool)
+            for t, (_, keep, _) in zip(tensors, cuts)
+        ]
+        return _ties_by_count(tensors, weights, p, keeps)
+    return _combine(_magnitude_pruned(tensors, density, cuts), weights, majority_sign_method)
 
 
 def dare_linear(
@@ -365,6 +425,16 @@ def dare_ties(
         _no_pruning_warning(density, len(tensors))
         return _combine(tensors, weights, majority_sign_method)
     seed, name = _key(seed, name)
+    if (
+        majority_sign_method == "total"
+        and density > 0
+        and math.frexp(density)[0] == 0.5  # x / density == x · (1 / density) exactly
+        and _fusable(tensors, weights)
+        and _products_finite([t / density for t in tensors], weights)  # no fp16 / f32 overflow
+    ):
+        p = _sum_params(len(tensors), [1.0] * len(tensors), density=density, seed=seed, name=name)
+        keeps = [m.bool() for m in _dare_masks(tensors, density, seed, name)]
+        return _ties_by_count(tensors, weights, p, keeps)
     return _combine(_dare_pruned(tensors, density, seed, name), weights, majority_sign_method)
 
 
