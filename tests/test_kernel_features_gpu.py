@@ -534,9 +534,11 @@ def _ordered_gram(vs, chunk, lanes=16):
 @need_triton
 def test_triton_gram_chunk_boundaries(gen, monkeypatch):
     """GRAM_CHUNK = 64 (the layout code is the same for any chunk): partial chunks, many units per
-    program, the host's chunk-order additions, against a plain Python transcription."""
+    program, the host's chunk-order additions, unrolled steps past a chunk's end, against a plain
+    Python transcription."""
     monkeypatch.setattr(triton_backend, "GRAM_CHUNK", 64)
-    for group, shape in [(NONE, (300,)), (ROW, (3, 150)), (COL, (130, 2))]:
+    for steps, (group, shape) in zip([1, 4, 3], [(NONE, (300,)), (ROW, (3, 150)), (COL, (130, 2))]):
+        monkeypatch.setattr(triton_backend, "GRAM_STEPS_INTERPRETED", steps)  # the unrolled loop too
         n = 2
         base, models = inputs(shape, n, BF16, [F32, BF16], gen, scale=1e3)
         p = params(n, coef_group=group, row_len=shape[-1] if group else 1)
@@ -600,9 +602,9 @@ def test_triton_new_kernels_compile_unfused_for_sm90():
         found["nearswap"] = ops(merge_kernel, sig1, dict(base, N=1, COMBINE=3, COEF_GROUP=0))
         gsig = {"base_ptr": "*bf16", "models": ("*bf16", "*fp32"), "partial_ptr": "*fp64", "units": "i64",
                 "length": "i64", "g_stride": "i64", "q_stride": "i64", "chunks": "i64"}
-        found["gram"] = ops(gram_kernel, gsig, dict(N=2, HAS_BASE=True, BU=16, LANES=16, CHUNK=65536))
+        found["gram"] = ops(gram_kernel, gsig, dict(N=2, HAS_BASE=True, BU=16, LANES=16, CHUNK=65536, STEPS=4))
         found["gram1"] = ops(gram_kernel, dict(gsig, models=("*fp16",)),
-                             dict(N=1, HAS_BASE=False, BU=1, LANES=16, CHUNK=65536), warps=1)
+                             dict(N=1, HAS_BASE=False, BU=1, LANES=16, CHUNK=65536, STEPS=4), warps=1)
         for name, o in found.items():
             print(name, " ".join(sorted(o)))
     """)

@@ -48,6 +48,8 @@ GRAM_CHUNK = 1 << 16
 GRAM_LANES = 16
 GRAM_UNITS_GPU = 16  # (group, chunk) work units side by side in one gram program
 GRAM_UNITS_INTERPRETED = 1024
+GRAM_STEPS_GPU = 4  # 16-position steps unrolled per loop iteration
+GRAM_STEPS_INTERPRETED = 1
 
 
 def available() -> bool:
@@ -299,6 +301,7 @@ def gram(p, base, models) -> np.ndarray:
             BU=bu,
             LANES=GRAM_LANES,
             CHUNK=GRAM_CHUNK,
+            STEPS=GRAM_STEPS_INTERPRETED if k.INTERPRETED else GRAM_STEPS_GPU,
             **opts,
         )
     g = np.cumsum(partial.cpu().numpy().reshape(groups, chunks, n, n), axis=1)[:, -1]  # chunk order

@@ -8,8 +8,9 @@ of one group. One program handles ``BU`` consecutive units side by side as the c
 into lane ``q % LANES`` (so each lane is summed in position order); the lanes are then added in lane
 order into the unit's value (``tl.sum`` over a column with one non-zero lane is exact; no lane sum
 is -0.0, since they start at +0.0). ``partial[(u * N + i) * N + k]`` (``k >= i``) holds it; the host
-adds a group's chunks in order. One loop step reads the base and every model once and updates the
-accumulators of all pairs (a tuple carried through the loop). The additions are the same whatever
+adds a group's chunks in order. One step reads the base and every model once and updates the
+accumulators of all pairs (a tuple carried through the loop); ``STEPS`` steps are unrolled per loop
+iteration (compiled: 4, so that several steps' loads are in flight). The additions are the same whatever
 the grid or ``BU``, compiled or interpreted.
 """
 
@@ -34,6 +35,7 @@ def gram_kernel(
     BU: tl.constexpr,
     LANES: tl.constexpr,
     CHUNK: tl.constexpr,
+    STEPS: tl.constexpr,
 ):
     u = tl.program_id(0).to(tl.int64) * BU + tl.arange(0, BU).to(tl.int64)
     umask = u < units
@@ -50,22 +52,23 @@ def gram_kernel(
     for i in tl.static_range(N):
         for _k in tl.static_range(i, N):
             accs = accs + (tl.zeros([LANES, BU], tl.float64),)
-    for _r in range(0, nr):
-        m = q < q_end
-        if HAS_BASE:
-            b = load_f32(base_ptr, e, m)
-        else:
-            b = tl.zeros([LANES, BU], tl.float32)
-        vs = ()
-        for i in tl.static_range(N):
-            vs = vs + ((load_f32(models[i], e, m) - b).to(tl.float64),)
-        new = ()
-        for i in tl.static_range(N):
-            for k in tl.static_range(i, N):
-                new = new + (accs[i * N - i * (i - 1) // 2 + k - i] + vs[i] * vs[k],)
-        accs = new
-        q += LANES
-        e += e_step
+    for _r in range(0, tl.cdiv(nr, STEPS)):
+        for _s in tl.static_range(STEPS):  # unrolled: the steps' loads are independent of the sums
+            m = q < q_end  # steps past a chunk's end add exact zeros (no lane sum is -0.0)
+            if HAS_BASE:
+                b = load_f32(base_ptr, e, m)
+            else:
+                b = tl.zeros([LANES, BU], tl.float32)
+            vs = ()
+            for i in tl.static_range(N):
+                vs = vs + ((load_f32(models[i], e, m) - b).to(tl.float64),)
+            new = ()
+            for i in tl.static_range(N):
+                for k in tl.static_range(i, N):
+                    new = new + (accs[i * N - i * (i - 1) // 2 + k - i] + vs[i] * vs[k],)
+            accs = new
+            q += LANES
+            e += e_step
     for i in tl.static_range(N):
         for k in tl.static_range(i, N):
             acc = accs[i * N - i * (i - 1) // 2 + k - i]
