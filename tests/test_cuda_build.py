@@ -1,8 +1,9 @@
 """Every CUDA source compiles with nvcc (setup.py's flags, one architecture): no GPU needed.
 
 Skipped when nvcc is absent. Each ``csrc/cuda/*.cu`` is compiled with ``-c`` into a temporary
-directory for sm_90 (``M3KERNELS_TEST_CUDA_ARCH`` overrides), in parallel; the pybind11 binding
-file is syntax-checked with the C++ compiler against the CUDA and Python headers.
+directory for sm_90 (``M3KERNELS_TEST_CUDA_ARCH`` overrides), in parallel, keeping the PTX, which
+must have no fused multiply-add and only IEEE divisions; the pybind11 binding file is
+syntax-checked with the C++ compiler against the CUDA and Python headers.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def _compile(src: Path, out_dir: Path) -> tuple[Path, int, str]:
         f"-I{CUDA_DIR}",
         "-gencode",
         f"arch=compute_{ARCH},code=sm_{ARCH}",
+        "-keep",  # the PTX stays in out_dir for test_ptx_is_unfused_ieee
+        f"-keep-dir={out_dir}",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return src, proc.returncode, " ".join(cmd) + "\n" + proc.stdout + proc.stderr
@@ -71,15 +74,35 @@ def test_there_are_cuda_sources():
     assert list(CUDA_DIR.glob("*.cpp")), "the pybind11 binding file is missing"
 
 
-def test_every_cu_file_compiles(tmp_path):
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        results = list(pool.map(lambda s: _compile(s, tmp_path), CU_SOURCES))
+def test_every_cu_file_compiles(compiled):
+    tmp_path, results = compiled
     failed = [(src.name, log) for src, rc, log in results if rc != 0]
     assert not failed, "\n\n".join(f"{name} failed to compile:\n{log}" for name, log in failed)
     for src, _, log in results:
         assert (tmp_path / (src.stem + ".o")).stat().st_size > 0, log
         ours = [line for line in log.splitlines() if "warning" in line.lower() and "csrc/cuda" in line]
         assert not ours, f"{src.name} compiled with warnings in our sources:\n{log}"
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        return out, list(pool.map(lambda s: _compile(s, out), CU_SOURCES))
+
+
+def test_ptx_is_unfused_ieee(compiled):
+    """docs/KERNEL.md: every float operation one IEEE rounding. The kernels' PTX has no fma (float32
+    or float64: the gram sums too), and divisions are div.rn."""
+    out, results = compiled
+    assert all(rc == 0 for _, rc, _ in results), "compile failed (see test_every_cu_file_compiles)"
+    ptx = {p.name: p.read_text() for p in out.glob("*.ptx")}
+    assert {f"{s.stem}.ptx" for s in CU_SOURCES if s.stem != "device_info"} <= set(ptx), sorted(ptx)
+    for name, text in ptx.items():
+        assert "fma." not in text, f"{name}: fused multiply-add in the PTX"
+        assert "div.approx" not in text and "div.full" not in text, f"{name}: approximate division"
+    assert "div.rn.f32" in ptx["merge_kernel.ptx"]
+    assert "add.rn.f64" in ptx["gram_kernel.ptx"] and "mul.rn.f64" in ptx["gram_kernel.ptx"]
 
 
 def test_binding_file_compiles():
