@@ -48,7 +48,7 @@ GRAM_CHUNK = 1 << 16
 GRAM_LANES = 16
 GRAM_UNITS_GPU = 16  # (group, chunk) work units side by side in one gram program
 GRAM_UNITS_INTERPRETED = 1024
-GRAM_STEPS_GPU = 4  # 16-position steps unrolled per loop iteration
+GRAM_STEPS_GPU = 4  # 16-position steps unrolled per loop iteration (n <= 4; 1 beyond: n(n+1)/2 sums)
 GRAM_STEPS_INTERPRETED = 1
 
 
@@ -301,7 +301,7 @@ def gram(p, base, models) -> np.ndarray:
             BU=bu,
             LANES=GRAM_LANES,
             CHUNK=GRAM_CHUNK,
-            STEPS=GRAM_STEPS_INTERPRETED if k.INTERPRETED else GRAM_STEPS_GPU,
+            STEPS=GRAM_STEPS_INTERPRETED if k.INTERPRETED else (GRAM_STEPS_GPU if n <= 4 else 1),
             **opts,
         )
     g = np.cumsum(partial.cpu().numpy().reshape(groups, chunks, n, n), axis=1)[:, -1]  # chunk order
