@@ -67,12 +67,13 @@ for m in reg.METHODS.values():
     req = [p for p in m.params if p.config and p.default == reg.REQUIRED]
     mk_params = {p.name: VALUES.get(p.kind, 0.5) for p in req}
     kw = {p.api: VALUES.get(p.kind, 0.5) for p in req if p.api}
+    with_base = m.needs_base or m.program.uses_base  # required, or used when given
     try:
-        ref = merge_tensors(b if m.needs_base else None, xs, method=m.name, seed=7, name="t", **kw)
+        ref = merge_tensors(b if with_base else None, xs, method=m.name, seed=7, name="t", **kw)
     except ValueError as exc:
         ref = exc
     try:
-        if m.needs_base:
+        if with_base:
             got = mk_merge([b, *xs], "m3k_" + m.name, base_index=0, name="t", parameters=mk_params)
         else:
             got = mk_merge(xs, "m3k_" + m.name, name="t", parameters=mk_params)

@@ -62,7 +62,8 @@ def method_spec(method, mk_base):
     """mergekit's ``MergeMethodSpec`` for one of our methods (names and defaults of our config)."""
     from m3kernels.merge import registry as reg
 
-    per_model = mk_base.ParameterScope.NON_BASE if method.needs_base else mk_base.ParameterScope.INPUT
+    base_aware = method.needs_base or method.program.uses_base  # required, or used when given
+    per_model = mk_base.ParameterScope.NON_BASE if base_aware else mk_base.ParameterScope.INPUT
     params = []
     for p in method.params:
         if not p.config:
@@ -81,9 +82,13 @@ def method_spec(method, mk_base):
         params.append(
             mk_base.ParameterSpec("mixup_alpha", float | None, mk_base.ParameterScope.SHARED, default=None)
         )
-    contract = mk_base.InputContract(
-        base=mk_base.BasePolicy.REQUIRED if method.needs_base else mk_base.BasePolicy.IGNORED
-    )
+    if method.needs_base:
+        policy = mk_base.BasePolicy.REQUIRED
+    elif base_aware:
+        policy = mk_base.BasePolicy.OPTIONAL
+    else:
+        policy = mk_base.BasePolicy.IGNORED
+    contract = mk_base.InputContract(base=policy)
     return mk_base.MergeMethodSpec(
         name=PREFIX + method.name,
         parameters=tuple(params),
@@ -113,12 +118,12 @@ def merge_group(method_name: str, group, parameters: dict):
     from m3kernels.merge import registry as reg
 
     method = reg.get_method(method_name)
-    if method.needs_base:
-        base = group.base.tensor
+    if method.needs_base or method.program.uses_base:  # required, or used when given
+        base = group.base.tensor if group.base is not None else None
         entries = group.non_base
         if not entries:
             return base
-    else:  # like mergekit's linear: the base, when an input, is one more model
+    else:  # like mergekit's linear and karcher: the base, when an input, is one more model
         base, entries = None, group.entries
     kwargs: dict = {}
     for p in method.params:
