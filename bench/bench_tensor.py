@@ -19,6 +19,7 @@ Usage::
 
     python bench/bench_tensor.py --json bench/out/tensor.json
     python bench/bench_tensor.py --size 1024x4096 --repeats 3 --eager-repeats 1   # quick look
+    python bench/bench_tensor.py --only-kernel-pieces   # issue 8: the new kernel pieces alone
 """
 
 from __future__ import annotations
@@ -198,6 +199,108 @@ def bench_method(label: str, kw: dict, base, models, args, copy_gbps: float) -> 
     return res
 
 
+# ----------------------------------------------------------------------------- issue-8 kernel pieces
+
+
+def bench_kernel_pieces(base, models, args, copy_gbps: float) -> list:
+    """The issue-8 pieces of docs/KERNEL.md straight on the CPU kernels (stage B ``merge`` with hand-made
+    KernelParams, stage A ``gram`` / ``ram_counts``), next to the plain task_arithmetic pass: the
+    kernels' own rate, whatever the method layer around them does. Bytes: inputs read once + output."""
+    import numpy as np
+
+    from m3kernels.merge.kernel_params import (
+        COMBINE_NEARSWAP,
+        COMBINE_RAM,
+        GROUP_COLUMN,
+        GROUP_ROW,
+        make_params,
+    )
+
+    n, shape = len(models), tuple(base.shape)
+    rows, cols = (shape[0], shape[-1]) if len(shape) > 1 else (1, shape[0])
+    elem = base.element_size()
+    ta = make_params(make_recipe(n, has_base=True, method="task_arithmetic", seed=SEED), NAME, True)
+    raw = make_params(make_recipe(2, has_base=False, method="linear", seed=SEED), NAME, False)
+    gen = torch.Generator().manual_seed(SEED)
+    row_coef = (torch.rand(rows * 2, generator=gen) + 0.1).numpy().astype(np.float32)
+    col_coef = (torch.rand(cols * 2, generator=gen) + 0.1).numpy().astype(np.float32)
+    mid = int(np.float32(0.002).view(np.uint32))
+    window = ta.with_trim([int(np.float32(0.0005).view(np.uint32))] * n, [mid] * n)
+    out = torch.empty_like(base)
+    pair = [base, models[0]]  # slerp-like: raw values, base as model 0, no base
+    cases = [
+        ("task_arithmetic", "B", ta, base, models, n + 2),
+        ("trim window", "B", window, base, models, n + 2),
+        (
+            "group row (raw)",
+            "B",
+            raw.with_fields(coef_group=GROUP_ROW, row_len=cols, group_coef=row_coef),
+            None,
+            pair,
+            3,
+        ),
+        (
+            "group col (raw)",
+            "B",
+            raw.with_fields(coef_group=GROUP_COLUMN, row_len=cols, group_coef=col_coef),
+            None,
+            pair,
+            3,
+        ),
+        (
+            "nearswap",
+            "B",
+            make_params(make_recipe(1, has_base=True, method="task_arithmetic"), NAME, True).with_fields(
+                combine=COMBINE_NEARSWAP, clip_t=0.001
+            ),
+            base,
+            models[:1],
+            3,
+        ),
+        ("ram", "B", ta.with_fields(combine=COMBINE_RAM, ram_eps=1e-5), base, models, n + 2),
+        (
+            "ramplus_tl",
+            "B",
+            ta.with_fields(combine=COMBINE_RAM, ram_eps=1e-5, unique_scale=[1.5] * n),
+            base,
+            models,
+            n + 2,
+        ),
+        ("gram tensor", "A", ta, base, models, n + 1),
+        ("gram row", "A", ta.with_fields(coef_group=GROUP_ROW, row_len=cols), base, models, n + 1),
+        ("gram column", "A", ta.with_fields(coef_group=GROUP_COLUMN, row_len=cols), base, models, n + 1),
+        ("ram_counts", "A", ta.with_fields(combine=COMBINE_RAM, ram_eps=1e-5), base, models, n + 1),
+    ]
+    print(f"issue-8 kernel pieces ({shape}, N = {n}; B: stage B merge, A: stage A pass)")
+    print(f"{'piece':18s} {'stage':>5s} {'ms':>8s} {'GB/s':>7s} {'%copy':>6s} {'other cpu s':>11s}")
+    results = []
+    for label, stage, p, b, ms, tensors in cases:
+        if stage == "B":
+            fn = lambda p=p, b=b, ms=ms: cpu_backend.merge(p, b, ms, out)  # noqa: E731
+        elif label.startswith("gram"):
+            fn = lambda p=p, b=b, ms=ms: cpu_backend.gram(p, b, ms)  # noqa: E731
+        else:
+            fn = lambda p=p, b=b, ms=ms: cpu_backend.ram_counts(p, b, ms)  # noqa: E731
+        t = Timer(fn, args.repeats)
+        nbytes = base.numel() * elem * tensors
+        r = {
+            "piece": label,
+            "stage": stage,
+            "bytes": nbytes,
+            "best_s": t.best,
+            "median_s": t.median,
+            "gbps": nbytes / t.best / 1e9,
+            "pct_copy": 100 * nbytes / t.best / 1e9 / copy_gbps,
+            "other_cpu_s": t.other_cpu_s,
+        }
+        results.append(r)
+        print(
+            f"{label:18s} {stage:>5s} {t.best * 1e3:8.1f} {r['gbps']:7.2f} {r['pct_copy']:5.0f}% {t.other_cpu_s:11.1f}",
+            flush=True,
+        )
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="5120x13824", help="tensor shape, e.g. 5120x13824")
@@ -206,6 +309,10 @@ def main(argv=None) -> int:
     ap.add_argument("--eager-repeats", type=int, default=1, help="timed calls of the eager merge")
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument(
+        "--kernel-pieces", action="store_true", help="also time the issue-8 kernel pieces (docs/KERNEL.md)"
+    )
+    ap.add_argument("--only-kernel-pieces", action="store_true", help="time only the issue-8 kernel pieces")
     args = ap.parse_args(argv)
     shape = tuple(int(x) for x in args.size.lower().split("x"))
     methods = [m for m in args.methods.split(",") if m]
@@ -244,6 +351,13 @@ def main(argv=None) -> int:
     )
     print(header)
     results = []
+    pieces = (
+        bench_kernel_pieces(base, models, args, copy_gbps)
+        if args.kernel_pieces or args.only_kernel_pieces
+        else []
+    )
+    if args.only_kernel_pieces:
+        methods = []
     for m in methods:
         r = bench_method(m, METHODS[m], base, models, args, copy_gbps)
         results.append(r)
@@ -259,7 +373,15 @@ def main(argv=None) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
             json.dumps(
-                {"machine": machine, "shape": shape, "n": args.n, "copy": copy, "results": results}, indent=1
+                {
+                    "machine": machine,
+                    "shape": shape,
+                    "n": args.n,
+                    "copy": copy,
+                    "results": results,
+                    "kernel_pieces": pieces,
+                },
+                indent=1,
             )
         )
     return 0

@@ -6,12 +6,21 @@
 // (double)v_i * (double)v_k (exact products). The sequence is cut into chunks of kGramChunk
 // positions; position q of a chunk adds into lane q mod kGramLanes; the chunk's value is its lanes
 // added in lane order, the group's value its chunks' values added in chunk order. A work item is
-// one chunk (of a group, or of a block of kGramCols columns), computed by one thread alone, and the
+// one chunk (of a group, or of a block of a block of columns), computed by one thread alone, and the
 // chunk values are combined after the parallel loop: any thread count gives the same bits.
 
-constexpr int64_t kGramChunk = 1 << 16;  // positions per chunk (a multiple of kBlock)
-constexpr int kGramLanes = 16;           // float64 accumulators per chunk and pair
-constexpr int kGramCols = 32;            // column grouping: columns per work item
+constexpr int64_t kGramChunk = 1 << 16;      // positions per chunk (a multiple of kBlock)
+constexpr int kGramLanes = 16;               // float64 accumulators per chunk and pair
+constexpr int kGramColsMax = 512;            // column grouping: columns per work item, at most ...
+constexpr size_t kGramColBytes = 256 << 10;  // ... so that its accumulators fit in this many bytes
+
+// Columns per work item: wide blocks read whole cache lines and pages of each row (the numerics do
+// not depend on it: every column has its own accumulators).
+static int gram_cols(int npairs) {
+    int w = kGramColsMax;
+    while (w > 16 && size_t(npairs) * kGramLanes * size_t(w) * sizeof(double) > kGramColBytes) w /= 2;
+    return w;
+}
 
 // v_i for the cnt (<= kBlock) contiguous elements from e, into vb[i * kBlock + t].
 static void gram_load(const TensorIn& t, const TensorArgs& a, int64_t e, int64_t cnt, float* __restrict vb) {
@@ -42,10 +51,13 @@ static void gram_accumulate(const float* __restrict vb, int n, int64_t cnt, doub
         for (int k = i; k < n; ++k, ++p) {
             const float* __restrict y = vb + size_t(k) * kBlock;
             double* __restrict A = acc + size_t(p) * kGramLanes;
+            double L[kGramLanes];  // in registers for the loop
+            for (int l = 0; l < kGramLanes; ++l) L[l] = A[l];
             int64_t t = 0;
             for (; t + kGramLanes <= cnt; t += kGramLanes)
-                for (int l = 0; l < kGramLanes; ++l) A[l] = A[l] + double(x[t + l]) * double(y[t + l]);
-            for (int l = 0; t < cnt; ++t, ++l) A[l] = A[l] + double(x[t]) * double(y[t]);
+                for (int l = 0; l < kGramLanes; ++l) L[l] = L[l] + double(x[t + l]) * double(y[t + l]);
+            for (int l = 0; t < cnt; ++t, ++l) L[l] = L[l] + double(x[t]) * double(y[t]);
+            for (int l = 0; l < kGramLanes; ++l) A[l] = L[l];
         }
     }
 }
@@ -66,13 +78,13 @@ static void gram_contiguous(const TensorIn& t, const TensorArgs& a, int64_t e, i
     }
 }
 
-// Chunk of columns [g0, g0 + w) (w <= kGramCols), rows [r0, r1): the elements of a row are
-// contiguous (loaded together), row r adds into lane (r - r0) mod kGramLanes of its column.
-// acc[(p * kGramLanes + l) * kGramCols + c]; part[c * npairs + p].
-static void gram_columns(const TensorIn& t, const TensorArgs& a, int64_t g0, int w, int64_t r0, int64_t r1,
-                         int npairs, float* vb, double* acc, double* part) {
+// Chunk of columns [g0, g0 + w) (w <= cols, the block width), rows [r0, r1): the elements of a row
+// are contiguous (loaded together), row r adds into lane (r - r0) mod kGramLanes of its column.
+// acc[(p * kGramLanes + l) * cols + c]; part[c * npairs + p].
+static void gram_columns(const TensorIn& t, const TensorArgs& a, int64_t g0, int w, int cols, int64_t r0,
+                         int64_t r1, int npairs, float* vb, double* acc, double* part) {
     const int64_t C = a.row_len;
-    for (int64_t j = 0; j < int64_t(npairs) * kGramLanes * kGramCols; ++j) acc[j] = 0.0;
+    for (int64_t j = 0; j < int64_t(npairs) * kGramLanes * cols; ++j) acc[j] = 0.0;
     for (int64_t r = r0; r < r1; ++r) {
         gram_load(t, a, r * C + g0, w, vb);
         const int l = int((r - r0) % kGramLanes);
@@ -81,7 +93,7 @@ static void gram_columns(const TensorIn& t, const TensorArgs& a, int64_t g0, int
             const float* __restrict x = vb + size_t(i) * kBlock;
             for (int k = i; k < a.n; ++k, ++p) {
                 const float* __restrict y = vb + size_t(k) * kBlock;
-                double* __restrict A = acc + (size_t(p) * kGramLanes + l) * kGramCols;
+                double* __restrict A = acc + (size_t(p) * kGramLanes + l) * size_t(cols);
                 for (int c = 0; c < w; ++c) A[c] = A[c] + double(x[c]) * double(y[c]);
             }
         }
@@ -89,7 +101,7 @@ static void gram_columns(const TensorIn& t, const TensorArgs& a, int64_t g0, int
     for (int c = 0; c < w; ++c)
         for (int p = 0; p < npairs; ++p) {
             double s = 0.0;
-            for (int l = 0; l < kGramLanes; ++l) s = s + acc[(size_t(p) * kGramLanes + l) * kGramCols + c];
+            for (int l = 0; l < kGramLanes; ++l) s = s + acc[(size_t(p) * kGramLanes + l) * size_t(cols) + c];
             part[size_t(c) * npairs + p] = s;
         }
 }
@@ -101,21 +113,22 @@ static bool gram(const TensorArgs& a, int64_t groups, double* out) {
     for (int64_t j = 0; j < groups * n * n; ++j) out[j] = 0.0;
     if (a.numel <= 0 || groups <= 0) return true;
     const int kind = a.coef_group;
+    const int cols = gram_cols(npairs);
     const int64_t C = kind == kGroupNone ? a.numel : a.row_len;
     const int64_t R = a.numel / C;
     // the sequences: tensor: one of numel; row: R of C; column: C of R (in blocks of kGramCols)
     const int64_t seq_len = kind == kGroupNone ? a.numel : (kind == kGroupRow ? C : R);
     const int64_t cps = (seq_len + kGramChunk - 1) / kGramChunk;  // chunks per sequence
-    const int64_t units = kind == kGroupColumn ? (C + kGramCols - 1) / kGramCols : groups;
+    const int64_t units = kind == kGroupColumn ? (C + cols - 1) / cols : groups;
     const int64_t items = units * cps;
-    const int64_t per_item = kind == kGroupColumn ? int64_t(kGramCols) * npairs : npairs;
+    const int64_t per_item = kind == kGroupColumn ? int64_t(cols) * npairs : npairs;
     double* part = static_cast<double*>(malloc(sizeof(double) * size_t(items) * size_t(per_item)));
     if (!part) return false;
     const TensorIn t = tensor_in(a);
     bool failed = false;
 #pragma omp parallel if (items > 1 && a.numel > kBlock) reduction(|| : failed)
     {
-        const size_t acc_n = size_t(npairs) * kGramLanes * (kind == kGroupColumn ? kGramCols : 1);
+        const size_t acc_n = size_t(npairs) * kGramLanes * size_t(kind == kGroupColumn ? cols : 1);
         float* vb = static_cast<float*>(malloc(sizeof(float) * size_t(n) * kBlock));
         double* acc = static_cast<double*>(malloc(sizeof(double) * acc_n));
         const bool ok = vb && acc;
@@ -128,9 +141,9 @@ static bool gram(const TensorArgs& a, int64_t groups, double* out) {
             const int64_t q1 = seq_len - q0 < kGramChunk ? seq_len : q0 + kGramChunk;
             double* pi = part + size_t(it) * size_t(per_item);
             if (kind == kGroupColumn) {
-                const int64_t g0 = u * kGramCols;
-                const int w = int(C - g0 < kGramCols ? C - g0 : kGramCols);
-                gram_columns(t, a, g0, w, q0, q1, npairs, vb, acc, pi);
+                const int64_t g0 = u * cols;
+                const int w = int(C - g0 < cols ? C - g0 : cols);
+                gram_columns(t, a, g0, w, cols, q0, q1, npairs, vb, acc, pi);
             } else {
                 gram_contiguous(t, a, u * C * (kind == kGroupRow) + q0, q1 - q0, npairs, vb, acc, pi);
             }
@@ -142,8 +155,8 @@ static bool gram(const TensorArgs& a, int64_t groups, double* out) {
         for (int64_t g = 0; g < groups; ++g) {
             double* o = out + size_t(g) * size_t(n) * size_t(n);
             // item and offset of group g's chunk c
-            const int64_t u = kind == kGroupColumn ? g / kGramCols : g;
-            const int64_t off = kind == kGroupColumn ? (g % kGramCols) * npairs : 0;
+            const int64_t u = kind == kGroupColumn ? g / cols : g;
+            const int64_t off = kind == kGroupColumn ? (g % cols) * npairs : 0;
             int p = 0;
             for (int i = 0; i < n; ++i)
                 for (int k = i; k < n; ++k, ++p) {

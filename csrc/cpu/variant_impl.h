@@ -220,47 +220,55 @@ M3K_INLINE vf base_vec(const TensorIn& t, int64_t g, int rem) {
     return PARTIAL ? load_vec_partial(t.base, dtype, g, rem) : load_vec(t.base, dtype, g);
 }
 
-// Where the lanes [J0, J0 + rem) of a vector fall among the coefficient groups (row: J / C,
-// column: J % C): `first` is the group of lane 0 when `same` (row: one group; column: consecutive
-// groups first, first + 1, ...), else gi[l] names lane l's group.
-struct GroupLanes {
-    bool same;
-    int64_t first;
-    int64_t gi[W];
+// Row and column of the vector's lane 0 (flat index J = index_offset + g: row J / C, column J % C),
+// advanced vector by vector (no division per vector).
+struct GroupPos {
+    int64_t row;
+    int64_t col;
 };
 
-M3K_INLINE void group_lanes(const TensorIn& t, int64_t J0, int rem, GroupLanes& gl) {
+M3K_INLINE GroupPos group_pos(const TensorIn& t, int64_t J) {
+    if (t.coef_group == kGroupNone) return GroupPos{0, 0};
+    return GroupPos{J / t.row_len, J % t.row_len};
+}
+
+M3K_INLINE void group_advance(const TensorIn& t, GroupPos& gp, int step) {
     const int64_t C = t.row_len;
-    int64_t row = J0 / C, col = J0 - row * C;
-    if (t.coef_group == kGroupRow) {
-        gl.first = row;
-        gl.same = col + rem <= C;
+    gp.col += step;
+    if (gp.col < C) return;
+    if (C >= step) {
+        gp.col -= C;
+        ++gp.row;
     } else {
-        gl.first = col;
-        gl.same = col + rem <= C;
-    }
-    if (gl.same) return;
-    for (int l = 0; l < W; ++l) {
-        gl.gi[l] = l < rem ? (t.coef_group == kGroupRow ? row : col) : gl.first;
-        if (++col == C) {
-            col = 0;
-            ++row;
-        }
+        gp.row += gp.col / C;
+        gp.col %= C;
     }
 }
 
-// Model i's coefficients of the vector's lanes (group_coef, through the transposed table).
+// Model i's coefficients of the vector's lanes: group_coef through the transposed table (row:
+// group = row, column: group = column).
 template <bool PARTIAL>
-M3K_INLINE vf group_coef_vec(const TensorIn& t, const GroupLanes& gl, int i, int rem) {
-    const float* row = t.gct + size_t(i) * size_t(t.groups);
-    if (gl.same && t.coef_group == kGroupRow) return vsplat(row[gl.first]);
+M3K_INLINE vf group_coef_vec(const TensorIn& t, const GroupPos& gp, int i, int rem) {
+    const float* tab = t.gct + size_t(i) * size_t(t.groups);
+    const int64_t C = t.row_len;
+    const bool by_row = t.coef_group == kGroupRow;
     vf c = vf{};
-    if (gl.same && !PARTIAL) {
-        __builtin_memcpy(&c, row + gl.first, sizeof(c));
-    } else if (gl.same) {
-        for (int l = 0; l < rem; ++l) c[l] = row[gl.first + l];
-    } else {
-        for (int l = 0; l < W; ++l) c[l] = row[gl.gi[l]];
+    if (gp.col + rem <= C) {  // all lanes in one row
+        if (by_row) return vsplat(tab[gp.row]);
+        if (!PARTIAL) {
+            __builtin_memcpy(&c, tab + gp.col, sizeof(c));
+        } else {
+            for (int l = 0; l < rem; ++l) c[l] = tab[gp.col + l];
+        }
+        return c;
+    }
+    int64_t r = gp.row, q = gp.col;
+    for (int l = 0; l < rem; ++l) {
+        c[l] = tab[by_row ? r : q];
+        if (++q == C) {
+            q = 0;
+            ++r;
+        }
     }
     return c;
 }
@@ -274,7 +282,7 @@ enum CombineClass : int { kCbPlain = 0, kCbGroup = 1, kCbNearswap = 2, kCbRam = 
 // DT >= 0: base, every model and the output have that dtype (no per-vector dtype branches).
 template <int NM, int DT, bool PARTIAL, int CB = kCbPlain>
 M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
-                          void* out, int out_dtype) {
+                          void* out, int out_dtype, const GroupPos& gp) {
     if (NM > 0) n = NM;
     if (DT >= 0) out_dtype = DT;
     const vf b = base_vec<PARTIAL, DT>(t, g, rem);
@@ -307,12 +315,10 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         }
         y0 = b + vsplat(t.lam) * acc;
     } else if (CB == kCbGroup) {
-        GroupLanes gl = {};
-        group_lanes(t, t.index_offset + g, rem, gl);
         vf acc = vf{};
         for (int i = 0; i < n; ++i)
             acc =
-                acc + group_coef_vec<PARTIAL>(t, gl, i, rem) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
+                acc + group_coef_vec<PARTIAL>(t, gp, i, rem) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
         y0 = b + vsplat(t.lam) * m;
     } else if (t.combine != kTies) {
@@ -358,10 +364,28 @@ static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float
     vf dv_local[NM > 0 ? NM : 1];
     vf* dv = NM > 0 ? dv_local : s.dv;
     const int64_t full = cnt / W * W;
-    for (int64_t k = 0; k < full; k += W)
-        merge_vec<NM, DT, false, CB>(t, mi, n, dv, start + k, k, W, out, out_dtype);
+    if (CB == kCbGroup && t.coef_group == kGroupRow) {
+        // a block inside one row (the usual case): its coefficients are constants, the plain loop
+        const int64_t J = a.index_offset + start;
+        const int64_t row = J / t.row_len;
+        if ((J + cnt - 1) / t.row_len == row) {
+            for (int i = 0; i < n; ++i) mi[i].coef = gct[size_t(i) * size_t(t.groups) + size_t(row)];
+            const GroupPos none{0, 0};
+            for (int64_t k = 0; k < full; k += W)
+                merge_vec<NM, DT, false, kCbPlain>(t, mi, n, dv, start + k, k, W, out, out_dtype, none);
+            if (full < cnt)
+                merge_vec<NM, DT, true, kCbPlain>(t, mi, n, dv, start + full, full, int(cnt - full), out,
+                                                  out_dtype, none);
+            return;
+        }
+    }
+    GroupPos gp = CB == kCbGroup ? group_pos(t, a.index_offset + start) : GroupPos{0, 0};
+    for (int64_t k = 0; k < full; k += W) {
+        merge_vec<NM, DT, false, CB>(t, mi, n, dv, start + k, k, W, out, out_dtype, gp);
+        if (CB == kCbGroup) group_advance(t, gp, W);
+    }
     if (full < cnt)
-        merge_vec<NM, DT, true, CB>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype);
+        merge_vec<NM, DT, true, CB>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype, gp);
 }
 
 // ---------------------------------------------------------------- stage B
