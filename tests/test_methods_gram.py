@@ -242,6 +242,8 @@ def test_slerp_m3_draws_t_from_beta():
     lam = m3kernels.draw_mix_ratios(0.7, 2, 9)
     assert r.get("t") == pytest.approx(lam[1], rel=1e-7)
     assert make_recipe(1, method="slerp", has_base=True, mix_ratios=0.25).get("t") == 0.75
+    # a tiny draw is a valid t (the coefficients are computed in float64)
+    assert make_recipe(1, method="slerp", has_base=True, mix_ratios=[1.0, 1e-50]).get("t") == 1e-50
     with pytest.raises(ValueError, match="t: give t or M³"):
         make_recipe(1, method="slerp", has_base=True, t=0.5, mixup_alpha=0.7)
 

@@ -306,7 +306,7 @@ def make_recipe(
         if drawn and dict(params).get("t") is not None:
             raise ValueError("t: give t or M³ (mix_ratios / mixup_alpha), not both")
         if drawn:
-            params = tuple(sorted({**dict(params), "t": _check_f32(ratios[1], "t")}.items()))
+            params = tuple(sorted({**dict(params), "t": float(ratios[1])}.items()))  # may be tiny
         ratios = (1.0,) * n
     for p in preset.params:
         if p.default is REQUIRED and p.name not in GENERIC_PARAMS and p.name not in dict(params):
