@@ -1,4 +1,4 @@
-"""m3kernels: exact, fused kernels for merging fine-tuned LLMs (TIES, DARE, M³, ...).
+"""m3kernels: exact, fused kernels for merging fine-tuned LLMs (TIES, DARE, SLERP, Model Stock, M³, ...).
 
 The public names are loaded on first use (PEP 562), so ``import m3kernels`` and the command
 line's start-up stay cheap until a merge needs PyTorch and the kernels.
