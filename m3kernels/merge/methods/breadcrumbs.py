@@ -70,8 +70,8 @@ def thresholds(p, base, models, recipe, backend) -> tuple[np.ndarray, np.ndarray
     from m3kernels.api import SMALL_TENSOR_NUMEL
 
     multi = getattr(select, "select_thresholds_multi", None)
-    if multi is not None and numel > SMALL_TENSOR_NUMEL:  # one high-16 and one low-16 pass
-        per_model = [tuple(k for k in (a, b) if k is not None) for a, b in zip(lo_ks, hi_ks)]
+    per_model = [tuple(k for k in (a, b) if k is not None) for a, b in zip(lo_ks, hi_ks)]
+    if multi is not None and numel > SMALL_TENSOR_NUMEL and all(per_model):  # two passes in all
 
         def hist(prefix):
             return backend.histogram(p, base, models, prefix)
