@@ -120,3 +120,33 @@ def test_whole_model_thresholds_are_refused():
     x = torch.randn(10)
     with pytest.raises(ValueError, match="thresholds: method 'breadcrumbs'"):
         m3kernels.merge_tensors(x, [x + 1, x - 1], method="breadcrumbs", density=0.5, thresholds=[0.1, 0.1])
+
+
+def test_multi_k_select_is_used_as_specified(gen, monkeypatch):
+    """With ``select_thresholds_multi`` (issue 8's interface: the k-th largest for several k per
+    model, in the order given), the window's bounds come from it, each in its place."""
+    from m3kernels.merge import select
+
+    _skip_unless("cpu", "breadcrumbs")
+    calls = []
+
+    def multi(hist, ks_per_model, total):
+        calls.append(ks_per_model)
+        n = len(ks_per_model)
+        out = []
+        for i, ks in enumerate(ks_per_model):
+            vals = []
+            for k in ks:
+                one = select.select_thresholds(hist, [k if j == i else None for j in range(n)], total)
+                vals.append(int(one[i]))
+            out.append(tuple(vals))
+        return out
+
+    monkeypatch.setattr(select, "select_thresholds_multi", multi, raising=False)
+    base, models = make_inputs((301, 517), 2, (torch.float32, [torch.float32]), gen)
+    kw = dict(method="breadcrumbs", density=[0.4, 0.8], gamma=[0.05, 0.3])
+    out = m3kernels.merge_tensors(base, models, backend="cpu", **kw)
+    assert calls and all(len(ks) == 2 and ks[0] > ks[1] for ks in calls[0])
+    recipe = make_recipe(2, has_base=True, **kw)
+    ref, _ = reference_merge(base, models, recipe, "w")
+    assert_close_ulp(out, ref, term_scale(base, models, recipe), "multi")
