@@ -106,8 +106,8 @@ def encode(
         resc = ""
     elif isinstance(rescale, bool):
         resc = "true" if rescale else "false"
-    elif isinstance(rescale, str) and rescale.lower() in _RESCALE:
-        resc = rescale.lower()
+    elif isinstance(rescale, str) and rescale.lower() in ("true", "false", "l1", "density", "none"):
+        resc = {"density": "true", "none": "false"}.get(rescale.lower(), rescale.lower())
     else:
         raise ValueError(f"rescale must be True, False or 'l1', got {rescale!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)):

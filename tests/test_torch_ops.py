@@ -216,6 +216,7 @@ def test_encode_decode_round_trip():
         ops.encode(method="ties", seed=-1)
     with pytest.raises(ValueError, match="rescale"):
         ops.encode(method="dare_ties", rescale="sqrt")
+    assert ops.decode(*ops.encode(method="dare_ties", rescale="none"))["rescale"] is False
     with pytest.raises(ValueError, match="weights"):
         ops.encode(method="ties", weights="heavy")
     with pytest.raises(ValueError, match="thresholds"):
