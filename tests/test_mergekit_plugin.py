@@ -228,6 +228,8 @@ def test_command_line_wrapper(runs, tmp_path):
         assert torch.equal(got[name].view(torch.int32), t.view(torch.int32)), name
     bad = subprocess.run([*cmd, "--m3k-seed", "x"], capture_output=True, text=True, env=env, timeout=120)
     assert bad.returncode == 2 and "--m3k-seed" in bad.stderr
+    helped = subprocess.run([*cmd[:3], "--help"], capture_output=True, text=True, env=env, timeout=120)
+    assert helped.returncode == 0 and "--m3k-replace" in helped.stdout and "CONFIG_FILE" in helped.stdout
 
 
 def test_example_runs(runs, tmp_path):

@@ -207,6 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             seed = int(v)
         else:
             rest.append(a)
+    if "--help" in rest or "-h" in rest:
+        print(
+            "m3kernels options (before or after mergekit's):\n"
+            "  --m3k-seed N     seed of the DARE stream (default 0)\n"
+            "  --m3k-replace    our methods also under mergekit's own names (ties, linear, ...)\n"
+            f"methods added: {PREFIX}<name> for every m3kernels method\n"
+        )
     register(seed=seed, replace=replace)
     from mergekit.scripts.run_yaml import main as mergekit_yaml
 
