@@ -161,6 +161,16 @@ def test_passthrough_scale_filters_per_model():
     assert "scale" not in c.tensor_kwargs("model.layers.1.mlp.up_proj.weight", 2)
 
 
+def test_optional_scale_may_be_null():
+    """mergekit's Optional[float]: ``scale: null`` is an unscaled copy."""
+    c = load_config(cfg("passthrough", {"scale": None}, base=None))
+    assert "scale" not in c.tensor_kwargs("model.layers.0.self_attn.o_proj.weight", 2)
+    c = load_config(cfg("passthrough", {"scale": 2.0}, base=None, model_params={0: {"scale": None}}))
+    assert c.tensor_kwargs("lm_head.weight", 2)["scale"] == [2.0]  # unset per model: the top level
+    with pytest.raises(MergeConfigError, match="parameters.t: a value is required"):
+        load_config(cfg("slerp", {"t": None}))
+
+
 def test_karcher_takes_an_unlisted_base_as_one_more_point():
     c = load_config(cfg("karcher", {}, models=("x", "y"), base="b"))
     assert c.models == ["x", "y", "b"]

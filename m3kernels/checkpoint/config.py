@@ -275,6 +275,10 @@ def _value_setting(raw, kind: str, key: str, gradient: bool) -> Setting:
     return Setting("scalar", _leaf(raw, kind, key), key)
 
 
+def _as_method(method) -> Method:
+    return method if isinstance(method, Method) else get_method(method)
+
+
 def parse_setting(raw, name: str, key: str, method: Method | str) -> Setting:
     """A parameter of ``method`` as written in the YAML -> Setting (validated for that method's
     parameter: the same name may have another kind in another method)."""
@@ -300,6 +304,8 @@ def parse_setting(raw, name: str, key: str, method: Method | str) -> Setting:
                 raise MergeConfigError(f"{ekey}.filter: expected a string, got {flt!r}")
             entries.append((flt, _value_setting(e["value"], kind, f"{ekey}.value", gradient)))
         return Setting("filters", tuple(entries), key)
+    if raw is None and _as_method(method).param(name).optional:
+        return Setting("scalar", None, key)  # an optional parameter (passthrough's scale) left unset
     return _value_setting(raw, kind, key, gradient)
 
 
