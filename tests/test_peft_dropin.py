@@ -195,6 +195,19 @@ def test_ties_at_the_threshold_take_topks_pick(gen, monkeypatch):
     same(dropin.ties(ts, w, 0.3), peft_merge.ties(ts, w, 0.3))
 
 
+def test_inputs_requiring_grad_keep_peft_autograd(gen):
+    ts = [t.requires_grad_() for t in task_tensors(gen, 2, (19, 7), torch.float32)]
+    w = torch.tensor(WEIGHTS[2])
+    ours, ref = dropin.magnitude_prune(ts, w, 0.5), peft_merge.magnitude_prune(ts, w, 0.5)
+    assert ours.requires_grad and ref.requires_grad
+    same(ours.detach(), ref.detach())
+    (g_ours,) = torch.autograd.grad(ours.sum(), ts[0])
+    (g_ref,) = torch.autograd.grad(ref.sum(), ts[0])
+    assert torch.equal(g_ours, g_ref)
+    with torch.no_grad():
+        assert not dropin.ties(ts, w, 0.5).requires_grad
+
+
 def test_bad_arguments():
     ts = [torch.zeros(3, 3), torch.zeros(3, 3)]
     with pytest.raises(ValueError, match="density"):

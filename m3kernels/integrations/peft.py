@@ -120,7 +120,8 @@ def _no_pruning_warning(density: float, n: int) -> None:
 
 def _fusable(tensors, weights) -> bool:
     """True when one stage-B pass gives PyTorch's bytes: kernel dtypes, float32 weights (so the
-    result is float32), finite float32 weights, a device with a backend, N small enough."""
+    result is float32), finite float32 weights, a device with a backend, N small enough, and no
+    input that autograd is tracking."""
     dev = tensors[0].device.type
     if len(tensors) > MAX_FUSED_MODELS.get(dev, 0) or weights.dtype != torch.float32:
         return False
@@ -128,6 +129,8 @@ def _fusable(tensors, weights) -> bool:
         return False
     if not bool(torch.isfinite(weights).all()):
         return False
+    if torch.is_grad_enabled() and (weights.requires_grad or any(t.requires_grad for t in tensors)):
+        return False  # PEFT's result is differentiable there; PyTorch ops keep the graph
     try:
         from m3kernels.backends import get_backend
 
