@@ -161,6 +161,13 @@ def test_passthrough_scale_filters_per_model():
     assert "scale" not in c.tensor_kwargs("model.layers.1.mlp.up_proj.weight", 2)
 
 
+def test_old_pattern_key_is_named():
+    """mergekit's old examples write 'pattern:' (0.1.5 ignores it: the entry matches everything)."""
+    raw = cfg("slerp", {"t": [{"pattern": "self_attn", "value": [0, 1]}, {"value": 0.5}]})
+    with pytest.raises(MergeConfigError, match="'pattern' is an old name of 'filter'"):
+        load_config(raw)
+
+
 def test_optional_scale_may_be_null():
     """mergekit's Optional[float]: ``scale: null`` is an unscaled copy."""
     c = load_config(cfg("passthrough", {"scale": None}, base=None))

@@ -293,9 +293,15 @@ def parse_setting(raw, name: str, key: str, method: Method | str) -> Setting:
             ekey = f"{key}[{j}]"
             extra = set(e) - {"filter", "value"}
             if extra:
+                hint = (
+                    " ('pattern' is an old name of 'filter'; mergekit 0.1.5 ignores it, so there the "
+                    "entry matches every tensor)"
+                    if "pattern" in extra
+                    else ""
+                )
                 raise MergeConfigError(
                     f"{ekey}: unknown key(s) {sorted(extra)}; a filter entry has 'filter' "
-                    f"(substring of the tensor name, optional) and 'value'"
+                    f"(substring of the tensor name, optional) and 'value'{hint}"
                 )
             if "value" not in e:
                 raise MergeConfigError(f"{ekey}: a filter entry needs a 'value'")
