@@ -36,7 +36,7 @@ import torch
 import m3kernels
 from m3kernels.api import merge_job
 from m3kernels.merge.job import MergeJob
-from m3kernels.merge.kernel_params import make_params
+from m3kernels.merge.kernel_params import KernelParams, make_params
 from m3kernels.merge.recipe import make_recipe
 
 import kernel_program as kp
@@ -47,6 +47,7 @@ BITS = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
 NONE, ROW, COL = 0, 1, 2
 SUM, MEAN, TIES, NEARSWAP, RAM = 0, 1, 2, 3, 4
 EPS6 = float(np.float32(1e-6))
+HAVE_TIE_FIELDS = "tie_keep" in KernelParams.__dataclass_fields__  # exact-k ties (not on the GPU yet)
 
 # NaN / inf inputs make NumPy (under Triton's interpreter) warn about the very IEEE results we check.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -404,6 +405,13 @@ def test_cuda_argument_checks(gen):
         cuda_backend.emulate_merge(params(2, combine=NEARSWAP, clip_t=0.1), base, models, out)
     with pytest.raises(ValueError, match="need a base"):
         cuda_backend.emulate_merge(params(1, has_base=False, combine=RAM), None, models[:1], out)
+    if HAVE_TIE_FIELDS:
+        tie = params(2, trim_min=[0x3F000000] * 2).with_fields(tie_keep=[3, -1])
+        with pytest.raises(ValueError, match="trim_ties: k .* not implemented on the cuda backend"):
+            cuda_backend.emulate_merge(tie, base, models, out)
+    args = cuda_backend.kernel_args(params(2), base, models, out, device_type="cpu")
+    with pytest.raises(ValueError, match="exact-k ties"):  # the extension refuses it too
+        cuda_backend._ext().emulate_merge(dict(args, tie_keep=[3, -1]))
     empty = cuda_backend.emulate_gram(params(2), torch.zeros(0), [torch.zeros(0), torch.zeros(0)])
     np.testing.assert_array_equal(empty, np.zeros((1, 2, 2)))
     assert cuda_backend.FEATURES == {"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts"}
@@ -566,6 +574,9 @@ def test_triton_argument_checks(gen):
         triton_backend.merge(p, b, ms, out)
     with pytest.raises(ValueError, match="exactly one model"):
         triton_backend.merge(params(2, combine=NEARSWAP), b, ms, out)
+    if HAVE_TIE_FIELDS:
+        with pytest.raises(ValueError, match="trim_ties: k .* not implemented on the triton backend"):
+            triton_backend.merge(params(2).with_fields(tie_skip=[0, 2]), b, ms, out)
     assert triton_backend.FEATURES == {"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts"}
 
 

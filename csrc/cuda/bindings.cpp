@@ -101,6 +101,11 @@ m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
         a.numel > 0 && group_coef == 0)
         throw std::invalid_argument("m3kernels CUDA args: coef_group is set but group_coef is null");
     a.group_coef = reinterpret_cast<const float*>(group_coef);
+    for (const char* key : {"tie_keep", "tie_skip", "tie_prefix_min", "tie_prefix_max"})
+        if (d.contains(key) && !d[key].is_none())
+            throw std::invalid_argument(
+                "m3kernels CUDA: exact-k ties (trim_ties: k) are not implemented by the CUDA kernels");
+    a.tie_keep = a.tie_skip = a.tie_prefix_min = a.tie_prefix_max = nullptr;
     const auto trim_max = get_list_or<uint64_t>(d, "trim_max", a.n, 0xffffffffu);
     const auto unique_scale = get_list_or<double>(d, "unique_scale", a.n, 1.0);
     a.normalize = get<bool>(d, "normalize") ? 1 : 0;

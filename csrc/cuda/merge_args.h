@@ -48,6 +48,13 @@ struct MergeArgs {
     int64_t row_len;                 // C, the length of the last dim (>= 1)
     int64_t index_offset;            // flat index of element 0 (chunked calls; 0 for a whole tensor)
     const float* group_coef;         // coef of model i in group g at [g * n + i]; nullptr when unused
+    // Exact-k ties (trim_ties: k, docs/KERNEL.md "Exact-k ties") are not implemented by these kernels
+    // (FEATURES has no "trim_ties_k"): parse_args and the Python side refuse a tie rule, so these
+    // stay nullptr (off) and every tie at a threshold is kept.
+    const int64_t* tie_keep;        // [n] key == trim_min kept iff tie index < tie_keep; nullptr: off
+    const int64_t* tie_skip;        // [n] key == trim_max kept iff tie index >= tie_skip; nullptr: off
+    const int64_t* tie_prefix_min;  // [n][tie blocks] equal-to-trim_min keys before each tie block
+    const int64_t* tie_prefix_max;  // [n][tie blocks] equal-to-trim_max keys before each tie block
 };
 
 }  // namespace m3k

@@ -60,18 +60,21 @@ M3K_HD void dare_drop(const MergeArgs& a, int i, int64_t j0, float (&d)[EPT]) {
     }
 }
 
-// Magnitude trim of model i: keep iff trim_min <= bits(|d|) <= trim_max (trim_min 0 and
-// trim_max >= 0x7fffffff: keep all, NaN included). A value trim_min drops is 0, which trim_max keeps,
-// so the two tests in one are the two tests in sequence of docs/KERNEL.md.
+// Magnitude trim of model i: keep iff trim_min <= bits(|d|) <= trim_max. trim_min 0 keeps all
+// (2^32: none); trim_max >= 0x7fffffff keeps all (NaN included). Each test either keeps d or zeroes
+// it and 0 passes the upper one, so testing the upper end first gives the two tests of
+// docs/KERNEL.md in their order.
 template <int EPT>
 M3K_HD void trim(const MergeArgs& a, int i, float (&d)[EPT]) {
-    const uint64_t lo = a.trim_min[i], hi = a.trim_max[i];
-    if (lo == 0 && hi >= kTrimMaxKeepAll) return;
+    const uint64_t hi = a.trim_max[i];
+    if (hi < kTrimMaxKeepAll) {
 #pragma unroll
-    for (int k = 0; k < EPT; ++k) {
-        const uint64_t x = abs_bits(d[k]);
-        d[k] = (x >= lo && x <= hi) ? d[k] : 0.0f;
+        for (int k = 0; k < EPT; ++k) d[k] = (static_cast<uint64_t>(abs_bits(d[k])) <= hi) ? d[k] : 0.0f;
     }
+    const uint64_t t = a.trim_min[i];
+    if (t == 0) return;
+#pragma unroll
+    for (int k = 0; k < EPT; ++k) d[k] = (static_cast<uint64_t>(abs_bits(d[k])) >= t) ? d[k] : 0.0f;
 }
 
 // Per-group coefficients: gi[k] = g(J) * n for J = index_offset + j0 + k (row: J / row_len,

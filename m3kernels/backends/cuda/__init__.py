@@ -118,6 +118,7 @@ def kernel_args(
     device_type: str = "cuda",
 ) -> dict:
     """The argument dict the extension reads: KernelParams plus pointers and dtype codes."""
+    _refuse_tie_rule(p)
     models = list(models)
     if len(models) != p.n:
         raise ValueError(f"KernelParams is for {p.n} models, got {len(models)} tensors")
@@ -190,6 +191,19 @@ def kernel_args(
         "group_coef": group_coef_ptr,
         "_keep_alive": group_coef_keep,  # the buffer behind group_coef (not read by the extension)
     }
+
+
+def _refuse_tie_rule(p) -> None:
+    """ValueError when ``p`` asks for exact-k ties (trim_ties: k), which this backend does not run
+    (FEATURES has no "trim_ties_k"): computing without it would keep every tie instead."""
+    keep, skip = getattr(p, "tie_keep", None), getattr(p, "tie_skip", None)
+    on = (keep is not None and bool(np.any(np.asarray(keep) >= 0))) or (
+        skip is not None and bool(np.any(np.asarray(skip) != 0))
+    )
+    if on:
+        raise ValueError(
+            "trim_ties: k (exact-k ties) is not implemented on the cuda backend yet; use the cpu backend"
+        )
 
 
 def _groups(p: KernelParams, numel: int) -> tuple[int, int]:

@@ -102,6 +102,7 @@ def _launch_options(kernels) -> dict:
 
 
 def _inputs(p, base, models: Sequence[torch.Tensor]):
+    _refuse_tie_rule(p)
     models = tuple(models)
     if len(models) != p.n:
         raise ValueError(f"expected {p.n} model tensors, got {len(models)}")
@@ -224,6 +225,19 @@ def merge(p, base, models, out):
             **_launch_options(k),
         )
     return out
+
+
+def _refuse_tie_rule(p) -> None:
+    """ValueError when ``p`` asks for exact-k ties (trim_ties: k), which this backend does not run
+    (FEATURES has no "trim_ties_k"): computing without it would keep every tie instead."""
+    keep, skip = getattr(p, "tie_keep", None), getattr(p, "tie_skip", None)
+    on = (keep is not None and bool(np.any(np.asarray(keep) >= 0))) or (
+        skip is not None and bool(np.any(np.asarray(skip) != 0))
+    )
+    if on:
+        raise ValueError(
+            "trim_ties: k (exact-k ties) is not implemented on the triton backend yet; use the cpu backend"
+        )
 
 
 def _groups(p) -> tuple[int, int]:

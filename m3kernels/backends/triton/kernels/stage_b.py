@@ -9,7 +9,6 @@ operations are unfused (the launcher passes ``enable_fp_fusion=False``), in the 
 divisions are ``tl.math.div_rn`` (IEEE, correctly rounded).
 """
 
-import numpy as np
 import triton
 import triton.language as tl
 
@@ -24,7 +23,7 @@ COMBINE_RAM = tl.constexpr(4)
 
 GROUP_ROW = tl.constexpr(1)  # coef_group: g = J // row_len; 2 (column): g = J % row_len
 
-NEARSWAP_MIN_DIST = tl.constexpr(float(np.float32(1e-6)))  # the float32 nearest 1e-6
+NEARSWAP_MIN_DIST = tl.constexpr(9.999999974752427e-07)  # float(np.float32(1e-6)): the float32 nearest 1e-6
 
 OUT_F32 = tl.constexpr(0)
 OUT_BF16 = tl.constexpr(1)
