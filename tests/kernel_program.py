@@ -66,6 +66,29 @@ def _abs_bits(d: torch.Tensor) -> torch.Tensor:
     return d.abs().contiguous().view(torch.int32).to(torch.int64)
 
 
+def _tie_rule(p: KernelParams, i: int) -> bool:
+    keep = p.tie_keep is not None and int(p.tie_keep[i]) >= 0
+    skip = p.tie_skip is not None and int(p.tie_skip[i]) > 0
+    return keep or skip
+
+
+def _exact_ties(p: KernelParams, i: int, d: torch.Tensor, tmin: int, tmax: int) -> torch.Tensor:
+    """KERNEL.md "Exact-k ties": keys equal to a threshold decided by their tie index t (the
+    number of earlier elements, flat order, with the same key)."""
+    key = _abs_bits(d).reshape(-1)
+    keep = int(p.tie_keep[i]) if p.tie_keep is not None else -1
+    skip = int(p.tie_skip[i]) if p.tie_skip is not None else 0
+
+    def tie_index(eq):
+        c = torch.cumsum(eq.to(torch.int64), 0)
+        return c - eq.to(torch.int64)
+
+    eq_min, eq_max = key == tmin, key == tmax
+    lo = (key > tmin) | ((eq_min & (tie_index(eq_min) < keep)) if keep >= 0 else eq_min)
+    hi = (key < tmax) | (eq_max & (tie_index(eq_max) >= skip))
+    return torch.where((lo & hi).reshape(d.shape), d, torch.zeros((), dtype=F32))
+
+
 def stage_b(
     p: KernelParams, base, models, out_dtype, seed: int, name: str, index_offset: int = 0
 ) -> torch.Tensor:
@@ -77,9 +100,12 @@ def stage_b(
     b, ds = dropped_deltas(p, base, models, seed, name)
     for i, d in enumerate(ds):
         tmin = 0 if p.trim_min is None else int(p.trim_min[i])
+        tmax = TRIM_MAX_ALL if p.trim_max is None else int(p.trim_max[i])
+        if _tie_rule(p, i):
+            ds[i] = _exact_ties(p, i, d, tmin, tmax)
+            continue
         if tmin:  # 0 keeps all; TRIM_KEEP_NONE (2**32) keeps nothing
             ds[i] = torch.where(_abs_bits(d) >= tmin, d, zero)
-        tmax = TRIM_MAX_ALL if p.trim_max is None else int(p.trim_max[i])
         ds[i] = torch.where(_abs_bits(ds[i]) <= tmax, ds[i], zero)  # the window's upper end
     if p.combine == COMBINE_NEARSWAP:
         a, x = b, models[0].to(F32)

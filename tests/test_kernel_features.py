@@ -670,3 +670,122 @@ def test_select_thresholds_multi_equals_sorting(numel, gen):
         for i, row in enumerate(ks)
     )
     assert calls[0] is None and len(calls) == 1 + need
+
+
+# ----------------------------------------------------------------------------- exact-k ties
+
+
+def exact_k_params(be, p, base, models, windows):
+    """Stage A of the exact-k tie rule on backend ``be``: ``windows[i]`` = (D, T), keep ranks
+    D .. D + T - 1 of model i in the order (key descending, flat index ascending) (D = 0: a top-T
+    trim). Thresholds from select_thresholds_ties on the backend's histograms, prefixes from its
+    tie_counts."""
+    from m3kernels.merge.kernel_params import TRIM_MAX_ALL, tie_prefixes
+    from m3kernels.merge.select import select_thresholds_ties
+
+    mod, numel = backend(be), models[0].numel()
+    ks = [((d + 1, d + t) if d > 0 else (d + t,)) for d, t in windows]
+    sel = select_thresholds_ties(lambda pre: mod.histogram(p, base, models, pre), ks, numel)
+    tmin, tmax, keep, skip = [], [], [], []
+    for (d, _), row in zip(windows, sel):
+        (vmin, nmin) = row[-1]
+        tmin.append(vmin)
+        keep.append(nmin)
+        if d > 0:
+            vmax, nmax = row[0]
+            tmax.append(vmax)
+            skip.append(nmax - 1)
+        else:
+            tmax.append(TRIM_MAX_ALL)
+            skip.append(0)
+    q = p.with_trim(tmin, tmax).with_fields(tie_keep=keep, tie_skip=skip)
+    cmin, cmax = mod.tie_counts(q, base, models)
+    return q.with_fields(tie_prefix_min=tie_prefixes(cmin), tie_prefix_max=tie_prefixes(cmax))
+
+
+def kept_ranks(p, base, models, i):
+    """(rank, key) of model i's elements: rank in the order (key descending, flat index ascending)."""
+    _, ds = kp.dropped_deltas(p, base, models, SEED, NAME)
+    key = ds[i].reshape(-1).abs().view(torch.int32).to(torch.int64).numpy()
+    order = np.lexsort((np.arange(key.size), -key))  # key descending, then index ascending
+    rank = np.empty(key.size, np.int64)
+    rank[order] = np.arange(key.size)
+    return rank, key
+
+
+@pytest.mark.parametrize("be", feature_backends("trim_ties_k"))
+@pytest.mark.parametrize("numel", [7, 5003, 70_001])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_exact_k_keeps_exactly_the_window(be, method, numel, gen):
+    skip_big(be, numel)
+    dev = _device(be)
+    n = 3
+    # bf16 fine-tunes close to the base: few distinct |d| values, many ties at any threshold
+    base, models = inputs((numel,), n, BF16, [BF16], gen, device=dev)
+    kw = {"density": 0.8} if method == "dare_ties" else {}
+    p = params(n, True, method=method, recipe_kw=kw)
+    windows = [(0, max(1, numel // 5)), (numel // 10, numel // 3), (max(0, numel // 2 - 1), 1)]
+    q = exact_k_params(be, p, base, models, windows)
+    out = poisoned((numel,), F32, dev)
+    backend(be).merge(q, base, models, out)
+    want = kp.stage_b(q, base.cpu(), [m.cpu() for m in models], F32, SEED, NAME)
+    assert_same_bits(out, want, f"{be} {method}")
+    ties_seen = 0
+    for i, (dd, t) in enumerate(windows):
+        rank, key = kept_ranks(q, base.cpu(), [m.cpu() for m in models], i)
+        _, ds = kp.dropped_deltas(q, base.cpu(), [m.cpu() for m in models], SEED, NAME)
+        kept = kp._exact_ties(q, i, ds[i].reshape(-1), int(q.trim_min[i]), int(q.trim_max[i]))
+        # kept = exactly ranks dd .. dd + t - 1 (a kept 0 stays 0, so compare among the non-zero keys)
+        in_window = (rank >= dd) & (rank < dd + t)
+        nonzero = key != 0
+        np.testing.assert_array_equal((kept != 0).numpy(), in_window & nonzero, err_msg=f"model {i}")
+        vmin = int(q.trim_min[i])
+        ties_seen += int(((key == vmin) & ~in_window).sum() > 0)
+    if numel > 1000:
+        assert ties_seen > 0  # the rule had ties to break
+
+
+def test_exact_k_cpu_threads_simd_parts_and_checks(gen, restore_threads):
+    _C = restore_threads
+    cpu = backend("cpu")
+    numel = 10 * 1024 + 77
+    base, models = inputs((numel,), 2, BF16, [BF16, F16], gen)
+    p = exact_k_params("cpu", params(2, True, method="ties"), base, models, [(0, 3000), (500, 4000)])
+    want = kp.stage_b(p, base, models, BF16, SEED, NAME)
+    for level in _C.simd_levels():
+        _C.set_simd_level(level)
+        for threads in (1, 2):
+            _C.set_num_threads(threads)
+            out = poisoned((numel,), BF16)
+            cpu.merge(p, base, models, out)
+            assert_same_bits(out, want, f"{level} {threads} threads")
+    parts = poisoned((numel,), BF16)
+    for lo in range(0, numel, 3 * 1024):
+        hi = min(numel, lo + 3 * 1024)
+        cpu.merge_range(p, base[lo:hi], [m[lo:hi] for m in models], parts[lo:hi], lo)
+    assert_same_bits(parts, want, "parts")
+    with pytest.raises(ValueError, match="multiple of 1024"):
+        cpu.merge_range(p, base[100:200], [m[100:200] for m in models], parts[100:200], 100)
+    with pytest.raises(ValueError, match="tie_prefix_min"):
+        cpu.merge(p.with_fields(tie_prefix_min=None), base, models, parts)
+    with pytest.raises(ValueError, match="tie_blocks"):
+        cpu.merge(p.with_fields(tie_prefix_min=p.tie_prefix_min[:-2]), base, models, parts)
+    with pytest.raises(ValueError, match="tie rule"):
+        cpu.merge(p.with_fields(combine=COMBINE_RAM), base, models, parts)
+    with pytest.raises(ValueError, match="not supported"):
+        cpu.merge_batch(
+            p,
+            [base.data_ptr()],
+            BF16,
+            [m.data_ptr() for m in models],
+            [BF16, F16],
+            [numel],
+            [parts.data_ptr()],
+            BF16,
+        )
+    # off (tie_keep -1, tie_skip 0): today's rule, every tie kept
+    off = p.with_fields(tie_keep=[-1, -1], tie_skip=[0, 0])
+    out = poisoned((numel,), BF16)
+    cpu.merge(off, base, models, out)
+    plain = p.with_fields(tie_keep=None, tie_skip=None, tie_prefix_min=None, tie_prefix_max=None)
+    assert_same_bits(out, kp.stage_b(plain, base, models, BF16, SEED, NAME), "rule off")

@@ -52,6 +52,7 @@ struct Call {
     CArray<uint32_t> key0, key1;
     CArray<uint64_t> dare_thr, trim_min, trim_max;
     CArray<float> group_coef, unique_scale;
+    CArray<int64_t> tie_keep, tie_skip, tie_prefix_min, tie_prefix_max;
     std::vector<const void*> models;
     std::vector<int> dtypes;
     m3k::TensorArgs args{};
@@ -145,6 +146,53 @@ struct Call {
         }
     }
 
+    // Exact-k ties: tie_keep / tie_skip (None: off) and their per-1024-block prefixes.
+    void read_tie_fields(py::handle p, int n) {
+        bool on_min = false, on_max = false;
+        if (!py::getattr(p, "tie_keep", py::none()).is_none()) {
+            tie_keep = param_array<int64_t>(p, "tie_keep", n);
+            for (int i = 0; i < n; ++i) on_min = on_min || tie_keep.data()[i] >= 0;
+            args.tie_keep = tie_keep.data();
+        }
+        if (!py::getattr(p, "tie_skip", py::none()).is_none()) {
+            tie_skip = param_array<int64_t>(p, "tie_skip", n);
+            for (int i = 0; i < n; ++i) {
+                if (tie_skip.data()[i] < 0) throw py::value_error("KernelParams.tie_skip must be >= 0");
+                on_max = on_max || tie_skip.data()[i] > 0;
+            }
+            args.tie_skip = tie_skip.data();
+        }
+        if (!on_min && !on_max) {
+            args.tie_keep = args.tie_skip = nullptr;  // every tie kept: the plain program
+            return;
+        }
+        const int64_t need = (args.index_offset + args.numel + 1023) / 1024;
+        auto prefix = [&](const char* name, CArray<int64_t>& arr) -> const int64_t* {
+            py::object obj = py::getattr(p, name, py::none());
+            if (obj.is_none())
+                throw py::value_error(std::string("KernelParams.") + name + " is needed by the tie rule");
+            arr = CArray<int64_t>::ensure(obj);
+            if (!arr || arr.size() % n != 0 || arr.size() / n < need)
+                throw py::value_error(std::string("KernelParams.") + name +
+                                      ": expected n * tie_blocks values, " +
+                                      "tie_blocks >= " + std::to_string(need));
+            args.tie_blocks = int64_t(arr.size()) / n;
+            return arr.data();
+        };
+        if (on_min) args.tie_prefix_min = prefix("tie_prefix_min", tie_prefix_min);
+        if (on_max) args.tie_prefix_max = prefix("tie_prefix_max", tie_prefix_max);
+        if (on_min && on_max && tie_prefix_min.size() != tie_prefix_max.size())
+            throw py::value_error("KernelParams.tie_prefix_min and tie_prefix_max differ in size");
+        if (args.index_offset % 1024 != 0)
+            throw py::value_error("the tie rule needs index_offset to be a multiple of 1024, got " +
+                                  std::to_string(args.index_offset));
+        if (args.combine > 2 || args.coef_group != 0)
+            throw py::value_error(
+                "the tie rule (tie_keep / tie_skip) needs combine 0, 1 or 2 and coef_group 0");
+        if (n > 64)
+            throw py::value_error("the tie rule supports at most 64 models, got " + std::to_string(n));
+    }
+
     // The groups of the Gram matrices (coef_group 0: 1, row: numel / row_len, column: row_len).
     int64_t gram_groups() const {
         if (args.coef_group == 0) return 1;
@@ -182,6 +230,7 @@ void merge(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<u
     check_dtype(out_dtype, "out");
     if (out_ptr == 0 && numel > 0) throw py::value_error("null output pointer");
     call.check_merge();
+    call.read_tie_fields(p, call.args.n);  // stage B only: the tie rule
     const m3k::KernelTable& t = m3k::active_table();
     bool ok;
     {
@@ -344,7 +393,10 @@ py::array_t<uint64_t> merge_batch(py::handle p, const std::vector<uintptr_t>& ba
     if (count == 0) return used;
     const std::vector<uintptr_t> first(model_ptrs.begin(), model_ptrs.begin() + n);
     Call call(p, has_base ? base_ptrs[0] : 0, base_dtype, first, model_dtypes, numels[0], 0);
-    // per-tensor group coefficients and a per-tensor trim window cannot be shared by a batch
+    // per-tensor group coefficients, tie prefixes and trim windows cannot be shared by a batch
+    call.read_tie_fields(p, n);
+    if (call.args.tie_keep || call.args.tie_skip)
+        throw py::value_error("merge_batch: the exact-k tie rule (tie_keep / tie_skip) is not supported");
     if (call.args.coef_group != 0)
         throw py::value_error(
             "merge_batch: KernelParams.coef_group != 0 (per-tensor group_coef) is not supported");
@@ -476,6 +528,27 @@ py::tuple ram_counts(py::handle p, uintptr_t base_ptr, int base_dtype,
     return py::make_tuple(shared, unique);
 }
 
+// Stage A, exact-k ties: (cmin, cmax) int64[n, ceil(numel / 1024)], keys equal to trim_min / trim_max
+// per model and tie block.
+py::tuple tie_counts(py::handle p, uintptr_t base_ptr, int base_dtype,
+                     const std::vector<uintptr_t>& model_ptrs, const std::vector<int>& model_dtypes,
+                     int64_t numel) {
+    Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, 0);
+    const int n = call.args.n;
+    const int64_t nb = (numel + 1023) / 1024;
+    py::array_t<int64_t> cmin({py::ssize_t(n), py::ssize_t(nb)}), cmax({py::ssize_t(n), py::ssize_t(nb)});
+    int64_t* a0 = cmin.mutable_data();
+    int64_t* a1 = cmax.mutable_data();
+    const m3k::KernelTable& t = m3k::active_table();
+    bool ok;
+    {
+        py::gil_scoped_release nogil;
+        ok = t.tie_counts(call.args, a0, a1);
+    }
+    if (!ok) throw std::bad_alloc();
+    return py::make_tuple(cmin, cmax);
+}
+
 py::array_t<uint32_t> philox_u32(uint32_t key0, uint32_t key1, int64_t first, int64_t count) {
     if (first < 0 || count < 0) throw py::value_error("first and count must be >= 0");
     py::array_t<uint32_t> out(count);
@@ -583,6 +656,11 @@ PYBIND11_MODULE(_C, m) {
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
           "Stage A: (shared, unique) int64[n]: elements with |d_i| > ram_eps that other models share / "
           "do not share (combine 4).");
+    m.def(
+        "tie_counts", &tie_counts, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
+        py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"),
+        "Stage A, exact-k ties: (cmin, cmax) int64[n, ceil(numel / 1024)] keys equal to trim_min / trim_max "
+        "per model and 1024-element block.");
     m.def("philox_u32", &philox_u32, py::arg("key0"), py::arg("key1"), py::arg("first"), py::arg("count"),
           "DARE stream words u32 for flat indices first .. first + count - 1.");
     m.def("copy", &copy_bytes, py::arg("dst_ptr"), py::arg("src_ptr"), py::arg("nbytes"),

@@ -48,6 +48,12 @@ struct TensorArgs {
     float clip_t;               // nearswap: t
     float ram_eps;              // ram: |d| > eps counts
     const float* unique_scale;  // [n] ram: scale of a delta no other model shares; nullptr: 1
+    // exact-k ties (docs/KERNEL.md "Exact-k ties"); all nullptr: every tie kept
+    const int64_t* tie_keep;        // [n] key == trim_min kept iff tie index < tie_keep (< 0: off)
+    const int64_t* tie_skip;        // [n] key == trim_max kept iff tie index >= tie_skip (0: off)
+    const int64_t* tie_prefix_min;  // [n][tie_blocks] equal-to-trim_min keys before each tie block
+    const int64_t* tie_prefix_max;  // [n][tie_blocks] equal-to-trim_max keys before each tie block
+    int64_t tie_blocks;             // tie blocks of 1024 flat indices the prefixes cover
 };
 
 struct KernelTable {
@@ -80,6 +86,8 @@ struct KernelTable {
     // stage A: per model, the elements with |d_i| > ram_eps that c > 1 / c == 1 models share
     // (d after DARE and trim, c as in combine 4). Zeroed by the callee. False: no memory.
     bool (*ram_counts)(const TensorArgs& a, int64_t* shared, int64_t* unique);
+    // stage A, exact-k ties: int64[n][ceil(numel / 1024)] counts of keys == trim_min / trim_max.
+    bool (*tie_counts)(const TensorArgs& a, int64_t* cmin, int64_t* cmax);
 };
 
 const KernelTable& table_generic();

@@ -33,7 +33,7 @@ const KernelTable& table_avx2() {
 #ifdef M3K_VARIANT_ENABLED
     static const KernelTable t = {"avx2",           avx2::merge,      avx2::histogram,   avx2::l1_sums,
                                   avx2::philox_u32, avx2::delta_keys, avx2::sample_keys, avx2::bracket_count,
-                                  avx2::gram,       avx2::ram_counts};
+                                  avx2::gram,       avx2::ram_counts, avx2::tie_counts};
 #else
     static const KernelTable t = {nullptr, nullptr, nullptr, nullptr, nullptr,
                                   nullptr, nullptr, nullptr, nullptr, nullptr};  // not x86

@@ -33,8 +33,9 @@ namespace m3k {
 const KernelTable& table_avx512() {
 #ifdef M3K_VARIANT_ENABLED
     static const KernelTable t = {
-        "avx512",           avx512::merge,       avx512::histogram,     avx512::l1_sums, avx512::philox_u32,
-        avx512::delta_keys, avx512::sample_keys, avx512::bracket_count, avx512::gram,    avx512::ram_counts};
+        "avx512",           avx512::merge,      avx512::histogram,   avx512::l1_sums,
+        avx512::philox_u32, avx512::delta_keys, avx512::sample_keys, avx512::bracket_count,
+        avx512::gram,       avx512::ram_counts, avx512::tie_counts};
 #else
     static const KernelTable t = {nullptr, nullptr, nullptr, nullptr, nullptr,
                                   nullptr, nullptr, nullptr, nullptr, nullptr};  // not x86

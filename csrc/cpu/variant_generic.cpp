@@ -22,7 +22,7 @@ const KernelTable& table_generic() {
     static const KernelTable t = {
         "generic",           generic::merge,      generic::histogram,   generic::l1_sums,
         generic::philox_u32, generic::delta_keys, generic::sample_keys, generic::bracket_count,
-        generic::gram,       generic::ram_counts};
+        generic::gram,       generic::ram_counts, generic::tie_counts};
     return t;
 }
 

@@ -34,6 +34,7 @@ TRIM_KEEP_NONE = 1 << 32
 TRIM_MAX_ALL = 0xFFFFFFFF  # trim_max keeping every element (bits(|d|) <= 0x7FFFFFFF always)
 GRAM_CHUNK = 1 << 16  # Gram matrices: positions per chunk ...
 GRAM_LANES = 16  # ... and float64 lanes per chunk (docs/KERNEL.md)
+TIE_BLOCK = 1024  # exact-k ties: flat indices per tie block (the prefixes' granularity)
 HIST_BINS = 1 << 16
 
 
@@ -49,6 +50,10 @@ _ARRAY_DTYPES = {
     "trim_max": np.uint64,
     "group_coef": np.float32,
     "unique_scale": np.float32,
+    "tie_keep": np.int64,
+    "tie_skip": np.int64,
+    "tie_prefix_min": np.int64,
+    "tie_prefix_max": np.int64,
 }
 
 
@@ -81,6 +86,19 @@ class KernelParams:
     clip_t: float = 0.0  # float32 t of combine 3 (nearswap)
     ram_eps: float = 0.0  # float32 epsilon of combine 4 (ram): |d| > eps counts
     unique_scale: np.ndarray = field(default=None)  # float32[n] ram: scale of an unshared delta (None: 1)
+    # exact-k ties (trim_ties: k; docs/KERNEL.md "Exact-k ties"); None: every tie at a threshold kept
+    tie_keep: np.ndarray = field(
+        default=None
+    )  # int64[n] key == trim_min kept iff tie index < tie_keep (-1 off)
+    tie_skip: np.ndarray = field(
+        default=None
+    )  # int64[n] key == trim_max kept iff tie index >= tie_skip (0 off)
+    tie_prefix_min: np.ndarray = field(
+        default=None
+    )  # int64[n * blocks] keys == trim_min before each tie block
+    tie_prefix_max: np.ndarray = field(
+        default=None
+    )  # int64[n * blocks] keys == trim_max before each tie block
 
     def with_trim(self, trim_min: Sequence[int], trim_max: Sequence[int] | None = None) -> KernelParams:
         """A copy with trim thresholds ``trim_min`` (and, if given, the window's ``trim_max``)."""
@@ -142,6 +160,15 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
     )
 
 
+def tie_prefixes(counts) -> np.ndarray:
+    """int64[n * blocks]: per model, the exclusive prefix sums of its per-tie-block counts
+    (int64[n, blocks], e.g. a backend's ``tie_counts``), the ``tie_prefix_*`` fields."""
+    c = np.asarray(counts, dtype=np.int64)
+    out = np.zeros_like(c)
+    out[:, 1:] = np.cumsum(c, axis=1)[:, :-1]
+    return out.reshape(-1)
+
+
 def trim_k(density: float, numel: int) -> int:
     """k = floor(density * n): how many largest |δ| the magnitude trim keeps."""
     return int(np.floor(np.float64(density) * np.float64(numel)))
@@ -165,6 +192,8 @@ __all__ = [
     "GROUP_COLUMN",
     "GRAM_CHUNK",
     "GRAM_LANES",
+    "TIE_BLOCK",
+    "tie_prefixes",
     "HIST_BINS",
     "f32",
     "trim_k",

@@ -208,11 +208,21 @@ def select_thresholds_multi(
     ``hist(prefix)`` calls as the most distinct buckets one model needs (usually 1 or 2; a model
     with fewer gets the prefix NO_BUCKET, which no key has).
     """
+    return [tuple(v for v, _ in row) for row in select_thresholds_ties(hist, ks_per_model, total)]
+
+
+def select_thresholds_ties(
+    hist: Callable[[np.ndarray | None], np.ndarray], ks_per_model: Sequence[Sequence[int | None]], total: int
+) -> list[tuple[tuple[int, int], ...]]:
+    """:func:`select_thresholds_multi` with, for each k, how many of the keys equal to the k-th
+    largest lie within the top k (``need`` = k - #keys greater; 0 for k <= 0 or None): per model a
+    tuple of ``(value, need)``. The exact-k tie rule keeps the first ``need`` of them in flat order."""
     n = len(ks_per_model)
     ks = [[_k_value(k, total) for k in row] for row in ks_per_model]
     out = [[TRIM_KEEP_ALL if k is None else (TRIM_KEEP_NONE if k <= 0 else None) for k in row] for row in ks]
+    need = [[0 for _ in row] for row in ks]
     if not any(k is not None and k > 0 for row in ks for k in row):
-        return [tuple(int(v) for v in row) for row in out]
+        return [tuple((int(v), 0) for v in row) for row in out]
     h1 = hist(None)
     # per model: bucket -> [(position in the tuple, rank still needed inside the bucket)]
     wants = [dict() for _ in range(n)]
@@ -231,9 +241,10 @@ def select_thresholds_multi(
         for i, b in enumerate(buckets):
             if r < len(b):
                 for j, rem in wants[i][b[r]]:
-                    low, _ = _locate(h2[i], rem)
+                    low, rem2 = _locate(h2[i], rem)
                     out[i][j] = (b[r] << 16) | low
-    return [tuple(int(v) for v in row) for row in out]
+                    need[i][j] = rem2
+    return [tuple((int(v), int(e)) for v, e in zip(row, nrow)) for row, nrow in zip(out, need)]
 
 
 def select_from_keys_multi(
@@ -286,6 +297,7 @@ __all__ = [
     "select_thresholds_single_pass",
     "select_from_keys",
     "select_thresholds_multi",
+    "select_thresholds_ties",
     "select_from_keys_multi",
     "bits_to_float",
     "bracket",

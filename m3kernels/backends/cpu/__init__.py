@@ -17,7 +17,9 @@ from m3kernels.backends.tensor_args import pointer_and_code
 from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
 
 # The issue-8 pieces of docs/KERNEL.md this backend implements (METHODS checks these names).
-FEATURES: frozenset[str] = frozenset({"gram", "trim_max", "group_coef", "nearswap", "ram", "ram_counts"})
+FEATURES: frozenset[str] = frozenset(
+    {"gram", "trim_max", "group_coef", "nearswap", "ram", "ram_counts", "trim_ties_k"}
+)
 
 try:
     from m3kernels import _C
@@ -102,6 +104,15 @@ def ram_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
     base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
     shared, unique = _C.ram_counts(p, base_ptr, base_code, ptrs, codes, numel)
     return np.asarray(shared, dtype=np.int64), np.asarray(unique, dtype=np.int64)
+
+
+def tie_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """Exact-k ties, stage A: int64[n, ceil(numel / 1024)] per model and tie block, how many keys
+    bits(|δ'_i|) equal ``p.trim_min[i]`` and ``p.trim_max[i]`` (turned into the ``tie_prefix_*``
+    fields by ``kernel_params.tie_prefixes``)."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    cmin, cmax = _C.tie_counts(p, base_ptr, base_code, ptrs, codes, numel)
+    return np.asarray(cmin, dtype=np.int64), np.asarray(cmax, dtype=np.int64)
 
 
 def histogram(p: KernelParams, base, models, prefix) -> np.ndarray:
@@ -193,6 +204,7 @@ __all__ = [
     "l1_sums",
     "gram",
     "ram_counts",
+    "tie_counts",
     "histogram",
     "delta_keys",
     "sample_keys",
