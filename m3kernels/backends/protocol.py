@@ -16,7 +16,9 @@ The pieces of issue 8 (docs/KERNEL.md) are announced, not guessed: each backend 
 * ``"gram"``: ``gram(p, base, models) -> np.ndarray`` float64[groups, n, n], the Gram matrices of
   ``f32(x_i) - b`` per tensor / row / column (``p.coef_group``) in the documented summation order
   (a module constant ``GRAM_EXACT_ORDER = False`` says a backend only agrees to 1e-12 relative);
-* ``"ram_counts"``: ``ram_counts(p, base, models) -> (shared, unique)``, int64[n] each.
+* ``"ram_counts"``: ``ram_counts(p, base, models) -> (shared, unique)``, int64[n] each;
+* ``"trim_ties_k"``: the exact-k tie rule in stage B (``p.tie_keep`` / ``p.tie_skip`` with their
+  per-1024-block prefixes) and ``tie_counts(p, base, models) -> (cmin, cmax)``, int64[n, blocks].
 
 A backend without a name in ``FEATURES`` must not be handed that piece: the method layer raises
 "method X is not implemented on backend Y yet" instead.
