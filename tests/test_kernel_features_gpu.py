@@ -519,6 +519,50 @@ def test_triton_gram_non_finite_and_dtypes(gen):
             assert np.isnan(got).any() and np.isinf(got).any() or group != NONE
 
 
+@need_triton
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_triton_exact_k_ties_across_programs(method, gen):
+    """trim_ties: k on Triton: 9001 elements = two interpreter programs, nine tie blocks (the
+    prefixes and the in-block counts meet), windows with many ties; bytes of kernel_program and
+    exactly the window's ranks kept."""
+    from m3kernels.merge.kernel_params import TRIM_MAX_ALL, tie_prefixes
+    from m3kernels.merge.select import select_thresholds_ties
+
+    if not HAVE_TIE_FIELDS:
+        pytest.skip("KernelParams has no exact-k tie fields")
+    numel, n = 9001, 3
+    base, models = inputs((numel,), n, BF16, [BF16], gen)
+    recipe = make_recipe(
+        n, method=method, has_base=True, **({"density": 0.8} if method == "dare_ties" else {})
+    )
+    p = make_params(recipe, "t", True)
+    b, ms = _to(base), [_to(m) for m in models]
+    windows = [(0, 1800), (900, 3000), (4499, 1)]
+    ks = [((d + 1, d + t) if d > 0 else (d + t,)) for d, t in windows]
+    sel = select_thresholds_ties(lambda pre: triton_backend.histogram(p, b, ms, pre), ks, numel)
+    tmin, tmax, keep, skip = [], [], [], []
+    for (d, _), row in zip(windows, sel):
+        tmin.append(row[-1][0])
+        keep.append(row[-1][1])
+        tmax.append(row[0][0] if d > 0 else TRIM_MAX_ALL)
+        skip.append(row[0][1] - 1 if d > 0 else 0)
+    q = p.with_trim(tmin, tmax).with_fields(tie_keep=keep, tie_skip=skip)
+    cmin, cmax = triton_backend.tie_counts(q, b, ms)
+    assert cmin.shape == (n, 9) and cmin.dtype == np.int64
+    q = q.with_fields(tie_prefix_min=tie_prefixes(cmin), tie_prefix_max=tie_prefixes(cmax))
+    out = torch.full((numel,), float("nan"), dtype=F32, device=DEV)
+    triton_backend.merge(q, b, ms, out)
+    same_bits(out.cpu(), kp.stage_b(q, base, models, F32, recipe.seed, "t"), f"{method} exact-k")
+    _, ds = kp.dropped_deltas(q, base, models, recipe.seed, "t")
+    for i, (d, t) in enumerate(windows):
+        key = ds[i].abs().view(torch.int32).to(torch.int64).numpy()
+        kept = kp._exact_ties(q, i, ds[i], int(q.trim_min[i]), int(q.trim_max[i])) != 0
+        assert int(kept.sum()) == int(
+            ((key != 0) & np.isin(np.arange(numel), np.lexsort((np.arange(numel), -key))[d : d + t])).sum()
+        )
+        assert int(((key == tmin[i]) & ~kept.numpy()).sum()) > 0 or t == 1  # ties were broken
+
+
 def _ordered_gram(vs, chunk, lanes=16):
     """float64 Gram matrix of the rows of vs (one group) in KERNEL.md's order with ``chunk``."""
     n, length = vs.shape
@@ -575,9 +619,20 @@ def test_triton_argument_checks(gen):
     with pytest.raises(ValueError, match="exactly one model"):
         triton_backend.merge(params(2, combine=NEARSWAP), b, ms, out)
     if HAVE_TIE_FIELDS:
-        with pytest.raises(ValueError, match="trim_ties: k .* not implemented on the triton backend"):
-            triton_backend.merge(params(2).with_fields(tie_skip=[0, 2]), b, ms, out)
-    assert triton_backend.FEATURES == {"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts"}
+        with pytest.raises(ValueError, match="exact-k ties .* sum, mean and ties combines only"):
+            triton_backend.merge(params(2, combine=RAM).with_fields(tie_skip=[0, 2]), b, ms, out)
+        with pytest.raises(ValueError, match="tie_prefix_min has 3 values; 2 needed"):
+            p = params(2).with_fields(tie_keep=[1, 1], tie_prefix_min=np.zeros(3, np.int64))
+            triton_backend.merge(p, b, ms, out)
+    assert triton_backend.FEATURES == {
+        "trim_max",
+        "group_coef",
+        "nearswap",
+        "ram",
+        "gram",
+        "ram_counts",
+        "trim_ties_k",
+    }
 
 
 def test_triton_new_kernels_compile_unfused_for_sm90():
@@ -603,11 +658,13 @@ def test_triton_new_kernels_compile_unfused_for_sm90():
             return set(re.findall(r"\\b((?:fma|div|mul|add)\\.[a-z0-9.]+)", k.asm["ptx"]))
         sig = {"base_ptr": "*bf16", "models": ("*bf16", "*fp32"), "out_ptr": "*bf16", "table": "*i64",
                "group_coef": "*fp32", "numel": "i32", "lam": "fp32", "mean_den": "fp32", "row_len": "i32",
-               "index_offset": "i32", "clip_t": "fp32", "ram_eps": "fp32"}
+               "index_offset": "i32", "clip_t": "fp32", "ram_eps": "fp32", "tie_prefix_min": "*i64",
+               "tie_prefix_max": "*i64", "tie_blocks": "i32"}
         base = dict(N=2, HAS_BASE=True, DARE=False, TRIM=True, NORMALIZE=False, OUT_KIND=1, BIG=False,
-                    BLOCK=1024)
+                    BLOCK=1024, TIES_K=False)
         found = {}
-        for name, extra in [("group", dict(COMBINE=0, COEF_GROUP=1)), ("ram", dict(COMBINE=4, COEF_GROUP=0))]:
+        for name, extra in [("group", dict(COMBINE=0, COEF_GROUP=1)), ("ram", dict(COMBINE=4, COEF_GROUP=0)),
+                            ("ties_k", dict(COMBINE=2, COEF_GROUP=0, TIES_K=True))]:
             found[name] = ops(merge_kernel, sig, dict(base, **extra))
         sig1 = dict(sig, models=("*bf16",))
         found["nearswap"] = ops(merge_kernel, sig1, dict(base, N=1, COMBINE=3, COEF_GROUP=0))
@@ -625,10 +682,10 @@ def test_triton_new_kernels_compile_unfused_for_sm90():
     if res.stdout.startswith("SKIP"):
         pytest.skip(f"no NVIDIA compiler toolchain in this Triton install: {res.stdout}")
     found = {line.split()[0]: set(line.split()[1:]) for line in res.stdout.splitlines()}
-    assert set(found) == {"group", "ram", "nearswap", "gram", "gram1"}, res.stdout
+    assert set(found) == {"group", "ram", "nearswap", "ties_k", "gram", "gram1"}, res.stdout
     for name, o in found.items():
         assert not any(x.startswith("fma") for x in o), (name, o)
-    for name in ("group", "ram", "nearswap"):
+    for name in ("group", "ram", "nearswap", "ties_k"):
         assert {"mul.rn.f32", "add.rn.f32"} <= found[name], (name, found[name])
     for name in ("ram", "nearswap"):
         assert "div.rn.f32" in found[name] and not any("approx" in x or "full" in x for x in found[name])

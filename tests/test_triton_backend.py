@@ -396,9 +396,10 @@ def test_compiled_ptx_is_unfused_ieee_and_vectorised():
         aligned = [["tt.divisibility", 16]]
         sig = {"base_ptr": "*bf16", "models": ("*bf16", "*fp32"), "out_ptr": "*bf16", "table": "*i64",
                "group_coef": "*fp32", "numel": "i32", "lam": "fp32", "mean_den": "fp32", "row_len": "i32",
-               "index_offset": "i32", "clip_t": "fp32", "ram_eps": "fp32"}
+               "index_offset": "i32", "clip_t": "fp32", "ram_eps": "fp32", "tie_prefix_min": "*i64",
+               "tie_prefix_max": "*i64", "tie_blocks": "i32"}
         const = dict(N=2, HAS_BASE=True, DARE=True, TRIM=True, COMBINE=2, NORMALIZE=True, COEF_GROUP=0,
-                     OUT_KIND=1, BIG=False, BLOCK=1024)
+                     TIES_K=False, OUT_KIND=1, BIG=False, BLOCK=1024)
         sig.update({k: "constexpr" for k in const})
         # pointers 16-byte aligned and numel a multiple of 16: what Triton specialises on at launch
         attrs = {(0,): aligned, (1, 0): aligned, (1, 1): aligned, (2,): aligned, (3,): aligned, (5,): aligned}

@@ -38,9 +38,10 @@ BLOCK_GPU = 1024
 WARPS_GPU = 4
 BLOCK_INTERPRETED = 8192
 INT32_LIMIT = 2**31
+TIE_BLOCK = 1024  # exact-k ties: flat indices per tie block (BLOCK_GPU and BLOCK_INTERPRETED are multiples)
 
 # What this backend implements of docs/KERNEL.md beyond the first five methods (issue 8).
-FEATURES = frozenset({"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts"})
+FEATURES = frozenset({"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts", "trim_ties_k"})
 
 # gram (docs/KERNEL.md): positions per chunk and float64 lanes per chunk. Fixed by the document;
 # a module attribute only so a test can exercise chunk boundaries on small tensors.
@@ -102,7 +103,6 @@ def _launch_options(kernels) -> dict:
 
 
 def _inputs(p, base, models: Sequence[torch.Tensor]):
-    _refuse_tie_rule(p)
     models = tuple(models)
     if len(models) != p.n:
         raise ValueError(f"expected {p.n} model tensors, got {len(models)}")
@@ -191,6 +191,9 @@ def merge(p, base, models, out):
     if combine in (3, 4) and not has_base:
         raise ValueError("the nearswap and ram combines need a base (p.has_base)")
     coef_group, row_len = _groups(p)
+    ties_k = k.tie_rule(p)
+    if ties_k and (combine > 2 or (coef_group and combine in (0, 1))):
+        raise ValueError("exact-k ties (trim_ties: k) go with the sum, mean and ties combines only")
     dev = out.device
     with _on_device(out):
         table = k.param_table(p, dev)
@@ -199,6 +202,7 @@ def merge(p, base, models, out):
             group_coef = _group_coef_tensor(p, numel, coef_group, row_len, dev)
         else:
             coef_group = 0
+        tie_min, tie_max, tie_blocks = _tie_prefixes(p, numel, dev) if ties_k else (table, table, 1)
         k.merge_kernel[(triton.cdiv(numel, block),)](
             base_t,
             models,
@@ -212,6 +216,9 @@ def merge(p, base, models, out):
             0,  # index_offset: this backend merges whole tensors
             float(getattr(p, "clip_t", 0.0)),
             float(getattr(p, "ram_eps", 0.0)),
+            tie_min,
+            tie_max,
+            tie_blocks,
             N=p.n,
             HAS_BASE=has_base,
             DARE=bool(np.any(p.dare)),
@@ -219,6 +226,7 @@ def merge(p, base, models, out):
             COMBINE=combine,
             NORMALIZE=bool(p.normalize),
             COEF_GROUP=coef_group,
+            TIES_K=ties_k,
             OUT_KIND=DTYPE_CODES[out.dtype],
             BIG=_is_big(numel, block),
             BLOCK=block,
@@ -227,17 +235,58 @@ def merge(p, base, models, out):
     return out
 
 
-def _refuse_tie_rule(p) -> None:
-    """ValueError when ``p`` asks for exact-k ties (trim_ties: k), which this backend does not run
-    (FEATURES has no "trim_ties_k"): computing without it would keep every tie instead."""
-    keep, skip = getattr(p, "tie_keep", None), getattr(p, "tie_skip", None)
-    on = (keep is not None and bool(np.any(np.asarray(keep) >= 0))) or (
-        skip is not None and bool(np.any(np.asarray(skip) != 0))
-    )
-    if on:
-        raise ValueError(
-            "trim_ties: k (exact-k ties) is not implemented on the triton backend yet; use the cpu backend"
+def _tie_prefixes(p, numel: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(tie_prefix_min, tie_prefix_max) as int64 tensors on ``device`` (zeros where unset), checked
+    to hold n * ceil(numel / 1024) values, and that block count."""
+    nblocks = max(1, -(-numel // TIE_BLOCK))
+    out = []
+    for name in ("tie_prefix_min", "tie_prefix_max"):
+        v = getattr(p, name, None)
+        a = (
+            np.zeros(p.n * nblocks, np.int64)
+            if v is None
+            else np.ascontiguousarray(v, dtype=np.int64).reshape(-1)
         )
+        if a.size != p.n * nblocks:
+            raise ValueError(
+                f"KernelParams.{name} has {a.size} values; {p.n * nblocks} needed (n x tie blocks)"
+            )
+        host = torch.from_numpy(a.copy())
+        out.append(host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True))
+    return out[0], out[1], nblocks
+
+
+def tie_counts(p, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """Exact-k ties, stage A: int64[n, ceil(numel / 1024)], per model and tie block, the keys
+    bits(|δ'_i|) equal to ``p.trim_min[i]`` and to ``p.trim_max[i]``."""
+    k = _kernels()
+    base_t, models, has_base = _inputs(p, base, models)
+    numel = models[0].numel()
+    nblocks = -(-numel // TIE_BLOCK)
+    if numel == 0:
+        return np.zeros((p.n, 0), np.int64), np.zeros((p.n, 0), np.int64)
+    block = _block()
+    dev = models[0].device
+    cmin = torch.zeros((p.n, nblocks), dtype=torch.int32, device=dev)
+    cmax = torch.zeros((p.n, nblocks), dtype=torch.int32, device=dev)
+    with _on_device(models[0]):
+        table = k.param_table(p, dev)
+        k.tie_counts_kernel[(triton.cdiv(numel, block),)](
+            base_t,
+            models,
+            cmin,
+            cmax,
+            table,
+            numel,
+            nblocks,
+            N=p.n,
+            HAS_BASE=has_base,
+            DARE=bool(np.any(p.dare)),
+            BIG=_is_big(numel, block),
+            BLOCK=block,
+            **_launch_options(k),
+        )
+    return cmin.cpu().numpy().astype(np.int64), cmax.cpu().numpy().astype(np.int64)
 
 
 def _groups(p) -> tuple[int, int]:
@@ -368,4 +417,5 @@ __all__ = [
     "merge",
     "gram",
     "ram_counts",
+    "tie_counts",
 ]

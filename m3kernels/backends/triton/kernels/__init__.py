@@ -9,9 +9,14 @@ set the variable before the first import. :data:`INTERPRETED` records which it w
 from triton.runtime.interpreter import InterpretedFunction
 
 from m3kernels.backends.triton.kernels.gram import gram_kernel
-from m3kernels.backends.triton.kernels.params import param_table, trims
+from m3kernels.backends.triton.kernels.params import param_table, tie_rule, trims
 from m3kernels.backends.triton.kernels.philox import dare_u32_kernel, philox_kernel
-from m3kernels.backends.triton.kernels.stage_a import histogram_kernel, l1_partial_kernel, ram_counts_kernel
+from m3kernels.backends.triton.kernels.stage_a import (
+    histogram_kernel,
+    l1_partial_kernel,
+    ram_counts_kernel,
+    tie_counts_kernel,
+)
 from m3kernels.backends.triton.kernels.stage_b import merge_kernel
 
 INTERPRETED = isinstance(merge_kernel, InterpretedFunction)
@@ -20,6 +25,7 @@ __all__ = [
     "INTERPRETED",
     "param_table",
     "trims",
+    "tie_rule",
     "philox_kernel",
     "dare_u32_kernel",
     "histogram_kernel",
@@ -27,4 +33,5 @@ __all__ = [
     "merge_kernel",
     "gram_kernel",
     "ram_counts_kernel",
+    "tie_counts_kernel",
 ]

@@ -9,7 +9,17 @@ every nested ``@triton.jit`` call has a fixed cost of a few milliseconds.)
 import triton
 import triton.language as tl
 
-from m3kernels.backends.triton.kernels.params import KEEP_THR, KEY0, KEY1, SCALE, TRIM_MAX, TRIM_MIN
+from m3kernels.backends.triton.kernels.params import (
+    KEEP_THR,
+    KEY0,
+    KEY1,
+    SCALE,
+    TIE_BLOCK,
+    TIE_KEEP,
+    TIE_SKIP,
+    TRIM_MAX,
+    TRIM_MIN,
+)
 from m3kernels.backends.triton.kernels.philox import dare_u32
 
 
@@ -63,6 +73,53 @@ def trim_delta(d, table, i: tl.constexpr, N: tl.constexpr):
     lo = tl.load(table + TRIM_MIN * N + i).to(tl.uint32)
     hi = tl.load(table + TRIM_MAX * N + i).to(tl.uint32)
     return tl.where((a >= lo) & (a <= hi), d, 0.0)
+
+
+@triton.jit
+def block_exclusive_count(eq, BLOCK: tl.constexpr):
+    """For each element, how many elements before it in its tie block (TIE_BLOCK flat indices,
+    the program's block a multiple of them, aligned) have ``eq`` set: an int32 cumsum (exact)."""
+    e = eq.to(tl.int32)
+    c = tl.cumsum(tl.reshape(e, [BLOCK // TIE_BLOCK, TIE_BLOCK]), axis=1)
+    return tl.reshape(c, [BLOCK]) - e
+
+
+@triton.jit
+def tie_keys(d, table, i: tl.constexpr, N: tl.constexpr, mask):
+    """(bits(|d|), its == trim_min, its == trim_max) inside the tensor (uint32 thresholds as in
+    trim_delta: a clamped 2**31 trim_min equals no key, 0xFFFFFFFF trim_max none either)."""
+    a = d.to(tl.uint32, bitcast=True) & 0x7FFFFFFF
+    lo = tl.load(table + TRIM_MIN * N + i).to(tl.uint32)
+    hi = tl.load(table + TRIM_MAX * N + i).to(tl.uint32)
+    return a, lo, hi, mask & (a == lo), mask & (a == hi)
+
+
+@triton.jit
+def trim_delta_ties(
+    d,
+    table,
+    i: tl.constexpr,
+    N: tl.constexpr,
+    offs,
+    mask,
+    prefix_min,
+    prefix_max,
+    nblocks,
+    BLOCK: tl.constexpr,
+):
+    """The trim with the exact-k tie rule (docs/KERNEL.md "Exact-k ties"): a key above trim_min and
+    below trim_max is kept; a key equal to trim_min only while its tie index t < tie_keep (rule on),
+    one equal to trim_max only once t >= tie_skip (rule on); t = the block's prefix + the equal keys
+    before it in its tie block."""
+    a, lo, hi, eqmin, eqmax = tie_keys(d, table, i, N, mask)
+    keep_k = tl.load(table + TIE_KEEP * N + i)
+    skip_k = tl.load(table + TIE_SKIP * N + i)
+    tb = i * nblocks + offs // TIE_BLOCK
+    tmin = tl.load(prefix_min + tb, mask=mask, other=0) + block_exclusive_count(eqmin, BLOCK)
+    tmax = tl.load(prefix_max + tb, mask=mask, other=0) + block_exclusive_count(eqmax, BLOCK)
+    keep = (a > lo) | (eqmin & ((keep_k < 0) | (tmin < keep_k)))
+    below = (a < hi) | (eqmax & ((skip_k <= 0) | (tmax >= skip_k)))
+    return tl.where(keep & below, d, 0.0)
 
 
 @triton.jit

@@ -24,12 +24,23 @@ VOTE_W = tl.constexpr(6)  # float32 bits: w_i (the TIES sign vote)
 PREFIX = tl.constexpr(7)  # histogram pass 2: the high 16 bits selected for model i
 TRIM_MAX = tl.constexpr(8)  # keep iff bits(|d|) <= value, clamped to 0xFFFFFFFF (keeps all)
 UNIQUE_SCALE = tl.constexpr(9)  # float32 bits: RAM, the multiplier of a delta no other model shares
-FIELDS = 10
+TIE_KEEP = tl.constexpr(10)  # exact-k ties: key == trim_min kept iff tie index < value (< 0: off)
+TIE_SKIP = tl.constexpr(11)  # exact-k ties: key == trim_max kept iff tie index >= value (<= 0: off)
+TIE_BLOCK = tl.constexpr(1024)  # flat indices per tie block (docs/KERNEL.md "Exact-k ties")
+FIELDS = 12
 
 # bits(|d|) <= 0x7fffffff, so any threshold above 2**31 keeps nothing; clamping lets the
 # kernel compare in uint32.
 _TRIM_CLAMP = 1 << 31
 TRIM_MAX_ALL = 0xFFFFFFFF
+
+
+def tie_rule(p) -> bool:
+    """Whether ``p`` asks for exact-k ties: some tie_keep >= 0 or tie_skip > 0."""
+    keep, skip = getattr(p, "tie_keep", None), getattr(p, "tie_skip", None)
+    return (keep is not None and bool(np.any(np.asarray(keep) >= 0))) or (
+        skip is not None and bool(np.any(np.asarray(skip) > 0))
+    )
 
 
 def trims(p) -> bool:
@@ -60,6 +71,9 @@ def param_table(p, device, prefix: np.ndarray | None = None) -> torch.Tensor:
     tmax = getattr(p, "trim_max", None)
     tmax = np.full(n, TRIM_MAX_ALL, np.uint64) if tmax is None else np.asarray(tmax, dtype=np.uint64)
     table[TRIM_MAX.value] = np.minimum(tmax, np.uint64(TRIM_MAX_ALL)).astype(np.int64)
+    keep, skip = getattr(p, "tie_keep", None), getattr(p, "tie_skip", None)
+    table[TIE_KEEP.value] = -1 if keep is None else np.asarray(keep, dtype=np.int64)
+    table[TIE_SKIP.value] = 0 if skip is None else np.asarray(skip, dtype=np.int64)
     scale = getattr(p, "unique_scale", None)
     table[UNIQUE_SCALE.value] = _f32_bits(np.ones(n) if scale is None else scale)
     table[COEF.value] = _f32_bits(p.coef)

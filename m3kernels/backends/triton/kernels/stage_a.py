@@ -8,6 +8,7 @@
   DARE-kept elements, written to ``partial[2 * i + {0, 1}, block]``; the host adds them in block
   order, so the result does not depend on scheduling.
 * ``ram_counts_kernel``: per block, the RAM shared / unique counts of each model (integers).
+* ``tie_counts_kernel``: per tie block, the keys equal to each model's thresholds (exact-k ties).
 
 The gram sums (float64, a fixed summation order) are in :mod:`.gram`.
 """
@@ -21,9 +22,10 @@ from m3kernels.backends.triton.kernels.delta import (
     load_base,
     load_f32,
     model_keep,
+    tie_keys,
     trim_delta,
 )
-from m3kernels.backends.triton.kernels.params import PREFIX
+from m3kernels.backends.triton.kernels.params import PREFIX, TIE_BLOCK
 
 HIST_BINS = tl.constexpr(65536)
 
@@ -127,3 +129,35 @@ def ram_counts_kernel(
         unique = tl.sum((sel[i] & (cnt == 1)).to(tl.int32), axis=0)
         tl.store(partial_ptr + (2 * i) * nblocks + pid, shared)
         tl.store(partial_ptr + (2 * i + 1) * nblocks + pid, unique)
+
+
+@triton.jit
+def tie_counts_kernel(
+    base_ptr,
+    models,
+    cmin_ptr,
+    cmax_ptr,
+    table,
+    numel,
+    nblocks,
+    N: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    DARE: tl.constexpr,
+    BIG: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Exact-k ties, stage A: per model and tie block (TIE_BLOCK flat indices) of this program, how
+    many keys bits(|d'|) (after DARE, no trim) equal trim_min and trim_max (int32 [n, nblocks])."""
+    start = block_start(BLOCK, BIG)
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < numel
+    b = load_base(base_ptr, offs, mask, HAS_BASE, BLOCK)
+    TB: tl.constexpr = BLOCK // TIE_BLOCK
+    blk = tl.program_id(0) * TB + tl.arange(0, TB)
+    for i in tl.static_range(N):
+        d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
+        _, _, _, eqmin, eqmax = tie_keys(d, table, i, N, mask)
+        cmin = tl.sum(tl.reshape(eqmin.to(tl.int32), [TB, TIE_BLOCK]), axis=1)
+        cmax = tl.sum(tl.reshape(eqmax.to(tl.int32), [TB, TIE_BLOCK]), axis=1)
+        tl.store(cmin_ptr + i * nblocks + blk, cmin, mask=blk < nblocks)
+        tl.store(cmax_ptr + i * nblocks + blk, cmax, mask=blk < nblocks)

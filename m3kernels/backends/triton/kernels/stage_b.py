@@ -12,7 +12,14 @@ divisions are ``tl.math.div_rn`` (IEEE, correctly rounded).
 import triton
 import triton.language as tl
 
-from m3kernels.backends.triton.kernels.delta import block_start, dare_delta, load_base, load_f32, trim_delta
+from m3kernels.backends.triton.kernels.delta import (
+    block_start,
+    dare_delta,
+    load_base,
+    load_f32,
+    trim_delta,
+    trim_delta_ties,
+)
 from m3kernels.backends.triton.kernels.params import COEF, UNIQUE_SCALE, VOTE_W
 
 COMBINE_SUM = tl.constexpr(0)
@@ -87,6 +94,9 @@ def merge_kernel(
     index_offset,
     clip_t,
     ram_eps,
+    tie_prefix_min,
+    tie_prefix_max,
+    tie_blocks,
     N: tl.constexpr,
     HAS_BASE: tl.constexpr,
     DARE: tl.constexpr,
@@ -94,6 +104,7 @@ def merge_kernel(
     COMBINE: tl.constexpr,
     NORMALIZE: tl.constexpr,
     COEF_GROUP: tl.constexpr,
+    TIES_K: tl.constexpr,
     OUT_KIND: tl.constexpr,
     BIG: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -113,7 +124,11 @@ def merge_kernel(
         ds = ()
         for i in tl.static_range(N):
             d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
-            if TRIM:
+            if TIES_K:
+                d = trim_delta_ties(
+                    d, table, i, N, offs, mask, tie_prefix_min, tie_prefix_max, tie_blocks, BLOCK
+                )
+            elif TRIM:
                 d = trim_delta(d, table, i, N)
             ds = ds + (d,)
 
