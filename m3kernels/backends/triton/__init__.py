@@ -9,7 +9,8 @@ on first use.
 Per tensor the only host synchronisations are the read-backs of the histograms and L1 partial
 sums that stage A exists to produce; stage B launches one kernel and returns. :data:`FEATURES`
 names the issue-8 pieces of docs/KERNEL.md implemented here (all of them: window trim, per-group
-coefficients, NEARSWAP and RAM combines, gram sums in the documented order, RAM counts).
+coefficients, NEARSWAP and RAM combines, gram sums in the documented order, RAM counts, and the
+exact-k tie rule with its ``tie_counts``).
 :func:`gram` follows KERNEL.md's summation order exactly, so it equals the CPU backend's bit for bit
 (in the interpreter it is slow: 4096 dependent steps per chunk of 65,536 positions).
 """
