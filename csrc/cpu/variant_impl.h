@@ -391,6 +391,7 @@ static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float
 // ---------------------------------------------------------------- stage B
 
 // Stage B of one block with the exact-k tie rule (variant_ties.h, included at the end).
+template <int DT>
 static void merge_block_ties(const TensorArgs& a, const ModelPlan* plans, const float*, int64_t start,
                              int64_t cnt, Scratch& s, void* out, int out_dtype);
 
@@ -415,7 +416,7 @@ static MergeBlockFn pick_merge_block_nc(int n) {
 
 template <int DT>
 static MergeBlockFn pick_merge_block_n(const TensorArgs& a) {
-    if (a.tie_keep || a.tie_skip) return merge_block_ties;  // exact-k ties (sum / mean / ties only)
+    if (a.tie_keep || a.tie_skip) return merge_block_ties<DT>;  // exact-k ties (sum / mean / ties only)
     if (a.combine == kNearswap) return merge_block<1, DT, kCbNearswap>;  // n == 1 (checked by the caller)
     if (a.combine == kRam) return pick_merge_block_nc<DT, kCbRam>(a.n);
     if (a.coef_group != kGroupNone) return pick_merge_block_nc<DT, kCbGroup>(a.n);

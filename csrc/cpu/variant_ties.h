@@ -7,7 +7,7 @@
 // aligned at 0) + a running count over the block's vectors in order, so each block is computed on
 // its own: any thread count, variant or part split (index_offset a multiple of kBlock) gives the
 // same elements. One generic loop (any N, any dtypes): the exact rule is an option, not the
-// bandwidth path.
+// bandwidth path (specialised by dtype only).
 
 constexpr int64_t kTieBlock = kBlock;
 constexpr int kMaxTieModels = 64;  // models of one merge with the tie rule
@@ -39,12 +39,12 @@ M3K_INLINE vi lanes_of(uint32_t bits) {
 }
 
 // d_i of docs/KERNEL.md with the exact-k tie rule at its thresholds (lanes past rem ignored).
-template <bool PARTIAL>
+template <bool PARTIAL, int DT>
 M3K_INLINE vf model_delta_ties(const ModelIn& m, const ModelPlan& p, TieState& ts, int64_t g, int64_t k,
                                int rem, vf b) {
-    const vf dz = model_delta<PARTIAL>(ModelIn{m.src, m.dtype, m.dare, 0, m.dare_le, 0, 0, m.dare_scale,
-                                               m.coef, m.vote_w, m.unique_scale, m.u},
-                                       g, k, rem, b);  // d' (DARE, no trim)
+    const vf dz = model_delta<PARTIAL, DT>(ModelIn{m.src, m.dtype, m.dare, 0, m.dare_le, 0, 0, m.dare_scale,
+                                                   m.coef, m.vote_w, m.unique_scale, m.u},
+                                           g, k, rem, b);  // d' (DARE, no trim)
     if (p.trim == 2) return vf{};
     const uint32_t lanes = PARTIAL ? (1u << rem) - 1u : uint32_t((uint64_t(1) << W) - 1u);
     const vu key = (vu)dz & 0x7fffffffu;
@@ -61,11 +61,12 @@ M3K_INLINE vf model_delta_ties(const ModelIn& m, const ModelPlan& p, TieState& t
 }
 
 // Stage B of one block with the tie rule: sum / mean / ties as merge_vec (any N, any dtypes).
-template <bool PARTIAL>
+template <bool PARTIAL, int DT>
 M3K_INLINE void merge_vec_ties(const TensorIn& t, const ModelIn* mi, const ModelPlan* plans, TieState* ts,
                                int n, vf* dv, int64_t g, int64_t k, int rem, void* out, int out_dtype) {
-    const vf b = base_vec<PARTIAL>(t, g, rem);
-    for (int i = 0; i < n; ++i) dv[i] = model_delta_ties<PARTIAL>(mi[i], plans[i], ts[i], g, k, rem, b);
+    if (DT >= 0) out_dtype = DT;
+    const vf b = base_vec<PARTIAL, DT>(t, g, rem);
+    for (int i = 0; i < n; ++i) dv[i] = model_delta_ties<PARTIAL, DT>(mi[i], plans[i], ts[i], g, k, rem, b);
     vf m;
     if (t.combine != kTies) {
         vf acc = vf{};
@@ -93,6 +94,7 @@ M3K_INLINE void merge_vec_ties(const TensorIn& t, const ModelIn* mi, const Model
         store_vec(out, out_dtype, g, y);
 }
 
+template <int DT>
 static void merge_block_ties(const TensorArgs& a, const ModelPlan* plans, const float*, int64_t start,
                              int64_t cnt, Scratch& s, void* out, int out_dtype) {
     block_philox(a, plans, start, cnt, s);
@@ -111,10 +113,10 @@ static void merge_block_ties(const TensorArgs& a, const ModelPlan* plans, const 
     const TensorIn t = tensor_in(a);
     const int64_t full = cnt / W * W;
     for (int64_t k = 0; k < full; k += W)
-        merge_vec_ties<false>(t, s.mi, plans, ts, n, s.dv, start + k, k, W, out, out_dtype);
+        merge_vec_ties<false, DT>(t, s.mi, plans, ts, n, s.dv, start + k, k, W, out, out_dtype);
     if (full < cnt)
-        merge_vec_ties<true>(t, s.mi, plans, ts, n, s.dv, start + full, full, int(cnt - full), out,
-                             out_dtype);
+        merge_vec_ties<true, DT>(t, s.mi, plans, ts, n, s.dv, start + full, full, int(cnt - full), out,
+                                 out_dtype);
 }
 
 // Stage A: per model and tie block b, how many keys bits(|d'|) equal trim_min[i] (cmin) and
