@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import math
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from m3kernels.synthetic import fine_tune, llama_config, llama_tensors, write_ch
 TINY = "48x67"  # odd sizes
 CORE = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "ties_dare")
 CPU_OK = available_backends()["cpu"] == "available"
+pytestmark = pytest.mark.usefixtures("fresh_cli_logging")  # cli.main's log handler: per test
 needs_cpu = pytest.mark.skipif(not CPU_OK, reason="the CPU extension is not built")
 
 
@@ -55,8 +57,13 @@ def ran(report_files):
 
     argv, js, png = report_files
     buf = io.StringIO()
-    with redirect_stdout(buf):
-        rc = cli.main(argv)
+    try:
+        with redirect_stdout(buf):
+            rc = cli.main(argv)
+    finally:  # the handler cli.main added writes to this fixture's stderr: not kept for later tests
+        log = logging.getLogger("m3kernels")
+        for h in [h for h in log.handlers if getattr(h, "_m3k_cli", False)]:
+            log.removeHandler(h)
     return rc, buf.getvalue(), json.loads(js.read_text()), png
 
 
