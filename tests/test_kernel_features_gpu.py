@@ -406,15 +406,26 @@ def test_cuda_argument_checks(gen):
     with pytest.raises(ValueError, match="need a base"):
         cuda_backend.emulate_merge(params(1, has_base=False, combine=RAM), None, models[:1], out)
     if HAVE_TIE_FIELDS:
-        tie = params(2, trim_min=[0x3F000000] * 2).with_fields(tie_keep=[3, -1])
-        with pytest.raises(ValueError, match="trim_ties: k .* not implemented on the cuda backend"):
+        tie = params(2, combine=RAM, trim_min=[0x3F000000] * 2).with_fields(tie_keep=[3, -1])
+        with pytest.raises(ValueError, match="exact-k ties go with the sum, mean and ties combines only"):
             cuda_backend.emulate_merge(tie, base, models, out)
+        with pytest.raises(ValueError, match="tie_prefix_max has 3 values; 2 needed"):
+            p = params(2).with_fields(tie_skip=[1, 0], tie_prefix_max=np.zeros(3, np.int64))
+            cuda_backend.emulate_merge(p, base, models, out)
     args = cuda_backend.kernel_args(params(2), base, models, out, device_type="cpu")
-    with pytest.raises(ValueError, match="exact-k ties"):  # the extension refuses it too
-        cuda_backend._ext().emulate_merge(dict(args, tie_keep=[3, -1]))
+    with pytest.raises(ValueError, match="need tie_prefix_min and tie_prefix_max"):  # the extension checks
+        cuda_backend._ext().emulate_merge(dict(args, tie_rule=True, tie_keep=[3, -1]))
     empty = cuda_backend.emulate_gram(params(2), torch.zeros(0), [torch.zeros(0), torch.zeros(0)])
     np.testing.assert_array_equal(empty, np.zeros((1, 2, 2)))
-    assert cuda_backend.FEATURES == {"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts"}
+    assert cuda_backend.FEATURES == {
+        "trim_max",
+        "group_coef",
+        "nearswap",
+        "ram",
+        "gram",
+        "ram_counts",
+        "trim_ties_k",
+    }
 
 
 # ----------------------------------------------------------------------------- Triton interpreter
@@ -519,15 +530,48 @@ def test_triton_gram_non_finite_and_dtypes(gen):
             assert np.isnan(got).any() and np.isinf(got).any() or group != NONE
 
 
+def exact_k_params(p, hist, tie_counts, numel, windows):
+    """Stage A of trim_ties: k from a backend's ``hist(prefix)`` and ``tie_counts(q)``: windows[i] =
+    (D, T) keeps ranks D .. D + T - 1 of model i (key descending, flat index ascending)."""
+    from m3kernels.merge.kernel_params import TRIM_MAX_ALL, tie_prefixes
+    from m3kernels.merge.select import select_thresholds_ties
+
+    ks = [((d + 1, d + t) if d > 0 else (d + t,)) for d, t in windows]
+    sel = select_thresholds_ties(hist, ks, numel)
+    tmin, tmax, keep, skip = [], [], [], []
+    for (d, _), row in zip(windows, sel):
+        tmin.append(row[-1][0])
+        keep.append(row[-1][1])
+        tmax.append(row[0][0] if d > 0 else TRIM_MAX_ALL)
+        skip.append(row[0][1] - 1 if d > 0 else 0)
+    q = p.with_trim(tmin, tmax).with_fields(tie_keep=keep, tie_skip=skip)
+    cmin, cmax = tie_counts(q)
+    assert cmin.shape == (p.n, -(-numel // 1024)) and cmin.dtype == np.int64
+    return q.with_fields(tie_prefix_min=tie_prefixes(cmin), tie_prefix_max=tie_prefixes(cmax)), (cmin, cmax)
+
+
+def check_exact_k_window(q, base, models, seed, windows, expect_ties=True):
+    """Exactly the window's ranks are kept (among the non-zero keys), and ties were broken."""
+    numel = models[0].numel()
+    _, ds = kp.dropped_deltas(q, base, models, seed, "t")
+    broke = 0
+    for i, (d, t) in enumerate(windows):
+        key = ds[i].reshape(-1).abs().view(torch.int32).to(torch.int64).numpy()
+        kept = (kp._exact_ties(q, i, ds[i].reshape(-1), int(q.trim_min[i]), int(q.trim_max[i])) != 0).numpy()
+        order = np.lexsort((np.arange(numel), -key))
+        want = np.zeros(numel, bool)
+        want[order[d : d + t]] = True
+        np.testing.assert_array_equal(kept, want & (key != 0), err_msg=f"model {i}")
+        broke += int(((key == int(q.trim_min[i])) & ~want).sum() > 0)
+    assert broke > 0 or not expect_ties
+
+
 @need_triton
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_triton_exact_k_ties_across_programs(method, gen):
     """trim_ties: k on Triton: 9001 elements = two interpreter programs, nine tie blocks (the
     prefixes and the in-block counts meet), windows with many ties; bytes of kernel_program and
     exactly the window's ranks kept."""
-    from m3kernels.merge.kernel_params import TRIM_MAX_ALL, tie_prefixes
-    from m3kernels.merge.select import select_thresholds_ties
-
     if not HAVE_TIE_FIELDS:
         pytest.skip("KernelParams has no exact-k tie fields")
     numel, n = 9001, 3
@@ -538,29 +582,54 @@ def test_triton_exact_k_ties_across_programs(method, gen):
     p = make_params(recipe, "t", True)
     b, ms = _to(base), [_to(m) for m in models]
     windows = [(0, 1800), (900, 3000), (4499, 1)]
-    ks = [((d + 1, d + t) if d > 0 else (d + t,)) for d, t in windows]
-    sel = select_thresholds_ties(lambda pre: triton_backend.histogram(p, b, ms, pre), ks, numel)
-    tmin, tmax, keep, skip = [], [], [], []
-    for (d, _), row in zip(windows, sel):
-        tmin.append(row[-1][0])
-        keep.append(row[-1][1])
-        tmax.append(row[0][0] if d > 0 else TRIM_MAX_ALL)
-        skip.append(row[0][1] - 1 if d > 0 else 0)
-    q = p.with_trim(tmin, tmax).with_fields(tie_keep=keep, tie_skip=skip)
-    cmin, cmax = triton_backend.tie_counts(q, b, ms)
-    assert cmin.shape == (n, 9) and cmin.dtype == np.int64
-    q = q.with_fields(tie_prefix_min=tie_prefixes(cmin), tie_prefix_max=tie_prefixes(cmax))
+    q, counts = exact_k_params(
+        p,
+        lambda pre: triton_backend.histogram(p, b, ms, pre),
+        lambda q: triton_backend.tie_counts(q, b, ms),
+        numel,
+        windows,
+    )
     out = torch.full((numel,), float("nan"), dtype=F32, device=DEV)
     triton_backend.merge(q, b, ms, out)
     same_bits(out.cpu(), kp.stage_b(q, base, models, F32, recipe.seed, "t"), f"{method} exact-k")
-    _, ds = kp.dropped_deltas(q, base, models, recipe.seed, "t")
-    for i, (d, t) in enumerate(windows):
-        key = ds[i].abs().view(torch.int32).to(torch.int64).numpy()
-        kept = kp._exact_ties(q, i, ds[i], int(q.trim_min[i]), int(q.trim_max[i])) != 0
-        assert int(kept.sum()) == int(
-            ((key != 0) & np.isin(np.arange(numel), np.lexsort((np.arange(numel), -key))[d : d + t])).sum()
-        )
-        assert int(((key == tmin[i]) & ~kept.numpy()).sum()) > 0 or t == 1  # ties were broken
+    check_exact_k_window(q, base, models, recipe.seed, windows)
+    if HAVE_CUDA_EXT:
+        for g, w in zip(cuda_backend.emulate_tie_counts(q, base, models), counts):
+            np.testing.assert_array_equal(g, w)
+
+
+@need_cuda_ext
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+@pytest.mark.parametrize("n,dtypes", [(3, (BF16, [BF16])), (5, (F32, [BF16, F16]))])
+def test_cuda_exact_k_ties(method, n, dtypes, gen):
+    """trim_ties: k in the CUDA kernels (host emulation): one thread per tie block, a running count
+    from the block's prefix; 9001 elements (a partial last tie block), bytes of kernel_program."""
+    if not HAVE_TIE_FIELDS:
+        pytest.skip("KernelParams has no exact-k tie fields")
+    numel = 9001
+    base, models = inputs((numel,), n, *dtypes, gen)
+    recipe = make_recipe(
+        n, method=method, has_base=True, **({"density": 0.8} if method == "dare_ties" else {})
+    )
+    p = make_params(recipe, "t", True)
+    windows = [(0, 1800), (900, 3000), (4499, 1), (0, 9001), (10, 20)][:n]
+    q, _ = exact_k_params(
+        p,
+        lambda pre: cuda_backend.emulate_histogram(p, base, models, pre),
+        lambda q: cuda_backend.emulate_tie_counts(q, base, models),
+        numel,
+        windows,
+    )
+    for out_dtype in (F32, BF16):
+        out = torch.full((numel,), float("nan"), dtype=out_dtype)
+        cuda_backend.emulate_merge(q, base, models, out)
+        same_bits(out, kp.stage_b(q, base, models, out_dtype, recipe.seed, "t"), f"{method} exact-k")
+    check_exact_k_window(q, base, models, recipe.seed, windows[:3], expect_ties=dtypes[0] == BF16)
+    if have_backend("cpu"):
+        from m3kernels.backends import cpu
+
+        for g, w in zip(cuda_backend.emulate_tie_counts(q, base, models), cpu.tie_counts(q, base, models)):
+            np.testing.assert_array_equal(g, w)
 
 
 def _ordered_gram(vs, chunk, lanes=16):

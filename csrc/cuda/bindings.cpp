@@ -101,11 +101,20 @@ m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
         a.numel > 0 && group_coef == 0)
         throw std::invalid_argument("m3kernels CUDA args: coef_group is set but group_coef is null");
     a.group_coef = reinterpret_cast<const float*>(group_coef);
-    for (const char* key : {"tie_keep", "tie_skip", "tie_prefix_min", "tie_prefix_max"})
-        if (d.contains(key) && !d[key].is_none())
+    a.tie_rule = get_or<bool>(d, "tie_rule", false) ? 1 : 0;
+    const auto tie_keep = get_list_or<int64_t>(d, "tie_keep", a.n, -1);
+    const auto tie_skip = get_list_or<int64_t>(d, "tie_skip", a.n, 0);
+    a.tie_prefix_min = reinterpret_cast<const int64_t*>(get_or<uintptr_t>(d, "tie_prefix_min", 0));
+    a.tie_prefix_max = reinterpret_cast<const int64_t*>(get_or<uintptr_t>(d, "tie_prefix_max", 0));
+    a.tie_blocks = (a.numel + m3k::kTieBlock - 1) / m3k::kTieBlock;
+    if (a.tie_rule && need_out) {  // stage B; tie_counts reads the thresholds only
+        if (a.combine > m3k::kTies || (a.coef_group != m3k::kGroupNone && a.combine != m3k::kTies))
             throw std::invalid_argument(
-                "m3kernels CUDA: exact-k ties (trim_ties: k) are not implemented by the CUDA kernels");
-    a.tie_keep = a.tie_skip = a.tie_prefix_min = a.tie_prefix_max = nullptr;
+                "m3kernels CUDA args: exact-k ties go with the sum, mean and ties combines only");
+        if (a.numel > 0 && (a.tie_prefix_min == nullptr || a.tie_prefix_max == nullptr))
+            throw std::invalid_argument(
+                "m3kernels CUDA args: exact-k ties need tie_prefix_min and tie_prefix_max");
+    }
     const auto trim_max = get_list_or<uint64_t>(d, "trim_max", a.n, 0xffffffffu);
     const auto unique_scale = get_list_or<double>(d, "unique_scale", a.n, 1.0);
     a.normalize = get<bool>(d, "normalize") ? 1 : 0;
@@ -130,6 +139,8 @@ m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
         a.trim_min[i] = trim_min[i];
         a.trim_max[i] = trim_max[i];
         a.unique_scale[i] = static_cast<float>(unique_scale[i]);
+        a.tie_keep[i] = tie_keep[i];
+        a.tie_skip[i] = tie_skip[i];
     }
     if (a.has_base) {
         if (a.numel > 0 && base == 0)
@@ -219,6 +230,27 @@ PYBIND11_MODULE(_cuda, m) {
         },
         py::arg("args"), py::arg("counts"), py::arg("device"), py::arg("stream"),
         "Add the RAM counts (shared_i at counts[i], unique_i at counts[n + i]) to 2n int64 counters.");
+
+    m.def(
+        "tie_counts",
+        [](const py::dict& args, uintptr_t cmin, uintptr_t cmax, int device, uintptr_t stream) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::launch_tie_counts(a, reinterpret_cast<int64_t*>(cmin), reinterpret_cast<int64_t*>(cmax),
+                                   device, stream);
+        },
+        py::arg("args"), py::arg("cmin"), py::arg("cmax"), py::arg("device"), py::arg("stream"),
+        "Exact-k ties, stage A: per model and tie block the keys equal to trim_min (cmin) and trim_max "
+        "(cmax), "
+        "int64[n][tie blocks] each, written.");
+    m.def(
+        "emulate_tie_counts",
+        [](const py::dict& args, uintptr_t cmin, uintptr_t cmax) {
+            const m3k::MergeArgs a = parse_args(args, false);
+            py::gil_scoped_release release;
+            m3k::emulate_tie_counts(a, reinterpret_cast<int64_t*>(cmin), reinterpret_cast<int64_t*>(cmax));
+        },
+        py::arg("args"), py::arg("cmin"), py::arg("cmax"), "Host emulation of tie_counts on host pointers.");
 
     m.def(
         "emulate_merge",

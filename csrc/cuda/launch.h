@@ -50,4 +50,11 @@ void emulate_gram_partials(const MergeArgs& a, double* partials);
 void launch_ram_counts(const MergeArgs& a, uint64_t* counts, int device, uintptr_t stream);
 void emulate_ram_counts(const MergeArgs& a, uint64_t* counts);
 
+// Exact-k ties (ties_kernel.cu): stage B of a tensor with a.tie_rule (launch_merge / emulate_merge
+// call these), and the stage-A counts: cmin[i * tie_blocks + b], cmax[...] (written, not added).
+void launch_merge_ties(const MergeArgs& a, int device, uintptr_t stream);
+void emulate_merge_ties(const MergeArgs& a);
+void launch_tie_counts(const MergeArgs& a, int64_t* cmin, int64_t* cmax, int device, uintptr_t stream);
+void emulate_tie_counts(const MergeArgs& a, int64_t* cmin, int64_t* cmax);
+
 }  // namespace m3k

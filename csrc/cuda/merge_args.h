@@ -16,6 +16,7 @@ enum Combine : int32_t { kSum = 0, kMean = 1, kTies = 2, kNearswap = 3, kRam = 4
 enum CoefGroup : int32_t { kGroupNone = 0, kGroupRow = 1, kGroupColumn = 2 };  // KernelParams.coef_group
 
 constexpr uint64_t kTrimMaxKeepAll = 0x7fffffffu;  // bits(|d|) <= 0x7fffffff always: trim_max keeps all
+constexpr int64_t kTieBlock = 1024;                // exact-k ties: flat indices per tie block
 
 struct MergeArgs {
     const void* models[kMaxModels];  // x_i, contiguous, numel elements each
@@ -48,13 +49,13 @@ struct MergeArgs {
     int64_t row_len;                 // C, the length of the last dim (>= 1)
     int64_t index_offset;            // flat index of element 0 (chunked calls; 0 for a whole tensor)
     const float* group_coef;         // coef of model i in group g at [g * n + i]; nullptr when unused
-    // Exact-k ties (trim_ties: k, docs/KERNEL.md "Exact-k ties") are not implemented by these kernels
-    // (FEATURES has no "trim_ties_k"): parse_args and the Python side refuse a tie rule, so these
-    // stay nullptr (off) and every tie at a threshold is kept.
-    const int64_t* tie_keep;        // [n] key == trim_min kept iff tie index < tie_keep; nullptr: off
-    const int64_t* tie_skip;        // [n] key == trim_max kept iff tie index >= tie_skip; nullptr: off
-    const int64_t* tie_prefix_min;  // [n][tie blocks] equal-to-trim_min keys before each tie block
-    const int64_t* tie_prefix_max;  // [n][tie blocks] equal-to-trim_max keys before each tie block
+    // Exact-k ties (trim_ties: k, docs/KERNEL.md "Exact-k ties"; ties_kernel.cu). tie_rule 0: off.
+    int32_t tie_rule;
+    int64_t tie_keep[kMaxModels];   // key == trim_min kept iff tie index < tie_keep (< 0: off)
+    int64_t tie_skip[kMaxModels];   // key == trim_max kept iff tie index >= tie_skip (<= 0: off)
+    const int64_t* tie_prefix_min;  // [n][tie_blocks] equal-to-trim_min keys before each tie block
+    const int64_t* tie_prefix_max;  // [n][tie_blocks] equal-to-trim_max keys before each tie block
+    int64_t tie_blocks;             // tie blocks of kTieBlock flat indices the prefixes cover
 };
 
 }  // namespace m3k

@@ -98,6 +98,7 @@ void with_merge_config(const MergeArgs& a, F&& f) {
 
 void launch_merge(const MergeArgs& a, int device, uintptr_t stream) {
     if (a.numel <= 0) return;
+    if (a.tie_rule) return launch_merge_ties(a, device, stream);
     use_device(device);
     auto s = reinterpret_cast<cudaStream_t>(stream);
     with_merge_config(a, [&](auto nmax, auto exact, auto ept, auto comb, auto dt) {
@@ -115,6 +116,7 @@ void launch_merge(const MergeArgs& a, int device, uintptr_t stream) {
 
 void emulate_merge(const MergeArgs& a) {
     if (a.numel <= 0) return;
+    if (a.tie_rule) return emulate_merge_ties(a);
     with_merge_config(a, [&](auto nmax, auto exact, auto ept, auto comb, auto dt) {
         constexpr int EPT = decltype(ept)::value;
         const int64_t chunks = (a.numel + EPT - 1) / EPT;

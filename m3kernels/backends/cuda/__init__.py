@@ -37,10 +37,11 @@ except ImportError as exc:  # not built (no nvcc at install time) or libcudart m
 MAX_MODELS = 16
 
 # What this backend implements of docs/KERNEL.md beyond the first five methods (issue 8).
-FEATURES = frozenset({"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts"})
+FEATURES = frozenset({"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts", "trim_ties_k"})
 
 _TRIM_MAX_ALL = 0xFFFFFFFF
 _GRAM_CHUNK = 1 << 16  # docs/KERNEL.md, gram: positions per chunk (csrc/cuda/gram_element.cuh)
+TIE_BLOCK = 1024  # exact-k ties: flat indices per tie block (csrc/cuda/merge_args.h kTieBlock)
 
 
 def extension_available() -> bool:
@@ -118,7 +119,6 @@ def kernel_args(
     device_type: str = "cuda",
 ) -> dict:
     """The argument dict the extension reads: KernelParams plus pointers and dtype codes."""
-    _refuse_tie_rule(p)
     models = list(models)
     if len(models) != p.n:
         raise ValueError(f"KernelParams is for {p.n} models, got {len(models)} tensors")
@@ -159,7 +159,8 @@ def kernel_args(
     if coef_group and int(p.combine) in (0, 1) and out is not None:  # stage B only
         group_coef_keep = _group_coef_tensor(p, numel, coef_group, row_len, device)
         group_coef_ptr = group_coef_keep.data_ptr()
-    return {
+    tie_args, tie_keep_alive = _tie_args(p, numel, device, with_prefixes=out is not None)
+    return tie_args | {
         "n": p.n,
         "numel": numel,
         "models": ptrs,
@@ -189,21 +190,41 @@ def kernel_args(
         "row_len": row_len,
         "index_offset": 0,
         "group_coef": group_coef_ptr,
-        "_keep_alive": group_coef_keep,  # the buffer behind group_coef (not read by the extension)
+        "_keep_alive": (
+            group_coef_keep,
+            tie_keep_alive,
+        ),  # buffers behind pointers (not read by the extension)
     }
 
 
-def _refuse_tie_rule(p) -> None:
-    """ValueError when ``p`` asks for exact-k ties (trim_ties: k), which this backend does not run
-    (FEATURES has no "trim_ties_k"): computing without it would keep every tie instead."""
+def _tie_args(p, numel: int, device, with_prefixes: bool) -> tuple[dict, tuple]:
+    """The exact-k tie fields for the extension ({} when the rule is off) and the prefix buffers."""
     keep, skip = getattr(p, "tie_keep", None), getattr(p, "tie_skip", None)
-    on = (keep is not None and bool(np.any(np.asarray(keep) >= 0))) or (
-        skip is not None and bool(np.any(np.asarray(skip) != 0))
-    )
-    if on:
-        raise ValueError(
-            "trim_ties: k (exact-k ties) is not implemented on the cuda backend yet; use the cpu backend"
+    keep = np.full(p.n, -1, np.int64) if keep is None else np.asarray(keep, dtype=np.int64)
+    skip = np.zeros(p.n, np.int64) if skip is None else np.asarray(skip, dtype=np.int64)
+    if not (np.any(keep >= 0) or np.any(skip > 0)):
+        return {}, ()
+    args = {"tie_rule": True, "tie_keep": [int(x) for x in keep], "tie_skip": [int(x) for x in skip]}
+    if not with_prefixes:  # stage A (tie_counts) reads the thresholds only
+        return args, ()
+    nblocks = -(-numel // TIE_BLOCK)
+    bufs = []
+    for name in ("tie_prefix_min", "tie_prefix_max"):
+        v = getattr(p, name, None)
+        a = (
+            np.zeros(p.n * nblocks, np.int64)
+            if v is None
+            else np.ascontiguousarray(v, dtype=np.int64).reshape(-1)
         )
+        if a.size != p.n * nblocks:
+            raise ValueError(
+                f"KernelParams.{name} has {a.size} values; {p.n * nblocks} needed (n x tie blocks)"
+            )
+        t = torch.from_numpy(a.copy())
+        t = t if device.type == "cpu" else t.to(device)
+        args[name] = t.data_ptr()
+        bufs.append(t)
+    return args, tuple(bufs)
 
 
 def _groups(p: KernelParams, numel: int) -> tuple[int, int]:
@@ -336,6 +357,20 @@ def ram_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
     return c[: p.n].copy(), c[p.n :].copy()
 
 
+def tie_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """Exact-k ties, stage A: int64[n, ceil(numel / 1024)], per model and tie block, the keys
+    bits(|δ'_i|) equal to ``p.trim_min[i]`` and to ``p.trim_max[i]``."""
+    ext = _ext()
+    args = kernel_args(p, base, models)
+    device = models[0].device
+    nblocks = -(-args["numel"] // TIE_BLOCK)
+    cmin = torch.zeros((p.n, nblocks), dtype=torch.int64, device=device)
+    cmax = torch.zeros((p.n, nblocks), dtype=torch.int64, device=device)
+    with torch.cuda.device(device):
+        ext.tie_counts(args, cmin.data_ptr(), cmax.data_ptr(), device.index, _stream(device))
+    return cmin.cpu().numpy(), cmax.cpu().numpy()
+
+
 # Host emulation of the kernels above, on CPU tensors (tests without a GPU).
 
 
@@ -388,8 +423,21 @@ def emulate_ram_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.nd
     return c[: p.n].copy(), c[p.n :].copy()
 
 
+def emulate_tie_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
+    """The stage-A tie count kernel body on the host."""
+    ext = _ext()
+    args = kernel_args(p, base, models, device_type="cpu")
+    nblocks = -(-args["numel"] // TIE_BLOCK)
+    cmin = np.zeros((p.n, nblocks), np.int64)
+    cmax = np.zeros((p.n, nblocks), np.int64)
+    ext.emulate_tie_counts(args, cmin.ctypes.data, cmax.ctypes.data)
+    return cmin, cmax
+
+
 __all__ = [
     "FEATURES",
+    "tie_counts",
+    "emulate_tie_counts",
     "gram",
     "ram_counts",
     "emulate_gram",
