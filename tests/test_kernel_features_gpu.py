@@ -825,6 +825,33 @@ def test_gpu_stage_b_pieces_match_emulation(gen):
 
 
 @gpu_test
+def test_gpu_exact_k_ties_match_emulation(gen):
+    if not (HAVE_CUDA_EXT and HAVE_TIE_FIELDS):
+        pytest.skip("the CUDA extension's emulation and KernelParams' tie fields are needed")
+    numel, n = (9001 if SANITIZE_SMALL else 3_000_017), 3
+    base, models = inputs((numel,), n, BF16, [BF16], gen)
+    p = make_params(make_recipe(n, method="ties", has_base=True), "t", True)
+    windows = [(0, numel // 5), (numel // 10, numel // 3), (numel // 2, 1)]
+    q, counts = exact_k_params(
+        p,
+        lambda pre: cuda_backend.emulate_histogram(p, base, models, pre),
+        lambda q: cuda_backend.emulate_tie_counts(q, base, models),
+        numel,
+        windows,
+    )
+    want = torch.full((numel,), float("nan"), dtype=BF16)
+    cuda_backend.emulate_merge(q, base, models, want)
+    gb, gm = base.cuda(), [m.cuda() for m in models]
+    for name, be in _gpu_backends():
+        for g, w in zip(be.tie_counts(q, gb, gm), counts):
+            np.testing.assert_array_equal(g, w, err_msg=name)
+        out = torch.full((numel,), float("nan"), dtype=BF16, device="cuda")
+        be.merge(q, gb, gm, out)
+        torch.cuda.synchronize()
+        same_bits(out.cpu(), want, f"{name} exact-k ties")
+
+
+@gpu_test
 def test_gpu_gram_and_ram_counts_match(gen):
     cases = [(NONE, (10_000_019,)), (ROW, (8193, 129)), (COL, (70_001, 33)), (ROW, (2, 200_003))]
     if SANITIZE_SMALL:

@@ -6,9 +6,9 @@ the extension does not link libtorch (docs/GPU.md). Stage B launches one kernel 
 without synchronising; stage A reads its histograms / partial sums back to the host, which is
 what the radix select and the L1 rescale need.
 
-:data:`FEATURES` names the issue-8 pieces of docs/KERNEL.md implemented here (all six: the trim
-window, per-row / per-column coefficients, the NEARSWAP and RAM combines, :func:`gram` and
-:func:`ram_counts`). :func:`gram` follows KERNEL.md's summation order exactly (chunks of 65,536
+:data:`FEATURES` names the issue-8 pieces of docs/KERNEL.md implemented here (all of them: the trim
+window, per-row / per-column coefficients, the NEARSWAP and RAM combines, :func:`gram`,
+:func:`ram_counts`, and the exact-k tie rule with :func:`tie_counts`). :func:`gram` follows KERNEL.md's summation order exactly (chunks of 65,536
 positions, 16 lanes, then lanes and chunks added in order), so it is bit-identical to the CPU
 backend's whatever the grid. This backend merges whole tensors (``index_offset`` 0).
 
