@@ -322,3 +322,12 @@ def test_eager_later_methods_on_hand_examples():
     assert torch.equal(trim_window(d, 1.0, 0.2), d)
     v = torch.randn(257, generator=torch.Generator().manual_seed(3))
     assert torch.allclose(eager_merge(v, [2 * v], method="slerp", t=0.25), 1.25 * v)  # parallel: linear
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["bench", "--help"]])
+def test_help_texts_render(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "% of copy bandwidth" in out or "% of the copy bandwidth" in out

@@ -28,7 +28,7 @@ def _one_line_error(parser):
 def add_parser(subparsers) -> None:
     b = subparsers.add_parser(
         "bench",
-        help="time the kernels (stage A, stage B, GB/s, % of copy bandwidth, speed-up over eager PyTorch)",
+        help="time the kernels (stage A, stage B, GB/s, %% of copy bandwidth, speed-up over eager PyTorch)",
         description="Time every merge method's kernels on one tensor per backend, dtype and N: stage A "
         "and stage B apart, the bytes moved, GB/s, the % of the copy bandwidth measured in the same run "
         "on the same device, and the speed-up over the same merge in eager PyTorch (mergekit style). "
