@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Everything that needs the lent GPU, in device calls of < 10 minutes each:
-#   bench/gpu_session.sh test      build for the GPU, GPU tests, compute-sanitizer (incl. the issue-8 pieces)
-#   bench/gpu_session.sh bench     bench/bench_gpu.py, bench/bench_gpu_pipeline.py, issue-8 kernel timings
-#   bench/gpu_session.sh features  only the issue-8 pieces (trim window, group coefficients, nearswap, ram,
-#                                  gram, ram_counts): their tests, compute-sanitizer, timings (~5 minutes)
+#   bench/gpu_session.sh test      build for the GPU, GPU tests, compute-sanitizer
+#   bench/gpu_session.sh bench     bench/bench_gpu.py and bench/bench_gpu_pipeline.py
+#   bench/gpu_session.sh features  the issue-8 pieces (trim window, group coefficients, nearswap, ram, gram,
+#                                  ram_counts, exact-k ties): their tests, compute-sanitizer, timings (< 8 min)
 # Results go to $OUT (the device tool brings them back): at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,8 +19,8 @@ M3KERNELS_BUILD_CUDA=1 M3KERNELS_CUDA_ARCHS="${M3KERNELS_CUDA_ARCHS:-90}" \
 $PY -c "import m3kernels; print(m3kernels.available_backends())" >> "$OUT/$phase.log" 2>&1
 
 features_tests() {  # the issue-8 kernel pieces on the GPU (both backends, launched kernels vs emulation)
-  echo "== issue-8 kernel pieces (trim window, group coefficients, nearswap, ram, gram, ram_counts)" >> "$OUT/$phase.log"
-  timeout 150 $PY -m pytest tests/test_kernel_features.py tests/test_kernel_features_gpu.py \
+  echo "== issue-8 kernel pieces (trim window, group coefficients, nearswap, ram, gram, ram_counts, ties)" >> "$OUT/$phase.log"
+  timeout 200 $PY -m pytest tests/test_kernel_features.py tests/test_kernel_features_gpu.py \
     -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1; echo "features pytest rc=$?" >> "$OUT/$phase.log"
 }
 
@@ -75,14 +75,12 @@ if [ "$phase" = test ]; then
   echo "== GPU tests" >> "$OUT/$phase.log"
   timeout 330 $PY -m pytest tests/test_gpu_backends.py tests/test_triton_backend.py tests/test_merge_tensors.py \
     -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1; echo "pytest rc=$?" >> "$OUT/$phase.log"
-  features_tests
   echo "== compute-sanitizer" > "$OUT/sanitizer.log"
   for tool in memcheck racecheck initcheck synccheck; do
     small=""; [ "$tool" = memcheck ] || small="--small"
     timeout 90 compute-sanitizer --tool $tool --error-exitcode 9 $PY tests/cuda_sanitize_driver.py $small \
       >> "$OUT/sanitizer.log" 2>&1; echo "$tool rc=$?" >> "$OUT/sanitizer.log"
   done
-  features_sanitizer
 elif [ "$phase" = features ]; then
   echo "== compute-sanitizer (issue-8 kernels)" > "$OUT/sanitizer.log"
   features_tests
@@ -93,6 +91,5 @@ else
   echo "bench_gpu rc=$?" >> "$OUT/$phase.log"
   timeout 300 $PY bench/bench_gpu_pipeline.py --json "$OUT/bench_gpu_pipeline.json" > "$OUT/bench_gpu_pipeline.txt" 2>&1
   echo "bench_gpu_pipeline rc=$?" >> "$OUT/$phase.log"
-  features_timing
 fi
 tail -3 "$OUT/$phase.log"
