@@ -195,7 +195,6 @@ def run_benchmark(
 
     shape = parse_shape(shape)
     methods = parse_methods(methods)
-    backends = parse_backends(backends)
     dtypes = parse_dtypes(dtypes)
     ns = parse_ns(ns if not isinstance(ns, int) else [ns])
     repeats = _check_count(repeats, "repeats", 1)
@@ -204,6 +203,8 @@ def run_benchmark(
     seed = _check_count(seed, "seed", 0)
     if threads is not None:
         threads = _check_count(threads, "threads", 1)
+    backends = parse_backends(backends)  # last: the values above are checked even where none works
+    if threads is not None:
         set_threads(threads)
     info = machine_info()
     cases = build_cases(methods, backends, dtypes, ns, shape)
