@@ -111,7 +111,7 @@ def stage_b(
         a, x = b, models[0].to(F32)
         dist = (a - x).abs()
         dist = torch.where(dist < _s(1e-6), _s(1e-6), dist)  # max(dist, 1e-6f), NaN kept
-        w = _s(p.clip_t) / dist
+        w = (_s(1.0) / dist) * _s(p.clip_t)  # torch's t / dist (mergekit): f32(1 / dist) * t
         w = torch.where(w < 0, _s(0.0), w)  # max(w, 0)
         w = torch.where(w > 1, _s(1.0), w)  # min(w, 1)
         return (w * x + (_s(1.0) - w) * a).to(out_dtype)

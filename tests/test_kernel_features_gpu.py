@@ -69,7 +69,7 @@ def program(p, base, models, out_dtype, seed=0, name="t") -> torch.Tensor:
     if p.combine == NEARSWAP:
         a, x = b, models[0].to(F32)
         dist = torch.clamp((a - x).abs(), min=EPS6)  # clamp: NaN stays NaN
-        w = torch.clamp(_s(p.clip_t) / dist, 0.0, 1.0)
+        w = torch.clamp((_s(1.0) / dist) * _s(p.clip_t), 0.0, 1.0)  # torch's t / dist
         return (w * x + (_s(1.0) - w) * a).to(out_dtype)
     for i, d in enumerate(ds):
         ab = d.abs().contiguous().view(torch.int32).to(torch.int64)

@@ -143,12 +143,6 @@ def test_bad_parameters(kw, n, match):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.xfail(
-    strict=True,
-    reason="the kernels' combine 3 evaluates t / dist with one division; mergekit 0.1.5 (torch's "
-    "scalar / tensor) computes f32(1 / dist) · t, two roundings: 8% of the elements differ by a few "
-    "ulps (bench/mergekit_parity.py). Reported to the kernel owners; remove this mark with the fix",
-)
 def test_nearswap_is_bit_exact_to_mergekits_float32_order(backend, gen):
     if "nearswap" not in getattr(_load(backend), "FEATURES", ()):
         pytest.skip(f"backend {backend} has no nearswap yet")

@@ -70,11 +70,11 @@ def store_output(out_ptr, offs, mask, y, OUT_KIND: tl.constexpr):
 
 @triton.jit
 def nearswap(a, x, clip_t):
-    """w = clamp(t / max(|a - x|, 1e-6), 0, 1); y = w * x + (1 - w) * a, one rounding per operation;
+    """w = clamp((1 / max(|a - x|, 1e-6)) * t, 0, 1); y = w * x + (1 - w) * a, one rounding per operation;
     a NaN operand of max / clamp gives NaN (the comparisons are false for NaN)."""
     dist = tl.abs(a - x)
     dist = tl.where(dist < NEARSWAP_MIN_DIST, NEARSWAP_MIN_DIST, dist)
-    w = tl.math.div_rn(tl.zeros_like(dist) + clip_t, dist)
+    w = tl.math.div_rn(tl.zeros_like(dist) + 1.0, dist) * clip_t  # torch's t / dist: f32(1 / dist) * t
     w = tl.where(w < 0.0, 0.0, w)
     w = tl.where(w > 1.0, 1.0, w)
     return w * x + (1.0 - w) * a
