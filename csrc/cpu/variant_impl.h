@@ -293,9 +293,9 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         const vf x = PARTIAL ? load_vec_partial(mi[0].src, dtype, g, rem) : load_vec(mi[0].src, dtype, g);
         vf dist = vabs(b - x);
         const vf eps = vsplat(1e-6f);
-        dist = vsel(dist < eps, eps, dist);  // max(dist, 1e-6f); NaN stays NaN
+        dist = vsel(dist < eps, eps, dist);               // max(dist, 1e-6f); NaN stays NaN
         vf w = (vsplat(1.0f) / dist) * vsplat(t.clip_t);  // torch's t / dist: f32(1 / dist) * t
-        w = vsel(w < vf{}, vf{}, w);  // max(w, 0)
+        w = vsel(w < vf{}, vf{}, w);                      // max(w, 0)
         const vf one = vsplat(1.0f);
         w = vsel(w > one, one, w);  // min(w, 1)
         y0 = w * x + (one - w) * b;

@@ -102,13 +102,13 @@ M3K_HD float load_coef(const float* p, int64_t idx) {
 #endif
 }
 
-// NEARSWAP (n == 1, base a, model x): y = w * x + (1 - w) * a with w = clamp((1 / max(|a - x|, 1e-6)) * t, 0, 1),
-// every operation one float32 rounding in that order; a NaN operand of max / clamp gives NaN.
+// NEARSWAP (n == 1, base a, model x): y = w * x + (1 - w) * a with w = clamp((1 / max(|a - x|, 1e-6)) * t, 0,
+// 1), every operation one float32 rounding in that order; a NaN operand of max / clamp gives NaN.
 M3K_HD float nearswap(float a, float x, float t) {
     constexpr float kMinDist = 1e-6f;
     float dist = u2f(abs_bits(fsub(a, x)));
     dist = dist < kMinDist ? kMinDist : dist;  // NaN stays NaN
-    float w = fmul(fdiv(1.0f, dist), t);  // torch's t / dist: f32(1 / dist) * t
+    float w = fmul(fdiv(1.0f, dist), t);       // torch's t / dist: f32(1 / dist) * t
     w = w < 0.0f ? 0.0f : w;
     w = w > 1.0f ? 1.0f : w;
     return fadd(fmul(w, x), fmul(fsub(1.0f, w), a));
