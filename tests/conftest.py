@@ -27,10 +27,13 @@ def fresh_cli_logging():
     """The CLI's log handler writes to the stderr of the test that created it: a test using this
     gets a new one (the handler is dropped before and after it)."""
 
+    log = logging.getLogger("m3kernels")
+
     def drop():
-        log = logging.getLogger("m3kernels")
         for h in [h for h in log.handlers if getattr(h, "_m3k_cli", False)]:
             log.removeHandler(h)
+        log.propagate = True  # as a library logger is: the CLI turns it off (caplog needs it)
+        log.setLevel(logging.NOTSET)
 
     drop()
     yield

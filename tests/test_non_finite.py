@@ -72,6 +72,7 @@ def test_finite_inputs_take_the_kernel_sums(gen, monkeypatch):
     assert not calls
 
 
+@pytest.mark.usefixtures("fresh_cli_logging")  # the CLI handler must write to this test's stderr
 def test_checkpoint_merge_warns_by_default_and_strict_refuses(tmp_path, capsys):
     from m3kernels import cli
     from m3kernels.synthetic import fine_tune, llama_config, llama_tensors, write_checkpoint
