@@ -480,7 +480,8 @@ def main(argv: list | None = None) -> int:
     except M3KError as exc:
         if verbose:
             traceback.print_exc()
-        print(f"m3kernels: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "reported", False):  # a distributed merge's ranks report before they stop
+            print(f"m3kernels: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt as exc:
         hint = " (rerun with --resume to continue)" if command == "merge" else ""

@@ -39,7 +39,7 @@ import torch
 
 from m3kernels.checkpoint.plan import MergePlan
 from m3kernels.checkpoint.writer import RANK_FAILED, RANK_JOURNAL, Journal
-from m3kernels.errors import M3KError
+from m3kernels.errors import M3KError, one_line
 
 log = logging.getLogger("m3kernels")
 
@@ -205,6 +205,15 @@ class Ranks:
             raise self._fail(what, exc) from None
         return t.numpy()
 
+    def barrier(self, what: str) -> None:
+        """Wait for every rank (a lost one is ignored: this is the end of a failed run anyway)."""
+        import torch.distributed as dist
+
+        try:
+            dist.monitored_barrier(group=self.group, timeout=timedelta(seconds=min(self.timeout_s, 30.0)))
+        except Exception as exc:
+            log.info("distributed merge, rank %d: %s: %s", self.rank, what, exc)
+
     def close(self) -> None:
         import torch.distributed as dist
 
@@ -249,8 +258,6 @@ def _status(exc: BaseException | None) -> dict | None:
         return None
     if isinstance(exc, _OtherRankFailed):
         return {"stopped": True}
-    from m3kernels.errors import one_line
-
     return {
         "error": f"{type(exc).__name__}: {one_line(exc)}" if not isinstance(exc, M3KError) else one_line(exc)
     }
@@ -341,10 +348,17 @@ def _merge_share(plan, ranks, tmp, fp, setup, mine, record, device, backend, pro
     if failed:
         r, msg = failed[0]
         if r == ranks.rank and isinstance(error, M3KError):
-            raise type(error)(str(error) + hint, path=error.path, tensor=error.tensor) from None
-        if r == ranks.rank and error is not None:
-            raise error
-        raise M3KError(f"distributed merge: rank {r} failed: {msg}{hint}")
+            exc = type(error)(str(error) + hint, path=error.path, tensor=error.tensor)
+        elif r == ranks.rank and error is not None:
+            raise error  # a bug in this rank: its traceback, not a message
+        else:
+            exc = M3KError(f"distributed merge: rank {r} failed: {msg}{hint}")
+        # Said here, before the last barrier, not by the caller: the first rank to exit makes
+        # torchrun stop the others, which would then never get to say it.
+        log.error("%s", one_line(exc))
+        exc.reported = True
+        ranks.barrier("reporting the failure")
+        raise exc from None
     if error is not None:
         raise error
     return thresholds
