@@ -88,6 +88,13 @@ CONFIGS = {
             {"model": "ft2", "parameters": {"density": 0.6}},
         ],
     },
+    "ties_tensor_scope": {
+        "merge_method": "ties",
+        "models": [
+            {"model": "ft1", "parameters": {"density": 0.3, "weight": 0.6}},
+            {"model": "ft2", "parameters": {"density": 0.5}},
+        ],
+    },
     "dare_ties": {
         "merge_method": "dare_ties",
         "seed": 5,
@@ -153,7 +160,9 @@ def _leftovers(parent: Path, name: str) -> list:
     )
 
 
-@pytest.mark.parametrize("name, k", [("ties_model_scope_m3", 2), ("dare_ties", 3), ("linear", 2)])
+@pytest.mark.parametrize(
+    "name, k", [("ties_model_scope_m3", 2), ("ties_tensor_scope", 3), ("dare_ties", 3), ("linear", 2)]
+)
 def test_k_processes_publish_what_one_process_does(family, tmp_path, name, k):
     root, dirs = family
     config = _config(tmp_path, dirs, name, _resolved(dirs, CONFIGS[name]))
