@@ -23,6 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from m3kernels.backends.param_arrays import (
+    coef_groups,
+    gram_from_partials,
+    gram_layout,
+    group_coef_array,
+    tie_prefix_arrays,
+)
 from m3kernels.backends.tensor_args import pointer_and_code
 from m3kernels.merge.kernel_params import HIST_BINS, KernelParams
 
@@ -154,7 +161,7 @@ def kernel_args(
     trim_max = np.full(p.n, _TRIM_MAX_ALL, np.uint64) if trim_max is None else trim_max
     unique_scale = getattr(p, "unique_scale", None)
     unique_scale = np.ones(p.n, np.float32) if unique_scale is None else unique_scale
-    coef_group, row_len = _groups(p, numel)
+    coef_group, row_len = coef_groups(p)
     group_coef_ptr, group_coef_keep = 0, None
     if coef_group and int(p.combine) in (0, 1) and out is not None:  # stage B only
         group_coef_keep = _group_coef_tensor(p, numel, coef_group, row_len, device)
@@ -207,82 +214,27 @@ def _tie_args(p, numel: int, device, with_prefixes: bool) -> tuple[dict, tuple]:
     args = {"tie_rule": True, "tie_keep": [int(x) for x in keep], "tie_skip": [int(x) for x in skip]}
     if not with_prefixes:  # stage A (tie_counts) reads the thresholds only
         return args, ()
-    nblocks = -(-numel // TIE_BLOCK)
     bufs = []
-    for name in ("tie_prefix_min", "tie_prefix_max"):
-        v = getattr(p, name, None)
-        a = (
-            np.zeros(p.n * nblocks, np.int64)
-            if v is None
-            else np.ascontiguousarray(v, dtype=np.int64).reshape(-1)
-        )
-        if a.size != p.n * nblocks:
-            raise ValueError(
-                f"KernelParams.{name} has {a.size} values; {p.n * nblocks} needed (n x tie blocks)"
-            )
-        t = torch.from_numpy(a.copy())
+    names = ("tie_prefix_min", "tie_prefix_max")
+    for name, a in zip(names, tie_prefix_arrays(p, -(-numel // TIE_BLOCK)), strict=True):
+        t = torch.from_numpy(a)
         t = t if device.type == "cpu" else t.to(device)
         args[name] = t.data_ptr()
         bufs.append(t)
     return args, tuple(bufs)
 
 
-def _groups(p: KernelParams, numel: int) -> tuple[int, int]:
-    """(coef_group, row_len) of ``p``, checked: 0, 1 (rows) or 2 (columns), row_len >= 1."""
-    coef_group = getattr(p, "coef_group", 0)
-    coef_group = 0 if coef_group is None else int(coef_group)
-    row_len = getattr(p, "row_len", 1)
-    row_len = 1 if row_len is None else int(row_len)
-    if coef_group not in (0, 1, 2):
-        raise ValueError(f"KernelParams.coef_group must be 0, 1 or 2, got {coef_group}")
-    if row_len < 1:
-        raise ValueError(f"KernelParams.row_len must be >= 1, got {row_len}")
-    return coef_group, row_len
-
-
-def num_groups(coef_group: int, row_len: int, numel: int) -> int:
-    """Groups of the per-group coefficients: 1, the rows (ceil(numel / row_len)) or row_len columns."""
-    if coef_group == 0:
-        return 1
-    return -(-numel // row_len) if coef_group == 1 else row_len
-
-
 def _group_coef_tensor(p, numel, coef_group, row_len, device) -> torch.Tensor:
     """p.group_coef as a float32 tensor on ``device``, checked to cover every group."""
-    if getattr(p, "group_coef", None) is None:
-        raise ValueError("KernelParams.coef_group is set but group_coef is None")
-    gc = np.ascontiguousarray(p.group_coef, dtype=np.float32).reshape(-1)
-    need = num_groups(coef_group, row_len, numel) * p.n
-    if gc.size < need:
-        raise ValueError(
-            f"KernelParams.group_coef has {gc.size} values; {need} needed (groups x n = "
-            f"{num_groups(coef_group, row_len, numel)} x {p.n})"
-        )
+    gc, need = group_coef_array(p, numel, coef_group, row_len)
     t = torch.from_numpy(gc[: max(need, 1)].copy())
     return t if device.type == "cpu" else t.to(device)
 
 
 def _gram_layout(p: KernelParams, numel: int) -> tuple[int, int]:
     """(groups, chunks per group) of the gram sums; grouped tensors need row_len | numel."""
-    coef_group, row_len = _groups(p, numel)
-    if coef_group == 0:
-        groups, length = 1, numel
-    else:
-        if numel % row_len:
-            raise ValueError(f"gram: numel {numel} is not a multiple of row_len {row_len}")
-        groups = numel // row_len if coef_group == 1 else row_len
-        length = row_len if coef_group == 1 else numel // row_len
+    groups, length, _, _ = gram_layout(p, numel)
     return groups, -(-length // _GRAM_CHUNK)
-
-
-def _gram_from_partials(partials: np.ndarray, groups: int, chunks: int, n: int) -> np.ndarray:
-    """float64[groups, n, n]: each group's chunk values added in chunk order, mirrored."""
-    if chunks == 0:
-        return np.zeros((groups, n, n), np.float64)
-    g = np.cumsum(partials.reshape(groups, chunks, n, n), axis=1)[:, -1]  # sequential: chunk order
-    iu = np.triu_indices(n, 1)
-    g[:, iu[1], iu[0]] = g[:, iu[0], iu[1]]
-    return np.ascontiguousarray(g)
 
 
 def _stream(device: torch.device) -> int:
@@ -341,7 +293,7 @@ def gram(p: KernelParams, base, models) -> np.ndarray:
     partials = torch.zeros((groups * chunks * p.n * p.n,), dtype=torch.float64, device=device)
     with torch.cuda.device(device):
         ext.gram_partials(args, partials.data_ptr(), device.index, _stream(device))
-    return _gram_from_partials(partials.cpu().numpy(), groups, chunks, p.n)
+    return gram_from_partials(partials.cpu().numpy(), groups, chunks, p.n)
 
 
 def ram_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
@@ -410,7 +362,7 @@ def emulate_gram(p: KernelParams, base, models) -> np.ndarray:
     assert ext.gram_num_units(args) == groups * chunks
     partials = np.zeros(groups * chunks * p.n * p.n, dtype=np.float64)
     ext.emulate_gram_partials(args, partials.ctypes.data)
-    return _gram_from_partials(partials, groups, chunks, p.n)
+    return gram_from_partials(partials, groups, chunks, p.n)
 
 
 def emulate_ram_counts(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from m3kernels.backends.param_arrays import (
+    coef_groups,
+    gram_from_partials,
+    gram_layout,
+    group_coef_array,
+    tie_prefix_arrays,
+)
 from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS
 
 try:
@@ -191,7 +198,7 @@ def merge(p, base, models, out):
         raise ValueError(f"the nearswap combine takes exactly one model, got {p.n}")
     if combine in (3, 4) and not has_base:
         raise ValueError("the nearswap and ram combines need a base (p.has_base)")
-    coef_group, row_len = _groups(p)
+    coef_group, row_len = coef_groups(p)
     ties_k = k.tie_rule(p)
     if ties_k and (combine > 2 or (coef_group and combine in (0, 1))):
         raise ValueError("exact-k ties (trim_ties: k) go with the sum, mean and ties combines only")
@@ -241,18 +248,8 @@ def _tie_prefixes(p, numel: int, device) -> tuple[torch.Tensor, torch.Tensor, in
     to hold n * ceil(numel / 1024) values, and that block count."""
     nblocks = max(1, -(-numel // TIE_BLOCK))
     out = []
-    for name in ("tie_prefix_min", "tie_prefix_max"):
-        v = getattr(p, name, None)
-        a = (
-            np.zeros(p.n * nblocks, np.int64)
-            if v is None
-            else np.ascontiguousarray(v, dtype=np.int64).reshape(-1)
-        )
-        if a.size != p.n * nblocks:
-            raise ValueError(
-                f"KernelParams.{name} has {a.size} values; {p.n * nblocks} needed (n x tie blocks)"
-            )
-        host = torch.from_numpy(a.copy())
+    for a in tie_prefix_arrays(p, nblocks):
+        host = torch.from_numpy(a)
         out.append(host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True))
     return out[0], out[1], nblocks
 
@@ -290,29 +287,9 @@ def tie_counts(p, base, models) -> tuple[np.ndarray, np.ndarray]:
     return cmin.cpu().numpy().astype(np.int64), cmax.cpu().numpy().astype(np.int64)
 
 
-def _groups(p) -> tuple[int, int]:
-    """(coef_group, row_len) of ``p``, checked: 0, 1 (rows) or 2 (columns), row_len >= 1."""
-    coef_group = getattr(p, "coef_group", 0)
-    coef_group = 0 if coef_group is None else int(coef_group)
-    row_len = getattr(p, "row_len", 1)
-    row_len = 1 if row_len is None else int(row_len)
-    if coef_group not in (0, 1, 2):
-        raise ValueError(f"KernelParams.coef_group must be 0, 1 or 2, got {coef_group}")
-    if row_len < 1:
-        raise ValueError(f"KernelParams.row_len must be >= 1, got {row_len}")
-    return coef_group, row_len
-
-
 def _group_coef_tensor(p, numel: int, coef_group: int, row_len: int, device) -> torch.Tensor:
     """p.group_coef as float32 on ``device``, checked to cover every group the tensor has."""
-    if getattr(p, "group_coef", None) is None:
-        raise ValueError("KernelParams.coef_group is set but group_coef is None")
-    gc = np.ascontiguousarray(p.group_coef, dtype=np.float32).reshape(-1)
-    groups = -(-numel // row_len) if coef_group == 1 else row_len
-    if gc.size < groups * p.n:
-        raise ValueError(
-            f"KernelParams.group_coef has {gc.size} values; {groups * p.n} needed (groups x n = {groups} x {p.n})"
-        )
+    gc, _ = group_coef_array(p, numel, coef_group, row_len)
     host = torch.from_numpy(gc.copy())
     return host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True)
 
@@ -324,17 +301,7 @@ def gram(p, base, models) -> np.ndarray:
     k = _kernels()
     base_t, models, has_base = _inputs(p, base, models)
     numel = models[0].numel()
-    coef_group, row_len = _groups(p)
-    if coef_group == 0:
-        groups, length, g_stride, q_stride = 1, numel, 0, 1
-    else:
-        if numel % row_len:
-            raise ValueError(f"gram: numel {numel} is not a multiple of row_len {row_len}")
-        rows = numel // row_len
-        if coef_group == 1:
-            groups, length, g_stride, q_stride = rows, row_len, row_len, 1
-        else:
-            groups, length, g_stride, q_stride = row_len, rows, 1, row_len
+    groups, length, g_stride, q_stride = gram_layout(p, numel)
     n = p.n
     chunks = -(-length // GRAM_CHUNK)
     if chunks == 0 or groups == 0:
@@ -368,10 +335,7 @@ def gram(p, base, models) -> np.ndarray:
             STEPS=GRAM_STEPS_INTERPRETED if k.INTERPRETED else (GRAM_STEPS_GPU if n <= 4 else 1),
             **opts,
         )
-    g = np.cumsum(partial.cpu().numpy().reshape(groups, chunks, n, n), axis=1)[:, -1]  # chunk order
-    iu = np.triu_indices(n, 1)
-    g[:, iu[1], iu[0]] = g[:, iu[0], iu[1]]
-    return np.ascontiguousarray(g)
+    return gram_from_partials(partial.cpu().numpy(), groups, chunks, n)
 
 
 def ram_counts(p, base, models) -> tuple[np.ndarray, np.ndarray]:
