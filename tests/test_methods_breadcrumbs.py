@@ -8,55 +8,28 @@ import pytest
 import torch
 
 import m3kernels
-from m3kernels.backends import _load
-from m3kernels.merge import registry
-from m3kernels.merge.methods import missing_features
 from m3kernels.merge.methods.breadcrumbs import window, window_ks
 from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge, window_keep
 
-from cases import DTYPE_CASES, FAMILY_CASES, family_kwargs
-from helpers import assert_close_ulp, have_backend, make_inputs, term_scale
+from cases import FAMILY_CASES
+from helpers import assert_close_ulp, make_inputs, term_scale
+from method_matrix import BACKENDS, check_against_reference, matrix, skip_unless
 
 CASES = [c for c, (kw, _) in FAMILY_CASES.items() if kw["method"].startswith("breadcrumbs")]
 SHAPES = [(1,), (7,), (37, 129)]
-BACKENDS = [b for b in ("cpu", "triton", "cuda") if have_backend(b)]
-
-
-def _skip_unless(backend: str, method: str):
-    missing = missing_features(_load(backend), registry.get_method(method))
-    if missing:
-        pytest.skip(f"backend {backend} has no {', '.join(missing)} yet (FEATURES)")
-
-
-# the Triton interpreter (no GPU) is slow: there, the mixed-dtype case only
-MATRIX = [(b, c, d) for b in BACKENDS for c in CASES for d in DTYPE_CASES if b != "triton" or d == "mixed"]
+MATRIX = matrix(CASES)
 
 
 @pytest.mark.parametrize("backend,case,dtype_case", MATRIX)
 def test_against_the_reference(backend, case, dtype_case, gen):
-    kw0, counts = FAMILY_CASES[case]
-    _skip_unless(backend, kw0["method"])
-    base_dt, model_dts, out_dt = DTYPE_CASES[dtype_case]
-    dev = "cuda" if backend == "cuda" else "cpu"
-    interp = backend == "triton"  # the interpreter is slow: the largest N, two shapes
-    for n in counts[-1:] if interp else counts:
-        for shape in ((7,), (3, 5, 7)) if interp else SHAPES:
-            base, models = make_inputs(shape, n, (base_dt, model_dts), gen)
-            kw = family_kwargs(case, n)
-            out = torch.full(shape, float("nan"), dtype=out_dt, device=dev)
-            m3kernels.merge_tensors(base.to(dev), [m.to(dev) for m in models], out=out, backend=backend, **kw)
-            recipe = make_recipe(n, has_base=True, **kw)
-            ref, _ = reference_merge(base, models, recipe, "w")
-            assert_close_ulp(
-                out.cpu(), ref, term_scale(base, models, recipe), f"{backend}/{case}/N={n}/{shape}"
-            )
+    check_against_reference(backend, case, dtype_case, gen, SHAPES, term_scale)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_tensor_window(backend, gen):
     """Above the small-tensor size the thresholds come from histograms (or the multi-k select)."""
-    _skip_unless(backend, "breadcrumbs")
+    skip_unless(backend, "breadcrumbs")
     base, models = make_inputs((301, 517), 2, (torch.bfloat16, [torch.bfloat16]), gen)
     kw = dict(method="breadcrumbs_ties", density=[0.4, 0.8], gamma=[0.05, 0.3])
     out = torch.full((301, 517), float("nan"), dtype=torch.bfloat16)
@@ -127,7 +100,7 @@ def test_multi_k_select_is_used_as_specified(gen, monkeypatch):
     model, in the order given), the window's bounds come from it, each in its place."""
     from m3kernels.merge import select
 
-    _skip_unless("cpu", "breadcrumbs")
+    skip_unless("cpu", "breadcrumbs")
     calls = []
 
     def multi(hist, ks_per_model, total):

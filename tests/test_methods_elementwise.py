@@ -12,14 +12,14 @@ import torch
 import m3kernels
 from m3kernels.backends import _load
 from m3kernels.merge import registry
-from m3kernels.merge.methods import missing_features
 from m3kernels.merge.methods.elementwise import ramplus_scales
 from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge
 from m3kernels.merge.reference_methods import ramplus_lambdas
 
-from cases import DTYPE_CASES, FAMILY_CASES, family_kwargs
-from helpers import assert_close_ulp, have_backend, make_inputs
+from cases import FAMILY_CASES
+from helpers import make_inputs
+from method_matrix import BACKENDS, check_against_reference, matrix
 
 CASES = [
     c
@@ -27,13 +27,6 @@ CASES = [
     if registry.get_method(kw["method"]).family in ("passthrough", "elementwise")
 ]
 SHAPES = [(1,), (7,), (37, 129), (3, 5, 7)]
-BACKENDS = [b for b in ("cpu", "triton", "cuda") if have_backend(b)]
-
-
-def _skip_unless(backend: str, method: str):
-    missing = missing_features(_load(backend), registry.get_method(method))
-    if missing:
-        pytest.skip(f"backend {backend} has no {', '.join(missing)} yet (FEATURES)")
 
 
 def _scale(base, models):
@@ -41,26 +34,12 @@ def _scale(base, models):
     return 2 * (s + base.to(torch.float64).abs())
 
 
-# the Triton interpreter (no GPU) is slow: there, the mixed-dtype case only
-MATRIX = [(b, c, d) for b in BACKENDS for c in CASES for d in DTYPE_CASES if b != "triton" or d == "mixed"]
+MATRIX = matrix(CASES)
 
 
 @pytest.mark.parametrize("backend,case,dtype_case", MATRIX)
 def test_against_the_reference(backend, case, dtype_case, gen):
-    kw0, counts = FAMILY_CASES[case]
-    _skip_unless(backend, kw0["method"])
-    base_dt, model_dts, out_dt = DTYPE_CASES[dtype_case]
-    dev = "cuda" if backend == "cuda" else "cpu"
-    interp = backend == "triton"  # the interpreter is slow: the largest N, two shapes
-    for n in counts[-1:] if interp else counts:
-        for shape in ((7,), (3, 5, 7)) if interp else SHAPES:
-            base, models = make_inputs(shape, n, (base_dt, model_dts), gen)
-            kw = family_kwargs(case, n)
-            out = torch.full(shape, float("nan"), dtype=out_dt, device=dev)
-            m3kernels.merge_tensors(base.to(dev), [m.to(dev) for m in models], out=out, backend=backend, **kw)
-            recipe = make_recipe(n, has_base=True, **kw)
-            ref, _ = reference_merge(base, models, recipe, "w")
-            assert_close_ulp(out.cpu(), ref, _scale(base, models), f"{backend}/{case}/N={n}/{shape}")
+    check_against_reference(backend, case, dtype_case, gen, SHAPES, lambda b, ms, _recipe: _scale(b, ms))
 
 
 def test_passthrough_is_a_copy_or_one_product(gen):

@@ -26,11 +26,11 @@ from m3kernels.merge.recipe import make_recipe
 from m3kernels.merge.reference import reference_merge
 
 from cases import DTYPE_CASES, FAMILY_CASES, family_kwargs
-from helpers import assert_close_ulp, have_backend, make_inputs
+from helpers import assert_close_ulp, make_inputs
+from method_matrix import BACKENDS, matrix
 
 GRAM_CASES = [c for c, (kw, _) in FAMILY_CASES.items() if registry.get_method(kw["method"]).family == "gram"]
 SHAPES = [(1,), (7,), (37, 129), (3, 5, 7)]
-BACKENDS = [b for b in ("cpu", "triton", "cuda") if have_backend(b)]
 
 
 def _needs_base(method: str) -> bool:
@@ -46,17 +46,8 @@ def _scale(base, models, recipe=None) -> torch.Tensor:
             (m.to(torch.float64).abs() for m in models), torch.zeros(models[0].shape, dtype=torch.float64)
         )
         return 4 * (s + (base.to(torch.float64).abs() if base is not None else 0.0))
-    st = stage(base, models, recipe, "w", _stand_in_backend())
-    p = st.params
-    xs = [m.to(torch.float64).reshape(-1) for m in st.models]
-    b = st.base.to(torch.float64).reshape(-1) if p.has_base else torch.zeros_like(xs[0])
-    numel, n = xs[0].numel(), len(xs)
-    if p.coef_group == 0:
-        c = torch.tensor(np.asarray(p.coef, dtype=np.float64))[None, :].expand(numel, n)
-    else:
-        table = torch.tensor(np.asarray(p.group_coef, dtype=np.float64)).reshape(-1, n)
-        j = torch.arange(numel)
-        c = table[j // p.row_len if p.coef_group == 1 else j % p.row_len]
+    xs, b, c = _terms64(stage(base, models, recipe, "w", _stand_in_backend()))
+    n = len(xs)
     s = b.abs() + sum(c[:, i].abs() * ((xs[i] - b).abs() + b.abs()) for i in range(n))
     return 4 * s.reshape(models[0].shape)
 
@@ -100,10 +91,7 @@ def _runs(case):
     return FAMILY_CASES[case][1]
 
 
-# the Triton interpreter (no GPU) is slow: there, the mixed-dtype case only
-MATRIX = [
-    (b, c, d) for b in BACKENDS for c in GRAM_CASES for d in DTYPE_CASES if b != "triton" or d == "mixed"
-]
+MATRIX = matrix(GRAM_CASES)
 
 
 @pytest.mark.parametrize("backend,case,dtype_case", MATRIX)
@@ -138,7 +126,9 @@ def _stand_in_backend():
     return mod
 
 
-def _stage_b64(st, shape) -> torch.Tensor:
+def _terms64(st):
+    """(the flat models, the flat base (zeros without one), the [numel, n] coefficient of each
+    position and model) of a staged merge, in float64."""
     p = st.params
     xs = [m.to(torch.float64).reshape(-1) for m in st.models]
     b = st.base.to(torch.float64).reshape(-1) if p.has_base else torch.zeros_like(xs[0])
@@ -149,6 +139,12 @@ def _stage_b64(st, shape) -> torch.Tensor:
         table = torch.tensor(np.asarray(p.group_coef, dtype=np.float64)).reshape(-1, n)
         j = torch.arange(numel)
         c = table[j // p.row_len if p.coef_group == 1 else j % p.row_len]
+    return xs, b, c
+
+
+def _stage_b64(st, shape) -> torch.Tensor:
+    xs, b, c = _terms64(st)
+    n = len(xs)
     return (b + sum(c[:, i] * (xs[i] - b) for i in range(n))).reshape(shape)
 
 
