@@ -22,6 +22,16 @@ def gen():
     return torch.Generator().manual_seed(seed)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread (two spin-waiting threads on a busy 2-core machine are
+    many times slower); the merge kernels keep their own threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def fresh_cli_logging():
     """The CLI's log handler writes to the stderr of the test that created it: a test using this

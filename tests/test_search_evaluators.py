@@ -42,14 +42,7 @@ class NextPlusOne(torch.nn.Module):
         return SimpleNamespace(logits=logits)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one torch thread (two spin-waiting threads on a busy 2-core machine are
-    many times slower); the merge kernels keep their own threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +54,11 @@ def write_eval(tmp_path, body: str, name="eval.yaml"):
     p = tmp_path / name
     p.write_text(body)
     return p
+
+
+def eval_spec(tmp_path, body: str):
+    """The EVAL.yaml ``body`` written to tmp_path and loaded for one model."""
+    return load_eval(write_eval(tmp_path, body), models=["/a"])
 
 
 def jsonl(path, rows):
@@ -96,12 +94,9 @@ def test_loss_batches_with_padding_agree(tmp_path, tok):
     jsonl(tmp_path / "d.jsonl", rows)
     out = []
     for bs in (1, 3):
-        spec = load_eval(
-            write_eval(
-                tmp_path,
-                f"tasks:\n  - {{name: d, type: loss, data: d.jsonl, batch_size: {bs}}}\nobjective: d.loss\n",
-            ),
-            models=["/a"],
+        spec = eval_spec(
+            tmp_path,
+            f"tasks:\n  - {{name: d, type: loss, data: d.jsonl, batch_size: {bs}}}\nobjective: d.loss\n",
         )
         out.append(evaluate_all([make_evaluator(spec.tasks[0], tok)], NextPlusOne(len(tok)), tok)["d.loss"])
     assert out[0] == pytest.approx(out[1], rel=1e-9)
@@ -116,25 +111,19 @@ def test_exact_match_greedy(tmp_path, tok):
             {"prompt": "x", "answer": " yz "},  # y, z, then '+' ... cut by max_new_tokens=3: "yz+"
         ],
     )
-    spec = load_eval(
-        write_eval(
-            tmp_path,
-            "tasks:\n  - {name: qa, type: exact_match, data: qa.jsonl, max_new_tokens: 3}\nobjective: qa.exact_match\n",
-        ),
-        models=["/a"],
+    spec = eval_spec(
+        tmp_path,
+        "tasks:\n  - {name: qa, type: exact_match, data: qa.jsonl, max_new_tokens: 3}\nobjective: qa.exact_match\n",
     )
     ev = make_evaluator(spec.tasks[0], tok)
     model = NextPlusOne(len(tok))
     assert ev.generate(model, tok, tok("ab")["input_ids"]) == "cde"
     assert evaluate_all([ev], model, tok)["qa.exact_match"] == pytest.approx(1 / 3)
     # a stop string ends the answer
-    spec2 = load_eval(
-        write_eval(
-            tmp_path,
-            "tasks:\n  - {name: qa, type: exact_match, data: qa.jsonl, max_new_tokens: 3, stop: [e, '+']}\n"
-            "objective: qa.exact_match\n",
-        ),
-        models=["/a"],
+    spec2 = eval_spec(
+        tmp_path,
+        "tasks:\n  - {name: qa, type: exact_match, data: qa.jsonl, max_new_tokens: 3, stop: [e, '+']}\n"
+        "objective: qa.exact_match\n",
     )
     assert evaluate_all([make_evaluator(spec2.tasks[0], tok)], model, tok)["qa.exact_match"] == pytest.approx(
         2 / 3
@@ -148,23 +137,17 @@ def test_user_function(tmp_path, tok):
         "def notdict(model, tokenizer):\n    return 3\n"
         "def nan(model, tokenizer):\n    return {'acc': float('nan')}\n"
     )
-    spec = load_eval(
-        write_eval(
-            tmp_path,
-            "tasks:\n  - {name: u, type: function, function: 'userev.py:score', metric: acc, expert: 1}\n",
-        ),
-        models=["/a"],
+    spec = eval_spec(
+        tmp_path,
+        "tasks:\n  - {name: u, type: function, function: 'userev.py:score', metric: acc, expert: 1}\n",
     )
     assert evaluate_all([make_evaluator(spec.tasks[0], tok)], NextPlusOne(5), tok) == {
         "u.acc": 0.75,
         "u.n": 4.0,
     }
-    spec = load_eval(
-        write_eval(
-            tmp_path,
-            "tasks:\n  - {name: u, type: function, function: 'userev:score', metric: acc, expert: 1}\n",
-        ),
-        models=["/a"],
+    spec = eval_spec(
+        tmp_path,
+        "tasks:\n  - {name: u, type: function, function: 'userev:score', metric: acc, expert: 1}\n",
     )  # a module in the EVAL.yaml folder
     assert evaluate_all([make_evaluator(spec.tasks[0], tok)], NextPlusOne(5), tok)["u.acc"] == 0.75
     for fn, needle in (
@@ -172,21 +155,15 @@ def test_user_function(tmp_path, tok):
         ("notdict", "returned int"),
         ("nan", "finite"),
     ):
-        spec = load_eval(
-            write_eval(
-                tmp_path,
-                f"tasks:\n  - {{name: u, type: function, function: 'userev.py:{fn}', metric: acc}}\nobjective: u.acc\n",
-            ),
-            models=["/a"],
+        spec = eval_spec(
+            tmp_path,
+            f"tasks:\n  - {{name: u, type: function, function: 'userev.py:{fn}', metric: acc}}\nobjective: u.acc\n",
         )
         with pytest.raises(SearchError, match=needle):
             evaluate_all([make_evaluator(spec.tasks[0], tok)], NextPlusOne(5), tok)
-    spec = load_eval(
-        write_eval(
-            tmp_path,
-            "tasks:\n  - {name: u, type: function, function: 'userev.py:score', metric: f1}\nobjective: u.f1\n",
-        ),
-        models=["/a"],
+    spec = eval_spec(
+        tmp_path,
+        "tasks:\n  - {name: u, type: function, function: 'userev.py:score', metric: f1}\nobjective: u.f1\n",
     )
     with pytest.raises(SearchError, match="returned no 'f1'"):
         evaluate_all([make_evaluator(spec.tasks[0], tok)], NextPlusOne(5), tok)
@@ -210,12 +187,9 @@ def test_bad_data_lines(tmp_path, tok):
         ("type: exact_match, data: bad.jsonl", "no 'answer' field"),
     ]
     for body, needle in cases:
-        spec = load_eval(
-            write_eval(
-                tmp_path,
-                f"tasks:\n  - {{name: t, {body}}}\nobjective: t.{'loss' if 'loss' in body else 'exact_match'}\n",
-            ),
-            models=["/a"],
+        spec = eval_spec(
+            tmp_path,
+            f"tasks:\n  - {{name: t, {body}}}\nobjective: t.{'loss' if 'loss' in body else 'exact_match'}\n",
         )
         with pytest.raises(SearchError, match=needle):
             make_evaluator(spec.tasks[0], tok)
@@ -299,11 +273,8 @@ def test_expert_by_path_and_named_objective_goal(tmp_path):
         models=[str(tmp_path / "m1"), str(tmp_path / "m2")],
     )
     assert spec.tasks[0].expert == 1 and spec.objective == "normalized" and spec.goal == "max"
-    spec = load_eval(
-        write_eval(
-            tmp_path,
-            "tasks:\n  - {name: t, type: loss, data: d.jsonl, metric: perplexity}\nobjective: t.perplexity\n",
-        ),
-        models=["/a"],
+    spec = eval_spec(
+        tmp_path,
+        "tasks:\n  - {name: t, type: loss, data: d.jsonl, metric: perplexity}\nobjective: t.perplexity\n",
     )
     assert spec.goal == "min" and spec.tasks[0].score_name == "t.perplexity"

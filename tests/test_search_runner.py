@@ -37,15 +37,7 @@ from m3kernels.search.objective import objective  # noqa: E402
 from m3kernels.search.space import build_candidates, parse_space  # noqa: E402
 from m3kernels.search.toy import ToySizes, make_toy_family  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: one torch thread (two spin-waiting threads on a busy 2-core machine are
-    many times slower); the merge kernels keep their own threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
