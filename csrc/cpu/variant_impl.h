@@ -273,6 +273,24 @@ M3K_INLINE vf group_coef_vec(const TensorIn& t, const GroupPos& gp, int i, int r
     return c;
 }
 
+// TIES on the deltas dv[0..n): the sign of Σ vote_w·d elected (>= 0: +; the user weights only),
+// then Σ coef·d over the models whose nonzero d has it, divided by Σ coef over them when
+// normalising (0 where none agrees). Shared by merge_vec and merge_vec_ties.
+M3K_INLINE vf ties_combine(const TensorIn& t, const ModelIn* mi, const vf* dv, int n) {
+    vf vote = vf{};
+    for (int i = 0; i < n; ++i) vote = vote + vsplat(mi[i].vote_w) * dv[i];
+    const vi pos = vote >= vf{};
+    vf num = vf{}, den = vf{};
+    for (int i = 0; i < n; ++i) {
+        const vf d = dv[i];
+        const vf c = vsplat(mi[i].coef);
+        const vi agree = (d != vf{}) & ((d > vf{}) == pos);
+        num = vsel(agree, num + c * d, num);
+        den = vsel(agree, den + c, den);
+    }
+    return t.normalize ? vsel(den != vf{}, num / den, vf{}) : num;
+}
+
 // Combine classes of merge_vec (compile time): 0 sum / mean / ties (p.combine at run time), 1 sum /
 // mean with group coefficients, 2 nearswap, 3 ram.
 enum CombineClass : int { kCbPlain = 0, kCbGroup = 1, kCbNearswap = 2, kCbRam = 3 };
@@ -327,21 +345,8 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
             acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
-        vf vote = vf{};  // the sign election uses the user weights only
-        for (int i = 0; i < n; ++i) {
-            dv[i] = model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
-            vote = vote + vsplat(mi[i].vote_w) * dv[i];
-        }
-        const vi pos = vote >= vf{};
-        vf num = vf{}, den = vf{};
-        for (int i = 0; i < n; ++i) {
-            const vf d = dv[i];
-            const vf c = vsplat(mi[i].coef);
-            const vi agree = (d != vf{}) & ((d > vf{}) == pos);
-            num = vsel(agree, num + c * d, num);
-            den = vsel(agree, den + c, den);
-        }
-        m = t.normalize ? vsel(den != vf{}, num / den, vf{}) : num;
+        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
+        m = ties_combine(t, mi, dv, n);
     }
     if (CB == kCbPlain) y0 = b + vsplat(t.lam) * m;
     const vf y = vsel(y0 != y0, vsplat(__builtin_nanf("")), y0);  // one canonical NaN (KERNEL.md)

@@ -73,18 +73,7 @@ M3K_INLINE void merge_vec_ties(const TensorIn& t, const ModelIn* mi, const Model
         for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * dv[i];
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
-        vf vote = vf{};
-        for (int i = 0; i < n; ++i) vote = vote + vsplat(mi[i].vote_w) * dv[i];
-        const vi pos = vote >= vf{};
-        vf num = vf{}, den = vf{};
-        for (int i = 0; i < n; ++i) {
-            const vf d = dv[i];
-            const vf c = vsplat(mi[i].coef);
-            const vi agree = (d != vf{}) & ((d > vf{}) == pos);
-            num = vsel(agree, num + c * d, num);
-            den = vsel(agree, den + c, den);
-        }
-        m = t.normalize ? vsel(den != vf{}, num / den, vf{}) : num;
+        m = ties_combine(t, mi, dv, n);
     }
     const vf y0 = b + vsplat(t.lam) * m;
     const vf y = vsel(y0 != y0, vsplat(__builtin_nanf("")), y0);
