@@ -114,16 +114,22 @@ def _choice(v, key, allowed) -> str:
     return v
 
 
+def _regular_file(p: Path, what: str) -> os.stat_result:
+    """os.stat of ``p``, which must be a regular file; ``what`` names it in the error."""
+    try:
+        st = os.stat(p)
+    except OSError as e:
+        raise SearchError(f"{what} {str(p)!r} can not be read: {e.strerror or e}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SearchError(f"{what} {str(p)!r} is not a regular file")
+    return st
+
+
 def _file(v, key, folder: Path) -> Path:
     p = Path(_str(v, key)).expanduser()
     if not p.is_absolute():
         p = folder / p
-    try:
-        st = os.stat(p)
-    except OSError as e:
-        raise SearchError(f"{key}: {str(p)!r} can not be read: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SearchError(f"{key}: {str(p)!r} is not a regular file")
+    _regular_file(p, f"{key}:")
     return p
 
 
@@ -281,12 +287,7 @@ def load_eval(path, *, models: list, cfg_dir: Path | None = None) -> EvalSpec:
     from m3kernels.checkpoint.config import MergeConfigError, _parse_yaml
 
     p = Path(path)
-    try:
-        st = os.stat(p)
-    except OSError as e:
-        raise SearchError(f"evaluation file {str(p)!r} can not be read: {e.strerror or e}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise SearchError(f"evaluation file {str(p)!r} is not a regular file")
+    st = _regular_file(p, "evaluation file")
     if st.st_size > MAX_EVAL_BYTES:
         raise SearchError(f"evaluation file {str(p)!r} has {st.st_size:,} bytes; at most {MAX_EVAL_BYTES:,}")
     with open(p, "rb") as f:
