@@ -28,11 +28,7 @@ import argparse
 import json
 import os
 import platform
-import resource
-import statistics
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -42,6 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import m3kernels  # noqa: E402
 from m3kernels.api import prepare  # noqa: E402
 from m3kernels.backends import cpu as cpu_backend  # noqa: E402
+from m3kernels.benchmark.machine import cpu_model  # noqa: E402
+from m3kernels.benchmark.timing import Timing, time_call  # noqa: E402
 from m3kernels.merge.mixup import draw_mix_ratios  # noqa: E402
 from m3kernels.merge.recipe import make_recipe  # noqa: E402
 
@@ -55,55 +53,13 @@ SEED = 0
 # ----------------------------------------------------------------------------- machine
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
-
-def busy_cpu_seconds() -> float:
-    """CPU time (all processes, all cores) spent not idle since boot, from /proc/stat."""
-    try:
-        with open("/proc/stat") as fh:
-            fields = fh.readline().split()[1:]
-        ticks = [int(x) for x in fields]
-        busy = sum(ticks) - ticks[3] - ticks[4]  # minus idle and iowait
-        return busy / os.sysconf("SC_CLK_TCK")
-    except OSError:
-        return float("nan")
-
-
-def own_cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
-class Timer:
-    """Wall times of repeated calls, and the CPU time other processes used meanwhile."""
-
-    def __init__(self, fn, repeats: int, warmup: int = 1):
-        for _ in range(warmup):
-            fn()
-        self.times = []
-        busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            self.times.append(time.perf_counter() - t)
-        self.other_cpu_s = max(0.0, (busy_cpu_seconds() - busy0) - (own_cpu_seconds() - own0))
-
-    @property
-    def best(self) -> float:
-        return min(self.times)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.times)
+def Timer(fn, repeats: int, warmup: int = 1) -> Timing:
+    """Wall times of repeated calls, and the CPU time other processes used meanwhile (the
+    package's timing; ``other_cpu_s`` nan rather than None where /proc/stat is missing)."""
+    t = time_call(fn, repeats=repeats, warmup=warmup)
+    if t.other_cpu_s is None:
+        t.other_cpu_s = float("nan")
+    return t
 
 
 # ----------------------------------------------------------------------------- inputs
