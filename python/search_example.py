@@ -31,8 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SPECIALS = ["<pad>", "<s>", "</s>"]
 
 
-def python_corpus(limit: int) -> str:
-    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+def _concat(files: list, limit: int) -> str:
+    """The texts of ``files`` in order, joined by newlines, stopping once ``limit`` characters are read."""
     out, size = [], 0
     for f in files:
         text = Path(f).read_text(encoding="utf-8", errors="replace")
@@ -41,6 +41,11 @@ def python_corpus(limit: int) -> str:
         if size >= limit:
             break
     return "\n".join(out)
+
+
+def python_corpus(limit: int) -> str:
+    files = sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py")))
+    return _concat(files, limit)
 
 
 def c_corpus(limit: int) -> str:
@@ -49,14 +54,7 @@ def c_corpus(limit: int) -> str:
     )
     if not files:
         sys.exit("no C headers found (/usr/include or the Python include folder)")
-    out, size = [], 0
-    for f in files:
-        text = Path(f).read_text(encoding="utf-8", errors="replace")
-        out.append(text)
-        size += len(text)
-        if size >= limit:
-            break
-    return "\n".join(out)
+    return _concat(files, limit)
 
 
 def arithmetic(n: int, seed: int) -> list:
