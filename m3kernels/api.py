@@ -159,6 +159,18 @@ def large_tensor_thresholds(p, base, models, backend, ks, numel) -> np.ndarray:
     )
 
 
+def _traced(base, models, out) -> bool:
+    """True under ``torch.compile`` or for meta / fake tensors, where the raw-pointer path below
+    cannot run and the custom op :func:`m3kernels.ops.merge_tensors` can (it calls back here
+    with real tensors)."""
+    if torch.compiler.is_compiling():
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+
+    ts = [base, out, *(models if isinstance(models, (list, tuple)) else ())]
+    return any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in ts)
+
+
 def merge_tensors(
     base,
     models,
@@ -269,6 +281,11 @@ def merge_tensors(
         ValueError: naming the offending argument (unknown method, bad shape, dtype or device,
             value out of range, a parameter the method does not take, a missing base).
     """
+    if _traced(base, models, out):  # torch.compile, meta or fake tensors: the custom op (ops.py)
+        kwargs = {k: v for k, v in locals().items() if k not in ("base", "models")}
+        from m3kernels.ops import merge_tensors as op_merge
+
+        return op_merge(base, models, **kwargs)
     base, models, out_dtype = validate_inputs(base, models, out, out_dtype)
     recipe = make_recipe(
         len(models),

@@ -251,3 +251,38 @@ def test_torch_export(gen):
     assert "m3kernels.merge" in text
     ref = api_merge(base, models, method="ties", density=0.3, weights=[1.0, 0.5], name="e") * 2
     assert_same_bytes(ep.module()(base, *models), ref)
+
+
+# ---------------------------------------------------------------- m3kernels.merge_tensors itself
+# (m3kernels/api.py routes calls under torch.compile and on meta / fake tensors to the op)
+
+
+@pytest.mark.parametrize("fullgraph", (True, False))
+def test_api_merge_tensors_compiles_to_one_graph(gen, fullgraph):
+    import m3kernels
+
+    base, models = make_inputs((37, 29), 2, (torch.bfloat16, [torch.float32]), gen)
+
+    def f(b, x, y):
+        return (
+            m3kernels.merge_tensors(b, [x, y], method="ties", density=0.3, weights=[1.0, -0.5], name="w") * 2
+        )
+
+    cnt = torch._dynamo.testing.CompileCounter()
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=fullgraph, backend=cnt)(base, *models)
+    assert cnt.frame_count == 1  # one graph (it was 11 before the op)
+    ref = api_merge(base, models, method="ties", density=0.3, weights=[1.0, -0.5], name="w")
+    assert_same_bytes(got, ref * 2)
+
+
+def test_api_merge_tensors_on_meta_and_fake_tensors():
+    b = torch.empty(5, 7, device="meta", dtype=torch.bfloat16)
+    y = api_merge(b, [b, b.float()], method="ties")
+    assert (y.shape, y.dtype, y.device.type) == ((5, 7), torch.bfloat16, "meta")
+    with pytest.raises(ValueError, match="density"):
+        api_merge(b, [b], method="ties", density=3.0)
+    with FakeTensorMode():
+        f = torch.empty(6, 4, dtype=torch.float16)
+        y = api_merge(f, [f, f], method="dare_linear", density=0.5, out_dtype=torch.float32)
+        assert isinstance(y, FakeTensor) and (y.shape, y.dtype) == ((6, 4), torch.float32)
