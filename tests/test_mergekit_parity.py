@@ -50,10 +50,6 @@ KNOWN = {
         "FMA (one rounding); ours rounds the product and the sum (docs/KERNEL.md): ≤ 1 ulp at "
         "tensor scale, not bit-exact"
     ),
-    ("bf16", "explicit:nearswap:t"): (
-        "mergekit's t / |a − x| is torch's scalar / tensor, computed as f32(1 / d) · t (two "
-        "roundings); the kernels' combine 3 divides once: ~9% of the elements differ by a rounding"
-    ),
 }
 
 
