@@ -146,7 +146,7 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
         combine=COMBINE_CODES[recipe.combine],
         normalize=recipe.normalize,
         lam=f32(recipe.lambda_),
-        mean_den=f32(sum(coefs)),
+        mean_den=float32_sum(coefs),
         vote_w=np.asarray(recipe.weights, np.float32),
         coef=np.asarray(coefs, np.float32),
         dare=dare,
@@ -158,6 +158,15 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
         trim_max=np.full(n, TRIM_MAX_ALL, np.uint64),
         unique_scale=np.ones(n, np.float32),
     )
+
+
+def float32_sum(values) -> float:
+    """Σ values added in order in float32 (each value rounded to float32 first), as mergekit (and
+    torch) add float32 weights: the mean combine's divisor (docs/MERGEKIT_PARITY.md D3)."""
+    acc = np.float32(0.0)
+    for v in values:
+        acc = np.float32(acc + np.float32(v))
+    return float(acc)
 
 
 def tie_prefixes(counts) -> np.ndarray:

@@ -331,7 +331,10 @@ def make_recipe(
     elif combine == SUM and norm:
         combine = MEAN
     coefs = [r * x for r, x in zip(ratios, w)]
-    if combine == MEAN and (sum(coefs) == 0 or float(np.float32(sum(coefs))) == 0):
+    f32_sum = np.float32(0.0)  # the divisor as the kernels get it (kernel_params.float32_sum)
+    for c in coefs:
+        f32_sum = np.float32(f32_sum + np.float32(c))
+    if combine == MEAN and (sum(coefs) == 0 or float(np.float32(sum(coefs))) == 0 or f32_sum == 0):
         raise ValueError("weights: the weights (times the M³ ratios) sum to zero; cannot normalize")
 
     return Recipe(
