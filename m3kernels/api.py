@@ -226,7 +226,7 @@ def merge_tensors(
         weights: w_i, a scalar or one per model (default 1). Finite float32 values. Not for
             ``passthrough``, ``nearswap``, ``ram*``, ``slerp``, ``karcher``, ``model_stock``.
         density: a scalar or one per model in [0, 1]. TIES methods: the fraction of the largest
-            |δ_i| the trim keeps (k = ⌊density·numel⌋; default 0.2). DARE methods: the keep
+            |δ_i| the trim keeps (k = max(1, ⌊density·numel⌋), 0 for density 0; default 0.2). DARE methods: the keep
             probability (required, unless ``drop_rate`` is given).
         drop_rate: DARE drop probability p, a scalar or one per model: ``dare_*`` take it as
             density = 1 − p (both may be given if they agree); ``ties_dare`` requires it (the

@@ -120,7 +120,9 @@ def test_trim_ties_at_threshold_all_kept():
     assert int((out != 0).sum()) == 40  # k = 20 falls inside the 0.5 group: all 30 kept
     assert m3kernels.trim_thresholds(base, [d], method="ties", density=0.2, backend="cpu") == [0.5]
     out0 = m3kernels.merge_tensors(base, [d], method="ties", density=0.001, backend="cpu")
-    assert int((out0 != 0).sum()) == 0  # k = floor(0.1) = 0 keeps nothing
+    assert int((out0 != 0).sum()) == 10  # k = max(1, floor(0.1)) = 1: the ten tied at 1.0 are kept
+    out0 = m3kernels.merge_tensors(base, [d], method="ties", density=0.0, backend="cpu")
+    assert int((out0 != 0).sum()) == 0  # density 0 keeps nothing
 
 
 @pytest.mark.skipif(not have_backend("cpu"), reason="CPU extension not built")

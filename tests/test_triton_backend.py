@@ -327,13 +327,14 @@ def test_l1_sums(gen):
 
 
 def test_thresholds_edge_densities():
-    """k = 0 keeps nothing (inf), k = n keeps everything, ties at the threshold are all kept."""
+    """density 0 keeps nothing (inf), a tiny density still keeps the largest (k = max(1, ⌊d·n⌋)),
+    k = n keeps everything, ties at the threshold are all kept."""
     base = torch.zeros(100, dtype=F32)
     d = torch.tensor([1.0] * 10 + [0.5] * 30 + [0.25] * 60, dtype=F32)
     got = m3kernels.trim_thresholds(
-        base.to(DEVICE), [d.to(DEVICE)] * 3, method="ties", density=[0.2, 0.001, 1.0], backend="triton"
+        base.to(DEVICE), [d.to(DEVICE)] * 4, method="ties", density=[0.2, 0.001, 1.0, 0.0], backend="triton"
     )
-    assert got[:2] == [0.5, math.inf]
+    assert got[:2] == [0.5, 1.0] and got[3] == math.inf
     assert got[2] <= 0.25  # keeps all (stage A reports 0.0 for k >= n; the reference the minimum)
     out = m3kernels.merge_tensors(
         base.to(DEVICE), [d.to(DEVICE)], method="ties", density=0.2, backend="triton"

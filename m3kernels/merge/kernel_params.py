@@ -179,8 +179,10 @@ def tie_prefixes(counts) -> np.ndarray:
 
 
 def trim_k(density: float, numel: int) -> int:
-    """k = floor(density * n): how many largest |δ| the magnitude trim keeps."""
-    return int(np.floor(np.float64(density) * np.float64(numel)))
+    """How many largest |δ| the magnitude trim keeps: k = max(1, ⌊density·n⌋) for density > 0
+    (mergekit 0.1.5's rule: a tiny density still keeps the largest element), 0 for density 0."""
+    k = int(np.floor(np.float64(density) * np.float64(numel)))
+    return max(1, k) if density > 0 and numel > 0 else k
 
 
 __all__ = [

@@ -73,7 +73,8 @@ def trim_keep(d32: torch.Tensor, t: float) -> torch.Tensor:
 def trim_k_values(recipe: Recipe, numel: int) -> list[int | None]:
     if recipe.trim_density is None:
         return [None] * recipe.n
-    return [int(math.floor(d * numel)) for d in recipe.trim_density]
+    # k = max(1, ⌊d·n⌋) for d > 0 (mergekit 0.1.5), written here independently of kernel_params
+    return [max(1, int(math.floor(d * numel))) if d > 0 and numel > 0 else 0 for d in recipe.trim_density]
 
 
 def reference_thresholds(base, models, recipe: Recipe, name: str = "") -> list[float | None]:

@@ -201,7 +201,7 @@ def _trim_density(default) -> Param:
         PER_MODEL,
         FRACTION,
         default,
-        "fraction of the largest |δ| the magnitude trim keeps (k = ⌊density·n⌋)",
+        "fraction of the largest |δ| the magnitude trim keeps (k = max(1, ⌊density·n⌋); 0: none)",
     )
 
 
