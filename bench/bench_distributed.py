@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -51,7 +52,7 @@ def write_sparse_checkpoint(folder: Path, shapes) -> None:
     for i, specs in enumerate(groups):
         name = shard_file_name(i, len(groups))
         head = safetensors_header(specs)
-        data = sum(2 * _numel(s) for _, s in specs)
+        data = sum(2 * math.prod(s) for _, s in specs)
         with open(folder / name, "wb") as f:
             f.write(head)
             f.truncate(len(head) + data)
@@ -60,13 +61,6 @@ def write_sparse_checkpoint(folder: Path, shapes) -> None:
         total += data
     write_index(folder, weight_map, total)
     (folder / "config.json").write_text(json.dumps(shapes.config()))
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def plan_split(ks=(2, 4, 8)) -> list:

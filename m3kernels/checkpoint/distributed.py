@@ -29,6 +29,7 @@ several machines OUT's parent must be a shared file system, at the same path eve
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -123,13 +124,7 @@ def share_table(plan: MergePlan, shares: list) -> str:
 
 def _input_bytes(pt) -> int:
     srcs = list(pt.models) + ([pt.base] if pt.base is not None else [])
-    total = 0
-    for s in srcs:
-        n = 1
-        for d in s.meta.shape:
-            n *= int(d)
-        total += n * torch.empty((), dtype=s.meta.dtype).element_size()
-    return total
+    return sum(math.prod(s.meta.shape) * s.meta.dtype.itemsize for s in srcs)
 
 
 @dataclass

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from m3kernels.merge.philox import dare_key, keep_threshold
-from m3kernels.merge.recipe import Recipe
+from m3kernels.merge.recipe import Recipe, float32_sum
 from m3kernels.merge.registry import MEAN, SUM, TIES
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -158,15 +158,6 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
         trim_max=np.full(n, TRIM_MAX_ALL, np.uint64),
         unique_scale=np.ones(n, np.float32),
     )
-
-
-def float32_sum(values) -> float:
-    """Σ values added in order in float32 (each value rounded to float32 first), as mergekit (and
-    torch) add float32 weights: the mean combine's divisor (docs/MERGEKIT_PARITY.md D3)."""
-    acc = np.float32(0.0)
-    for v in values:
-        acc = np.float32(acc + np.float32(v))
-    return float(acc)
 
 
 def tie_prefixes(counts) -> np.ndarray:

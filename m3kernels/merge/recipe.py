@@ -246,6 +246,15 @@ def _api_names() -> dict:
 _API_NAMES: dict = {}
 
 
+def float32_sum(values) -> float:
+    """Σ values added in order in float32 (each value rounded to float32 first), as mergekit (and
+    torch) add float32 weights: the mean combine's divisor (docs/MERGEKIT_PARITY.md D3)."""
+    acc = np.float32(0.0)
+    for v in values:
+        acc = np.float32(acc + np.float32(v))
+    return float(acc)
+
+
 def _check_mixup(preset: Method, mix_ratios, mixup_alpha) -> None:
     if preset.mixup == MIX_NONE and (mix_ratios is not None or mixup_alpha is not None):
         arg = "mix_ratios" if mix_ratios is not None else "mixup_alpha"
@@ -331,10 +340,7 @@ def make_recipe(
     elif combine == SUM and norm:
         combine = MEAN
     coefs = [r * x for r, x in zip(ratios, w)]
-    f32_sum = np.float32(0.0)  # the divisor as the kernels get it (kernel_params.float32_sum)
-    for c in coefs:
-        f32_sum = np.float32(f32_sum + np.float32(c))
-    if combine == MEAN and (sum(coefs) == 0 or float(np.float32(sum(coefs))) == 0 or f32_sum == 0):
+    if combine == MEAN and (sum(coefs) == 0 or float(np.float32(sum(coefs))) == 0 or float32_sum(coefs) == 0):
         raise ValueError("weights: the weights (times the M³ ratios) sum to zero; cannot normalize")
 
     return Recipe(
