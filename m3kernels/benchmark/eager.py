@@ -19,7 +19,8 @@ The later methods in the same style (docs/MERGEKIT_METHODS.md has their semantic
 ram (a count of |δ_i| > ε over the stacked deltas, δ_i / count summed), slerp (normalised copies
 of the whole tensors, their dot product, the spherical or, beyond 0.9995, linear blend),
 breadcrumbs / breadcrumbs_ties (an ascending sort of |δ| per model, a mask keeping the window
-between the small and the outlier ranks, then the sum or the sign consensus).
+between the small and the outlier ranks, then the sum or the sign consensus); nuslerp, multislerp,
+karcher, model_stock and ramplus_tl in :mod:`.eager_family`.
 
 M³ ratios (``mix_ratios``, or ``mixup_alpha`` drawn as the package draws them) multiply the
 combine weights; the TIES vote keeps the user weights. :func:`eager_supported` says which
@@ -29,6 +30,8 @@ methods this covers; the others get no eager time (and no speed-up) in the repor
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+from m3kernels.benchmark.eager_family import FAMILY_METHODS, family_merge
 
 EAGER_METHODS = (
     "linear",
@@ -44,6 +47,7 @@ EAGER_METHODS = (
     "slerp",
     "breadcrumbs",
     "breadcrumbs_ties",
+    *FAMILY_METHODS,
 )
 
 
@@ -68,6 +72,15 @@ def eager_supported(method: str, kwargs: dict | None = None) -> str:
         "scale",
         "gamma",
         "epsilon",
+        "nuslerp_flatten",
+        "nuslerp_row_wise",
+        "normalize_weights",
+        "eps",
+        "max_iter",
+        "tol",
+        "filter_wise",
+        "r",
+        "alpha",
     }
     return f"eager merge does not take {', '.join(sorted(unknown))}" if unknown else ""
 
@@ -198,6 +211,7 @@ def eager_merge(
     scale=None,
     gamma=None,
     epsilon=None,
+    **family_kw,
 ):
     """One tensor merged eagerly (output in the base's dtype, else the first model's)."""
     import torch
@@ -209,6 +223,11 @@ def eager_merge(
     n = len(models)
     device = models[0].device
     out_dtype = base.dtype if base is not None else models[0].dtype
+    if method in FAMILY_METHODS:
+        if mixup_alpha is not None or mix_ratios is not None:
+            raise ValueError(f"no eager version of {method} with M3 ratios")
+        kw = dict(family_kw, weights=weights, epsilon=epsilon)
+        return family_merge(method, base if method != "karcher" else None, models, out_dtype, kw)
     if method in ("passthrough", "nearswap", "ram", "slerp"):
         return _later_method(method, base, models, out_dtype, {"t": t, "scale": scale, "epsilon": epsilon})
     if mixup_alpha is not None and mix_ratios is None:
