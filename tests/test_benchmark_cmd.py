@@ -118,6 +118,9 @@ def test_command_table_and_json_with_every_field(ran, report_files):
             assert r["stage_a_s"] is not None and r["stage_b_s"] is not None, r["split_note"]
             assert r["eager_s"] is not None, r["eager_note"]
             assert " ".join(case_row(r)) in " ".join(out.split())  # the printed row is the record's
+    for r in rep["cases"]:  # family methods too: their stage A hook, then the kernel pass
+        if r["status"] == "ok":
+            assert r["stage_a_s"] is not None and r["stage_b_s"] is not None, (r["method"], r["split_note"])
     md = (report_files[1].parent / "r.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and "stage A ms" not in line]
     assert len(rows) == len(rep["cases"]) and all(line.count("|") == 14 for line in rows)

@@ -8,9 +8,10 @@ other processes used during the timed calls comes with the result (:class:`LoadM
 Stage A and stage B of a merge are timed separately (:func:`time_stages`): stage A is
 ``m3kernels.api.prepare`` (the statistics the method needs: L1 sums, trim thresholds), stage B is
 the backend's fused ``merge`` with those parameters, and ``full`` is ``merge_tensors`` itself (both
-stages and the argument checks, what a user calls). The split is kept only where the two stages
-give the full merge's bytes; a method with its own stage A hook (a registry ``family``) or one
-whose merge is not ``prepare`` + ``merge`` gets its full time only, with a note saying so.
+stages and the argument checks, what a user calls). For a method with its own stage A hook (a registry ``family``: the SLERP family,
+breadcrumbs, ram, ...) stage A is the hook (``m3kernels.merge.methods.stage``) and stage B the
+kernel pass (or the copy) it returns. The split is kept only where the two stages give the full
+merge's bytes; a method whose merge is not made of them gets its full time only, with a note.
 """
 
 from __future__ import annotations
@@ -115,20 +116,32 @@ def time_stages(base, models, kwargs: dict, backend_name: str, *, repeats: int, 
     try:
         be = get_backend(backend_name, device)
         recipe = make_recipe(len(models), has_base=base is not None, **kwargs)
-        if getattr(recipe, "family", None) is not None:  # its own stage A (m3kernels.merge.methods)
-            note = "full merge timed only (the method has its own stage A hook)"
-            return StageTimes(full, None, None, note), result
         prepared = {}
+        if getattr(recipe, "family", None) is not None:  # its own stage A (m3kernels.merge.methods)
+            from m3kernels.merge import methods
 
-        def a():
-            prepared["pb"] = prepare(base, models, recipe, name, be)
+            def a():
+                prepared["st"] = methods.stage(base, models, recipe, name, be)
+
+            def b_call():
+                st = prepared["st"]
+                if st.direct is not None:
+                    st.direct(out)
+                else:
+                    be.merge(st.params, st.base, st.models, out)
+
+        else:
+
+            def a():
+                prepared["pb"] = prepare(base, models, recipe, name, be)
+
+            def b_call():
+                p, b = prepared["pb"]
+                be.merge(p, b, models, out)
 
         stage_a = time_call(a, repeats=repeats, warmup=warmup, device=device)
-        p, b = prepared["pb"]
         out.fill_(float("nan"))
-        stage_b = time_call(
-            lambda: be.merge(p, b, models, out), repeats=repeats, warmup=warmup, device=device
-        )
+        stage_b = time_call(b_call, repeats=repeats, warmup=warmup, device=device)
         if not torch.equal(out.view(torch.uint8), result.view(torch.uint8)):  # bit for bit, NaN included
             stage_a = stage_b = None
             note = "stage split not timed: prepare + backend.merge differ from merge_tensors for this method"
