@@ -334,3 +334,26 @@ def test_help_texts_render(argv, capsys):
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "% of copy bandwidth" in out or "% of the copy bandwidth" in out
+
+
+@needs_cpu
+def test_checkpoint_phases_of_a_family_method(tmp_path):
+    """A family method's stage A (its hook: Gram matrices) and its kernel pass are timed."""
+    sizes = dict(vocab=29, hidden=16, intermediate=40, layers=2, heads=2, kv_heads=1)
+    base = llama_tensors(seed=3, **sizes)
+    b = write_checkpoint(tmp_path / "base", base, config=llama_config(**sizes))
+    ms = [
+        write_checkpoint(tmp_path / f"ft{i}", fine_tune(base, i), config=llama_config(**sizes))
+        for i in (1, 2)
+    ]
+    cfg = tmp_path / "ms.yaml"
+    cfg.write_text(
+        f"merge_method: model_stock\nbase_model: {b}\nmodels:\n  - model: {ms[0]}\n  - model: {ms[1]}\n"
+    )
+    js = tmp_path / "ck.json"
+    assert cli.main(["bench", "--checkpoint", str(cfg), "--device", "cpu", "--json", str(js)]) == 0
+    best = json.loads(js.read_text())["best"]
+    n_tensors = len(base)
+    assert best["phase_calls"]["stage_a"] == n_tensors, best["phase_calls"]
+    assert best["phase_calls"]["stage_b"] == n_tensors
+    assert best["phases_s"]["stage_a"] > 0 and best["phases_s"]["stage_b"] > 0

@@ -8,7 +8,8 @@ The merge code has no phase-timing hooks, so the phases are measured from outsid
   (``readinto`` a 64 MiB buffer); its rate is this machine's read rate for these files (from the
   page cache when they are cached, which the merge then also enjoys);
 * **stage A**: ``m3kernels.api.prepare`` (as the CPU producer, the GPU pipeline and the
-  model-wide statistics call it): L1 sums and trim thresholds;
+  model-wide statistics call it): L1 sums and trim thresholds; and the family hooks
+  (``m3kernels.merge.methods.stage``: Gram matrices, window thresholds, counts);
 * **stage B**: the backend's ``merge`` / ``merge_range``; ``merge_batch`` (runs of small tensors,
   stage A and B in one call) is counted apart as **small tensors**;
 * **write**: ``ShardedWriter._write`` in the writer thread (overlaps the kernels; its shard
@@ -50,6 +51,7 @@ class PhaseClock:
         self.seconds = dict.fromkeys(PHASES, 0.0)
         self.calls = dict.fromkeys(PHASES, 0)
         self._lock = threading.Lock()
+        self._local = threading.local()
 
     def add(self, phase: str, seconds: float) -> None:
         with self._lock:
@@ -57,11 +59,20 @@ class PhaseClock:
             self.calls[phase] += 1
 
     def wrap(self, phase: str, fn):
+        """``fn`` timed into ``phase``; a call nested in another of the same phase (a family
+        hook that calls ``prepare``) is counted once, by the outer one."""
+        local = self._local
+
         def timed(*a, **k):
+            active = local.__dict__.setdefault("active", set())
+            if phase in active:
+                return fn(*a, **k)
+            active.add(phase)
             t = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
+                active.discard(phase)
                 self.add(phase, time.perf_counter() - t)
 
         timed.__wrapped__ = fn
@@ -74,6 +85,7 @@ def patched(clock: PhaseClock):
     import m3kernels.api as api
     from m3kernels.backends import _load
     from m3kernels.checkpoint import model_stats, produce, run, writer
+    from m3kernels.merge import methods
 
     undo = []
 
@@ -90,6 +102,7 @@ def patched(clock: PhaseClock):
         if getattr(mod, "prepare", None) is prepare:
             undo.append((mod, "prepare", prepare))
             mod.prepare = timed_prepare
+    patch(methods, "stage", "stage_a")  # the family hooks (SLERP family, breadcrumbs, ram, ...)
     for name in ("cpu", "triton", "cuda"):
         be = _load(name)
         if be is not None:
