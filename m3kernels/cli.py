@@ -164,6 +164,7 @@ PLUGIN_COMMANDS = {
     "stats": "m3kernels.datastats.cli",
     "search": "m3kernels.search.cli",
     "bench": "m3kernels.benchmark.cli",
+    "mergekit-yaml": "m3kernels.integrations.mergekit_yaml_cli",
 }
 
 
