@@ -54,8 +54,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_PREFIX = "/work/bench_data/l13x2"  # the model prefix written in bench/configs/*.yaml
 MERGEKIT_VERSION = "0.1.5"
 TORCH_PIN = "torch==2.13.0"
-METHODS = ("ties", "dare_ties", "linear")
-TARGET_SPEEDUP = {"ties": 50.0, "dare_ties": 20.0, "linear": 5.0}  # issue 7
+METHODS = ("ties", "dare_ties", "linear", "slerp", "model_stock", "breadcrumbs")  # bench/configs/<name>.yaml
+TARGET_SPEEDUP = {  # issue 7 (the first three), issue 8 (the others)
+    "ties": 50.0,
+    "dare_ties": 20.0,
+    "linear": 5.0,
+    "slerp": 10.0,
+    "model_stock": 10.0,
+    "breadcrumbs": 10.0,
+}
 TARGET_RSS_GB = 2.5
 GB = 1e9
 
@@ -404,7 +411,10 @@ def compare_outputs(method: str, cfg_path: Path, ours_dir: Path, mk_dir: Path) -
     * ``ties``: exact, in bf16 ulps, excluding the trim ties: elements where some model's
       |δ| equals its trim threshold (mergekit's argsort keeps exactly k of those, we keep all
       of them, docs/SPEC.md §1).
-    * ``linear``: exact, in ulps, nothing excluded.
+    * ``linear``, ``slerp``, ``model_stock``, ``breadcrumbs``: exact, in ulps, nothing excluded
+      (slerp / model_stock: mergekit's float32 norms vs our float64 Gram, docs/MERGEKIT_METHODS.md
+      C0); breadcrumbs excluding the ties at both ends of its window (mergekit keeps exactly the
+      window's count of them, we keep all, as for ties).
     * ``dare_ties``: distribution statistics only (see :class:`DistStats`).
     """
     base_path, model_paths, params = config_models(cfg_path)
@@ -426,14 +436,23 @@ def compare_outputs(method: str, cfg_path: Path, ours_dir: Path, mk_dir: Path) -
             stats.add(base.get(name), o, m)
             continue
         excluded = None
-        if method == "ties":
+        if method in ("ties", "breadcrumbs"):
             b = base.get(name).float()
             excluded = torch.zeros(o.shape, dtype=torch.bool)
             for ft, p in zip(fts, params):
                 d = (ft.get(name).float() - b).abs_()
-                k = trim_k(float(p.get("density", 1.0)), d.numel())
-                if 0 < k < d.numel():
-                    excluded |= d == kth_largest(d, k)
+                n = d.numel()
+                density = float(p.get("density", 1.0))
+                if method == "ties":
+                    k = trim_k(density, n)
+                    if 0 < k < n:
+                        excluded |= d == kth_largest(d, k)
+                elif 0 < density < 1:  # the window's two ends (docs/MERGEKIT_METHODS.md B2)
+                    keep, top = int(density * n), int(float(p.get("gamma", 0.01)) * n)
+                    first = n - max(0, n - keep - top) - keep  # descending rank of the largest kept
+                    for k in (first + 1, first + keep):
+                        if 0 < k <= n:
+                            excluded |= d == kth_largest(d, k)
                 del d
         if o.dtype != m.dtype:
             o, m = o.float(), m.float()
