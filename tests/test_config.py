@@ -370,6 +370,8 @@ METHOD_PARAMS = {
     "multislerp": {"weight": [0.3, 0.7], "normalize_weights": True, "eps": 1e-7},
     "karcher": {"max_iter": 5, "tol": 1e-6},
     "model_stock": {"filter_wise": True},
+    "della": {"weight": [0.5, 1.0], "density": [0.3, 0.7], "epsilon": 0.1},
+    "della_linear": {"weight": 1.0, "density": 0.5, "epsilon": [0.05, 0.2], "rescale": False},
 }
 
 
@@ -584,8 +586,6 @@ REJECT = [
     (base_cfg(merge_method="linear", models=[{"model": "m/a"}]), "base_model"),
     # methods
     (base_cfg(merge_method="sce"), "merge_method"),
-    (base_cfg(merge_method="della"), "merge_method"),
-    (base_cfg(merge_method="della_linear"), "merge_method"),
     (base_cfg(merge_method="arcee_fusion"), "merge_method"),
     (base_cfg(merge_method="slerp"), "weight"),  # slerp takes t, not weight
     (
@@ -688,7 +688,7 @@ def test_rejections_name_the_key(raw, key):
 
 def test_rejections_list_what_is_supported():
     with pytest.raises(MergeConfigError) as ei:
-        load_config(base_cfg(merge_method="della"))
+        load_config(base_cfg(merge_method="sce"))
     msg = str(ei.value)
     assert "mergekit" in msg and all(m in msg for m in sorted(PRESETS))
     with pytest.raises(MergeConfigError) as ei:

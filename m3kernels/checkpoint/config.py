@@ -409,7 +409,8 @@ class MergeConfig:
         if method.takes("normalize"):
             out["normalize"] = self._merge_wide("normalize", tensor_name, t)
         if method.takes("rescale"):
-            out["rescale"] = self._merge_wide("rescale", tensor_name, t) if method.dare else None
+            takes = method.dare or method.kind_of("rescale") == "bool"  # della: true = the L1 rescale
+            out["rescale"] = self._merge_wide("rescale", tensor_name, t) if takes else None
         if method.takes("lambda"):
             lam = self._merge_wide("lambda", tensor_name, t)
             out["lambda_"] = 1.0 if lam is None else float(lam)
@@ -707,7 +708,7 @@ def _parse_method(raw) -> str:
 def _check_model_trim(cfg: MergeConfig) -> None:
     """trim_scope: model needs a top-k trim and one density per model for every tensor."""
     m = get_method(cfg.method)
-    if not m.trim or m.program.trim_window:
+    if not m.trim or m.family is not None:  # breadcrumbs' window, della's drop: no top-k threshold
         raise MergeConfigError(
             f"trim_scope: 'model' applies to methods with a magnitude trim "
             f"(ties, ties_dare), not {cfg.method!r}"

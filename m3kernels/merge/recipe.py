@@ -111,6 +111,30 @@ def _rescale_mode(rescale) -> str:
     raise ValueError(f"rescale must be True, False or 'l1', got {rescale!r}")
 
 
+def _bool_rescale(method: Method, rescale) -> str | None:
+    """A method whose ``rescale`` is a bool (della: true = mergekit's tensor-wide L1 rescale):
+    "l1" or "none"; None for a method that takes no such parameter."""
+    p = method.param("rescale")
+    if p is None or p.kind != BOOL:
+        return None
+    value = p.default if rescale is None else rescale
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"rescale must be True or False for {method.name!r} (true: L1), got {rescale!r}")
+    return "l1" if value else "none"
+
+
+def _family_check(recipe: Recipe) -> None:
+    """The method family's own check of a whole recipe (``check_recipe`` in its module, if any:
+    della's density ± epsilon range); ValueError naming the parameter."""
+    if recipe.family is None:
+        return
+    import importlib
+
+    check = getattr(importlib.import_module(f"m3kernels.merge.methods.{recipe.family}"), "check_recipe", None)
+    if check is not None:
+        check(recipe)
+
+
 class SparsityError(ValueError):
     """A density / drop_rate problem; ``model`` is the model's index when it concerns one."""
 
@@ -331,7 +355,7 @@ def make_recipe(
 
     if rescale is not None and not preset.takes("rescale"):
         raise ValueError(not_taken(preset, "rescale"))
-    mode = _rescale_mode(rescale) if preset.program.dare else None
+    mode = _rescale_mode(rescale) if preset.program.dare else _bool_rescale(preset, rescale)
 
     norm = preset.default_normalize if normalize is None else bool(normalize)
     combine = preset.program.combine
@@ -343,7 +367,7 @@ def make_recipe(
     if combine == MEAN and (sum(coefs) == 0 or float(np.float32(sum(coefs))) == 0 or float32_sum(coefs) == 0):
         raise ValueError("weights: the weights (times the M³ ratios) sum to zero; cannot normalize")
 
-    return Recipe(
+    recipe = Recipe(
         method=key,
         n=n,
         uses_base=preset.program.uses_base and has_base,
@@ -359,6 +383,8 @@ def make_recipe(
         family=preset.family,
         params=params,
     )
+    _family_check(recipe)
+    return recipe
 
 
 __all__ = [

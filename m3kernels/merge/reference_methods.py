@@ -5,7 +5,8 @@ kernel path: no Gram helper, no coefficient table; norms, dot products, angles a
 iteration are computed on the float64 vectors themselves, as mergekit does on its tensors.
 Decisions that the kernels make on float32 values (ram's |δ| > ε) are made on the float32
 deltas here too, so a reference and a kernel never disagree about *which* values are combined.
-Breadcrumbs' window trim is in :mod:`m3kernels.merge.reference`.
+Breadcrumbs' window trim is in :mod:`m3kernels.merge.reference`. DELLA's keep masks come from a
+full sort of each line and the whole tensor's Philox words (not from the chunked stage A).
 """
 
 from __future__ import annotations
@@ -200,6 +201,151 @@ def _model_stock(base, models, recipe):
     return back(t * avg + (1.0 - t) * B)
 
 
+def della_keep(d32: torch.Tensor, density: float, epsilon: float, seed: int, name: str, i: int):
+    """DELLA's keep mask of one float32 delta, by a full sort of each line along dim 1 on the key
+    (bits(|δ|), flat index) and the whole tensor's Philox words (docs/RANDOMNESS.md, "della")."""
+    from m3kernels.merge.philox import dare_uniform_u32
+
+    shape, numel = d32.shape, d32.numel()
+    if density >= 1.0:
+        return torch.ones(shape, dtype=torch.bool)
+    if density <= 0.0:
+        return torch.zeros(shape, dtype=torch.bool)
+    x = d32.reshape(1, -1) if d32.dim() < 2 else d32
+    idx = torch.arange(numel, dtype=torch.int64).reshape(x.shape).movedim(1, -1)
+    keys = (x.contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF).movedim(1, -1)
+    c = keys.shape[-1]
+    rank = (keys * numel + idx).argsort(dim=-1).argsort(dim=-1)  # ascending, ties by flat index
+    if c == 1:  # one column: p = d (mergekit divides 0 by 0 there)
+        p = torch.full(rank.shape, float(density), dtype=F64)
+    else:
+        p = (density - epsilon) + (2.0 * epsilon) * (rank.to(F64) / float(c - 1))
+    thr = torch.floor(p * 4294967296.0).to(torch.int64)
+    u = torch.from_numpy(dare_uniform_u32(seed, name, i, numel).astype("int64"))
+    keep = torch.empty(numel, dtype=torch.bool)
+    keep[idx.reshape(-1)] = u[idx.reshape(-1)] < thr.reshape(-1)
+    return keep.reshape(shape)
+
+
+def _della(base, models, recipe, name):
+    """della / della_linear: keep masks, the tensor-wide L1 rescale (finite deltas, mergekit's 1e-7
+    guard), then the TIES election (decisions on the float32 values) or the (weighted) sum."""
+    b32, b64 = base.to(F32), _f64(base)
+    d32, d64 = [], []
+    for i, (m, dens, eps) in enumerate(zip(models, recipe.trim_density, recipe.get("epsilon"))):
+        a, a64 = m.to(F32) - b32, _f64(m) - b64
+        keep = della_keep(a, dens, eps, recipe.seed, name, i)
+        s64 = 1.0
+        if recipe.rescale == "l1" and 0.0 < dens < 1.0:
+            mag = a.abs().to(F64)
+            mag = torch.where(torch.isfinite(mag), mag, 0.0)
+            total, kept = float(mag.sum()), float(torch.where(keep, mag, 0.0).sum())
+            s64 = total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0
+        zero32, zero64 = torch.zeros((), dtype=F32), torch.zeros((), dtype=F64)
+        d32.append(torch.where(keep, a * torch.tensor(s64, dtype=F32), zero32))
+        d64.append(torch.where(keep, a64 * s64, zero64))
+    coefs = recipe.coefs
+    if recipe.combine == "ties":
+        vote = torch.zeros_like(d32[0])
+        for w, d in zip(recipe.weights, d32):
+            vote = vote + torch.tensor(w, dtype=F32) * d  # float32, model order
+        pos = vote >= 0
+        num, den = torch.zeros_like(b64), torch.zeros_like(b64)
+        for c, a, a64 in zip(coefs, d32, d64):
+            agree = ((a != 0) & ((a > 0) == pos)).to(F64)
+            num, den = num + agree * (c * a64), den + agree * c
+        m = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0) if recipe.normalize else num
+    else:
+        m = sum(c * a64 for c, a64 in zip(coefs, d64))
+        if recipe.combine == "mean":
+            m = m / sum(coefs)
+    return b64 + recipe.lambda_ * m
+
+
+def sce_keep(d32: list, select_topk: float) -> torch.Tensor | None:
+    """sce's select on the float32 task vectors, by a full sort: the float64 population variance
+    rounded to float32, k = ⌊f32(f32(nnz)·f32(s))⌋, exactly the k largest bits(|σ²|), ties by
+    lowest flat index (a stable descending sort). None: s >= 1 (no select)."""
+    if select_topk >= 1:
+        return None
+    shape = d32[0].shape
+    if select_topk <= 0:
+        return torch.zeros(shape, dtype=torch.bool)
+    var = torch.var(torch.stack(d32).to(F64), dim=0, unbiased=False).to(F32).reshape(-1)
+    nnz = int(torch.count_nonzero(var))
+    prod = torch.tensor(float(nnz), dtype=F32) * torch.tensor(select_topk, dtype=F32)
+    k = int(prod)
+    keys = var.abs().view(torch.int32).to(torch.int64)
+    order = torch.sort(keys, descending=True, stable=True).indices
+    keep = torch.zeros(var.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.reshape(shape)
+
+
+def sce_weights(d32: list) -> list:
+    """sce's Calculate step in float64 from the (masked) float32 task vectors: the mean squares,
+    uniform when their float32 sum is below 1e-6 (mergekit's test on its float32 sum)."""
+    n = len(d32)
+    means = []
+    for d in d32:
+        a = d.to(F64)
+        a = torch.where(torch.isfinite(a), a, 0.0)
+        means.append(float((a * a).mean()))
+    w32 = [float(torch.tensor(x, dtype=F32)) for x in means]
+    total = 0.0
+    for x in w32:  # the float32 running sum
+        total = float(torch.tensor(total, dtype=F32) + torch.tensor(x, dtype=F32))
+    if abs(total) < 1e-6:
+        return [1.0 / n] * n
+    s = sum(means)
+    return [x / s for x in means]
+
+
+def _sce(base, models, recipe):
+    b32, b64 = base.to(F32), _f64(base)
+    d32 = [m.to(F32) - b32 for m in models]
+    d64 = [_f64(m) - b64 for m in models]
+    keep = sce_keep(d32, recipe.get("select_topk"))
+    if keep is not None:
+        d32 = [torch.where(keep, d, torch.zeros((), dtype=F32)) for d in d32]
+        d64 = [torch.where(keep, d, torch.zeros((), dtype=F64)) for d in d64]
+    w = sce_weights(d32)
+    vote = torch.zeros_like(d32[0])
+    for d in d32:
+        vote = vote + d  # float32, model order: the unweighted sign
+    pos = vote >= 0
+    num, den = torch.zeros_like(b64), torch.zeros_like(b64)
+    for wi, a, a64 in zip(w, d32, d64):
+        agree = ((a != 0) & ((a > 0) == pos)).to(F64)
+        num, den = num + agree * (wi * a64), den + agree * wi
+    floor = float(torch.tensor(1e-6, dtype=F32))
+    return b64 + num / torch.clamp(den, min=floor)
+
+
+def fusion_keep(base, model) -> torch.Tensor:
+    """arcee_fusion's mask: torch's float32 row softmax KL of the whole tensor (one call), the
+    importance |x − b|·KL, the quartiles at the exact sorted positions ⌊q·(n − 1)⌋ of a full sort,
+    τ = Q50 + 1.5·(Q75 − Q25) in float32; importance >= τ."""
+    x32, b32 = model.to(F32), base.to(F32)
+    rows = (lambda t: t.reshape(1, -1)) if x32.dim() < 2 else (lambda t: t.reshape(-1, t.shape[-1]))
+    xr, br = rows(x32), rows(b32)
+    p = torch.softmax(xr, dim=-1) + 1e-8
+    q = torch.softmax(br, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    imp = ((xr - br).abs() * kl).reshape(-1)
+    ranked = torch.sort(imp).values  # ascending, NaN last
+    m = imp.numel() - 1
+    q1, med, q3 = ranked[m // 4], ranked[m // 2], ranked[(3 * m) // 4]
+    tau = med + torch.tensor(1.5, dtype=F32) * (q3 - q1)
+    return (imp >= tau).reshape(model.shape)
+
+
+def _arcee_fusion(base, models):
+    b64 = _f64(base)
+    keep = fusion_keep(base, models[0])
+    return b64 + torch.where(keep, _f64(models[0]) - b64, torch.zeros((), dtype=F64))
+
+
 def reference_family_merge(base, models, recipe, name: str = "") -> torch.Tensor:
     """The float64 result of one of the methods above for one tensor."""
     m = recipe.method
@@ -222,7 +368,9 @@ def reference_family_merge(base, models, recipe, name: str = "") -> torch.Tensor
         return _karcher(models, recipe)
     if m == "model_stock":
         return _model_stock(base, models, recipe)
+    if m in ("della", "della_linear"):
+        return _della(base, models, recipe, name)
     raise ValueError(f"no family reference for method {m!r}")
 
 
-__all__ = ["reference_family_merge", "ramplus_lambdas"]
+__all__ = ["reference_family_merge", "ramplus_lambdas", "della_keep"]

@@ -44,6 +44,7 @@ L1_SUMS = "L1 sums (rescale: l1 only)"
 GRAM = "Gram matrix of the vectors (float64)"
 RAM_COUNTS = "shared/unique counts per model"
 WINDOW = "two order statistics per model (window)"
+KEEP_MASK = "row ranks of |δ| (sort), keep bitmask, L1 sums"
 
 DEFAULT_TRIM_DENSITY = 0.2
 MERGEKIT_DOCS = "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md"
@@ -521,6 +522,80 @@ for _name, _combine, _summary, _norm_doc in (
         )
     )
 
+def _della_density() -> Param:
+    return Param(
+        "density",
+        "density",
+        PER_MODEL,
+        FRACTION,
+        1.0,
+        "mean keep probability of the rank-based drop (1: no drop; 0: nothing kept)",
+    )
+
+
+def _della_epsilon() -> Param:
+    return Param(
+        "epsilon",
+        "epsilon",
+        PER_MODEL,
+        NUMBER,
+        0.15,
+        "keep probability spread: density − epsilon for a row's smallest |δ|, density + epsilon "
+        "for its largest (both must lie in (0, 1) when 0 < density < 1)",
+    )
+
+
+def _della_rescale() -> Param:
+    return Param(
+        "rescale",
+        "rescale",
+        MERGE_WIDE,
+        BOOL,
+        True,
+        "kept values × Σ|δ| / Σ|δ kept| over the tensor (mergekit's L1 rescale), or unscaled",
+        gradient=False,
+    )
+
+
+for _name, _combine, _norm, _summary, _norm_doc in (
+    (
+        "della",
+        TIES,
+        True,
+        "drop each δ at random with a keep probability rising with its magnitude rank in its row, "
+        "L1 rescale, elect signs, disjoint mean",
+        _TIES_NORM,
+    ),
+    (
+        "della_linear",
+        SUM,
+        False,
+        "della's rank-based random drop and L1 rescale, then a weighted sum of the deltas",
+        _SUM_NORM,
+    ),
+):
+    register(
+        Method(
+            _name,
+            _summary,
+            "https://arxiv.org/abs/2406.11617",
+            needs_base=True,
+            program=Program(uses_base=True, combine=_combine, dare=False, trim=True, normalize_default=_norm),
+            params=(
+                _weight(),
+                _della_density(),
+                _della_epsilon(),
+                _della_rescale(),
+                _normalize(_norm, _norm_doc),
+                _lambda(),
+                _INT8_MASK,
+            ),
+            family="della",
+            stats=(KEEP_MASK,),
+            features=("keep_mask",),
+        )
+    )
+
 register(
     Method(
         "slerp",
@@ -636,8 +711,6 @@ register(
 # mergekit methods not implemented yet: named in the error so users know it is not a typo
 MERGEKIT_ONLY_METHODS = (
     "arcee_fusion",
-    "della",
-    "della_linear",
     "sce",
 )
 

@@ -1,0 +1,170 @@
+"""della, della_linear: DELLA's magnitude-ranked random drop (mergekit 0.1.5's ``della_magprune``).
+
+Per model i with 0 < density d < 1 (docs/MERGEKIT_METHODS.md E1): the elements are ranked by
+|δ_i| along dim 1 (a 2-D [R, C] weight: within each row; a 1-D tensor is one row; a k-D tensor:
+along its second dim for each index of the others), rank r = 0 for the smallest. Our tie rule:
+ascending (bits(|δ|), flat index), i.e. equal magnitudes rank in index order. Element of rank r
+in a line of C is kept with probability p_r = (d − ε) + 2ε·r/(C − 1) (float64, from the exact
+integer rank; C = 1: p = d, where mergekit divides 0 by 0 and crashes), decided by the Philox
+stream: keep iff philox_u32(seed, name, i, J) < ⌊p_r·2³²⌋ (docs/RANDOMNESS.md, "della"). With
+``rescale`` (default true) the kept values are scaled by Σ|δ_i| / Σ|δ_i kept| over the tensor,
+in float64 over the finite deltas, rounded to float32 (1 when either sum is below mergekit's
+1e-7 guard). d >= 1: unchanged; d <= 0: nothing kept.
+
+Stage A (here, on the host, one model at a time in chunks of whole dim-0 slabs, so the memory is
+bounded by :data:`CHUNK` elements for any tensor whose slab fits) computes the keep bits into one
+bitmask per model (``np.packbits`` little bit order, ``ceil(numel / 8)`` bytes each) and the L1
+factors; stage B is the fused kernel with ``keep_mask`` / ``mask_scale`` (docs/KERNEL.md), then
+the TIES election (della) or the weighted sum (della_linear) as for the other task-vector methods.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from m3kernels.merge.finite import report_non_finite
+from m3kernels.merge.kernel_params import f32, make_params
+from m3kernels.merge.methods import Staged, require
+from m3kernels.merge.philox import M32, dare_key, philox4x32_10
+
+CHUNK = 1 << 20  # elements per stage-A chunk (whole dim-0 slabs; at least one slab)
+L1_GUARD = 1e-7  # mergekit's rescale guard: no rescale when Σ|δ| or Σ|δ kept| is below it
+TWO32 = 4294967296.0
+
+
+def rank_layout(shape) -> tuple[int, int, int]:
+    """(slabs, C, inner): the tensor as [slabs, C, inner] with the ranks along C (dim 1)."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        return 1, 1, 1
+    if len(shape) == 1:
+        return 1, shape[0], 1
+    return shape[0], shape[1], math.prod(shape[2:])
+
+
+def keep_thresholds(density: float, epsilon: float, length: int) -> np.ndarray:
+    """uint64[length]: ⌊p_r·2³²⌋ for ranks r = 0 .. length − 1, p_r = (d − ε) + (2ε)·(r / (C − 1))
+    in float64 (C = 1: p = d)."""
+    if length == 1:
+        return np.array([math.floor(float(density) * TWO32)], dtype=np.uint64)
+    r = np.arange(length, dtype=np.float64)
+    p = (float(density) - float(epsilon)) + (2.0 * float(epsilon)) * (r / float(length - 1))
+    return np.floor(p * TWO32).astype(np.uint64)
+
+
+def check_recipe(recipe) -> None:
+    """mergekit's range check: for 0 < density < 1, density − epsilon > 0 and density + epsilon < 1
+    (with |epsilon|: a negative epsilon, which lowers the probability with the rank as mergekit
+    does, must keep both ends in (0, 1) too)."""
+    for i, (d, e) in enumerate(zip(recipe.trim_density, recipe.get("epsilon"))):
+        if 0.0 < d < 1.0 and not (d - abs(e) > 0.0 and d + abs(e) < 1.0):
+            raise ValueError(
+                f"epsilon: density - epsilon and density + epsilon must lie in (0, 1) for 0 < density < 1 "
+                f"(method {recipe.method!r}), got density {d} and epsilon {e} for model {i}"
+            )
+
+
+def u32_range(key: tuple[int, int], start: int, count: int) -> np.ndarray:
+    """uint64[count]: the Philox words of flat elements start .. start + count − 1 (docs/RANDOMNESS.md)."""
+    q0, q1 = start >> 2, (start + count - 1) >> 2
+    q = np.arange(q0, q1 + 1, dtype=np.uint64)
+    ctr = np.zeros((q.size, 4), dtype=np.uint64)
+    ctr[:, 0] = q & np.uint64(M32)
+    ctr[:, 1] = q >> np.uint64(32)
+    off = start - 4 * q0
+    return philox4x32_10(ctr, key).reshape(-1)[off : off + count]
+
+
+class _Packer:
+    """Packs a stream of keep bits into ``out`` (little bit order), whatever the chunk sizes."""
+
+    def __init__(self, out: np.ndarray):
+        self.out, self.pos, self.pending = out, 0, np.zeros(0, dtype=bool)
+
+    def add(self, bits: np.ndarray) -> None:
+        if self.pending.size:
+            bits = np.concatenate([self.pending, bits])
+        full = bits.size // 8 * 8
+        self.out[self.pos : self.pos + full // 8] = np.packbits(bits[:full], bitorder="little")
+        self.pos += full // 8
+        self.pending = bits[full:]
+
+    def close(self) -> None:
+        if self.pending.size:
+            self.out[self.pos] = np.packbits(self.pending, bitorder="little")[0]
+            self.pos += 1
+            self.pending = np.zeros(0, dtype=bool)
+
+
+def _host_f32(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to("cpu", torch.float32)
+
+
+def model_keep(base, model, density, epsilon, key, out: np.ndarray) -> tuple[float, float, int]:
+    """One model's keep bits packed into ``out`` (uint8[ceil(numel / 8)]), for 0 < density < 1;
+    returns (Σ|δ|, Σ|δ|·keep, non-finite count), float64 over the finite deltas."""
+    slabs, c, inner = rank_layout(model.shape)
+    slab = c * inner
+    rows = max(1, CHUNK // max(1, slab))
+    thr = torch.from_numpy(keep_thresholds(density, epsilon, c).astype(np.int64)).view(1, c, 1)
+    flat_x = model.reshape(-1)
+    flat_b = base.reshape(-1)
+    packer = _Packer(out)
+    total = kept = 0.0
+    bad = 0
+    for a0 in range(0, slabs, rows):
+        a1 = min(slabs, a0 + rows)
+        s, e = a0 * slab, a1 * slab
+        d32 = (_host_f32(flat_x[s:e]) - _host_f32(flat_b[s:e])).view(a1 - a0, c, inner)  # the kernel's δ
+        keys = d32.view(torch.int32) & 0x7FFFFFFF  # bits(|δ|): equal keys keep their index order
+        perm = torch.sort(keys, dim=1, stable=True).indices
+        u = torch.from_numpy(u32_range(key, s, e - s).astype(np.int64)).view(a1 - a0, c, inner)
+        keep = torch.empty(perm.shape, dtype=torch.bool)
+        keep.scatter_(1, perm, torch.gather(u, 1, perm) < thr)  # rank r's threshold at its element
+        keep_np = keep.reshape(-1).numpy()
+        a64 = np.abs(d32.reshape(-1).numpy().astype(np.float64))
+        finite = np.isfinite(a64)
+        if not finite.all():
+            bad += int(a64.size - np.count_nonzero(finite))
+            a64 = np.where(finite, a64, 0.0)
+        total += float(np.sum(a64))
+        kept += float(np.sum(np.where(keep_np, a64, 0.0)))
+        packer.add(keep_np)
+    packer.close()
+    return total, kept, bad
+
+
+def keep_masks(base, models, recipe, name: str):
+    """(keep_mask uint8[n · stride], stride, mask_scale float32[n]) for the tensor, or None when no
+    model drops anything (every density >= 1)."""
+    dens, eps = recipe.trim_density, recipe.get("epsilon")
+    if all(d >= 1.0 for d in dens):
+        return None
+    numel = models[0].numel()
+    stride = (numel + 7) // 8
+    masks = np.zeros((len(models), stride), dtype=np.uint8)
+    scale = np.ones(len(models), dtype=np.float32)
+    bad = np.zeros(len(models), dtype=np.int64)
+    for i, (m, d, e) in enumerate(zip(models, dens, eps)):
+        if d >= 1.0:  # unchanged, unscaled (mergekit returns the delta as it is)
+            masks[i] = 0xFF
+            if numel % 8:
+                masks[i, -1] = (1 << (numel % 8)) - 1
+        elif d > 0.0:
+            total, kept, bad[i] = model_keep(base, m, d, e, dare_key(recipe.seed, name, i), masks[i])
+            if recipe.rescale == "l1" and total >= L1_GUARD and kept >= L1_GUARD:
+                scale[i] = f32(total / kept)
+    report_non_finite(name, bad)
+    return masks.reshape(-1), stride, scale
+
+
+def prepare(base, models, recipe, name: str, backend) -> Staged:
+    p = make_params(recipe, name, True)
+    if all(d >= 1.0 for d in recipe.trim_density):
+        return Staged(p, base, models)  # nothing dropped: the plain TIES / sum program
+    require(backend, recipe.method, "keep_mask")
+    mask, stride, scale = keep_masks(base, models, recipe, name)
+    return Staged(p.with_fields(keep_mask=mask, mask_stride=stride, mask_scale=scale), base, models)
