@@ -346,6 +346,66 @@ def make_family(
     return Family(base_dir, dirs, base, models)
 
 
+
+LORA_EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
+
+
+def write_lora_adapter(
+    folder,
+    shapes: dict,
+    *,
+    targets=("q_proj", "v_proj"),
+    r: int = 4,
+    alpha: float = 8,
+    seed: Seed = 0,
+    dtype=torch.float32,
+    std: float = 0.05,
+    config: dict | None = None,
+) -> Path:
+    """A PEFT LoRA adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``, PEFT's
+    key names) for a model with tensors ``shapes`` ({name: shape}): every 2-D ``M.weight`` whose
+    module's last name part is in ``targets`` gets ``M.lora_A.weight`` (r × in) and
+    ``M.lora_B.weight`` (out × r), an embedding module ``M.lora_embedding_A`` (r × vocab) and
+    ``M.lora_embedding_B`` (dim × r); seeded N(0, std²) values (B nonzero, unlike a fresh
+    adapter) in ``dtype``. ``config`` updates the adapter config (use_rslora, rank_pattern, ...)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    g = _generator(seed)
+    out = {}
+    for name, shape in shapes.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf != "weight" or len(shape) != 2 or module.rpartition(".")[2] not in targets:
+            continue
+        key = f"base_model.model.{module}."
+        if module.rpartition(".")[2] in LORA_EMBEDDING_MODULES:
+            parts = {"lora_embedding_A": (r, shape[0]), "lora_embedding_B": (shape[1], r)}
+        else:
+            parts = {"lora_A.weight": (r, shape[1]), "lora_B.weight": (shape[0], r)}
+        for part, pshape in parts.items():
+            out[key + part] = (torch.randn(pshape, generator=g, dtype=torch.float32) * std).to(dtype)
+    cfg = {
+        "peft_type": "LORA",
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": list(targets),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "task_type": "CAUSAL_LM",
+        **(config or {}),
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    save_file(out, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return folder
+
 # --------------------------------------------------------------------------- large models, streamed
 
 CHUNK = 1 << 22  # elements per seeded chunk (fixed: part of the definition)
@@ -569,6 +629,7 @@ __all__ = [
     "write_checkpoint",
     "Family",
     "make_family",
+    "write_lora_adapter",
     "CHUNK",
     "BASE_STD",
     "NORM_MEAN",

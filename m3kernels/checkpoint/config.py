@@ -601,11 +601,13 @@ def read_config_source(source) -> dict:
 def _model_path(value, key: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise MergeConfigError(f"{key}: expected a model directory path (string), got {value!r}")
-    if "+" in value:
-        raise MergeConfigError(
-            f"{key}: {value!r} names a LoRA ('model+adapter'); LoRA adapters are not supported, "
-            f"merge the adapter into a full checkpoint first"
-        )
+    if "+" in value:  # a LoRA: MODEL+ADAPTER (m3kernels.checkpoint.lora)
+        from m3kernels.checkpoint.lora import split_reference
+
+        try:
+            split_reference(value)
+        except ValueError as exc:
+            raise MergeConfigError(f"{key}: {exc}") from None
     if "@" in value:
         raise MergeConfigError(
             f"{key}: {value!r} names a revision ('model@revision'); only local checkpoint "

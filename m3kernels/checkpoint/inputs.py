@@ -1,7 +1,8 @@
 """Opening a merge's inputs: the config (with a seed override) and the checkpoints it names.
 
 Relative model paths are tried against the working directory, then the config file's folder;
-a checkpoint listed twice is opened once.
+a checkpoint listed twice is opened once. ``MODEL+ADAPTER`` opens the model seen through a PEFT
+LoRA adapter (:class:`~m3kernels.checkpoint.lora.LoraCheckpoint`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 
 from m3kernels.checkpoint.config import MergeConfig, load_config, parse_config, read_config_source
+from m3kernels.checkpoint.lora import LoraCheckpoint, split_reference
 from m3kernels.checkpoint.source import Checkpoint
 from m3kernels.errors import CheckpointError
 
@@ -49,10 +51,19 @@ def open_inputs(cfg: MergeConfig, cfg_dir: Path | None, allow_bin: bool, follow_
     opened: dict = {}
 
     def get(path: str, role: str) -> Checkpoint:
-        p = _resolve_model_path(path, cfg_dir)
+        model, adapter = split_reference(path)  # MODEL+ADAPTER: a LoRA (m3kernels.checkpoint.lora)
+        p = _resolve_model_path(model, cfg_dir)
         key = os.path.realpath(p)
+        if adapter is not None:
+            a = _resolve_model_path(adapter, cfg_dir)
+            key = (key, os.path.realpath(a))
         if key not in opened:
-            opened[key] = Checkpoint(p, role=role, allow_bin=allow_bin, follow_symlinks=follow_symlinks)
+            if adapter is None:
+                opened[key] = Checkpoint(p, role=role, allow_bin=allow_bin, follow_symlinks=follow_symlinks)
+            else:
+                opened[key] = LoraCheckpoint.open(
+                    p, a, role=role, allow_bin=allow_bin, follow_symlinks=follow_symlinks
+                )
         return opened[key]
 
     try:

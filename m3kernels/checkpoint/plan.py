@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from m3kernels.checkpoint.config import MergeConfig, MergeConfigError, layer_index
+from m3kernels.checkpoint.lora import reference
 from m3kernels.checkpoint.safetensors_io import torch_dtype_name
 from m3kernels.checkpoint.source import Checkpoint, TensorMeta
 from m3kernels.errors import TensorMismatchError
@@ -215,9 +216,9 @@ class MergePlan:
         counts = {a: sum(t.action == a for t in self.tensors) for a in (MERGE, VOCAB, COPY)}
         lines = [
             f"method:   {cfg.method}  (seed {self.seed}, trim_scope {cfg.trim_scope})",
-            f"base:     {self.base.path if self.base is not None else '(none)'}",
+            f"base:     {reference(self.base) if self.base is not None else '(none)'}",
         ]
-        lines += [f"model {i + 1}:  {m.path}" for i, m in enumerate(self.models)]
+        lines += [f"model {i + 1}:  {reference(m)}" for i, m in enumerate(self.models)]
         if self.mix_ratios is not None:
             lines.append("M³ ratios: " + ", ".join(f"{r:.6f}" for r in self.mix_ratios))
         lines.append(

@@ -36,10 +36,14 @@ def make_record(plan: MergePlan, out_shard_size: int) -> dict:
     cfg = plan.config
 
     def inputs_of(ck: Checkpoint) -> dict:
-        return {
+        out = {
             "path": str(ck.path.resolve()),
             "files": [{"name": f["name"], "bytes": f["bytes"]} for f in ck.files()],
         }
+        adapter = getattr(ck, "adapter", None)  # a LoRA input (m3kernels.checkpoint.lora)
+        if adapter is not None:
+            out["lora_adapter"] = adapter.describe()
+        return out
 
     return {
         "m3kernels_version": __version__,
