@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from m3kernels.checkpoint.config import MergeConfig, MergeConfigError, load_config
-from m3kernels.merge.recipe import DEFAULT_TRIM_DENSITY, PRESETS, make_recipe
+from m3kernels.merge.recipe import PRESETS, make_recipe
 from m3kernels.merge.reference import reference_merge
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "python" / "configs"
@@ -286,16 +286,16 @@ def test_defaults_left_to_recipe():
     kw = cfg.tensor_kwargs("model.layers.0.mlp.up_proj.weight", 2)
     assert kw == {
         "weights": [1.0, 1.0],
-        "density": None,
+        "density": [1.0, 1.0],  # mergekit's default density (no trim), not the API's 0.2
         "drop_rate": None,
         "normalize": None,
         "rescale": None,
         "lambda_": 1.0,
     }
     rec = make_recipe(2, method="ties", has_base=True, **kw)
-    assert rec.trim_density == (DEFAULT_TRIM_DENSITY,) * 2 and rec.normalize is True
+    assert rec.trim_density == (1.0,) * 2 and rec.normalize is True
     assert cfg.seed == 0 and cfg.trim_scope == "tensor" and cfg.mixup is None
-    # a density for one model only: the others get the TIES default, not mergekit's 1.0
+    # a density for one model only: the others get mergekit's 1.0 (tests/test_config_defaults.py)
     cfg = load_config(
         {
             "merge_method": "ties",
@@ -303,7 +303,7 @@ def test_defaults_left_to_recipe():
             "models": [{"model": "x", "parameters": {"density": 0.6}}, {"model": "y"}],
         }
     )
-    assert cfg.tensor_kwargs("lm_head.weight", 2)["density"] == [0.6, DEFAULT_TRIM_DENSITY]
+    assert cfg.tensor_kwargs("lm_head.weight", 2)["density"] == [0.6, 1.0]
 
 
 def test_drop_rate_and_density_for_dare_methods():
@@ -333,9 +333,9 @@ def test_drop_rate_and_density_for_dare_methods():
     )
     kw = cfg.tensor_kwargs("model.layers.1.mlp.up_proj.weight", 2)
     assert kw["drop_rate"] == pytest.approx([0.9, 0.5])
-    assert kw["density"] == [DEFAULT_TRIM_DENSITY, 0.3]
+    assert kw["density"] == [1.0, 0.3]  # a config's unset trim density: mergekit's 1
     rec = make_recipe(2, method="ties_dare", has_base=True, **kw)
-    assert rec.dare_density == pytest.approx((0.1, 0.5)) and rec.trim_density == (0.2, 0.3)
+    assert rec.dare_density == pytest.approx((0.1, 0.5)) and rec.trim_density == (1.0, 0.3)
 
 
 def test_numbers_written_as_strings():
@@ -663,12 +663,8 @@ REJECT = [
     (with_top_params("ties", int8_mask=1), "parameters.int8_mask"),
     (with_top_params("ties", rescale=True), "parameters.rescale"),
     (with_top_params("dare_ties", density=0.5, rescale="l2"), "parameters.rescale"),
-    (with_top_params("task_arithmetic", density=0.5), "parameters.density"),
-    (with_top_params("linear", density=0.5), "parameters.density"),
     (with_top_params("dare_linear", density=0.5, drop_rate=0.2), "drop_rate"),  # disagree
-    (with_top_params("linear", **{"lambda": 0.5}), "parameters.lambda"),
     (with_top_params("task_arithmetic", **{"lambda": ".nan"}), "parameters.lambda"),
-    (with_top_params("dare_ties"), "density"),  # DARE needs a density
     (with_top_params("ties_dare", density=0.5), "drop_rate"),  # ties_dare: drop_rate too
     (with_top_params("linear", weight=0.0), "weights"),  # normalizing by 0
     (with_top_params("ties", density=0.2) | {"parameters": [1]}, "parameters"),
@@ -732,7 +728,7 @@ def test_bad_sources(tmp_path):
 
 
 def test_dare_density_missing_for_a_filtered_tensor():
-    """A DARE density given only by a filter: tensors it misses are an error naming both."""
+    """A DARE density given only by a filter: tensors it misses get mergekit's default 1 (no drop)."""
     cfg = load_config(
         {
             "merge_method": "dare_linear",
@@ -753,8 +749,7 @@ def test_dare_density_missing_for_a_filtered_tensor():
         }
     )
     assert cfg.tensor_kwargs("model.layers.0.mlp.up_proj.weight", 2)["density"] == [0.5]
-    with pytest.raises(MergeConfigError, match="x.*model.rotary"):
-        cfg.tensor_kwargs("model.rotary.inv_freq", 2)
+    assert cfg.tensor_kwargs("model.rotary.inv_freq", 2)["density"] == [1.0]
 
 
 def test_the_full_example_in_docs_parses():

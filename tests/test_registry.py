@@ -15,6 +15,7 @@ import yaml
 import m3kernels
 from m3kernels import cli
 from m3kernels.backends import cpu as cpu_backend
+from m3kernels.checkpoint import config
 from m3kernels.checkpoint.config import MergeConfigError, load_config
 from m3kernels.merge import registry
 from m3kernels.merge.methods import missing_features
@@ -193,8 +194,10 @@ UNTAKEN = [
     (m.name, q)
     for m in registry.METHODS.values()
     for q in registry.all_config_params()
-    if not m.takes(q, in_config=True) and q not in {"rescale"}
-]  # rescale: false is mergekit's no-op default (accepted)
+    if not m.takes(q, in_config=True)
+    and q not in {"rescale"}
+    and q not in config.IGNORED_LIKE_MERGEKIT.get(m.name, ())
+]  # rescale: false is mergekit's no-op default (accepted); mergekit ignores density under task_arithmetic
 
 
 @pytest.mark.parametrize("name,param", UNTAKEN, ids=[f"{n}-{p}" for n, p in UNTAKEN])

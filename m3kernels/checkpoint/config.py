@@ -11,10 +11,12 @@ format, our extensions and the differences from mergekit.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import re
 import stat
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +33,7 @@ from m3kernels.merge.registry import (
     MERGE_WIDE,
     MIX_NONE,
     PER_MODEL,
+    REQUIRED,
     RESCALE,
     Method,
     all_config_params,
@@ -46,6 +49,81 @@ class MergeConfigError(M3KError, ValueError):
 
     Part of the package's one error hierarchy (:class:`m3kernels.errors.M3KError`), and a
     ``ValueError`` like every other bad-argument error of the API."""
+
+
+class ConfigProblems(MergeConfigError):
+    """Several blockers of one config, reported at once: ``problems`` holds one message each
+    (the method's first, then in the order of the file), the message all of them on one line."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__(join_problems(self.problems))
+
+
+class MultiDocumentConfig(MergeConfigError):
+    """A file of several YAML documents (mergekit-multi's format) where one config was expected;
+    ``documents``: how many the file holds (at least 2)."""
+
+    def __init__(self, message: str, documents: int):
+        super().__init__(message)
+        self.documents = documents
+
+
+log = logging.getLogger("m3kernels")
+
+MAX_PROBLEMS_SHOWN = 15  # a config with more blockers lists these and counts the rest
+MAX_MESSAGE_CHARS = 2000  # the joined message stays one line of about this length
+
+
+def join_problems(messages) -> str:
+    """Every blocker on one line: ``N problems: [1] ...; [2] ...`` (each cut evenly when the line
+    would pass MAX_MESSAGE_CHARS, so that every one stays named)."""
+    msgs = list(messages)
+    shown, rest = msgs[:MAX_PROBLEMS_SHOWN], len(msgs) - MAX_PROBLEMS_SHOWN
+    head = f"{len(msgs)} problems in this config (fix all of them): "
+    tail = f"; and {rest} more" if rest > 0 else ""
+    room = (MAX_MESSAGE_CHARS - len(head) - len(tail)) // len(shown) - 6
+    parts = [f"[{i}] {m if len(m) <= room else m[: room - 1] + '…'}" for i, m in enumerate(shown, 1)]
+    return head + "; ".join(parts) + tail
+
+
+class Problems:
+    """Collects the blockers of a config while it is read, so that one error lists them all.
+
+    ``with problems.catch(): ...`` records the MergeConfigError a step raises and goes on;
+    ``problems.add(msg)`` records one directly; ``first=True`` puts it before the others (the
+    method). ``raise_if_any`` raises one MergeConfigError for one problem, ConfigProblems for more.
+    """
+
+    def __init__(self):
+        self._items: list = []
+
+    def add(self, message: str, *, first: bool = False) -> None:
+        if all(message != m for _, _, m in self._items):
+            self._items.append((0 if first else 1, len(self._items), message))
+
+    @contextmanager
+    def catch(self, *, first: bool = False):
+        try:
+            yield
+        except ConfigProblems as exc:
+            for m in exc.problems:
+                self.add(m, first=first)
+        except MergeConfigError as exc:
+            self.add(str(exc), first=first)
+
+    def messages(self) -> list:
+        return [m for _, _, m in sorted(self._items)]
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def raise_if_any(self) -> None:
+        msgs = self.messages()
+        if len(msgs) == 1:
+            raise MergeConfigError(msgs[0])
+        if msgs:
+            raise ConfigProblems(msgs)
 
 
 # ---------------------------------------------------------------------------------------
@@ -67,16 +145,13 @@ TOP_LEVEL_KEYS = (
     "mixup",
     "name",
     "slices",
+    "modules",
+    "tokenizer",  # m3kernels.checkpoint.tokenizer
+    "chat_template",  # m3kernels.checkpoint.chat_template
 )
 # mergekit keys that change the output and that we do not implement (a null value is fine);
-# 'slices' is read in its trivial form only (one slice, every source over all layers: _slices)
-REJECTED_TOP_LEVEL = {
-    "modules": "multi-module merges are not supported; list whole models under 'models'",
-    "tokenizer": "the tokenizer block (token unions, added tokens) is not supported; "
-    "only 'tokenizer_source: base' is",
-    "chat_template": "writing a chat template is not supported; the base model's tokenizer "
-    "files are copied unchanged",
-}
+# 'slices' and 'modules' are read by m3kernels.checkpoint.slices
+REJECTED_TOP_LEVEL: dict = {}
 
 # parameter names of all methods, from the registry (m3kernels.merge.registry)
 PER_MODEL_PARAMETERS = all_config_params(PER_MODEL)
@@ -234,9 +309,12 @@ def _leaf(value, kind: str, key: str):
     if kind == "rescale":
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.strip().lower() == "l1":
-            return "l1"
-        raise MergeConfigError(f"{key}: expected true, false or 'l1', got {value!r}")
+        if isinstance(value, str) and value.strip().lower() in ("l1", "density"):
+            return value.strip().lower()
+        raise MergeConfigError(
+            f"{key}: expected true (mergekit's L1 rescale), false, 'l1' or 'density' (× 1/density, "
+            f"the DARE paper's), got {_short(value)}"
+        )
     # number / fraction
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise MergeConfigError(f"{key}: expected a number, got {value!r}")
@@ -315,6 +393,31 @@ def parse_setting(raw, name: str, key: str, method: Method | str) -> Setting:
     return _value_setting(raw, kind, key, gradient)
 
 
+def _mergekit_densities(method: Method, dens: list, drops: list) -> list:
+    """The per-model densities with mergekit's default filled in where a model sets none: 1.0
+    (no trim, no drop) for every method that takes density (docs/MERGEKIT_PARITY.md D6, D7).
+    A DARE model with a drop_rate keeps it (density = 1 − drop_rate); ``ties_dare``'s density
+    is its trim. The tensor API keeps its own defaults (ties 0.2; DARE needs a density)."""
+    p = method.param("density")
+    if p is None or not p.config:
+        return dens
+    default = p.default if p.config_default is None else p.config_default
+    if default is REQUIRED:
+        return dens
+    dare_only = method.dare and not method.trim
+    return [default if d is None and (not dare_only or q is None) else d for d, q in zip(dens, drops)]
+
+
+def config_rescale(method: Method, value):
+    """A DARE method's ``rescale`` as a config means it, for make_recipe: true (and unset: the
+    default) is mergekit 0.1.5's L1 norm-preserving rescale ('l1', D8); 'density' the DARE
+    paper's × 1/density (the tensor API's true); false no rescale."""
+    p = method.param("rescale")
+    if value is None and p is not None:
+        value = p.config_default
+    return "l1" if value is True else value
+
+
 def _integral(value, p, tensor_name: str):
     """An INT parameter's value at a tensor (a gradient may interpolate to a non-integer)."""
     if value is None or p.kind != INT or isinstance(value, int):
@@ -341,7 +444,7 @@ class MergeConfig:
     models: list  # fine-tuned model paths, in order
     dtype: str | None  # 'float32' | 'bfloat16' | 'float16'
     out_dtype: str | None
-    tokenizer_source: str | None  # None or 'base'
+    tokenizer_source: str | None  # None, 'base', 'union' or a model path (see `tokenizer`)
     seed: int
     trim_scope: str  # 'tensor' | 'model'
     mixup: dict | None  # {'alpha': a, 'seed': s} or {'lambda': l}
@@ -350,19 +453,24 @@ class MergeConfig:
     model_parameters: list = field(default_factory=list, repr=False)
     parameters: dict = field(default_factory=dict, repr=False)
     layer_range: int | None = None  # slices: L of the one [0, L] range (must be every layer)
+    slices: Any = None  # a sliced config: m3kernels.checkpoint.slices.SlicedConfig
+    tokenizer: Any = None  # tokenizer_source / tokenizer: m3kernels.checkpoint.tokenizer.TokenizerSettings
+    chat_template: str | None = None  # as written (a built-in name, 'auto' or a template)
 
     def _per_model(self, name: str, tensor_name: str, t: float) -> list:
         """A per-model parameter for each model: the model's own setting, else the top
         level's (also when the model's filters match nothing), else None."""
         out = []
         top = self.parameters.get(name)
-        for params in self.model_parameters:
+        # kwargs_at's per-model names (a sliced merge: each source's own layer index)
+        names = getattr(self, "_model_names", None) or [tensor_name] * len(self.model_parameters)
+        for params, own_name in zip(self.model_parameters, names):
             value = None
             own = params.get(name)
             if own is not None:
-                value = own.at(tensor_name, t)
+                value = own.at(own_name, t)
             if value is None and top is not None:
-                value = top.at(tensor_name, t)
+                value = top.at(own_name, t)
             out.append(value)
         return out
 
@@ -378,9 +486,22 @@ class MergeConfig:
         if self.layer_range is not None and num_layers != self.layer_range:
             raise MergeConfigError(
                 f"slices[0]: layer_range [0, {self.layer_range}] must cover every layer of the model "
-                f"({num_layers} layers); only a whole-model slice (the same as 'models') is supported"
+                f"({num_layers} layers) to be read as 'models'; merge_checkpoints plans it as slices "
+                f"(m3kernels.checkpoint.slices)"
             )
-        t = tensor_position(tensor_name, num_layers)
+        return self.kwargs_at(tensor_name, tensor_position(tensor_name, num_layers))
+
+    def kwargs_at(self, tensor_name: str, t: float, model_names: list | None = None) -> dict:
+        """``tensor_kwargs`` at the gradient position ``t`` (a slice's own: slices.py);
+        ``model_names``: the input tensor name of each model, which its per-model filters match
+        (mergekit: a source's own layer index), else ``tensor_name``."""
+        self._model_names = model_names
+        try:
+            return self._kwargs_at(tensor_name, t)
+        finally:
+            self._model_names = None
+
+    def _kwargs_at(self, tensor_name: str, t: float) -> dict:
         method = get_method(self.method)
         out: dict = dict(
             weights=None, density=None, drop_rate=None, normalize=None, rescale=None, lambda_=1.0
@@ -389,6 +510,7 @@ class MergeConfig:
             out["weights"] = [1.0 if w is None else w for w in self._per_model("weight", tensor_name, t)]
         dens = self._per_model("density", tensor_name, t)
         drops = self._per_model("drop_rate", tensor_name, t)
+        dens = _mergekit_densities(method, dens, drops)
         try:
             dare_density, trim_density = resolve_sparsity(method, dens, drops)
         except SparsityError as exc:
@@ -411,6 +533,8 @@ class MergeConfig:
         if method.takes("rescale"):
             takes = method.dare or method.kind_of("rescale") == "bool"  # della: true = the L1 rescale
             out["rescale"] = self._merge_wide("rescale", tensor_name, t) if takes else None
+            if method.dare:  # true (and unset) in a config: mergekit's L1 rescale (D8)
+                out["rescale"] = config_rescale(method, out["rescale"])
         if method.takes("lambda"):
             lam = self._merge_wide("lambda", tensor_name, t)
             out["lambda_"] = 1.0 if lam is None else float(lam)
@@ -444,6 +568,8 @@ class MergeConfig:
         """The M³ ratios of this merge (one draw, from mixup.seed), None without M³."""
         if self.mixup is None:
             return None
+        if self.slices is not None:  # every slice merges the same number of models (slices.py)
+            return self.slices.mix_ratios()
         n = get_method(self.method).mix_count(len(self.models))
         if "lambda" in self.mixup:
             return normalize_mix_ratios(self.mixup["lambda"], n)
@@ -529,6 +655,10 @@ def _parse_yaml(text: str, origin: str) -> Any:
         loader = _StrictLoader(text)  # the reader checks the characters here
         loader.origin = origin
         return loader.get_single_data()
+    except yaml.composer.ComposerError as e:
+        if "single document" not in str(e.context):
+            raise MergeConfigError(f"{origin}: not valid YAML: {' '.join(str(e).split())[:200]}") from None
+        raise _multi_document(text, origin) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
@@ -542,6 +672,27 @@ def _parse_yaml(text: str, origin: str) -> Any:
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def count_documents(text: str) -> int:
+    """How many YAML documents ``text`` holds (its parse events only: no node is built)."""
+    try:
+        return sum(isinstance(ev, yaml.DocumentStartEvent) for ev in yaml.parse(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:
+        return 2  # a later document does not parse; there are at least two
+
+
+def _multi_document(text: str, origin: str) -> MultiDocumentConfig:
+    """The error for a file of several YAML documents: mergekit-multi's format (each document a
+    merge with a ``name``, later ones naming earlier outputs as models). A reader of such files
+    catches MultiDocumentConfig (its ``documents`` counts them)."""
+    n = count_documents(text)
+    return MultiDocumentConfig(
+        f"{origin}: {n} YAML documents (separated by '---') in one file, the format of "
+        f"mergekit-multi (several merges, later ones naming earlier outputs); a merge config here "
+        f"is one document: put each in its own file and merge them in order",
+        n,
+    )
 
 
 def _read_config_file(path: str) -> str:
@@ -620,32 +771,86 @@ def _same_path(a: str, b: str) -> bool:
     return os.path.normpath(a) == os.path.normpath(b)
 
 
-def _parse_parameters(raw, key: str, scope: str | None, method: Method) -> dict:
+# mergekit 0.1.5 accepts these for a method and does nothing with them (task_arithmetic has no
+# sparsifier; linear reads neither): accepted with no effect and one warning (docs/CONFIG.md)
+IGNORED_LIKE_MERGEKIT = {
+    "task_arithmetic": ("density", "rescale"),
+    "linear": ("density", "rescale", "lambda"),
+    "sce": ("weight",),  # published sce configs set per-model weights; mergekit never reads them
+}
+# what mergekit does with a parameter we do not implement for that method (the error says so)
+NOT_IMPLEMENTED_PARAMS = {
+    (m, "rescale"): f"rescale: true under {m!r} is mergekit's L1 rescale of the kept deltas after "
+    f"its {trim} (kept × Σ|δ| / Σ|kept δ| per model and tensor), which m3kernels does not implement "
+    f"for {m!r}; remove it or set it false to merge without the rescale"
+    for m, trim in (
+        ("ties", "magnitude trim"),
+        ("breadcrumbs", "window trim"),
+        ("breadcrumbs_ties", "window trim"),
+    )
+}
+_IGNORED = object()  # _parse_parameter's result for an accepted parameter without effect
+_warned: set = set()
+
+
+def _warn_ignored(method: Method, name: str, key: str) -> None:
+    if (method.name, name) not in _warned:
+        _warned.add((method.name, name))
+        log.warning(
+            "%s: method %r does not use %r; accepted with no effect, as mergekit 0.1.5 does",
+            key,
+            method.name,
+            name,
+        )
+
+
+def _parse_parameter(name, value, key: str, scope: str | None, method: Method):
+    """One entry of a ``parameters`` block: its Setting, or _IGNORED (MergeConfigError otherwise)."""
+    if name not in ALL_PARAMETERS:
+        raise MergeConfigError(
+            f"{key}: unknown or unsupported parameter; supported: {', '.join(ALL_PARAMETERS)}"
+        )
+    if not method.takes(name, in_config=True):
+        if name in NO_OP_WHEN_NOT_TAKEN and value is NO_OP_WHEN_NOT_TAKEN[name]:
+            return _IGNORED  # e.g. rescale: false, mergekit's default: no effect
+        if name in IGNORED_LIKE_MERGEKIT.get(method.name, ()):
+            _warn_ignored(method, name, key)
+            return _IGNORED
+        if (method.name, name) in NOT_IMPLEMENTED_PARAMS:
+            raise MergeConfigError(f"{key}: {NOT_IMPLEMENTED_PARAMS[method.name, name]}")
+        raise MergeConfigError(f"{key[: -len(name)]}{not_taken(method, name)}")
+    if scope == PER_MODEL and method.param(name).scope != PER_MODEL:
+        raise MergeConfigError(
+            f"{key}: a merge-wide parameter; set it in the top-level 'parameters' "
+            f"(mergekit ignores it per model). Per-model parameters: "
+            f"{', '.join(method.config_params(PER_MODEL)) or 'none'}"
+        )
+    return parse_setting(value, name, key, method)
+
+
+def _parse_parameters(raw, key: str, scope: str | None, method: Method | None, problems: Problems) -> dict:
     """The parameters of one ``parameters`` block (``scope`` PER_MODEL: a model's own block,
     which may hold per-model parameters only; None: the top level, which may hold any): each
     must be one ``method`` takes (except mergekit's no-op defaults), parsed as that method's
-    parameter."""
+    parameter. Every problem goes to ``problems``; ``method`` None (not supported): names only."""
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise MergeConfigError(f"{key}: expected a mapping of parameter names, got {raw!r}")
+        problems.add(f"{key}: expected a mapping of parameter names, got {_short(raw)}")
+        return {}
     out = {}
     for name, value in raw.items():
-        if name not in ALL_PARAMETERS:
-            raise MergeConfigError(
-                f"{key}.{name}: unknown or unsupported parameter; supported: {', '.join(ALL_PARAMETERS)}"
-            )
-        if not method.takes(name, in_config=True):
-            if name in NO_OP_WHEN_NOT_TAKEN and value is NO_OP_WHEN_NOT_TAKEN[name]:
-                continue  # e.g. rescale: false, mergekit's default: no effect
-            raise MergeConfigError(f"{key}.{not_taken(method, name)}")
-        if scope == PER_MODEL and method.param(name).scope != PER_MODEL:
-            raise MergeConfigError(
-                f"{key}.{name}: a merge-wide parameter; set it in the top-level 'parameters' "
-                f"(mergekit ignores it per model). Per-model parameters: "
-                f"{', '.join(method.config_params(PER_MODEL)) or 'none'}"
-            )
-        out[name] = parse_setting(value, name, f"{key}.{name}", method)
+        pkey = f"{key}.{name}"
+        if method is None:  # the method is reported; unknown names still are
+            if name not in ALL_PARAMETERS:
+                problems.add(
+                    f"{pkey}: unknown or unsupported parameter; supported: {', '.join(ALL_PARAMETERS)}"
+                )
+            continue
+        with problems.catch():
+            setting = _parse_parameter(name, value, pkey, scope, method)
+            if setting is not _IGNORED:
+                out[name] = setting
     return out
 
 
@@ -751,145 +956,156 @@ def _dry_run(cfg: MergeConfig) -> None:
             raise MergeConfigError(f"{e} (checking the parameters of tensor {name!r})") from None
 
 
-def _slices(raw: dict) -> tuple[list, int]:
-    """mergekit's ``slices`` in its trivial form, as ``models`` entries: one slice whose sources
-    all cover the same layer range [0, L] (checked against the models' layer count when the
-    plan is made). Anything else (several slices, partial ranges: frankenmerges) is rejected."""
-    sl = raw["slices"]
-    if raw.get("models") is not None:
-        raise MergeConfigError("slices: give 'models' or 'slices', not both")
-    if not isinstance(sl, list) or len(sl) != 1 or not isinstance(sl[0], dict):
-        raise MergeConfigError(
-            "slices: only one slice covering every layer is supported (the same as 'models'); "
-            "layer slicing across models (frankenmerges) is not"
-        )
-    extra = set(sl[0]) - {"sources"}
-    if extra:
-        raise MergeConfigError(f"slices[0].{sorted(extra)[0]}: unknown key; a slice has 'sources'")
-    sources = sl[0].get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise MergeConfigError("slices[0].sources: expected a non-empty list of {model, layer_range}")
-    entries, ends = [], set()
-    for i, src in enumerate(sources):
-        key = f"slices[0].sources[{i}]"
-        if not isinstance(src, dict):
-            raise MergeConfigError(f"{key}: expected {{model, layer_range, parameters}}, got {src!r}")
-        extra = set(src) - {"model", "layer_range", "parameters"}
-        if extra:
-            raise MergeConfigError(
-                f"{key}.{sorted(extra)[0]}: unknown key; a source has model, layer_range, parameters"
-            )
-        lr = src.get("layer_range")
-        if (
-            not isinstance(lr, list)
-            or len(lr) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in lr)
-            or lr[0] != 0
-            or lr[1] < 1
-        ):
-            raise MergeConfigError(
-                f"{key}.layer_range: expected [0, L] (every layer of the model), got {lr!r}; "
-                "partial layer ranges (frankenmerges) are not supported"
-            )
-        ends.add(lr[1])
-        entry = {"model": src.get("model")}
-        if src.get("parameters") is not None:
-            entry["parameters"] = src["parameters"]
-        entries.append(entry)
-    if len(ends) != 1:
-        raise MergeConfigError(
-            f"slices[0].sources: every source must cover the same layers [0, L], got {sorted(ends)}"
-        )
-    return entries, ends.pop()
-
-
-def parse_config(raw: dict) -> MergeConfig:
-    """Validate a config dict (as read from YAML) into a MergeConfig."""
+def _check_top_level_keys(raw: dict) -> list:
+    """Keys we do not know, and mergekit keys we do not implement (REJECTED_TOP_LEVEL; null is fine)."""
+    out = []
     for key in raw:
         if key in REJECTED_TOP_LEVEL:
             if raw[key] is not None:
-                raise MergeConfigError(f"{key}: {REJECTED_TOP_LEVEL[key]}")
+                out.append(f"{key}: {REJECTED_TOP_LEVEL[key]}")
         elif key not in TOP_LEVEL_KEYS:
-            raise MergeConfigError(f"{key}: unknown key; supported: {', '.join(TOP_LEVEL_KEYS)}")
+            name = key if isinstance(key, str) else _short(key)
+            out.append(f"{name}: unknown key; supported: {', '.join(TOP_LEVEL_KEYS)}")
+    return out
 
-    method = _parse_method(raw.get("merge_method"))
-    preset = get_method(method)
 
-    base = raw.get("base_model")
-    if base is not None:
-        base = _model_path(base, "base_model")
-    if preset.needs_base and base is None:
-        raise MergeConfigError(f"base_model: method {method!r} needs a base model")
+# Whole-config checks run first, each ``check(raw) -> list of messages`` (one per blocker it finds;
+# the parse then goes on and reports its own): every blocker of a config is reported at once.
+# A feature that gets supported removes its message from its check (or its entry from here).
+CONFIG_CHECKS: list = [_check_top_level_keys]
 
-    layer_range = None
-    if raw.get("slices") is not None:
-        entries, layer_range = _slices(raw)
-    else:
-        entries = raw.get("models")
-    if not isinstance(entries, list) or not entries:
-        raise MergeConfigError(
-            "models: expected a non-empty list of {model: PATH, parameters: {...}} entries"
-        )
+
+def _parse_tokenizer_source(raw: dict, base, models):
+    """(tokenizer_source as given or 'union' for a tokenizer block, TokenizerSettings) or (None, None)."""
+    from m3kernels.checkpoint.tokenizer import parse_tokenizer_settings  # builds on this module
+
+    settings = parse_tokenizer_settings(raw, base, ([base] if base is not None else []) + list(models))
+    return (None, None) if settings is None else (settings.source, settings)
+
+
+def _parse_chat_template(value):
+    from m3kernels.checkpoint.chat_template import ChatTemplateError, check_chat_template
+
+    try:
+        return check_chat_template(value)
+    except ChatTemplateError as exc:
+        raise MergeConfigError(str(exc)) from None
+
+
+def _parse_models(entries, base, preset: Method | None, problems: Problems):
+    """The ``models`` entries -> (model paths, [(entry index, parsed parameters)]); every problem
+    goes to ``problems``. ``preset`` None: the method is not supported (parameters not checked
+    against it; the base is kept out of the models as most methods do)."""
     models, per_model, seen = [], [], []
     base_listed = False
     for i, entry in enumerate(entries):
         key = f"models[{i}]"
         if not isinstance(entry, dict):
-            raise MergeConfigError(f"{key}: expected {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+            problems.add(f"{key}: expected {{model: PATH, parameters: {{...}}}}, got {_short(entry)}")
+            continue
         extra = set(entry) - {"model", "parameters"}
         if extra:
-            raise MergeConfigError(
-                f"{key}.{sorted(extra)[0]}: unknown key; a model entry has 'model' and 'parameters'"
+            problems.add(
+                f"{key}.{sorted(map(str, extra))[0]}: unknown key; a model entry has 'model' and 'parameters'"
             )
-        path = _model_path(entry.get("model"), f"{key}.model")
-        params = _parse_parameters(entry.get("parameters"), f"{key}.parameters", PER_MODEL, preset)
+        params = _parse_parameters(entry.get("parameters"), f"{key}.parameters", PER_MODEL, preset, problems)
+        path = None
+        with problems.catch():
+            path = _model_path(entry.get("model"), f"{key}.model")
+        if path is None:
+            continue
         if any(_same_path(path, p) for p in seen):
-            raise MergeConfigError(f"{key}.model: {path!r} is listed twice")
+            problems.add(f"{key}.model: {path!r} is listed twice")
+            continue
         seen.append(path)
         if base is not None and _same_path(path, base):
             base_listed = True
-            if preset.uses_base:  # the base is θ0, not one of the merged models
+            if preset is None or preset.uses_base:  # the base is θ0, not one of the merged models
                 continue
         models.append(path)
         per_model.append((i, params))
-    if base is not None and not preset.uses_base and not base_listed and preset.base_as_model:
-        models.append(base)  # mergekit: an unlisted base is one more input, appended last
-        per_model.append((len(entries), {}))
-    elif base is not None and not preset.uses_base and not base_listed:
-        raise MergeConfigError(
-            f"base_model: method {method!r} does not use a base model; mergekit would add an "
-            f"unlisted base_model as one more averaged model. List it under models (with its "
-            f"weight) to average it in, or remove base_model"
-        )
-    if not models:
-        raise MergeConfigError("models: no model to merge besides the base model")
+    return models, per_model, base_listed
 
-    top = _parse_parameters(raw.get("parameters"), "parameters", None, preset)
-    try:
-        preset.check_model_count(len(models))
-    except ValueError as exc:
-        raise MergeConfigError(str(exc)) from None
 
-    dtype = canonical_dtype(raw.get("dtype"), "dtype")
-    out_dtype = canonical_dtype(raw.get("out_dtype"), "out_dtype")
+def parse_config(raw: dict) -> MergeConfig:
+    """Validate a config dict (as read from YAML) into a MergeConfig.
 
-    tok = raw.get("tokenizer_source")
-    if tok is not None:
-        if tok != "base":
-            raise MergeConfigError(
-                f"tokenizer_source: {tok!r} is not supported; only 'base' "
-                f"(copy the base model's tokenizer) or leaving it out"
+    Every blocker is collected (:class:`Problems`) and reported in one MergeConfigError
+    (:class:`ConfigProblems` when there are several), the method's first."""
+    if raw.get("slices") is not None or raw.get("modules") is not None:
+        from m3kernels.checkpoint.slices import parse_sliced  # builds on this module
+
+        return parse_sliced(raw)  # the whole-model slice is read as models there
+    problems = Problems()
+    for check in CONFIG_CHECKS:
+        for message in check(raw) or ():
+            problems.add(message)
+
+    method = preset = None
+    with problems.catch(first=True):
+        method = _parse_method(raw.get("merge_method"))
+        preset = get_method(method)
+
+    base = raw.get("base_model")
+    if base is not None:
+        with problems.catch():
+            base = None
+            base = _model_path(raw.get("base_model"), "base_model")
+    elif preset is not None and preset.needs_base:
+        problems.add(f"base_model: method {method!r} needs a base model")
+
+    layer_range = None  # slices (m3kernels.checkpoint.slices) returned above
+    entries = raw.get("models")
+    if not isinstance(entries, list) or not entries:
+        problems.add("models: expected a non-empty list of {model: PATH, parameters: {...}} entries")
+        entries = None
+    models, per_model, base_listed = [], [], False
+    if entries is not None:
+        models, per_model, base_listed = _parse_models(entries, base, preset, problems)
+    if preset is not None and base is not None and not preset.uses_base and not base_listed:
+        if preset.base_as_model:
+            models.append(base)  # mergekit: an unlisted base is one more input, appended last
+            per_model.append((len(entries or ()), {}))
+        else:
+            problems.add(
+                f"base_model: method {method!r} does not use a base model; mergekit would add an "
+                f"unlisted base_model as one more averaged model. List it under models (with its "
+                f"weight) to average it in, or remove base_model"
             )
-        if base is None:
-            raise MergeConfigError("tokenizer_source: 'base' needs a base_model")
+    if entries is not None and not models and not problems:
+        problems.add("models: no model to merge besides the base model")
 
-    seed = _check_int(raw.get("seed", 0), "seed", MAX_SEED)
+    top = _parse_parameters(raw.get("parameters"), "parameters", None, preset, problems)
+    if preset is not None and models:
+        try:
+            preset.check_model_count(len(models))
+        except ValueError as exc:
+            problems.add(str(exc))
+
+    dtype = out_dtype = tok = tok_settings = chat = None
+    with problems.catch():
+        dtype = canonical_dtype(raw.get("dtype"), "dtype")
+    with problems.catch():
+        out_dtype = canonical_dtype(raw.get("out_dtype"), "out_dtype")
+    with problems.catch():
+        tok, tok_settings = _parse_tokenizer_source(raw, base, models)
+    with problems.catch():
+        chat = _parse_chat_template(raw.get("chat_template"))
+
+    seed = 0
+    with problems.catch():
+        seed = _check_int(raw.get("seed", 0), "seed", MAX_SEED)
     scope = raw.get("trim_scope", "tensor")
     if scope not in TRIM_SCOPES:
-        raise MergeConfigError(f"trim_scope: {scope!r} is not supported; use 'tensor' or 'model'")
+        problems.add(f"trim_scope: {_short(scope)} is not supported; use 'tensor' or 'model'")
     name = raw.get("name")
     if name is not None and not isinstance(name, str):
-        raise MergeConfigError(f"name: expected a string, got {name!r}")
+        problems.add(f"name: expected a string, got {_short(name)}")
+    mixup = None
+    if preset is not None and models:
+        with problems.catch():
+            mixup = _parse_mixup(raw.get("mixup"), len(models), seed, preset)
+    problems.raise_if_any()
 
     cfg = MergeConfig(
         method=method,
@@ -900,11 +1116,13 @@ def parse_config(raw: dict) -> MergeConfig:
         tokenizer_source=tok,
         seed=seed,
         trim_scope=scope,
-        mixup=_parse_mixup(raw.get("mixup"), len(models), seed, preset),
+        mixup=mixup,
         raw=raw,
         model_parameters=[p for _, p in per_model],
         parameters=top,
         layer_range=layer_range,
+        tokenizer=tok_settings,
+        chat_template=chat,
     )
     if scope == "model":
         _check_model_trim(cfg)

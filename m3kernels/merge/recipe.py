@@ -72,6 +72,7 @@ class Recipe:
     trim_density: tuple[float, ...] | None  # None: no magnitude trim
     family: str | None = None  # m3kernels.merge.methods.<family> prepares it (None: generic)
     params: tuple = ()  # method-specific parameters: sorted (name, value) pairs
+    fma: bool = False  # sum/mean combine with one fused multiply-add per model (linear: torch's addcmul_)
 
     def get(self, name: str, default=None):
         """A method-specific parameter by config name (``default`` when unset)."""
@@ -382,6 +383,7 @@ def make_recipe(
         trim_density=trim_density,
         family=preset.family,
         params=params,
+        fma=preset.program.fma,
     )
     _family_check(recipe)
     return recipe

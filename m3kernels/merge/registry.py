@@ -59,7 +59,9 @@ class Param:
     is what an unset parameter means (``REQUIRED``: the method cannot run without it).
     ``config=False``: the tensor API takes it but a config may not set it (mergekit has no such
     parameter for the method). ``gradient``: a list of values over the layers is allowed in a
-    config (filters by tensor name are allowed for every parameter).
+    config (filters by tensor name are allowed for every parameter). ``config_default``: what
+    an unset parameter means in a (mergekit) config when that differs from ``default`` (None:
+    the same), e.g. mergekit's density 1.
     """
 
     name: str
@@ -70,6 +72,7 @@ class Param:
     doc: str
     gradient: bool = True
     config: bool = True
+    config_default: Any = None
 
     @property
     def range(self) -> str:
@@ -77,7 +80,7 @@ class Param:
             NUMBER: "finite float32",
             FRACTION: "[0, 1]",
             BOOL: "true, false",
-            RESCALE: "true, false, l1",
+            RESCALE: "true, false, l1, density",
             INT: f"integer in [0, {MAX_INT_PARAM}]",
         }[self.kind]
 
@@ -101,6 +104,7 @@ class Program:
     trim: bool  # magnitude trim to the top-density fraction (TIES)
     normalize_default: bool  # TIES: divide by the agreeing weights; SUM/MEAN: mean instead of sum
     trim_window: bool = False  # the trim keeps a window of ranks (breadcrumbs), not the top ones
+    fma: bool = False  # sum/mean: accumulate with a fused multiply-add (mergekit's linear, parity D1)
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,7 @@ def _trim_density(default) -> Param:
         FRACTION,
         default,
         "fraction of the largest |δ| the magnitude trim keeps (k = max(1, ⌊density·n⌋); 0: none)",
+        config_default=1.0,
     )
 
 
@@ -214,6 +219,7 @@ def _dare_density() -> Param:
         FRACTION,
         REQUIRED,
         "DARE keep probability (or give drop_rate = 1 − density)",
+        config_default=1.0,
     )
 
 
@@ -235,8 +241,10 @@ def _rescale() -> Param:
         MERGE_WIDE,
         RESCALE,
         True,
-        "kept values × 1/density (true), unscaled (false), or × Σ|δ| / Σ|δ kept| (l1)",
+        "kept values × 1/density (density; true in the API), × Σ|δ| / Σ|δ kept| per tensor (l1; "
+        "true in a config, mergekit's rule), or unscaled (false)",
         gradient=False,
+        config_default="l1",
     )
 
 
@@ -275,7 +283,9 @@ register(
         "weighted average of the models (the base, if given, is not used)",
         "https://arxiv.org/abs/2203.05482",
         needs_base=False,
-        program=Program(uses_base=False, combine=MEAN, dare=False, trim=False, normalize_default=True),
+        program=Program(
+            uses_base=False, combine=MEAN, dare=False, trim=False, normalize_default=True, fma=True
+        ),
         params=(_weight(), _normalize(True, _SUM_NORM), _lambda(config=False), _INT8_MASK),
         aliases=("average",),
     )
@@ -776,13 +786,19 @@ DOC_END = "<!-- END generated -->"
 
 
 def _default_text(p: Param) -> str:
-    if p.default is REQUIRED:
+    if p.config_default is not None and p.config_default != p.default:
+        return f"{_value_text(p.default)} (config: {_value_text(p.config_default)})"
+    return _value_text(p.default)
+
+
+def _value_text(value) -> str:
+    if value is REQUIRED:
         return "required"
-    if p.default is None:
+    if value is None:
         return "—"
-    if isinstance(p.default, bool):
-        return str(p.default).lower()
-    return f"{p.default:g}" if isinstance(p.default, float) else str(p.default)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def base_role(m: Method) -> str:

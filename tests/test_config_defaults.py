@@ -1,0 +1,225 @@
+"""mergekit 0.1.5's defaults and meanings in a config, where the tensor API keeps its own
+(docs/CONFIG.md "Differences from mergekit", docs/MERGEKIT_PARITY.md D1, D6-D8, D10).
+
+Each rule is checked on the config (what ``tensor_kwargs`` hands on), on the recipe it makes, and
+where it changes numbers, on a merged tensor against a float64 reference computed here."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+import m3kernels
+from m3kernels.checkpoint import config as config_mod
+from m3kernels.checkpoint.config import MergeConfigError, load_config
+from m3kernels.merge.recipe import make_recipe
+from m3kernels.merge.registry import DEFAULT_TRIM_DENSITY
+
+NAME = "model.layers.1.mlp.up_proj.weight"
+
+
+def cfg_for(method, models=("m/a", "m/b"), **top):
+    raw = {"merge_method": method, "models": [{"model": m} for m in models]}
+    if method != "linear":
+        raw["base_model"] = "m/base"
+    if top:
+        raw["parameters"] = top
+    return load_config(raw)
+
+
+def recipe_of(cfg, name=NAME, layers=2):
+    kw = cfg.tensor_kwargs(name, layers)
+    return make_recipe(len(cfg.models), method=cfg.method, has_base=True, **kw), kw
+
+
+def tensors(seed, n=2, shape=(37, 29), dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.05
+    models = [base + torch.randn(shape, generator=g) * 0.02 for _ in range(n)]
+    return base.to(dtype), [m.to(dtype) for m in models]
+
+
+# ------------------------------------------------------------------ D6 / D7: density defaults to 1
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_dare"])
+def test_trim_density_defaults_to_one_in_a_config(method):
+    top = {"drop_rate": 0.5} if method == "ties_dare" else {}
+    rec, kw = recipe_of(cfg_for(method, **top))
+    assert kw["density"] == [1.0, 1.0]
+    assert rec.trim_density == (1.0, 1.0)
+    # the tensor API keeps its documented default
+    api = make_recipe(
+        2, method=method, has_base=True, **({"drop_rate": 0.5} if method == "ties_dare" else {})
+    )
+    expect = DEFAULT_TRIM_DENSITY if method in ("ties", "ties_dare") else 1.0
+    assert api.trim_density == (expect, expect)
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
+def test_dare_density_defaults_to_one_in_a_config(method):
+    rec, kw = recipe_of(cfg_for(method))
+    assert kw["density"] == [1.0, 1.0] and rec.dare_density == (1.0, 1.0)
+    with pytest.raises(ValueError, match="needs density"):  # the API still requires it
+        make_recipe(2, method=method, has_base=True)
+
+
+def test_one_model_sets_density_the_other_gets_mergekits_one():
+    raw = {
+        "merge_method": "dare_linear",
+        "base_model": "m/base",
+        "models": [
+            {"model": "m/a", "parameters": {"density": 0.3}},
+            {"model": "m/b", "parameters": {"drop_rate": 0.25}},  # density = 1 - drop_rate
+            {"model": "m/c"},
+        ],
+    }
+    _, kw = recipe_of(load_config(raw))
+    assert kw["density"] == pytest.approx([0.3, 0.75, 1.0])
+    raw["merge_method"] = "ties"
+    raw["models"][1]["parameters"] = {"weight": 0.5}
+    _, kw = recipe_of(load_config(raw))
+    assert kw["density"] == [0.3, 1.0, 1.0]
+
+
+def test_top_level_density_still_serves_every_model():
+    _, kw = recipe_of(cfg_for("ties", density=0.4))
+    assert kw["density"] == [0.4, 0.4]
+
+
+def test_ties_without_density_merges_like_no_trim():
+    """mergekit's ties with defaults: no trim, sign election, disjoint mean (float64 here)."""
+    base, models = tensors(3)
+    rec, kw = recipe_of(cfg_for("ties"))
+    out = torch.full_like(base, float("nan"))
+    m3kernels.merge_tensors(base, models, method="ties", name=NAME, out=out, backend="cpu", **kw)
+    d = np.stack([(m.double() - base.double()).numpy() for m in models])
+    s = np.where(d.sum(0) >= 0, 1.0, -1.0)
+    agree = (np.sign(d) == s) & (d != 0)
+    num, den = (d * agree).sum(0), agree.sum(0)
+    ref = base.double().numpy() + np.where(den > 0, num / np.maximum(den, 1), 0.0)
+    np.testing.assert_allclose(out.double().numpy(), ref, rtol=0, atol=4e-8)
+    assert not torch.isnan(out).any()
+
+
+def test_dare_linear_without_density_drops_nothing():
+    base, models = tensors(4)
+    _, kw = recipe_of(cfg_for("dare_linear"))
+    out = torch.full_like(base, float("nan"))
+    m3kernels.merge_tensors(base, models, method="dare_linear", name=NAME, out=out, backend="cpu", **kw)
+    ref = base.double() + sum(m.double() - base.double() for m in models)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=4e-8)
+
+
+# ------------------------------------------------------------------ D8: rescale true is the L1 rule
+
+
+@pytest.mark.parametrize(
+    "value,mode",
+    [(None, "l1"), (True, "l1"), ("l1", "l1"), ("density", "density"), (False, "none")],
+)
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "ties_dare"])
+def test_rescale_in_a_config(method, value, mode):
+    top = {"density": 0.5} if method != "ties_dare" else {"drop_rate": 0.5}
+    if value is not None:
+        top["rescale"] = value
+    rec, _ = recipe_of(cfg_for(method, **top))
+    assert rec.rescale == mode
+
+
+def test_api_rescale_true_stays_one_over_density():
+    r = make_recipe(2, method="dare_linear", has_base=True, density=0.5, rescale=True)
+    assert r.rescale == "density"
+    assert make_recipe(2, method="dare_linear", has_base=True, density=0.5).rescale == "density"
+
+
+def test_config_rescale_true_keeps_each_tensors_l1_norm():
+    """One model, dare_linear, density 0.3: with the L1 rule Σ|y − b| = Σ|δ| per tensor (to
+    float32 rounding); the 1/density rule only on average (differs on a small tensor)."""
+    base, models = tensors(5, n=1, shape=(36,))
+    ratios = {}
+    for value in (True, "density"):
+        _, kw = recipe_of(cfg_for("dare_linear", models=("m/a",), density=0.3, rescale=value))
+        out = m3kernels.merge_tensors(
+            base, models, method="dare_linear", name=NAME, seed=3, backend="cpu", **kw
+        )
+        ratios[value] = float(
+            (out.double() - base.double()).abs().sum() / (models[0].double() - base.double()).abs().sum()
+        )
+    assert ratios[True] == pytest.approx(1.0, abs=2e-6)
+    assert abs(ratios["density"] - 1.0) > 1e-3
+
+
+def test_bad_rescale_values_name_the_choices():
+    with pytest.raises(MergeConfigError, match="parameters.rescale.*'density'"):
+        cfg_for("dare_linear", density=0.5, rescale="l2")
+
+
+# ------------------------------------------------------------------ D10: declared but ignored
+
+
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("task_arithmetic", {"density": 0.5}),
+        ("task_arithmetic", {"rescale": True}),
+        ("task_arithmetic", {"density": [0.1, 0.9], "rescale": False, "int8_mask": True}),
+        ("linear", {"density": 0.5, "rescale": True, "lambda": 0.5}),
+    ],
+)
+def test_parameters_mergekit_ignores_are_accepted_without_effect(method, params, caplog):
+    config_mod._warned.clear()
+    plain = cfg_for(method)
+    with caplog.at_level(logging.WARNING, logger="m3kernels"):
+        cfg = cfg_for(method, **params)
+        cfg_for(method, **params)  # a second read: no second warning
+    for name in ("model.embed_tokens.weight", NAME, "lm_head.weight"):
+        assert cfg.tensor_kwargs(name, 2) == plain.tensor_kwargs(name, 2)
+    # rescale: false is mergekit's own default (no warning); the others warn once
+    ignored = [
+        p for p, v in params.items() if p in config_mod.IGNORED_LIKE_MERGEKIT[method] and v is not False
+    ]
+    warnings = [r.getMessage() for r in caplog.records if "no effect" in r.getMessage()]
+    assert len(warnings) == len(ignored), warnings
+    for p in ignored:
+        assert any(repr(p) in w and method in w for w in warnings)
+
+
+def test_ignored_parameter_per_model_is_accepted_too():
+    raw = {
+        "merge_method": "task_arithmetic",
+        "base_model": "m/base",
+        "models": [{"model": "m/a", "parameters": {"weight": 0.7, "density": 0.5}}, {"model": "m/b"}],
+    }
+    assert load_config(raw).tensor_kwargs(NAME, 2)["weights"] == [0.7, 1.0]
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_rescale_true_after_a_trim_says_what_mergekit_does(method):
+    with pytest.raises(MergeConfigError) as ei:
+        cfg_for(method, density=0.5, rescale=True)
+    msg = str(ei.value)
+    assert "parameters.rescale" in msg and "L1" in msg and "after" in msg and method in msg
+    cfg_for(method, density=0.5, rescale=False)  # mergekit's default: fine
+
+
+def test_still_rejected_where_it_would_change_the_result():
+    with pytest.raises(MergeConfigError, match="drop_rate"):
+        cfg_for("task_arithmetic", drop_rate=0.5)  # ours only, not mergekit's
+    with pytest.raises(MergeConfigError, match="parameters.gamma"):
+        cfg_for("ties", gamma=0.1)
+
+
+# ------------------------------------------------------------------ D1: linear accumulates with an FMA
+
+
+def test_linear_recipe_uses_fma_and_the_others_do_not():
+    raw = {"merge_method": "linear", "models": [{"model": "m/a"}, {"model": "m/b"}]}
+    rec, _ = recipe_of(load_config(raw))
+    assert rec.fma is True
+    assert make_recipe(2, method="linear", has_base=False).fma is True
+    for method, kw in (("task_arithmetic", {}), ("ties", {}), ("dare_linear", {"density": 0.5})):
+        assert make_recipe(2, method=method, has_base=True, **kw).fma is False
