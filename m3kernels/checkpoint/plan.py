@@ -176,6 +176,7 @@ class MergePlan:
     out_vocab_rows: int | None  # embedding rows of the output when they changed
     untied_head: bool  # the base ties its head but the output does not
     notes: list = field(default_factory=list)  # warnings about the merge, one line each
+    out_num_layers: int | None = None  # a sliced merge: the output's layer count (config.json)
 
     @property
     def config_source(self) -> Checkpoint:
@@ -303,8 +304,17 @@ def _recipe(
     return recipe
 
 
-def build_plan(cfg: MergeConfig, base: Checkpoint | None, models: list, out_shard_size: int) -> MergePlan:
-    """Match tensors across the inputs, apply docs/SPEC.md §4, choose dtypes and shards."""
+def build_plan(
+    cfg: MergeConfig, base: Checkpoint | None, models: list, out_shard_size: int, *, only=None
+) -> MergePlan:
+    """Match tensors across the inputs, apply docs/SPEC.md §4, choose dtypes and shards.
+    ``only(name)``: plan just the tensors it accepts (the slice planner's pre/post weights)."""
+    if cfg.slices is not None or (
+        cfg.layer_range is not None and cfg.layer_range != count_layers(base if base is not None else models[0])
+    ):  # slices (or the whole-model slice over fewer layers than the models have): slices.py
+        from m3kernels.checkpoint.slices import build_sliced_plan
+
+        return build_sliced_plan(cfg, base, models, out_shard_size)
     preset = get_method(cfg.method)
     recipes: dict = {}  # shared Recipes (see _recipe)
     source = base if base is not None else models[0]
@@ -313,11 +323,11 @@ def build_plan(cfg: MergeConfig, base: Checkpoint | None, models: list, out_shar
     ratios = cfg.mix_ratios()
     notes: list[str] = []
 
-    names = list(source.names)
+    names = [n for n in source.names if only is None or only(n)]
     untied = False
     for ck in inputs:
         for n in ck.names:
-            if n in source or n in names:
+            if n in source or n in names or (only is not None and not only(n)):
                 continue
             if vocab_role(n) == "head" and _embedding_of(source, None) is not None:
                 names.append(n)  # the base ties its head; this model has its own: untie the output

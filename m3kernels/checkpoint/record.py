@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from m3kernels import __version__
-from m3kernels.checkpoint.plan import MergePlan
+from m3kernels.checkpoint.plan import LAYER_COUNT_KEYS, MergePlan
 from m3kernels.checkpoint.safetensors_io import read_input_bytes
 from m3kernels.checkpoint.source import SIDE_FILES, Checkpoint
 from m3kernels.checkpoint.writer import fsync_dir, write_file_durably
@@ -107,6 +107,10 @@ def write_side_files(tmp: Path, plan: MergePlan, record: dict) -> None:
             conf["tie_word_embeddings"] = False
         if plan.out_vocab_rows is not None and "vocab_size" in conf:
             conf["vocab_size"] = plan.out_vocab_rows
+        if plan.out_num_layers is not None:  # a sliced merge (slices.py): the output's layers
+            for key in LAYER_COUNT_KEYS:
+                if key in conf:
+                    conf[key] = plan.out_num_layers
         write_file_durably(tmp / "config.json", (json.dumps(conf, indent=2) + "\n").encode())
     if src.path.is_dir():
         for name, path in src.side_files.items():  # checked when the checkpoint was opened
