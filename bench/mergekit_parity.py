@@ -170,6 +170,47 @@ def driver_main(jobs_file: str, results_file: str, cli: bool = False) -> int:
     return 0
 
 
+# mergekit 0.1.5's merge function objects, for merges of plain tensors (no checkpoints)
+DIRECT_METHODS = {
+    "sce": ("mergekit.merge_methods.sce", "sce_merge"),
+    "arcee_fusion": ("mergekit.merge_methods.arcee_fusion", "arcee_fusion_merge_method"),
+}
+_DIRECT_SCRIPT = """
+import importlib, sys, torch
+from mergekit.merge_methods.base import TensorGroup
+job = torch.load(sys.argv[1])
+torch.set_num_threads(job["threads"])
+fn = getattr(importlib.import_module(job["module"]), job["name"])
+outs = []
+for base, models, params in job["merges"]:
+    group = TensorGroup.from_tensors(list(models) + [base], base_index=len(models))
+    outs.append(fn.merge_group(group, **params))
+torch.save(outs, sys.argv[2])
+"""
+
+
+def direct_merges(venv: Path, method: str, merges: list, threads: int = 1) -> list:
+    """mergekit 0.1.5's own ``method`` on tensors: ``merges`` is a list of (base, [models],
+    {parameter: value}); the venv's Python runs the registered merge function's ``merge_group``
+    on a TensorGroup (the models, then the base) per merge, with ``threads`` torch threads.
+    Returns the output tensors (in the inputs' dtype, as mergekit computes)."""
+    import tempfile
+
+    import torch
+
+    module, name = DIRECT_METHODS[method]
+    with tempfile.TemporaryDirectory() as tmp:
+        job, out = Path(tmp) / "job.pt", Path(tmp) / "out.pt"
+        torch.save({"module": module, "name": name, "threads": threads, "merges": merges}, job)
+        subprocess.run(
+            [str(mergekit_python(venv)), "-c", _DIRECT_SCRIPT, str(job), str(out)],
+            check=True,
+            capture_output=True,
+            timeout=600,
+        )
+        return torch.load(out)
+
+
 def _jsonable(v):
     try:
         json.dumps(v)
@@ -512,6 +553,20 @@ def explicit_cases() -> list:
             base=False,
         ),
         Case("sce", "select_topk", E, [_m("ft1"), _m("ft2"), _m("ft3")], parameters={"select_topk": 0.5}),
+        Case(
+            "sce",
+            "select_topk-gradient-filter",
+            E,
+            [_m("ft1"), _m("ft2")],
+            parameters={
+                "select_topk": [
+                    {"filter": "self_attn", "value": [0.1, 0.9]},
+                    {"filter": "mlp", "value": 0.3},
+                    {"value": 1.0},
+                ],
+                "int8_mask": True,
+            },
+        ),
         Case("arcee_fusion", "plain", E, [_m("ft1")]),
     ]
     return cases
@@ -569,6 +624,46 @@ def edge_cases() -> list:
             parameters={"lambda": 1.0, "normalize": False},
             slices=True,
             note="issue 9: one slice with every source over all layers is the same as models",
+        ),
+        Case(
+            "sce",
+            "select_topk-0",
+            G,
+            [_m("ft1"), _m("ft2")],
+            parameters={"select_topk": 0.0},
+            note="nothing selected: every task vector masked, the output is the base",
+        ),
+        Case(
+            "sce",
+            "select_topk-negative",
+            G,
+            [_m("ft1"), _m("ft2"), _m("ft3")],
+            parameters={"select_topk": -0.5},
+            note="select_topk <= 0 keeps nothing (mergekit: an all-zero mask)",
+        ),
+        Case(
+            "sce",
+            "select_topk-above-1",
+            G,
+            [_m("ft1"), _m("ft2")],
+            parameters={"select_topk": 1.5},
+            note="select_topk >= 1: no select",
+        ),
+        Case(
+            "sce",
+            "one-model-select",
+            G,
+            [_m("ft1")],
+            parameters={"select_topk": 0.7},
+            note="one model: every variance is 0, nnz = 0, k = 0: the base",
+        ),
+        Case(
+            "sce",
+            "weights-ignored",
+            G,
+            [_m("ft1", weight=0.3), _m("ft2", weight=2.0)],
+            parameters={"select_topk": 0.4},
+            note="mergekit's sce declares no weight: accepted with a warning, no effect",
         ),
         Case(
             "dare_linear",
@@ -698,6 +793,8 @@ def trim_tie_mask(case: Case, name: str, base, fts: dict, num_layers: int):
     """Elements where some model's |δ| equals a boundary value of its magnitude trim (or None)."""
     import torch
 
+    if case.method == "sce":
+        return sce_tie_mask(case, name, base, fts, num_layers)
     if case.method not in TRIM_METHODS:
         return None
     b = base.float()
@@ -727,6 +824,28 @@ def trim_tie_mask(case: Case, name: str, base, fts: dict, num_layers: int):
         for v in bounds:
             mask |= (d == v).reshape(b.shape)
     return mask
+
+
+def sce_tie_mask(case: Case, name: str, base, fts: dict, num_layers: int):
+    """sce's select: the elements whose variance equals the k-th largest one when equal values
+    straddle the cut (mergekit's topk keeps an unspecified k of them, ours the lowest indices)."""
+    import torch
+
+    s = float(resolve(case, None, "select_topk", name, num_layers, 1.0))
+    if s >= 1 or s <= 0:
+        return None
+    b = base.float()
+    var = torch.var(torch.stack([fts[k].float() - b for k, _ in case.models]).double(), dim=0, unbiased=False)
+    var = var.float().reshape(-1)
+    nnz = int(torch.count_nonzero(var))
+    k = int(torch.tensor(float(nnz), dtype=torch.float32) * torch.tensor(s, dtype=torch.float32))
+    n = var.numel()
+    if k <= 0 or k >= n:
+        return None
+    top = torch.sort(var, descending=True).values
+    if top[k - 1] != top[k]:
+        return None
+    return (var == top[k - 1]).reshape(b.shape)
 
 
 def _tensor_ulp(ref) -> float:

@@ -203,6 +203,7 @@ def merge_tensors(
     nuslerp_flatten=None,
     nuslerp_row_wise=None,
     filter_wise=None,
+    select_topk=None,
 ) -> torch.Tensor:
     """Merge one tensor of N fine-tuned models (and an optional base) by ``method``.
 
@@ -273,6 +274,9 @@ def merge_tensors(
         nuslerp_row_wise: ``nuslerp`` with ``nuslerp_flatten=False``: vectors along dim 0 (True)
             or along the last dim (False, default).
         filter_wise: ``model_stock``: one t per row (slice along the last dim; default False).
+        select_topk: ``sce``: the fraction of the elements with nonzero variance over the models
+            that is kept (default 1.0: no select; <= 0 keeps nothing; exactly k, ties by lowest
+            flat index). ``sce`` and ``arcee_fusion`` take no weights.
 
     Returns:
         ``out`` (allocated when not given) holding the merged tensor.
@@ -313,6 +317,7 @@ def merge_tensors(
         nuslerp_flatten=nuslerp_flatten,
         nuslerp_row_wise=nuslerp_row_wise,
         filter_wise=filter_wise,
+        select_topk=select_topk,
     )
     if thresholds is not None:
         if recipe.trim_density is None or recipe.family is not None:

@@ -262,6 +262,90 @@ def _della(base, models, recipe, name):
     return b64 + recipe.lambda_ * m
 
 
+def sce_keep(d32: list, select_topk: float) -> torch.Tensor | None:
+    """sce's select on the float32 task vectors, by a full sort: the float64 population variance
+    rounded to float32, k = ⌊f32(f32(nnz)·f32(s))⌋, exactly the k largest bits(|σ²|), ties by
+    lowest flat index (a stable descending sort). None: s >= 1 (no select)."""
+    if select_topk >= 1:
+        return None
+    shape = d32[0].shape
+    if select_topk <= 0:
+        return torch.zeros(shape, dtype=torch.bool)
+    var = torch.var(torch.stack(d32).to(F64), dim=0, unbiased=False).to(F32).reshape(-1)
+    nnz = int(torch.count_nonzero(var))
+    prod = torch.tensor(float(nnz), dtype=F32) * torch.tensor(select_topk, dtype=F32)
+    k = int(prod)
+    keys = var.abs().view(torch.int32).to(torch.int64)
+    order = torch.sort(keys, descending=True, stable=True).indices
+    keep = torch.zeros(var.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    return keep.reshape(shape)
+
+
+def sce_weights(d32: list) -> list:
+    """sce's Calculate step in float64 from the (masked) float32 task vectors: the mean squares,
+    uniform when their float32 sum is below 1e-6 (mergekit's test on its float32 sum)."""
+    n = len(d32)
+    means = []
+    for d in d32:
+        a = d.to(F64)
+        a = torch.where(torch.isfinite(a), a, 0.0)
+        means.append(float((a * a).mean()))
+    w32 = [float(torch.tensor(x, dtype=F32)) for x in means]
+    total = 0.0
+    for x in w32:  # the float32 running sum
+        total = float(torch.tensor(total, dtype=F32) + torch.tensor(x, dtype=F32))
+    if abs(total) < 1e-6:
+        return [1.0 / n] * n
+    s = sum(means)
+    return [x / s for x in means]
+
+
+def _sce(base, models, recipe):
+    b32, b64 = base.to(F32), _f64(base)
+    d32 = [m.to(F32) - b32 for m in models]
+    d64 = [_f64(m) - b64 for m in models]
+    keep = sce_keep(d32, recipe.get("select_topk"))
+    if keep is not None:
+        d32 = [torch.where(keep, d, torch.zeros((), dtype=F32)) for d in d32]
+        d64 = [torch.where(keep, d, torch.zeros((), dtype=F64)) for d in d64]
+    w = sce_weights(d32)
+    vote = torch.zeros_like(d32[0])
+    for d in d32:
+        vote = vote + d  # float32, model order: the unweighted sign
+    pos = vote >= 0
+    num, den = torch.zeros_like(b64), torch.zeros_like(b64)
+    for wi, a, a64 in zip(w, d32, d64):
+        agree = ((a != 0) & ((a > 0) == pos)).to(F64)
+        num, den = num + agree * (wi * a64), den + agree * wi
+    floor = float(torch.tensor(1e-6, dtype=F32))
+    return b64 + num / torch.clamp(den, min=floor)
+
+
+def fusion_keep(base, model) -> torch.Tensor:
+    """arcee_fusion's mask: torch's float32 row softmax KL of the whole tensor (one call), the
+    importance |x − b|·KL, the quartiles at the exact sorted positions ⌊q·(n − 1)⌋ of a full sort,
+    τ = Q50 + 1.5·(Q75 − Q25) in float32; importance >= τ."""
+    x32, b32 = model.to(F32), base.to(F32)
+    rows = (lambda t: t.reshape(1, -1)) if x32.dim() < 2 else (lambda t: t.reshape(-1, t.shape[-1]))
+    xr, br = rows(x32), rows(b32)
+    p = torch.softmax(xr, dim=-1) + 1e-8
+    q = torch.softmax(br, dim=-1) + 1e-8
+    kl = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    imp = ((xr - br).abs() * kl).reshape(-1)
+    ranked = torch.sort(imp).values  # ascending, NaN last
+    m = imp.numel() - 1
+    q1, med, q3 = ranked[m // 4], ranked[m // 2], ranked[(3 * m) // 4]
+    tau = med + torch.tensor(1.5, dtype=F32) * (q3 - q1)
+    return (imp >= tau).reshape(model.shape)
+
+
+def _arcee_fusion(base, models):
+    b64 = _f64(base)
+    keep = fusion_keep(base, models[0])
+    return b64 + torch.where(keep, _f64(models[0]) - b64, torch.zeros((), dtype=F64))
+
+
 def reference_family_merge(base, models, recipe, name: str = "") -> torch.Tensor:
     """The float64 result of one of the methods above for one tensor."""
     m = recipe.method
@@ -286,6 +370,10 @@ def reference_family_merge(base, models, recipe, name: str = "") -> torch.Tensor
         return _model_stock(base, models, recipe)
     if m in ("della", "della_linear"):
         return _della(base, models, recipe, name)
+    if m == "sce":
+        return _sce(base, models, recipe)
+    if m == "arcee_fusion":
+        return _arcee_fusion(base, models)
     raise ValueError(f"no family reference for method {m!r}")
 
 

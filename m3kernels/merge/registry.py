@@ -532,6 +532,7 @@ for _name, _combine, _summary, _norm_doc in (
         )
     )
 
+
 def _della_density() -> Param:
     return Param(
         "density",
@@ -718,11 +719,54 @@ register(
     )
 )
 
-# mergekit methods not implemented yet: named in the error so users know it is not a typo
-MERGEKIT_ONLY_METHODS = (
-    "arcee_fusion",
-    "sce",
+# sce and arcee_fusion: a keep mask from a per-element statistic (m3kernels.merge.methods.sce,
+# .arcee_fusion); the weights and the mask are data-derived, so M³ has nothing to scale
+VAR_SELECT = "variance over the models, exact top-k keep mask (select_topk < 1), mean squares"
+IMPORTANCE_SELECT = "row softmax KL, importance quartiles (exact), keep mask"
+register(
+    Method(
+        "sce",
+        "keep the elements of highest variance over the models (select_topk), weight each task "
+        "vector by its mean square, elect signs, disjoint weighted mean",
+        "https://arxiv.org/abs/2408.07990",
+        needs_base=True,
+        program=Program(uses_base=True, combine=TIES, dare=False, trim=False, normalize_default=True),
+        params=(
+            _shared(
+                "select_topk",
+                NUMBER,
+                1.0,
+                "fraction of the elements with nonzero variance kept (k = ⌊nnz·s⌋ as a float32 "
+                "product; >= 1: no select; <= 0: nothing kept; ties: lowest flat index)",
+            ),
+            _INT8_MASK,
+        ),
+        family="sce",
+        mixup=MIX_NONE,
+        mixup_note="its weights are computed from the task vectors",
+        stats=(VAR_SELECT,),
+        features=("keep_mask", "den_floor"),
+    )
 )
+register(
+    Method(
+        "arcee_fusion",
+        "the base plus the model's delta where |δ|·KL(softmax rows) reaches Q50 + 1.5·(Q75 − Q25)",
+        MERGEKIT_DOCS,
+        needs_base=True,
+        program=_raw_program(True),
+        params=(),
+        family="arcee_fusion",
+        mixup=MIX_NONE,
+        mixup_note="its mask is computed from the tensors",
+        models=(1, 1),
+        stats=(IMPORTANCE_SELECT,),
+        features=("keep_mask",),
+    )
+)
+
+# mergekit methods not implemented yet: named in the error so users know it is not a typo
+MERGEKIT_ONLY_METHODS = ()
 
 
 def method_names() -> tuple:

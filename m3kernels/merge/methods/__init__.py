@@ -21,7 +21,7 @@ from m3kernels.errors import M3KError
 from m3kernels.merge.kernel_params import KernelParams, make_params
 from m3kernels.merge.registry import SUM
 
-FAMILIES = ("passthrough", "elementwise", "breadcrumbs", "gram", "della")
+FAMILIES = ("passthrough", "elementwise", "breadcrumbs", "gram", "della", "sce", "arcee_fusion")
 
 
 @dataclass
