@@ -428,6 +428,14 @@ def explicit_cases() -> list:
             parameters={"normalize": True, "rescale": True, "lambda": 1.0},
         ),
         Case(
+            "della",
+            "one-model",
+            E,
+            [_m("ft1", weight=0.8, density=0.4, epsilon=0.3)],
+            parameters={"rescale": True},
+            note="per-tensor L1 ratio and kept fraction per rank decile",
+        ),
+        Case(
             "della_linear",
             "density+epsilon",
             E,
@@ -1006,6 +1014,44 @@ class RandStats:
         return out
 
 
+class RankDeciles:
+    """della with one model: the kept fraction of the nonzero deltas per decile of their magnitude
+    rank along dim 1 (a 1-D tensor is one row), ours and mk32, with a two-sample z per decile (the
+    keep probability rises with the rank: d − ε at the smallest, d + ε at the largest)."""
+
+    def __init__(self):
+        self.n = [0] * 10
+        self.kept = {"ours": [0] * 10, "mk32": [0] * 10}
+
+    def add(self, base, model, **outs):
+        b = base.float()
+        d = model.float() - b
+        x = d.reshape(1, -1) if d.dim() < 2 else d
+        c = x.shape[1]
+        if c < 10:
+            return
+        rank = x.abs().argsort(dim=1).argsort(dim=1)
+        dec = (rank * 10 // c).clamp(max=9)
+        nz = x != 0
+        for k, y in outs.items():
+            yk = (y.float() - b).reshape(x.shape) != 0
+            for q in range(10):
+                sel = (dec == q) & nz
+                if k == "ours":
+                    self.n[q] += int(sel.sum())
+                self.kept[k][q] += int((yk & sel).sum())
+
+    def summary(self) -> dict:
+        fr = {k: [v / max(n, 1) for v, n in zip(vals, self.n)] for k, vals in self.kept.items()}
+        zs = []
+        for q, n in enumerate(self.n):
+            a, b = fr["ours"][q], fr["mk32"][q]
+            p = (a + b) / 2
+            se = math.sqrt(max(p * (1 - p), 1e-12) * 2 / max(n, 1))
+            zs.append((a - b) / se)
+        return {"ours": fr["ours"], "mk32": fr["mk32"], "z": zs, "z_max": max(abs(z) for z in zs)}
+
+
 def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
     """Compare the three outputs of one case, tensor by tensor."""
     ours, m32 = _checkpoint(ours_dir), _checkpoint(mk32_dir)
@@ -1022,9 +1068,12 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
     base = _checkpoint(dirs["base"])
     fts = {k: _checkpoint(dirs[k]) for k, _ in case.models if k != "base"}
     dtypes = set()
+    deciles = None
     if case.kind == "random":
         st = RandStats()
         agg = None
+        if case.method.startswith("della") and len(case.models) == 1:
+            deciles = RankDeciles()
     else:
         agg = Agg()
     for name in names:
@@ -1041,6 +1090,8 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
                 w = float(resolve(case, key, "weight", name, num_layers, 1.0))
                 dense = (fts[key].get(name).double() - base.get(name).double()) * w
             st.add(base.get(name), dense, ours=o, mk32=a, mk64=r)
+            if deciles is not None:
+                deciles.add(base.get(name), fts[case.models[0][0]].get(name), ours=o, mk32=a)
             continue
         if o.dtype != a.dtype:
             res["dtype_mismatch"] = True
@@ -1048,6 +1099,8 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
         excl = trim_tie_mask(case, name, base.get(name), {k: v.get(name) for k, v in fts.items()}, num_layers)
         agg.add(name, o32, a32, r.double() if r is not None else None, excl)
     res["dtypes"] = sorted(dtypes)
+    if deciles is not None:
+        res["rank_deciles"] = deciles.summary()
     res["stats" if case.kind == "random" else "exact"] = (st if case.kind == "random" else agg).summary()
     return res
 
@@ -1064,6 +1117,9 @@ def verdict(case: Case, cmp: dict) -> tuple[str, str]:
             return "MISMATCH", ", ".join(
                 f"{k}={v:.1f}" for k, v in bad.items() if v is not None
             ) or "no stats"
+        dec = cmp.get("rank_deciles")
+        if dec is not None and not dec["z_max"] <= TOL_Z:
+            return "MISMATCH", f"kept fraction per rank decile: |z| up to {dec['z_max']:.1f}"
         l1 = s.get("l1_ratio_max_dev", {})
         if "mk32" in l1 and "ours" in l1 and l1["mk32"] <= 1e-4 and l1["ours"] > 1e-3:
             return "MISMATCH", (

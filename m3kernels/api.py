@@ -222,7 +222,7 @@ def merge_tensors(
             ``task_arithmetic``, ``ties``, ``dare_linear``, ``dare_ties``, ``ties_dare``,
             ``passthrough``, ``nearswap``, ``ram``, ``ramplus_tl``, ``breadcrumbs``,
             ``breadcrumbs_ties``, ``slerp``, ``nuslerp``, ``multislerp``, ``karcher``,
-            ``model_stock`` (docs/SPEC.md §7 for the last eleven). A parameter the method does not
+            ``model_stock``, ``della``, ``della_linear`` (docs/SPEC.md §7 for the last thirteen). A parameter the method does not
             take is a ValueError naming the methods that do.
         weights: w_i, a scalar or one per model (default 1). Finite float32 values. Not for
             ``passthrough``, ``nearswap``, ``ram*``, ``slerp``, ``karcher``, ``model_stock``.
@@ -234,8 +234,9 @@ def merge_tensors(
             DARE step) besides ``density`` (the trim).
         normalize: divide by the (agreeing) weights. Default per method: True for ``linear``,
             ``ties``, ``ties_dare``; False for the others (``task_arithmetic`` then sums).
-        rescale: DARE methods only: True (default; kept values × 1/density), False (unscaled),
-            or ``"l1"`` (kept values × Σ|δ_i| / Σ|δ_i kept|, per model and tensor).
+        rescale: DARE methods: True (default; kept values × 1/density), False (unscaled),
+            or ``"l1"`` (kept values × Σ|δ_i| / Σ|δ_i kept|, per model and tensor). ``della*``:
+            True (default: that L1 rescale, as mergekit) or False.
         lambda_: the scale s of the merged delta: θ = θ0 + s·m (default 1).
         mix_ratios: M³ ratios r_i given directly: one per model (≥ 0), or a scalar λ for two
             models, meaning (λ, 1 − λ). The combine weights become r_i·w_i.
@@ -260,7 +261,11 @@ def merge_tensors(
         scale: ``passthrough``: multiply the copied tensor by this (one float32 product; None: an
             exact copy).
         epsilon: ``ram``, ``ramplus_tl``: a model counts at an element where |δ| > epsilon
-            (default 1e-5).
+            (default 1e-5). ``della*``: the keep-probability spread, a scalar or one per model
+            (default 0.15): density − epsilon for a row's smallest |δ|, density + epsilon for its
+            largest (both in (0, 1) when 0 < density < 1). ``della*``'s ``density`` is the mean
+            keep probability (default 1.0: nothing dropped) and ``rescale`` (default True) the
+            tensor-wide L1 rescale (docs/SPEC.md §7).
         r: ``ramplus_tl``: boost of unique contributions (default 0.1).
         alpha: ``ramplus_tl``: cap on shared/unique (default 0.2; not M³'s ``mixup_alpha``).
         gamma: ``breadcrumbs*``: fraction of the largest |δ| dropped, a scalar or one per model in
