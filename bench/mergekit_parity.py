@@ -272,6 +272,10 @@ class Case:
     parameters: dict = field(default_factory=dict)
     note: str = ""
     slices: bool = False  # mergekit's trivial slices form: one slice, every source over all layers
+    # mergekit slices (section "slices"): [{"sources": [(key, [a, b], {params})], "base": key,
+    # "parameters": {...}}]; module_parameters: written as modules: {default: {slices, parameters}}
+    slice_spec: list | None = None
+    module_parameters: dict | None = None
 
     @property
     def id(self) -> str:
@@ -292,7 +296,24 @@ class Case:
         if self.base:
             cfg["base_model"] = dirs["base"]
         entries = [{"model": dirs[k], **({"parameters": p} if p else {})} for k, p in self.models]
-        if self.slices:
+        if self.slice_spec is not None:
+            out = []
+            for sl in self.slice_spec:
+                srcs = [
+                    {"model": dirs[k], "layer_range": list(r), **({"parameters": p} if p else {})}
+                    for k, r, p in sl["sources"]
+                ]
+                one = {"sources": srcs}
+                if sl.get("base"):
+                    one["base_model"] = dirs[sl["base"]]
+                if sl.get("parameters"):
+                    one["parameters"] = sl["parameters"]
+                out.append(one)
+            if self.module_parameters is not None:
+                cfg["modules"] = {"default": {"slices": out, "parameters": self.module_parameters}}
+            else:
+                cfg["slices"] = out
+        elif self.slices:
             rng = [0, SHAPES_KW["layers"]]
             if self.base and "base" not in {k for k, _ in self.models}:
                 entries.append({"model": dirs["base"]})
@@ -714,8 +735,123 @@ def default_cases() -> list:
     return [Case(m, "required-only", "defaults", **_REQUIRED_ONLY[m]) for m in MERGEKIT_METHODS]
 
 
+def slice_cases() -> list:
+    """mergekit's slices (issue 9): frankenmerges, per-slice parameters and bases, gradients over a
+    slice's layers, per-source filters on the source's own layer index, modules: default."""
+    S = "slices"
+    ft = [_m("ft1"), _m("ft2"), _m("ft3")]
+    return [
+        Case(
+            "passthrough",
+            "frankenmerge-repeat",
+            S,
+            ft,
+            base=False,
+            slice_spec=[
+                {"sources": [("ft1", [0, 2], None)]},
+                {"sources": [("ft2", [1, 3], None)]},
+                {"sources": [("ft1", [1, 2], None)]},  # ft1's layer 1 a second time
+                {"sources": [("ft3", [0, 1], None)], "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}]}},
+            ],
+            note="6 output layers from 3-layer models; embeddings from ft1, norm and lm_head from ft3",
+        ),
+        Case(
+            "slerp",
+            "two-slices",
+            S,
+            ft[:1],
+            parameters={"t": 0.4},
+            slice_spec=[
+                {"sources": [("base", [0, 2], None), ("ft1", [0, 2], None)], "parameters": {"t": [0.1, 0.8]}},
+                {
+                    "sources": [("base", [2, 3], None), ("ft1", [1, 2], None)],
+                    "parameters": {"t": [{"filter": "self_attn", "value": 0.9}]},
+                },
+            ],
+            note="t per slice (a gradient over the slice's 2 layers; a filter falling back to the top)",
+        ),
+        Case(
+            "task_arithmetic",
+            "gradient-over-slices",
+            S,
+            ft[:2],
+            parameters={"weight": 0.25, "lambda": 1.0},
+            slice_spec=[
+                {
+                    "sources": [("base", [0, 2], None), ("ft1", [1, 3], None), ("ft2", [0, 2], None)],
+                    "parameters": {"weight": [0.2, 1.0], "lambda": [{"filter": "mlp", "value": 0.5}]},
+                },
+                {
+                    "sources": [
+                        ("base", [1, 3], None),
+                        ("ft1", [0, 2], {"weight": [{"filter": "layers.1.", "value": 0.9}, {"value": 0.1}]}),
+                        ("ft2", [1, 3], {"weight": [1.0, 0.0, 0.5]}),
+                    ]
+                },
+            ],
+            note="t = k/(n-1) within each slice; ft1's filter sees its own layer index",
+        ),
+        Case(
+            "linear",
+            "two-slices-weights",
+            S,
+            ft,
+            base=False,
+            parameters={"normalize": True},
+            slice_spec=[
+                {"sources": [("ft1", [0, 2], {"weight": 0.3}), ("ft2", [0, 2], {"weight": 0.7})]},
+                {"sources": [("ft2", [2, 3], None), ("ft3", [0, 1], None)], "parameters": {"weight": 0.6}},
+            ],
+        ),
+        Case(
+            "task_arithmetic",
+            "slice-base",
+            S,
+            ft,
+            parameters={"weight": 0.5},
+            slice_spec=[
+                {"sources": [("base", [0, 2], None), ("ft1", [0, 2], None)]},
+                {"sources": [("ft3", [1, 3], None), ("ft2", [1, 3], None)], "base": "ft3"},
+            ],
+            note="the second slice merges against ft3; the post weights too (the last slice's base)",
+        ),
+        Case(
+            "task_arithmetic",
+            "post-weights-pairing",
+            S,
+            ft[:2],
+            parameters={"weight": 0.6},
+            slice_spec=[
+                {"sources": [("base", [0, 1], None), ("ft1", [2, 3], None)]},
+                {"sources": [("base", [1, 3], None), ("ft1", [0, 2], None), ("ft2", [1, 3], {"weight": 0.2})]},
+            ],
+            note="mergekit merges the post weights from the last slice's first 2 sources (the first slice's count)",
+        ),
+        Case(
+            "task_arithmetic",
+            "modules-default",
+            S,
+            ft[:2],
+            parameters={"weight": 0.3, "lambda": 0.9},
+            module_parameters={"weight": [{"filter": "self_attn", "value": [0.0, 1.0]}]},
+            slice_spec=[
+                {"sources": [("base", [0, 3], None), ("ft1", [0, 3], None), ("ft2", [0, 3], None)]},
+            ],
+        ),
+        Case(
+            "task_arithmetic",
+            "whole-slice-fewer-layers",
+            S,
+            ft[:1],
+            parameters={"weight": [0.0, 1.0]},
+            slice_spec=[{"sources": [("base", [0, 2], None), ("ft1", [0, 2], None)]}],
+            note="one slice over the first 2 of 3 layers: a 2-layer model",
+        ),
+    ]
+
+
 def all_cases() -> list:
-    return explicit_cases() + edge_cases() + default_cases()
+    return explicit_cases() + edge_cases() + default_cases() + slice_cases()
 
 
 # =========================================================================== mergekit semantics
@@ -1064,6 +1200,9 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
             "only_mergekit": sorted(names_m - names_o)[:8],
         }
     names = sorted(names_o & names_m)
+    layers = [json.loads((Path(d) / "config.json").read_text()).get("num_hidden_layers") for d in (ours_dir, mk32_dir)]
+    if layers[0] != layers[1]:  # slices rewrite it
+        res["config_layers"] = {"ours": layers[0], "mergekit": layers[1]}
     num_layers = SHAPES_KW["layers"]
     base = _checkpoint(dirs["base"])
     fts = {k: _checkpoint(dirs[k]) for k, _ in case.models if k != "base"}
@@ -1096,7 +1235,9 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
         if o.dtype != a.dtype:
             res["dtype_mismatch"] = True
         o32, a32 = o.float(), a.float()
-        excl = trim_tie_mask(case, name, base.get(name), {k: v.get(name) for k, v in fts.items()}, num_layers)
+        excl = None  # (slices: the output names are not the inputs')
+        if case.method in TRIM_METHODS:
+            excl = trim_tie_mask(case, name, base.get(name), {k: v.get(name) for k, v in fts.items()}, num_layers)
         agg.add(name, o32, a32, r.double() if r is not None else None, excl)
     res["dtypes"] = sorted(dtypes)
     if deciles is not None:
@@ -1107,6 +1248,8 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
 
 def verdict(case: Case, cmp: dict) -> tuple[str, str]:
     """(status, why) of a compared case against the documented tolerances."""
+    if "config_layers" in cmp:
+        return "MISMATCH", f"config.json num_hidden_layers differ: {cmp['config_layers']}"
     if "tensor_names" in cmp or "shape_mismatch" in cmp:
         return "MISMATCH", "tensor names/shapes differ"
     if case.kind == "random":
@@ -1583,7 +1726,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="inputs and outputs (reused inputs)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--only", help="comma-separated methods")
-    ap.add_argument("--sections", help="comma-separated: explicit, edge, defaults")
+    ap.add_argument("--sections", help="comma-separated: explicit, edge, defaults, slices")
     ap.add_argument("--families", default=",".join(FAMILIES), help="bf16,f32 (input dtypes)")
     ap.add_argument("--no-f64", action="store_true", help="skip the mergekit dtype: float64 runs")
     ap.add_argument("--markdown", type=Path, help="write the compact tables (for docs/MERGEKIT_PARITY.md)")
