@@ -583,7 +583,7 @@ def _layer_tensor(cfg, view, spec: SliceSpec, out_name: str, found: list, t, rat
     model_srcs = [found[j] for j in spec.model_sources]
     base_src = found[spec.base_source] if spec.base_source is not None else None
     try:
-        out_dtype = cfg.out_torch_dtype(src0.meta.dtype)
+        out_dtype = cfg.out_torch_dtype((base_src or src0).meta.dtype)
         kwargs = view.kwargs_at(out_name, t, model_names=[s.name for s in model_srcs])
     except MergeConfigError as exc:
         raise MergeConfigError(f"slices[{spec.index}]: tensor {out_name!r}: {exc}") from None
