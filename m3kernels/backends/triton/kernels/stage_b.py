@@ -20,7 +20,7 @@ from m3kernels.backends.triton.kernels.delta import (
     trim_delta,
     trim_delta_ties,
 )
-from m3kernels.backends.triton.kernels.params import COEF, UNIQUE_SCALE, VOTE_W
+from m3kernels.backends.triton.kernels.params import AGREE_W, COEF, UNIQUE_SCALE, VOTE_W
 
 COMBINE_SUM = tl.constexpr(0)
 COMBINE_MEAN = tl.constexpr(1)
@@ -81,6 +81,65 @@ def nearswap(a, x, clip_t):
 
 
 @triton.jit
+def sgn(x):
+    """1.0, -1.0 or 0.0 (NaN, +-0) as float32: the count vote's and count divisor's sign (V3, V4)."""
+    return tl.where(x > 0.0, 1.0, tl.where(x < 0.0, -1.0, 0.0))
+
+
+@triton.jit
+def ties_combine(
+    ds,
+    table,
+    den_floor,
+    N: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    AGREE: tl.constexpr,
+    DEN_FLOOR: tl.constexpr,
+    VOTE_KIND: tl.constexpr,
+    TIES_DIV: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """The TIES combine (docs/KERNEL.md combine 2 with V2 agree_w, V3 vote_kind, V4 ties_div, V5 den_floor)
+    of the trimmed deltas ``ds``: the sign vote, then the disjoint merge of the agreeing models."""
+    zero = tl.zeros([BLOCK], tl.float32)
+    v = zero
+    for i in tl.static_range(N):
+        w = tl.load(table + VOTE_W * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+        if VOTE_KIND == 1:
+            v = v + sgn(w * ds[i])
+        else:
+            v = v + w * ds[i]
+    pos = v >= 0.0
+    num = zero
+    den = zero
+    for i in tl.static_range(N):
+        c = tl.load(table + COEF * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
+        if AGREE:
+            e = tl.load(table + AGREE_W * N + i).to(tl.uint32).to(tl.float32, bitcast=True) * ds[i]
+        else:
+            e = ds[i]  # agree_w 1.0: e_i == d_i bit for bit
+        if TIES_DIV == 1:
+            agree = sgn(e) == tl.where(pos, 1.0, -1.0)
+            num = num + (c * ds[i]) * agree.to(tl.float32)  # times 0: a non-agreeing inf / NaN gives NaN
+            den = den + agree.to(tl.float32)  # the count, exact in float32
+        else:
+            agree = (e != 0.0) & ((e > 0.0) == pos)
+            num = tl.where(agree, num + c * ds[i], num)
+            den = tl.where(agree, den + c, den)
+    if TIES_DIV == 1:
+        m = tl.math.div_rn(num, tl.where(den < 1.0, 1.0, den))
+    elif NORMALIZE:
+        if DEN_FLOOR:
+            m = tl.math.div_rn(num, tl.where(den < den_floor, den_floor, den))
+        else:
+            nonzero = den != 0.0
+            m = tl.where(nonzero, tl.math.div_rn(num, tl.where(nonzero, den, 1.0)), 0.0)
+    else:
+        m = num
+    return m
+
+
+@triton.jit
 def merge_kernel(
     base_ptr,
     models,
@@ -97,6 +156,8 @@ def merge_kernel(
     tie_prefix_min,
     tie_prefix_max,
     tie_blocks,
+    keep_masks,
+    den_floor,
     N: tl.constexpr,
     HAS_BASE: tl.constexpr,
     DARE: tl.constexpr,
@@ -108,6 +169,13 @@ def merge_kernel(
     OUT_KIND: tl.constexpr,
     BIG: tl.constexpr,
     BLOCK: tl.constexpr,
+    KEEP_MASK: tl.constexpr = False,
+    DARE_DIV: tl.constexpr = False,
+    AGREE: tl.constexpr = False,
+    DEN_FLOOR: tl.constexpr = False,
+    VOTE_KIND: tl.constexpr = 0,
+    TIES_DIV: tl.constexpr = 0,
+    FMA: tl.constexpr = False,
 ):
     """out[j] = base[j] + lam * combine_i(sparsify(models[i][j] - base[j])) for one block
     (NEARSWAP: the interpolation of base and model)."""
@@ -123,7 +191,22 @@ def merge_kernel(
     else:
         ds = ()
         for i in tl.static_range(N):
-            d = dare_delta(models[i], b, offs, mask, table, i, N, start, DARE, BLOCK, BIG)
+            d = dare_delta(
+                models[i],
+                b,
+                offs,
+                mask,
+                table,
+                i,
+                N,
+                start,
+                DARE,
+                BLOCK,
+                BIG,
+                keep_masks[i],
+                DARE_DIV,
+                KEEP_MASK,
+            )
             if TIES_K:
                 d = trim_delta_ties(
                     d, table, i, N, offs, mask, tie_prefix_min, tie_prefix_max, tie_blocks, BLOCK
@@ -133,23 +216,7 @@ def merge_kernel(
             ds = ds + (d,)
 
         if COMBINE == COMBINE_TIES:
-            v = zero
-            for i in tl.static_range(N):
-                w = tl.load(table + VOTE_W * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
-                v = v + w * ds[i]
-            pos = v >= 0.0
-            num = zero
-            den = zero
-            for i in tl.static_range(N):
-                c = tl.load(table + COEF * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
-                agree = (ds[i] != 0.0) & ((ds[i] > 0.0) == pos)
-                num = tl.where(agree, num + c * ds[i], num)
-                den = tl.where(agree, den + c, den)
-            if NORMALIZE:
-                nonzero = den != 0.0
-                m = tl.where(nonzero, tl.math.div_rn(num, tl.where(nonzero, den, 1.0)), 0.0)
-            else:
-                m = num
+            m = ties_combine(ds, table, den_floor, N, NORMALIZE, AGREE, DEN_FLOOR, VOTE_KIND, TIES_DIV, BLOCK)
         elif COMBINE == COMBINE_RAM:
             cnt = tl.zeros([BLOCK], tl.int32)
             for i in tl.static_range(N):
@@ -175,7 +242,10 @@ def merge_kernel(
                     c = tl.load(group_coef + gi + i, mask=mask, other=0.0)
                 else:
                     c = tl.load(table + COEF * N + i).to(tl.uint32).to(tl.float32, bitcast=True)
-                m = m + c * ds[i]
+                if FMA:
+                    m = tl.fma(c, ds[i], m)  # one rounding (torch's addcmul_, mergekit's linear)
+                else:
+                    m = m + c * ds[i]
             if COMBINE == COMBINE_MEAN:
                 m = tl.math.div_rn(m, zero + mean_den)
         y = b + lam * m
