@@ -115,6 +115,20 @@ m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
             throw std::invalid_argument(
                 "m3kernels CUDA args: exact-k ties need tie_prefix_min and tie_prefix_max");
     }
+    // Round 2 (docs/KERNEL.md V1..V7): every key optional, the defaults leave the program unchanged.
+    a.fma = get_or<bool>(d, "fma", false) ? 1 : 0;
+    a.vote_kind = static_cast<int32_t>(get_or<int64_t>(d, "vote_kind", 0));
+    a.ties_div = static_cast<int32_t>(get_or<int64_t>(d, "ties_div", 0));
+    if (a.vote_kind < 0 || a.vote_kind > 1 || a.ties_div < 0 || a.ties_div > 1)
+        throw std::invalid_argument("m3kernels CUDA args: vote_kind and ties_div must be 0 or 1");
+    a.den_floor = static_cast<float>(get_or<double>(d, "den_floor", 0.0));
+    a.keep_mask = reinterpret_cast<const uint8_t*>(get_or<uintptr_t>(d, "keep_mask", 0));
+    a.mask_stride = get_or<int64_t>(d, "mask_stride", 0);
+    if (a.mask_stride < 0) throw std::invalid_argument("m3kernels CUDA args: mask_stride must be >= 0");
+    a.dare_div = get_or<bool>(d, "dare_div", false) ? 1 : 0;
+    const auto agree_w = get_list_or<double>(d, "agree_w", a.n, 1.0);
+    const auto mask_scale = get_list_or<double>(d, "mask_scale", a.n, 1.0);
+    const auto dare_den = get_list_or<double>(d, "dare_den", a.n, 1.0);
     const auto trim_max = get_list_or<uint64_t>(d, "trim_max", a.n, 0xffffffffu);
     const auto unique_scale = get_list_or<double>(d, "unique_scale", a.n, 1.0);
     a.normalize = get<bool>(d, "normalize") ? 1 : 0;
@@ -141,6 +155,10 @@ m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
         a.unique_scale[i] = static_cast<float>(unique_scale[i]);
         a.tie_keep[i] = tie_keep[i];
         a.tie_skip[i] = tie_skip[i];
+        a.agree_w[i] = static_cast<float>(agree_w[i]);
+        a.agree = a.agree || a.agree_w[i] != 1.0f;
+        a.mask_scale[i] = static_cast<float>(mask_scale[i]);
+        a.dare_den[i] = static_cast<float>(dare_den[i]);
     }
     if (a.has_base) {
         if (a.numel > 0 && base == 0)

@@ -6,10 +6,13 @@
 // versions exist so the exact kernel bodies can be emulated on a machine without a GPU.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
 #include <cuda_fp16.h>
+
+#include "merge_args.h"
 
 #if defined(__CUDACC__)
 #define M3K_HD __host__ __device__ __forceinline__
@@ -48,6 +51,15 @@ M3K_HD float fdiv(float a, float b) {
     return __fdiv_rn(a, b);
 #else
     return a / b;
+#endif
+}
+
+// One correctly rounded fused multiply-add a * b + c (docs/KERNEL.md V1: the sum / mean with fma).
+M3K_HD float ffma(float a, float b, float c) {
+#ifdef __CUDA_ARCH__
+    return __fmaf_rn(a, b, c);
+#else
+    return std::fmaf(a, b, c);
 #endif
 }
 
@@ -114,6 +126,16 @@ M3K_HD uint32_t f32_to_f16_bits(float y) {
     if (y != y) return 0x7e00u;  // canonical quiet NaN (__float2half_rn would give 0x7FFF)
     const __half h = __float2half_rn(y);
     return static_cast<__half_raw>(h).x;
+}
+
+// x rounded to input dtype dt and back (dare_div, V7): RNE; fp16 overflows to inf; NaN stays NaN.
+M3K_HD float round_to_dtype(float x, int dt) {
+    if (dt == kF32) return x;
+    if (dt == kBF16) {
+        const uint32_t u = f2u(x);
+        return x != x ? x : u2f((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+    }
+    return __half2float(__float2half_rn(x));
 }
 
 // bits(|x|) as uint32: the sign-free float32 pattern the trim and the histograms compare.

@@ -56,6 +56,18 @@ struct MergeArgs {
     const int64_t* tie_prefix_min;  // [n][tie_blocks] equal-to-trim_min keys before each tie block
     const int64_t* tie_prefix_max;  // [n][tie_blocks] equal-to-trim_max keys before each tie block
     int64_t tie_blocks;             // tie blocks of kTieBlock flat indices the prefixes cover
+    // Round 2 (docs/KERNEL.md V1..V7); zero / nullptr / 1.0 leave the program above unchanged.
+    int32_t fma;                   // V1: sum / mean accumulate m = fmaf(coef_i, d_i, m)
+    int32_t agree;                 // V2: some agree_w[i] != 1 (the TIES agreement uses agree_w[i] * d_i)
+    int32_t vote_kind;             // V3: TIES vote 0 Σ vote_w·d, 1 Σ sgn(vote_w·d)
+    int32_t ties_div;              // V4: TIES divisor 0 Σ agreeing coef (normalize), 1 the agreeing count
+    float den_floor;               // V5: > 0 (ties_div 0, normalize): m = num / max(den, den_floor)
+    float agree_w[kMaxModels];     // V2
+    const uint8_t* keep_mask;      // V6: bit J of model i at byte i * mask_stride + (J >> 3), LSB first
+    int64_t mask_stride;           // V6: bytes between two models' masks (0: one shared mask)
+    float mask_scale[kMaxModels];  // V6: a kept d_i times mask_scale[i]
+    int32_t dare_div;              // V7: a DARE-kept d_i = round_to(dtype_i, d_i / dare_den[i])
+    float dare_den[kMaxModels];    // V7
 };
 
 }  // namespace m3k

@@ -1,7 +1,8 @@
 // The per-element program of docs/KERNEL.md on one chunk of EPT elements (host + device).
 //
-// delta -> DARE drop (Philox, one evaluation per 4 elements) -> trim (window trim_min..trim_max)
-// -> combine (sum / mean with per-tensor or per-group coefficients, TIES, RAM) -> scale and add ->
+// delta -> DARE drop (Philox, one evaluation per 4 elements; dare_div) -> keep mask -> trim (window
+// trim_min..trim_max) -> combine (sum / mean with per-tensor or per-group coefficients, optionally
+// fused multiply-add; TIES with its vote / agreement / divisor variants; RAM) -> scale and add ->
 // RNE cast; NEARSWAP interpolates base and model directly. Stage B (merge_chunk) and stage A (delta_chunk, in
 // the statistics kernels) share these functions, so both stages see the same deltas bit for bit.
 //
@@ -41,13 +42,16 @@ M3K_HD void base_chunk(const MergeArgs& a, int64_t j0, bool vec, float (&b)[EPT]
     }
 }
 
-// DARE drop and rescale of model i on chunk [j0, j0 + EPT), j0 a multiple of 4.
+// DARE drop and rescale of model i on chunk [j0, j0 + EPT), j0 a multiple of 4; dt: model i's
+// input dtype (dare_div rounds a kept d / dare_den to it, V7).
 template <int EPT>
-M3K_HD void dare_drop(const MergeArgs& a, int i, int64_t j0, float (&d)[EPT]) {
+M3K_HD void dare_drop(const MergeArgs& a, int i, int64_t j0, int dt, float (&d)[EPT]) {
     static_assert(EPT % 4 == 0, "dare_drop: EPT must be a multiple of 4");
     if (!a.dare[i]) return;
     const uint64_t thr = a.dare_thr[i];
     const float scale = a.dare_scale[i];
+    const float den = a.dare_den[i];
+    const bool div = a.dare_div != 0;
 #pragma unroll
     for (int g = 0; g < EPT / 4; ++g) {
         uint32_t w[4];
@@ -55,9 +59,38 @@ M3K_HD void dare_drop(const MergeArgs& a, int i, int64_t j0, float (&d)[EPT]) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
             const int k = 4 * g + r;
-            d[k] = (static_cast<uint64_t>(w[r]) < thr) ? fmul(d[k], scale) : 0.0f;
+            const bool keep = static_cast<uint64_t>(w[r]) < thr;
+            if (div)
+                d[k] = keep ? round_to_dtype(fdiv(d[k], den), dt) : 0.0f;
+            else
+                d[k] = keep ? fmul(d[k], scale) : 0.0f;
         }
     }
+}
+
+M3K_HD uint32_t load_mask_byte(const uint8_t* p) {
+#ifdef __CUDA_ARCH__
+    return __ldg(p);
+#else
+    return *p;
+#endif
+}
+
+// Keep mask of model i on chunk [j0, j0 + EPT) (V6, right after the DARE step): bit J = index_offset + j
+// of the model's mask (byte J >> 3, LSB first) keeps d * mask_scale[i], else 0. EPT <= 8, so the
+// chunk's bits lie in at most two bytes; only bytes of elements inside the tensor are read.
+template <int EPT>
+M3K_HD void mask_drop(const MergeArgs& a, int i, int64_t j0, float (&d)[EPT]) {
+    static_assert(EPT <= 8, "mask_drop: EPT must be <= 8");
+    const uint8_t* m = a.keep_mask + i * a.mask_stride;
+    const int64_t J0 = a.index_offset + j0;
+    const int64_t last = a.index_offset + (j0 + EPT < a.numel ? j0 + EPT : a.numel) - 1;
+    uint32_t w = load_mask_byte(m + (J0 >> 3));
+    if ((last >> 3) != (J0 >> 3)) w |= load_mask_byte(m + (J0 >> 3) + 1) << 8;
+    const uint32_t bits = w >> (J0 & 7);
+    const float scale = a.mask_scale[i];
+#pragma unroll
+    for (int k = 0; k < EPT; ++k) d[k] = ((bits >> k) & 1u) ? fmul(d[k], scale) : 0.0f;
 }
 
 // Magnitude trim of model i: keep iff trim_min <= bits(|d|) <= trim_max. trim_min 0 keeps all
@@ -114,14 +147,15 @@ M3K_HD float nearswap(float a, float x, float t) {
     return fadd(fmul(w, x), fmul(fsub(1.0f, w), a));
 }
 
-// d = x_i - b, then the DARE drop: the delta stage A histograms (no trim).
+// d = x_i - b, then the DARE drop and the keep mask: the delta stage A histograms (no trim).
 template <int EPT, int DT>
 M3K_HD void delta_chunk(const MergeArgs& a, int i, int64_t j0, bool vec, const float (&b)[EPT],
                         float (&d)[EPT]) {
     load_chunk<EPT, DT>(a.models[i], a.model_dtype[i], j0, a.numel, vec, d);
 #pragma unroll
     for (int k = 0; k < EPT; ++k) d[k] = fsub(d[k], b[k]);
-    dare_drop<EPT>(a, i, j0, d);
+    dare_drop<EPT>(a, i, j0, DT >= 0 ? DT : a.model_dtype[i], d);
+    if (a.keep_mask) mask_drop<EPT>(a, i, j0, d);
 }
 
 template <int NMAX, bool EXACT>
@@ -154,6 +188,55 @@ M3K_HD float ram_element(const MergeArgs& a, const float (&d)[NMAX][EPT], int k)
     return m;
 }
 
+// sgn(x) as float32: 1, -1, or 0 for +-0 and NaN (the count vote and count divisor, V3 / V4).
+M3K_HD float sgnf(float x) {
+    return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f);
+}
+
+// TIES on element k (docs/KERNEL.md combine 2 with V2..V5): the sign vote (weighted sum, or count),
+// then the disjoint merge of the models agreeing by the sign of agree_w[i] * d_i, divided by the
+// agreeing coefficients (normalize; den_floor > 0: by max(den, den_floor)) or by their count.
+template <int NMAX, bool EXACT, int EPT>
+M3K_HD float ties_element(const MergeArgs& a, const float (&d)[NMAX][EPT], int k) {
+    float v = 0.0f;
+    if (a.vote_kind == 1) {
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i)
+            if (model_on<NMAX, EXACT>(a, i)) v = fadd(v, sgnf(fmul(a.vote_w[i], d[i][k])));
+    } else {
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i)
+            if (model_on<NMAX, EXACT>(a, i)) v = fadd(v, fmul(a.vote_w[i], d[i][k]));
+    }
+    const bool pos = v >= 0.0f;
+    float num = 0.0f, den = 0.0f;
+    if (a.ties_div == 1) {
+        const float want = pos ? 1.0f : -1.0f;
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (!model_on<NMAX, EXACT>(a, i)) continue;
+            const float x = d[i][k];
+            const float one = sgnf(fmul(a.agree_w[i], x)) == want ? 1.0f : 0.0f;
+            num = fadd(num, fmul(fmul(a.coef[i], x), one));  // times 0: a non-agreeing inf / NaN gives NaN
+            den = fadd(den, one);
+        }
+        return fdiv(num, den < 1.0f ? 1.0f : den);
+    }
+#pragma unroll
+    for (int i = 0; i < NMAX; ++i) {
+        if (!model_on<NMAX, EXACT>(a, i)) continue;
+        const float x = d[i][k];
+        const float e = a.agree ? fmul(a.agree_w[i], x) : x;  // agree_w 1: e == x bit for bit
+        if (e != 0.0f && ((e > 0.0f) == pos)) {
+            num = fadd(num, fmul(a.coef[i], x));
+            den = fadd(den, a.coef[i]);
+        }
+    }
+    if (!a.normalize) return num;
+    if (a.den_floor > 0.0f) return fdiv(num, den < a.den_floor ? a.den_floor : den);
+    return den != 0.0f ? fdiv(num, den) : 0.0f;
+}
+
 // Stage B on chunk c: reads base and every model once, writes the output once.
 template <int NMAX, bool EXACT, int EPT, int C, int DT>
 M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
@@ -179,13 +262,24 @@ M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
                 delta_chunk<EPT, DT>(a, i, j0, vec, b, d);
                 trim<EPT>(a, i, d);
                 if (a.coef_group != kGroupNone) {
+                    if (a.fma) {
 #pragma unroll
-                    for (int k = 0; k < EPT; ++k)
-                        m[k] = fadd(m[k], fmul(load_coef(a.group_coef, gi[k] + i), d[k]));
+                        for (int k = 0; k < EPT; ++k)
+                            m[k] = ffma(load_coef(a.group_coef, gi[k] + i), d[k], m[k]);
+                    } else {
+#pragma unroll
+                        for (int k = 0; k < EPT; ++k)
+                            m[k] = fadd(m[k], fmul(load_coef(a.group_coef, gi[k] + i), d[k]));
+                    }
                 } else {
                     const float coef = a.coef[i];
+                    if (a.fma) {
 #pragma unroll
-                    for (int k = 0; k < EPT; ++k) m[k] = fadd(m[k], fmul(coef, d[k]));
+                        for (int k = 0; k < EPT; ++k) m[k] = ffma(coef, d[k], m[k]);
+                    } else {
+#pragma unroll
+                        for (int k = 0; k < EPT; ++k) m[k] = fadd(m[k], fmul(coef, d[k]));
+                    }
                 }
             }
         }
@@ -206,36 +300,18 @@ M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
         for (int k = 0; k < EPT; ++k) m[k] = ram_element<NMAX, EXACT, EPT>(a, d, k);
     } else {
         float d[NMAX][EPT];
-        float v[EPT];
-#pragma unroll
-        for (int k = 0; k < EPT; ++k) v[k] = 0.0f;
 #pragma unroll
         for (int i = 0; i < NMAX; ++i) {
             if (model_on<NMAX, EXACT>(a, i)) {
                 delta_chunk<EPT, DT>(a, i, j0, vec, b, d[i]);
                 trim<EPT>(a, i, d[i]);
-                const float w = a.vote_w[i];
-#pragma unroll
-                for (int k = 0; k < EPT; ++k) v[k] = fadd(v[k], fmul(w, d[i][k]));
             } else {
 #pragma unroll
                 for (int k = 0; k < EPT; ++k) d[i][k] = 0.0f;
             }
         }
 #pragma unroll
-        for (int k = 0; k < EPT; ++k) {
-            const bool pos = v[k] >= 0.0f;
-            float num = 0.0f, den = 0.0f;
-#pragma unroll
-            for (int i = 0; i < NMAX; ++i) {
-                const float x = d[i][k];
-                if (model_on<NMAX, EXACT>(a, i) && x != 0.0f && ((x > 0.0f) == pos)) {
-                    num = fadd(num, fmul(a.coef[i], x));
-                    den = fadd(den, a.coef[i]);
-                }
-            }
-            m[k] = a.normalize ? (den != 0.0f ? fdiv(num, den) : 0.0f) : num;
-        }
+        for (int k = 0; k < EPT; ++k) m[k] = ties_element<NMAX, EXACT, EPT>(a, d, k);
     }
     if constexpr (C != kNearswap) {
 #pragma unroll

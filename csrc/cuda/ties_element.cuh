@@ -36,21 +36,11 @@ M3K_HD void tie_trim(const MergeArgs& a, int i, int64_t j0, float (&d)[kTieEPT],
 M3K_HD float tie_combine(const MergeArgs& a, const float (&d)[kMaxModels][kTieEPT], int k) {
     if (a.combine != kTies) {
         float m = 0.0f;
-        for (int i = 0; i < a.n; ++i) m = fadd(m, fmul(a.coef[i], d[i][k]));
+        for (int i = 0; i < a.n; ++i)
+            m = a.fma ? ffma(a.coef[i], d[i][k], m) : fadd(m, fmul(a.coef[i], d[i][k]));
         return a.combine == kMean ? fdiv(m, a.mean_den) : m;
     }
-    float v = 0.0f;
-    for (int i = 0; i < a.n; ++i) v = fadd(v, fmul(a.vote_w[i], d[i][k]));
-    const bool pos = v >= 0.0f;
-    float num = 0.0f, den = 0.0f;
-    for (int i = 0; i < a.n; ++i) {
-        const float x = d[i][k];
-        if (x != 0.0f && ((x > 0.0f) == pos)) {
-            num = fadd(num, fmul(a.coef[i], x));
-            den = fadd(den, a.coef[i]);
-        }
-    }
-    return a.normalize ? (den != 0.0f ? fdiv(num, den) : 0.0f) : num;
+    return ties_element<kMaxModels, false, kTieEPT>(a, d, k);
 }
 
 // Stage B of tie block tb.

@@ -31,6 +31,15 @@ from m3kernels.backends.param_arrays import (
     tie_prefix_arrays,
 )
 from m3kernels.backends.tensor_args import pointer_and_code
+from m3kernels.backends.v2_arrays import (
+    agree_weights_on,
+    dare_div_on,
+    fma_on,
+    has_keep_mask,
+    keep_mask_array,
+    per_model_f32,
+    ties_variant,
+)
 from m3kernels.merge.kernel_params import HIST_BINS, KernelParams
 
 try:
@@ -44,7 +53,11 @@ except ImportError as exc:  # not built (no nvcc at install time) or libcudart m
 MAX_MODELS = 16
 
 # What this backend implements of docs/KERNEL.md beyond the first five methods (issue 8).
-FEATURES = frozenset({"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts", "trim_ties_k"})
+FEATURES = frozenset(
+    {"trim_max", "group_coef", "nearswap", "ram", "gram", "ram_counts", "trim_ties_k"}
+    # round 2 (docs/KERNEL.md V1..V7)
+    | {"keep_mask", "den_floor", "agree_w", "fma", "vote_count", "ties_div_count", "dare_div"}
+)
 
 _TRIM_MAX_ALL = 0xFFFFFFFF
 _GRAM_CHUNK = 1 << 16  # docs/KERNEL.md, gram: positions per chunk (csrc/cuda/gram_element.cuh)
@@ -167,7 +180,9 @@ def kernel_args(
         group_coef_keep = _group_coef_tensor(p, numel, coef_group, row_len, device)
         group_coef_ptr = group_coef_keep.data_ptr()
     tie_args, tie_keep_alive = _tie_args(p, numel, device, with_prefixes=out is not None)
-    return tie_args | {
+    v2_args, mask_keep_alive = _v2_args(p, numel, device)
+    optional = tie_args | v2_args
+    return optional | {
         "n": p.n,
         "numel": numel,
         "models": ptrs,
@@ -200,8 +215,35 @@ def kernel_args(
         "_keep_alive": (
             group_coef_keep,
             tie_keep_alive,
+            mask_keep_alive,
         ),  # buffers behind pointers (not read by the extension)
     }
+
+
+def _v2_args(p, numel: int, device) -> tuple[dict, torch.Tensor | None]:
+    """The round-2 fields (docs/KERNEL.md V1..V7) for the extension ({} when all are at their
+    defaults) and the keep-mask buffer behind its pointer."""
+    args: dict = {}
+    if fma_on(p):
+        args["fma"] = True
+    if int(p.combine) == 2:
+        vote_kind, ties_div, den_floor = ties_variant(p)
+        args |= {"vote_kind": vote_kind, "ties_div": ties_div, "den_floor": den_floor}
+        if agree_weights_on(p):
+            args["agree_w"] = [float(x) for x in per_model_f32(p, "agree_w")]
+    if dare_div_on(p):
+        args |= {"dare_div": True, "dare_den": [float(x) for x in per_model_f32(p, "dare_den")]}
+    mask = None
+    if has_keep_mask(p):
+        m, stride = keep_mask_array(p, numel)
+        mask = torch.from_numpy(m.copy())
+        mask = mask if device.type == "cpu" else mask.to(device)
+        args |= {
+            "keep_mask": mask.data_ptr(),
+            "mask_stride": stride,
+            "mask_scale": [float(x) for x in per_model_f32(p, "mask_scale")],
+        }
+    return args, mask
 
 
 def _tie_args(p, numel: int, device, with_prefixes: bool) -> tuple[dict, tuple]:
