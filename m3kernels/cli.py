@@ -119,6 +119,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="distributed merge (torchrun): how long a rank waits for the others (default 1800)",
     )
+    m.add_argument(
+        "--work-dir",
+        default=None,
+        metavar="DIR",
+        help="a file of several YAML documents (mergekit-multi): where the named merges are written "
+        "(default: OUT_DIR.work beside OUT_DIR)",
+    )
     m.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
     m.add_argument("-v", "--verbose", action="store_true", help="tracebacks and more details")
 
@@ -203,8 +210,11 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def cmd_merge(args) -> int:
+    from m3kernels.checkpoint import multi
     from m3kernels.checkpoint.run import merge_checkpoints
 
+    if multi.is_multi_document(args.config):  # several merges in one file (mergekit-multi)
+        return multi.run_cli(args)
     result = merge_checkpoints(
         args.config,
         args.out_dir,

@@ -690,7 +690,8 @@ def _multi_document(text: str, origin: str) -> MultiDocumentConfig:
     return MultiDocumentConfig(
         f"{origin}: {n} YAML documents (separated by '---') in one file, the format of "
         f"mergekit-multi (several merges, later ones naming earlier outputs); a merge config here "
-        f"is one document: put each in its own file and merge them in order",
+        f"is one document: run the file with 'm3kernels merge FILE OUT' "
+        f"(m3kernels.checkpoint.multi.merge_documents)",
         n,
     )
 
