@@ -148,7 +148,9 @@ def driver_main(jobs_file: str, results_file: str, cli: bool = False) -> int:
         out = Path(job["out"])
         if out.exists():
             shutil.rmtree(out)
-        args = [job["config"], str(out), "--quiet", "--no-copy-tokenizer", "--random-seed", str(job["seed"])]
+        args = [job["config"], str(out), "--quiet", "--random-seed", str(job["seed"])]
+        if not job.get("copy_tokenizer"):
+            args.insert(2, "--no-copy-tokenizer")
         t0 = time.perf_counter()
         err = None
         buf = io.StringIO()
@@ -1236,7 +1238,7 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
             res["dtype_mismatch"] = True
         o32, a32 = o.float(), a.float()
         excl = None  # (slices: the output names are not the inputs')
-        if case.method in TRIM_METHODS:
+        if case.method in TRIM_METHODS or case.method == "sce":
             excl = trim_tie_mask(case, name, base.get(name), {k: v.get(name) for k, v in fts.items()}, num_layers)
         agg.add(name, o32, a32, r.double() if r is not None else None, excl)
     res["dtypes"] = sorted(dtypes)
@@ -1708,6 +1710,306 @@ def versions(venv: Path) -> dict:
     return info
 
 
+# =========================================================================== tokenizer section
+# Tokenizer merges (tokenizer_source, the tokenizer: block, chat_template) on stand-ins with real
+# tiny tokenizers whose vocabularies differ (tests/tokenizer_models.py). Compared by token: mergekit
+# 0.1.5 visits the non-base models in a Python set's order, so the ids it gives the tokens the base
+# lacks change from run to run; each output token's rows are compared wherever each side put it.
+
+TOKENIZER_CONVERSATIONS = [
+    [{"role": "user", "content": "Hi there "}],
+    [
+        {"role": "system", "content": " Be brief. "},
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": " 4 "},
+    ],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+    ],
+]
+
+
+def tokenizer_cases(dirs: dict) -> list:
+    """[(label, config dict, copy_tokenizer)] for the stand-ins' folders ``dirs``."""
+
+    def cfg(method, models, base=True, **extra):
+        c = {"merge_method": method}
+        if base:
+            c["base_model"] = dirs["base"]
+        c["models"] = [{"model": dirs[k], **({"parameters": p} if p else {})} for k, p in models]
+        c.update(extra)
+        return c
+
+    two = [("ft1", {"weight": 0.6}), ("ft2", {"weight": 0.4})]
+    tokens = {
+        "<|im_end|>": {"source": dirs["ft1"], "force": True},
+        "<new>": {"source": {"kind": "zero"}},
+        "<alias>": {"source": {"kind": "model_token", "model": dirs["ft2"], "token": "the"}},
+        "a": {"source": {"kind": "model_token", "model": dirs["base"], "token_id": 7}, "force": True},
+    }
+    literal = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    return [
+        ("union:task_arithmetic", cfg("task_arithmetic", two, tokenizer_source="union"), False),
+        (
+            "union:ties",
+            cfg(
+                "ties",
+                [
+                    ("ft1", {"weight": 0.6, "density": 0.7}),
+                    ("ft2", {"weight": 0.5, "density": 0.6}),
+                    ("ft3", {"weight": 0.4, "density": 0.8}),
+                ],
+                tokenizer_source="union",
+            ),
+            False,
+        ),
+        (
+            "union:linear-no-base",
+            cfg(
+                "linear",
+                [("ft1", {"weight": 0.5}), ("ft2", {"weight": 0.3}), ("ft3", {"weight": 0.2})],
+                base=False,
+                tokenizer_source="union",
+            ),
+            False,
+        ),
+        (
+            "tokens:force+zero+model_token",
+            cfg("task_arithmetic", two, tokenizer={"source": "union", "tokens": tokens}),
+            False,
+        ),
+        (
+            "pad_to_multiple_of:16",
+            cfg("task_arithmetic", two, tokenizer={"source": "union", "pad_to_multiple_of": 16}),
+            False,
+        ),
+        (
+            "source:base-drops-rows",
+            cfg("task_arithmetic", [("ft1", {"weight": 0.7})], tokenizer_source="base"),
+            False,
+        ),
+        ("source:model-path", cfg("task_arithmetic", two, tokenizer_source=dirs["ft2"]), False),
+        (
+            "chat_template:chatml+union",
+            cfg("task_arithmetic", two, tokenizer_source="union", chat_template="chatml"),
+            False,
+        ),
+        (
+            "chat_template:llama3+base",
+            cfg("task_arithmetic", two, tokenizer_source="base", chat_template="llama3"),
+            False,
+        ),
+        (
+            "chat_template:literal",
+            cfg("task_arithmetic", [("ft3", {"weight": 0.5})], chat_template=literal),
+            True,
+        ),
+    ]
+
+
+def make_tokenizer_inputs(work: Path) -> dict:
+    """The stand-ins (float32), made once per run under ``work``."""
+    import torch
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tokenizer_models import make_tokenizer_family
+
+    root = work / "inputs" / "tokenizer"
+    if root.exists():
+        shutil.rmtree(root)
+    fam = make_tokenizer_family(root, dtype=torch.float32)
+    return {k: str(v) for k, v in fam.dirs.items()}
+
+
+def _render_all(template):
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    if template is None:
+        return None
+    out = []
+    for conv in TOKENIZER_CONVERSATIONS:
+        for gen in (False, True):
+            try:
+                out.append(
+                    render_jinja_template(
+                        conversations=[conv],
+                        chat_template=template,
+                        add_generation_prompt=gen,
+                        bos_token="<s>",
+                        eos_token="</s>",
+                    )[0][0]
+                )
+            except Exception as exc:  # noqa: BLE001
+                out.append(f"error: {type(exc).__name__}")
+    return out
+
+
+def compare_tokenizer_outputs(ours: Path, mk: Path) -> dict:
+    """Tokenizer, config vocab_size, chat template and every tensor (vocabulary tensors by token)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    def tensors(d):
+        out = {}
+        for f in sorted(Path(d).glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    a, b = tensors(ours), tensors(mk)
+    ta, tb = AutoTokenizer.from_pretrained(str(ours)), AutoTokenizer.from_pretrained(str(mk))
+    va, vb = ta.get_vocab(), tb.get_vocab()
+    res = {
+        "tokens": [len(va), len(vb)],
+        "vocab_equal": va.keys() == vb.keys(),
+        "ids_equal": va == vb,
+        "special_equal": {i.content: i.special for i in ta.added_tokens_decoder.values()}
+        == {i.content: i.special for i in tb.added_tokens_decoder.values()},
+        "vocab_size": [
+            json.loads((Path(d) / "config.json").read_text()).get("vocab_size") for d in (ours, mk)
+        ],
+        "tensor_names_equal": set(a) == set(b),
+        "tensors": len(a),
+        "bit_equal_tensors": 0,
+        "max_ulps": 0,
+        "pad_rows_max_rel": 0.0,
+        "chat_template": "none",
+        "vocab_ulps": 0,  # vocabulary tensors, by token
+        "vocab_ts_ulps": 0.0,
+        "other_ulps": 0,  # every other tensor (the method's own parity)
+        "other_ts_ulps": 0.0,
+    }
+    toks = sorted(va.keys() & vb.keys())
+    for name in sorted(a.keys() & b.keys()):
+        x, y = a[name].float(), b[name].float()
+        if x.shape != y.shape:
+            res["max_ulps"] = max(res["max_ulps"], 1 << 31)
+            res.setdefault("shape_mismatch", []).append(name)
+            continue
+        if (
+            x.dim() == 2
+            and x.shape[0] >= len(va)
+            and name.endswith(("embed_tokens.weight", "lm_head.weight"))
+        ):
+            ia = torch.tensor([va[t] for t in toks])
+            ib = torch.tensor([vb[t] for t in toks])
+            xa, yb = x[ia], y[ib]
+            u = int(ulps32(xa, yb).max())
+            res["vocab_ulps"] = max(res["vocab_ulps"], u)
+            res["vocab_ts_ulps"] = max(res["vocab_ts_ulps"], float((xa - yb).abs().max()) / _tensor_ulp(yb))
+            if x.shape[0] > len(va):
+                rel = float((x[len(va) :] - y[len(vb) :]).abs().max() / x.abs().max())
+                res["pad_rows_max_rel"] = max(res["pad_rows_max_rel"], rel)
+        else:
+            u = int(ulps32(x, y).max()) if x.numel() else 0
+            res["other_ulps"] = max(res["other_ulps"], u)
+            if x.numel():
+                res["other_ts_ulps"] = max(res["other_ts_ulps"], float((x - y).abs().max()) / _tensor_ulp(y))
+        res["max_ulps"] = max(res["max_ulps"], u)
+        res["bit_equal_tensors"] += u == 0
+    ca, cb = ta.chat_template, tb.chat_template
+    if ca is not None or cb is not None:
+        res["chat_template"] = (
+            "same text"
+            if ca == cb
+            else ("same rendering" if _render_all(ca) == _render_all(cb) else "differs")
+        )
+    return res
+
+
+def tokenizer_verdict(cmp: dict) -> tuple[str, str]:
+    bad = []
+    if not (cmp["vocab_equal"] and cmp["special_equal"]):
+        bad.append("vocabularies differ")
+    if cmp["vocab_size"][0] != cmp["vocab_size"][1]:
+        bad.append(f"vocab_size {cmp['vocab_size']}")
+    if not cmp["tensor_names_equal"] or cmp.get("shape_mismatch"):
+        bad.append("tensor names/shapes differ")
+    method_only = False
+    if cmp["max_ulps"]:
+        # the method's own float32 rounding (e.g. linear's D1) shows in every tensor alike: then the
+        # vocabulary tensors are held to what the other tensors reach
+        method_only = cmp["other_ulps"] > 0 and cmp["vocab_ts_ulps"] <= max(1.0, cmp["other_ts_ulps"])
+        if not method_only:
+            bad.append(
+                f"{cmp['vocab_ulps']} ulps by token in the vocabulary tensors, {cmp['other_ulps']} elsewhere"
+            )
+    if cmp["pad_rows_max_rel"] > 1e-6:
+        bad.append(f"padding rows {cmp['pad_rows_max_rel']:.2g}")
+    if cmp["chat_template"] == "differs":
+        bad.append("chat template renders differently")
+    if bad:
+        return "MISMATCH", "; ".join(bad)
+    why = "bit-exact by token" + ("" if cmp["ids_equal"] else " (other ids for the tokens the base lacks)")
+    if method_only:
+        why = (
+            f"by token within the method's own rounding ({cmp['vocab_ts_ulps']:.2g} ts-ulp; the other tensors "
+            f"{cmp['other_ts_ulps']:.2g} ts-ulp, {cmp['other_ulps']} ulps: the method's parity, not the tokenizer's)"
+        )
+    if cmp["pad_rows_max_rel"]:
+        why += f"; padding rows within {cmp['pad_rows_max_rel']:.1g} (a mean summed in another id order)"
+    if cmp["chat_template"] != "none":
+        why += f"; chat template: {cmp['chat_template']}"
+    return "ok", why
+
+
+def run_tokenizer_section(work: Path, venv: Path, cli: bool = False) -> dict:
+    """Every tokenizer case through mergekit (``dtype: float32``) and ours; rows with verdicts."""
+    dirs = make_tokenizer_inputs(work)
+    cases = tokenizer_cases(dirs)
+    mk_jobs, our_jobs = [], []
+    for label, cfg, copy_tok in cases:
+        d = work / "runs" / "tokenizer" / re.sub(r"[^A-Za-z0-9_.+-]", "_", label.replace(":", "__"))
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / "config.yaml"
+        path.write_text(_dump({**cfg, "dtype": "float32"}))
+        job = {"id": f"tokenizer/{label}", "config": str(path), "seed": SEED}
+        mk_jobs.append({**job, "out": str(d / "mk32"), "copy_tokenizer": copy_tok})
+        our_jobs.append({**job, "out": str(d / "ours")})
+    t0 = time.perf_counter()
+    handle = start_mergekit(venv, mk_jobs, work, cli=cli)
+    ours = {}
+    try:
+        for job in our_jobs:
+            ours[job["id"]] = run_ours(job)
+    finally:
+        mk = {r["id"]: r for r in finish_mergekit(handle)["results"]}
+    rows = []
+    for (label, cfg, _), oj, mj in zip(cases, our_jobs, mk_jobs):
+        o, m = ours[oj["id"]], mk.get(mj["id"])
+        row = {"id": label, "config": cfg, "seconds": {"ours": o["seconds"], "mk32": m and m["seconds"]}}
+        if o["error"] or m is None or m["error"]:
+            row["status"] = (
+                "both-fail"
+                if o["error"] and (m is None or m["error"])
+                else ("ours-error" if o["error"] else "mk-error")
+            )
+            row["why"] = o["error"] or (m and m["error"])
+        else:
+            try:
+                row["compare"] = compare_tokenizer_outputs(Path(oj["out"]), Path(mj["out"]))
+                row["status"], row["why"] = tokenizer_verdict(row["compare"])
+            except Exception as exc:  # noqa: BLE001
+                row["status"], row["why"] = "compare-error", f"{type(exc).__name__}: {exc}"
+        rows.append(row)
+    return {"rows": rows, "wall_seconds": time.perf_counter() - t0}
+
+
+def tokenizer_table(result: dict) -> str:
+    lines = [
+        "| tokenizer case | tokens (ours, mk) | rows (vocab_size) | status | why |",
+        "|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        c = r.get("compare") or {}
+        lines.append(
+            f"| {r['id']} | {c.get('tokens', '-')} | {c.get('vocab_size', '-')} | {r['status']} | {r['why']} |"
+        )
+    return "\n".join(lines)
+
+
 def select_cases(only=None, sections=None) -> list:
     cases = all_cases()
     if only:
@@ -1726,7 +2028,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=DEFAULT_WORK, help="inputs and outputs (reused inputs)")
     ap.add_argument("--json", type=Path, help="write every figure here")
     ap.add_argument("--only", help="comma-separated methods")
-    ap.add_argument("--sections", help="comma-separated: explicit, edge, defaults, slices")
+    ap.add_argument("--sections", help="comma-separated: explicit, edge, defaults, slices, tokenizer")
     ap.add_argument("--families", default=",".join(FAMILIES), help="bf16,f32 (input dtypes)")
     ap.add_argument("--no-f64", action="store_true", help="skip the mergekit dtype: float64 runs")
     ap.add_argument("--markdown", type=Path, help="write the compact tables (for docs/MERGEKIT_PARITY.md)")
@@ -1741,6 +2043,14 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     fams = tuple(f for f in args.families.split(",") if f)
     t0 = time.perf_counter()
+    if {args.sections, args.only} & {"tokenizer"}:  # the tokenizer section alone
+        tok = run_tokenizer_section(work, args.mergekit_venv, cli=args.mergekit_cli)
+        print(tokenizer_table(tok))
+        print(f"- {time.perf_counter() - t0:.0f} s")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"tokenizer": tok}, indent=1, default=str))
+        return 0
     inputs = make_inputs(work, fams)
     cases = select_cases(
         set(args.only.split(",")) if args.only else None,

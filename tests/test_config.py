@@ -530,7 +530,9 @@ def test_accepted_mergekit_keys_without_effect():
     )
     assert cfg.tokenizer_source == "base"
     for name in llama_names(2):
-        assert cfg.tensor_kwargs(name, 2) == plain.tensor_kwargs(name, 2)
+        kw, ref = cfg.tensor_kwargs(name, 2), plain.tensor_kwargs(name, 2)
+        assert kw.pop("rescale") is False and ref.pop("rescale") is None  # ties' own default, given
+        assert kw == ref
 
 
 def test_extensions_seed_trim_scope_mixup():
@@ -569,8 +571,8 @@ REJECT = [
     (base_cfg(foo=1), "foo"),
     (base_cfg(slices=[{"sources": []}]), "slices"),
     (base_cfg(modules={"text": {}}), "modules"),
-    (base_cfg(tokenizer={"source": "union"}), "tokenizer"),
-    (base_cfg(chat_template="chatml"), "chat_template"),
+    (base_cfg(tokenizer={"source": "union", "vocab": 1}), "tokenizer"),  # tests/test_tokenizer_merge.py
+    (base_cfg(chat_template="chatml2"), "chat_template"),
     (base_cfg(models=[]), "models"),
     (base_cfg(models=None), "models"),
     (base_cfg(models=["m/a"]), "models[0]"),
@@ -598,8 +600,8 @@ REJECT = [
     (base_cfg(merge_method=None), "merge_method"),
     (base_cfg(merge_method=3), "merge_method"),
     # tokenizer / dtypes / extensions
-    (base_cfg(tokenizer_source="union"), "tokenizer_source"),
-    (base_cfg(tokenizer_source="m/a"), "tokenizer_source"),
+    (base_cfg(tokenizer_source="union", tokenizer={"source": "base"}), "tokenizer_source"),
+    (base_cfg(tokenizer_source=7), "tokenizer_source"),
     (base_cfg(dtype="int8"), "dtype"),
     (base_cfg(out_dtype="fp8"), "out_dtype"),
     (base_cfg(dtype=16), "dtype"),
@@ -661,7 +663,7 @@ REJECT = [
     (with_top_params("ties", normalize=[True, False]), "parameters.normalize"),
     (with_top_params("ties", normalize="yes"), "parameters.normalize"),
     (with_top_params("ties", int8_mask=1), "parameters.int8_mask"),
-    (with_top_params("ties", rescale=True), "parameters.rescale"),
+    (with_top_params("breadcrumbs", rescale=True), "parameters.rescale"),  # ties: implemented
     (with_top_params("dare_ties", density=0.5, rescale="l2"), "parameters.rescale"),
     (with_top_params("dare_linear", density=0.5, drop_rate=0.2), "drop_rate"),  # disagree
     (with_top_params("task_arithmetic", **{"lambda": ".nan"}), "parameters.lambda"),

@@ -40,6 +40,7 @@ from m3kernels.merge.recipe import Recipe, make_recipe
 from m3kernels.merge.registry import get_method
 
 MERGE, VOCAB, COPY = "merge", "vocab", "copy"
+PERMUTE = "permute"  # a vocabulary tensor re-laid on the merged tokenizer (tokenizer_rows.py)
 MERGEABLE = (torch.float32, torch.bfloat16, torch.float16)
 EMBEDDING_MODULES = frozenset({"embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings"})
 HEAD_MODULES = frozenset({"lm_head", "embed_out"})
@@ -96,6 +97,7 @@ class PlannedTensor:
     recipe: Recipe | None = None
     common_rows: int | None = None  # VOCAB: rows merged; the rest come from the longer inputs
     fallback: Source | None = None  # VOCAB: the base's (or first input's) rows when no model has them
+    rows: object | None = None  # PERMUTE: the tokenizer_rows.RowMap that lays the inputs out
     shard: int = -1
     index: int = -1  # position in the write order
 
@@ -110,7 +112,7 @@ class PlannedTensor:
     @property
     def merged_numel(self) -> int:
         """Elements that go through the kernels (VOCAB: the common rows only)."""
-        if self.action == MERGE:
+        if self.action in (MERGE, PERMUTE):
             return self.numel
         if self.action == VOCAB:
             return self.common_rows * math.prod(self.shape[1:])
@@ -121,10 +123,16 @@ class PlannedTensor:
         out = ([self.base] if self.base is not None else []) + list(self.models)
         if self.fallback is not None and all(self.fallback is not s for s in out):
             out.append(self.fallback)
+        for r in self.rows.sources if self.rows is not None else ():
+            if all(r is not s for s in out):
+                out.append(r)
         return out
 
     def inputs(self):
-        """(base, models) as CPU tensors for the kernels (VOCAB: the common rows)."""
+        """(base, models) as CPU tensors for the kernels (VOCAB: the common rows; PERMUTE: laid out
+        on the merged vocabulary)."""
+        if self.rows is not None:
+            return self.rows.inputs(self.base, self.models)
         b = self.base.tensor() if self.base is not None else None
         ms = [s.tensor() for s in self.models]
         if self.action == VOCAB:
@@ -177,6 +185,7 @@ class MergePlan:
     untied_head: bool  # the base ties its head but the output does not
     notes: list = field(default_factory=list)  # warnings about the merge, one line each
     out_num_layers: int | None = None  # a sliced merge: the output's layer count (config.json)
+    tokenizer: object | None = None  # tokenizer.TokenizerOutput: a merged tokenizer / chat template
 
     @property
     def config_source(self) -> Checkpoint:
@@ -226,6 +235,8 @@ class MergePlan:
             f"tensors:  {len(self.tensors)} ({counts[MERGE]} merged, {counts[VOCAB]} vocabulary-row "
             f"merges, {counts[COPY]} copied)"
         )
+        if self.tokenizer is not None:
+            lines.append(self.tokenizer.summary())
         lines.append(
             f"output:   {self.total_bytes:,} bytes in {len(self.shards)} shard(s), "
             f"{torch_dtype_name(self.out_dtype)}; reads {self.input_bytes:,} input bytes"
@@ -322,6 +333,11 @@ def build_plan(
     num_layers = count_layers(source)
     ratios = cfg.mix_ratios()
     notes: list[str] = []
+    from m3kernels.checkpoint.tokenizer import tokenizer_for  # tokenizer_source / chat_template
+
+    tok_out, tok_notes = tokenizer_for(cfg, base, list(models))
+    notes += tok_notes
+    vocab = tok_out.vocab if tok_out is not None else None
 
     names = [n for n in source.names if only is None or only(n)]
     untied = False
@@ -388,8 +404,15 @@ def build_plan(
         base_src = found[0] if base is not None else None
         model_srcs = found[1:] if base is not None else found
         shapes = [s.meta.shape for s in found]
-        action, common, shape = MERGE, None, src0.meta.shape
-        if len(set(shapes)) > 1:
+        action, common, shape, rows = MERGE, None, src0.meta.shape, None
+        if vocab is not None and vocab_role(name) is not None:  # mergekit's embed permutation
+            from m3kernels.checkpoint.tokenizer_rows import plan_rows
+
+            rows = plan_rows(name, vocab, cfg, base, list(models), found)
+            out_vocab_rows = vocab.rows
+            if rows is not None:
+                action, shape = PERMUTE, rows.shape
+        elif len(set(shapes)) > 1:
             two_d = all(len(sh) == 2 for sh in shapes) and len({sh[1] for sh in shapes}) == 1
             if not (vocab_role(name) is not None and two_d):
                 raise TensorMismatchError(
@@ -426,6 +449,7 @@ def build_plan(
                 recipe,
                 common,
                 src0 if action == VOCAB else None,
+                rows=rows,
             )
         )
 
@@ -451,6 +475,7 @@ def build_plan(
         out_vocab_rows,
         untied,
         notes,
+        tokenizer=tok_out,
     )
 
 
@@ -488,5 +513,6 @@ __all__ = [
     "MERGE",
     "VOCAB",
     "COPY",
+    "PERMUTE",
     "MERGEABLE",
 ]

@@ -16,6 +16,7 @@ from m3kernels import __version__
 from m3kernels.checkpoint.plan import LAYER_COUNT_KEYS, MergePlan
 from m3kernels.checkpoint.safetensors_io import read_input_bytes
 from m3kernels.checkpoint.source import SIDE_FILES, Checkpoint
+from m3kernels.checkpoint.tokenizer import write_tokenizer_files
 from m3kernels.checkpoint.writer import fsync_dir, write_file_durably
 
 log = logging.getLogger("m3kernels")
@@ -112,8 +113,11 @@ def write_side_files(tmp: Path, plan: MergePlan, record: dict) -> None:
                 if key in conf:
                     conf[key] = plan.out_num_layers
         write_file_durably(tmp / "config.json", (json.dumps(conf, indent=2) + "\n").encode())
+    replaced = write_tokenizer_files(tmp, plan)  # a merged tokenizer / chat template (tokenizer.py)
     if src.path.is_dir():
         for name, path in src.side_files.items():  # checked when the checkpoint was opened
+            if name in replaced:
+                continue
             f = src.open_file(path, name, lease=False)  # and again now: regular, inside the folder
             try:
                 data = read_input_bytes(f, MAX_SIDE_FILE_BYTES, name)

@@ -550,6 +550,7 @@ def build_sliced_plan(cfg: MergeConfig, base, models: list, out_shard_size: int)
         post.untied_head,
         pre.notes + notes + post.notes,
     )
+    plan.tokenizer = pre.tokenizer  # a merged tokenizer / chat template (tokenizer.py), as build_plan sets it
     plan.out_num_layers = out_layer  # config.json's layer count (plan.config_source: the base, else
     # cfg.models[0], the first source of the first slice)
     return plan

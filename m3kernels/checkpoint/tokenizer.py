@@ -435,7 +435,7 @@ def build_vocab_plan(
     elif src == "union":
         out = _union(stripped, [iv for iv in loaded if iv.tokenizer is not None], notes)
     else:
-        path = Path(src).expanduser()
+        path = Path(src.split("+", 1)[0]).expanduser()  # MODEL+LORA: the model's tokenizer (as mergekit)
         if (
             not path.exists()
             and not path.is_absolute()
@@ -547,7 +547,9 @@ def plan_tokenizer(cfg, base, models: list) -> tuple:
     text = None
     if chat is not None:
         inputs = [source] + [m for m in models if m is not source]
-        files = [read_tokenizer_files(_folder(ck), ck.follow_symlinks) for ck in inputs] if chat == "auto" else []
+        files = (
+            [read_tokenizer_files(_folder(ck), ck.follow_symlinks) for ck in inputs] if chat == "auto" else []
+        )
         text = resolve_chat_template(chat, files)
         if text is None:
             notes.append("chat_template: auto: no input model has a chat template; none is written")

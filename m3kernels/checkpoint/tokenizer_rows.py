@@ -231,8 +231,6 @@ def input_order(cfg, base, models: list) -> list:
     return order
 
 
-
-
 def plan_rows(name: str, vocab: VocabPlan, cfg, base, models: list, found: list) -> RowMap | None:
     """The RowMap of vocabulary tensor ``name`` (``found``: its Source in every input), or None
     when every input already has the output's layout (a plain merge)."""
