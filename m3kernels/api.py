@@ -25,6 +25,7 @@ from m3kernels.merge.select import (
     select_thresholds,
     select_thresholds_single_pass,
 )
+from m3kernels.merge.trim_rescale import rescale_after_trim
 
 SUPPORTED_DTYPES = tuple(DTYPE_CODES)
 
@@ -116,7 +117,7 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
     trim_bits = thresholds_to_bits(thresholds) if thresholds is not None else None  # validates first
     p = make_params(recipe, name, base is not None)
     b = base if p.has_base else None
-    if recipe.rescale == "l1":
+    if recipe.rescale == "l1" and recipe.dare_density is not None:  # DARE's L1 rescale
         total, kept = backend.l1_sums(p, b, models)
         if not (
             np.all(np.isfinite(total)) and np.all(np.isfinite(kept))
@@ -125,6 +126,7 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
             report_non_finite(name, bad)
         p = p.with_dare_scale([f32(t / k) if k > 0 else 1.0 for t, k in zip(total, kept)])
     if recipe.trim_density is not None:
+        ks = None
         if trim_bits is not None:
             p = p.with_trim(trim_bits)
         else:
@@ -135,6 +137,8 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
                 p = p.with_trim(select_from_keys(keys, ks, numel))
             else:
                 p = p.with_trim(large_tensor_thresholds(p, b, models, backend, ks, numel))
+        if recipe.rescale == "l1" and recipe.dare_density is None:  # ties: mergekit's L1 after the trim
+            p = rescale_after_trim(p, b, models, ks)
     return p, b
 
 
@@ -236,7 +240,9 @@ def merge_tensors(
             ``ties``, ``ties_dare``; False for the others (``task_arithmetic`` then sums).
         rescale: DARE methods: True (default; kept values × 1/density), False (unscaled),
             or ``"l1"`` (kept values × Σ|δ_i| / Σ|δ_i kept|, per model and tensor). ``della*``:
-            True (default: that L1 rescale, as mergekit) or False.
+            True (default: that L1 rescale, as mergekit) or False. ``ties``: True for mergekit's
+            L1 rescale after the trim (kept δ × Σ|δ| / Σ|kept δ|, per model and tensor;
+            m3kernels/merge/trim_rescale.py), False (default).
         lambda_: the scale s of the merged delta: θ = θ0 + s·m (default 1).
         mix_ratios: M³ ratios r_i given directly: one per model (≥ 0), or a scalar λ for two
             models, meaning (λ, 1 − λ). The combine weights become r_i·w_i.

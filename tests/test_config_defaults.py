@@ -197,13 +197,83 @@ def test_ignored_parameter_per_model_is_accepted_too():
     assert load_config(raw).tensor_kwargs(NAME, 2)["weights"] == [0.7, 1.0]
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
-def test_rescale_true_after_a_trim_says_what_mergekit_does(method):
+@pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
+def test_rescale_true_after_a_window_trim_says_what_mergekit_does(method):
     with pytest.raises(MergeConfigError) as ei:
         cfg_for(method, density=0.5, rescale=True)
     msg = str(ei.value)
-    assert "parameters.rescale" in msg and "L1" in msg and "after" in msg and method in msg
+    assert msg.startswith("parameters.rescale: true under") and "L1" in msg and "after" in msg
+    assert method in msg and "'ties'" in msg
     cfg_for(method, density=0.5, rescale=False)  # mergekit's default: fine
+
+
+def ties_l1_reference(base, models, weights, densities):
+    """mergekit's ties with rescale: true, written from its semantics: per model the k largest
+    |δ| kept (all ties at the k-th kept, as m3kernels does), × f = Σ|δ| / Σ(k largest |δ|) (one
+    float32 rounding of the factor, then of the product), weighted vote in float32, disjoint
+    weighted mean in float64."""
+    b = base.float()
+    kept = []
+    for x, dens in zip(models, densities):
+        d = x.float() - b
+        a = d.abs().reshape(-1)
+        k = max(1, int(np.floor(dens * a.numel())))
+        top = torch.sort(a, descending=True).values
+        f = np.float32(float(a.double().sum()) / float(top[:k].double().sum()))
+        keep = d.abs() >= top[k - 1]
+        kept.append(torch.where(keep, d * torch.tensor(f), torch.zeros(())))
+    vote = torch.zeros_like(b)
+    for w, d in zip(weights, kept):
+        vote = vote + torch.tensor(np.float32(w)) * d
+    pos = vote >= 0
+    num = torch.zeros(b.shape, dtype=torch.float64)
+    den = torch.zeros(b.shape, dtype=torch.float64)
+    for w, d in zip(weights, kept):
+        agree = (d != 0) & ((d > 0) == pos)
+        num += agree * (float(np.float32(w)) * d.double())
+        den += agree * float(np.float32(w))
+    return b.double() + torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 29), (1000,), (7,)])
+def test_ties_rescale_true_is_mergekits_l1_after_the_trim(dtype, shape):
+    base, models = tensors(11, n=3, shape=shape, dtype=dtype)
+    raw = {
+        "merge_method": "ties",
+        "base_model": "m/base",
+        "models": [
+            {"model": "m/a", "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": "m/b", "parameters": {"weight": 0.4, "density": 0.3}},
+            {"model": "m/c", "parameters": {"weight": 0.9, "density": 0.7}},
+        ],
+        "parameters": {"rescale": True},
+    }
+    rec, kw = recipe_of(load_config(raw))
+    assert kw["rescale"] is True and rec.rescale == "l1"
+    out = torch.full(base.shape, float("nan"), dtype=torch.float32)
+    m3kernels.merge_tensors(base, models, method="ties", name=NAME, out=out, backend="cpu", **kw)
+    ref = ties_l1_reference(base, models, [0.6, 0.4, 0.9], [0.5, 0.3, 0.7])
+    scale = float(ref.sub(base.double()).abs().max())
+    assert float((out.double() - ref).abs().max()) <= 4 * scale * 2**-23
+    plain = m3kernels.merge_tensors(
+        base, models, method="ties", name=NAME, backend="cpu", **{**kw, "rescale": False}
+    )
+    assert float((plain.double() - ref).abs().max()) > 100 * scale * 2**-23  # the rescale changes it
+
+
+def test_ties_rescale_keeps_one_models_l1_norm_per_tensor():
+    base, models = tensors(12, n=1, shape=(53, 31))
+    for density in (0.1, 0.37, 0.9):
+        out = m3kernels.merge_tensors(
+            base, models, method="ties", density=density, rescale=True, backend="cpu"
+        )
+        ratio = float(
+            (out.double() - base.double()).abs().sum() / (models[0].double() - base.double()).abs().sum()
+        )
+        assert ratio == pytest.approx(1.0, abs=1e-6)
+    same = m3kernels.merge_tensors(base, models, method="ties", density=1.0, rescale=True, backend="cpu")
+    assert torch.equal(same, m3kernels.merge_tensors(base, models, method="ties", density=1.0, backend="cpu"))
 
 
 def test_still_rejected_where_it_would_change_the_result():

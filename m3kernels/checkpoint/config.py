@@ -291,6 +291,10 @@ def interpolate_gradient(values, t: float) -> float:
 
 def _leaf(value, kind: str, key: str):
     """Check and normalise one scalar value of a parameter of the given kind."""
+    if kind == "choice":  # trim_ties: the value is checked against its choices by make_recipe
+        if isinstance(value, str):
+            return value.strip().lower()
+        raise MergeConfigError(f"{key}: expected one of the method's choices (a string), got {value!r}")
     if kind == INT:
         if isinstance(value, str):
             try:
@@ -781,14 +785,10 @@ IGNORED_LIKE_MERGEKIT = {
 }
 # what mergekit does with a parameter we do not implement for that method (the error says so)
 NOT_IMPLEMENTED_PARAMS = {
-    (m, "rescale"): f"rescale: true under {m!r} is mergekit's L1 rescale of the kept deltas after "
-    f"its {trim} (kept × Σ|δ| / Σ|kept δ| per model and tensor), which m3kernels does not implement "
-    f"for {m!r}; remove it or set it false to merge without the rescale"
-    for m, trim in (
-        ("ties", "magnitude trim"),
-        ("breadcrumbs", "window trim"),
-        ("breadcrumbs_ties", "window trim"),
-    )
+    (m, "rescale"): f"true under {m!r} is mergekit's L1 rescale of the kept deltas after its "
+    f"window trim (kept × Σ|δ| / Σ|kept δ| per model and tensor), which m3kernels implements for "
+    f"'ties' but not for {m!r}; remove it or set it false to merge without the rescale"
+    for m in ("breadcrumbs", "breadcrumbs_ties")
 }
 _IGNORED = object()  # _parse_parameter's result for an accepted parameter without effect
 _warned: set = set()
@@ -913,6 +913,15 @@ def _parse_method(raw) -> str:
         raise MergeConfigError(f"merge_method:{exc}") from None
 
 
+def _any_value(s, value) -> bool:
+    """Whether Setting ``s`` (None: unset) can give ``value`` for some tensor."""
+    if s is None:
+        return False
+    if s.kind == "filters":
+        return any(_any_value(inner, value) for _, inner in s.value)
+    return value in (s.value if s.kind == "gradient" else (s.value,))
+
+
 def _check_model_trim(cfg: MergeConfig) -> None:
     """trim_scope: model needs a top-k trim and one density per model for every tensor."""
     m = get_method(cfg.method)
@@ -920,6 +929,11 @@ def _check_model_trim(cfg: MergeConfig) -> None:
         raise MergeConfigError(
             f"trim_scope: 'model' applies to methods with a magnitude trim "
             f"(ties, ties_dare), not {cfg.method!r}"
+        )
+    if _any_value(cfg.parameters.get("trim_ties"), "k"):
+        raise MergeConfigError(
+            "parameters.trim_ties: 'k' with trim_scope 'model' is not implemented (the tie budget "
+            "would run over the tensors in order); use trim_ties 'all' or trim_scope 'tensor'"
         )
     for params in cfg.model_parameters:
         s = params.get("density", cfg.parameters.get("density"))

@@ -146,7 +146,7 @@ class Method:
         if self.family is not None:
             return self.stats
         out = (TRIM_HISTOGRAM,) if self.program.trim else ()
-        return out + ((L1_SUMS,) if self.program.dare else ())
+        return out + ((L1_SUMS,) if self.program.dare or self.takes("rescale") else ())
 
     def mix_count(self, n: int) -> int:
         """How many M³ ratios a merge of ``n`` models draws: the two ends (base, model) of an
@@ -248,6 +248,19 @@ def _rescale() -> Param:
     )
 
 
+def _trim_rescale() -> Param:
+    return Param(
+        "rescale",
+        "rescale",
+        MERGE_WIDE,
+        BOOL,
+        False,
+        "mergekit's L1 rescale after the trim: kept δ × Σ|δ| / Σ|kept δ| per model and tensor "
+        "(m3kernels.merge.trim_rescale)",
+        gradient=False,
+    )
+
+
 _INT8_MASK = Param(
     "int8_mask",
     "",
@@ -310,6 +323,7 @@ register(
         params=(
             _weight(),
             _trim_density(DEFAULT_TRIM_DENSITY),
+            _trim_rescale(),
             _normalize(True, _TIES_NORM),
             _lambda(),
             _INT8_MASK,
