@@ -361,6 +361,11 @@ def test_dry_run_and_distributed_split(fam, tmp_path):
     plan = merge_checkpoints(raw, tmp_path / "o", dry_run=True, ranks=2, out_shard_size=4000)
     assert plan.out_num_layers == 8 and len(plan.shards) > 2 and len(plan.rank_shares) == 2
     assert [t.name for t in plan.tensors if t.name.startswith("model.layers.7.")]
+    assert plan.layout == [
+        f"slice 1: layers 0-3 <- {d['ft1']} [0, 4)",
+        f"slice 2: layers 4-7 <- {d['ft2']} [0, 4)",
+    ]
+    assert "\n".join(plan.layout) in plan.summary()
     assert not (tmp_path / "o").exists()
 
 

@@ -185,6 +185,7 @@ class MergePlan:
     untied_head: bool  # the base ties its head but the output does not
     notes: list = field(default_factory=list)  # warnings about the merge, one line each
     out_num_layers: int | None = None  # a sliced merge: the output's layer count (config.json)
+    layout: list = field(default_factory=list)  # a sliced merge: one summary line per slice
     tokenizer: object | None = None  # tokenizer.TokenizerOutput: a merged tokenizer / chat template
 
     @property
@@ -229,6 +230,7 @@ class MergePlan:
             f"base:     {reference(self.base) if self.base is not None else '(none)'}",
         ]
         lines += [f"model {i + 1}:  {reference(m)}" for i, m in enumerate(self.models)]
+        lines += self.layout
         if self.mix_ratios is not None:
             lines.append("M³ ratios: " + ", ".join(f"{r:.6f}" for r in self.mix_ratios))
         lines.append(

@@ -551,9 +551,22 @@ def build_sliced_plan(cfg: MergeConfig, base, models: list, out_shard_size: int)
         pre.notes + notes + post.notes,
     )
     plan.tokenizer = pre.tokenizer  # a merged tokenizer / chat template (tokenizer.py), as build_plan sets it
+    plan.layout = _layout(sliced)
     plan.out_num_layers = out_layer  # config.json's layer count (plan.config_source: the base, else
     # cfg.models[0], the first source of the first slice)
     return plan
+
+
+def _layout(sliced: SlicedConfig) -> list:
+    """One summary line per slice: its output layers, its sources' ranges and its base."""
+    lines, first = [], 0
+    for spec in sliced.slices:
+        last = first + spec.length - 1
+        srcs = ", ".join(f"{s.model} [{s.start}, {s.end})" for s in spec.sources)
+        base = f"; base {spec.base}" if spec.base is not None else ""
+        lines.append(f"slice {spec.index + 1}: layers {first}-{last} <- {srcs}{base}")
+        first = last + 1
+    return lines
 
 
 def _layer_tensor(cfg, view, spec: SliceSpec, out_name: str, found: list, t, ratios, preset, recipes, notes):
