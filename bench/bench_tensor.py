@@ -155,6 +155,56 @@ def bench_method(label: str, kw: dict, base, models, args, copy_gbps: float) -> 
     return res
 
 
+# ----------------------------------------------------------------------------- family methods
+
+# methods with their own stage A (registry ``family``): stage A = the family hook, stage B = the
+# kernel pass on its parameters; no eager baseline here (bench/mergekit_parity.py compares them
+# with mergekit itself)
+FAMILY_METHODS = {
+    "sce": dict(method="sce", select_topk=0.3),
+    "sce_no_select": dict(method="sce"),
+    "arcee_fusion": dict(method="arcee_fusion"),  # one model (its first)
+}
+
+
+def bench_family_method(label: str, kw: dict, base, models, args, copy_gbps: float) -> dict:
+    from m3kernels.merge.methods import stage
+
+    models = models[:1] if kw["method"] == "arcee_fusion" else models
+    n = len(models)
+    recipe = make_recipe(n, has_base=True, seed=SEED, **kw)
+    nbytes = base.numel() * base.element_size() * (n + 2)
+    out = torch.empty_like(base)
+    staged = {}
+
+    def stage_a():
+        staged["st"] = stage(base, models, recipe, NAME, cpu_backend)
+
+    t_a = Timer(stage_a, args.repeats)
+    st = staged["st"]
+
+    def stage_b():
+        cpu_backend.merge(st.params, st.base, st.models, out)
+
+    t_b = Timer(stage_b, args.repeats)
+    return {
+        "method": label,
+        "args": kw,
+        "n": n,
+        "bytes": nbytes,
+        "stage_a_s": t_a.best,
+        "stage_a_median_s": t_a.median,
+        "stage_b_s": t_b.best,
+        "stage_b_median_s": t_b.median,
+        "full_s": t_a.best + t_b.best,
+        "stage_b_gbps": nbytes / t_b.best / 1e9,
+        "stage_b_pct_copy": 100 * nbytes / t_b.best / 1e9 / copy_gbps,
+        "full_pct_copy": 100 * nbytes / (t_a.best + t_b.best) / 1e9 / copy_gbps,
+        "other_cpu_s": {"stage_a": t_a.other_cpu_s, "stage_b": t_b.other_cpu_s},
+        "load_avg_1m": os.getloadavg()[0],
+    }
+
+
 # ----------------------------------------------------------------------------- issue-8 kernel pieces
 
 
@@ -269,6 +319,11 @@ def main(argv=None) -> int:
         "--kernel-pieces", action="store_true", help="also time the issue-8 kernel pieces (docs/KERNEL.md)"
     )
     ap.add_argument("--only-kernel-pieces", action="store_true", help="time only the issue-8 kernel pieces")
+    ap.add_argument(
+        "--family-methods",
+        default="",
+        help=f"also time these methods with their own stage A ({', '.join(FAMILY_METHODS)}): stage A, stage B",
+    )
     args = ap.parse_args(argv)
     shape = tuple(int(x) for x in args.size.lower().split("x"))
     methods = [m for m in args.methods.split(",") if m]
@@ -325,6 +380,19 @@ def main(argv=None) -> int:
             f"{oc['full'] + oc['stage_b']:5.1f}/{oc['eager']:5.1f}",
             flush=True,
         )
+    family = []
+    for m in [m for m in args.family_methods.split(",") if m]:
+        if m not in FAMILY_METHODS:
+            ap.error(f"unknown family method {m!r}; choose from {', '.join(FAMILY_METHODS)}")
+        r = bench_family_method(m, FAMILY_METHODS[m], base, models, args, copy_gbps)
+        family.append(r)
+        oc = r["other_cpu_s"]
+        print(
+            f"{m:16s} stage A {r['stage_a_s'] * 1e3:8.1f} ms, stage B {r['stage_b_s'] * 1e3:7.1f} ms "
+            f"({r['stage_b_gbps']:.2f} GB/s, {r['stage_b_pct_copy']:.0f}% of copy; full "
+            f"{r['full_pct_copy']:.0f}%), N = {r['n']}, other cpu {oc['stage_a'] + oc['stage_b']:.1f} s",
+            flush=True,
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(
@@ -336,6 +404,7 @@ def main(argv=None) -> int:
                     "copy": copy,
                     "results": results,
                     "kernel_pieces": pieces,
+                    "family_methods": family,
                 },
                 indent=1,
             )

@@ -97,6 +97,7 @@ ELEMENTWISE_METHODS = (
     "nearswap",
     "ram",
     "passthrough",
+    "arcee_fusion",
 )
 
 # tolerances of the verdicts (docs/MERGEKIT_PARITY.md)
@@ -973,8 +974,9 @@ def trim_tie_mask(case: Case, name: str, base, fts: dict, num_layers: int):
 
 
 def sce_tie_mask(case: Case, name: str, base, fts: dict, num_layers: int):
-    """sce's select: the elements whose variance equals the k-th largest one when equal values
-    straddle the cut (mergekit's topk keeps an unspecified k of them, ours the lowest indices)."""
+    """sce's select: the whole tensor when equal variances straddle the top-k cut (mergekit's topk
+    keeps an unspecified k of them, ours the lowest indices; a different choice changes the mean
+    squares, so the weights and every element of the tensor), else None."""
     import torch
 
     s = float(resolve(case, None, "select_topk", name, num_layers, 1.0))
@@ -991,7 +993,7 @@ def sce_tie_mask(case: Case, name: str, base, fts: dict, num_layers: int):
     top = torch.sort(var, descending=True).values
     if top[k - 1] != top[k]:
         return None
-    return (var == top[k - 1]).reshape(b.shape)
+    return torch.ones(b.shape, dtype=torch.bool)
 
 
 def _tensor_ulp(ref) -> float:
@@ -1279,6 +1281,12 @@ def verdict(case: Case, cmp: dict) -> tuple[str, str]:
         if e["max_ulps_outside_ties"] == 0:
             return "ok", "bit-exact" + (" outside trim ties" if e["trim_ties_excluded"] else "")
         return "MISMATCH", f"{e['max_ulps_outside_ties']} ulps (want bit-exact)"
+    if case.method == "sce":  # weights: float64 mean squares (ours) vs float32 means (mergekit)
+        got = e["max_diff_in_tensor_scale_ulps"]
+        tied = f", {e['trim_ties_excluded']} elements in tensors with a tied cut excluded"
+        if got <= TOL_ULP:
+            return "ok", f"{got:.2g} ≤ {TOL_ULP} tensor-scale ulp" + (tied if e["trim_ties_excluded"] else "")
+        return "MISMATCH", f"{got:.3g} tensor-scale ulps vs mk32 (want ≤ {TOL_ULP})"
     if case.kind == "ulp":
         if e["max_ulps_outside_ties"] <= TOL_ULP:
             return "ok", f"≤ {TOL_ULP} ulp"

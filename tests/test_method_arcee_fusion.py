@@ -67,6 +67,25 @@ def test_large_tensor(backend, gen):
     assert 0.0 < float(keep.double().mean()) < 0.5
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cuda"] + ["cuda-emulated"])
+@pytest.mark.parametrize("dtype_case", ["bf16", "f16", "f32", "mixed"])
+def test_every_stage_b_against_the_reference_and_bit_identical(backend, dtype_case, gen):
+    """CPU, the Triton interpreter and the CUDA kernel body (host emulation): the reference, and
+    the same bytes on every backend."""
+    from test_method_sce import _stage_b  # one helper for both methods' backends
+
+    base_dt, model_dts, out_dt = DTYPE_CASES[dtype_case]
+    recipe = make_recipe(1, method="arcee_fusion", has_base=True)
+    for shape in [(37, 129), (3, 5, 7), (1001,)]:
+        base, models = make_inputs(shape, 1, (base_dt, model_dts), gen)
+        out = _stage_b(backend, base, models, recipe, out_dt)
+        ref, _ = reference_merge(base, models, recipe, "w")
+        assert_close_ulp(out, ref, _scale(base, models), f"{backend}/{dtype_case}/{shape}")
+        if backend != "triton" and "triton" in BACKENDS:
+            other = _stage_b("triton", base, models, recipe, out_dt)
+            assert torch.equal(out.view(torch.uint8), other.view(torch.uint8)), f"{backend} != triton"
+
+
 # ----------------------------------------------------------------------------- stage A
 
 

@@ -125,6 +125,7 @@ def prepare(base, models, recipe, name: str, backend) -> Staged:
         combine=COMBINE_TIES,
         normalize=True,
         vote_w=np.ones(n, np.float32),
+        agree_w=np.ones(n, np.float32),
         coef=w,
         den_floor=DEN_FLOOR,
     )
