@@ -293,6 +293,15 @@ def _bad(d):
             {**ta, "slices": [{"sources": [src(d, "ft1", 0, 2), src(d, "ft2", 0, 2)]}]},
             r"slices\[0\]: the base model .* is not among the slice's sources",
         ),
+        (  # the whole-model form (read as models): slerp with the base beside two sources
+            {
+                **ta,
+                "merge_method": "slerp",
+                "parameters": {"t": 0.5},
+                "slices": [{"sources": [src(d, "ft1", 0, 4), src(d, "ft2", 0, 4)]}],
+            },
+            r"takes exactly 1 model.*; the base model .* is not among slices\[0\]'s sources .*Base input is not present",
+        ),
         (
             {
                 **ta,

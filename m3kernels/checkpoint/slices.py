@@ -179,11 +179,16 @@ def _params(raw, key: str, preset) -> dict:
     return out
 
 
-def _with_key(exc: MergeConfigError, prefix: str, sources_key: str) -> MergeConfigError:
-    """A view's error, named as the slice: 'models[j]' of the view is source j of the slice."""
+def _with_key(exc: MergeConfigError, prefix: str, sources_key: str, whole: bool = False) -> MergeConfigError:
+    """A view's error, named as the slice: 'models[j]' of the view is source j of the slice.
+    ``whole``: the whole-model slice read as the config itself, whose other messages are about
+    the top level (only the 'models' ones are the slice's)."""
     msgs = exc.problems if isinstance(exc, ConfigProblems) else [str(exc)]
     msgs = [m.replace("models[", f"{sources_key}[") for m in msgs]
-    msgs = [m if m.startswith(prefix) else f"{prefix}: {m}" for m in msgs]
+    if whole:
+        msgs = [f"{sources_key}{m[len('models') :]}" if m.startswith("models:") else m for m in msgs]
+    else:
+        msgs = [m if m.startswith(prefix) else f"{prefix}: {m}" for m in msgs]
     return ConfigProblems(msgs) if len(msgs) > 1 else MergeConfigError(msgs[0])
 
 
@@ -337,8 +342,13 @@ def parse_sliced(raw: dict, force: bool = False) -> MergeConfig:
             "trim_scope: 'model' (one trim threshold per model over all its tensors) does not apply "
             "to slices, whose layers come from different models; use 'tensor'"
         )
+    top_params = None
+    with problems.catch():  # once here: every slice's view holds them too
+        top_params = _params(raw.get("parameters"), "parameters", preset)
     specs = []
     for i, s in enumerate(sl):
+        if top_params is None:  # their problems would be named again by each slice
+            break
         with problems.catch():
             specs.append(_read_slice(i, s, raw, preset, top_base, shared))
     problems.raise_if_any()
@@ -369,7 +379,7 @@ def parse_sliced(raw: dict, force: bool = False) -> MergeConfig:
         base_model=top_base,
         models=paths,
         model_parameters=[{} for _ in paths],
-        parameters=_params(raw.get("parameters"), "parameters", preset),
+        parameters=top_params,
         raw=raw,
         layer_range=None,
         slices=SlicedConfig(specs, post),
@@ -407,7 +417,17 @@ def _whole_model(raw: dict, sources: list) -> MergeConfig:
     try:
         cfg = parse_config({**{k: v for k, v in raw.items() if k != "slices"}, "models": entries})
     except MergeConfigError as exc:
-        raise _with_key(exc, "slices[0]", "slices[0].sources") from None
+        err = _with_key(exc, "slices[0]", "slices[0].sources", whole=True)
+        base = raw.get("base_model")
+        if isinstance(base, str) and not any(_same_path(s["model"], base) for s in sources):
+            hint = (
+                f"; the base model {base!r} is not among slices[0]'s sources (mergekit 0.1.5 refuses "
+                f"this config: 'Base input is not present in merge inputs'): add it as a source over "
+                f"the same layers"
+            )
+            msgs = err.problems if isinstance(err, ConfigProblems) else [str(err)]
+            err = MergeConfigError(msgs[0] + hint) if len(msgs) == 1 else ConfigProblems(msgs + [hint[2:]])
+        raise err from None
     return dataclasses.replace(cfg, raw=raw, layer_range=sources[0]["layer_range"][1])
 
 
