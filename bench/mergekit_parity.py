@@ -104,6 +104,9 @@ ELEMENTWISE_METHODS = (
 TOL_ULP = 1  # float32 ulps against mk32 for the non-elementwise deterministic methods
 TOL_NORM_ULP = 2  # tensor-scale float32 ulps against mk64 for the norm-based methods
 TOL_Z = 5.0  # |z| of the random methods' statistics
+# ties with rescale: true: the L1 factor from float64 sums (ours) vs float32 sums (mergekit) may
+# differ by one float32 rounding, the merged values by ~2 roundings (docs/MERGEKIT_PARITY.md)
+TOL_L1_FACTOR_TS_ULP = 2
 
 FAMILIES = {"bf16": "bfloat16", "f32": "float32"}
 
@@ -630,7 +633,8 @@ def edge_cases() -> list:
             G,
             [_m("ft1", weight=0.6, density=0.5), _m("ft2", weight=0.4, density=0.3)],
             parameters={"normalize": True, "lambda": 1.0, "rescale": True},
-            note="mergekit applies its L1 rescale after the magnitude trim",
+            note="mergekit applies its L1 rescale after the magnitude trim (its sums float32, ours "
+            "float64: judged at 2 tensor-scale ulps)",
         ),
         Case(
             "breadcrumbs",
@@ -1277,6 +1281,13 @@ def verdict(case: Case, cmp: dict) -> tuple[str, str]:
     e = cmp["exact"]
     if e["nonfinite_ours"]:
         return "MISMATCH", f"{e['nonfinite_ours']} non-finite values in ours"
+    if case.kind == "elementwise" and case.parameters.get("rescale") is True and case.method == "ties":
+        got = e["max_diff_in_tensor_scale_ulps"]
+        if e["max_ulps_outside_ties"] == 0:
+            return "ok", "bit-exact" + (" outside trim ties" if e["trim_ties_excluded"] else "")
+        if got <= TOL_L1_FACTOR_TS_ULP:
+            return "ok", f"{got:.2g} ≤ {TOL_L1_FACTOR_TS_ULP} tensor-scale ulp (L1 factor: float64 sums)"
+        return "MISMATCH", f"{got:.3g} tensor-scale ulps vs mk32 (want ≤ {TOL_L1_FACTOR_TS_ULP})"
     if case.kind == "elementwise":
         if e["max_ulps_outside_ties"] == 0:
             return "ok", "bit-exact" + (" outside trim ties" if e["trim_ties_excluded"] else "")

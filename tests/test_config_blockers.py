@@ -147,7 +147,7 @@ models: [{model: first}, {model: c}]
 """
 
 
-def test_multi_document_file_names_mergekit_multi(tmp_path, capsys):
+def test_multi_document_file_names_mergekit_multi(tmp_path):
     with pytest.raises(MultiDocumentConfig) as ei:
         load_config(MULTI)
     assert ei.value.documents == 2 and "mergekit-multi" in str(ei.value)
@@ -157,8 +157,7 @@ def test_multi_document_file_names_mergekit_multi(tmp_path, capsys):
     with pytest.raises(MultiDocumentConfig) as ei:
         load_config(f)
     assert ei.value.documents == 3 and str(f) in str(ei.value)
-    assert cli.main(["merge", str(f), str(tmp_path / "o"), "--dry-run"]) == 2
-    assert "mergekit-multi" in capsys.readouterr().err
+    # (``m3kernels merge`` runs such a file itself: m3kernels/checkpoint/multi.py, tests/test_multi*)
 
 
 @pytest.mark.parametrize(
