@@ -143,6 +143,18 @@ def test_zero_upper_quartile_takes_every_element(gen):
     assert torch.equal(ref, x.double())
 
 
+def test_a_nan_makes_its_row_the_base(gen):
+    """A NaN in the model makes its row's softmax, KL and importance NaN: never >= τ, so the row
+    stays the base (mergekit: the same, except NaN·0 = NaN at the NaN element itself)."""
+    skip_unless("cpu", "arcee_fusion")
+    base, models = make_inputs((20, 31), 1, (torch.float32, [torch.float32]), gen)
+    x = models[0].clone()
+    x[3, 7] = float("nan")
+    out = m3kernels.merge_tensors(base, [x], method="arcee_fusion", backend="cpu")
+    assert torch.equal(out[3], base[3])
+    assert torch.isfinite(out).all()
+
+
 def test_mask_is_greater_or_equal(gen):
     base, models = make_inputs((37, 129), 1, (torch.float32, [torch.float32]), gen)
     imp = arcee_fusion.importance(base, models[0])

@@ -215,6 +215,27 @@ def test_non_finite_task_vectors_do_not_reach_the_weights(gen, caplog):
     assert np.all(np.isfinite(w)) and "non-finite" in caplog.text and "'t.w'" in caplog.text
 
 
+@pytest.mark.parametrize("s", [1.0, 0.5])
+def test_non_finite_inputs_stay_in_their_elements(s, gen):
+    """A NaN task-vector element: the variance there is NaN (the largest key, so selected), the
+    vote NaN; the output is NaN at that element only, the weights come from the finite elements."""
+    skip_unless("cpu", "sce")
+    base, models = make_inputs((33, 17), 3, (torch.float32, [torch.float32]), gen)
+    models[1] = models[1].clone()
+    models[1][4, 5] = float("nan")
+    out = m3kernels.merge_tensors(base, models, method="sce", select_topk=s, backend="cpu")
+    bad = torch.isnan(out)
+    assert bad[4, 5] and int(bad.sum()) == 1
+    clean = [m.clone() for m in models]
+    clean[1][4, 5] = base[4, 5]  # a zero task-vector element instead
+    ref = m3kernels.merge_tensors(base, clean, method="sce", select_topk=s, backend="cpu")
+    far = torch.ones_like(bad)
+    far[4, 5] = False
+    if s >= 1:  # no select: the weights and every other element are the same
+        assert torch.equal(out[far], ref[far])
+    assert torch.isfinite(out[far]).all()
+
+
 def test_uniform_weights_and_mask_zero_give_the_base(gen):
     """select_topk 0: every task vector masked; the weights are uniform, nothing agrees, y = b."""
     base, models = make_inputs((5, 9), 2, (torch.float32, [torch.float32]), gen)
@@ -339,6 +360,51 @@ def test_config_bad_values_name_the_parameter(params, match):
 def test_config_select_topk_is_merge_wide():
     with pytest.raises(MergeConfigError, match="select_topk: a merge-wide parameter"):
         load_config(_cfg(model_params={0: {"select_topk": 0.5}}))
+
+
+def test_config_rejects_mixup():
+    with pytest.raises(MergeConfigError, match="mixup: method 'sce' does not take M³"):
+        load_config(_cfg({"select_topk": 0.5}) | {"mixup": {"alpha": 0.5}})
+
+
+def test_checkpoint_merge_is_merge_tensors_per_tensor(tmp_path, fresh_cli_logging):
+    """``m3kernels merge`` on an sce config (a select_topk gradient, per-model weights that have no
+    effect): every tensor is merge_tensors with that tensor's select_topk."""
+    from safetensors.torch import load_file
+
+    from m3kernels.synthetic import make_family
+
+    fam = make_family(tmp_path / "in", n_models=2, shards=1, vocab=29, hidden=8, intermediate=12, layers=3)
+    raw = {
+        "merge_method": "sce",
+        "base_model": str(fam.base_dir),
+        "models": [
+            {"model": str(fam.model_dirs[0]), "parameters": {"weight": 0.2}},
+            {"model": str(fam.model_dirs[1]), "parameters": {"weight": 3.0}},
+        ],
+        "parameters": {"select_topk": [0.2, 0.9]},
+        "dtype": "float32",
+    }
+    skip_unless("cpu", "sce")
+    m3kernels.merge_checkpoints(raw, tmp_path / "out", progress=False)
+    out = {}
+    for f in sorted((tmp_path / "out").glob("*.safetensors")):
+        out.update(load_file(f))
+    cfg = load_config(raw)
+    for name in (
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+        "lm_head.weight",
+    ):
+        kw = cfg.tensor_kwargs(name, 3)
+        want = m3kernels.merge_tensors(
+            fam.base[name].float(),
+            [m[name].float() for m in fam.models],
+            method="sce",
+            select_topk=kw["select_topk"],
+            backend="cpu",
+        )
+        assert torch.equal(out[name], want), name
 
 
 # ----------------------------------------------------------------------------- mergekit itself
