@@ -195,6 +195,8 @@ def test_union_rows_and_transformers_load(fam, tmp_path):
     assert sorted(vocab.values()) == list(range(len(vocab)))
     assert all(vocab[t] == i for t, i in fam.vocabs["base"].items())  # the base's ids are kept
     assert json.loads((out / "config.json").read_text())["vocab_size"] == len(vocab)
+    record = yaml.safe_load((out / "m3kernels_merge.yaml").read_text())["tokenizer"]
+    assert record["source"] == "union" and record["tokens"] == record["rows"] == len(vocab)
     assert tok.convert_ids_to_tokens(tok("<|im_start|> the <tool>")["input_ids"])[-3:] == [
         "<|im_start|>",
         "the",

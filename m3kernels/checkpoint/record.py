@@ -62,6 +62,8 @@ def make_record(plan: MergePlan, out_shard_size: int) -> dict:
             "models": [inputs_of(m) for m in plan.models],
         },
         "notes": list(plan.notes),
+        # the merged tokenizer (tokenizer.py): in the record, and so in the resume fingerprint
+        "tokenizer": plan.tokenizer.describe() if getattr(plan, "tokenizer", None) is not None else None,
     }
 
 

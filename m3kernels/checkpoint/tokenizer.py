@@ -512,6 +512,26 @@ class TokenizerOutput:
             parts.append(f"chat template: {len(self.chat_template)} characters (chat_template.jinja)")
         return "\n".join(parts)
 
+    def describe(self) -> dict:
+        """What the merge record keeps (and the resume fingerprint covers): the vocabulary's
+        source, size, rows and a hash of token -> id, the chat template's hash."""
+        import hashlib
+
+        out = {}
+        if self.vocab is not None:
+            v = self.vocab
+            ids = json.dumps(sorted(v.vocab.items(), key=lambda kv: kv[1]), ensure_ascii=False)
+            out.update(
+                source=v.settings.source,
+                tokens=len(v.vocab),
+                rows=v.rows,
+                vocab_sha256=hashlib.sha256(ids.encode("utf-8")).hexdigest(),
+                configured_tokens=sorted(v.settings.tokens),
+            )
+        if self.chat_template is not None:
+            out["chat_template_sha256"] = hashlib.sha256(self.chat_template.encode("utf-8")).hexdigest()
+        return out
+
     def files(self, dest: Path) -> list:
         """Write the tokenizer files into ``dest`` (a private folder); returns their names."""
         from m3kernels.checkpoint.chat_template import apply_to_files
