@@ -524,3 +524,28 @@ def test_stand_ins_differ_as_documented(fam):
     assert fam.rows["ft1"] == len(fam.vocabs["ft1"]) + ADDITIONS["ft1"][2]
     assert fam.vocabs["ft1"]["<|im_start|>"] != fam.vocabs["ft2"]["<|im_start|>"]
     assert fam.vocabs["ft3"] == fam.vocabs["base"]
+
+
+def test_relative_paths_next_to_the_config(tmp_path, monkeypatch):
+    """Model paths relative to the config file's folder (not the working directory), in models,
+    tokenizer_source and a token's source alike."""
+    fam = make_tokenizer_family(tmp_path / "models", keys=("base", "ft1", "ft2"))
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": "models/base",
+        "models": [{"model": "models/ft1"}, {"model": "models/ft2"}],
+        "tokenizer": {
+            "source": "models/ft2",
+            "tokens": {"<|im_end|>": {"source": "models/ft1"}},
+        },
+        "dtype": "float32",
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli_main(["merge", str(tmp_path / "cfg.yaml"), str(tmp_path / "out"), "--quiet"]) == 0
+    tensors, tok = _load(tmp_path / "out")
+    vocab = tok.get_vocab()
+    assert set(vocab) == set(fam.vocabs["ft2"]) | {"<|im_end|>"}
+    # ft1's <|im_end|> row in every input (only ft1 has it): the merge gives it back
+    _close(tensors[EMB][vocab["<|im_end|>"]], fam.row("ft1", EMB, "<|im_end|>").double(), "<|im_end|>")

@@ -397,12 +397,12 @@ def _load_input(ckpt):
     )
 
 
-def build_vocab_plan(
-    settings: TokenizerSettings, base, models: list, *, cfg_dir=None, legacy_ok: bool = False
-):
+def build_vocab_plan(settings: TokenizerSettings, base, models: list, *, paths=(), legacy_ok: bool = False):
     """The :class:`VocabPlan` of a merge (``base``: the base Checkpoint, or None: the first model
     stands in, as in mergekit). ``legacy_ok``: when the base's tokenizer cannot be read, return
-    None (the caller keeps its plain copy of the tokenizer files) instead of raising."""
+    None (the caller keeps its plain copy of the tokenizer files) instead of raising. ``paths``:
+    (path as the config writes it, Checkpoint) pairs: a ``tokenizer_source`` path naming an input
+    is that input."""
     notes: list = []
     first = base if base is not None else models[0]
     others = [m for m in models if m is not first]
@@ -436,13 +436,9 @@ def build_vocab_plan(
         out = _union(stripped, [iv for iv in loaded if iv.tokenizer is not None], notes)
     else:
         path = Path(src.split("+", 1)[0]).expanduser()  # MODEL+LORA: the model's tokenizer (as mergekit)
-        if (
-            not path.exists()
-            and not path.is_absolute()
-            and cfg_dir is not None
-            and (Path(cfg_dir) / path).exists()
-        ):
-            path = Path(cfg_dir) / path
+        named = next((ck for p, ck in paths if p is not None and _same_path(p, src.split("+", 1)[0])), None)
+        if named is not None:
+            path = Path(_folder(named))
         same = next((iv for iv in loaded if os.path.realpath(iv.ckpt.path) == os.path.realpath(path)), None)
         if same is not None and same.tokenizer is not None:
             out = _fresh_copy(same.tokenizer) if same.ckpt is not first else stripped
@@ -563,7 +559,8 @@ def plan_tokenizer(cfg, base, models: list) -> tuple:
     vocab, notes = None, []
     if settings is not None:
         legacy = settings.source == "base" and not settings.tokens and not settings.pad_to_multiple_of
-        vocab, notes = build_vocab_plan(settings, base, models, legacy_ok=legacy)
+        paths = ([(cfg.base_model, base)] if base is not None else []) + list(zip(cfg.models, models))
+        vocab, notes = build_vocab_plan(settings, base, models, paths=paths, legacy_ok=legacy)
     text = None
     if chat is not None:
         inputs = [source] + [m for m in models if m is not source]

@@ -40,9 +40,10 @@ class RowRule:
     force: bool = False
 
 
-def row_rules(vocab: VocabPlan, order: list, base) -> list:
+def row_rules(vocab: VocabPlan, order: list, base, paths: list = ()) -> list:
     """The shared rows (RowRule per output token that needs one), for inputs ``order``
-    (Checkpoints) with mergekit's ``base`` (None when the merge has no base model)."""
+    (Checkpoints) with mergekit's ``base`` (None when the merge has no base model); ``paths``:
+    (path as the config writes it, Checkpoint) pairs, to find a token's source model."""
     perms = [vocab.of(ck).perm for ck in order]
     k_of = {id(ck): k for k, ck in enumerate(order)}
     base_k = k_of.get(id(base)) if base is not None else None
@@ -64,7 +65,7 @@ def row_rules(vocab: VocabPlan, order: list, base) -> list:
             if src.kind == "zero":
                 rules.append(RowRule(i, ZERO, (), rule.force))
                 continue
-            ck = _input(order, src.model, where)
+            ck = _input(order, src.model, where, paths)
             k = k_of[id(ck)]
             if src.kind == "model":
                 j = perms[k][i]
@@ -99,9 +100,12 @@ def row_rules(vocab: VocabPlan, order: list, base) -> list:
     return rules
 
 
-def _input(order: list, path: str, where: str):
+def _input(order: list, path: str, where: str, paths: list = ()):
     import os
 
+    for written, ck in paths:
+        if written is not None and os.path.normpath(written) == os.path.normpath(path) and ck in order:
+            return ck
     for ck in order:
         if os.path.normpath(str(ck.path)) == os.path.normpath(path) or os.path.realpath(
             ck.path
@@ -177,8 +181,8 @@ class RowMap:
         n, rows = self.vocab.size, self.vocab.rows
         result = []
         for ck, t in zip(self.order, tensors):
-            if not self.rules and self.vocab.identity(ck, t.shape[0]):
-                result.append(t)
+            if not self.forced and self.vocab.identity(ck, t.shape[0]):
+                result.append(t)  # has every token, in place: its own rows, read as they are
                 continue
             perm = torch.tensor(self.vocab.of(ck).perm, dtype=torch.long)
             if self.forced:
@@ -238,7 +242,8 @@ def plan_rows(name: str, vocab: VocabPlan, cfg, base, models: list, found: list)
     cache = vocab.__dict__.setdefault("_rules", {})
     key = tuple(id(ck) for ck in order)
     if key not in cache:
-        cache[key] = row_rules(vocab, order, base)
+        paths = ([(cfg.base_model, base)] if base is not None else []) + list(zip(cfg.models, models))
+        cache[key] = row_rules(vocab, order, base, paths)
     rm = RowMap(name, vocab, order, {id(s.ckpt): s for s in found}, cache[key])
     return None if rm.unchanged() else rm
 
