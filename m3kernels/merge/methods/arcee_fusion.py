@@ -24,9 +24,10 @@ import numpy as np
 import torch
 
 from m3kernels.merge.methods import Staged, plain_params, require
-from m3kernels.merge.methods.element_select import CHUNK, key_value, kth_largest, order_keys, pack
+from m3kernels.merge.methods.element_select import key_value, kth_largest, order_keys, pack
 
 SOFTMAX_EPS = 1e-8  # mergekit adds it to both softmaxes
+ROW_CHUNK = 1 << 20  # about this many elements per chunk of rows
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -56,10 +57,10 @@ def importance(base: torch.Tensor, model: torch.Tensor) -> np.ndarray:
 
 
 def row_chunks(rows: int, cols: int) -> list[tuple[int, int]]:
-    """Row ranges of about CHUNK elements, **never one row alone** unless the tensor has one: torch
+    """Row ranges of about ROW_CHUNK elements, **never one row alone** unless the tensor has one: torch
     reduces a single long row (one output) in a thread-split two-pass order, several rows each in
     its own serial order, so a one-row chunk of a many-row tensor would change that row's bits."""
-    step = max(2, CHUNK // max(cols, 1))
+    step = max(2, ROW_CHUNK // max(cols, 1))
     bounds = [[r, min(rows, r + step)] for r in range(0, rows, step)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
         last = bounds.pop()
