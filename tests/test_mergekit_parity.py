@@ -42,15 +42,14 @@ SUBSET = [
     ("bf16", "explicit:nearswap:t"),
     ("bf16", "explicit:ram:epsilon"),
     ("f32", "explicit:breadcrumbs:density+gamma"),
+    # mergekit's config semantics (docs/MERGEKIT_PARITY.md D4, D6-D8, D10)
+    ("bf16", "edge:ties:negative-weight"),
+    ("f32", "edge:ties:rescale-true"),
+    ("f32", "defaults:ties:required-only"),
+    ("f32", "defaults:dare_linear:required-only"),
 ]
 # known differences (docs/MERGEKIT_PARITY.md): strict, so a fix turns them into a failure to update
-KNOWN = {
-    ("f32", "explicit:linear:weights"): (
-        "mergekit's linear accumulates with torch.addcmul_, which torch's CPU kernel fuses into an "
-        "FMA (one rounding); ours rounds the product and the sum (docs/KERNEL.md): ≤ 1 ulp at "
-        "tensor scale, not bit-exact"
-    ),
-}
+KNOWN: dict = {}  # none at run 3 (linear's FMA, D1, is matched: Recipe.fma)
 
 
 # ----------------------------------------------------------------------------- always
@@ -128,12 +127,11 @@ def test_parity_with_mergekit(parity, family, case_id, request):
 
 
 @needs_mk
-def test_linear_within_one_ulp_at_tensor_scale(parity):
-    """The FMA difference of linear (KNOWN above) stays a rounding difference."""
+def test_linear_is_bit_exact_with_its_fma(parity):
+    """mergekit's linear accumulates with torch's fused addcmul_; ours with one FMA per model (D1)."""
     rows, _, _ = parity
     e = rows[("f32", "explicit:linear:weights")]["compare"]["exact"]
-    assert e["max_diff_in_tensor_scale_ulps"] <= 1.0, e
-    assert e["within_1ulp_fraction"] > 0.9, e
+    assert e["max_ulps"] == 0 and e["bit_equal_fraction"] == 1.0, e
 
 
 @needs_mk
