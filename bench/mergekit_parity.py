@@ -1897,8 +1897,47 @@ def _render_all(template):
     return out
 
 
-def compare_tokenizer_outputs(ours: Path, mk: Path) -> dict:
-    """Tokenizer, config vocab_size, chat template and every tensor (vocabulary tensors by token)."""
+def tokenizer_tie_masks(config: Path) -> dict:
+    """{tensor: elements at a TIES trim tie} of a ``ties`` config with one density per model, in
+    our output's layout: |δ| equal to a model's trim threshold while equal values straddle it
+    (mergekit keeps k of them in argsort's order, we keep all; see trim_tie_mask). The deltas are
+    those of our plan's inputs (the vocabulary tensors laid out on the merged tokenizer)."""
+    import torch
+
+    from m3kernels.checkpoint.inputs import config_and_folder, open_inputs
+    from m3kernels.checkpoint.plan import build_plan
+
+    cfg, folder = config_and_folder(str(config), None)
+    raw = cfg.raw
+    if cfg.method != "ties":
+        return {}
+    dens = [float((e.get("parameters") or {}).get("density", 1.0)) for e in raw["models"]]
+    base, models, opened = open_inputs(cfg, folder, False)
+    masks = {}
+    try:
+        plan = build_plan(cfg, base, models, 1 << 40)
+        for pt in plan.tensors:
+            if pt.base is None:
+                continue
+            b, ms = pt.inputs()
+            mask = torch.zeros(pt.shape, dtype=torch.bool)
+            for m, d in zip(ms, dens):
+                delta = (m.float() - b.float()).abs()
+                flat = torch.sort(delta.reshape(-1)).values
+                n = flat.numel()
+                k = max(1, int(math.floor(d * n)))
+                if 0 < d < 1 and k < n and flat[n - k] == flat[n - k - 1]:
+                    mask |= delta == flat[n - k]
+            masks[pt.name] = mask
+    finally:
+        for ck in opened:
+            ck.close()
+    return masks
+
+
+def compare_tokenizer_outputs(ours: Path, mk: Path, ties: dict | None = None) -> dict:
+    """Tokenizer, config vocab_size, chat template and every tensor (vocabulary tensors by token);
+    ``ties``: {tensor: trim-tie elements of ours} left out of the comparison (counted)."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoTokenizer
@@ -1933,7 +1972,9 @@ def compare_tokenizer_outputs(ours: Path, mk: Path) -> dict:
         "vocab_ts_ulps": 0.0,
         "other_ulps": 0,  # every other tensor (the method's own parity)
         "other_ts_ulps": 0.0,
+        "tie_elements_excluded": 0,
     }
+    ties = ties or {}
     toks = sorted(va.keys() & vb.keys())
     for name in sorted(a.keys() & b.keys()):
         x, y = a[name].float(), b[name].float()
@@ -1949,13 +1990,21 @@ def compare_tokenizer_outputs(ours: Path, mk: Path) -> dict:
             ia = torch.tensor([va[t] for t in toks])
             ib = torch.tensor([vb[t] for t in toks])
             xa, yb = x[ia], y[ib]
-            u = int(ulps32(xa, yb).max())
+            if name in ties:
+                keep = ~ties[name][ia]
+                res["tie_elements_excluded"] += int((~keep).sum())
+                xa, yb = xa[keep], yb[keep]
+            u = int(ulps32(xa, yb).max()) if xa.numel() else 0
             res["vocab_ulps"] = max(res["vocab_ulps"], u)
             res["vocab_ts_ulps"] = max(res["vocab_ts_ulps"], float((xa - yb).abs().max()) / _tensor_ulp(yb))
             if x.shape[0] > len(va):
                 rel = float((x[len(va) :] - y[len(vb) :]).abs().max() / x.abs().max())
                 res["pad_rows_max_rel"] = max(res["pad_rows_max_rel"], rel)
         else:
+            if name in ties:
+                keep = ~ties[name]
+                res["tie_elements_excluded"] += int((~keep).sum())
+                x, y = x[keep], y[keep]
             u = int(ulps32(x, y).max()) if x.numel() else 0
             res["other_ulps"] = max(res["other_ulps"], u)
             if x.numel():
@@ -2002,6 +2051,8 @@ def tokenizer_verdict(cmp: dict) -> tuple[str, str]:
             f"method's own parity (e.g. TIES trim ties, docs/MERGEKIT_PARITY.md), not the tokenizer's"
         )
     why = "bit-exact by token" + ("" if cmp["ids_equal"] else " (other ids for the tokens the base lacks)")
+    if cmp.get("tie_elements_excluded"):
+        why += f", outside {cmp['tie_elements_excluded']} trim-tie elements"
     if cmp["pad_rows_max_rel"]:
         why += f"; padding rows within {cmp['pad_rows_max_rel']:.1g} (a mean summed in another id order)"
     if cmp["chat_template"] != "none":
@@ -2046,7 +2097,8 @@ def run_tokenizer_section(work: Path, venv: Path, cli: bool = False, families=("
             row["why"] = o["error"] or (m and m["error"])
         else:
             try:
-                row["compare"] = compare_tokenizer_outputs(Path(oj["out"]), Path(mj["out"]))
+                ties = tokenizer_tie_masks(Path(oj["config"]))
+                row["compare"] = compare_tokenizer_outputs(Path(oj["out"]), Path(mj["out"]), ties)
                 row["status"], row["why"] = tokenizer_verdict(row["compare"])
             except Exception as exc:  # noqa: BLE001
                 row["status"], row["why"] = "compare-error", f"{type(exc).__name__}: {exc}"
