@@ -457,6 +457,10 @@ BAD = {
     "variant": (lambda p: _edit_config(p, use_qalora=True), ["use_qalora", "not supported"]),
     "pissa": (lambda p: _edit_config(p, init_lora_weights="pissa"), ["init_lora_weights", "pissa"]),
     "not targeted": (lambda p: _edit_config(p, target_modules=["v_proj"]), ["q_proj", "target_modules"]),
+    "layer not transformed": (
+        lambda p: _edit_config(p, layers_to_transform=[1]),
+        ["layers.0.self_attn", "layers_to_transform"],
+    ),
     "no weights": (
         lambda p: (p / "lora" / "adapter_model.safetensors").unlink(),
         ["adapter_model.safetensors is missing"],
@@ -473,6 +477,14 @@ BAD = {
         ["adapter_model.safetensors"],
     ),
 }
+
+
+def test_output_inside_the_adapter_folder_is_refused(tmp_path, capsys):
+    _family(tmp_path)
+    cfg = _config(tmp_path, f"{tmp_path / 'm/base'}+{tmp_path / 'lora'}", "task_arithmetic")
+    assert main(["merge", str(cfg), str(tmp_path / "lora" / "out"), "-q"]) == 2
+    assert "inside the folder of the input model 1" in capsys.readouterr().err
+    assert _files(tmp_path / "lora") == ["adapter_config.json", "adapter_model.safetensors"]
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -142,6 +142,21 @@ def _targeted(spec, module: str, role: str) -> bool:
     return any(module == t or module.endswith("." + t) for t in spec)
 
 
+def _layer_of(module: str, pattern) -> int | None:
+    """The layer index PEFT reads for ``layers_to_transform``: the number after a
+    ``layers_pattern`` name part (default: any of layers, h, blocks, layer, block)."""
+    names = (
+        [pattern]
+        if isinstance(pattern, str)
+        else list(pattern or ("layers", "h", "blocks", "layer", "block"))
+    )
+    parts = module.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in names and parts[i + 1].isdigit():
+            return int(parts[i + 1])
+    return None
+
+
 @dataclass(frozen=True)
 class LoraDelta:
     """One adapted tensor: ``target`` += scaling · B @ A (``transpose``: of the product)."""
@@ -361,6 +376,16 @@ class LoraAdapter:
                 f"excluded): PEFT would not load this tensor",
                 ka,
             )
+        layers = cfg.get("layers_to_transform")
+        if layers is not None:
+            wanted = {layers} if isinstance(layers, int) else set(layers)
+            idx = _layer_of(module, cfg.get("layers_pattern"))
+            if idx is None or idx not in wanted:
+                raise self._bad(
+                    f"module {module!r} is not in a layer of layers_to_transform {short(layers)}: PEFT "
+                    f"would not load this tensor",
+                    ka,
+                )
         r, scale = self._scaling(module)
         if sa[0] != r:
             raise self._bad(f"rank {sa[0]}, but adapter_config.json gives {module!r} rank {r}", ka)
