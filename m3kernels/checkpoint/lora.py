@@ -418,22 +418,28 @@ class LoraAdapter:
         return self.file.tensor(key).to(torch.float32)
 
     def delta(self, target: str) -> torch.Tensor:
-        """s · B @ A (float32, transposed where PEFT transposes it) for base tensor ``target``."""
+        """s · B @ A (float32, transposed where PEFT transposes it: a view) for base tensor
+        ``target``; a buffer of its own, which :meth:`apply` adds into."""
         d = self.deltas[target]
         prod = self._f32(d.b) @ self._f32(d.a)
-        if d.transpose:
-            prod = prod.T
-        return prod * d.scaling
+        prod.mul_(d.scaling)  # the same float32 product PEFT's (B @ A) * scaling rounds
+        return prod.T if d.transpose else prod
 
     def apply(self, name: str, w: torch.Tensor) -> torch.Tensor:
-        """Base tensor ``name`` (value ``w``) with the adapter applied, in ``w``'s dtype."""
+        """Base tensor ``name`` (value ``w``) with the adapter applied, in ``w``'s dtype, contiguous.
+
+        The operations (and so the roundings) are PEFT's: the float32 delta plus W in float32,
+        rounded once to W's dtype; for an embedding the delta rounded to W's dtype first and the
+        sum of the two rounded once (torch adds (b)float16 in float32). The sums run in place in
+        the delta's buffer: one float32 copy of the tensor at a time."""
         if name in self.replaced:
             w = self.file.tensor(self.replaced[name]).to(w.dtype)
         if name in self.deltas:
             delta = self.delta(name)
             if self.deltas[name].embedding:  # PEFT's Embedding.merge rounds the delta to W's dtype first
-                return (w.to(torch.float32) + delta.to(w.dtype).to(torch.float32)).to(w.dtype)
-            return (w.to(torch.float32) + delta).to(w.dtype)
+                return torch.add(w, delta.to(w.dtype)).contiguous()
+            delta.add_(w)  # float32 += W: the same sum as W + delta (addition commutes exactly)
+            return delta.to(w.dtype).contiguous()
         if name in self.bias_deltas:
             key, scale = self.bias_deltas[name]
             return (w.to(torch.float32) + self._f32(key) * scale).to(w.dtype)
