@@ -661,8 +661,8 @@ REJECT = [
     (with_model_params(density=[{"filter": "mlp", "value": 0.1}, 0.5]), "models[0].parameters.density"),
     (with_model_params(drop_rate=0.5), "drop_rate"),  # ties: no DARE
     (with_top_params("ties", normalize=[True, False]), "parameters.normalize"),
-    (with_top_params("ties", normalize="yes"), "parameters.normalize"),
-    (with_top_params("ties", int8_mask=1), "parameters.int8_mask"),
+    (with_top_params("ties", normalize="maybe"), "parameters.normalize"),  # not a bool mergekit reads
+    (with_top_params("ties", int8_mask=2), "parameters.int8_mask"),
     (with_top_params("breadcrumbs", rescale=True), "parameters.rescale"),  # ties: implemented
     (with_top_params("dare_ties", density=0.5, rescale="l2"), "parameters.rescale"),
     (with_top_params("dare_linear", density=0.5, drop_rate=0.2), "drop_rate"),  # disagree

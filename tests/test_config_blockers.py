@@ -72,7 +72,7 @@ def test_problems_of_a_supported_method_each_reported():
             {"model": "m/a", "parameters": {"weight": 0.5, "t": 0.3, "density": 1.5}},
             {"model": "m/b", "parameters": {"bogus": 1}, "layer_range": [0, 4]},
         ],
-        "parameters": {"normalize": "yes"},
+        "parameters": {"normalize": "maybe"},
         "trim_scope": "layer",
         "seed": -1,
     }

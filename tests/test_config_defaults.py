@@ -293,3 +293,21 @@ def test_linear_recipe_uses_fma_and_the_others_do_not():
     assert make_recipe(2, method="linear", has_base=False).fma is True
     for method, kw in (("task_arithmetic", {}), ("ties", {}), ("dare_linear", {"density": 0.5})):
         assert make_recipe(2, method=method, has_base=True, **kw).fma is False
+
+
+# ------------------------------------------------------------------ bools as mergekit (pydantic) reads them
+
+
+@pytest.mark.parametrize(
+    "value,expect",
+    [(1.0, True), (0, False), ("yes", True), ("Off", False), ("t", True), ("0", False), (True, True)],
+)
+def test_bool_parameters_read_like_mergekit(value, expect):
+    rec, kw = recipe_of(cfg_for("ties", density=0.5, normalize=value))
+    assert kw["normalize"] is expect and rec.normalize is expect
+
+
+@pytest.mark.parametrize("value", [2, 0.5, "maybe", "", [1, 2]])
+def test_other_bool_values_are_refused(value):
+    with pytest.raises(MergeConfigError, match="parameters.normalize"):
+        cfg_for("ties", density=0.5, normalize=value)

@@ -97,11 +97,6 @@ EXPECTED_FAILURES: dict[str, tuple[str, str, bool]] = {
         "normalize: unknown key",
         True,
     ),
-    "hf__Velvet-Orchid-12B__2": (
-        "`normalize: 1.0` (a number where true/false is expected); mergekit 0.1.5 takes it as true",
-        "expected true or false, got 1.0",
-        True,
-    ),
 }
 
 
