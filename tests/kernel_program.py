@@ -9,8 +9,10 @@ in the document's order, so a backend's output must equal it bit for bit (NaN pa
 * :func:`stage_a`: ``make_params`` plus this module's own stage A (KERNEL.md "Stage A"): L1
   scales from float64 sums, exact trim thresholds from a full sort of the ``bits(|d|)``;
 * :func:`f32_program`: both, i.e. the whole float32 merge of one tensor from a recipe;
-* :func:`dropped_deltas`: ``b`` and the deltas after the DARE step (what stage A histograms);
-* :func:`gram`: the float64 Gram matrices of stage A in the defined summation order.
+* :func:`dropped_deltas`: ``b`` and the deltas after the DARE step and the keep mask (what stage
+  A histograms);
+* :func:`gram`: the float64 Gram matrices of stage A in the defined summation order;
+* :func:`fma32`: ``fmaf`` (one rounding) from float64 with round-to-odd, for the ``fma`` piece.
 """
 
 from __future__ import annotations
@@ -44,9 +46,42 @@ def _s(x) -> torch.Tensor:
     return torch.tensor(float(x), dtype=F32)
 
 
-def dropped_deltas(p: KernelParams, base, models, seed: int, name: str):
+def fma32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 ``fmaf(a, b, c)``: one correctly rounded operation. ``a * b`` is exact in float64;
+    ``a * b + c`` is taken with round-to-odd (TwoSum, then the last bit forced to 1 when inexact),
+    whose rounding to float32 is the correctly rounded result (53 >= 2 · 24 + 2 bits)."""
+    a, b, c = (torch.broadcast_to(t, torch.broadcast_shapes(a.shape, b.shape, c.shape)) for t in (a, b, c))
+    p = (a.to(F64) * b.to(F64)).numpy()
+    q = c.to(F64).numpy()
+    with np.errstate(all="ignore"):
+        s = p + q
+        bb = s - p
+        e = (p - (s - bb)) + (q - bb)
+        bits = s.view(np.int64)
+        fix = np.isfinite(s) & (e != 0) & ((bits & 1) == 0)
+        odd = np.nextafter(s, np.where(e > 0, np.inf, -np.inf))
+        s = np.where(fix, odd, s)
+    return torch.from_numpy(s.astype(np.float32))
+
+
+def mask_bits(p: KernelParams, i: int, numel: int, index_offset: int = 0) -> torch.Tensor:
+    """Model i's keep-mask bits of flat indices index_offset .. index_offset + numel - 1 (bool)."""
+    raw = np.asarray(p.keep_mask, dtype=np.uint8).reshape(-1)
+    start = i * int(p.mask_stride)
+    bits = np.unpackbits(raw[start:], bitorder="little")
+    return torch.from_numpy(bits[index_offset : index_offset + numel].astype(bool))
+
+
+def round_to(d: torch.Tensor, dtype) -> torch.Tensor:
+    """d rounded to ``dtype`` (RNE, fp16 overflow to inf) and back to float32."""
+    return d.to(dtype).to(F32)
+
+
+def dropped_deltas(p: KernelParams, base, models, seed: int, name: str, index_offset: int = 0):
     """(b, [d_i]): ``b = f32(base)`` (0 without a base) and ``d_i = f32(x_i) - b`` after the DARE
-    step (kept values times ``p.dare_scale[i]``, dropped ones 0); no trim."""
+    step (kept values times ``p.dare_scale[i]``, or with ``dare_div`` divided by ``p.dare_den[i]``
+    and rounded to the model's dtype; dropped ones 0) and the keep mask (bit J = index_offset + j;
+    kept values times ``p.mask_scale[i]``); no trim."""
     shape = models[0].shape
     zero = torch.zeros((), dtype=F32)
     b = base.to(F32) if p.has_base else torch.zeros(shape, dtype=F32)
@@ -56,9 +91,53 @@ def dropped_deltas(p: KernelParams, base, models, seed: int, name: str):
         if p.dare[i]:
             u = dare_uniform_u32(seed, name, i, d.numel())
             keep = torch.from_numpy(u < np.uint64(p.dare_thr[i])).reshape(shape)
-            d = torch.where(keep, d * _s(p.dare_scale[i]), zero)
+            if p.dare_div:
+                d = torch.where(keep, round_to(d / _s(p.dare_den[i]), x.dtype), zero)
+            else:
+                d = torch.where(keep, d * _s(p.dare_scale[i]), zero)
+        if p.keep_mask is not None:
+            bit = mask_bits(p, i, d.numel(), index_offset).reshape(shape)
+            scale = 1.0 if p.mask_scale is None else p.mask_scale[i]
+            d = torch.where(bit, d * _s(scale), zero)
         ds.append(d)
     return b, ds
+
+
+def _sgn(x: torch.Tensor) -> torch.Tensor:
+    """sgn(x) in float32: 1, -1 or 0 (NaN: 0)."""
+    one = torch.ones((), dtype=F32)
+    return torch.where(x > 0, one, torch.where(x < 0, -one, torch.zeros((), dtype=F32)))
+
+
+def _ties(p: KernelParams, ds, shape) -> torch.Tensor:
+    """Combine 2 with the round-2 variants (vote_kind, agree_w, ties_div, den_floor)."""
+    zero = torch.zeros((), dtype=F32)
+    vote = torch.zeros(shape, dtype=F32)
+    for w, d in zip(p.vote_w, ds):
+        vote = vote + (_sgn(_s(w) * d) if p.vote_kind == 1 else _s(w) * d)
+    pos = vote >= 0
+    aw = np.ones(p.n, np.float32) if p.agree_w is None else p.agree_w
+    num = torch.zeros(shape, dtype=F32)
+    if p.ties_div == 1:
+        want = torch.where(pos, _s(1.0), _s(-1.0))
+        cnt = torch.zeros(shape, dtype=F32)
+        for c, a, d in zip(p.coef, aw, ds):
+            one = (_sgn(_s(a) * d) == want).to(F32)
+            num = num + (_s(c) * d) * one
+            cnt = cnt + one
+        return num / torch.where(cnt < 1, _s(1.0), cnt)
+    den = torch.zeros(shape, dtype=F32)
+    for c, a, d in zip(p.coef, aw, ds):
+        e = _s(a) * d
+        agree = (e != 0) & ((e > 0) == pos)
+        num = torch.where(agree, num + _s(c) * d, num)
+        den = torch.where(agree, den + _s(c), den)
+    if not p.normalize:
+        return num
+    if p.den_floor > 0:
+        fl = _s(p.den_floor)
+        return num / torch.where(den < fl, fl, den)
+    return torch.where(den != 0, num / torch.where(den != 0, den, _s(1.0)), zero)
 
 
 def _abs_bits(d: torch.Tensor) -> torch.Tensor:
@@ -94,10 +173,11 @@ def stage_b(
 ) -> torch.Tensor:
     """The float32 program of docs/KERNEL.md on parameters ``p`` (``seed``, ``name``: the DARE
     stream's), rounded to ``out_dtype``. ``index_offset``: the flat index of the first element
-    (the coefficient groups'; the DARE stream here always starts at 0, so use it without DARE)."""
+    (the coefficient groups' and the keep mask's; the DARE stream here always starts at 0, so use
+    it without DARE)."""
     shape = models[0].shape
     zero = torch.zeros((), dtype=F32)
-    b, ds = dropped_deltas(p, base, models, seed, name)
+    b, ds = dropped_deltas(p, base, models, seed, name, index_offset)
     for i, d in enumerate(ds):
         tmin = 0 if p.trim_min is None else int(p.trim_min[i])
         tmax = TRIM_MAX_ALL if p.trim_max is None else int(p.trim_max[i])
@@ -132,28 +212,15 @@ def stage_b(
         table = torch.from_numpy(np.asarray(p.group_coef, np.float32).reshape(-1, p.n))
         m = torch.zeros(shape, dtype=F32)
         for i, d in enumerate(ds):
-            m = m + table[:, i][g] * d
+            m = fma32(table[:, i][g], d, m) if p.fma else m + table[:, i][g] * d
         if p.combine == COMBINE_MEAN:
             m = m / _s(p.mean_den)
     elif p.combine == 2:
-        vote = torch.zeros(shape, dtype=F32)
-        for w, d in zip(p.vote_w, ds):
-            vote = vote + _s(w) * d
-        pos = vote >= 0
-        num = torch.zeros(shape, dtype=F32)
-        den = torch.zeros(shape, dtype=F32)
-        for c, d in zip(p.coef, ds):
-            agree = (d != 0) & ((d > 0) == pos)
-            num = torch.where(agree, num + _s(c) * d, num)
-            den = torch.where(agree, den + _s(c), den)
-        if p.normalize:
-            m = torch.where(den != 0, num / torch.where(den != 0, den, _s(1.0)), zero)
-        else:
-            m = num
+        m = _ties(p, ds, shape)
     else:
         m = torch.zeros(shape, dtype=F32)
         for c, d in zip(p.coef, ds):
-            m = m + _s(c) * d
+            m = fma32(_s(c), d, m) if p.fma else m + _s(c) * d
         if p.combine == 1:
             m = m / _s(p.mean_den)
     return (b + _s(p.lam) * m).to(out_dtype)
@@ -244,4 +311,4 @@ def f32_program(base, models, recipe, name: str, out_dtype) -> torch.Tensor:
     return stage_b(stage_a(base, models, recipe, name), base, models, out_dtype, recipe.seed, name)
 
 
-__all__ = ["dropped_deltas", "stage_b", "stage_a", "f32_program", "gram", "ram_counts"]
+__all__ = ["dropped_deltas", "stage_b", "stage_a", "f32_program", "gram", "ram_counts", "fma32", "mask_bits"]

@@ -791,3 +791,235 @@ def test_exact_k_cpu_threads_simd_parts_and_checks(gen, restore_threads):
     cpu.merge(off, base, models, out)
     plain = p.with_fields(tie_keep=None, tie_skip=None, tie_prefix_min=None, tie_prefix_max=None)
     assert_same_bits(out, kp.stage_b(plain, base, models, BF16, SEED, NAME), "rule off")
+
+
+# ----------------------------------------------------------------------------- round-2 pieces
+#
+# docs/KERNEL.md "Round-2 pieces": each backend whose FEATURES names a piece against the program,
+# on odd sizes, every dtype mix, n = 1 and 3, outputs poisoned; the CPU also for every SIMD variant,
+# 1 and 2 threads and merge_range parts at offsets that are not multiples of 8.
+
+ROUND2_NUMELS = [1, 7, 4099]
+
+
+def _rand_mask(n, numel, gen, density=0.6):
+    return torch.rand((n, numel), generator=gen) < density
+
+
+def round2_params(piece, n, numel, base, models, gen):
+    """A KernelParams exercising ``piece`` (the program's other inputs realistic: TIES with a trim,
+    DARE, unequal and negative weights where the piece reads them)."""
+    w = [0.7, -0.4, 1.3][:n]
+    if piece == "keep_mask":
+        p = params(n, True, method="dare_ties", recipe_kw={"density": 0.8, "weights": w})
+        shared = n > 1 and numel % 2 == 1  # one shared mask on odd sizes, per-model masks otherwise
+        keep = _rand_mask(1 if shared else n, numel, gen)
+        packed = kp_pack(keep)
+        p = p.with_fields(
+            keep_mask=packed.reshape(-1),
+            mask_stride=0 if shared else packed.shape[1],
+            mask_scale=[1.0, 2.5, 0.75][:n],
+        )
+        return p.with_trim([key_at_rank(base, models, i, 0.3) for i in range(n)])
+    if piece == "den_floor":
+        # tiny and negative coefficients: Σ agreeing coef falls below the floor (and below 0) often
+        wts = [1e-7, 3e-7, -2e-7][:n]
+        p = params(n, True, method="ties", recipe_kw={"density": 1.0, "weights": wts})
+        return p.with_fields(den_floor=1e-6, agree_w=[1.0] * n)
+    if piece == "agree_w":
+        p = params(n, True, method="ties", recipe_kw={"density": 1.0, "weights": w})
+        return p.with_fields(agree_w=[-1.0, 0.5, 2.0][:n])
+    if piece == "fma":
+        method = "task_arithmetic" if numel % 2 else "linear"
+        p = params(n, method != "linear", method=method, recipe_kw={"weights": [0.3, 0.61, 1.7][:n]})
+        return p.with_fields(fma=True, combine=1 if numel % 2 == 0 else 0)
+    if piece == "vote_count":
+        p = params(n, True, method="ties", recipe_kw={"density": 0.9, "weights": w})
+        return p.with_fields(vote_kind=1).with_trim([key_at_rank(base, models, i, 0.2) for i in range(n)])
+    if piece == "ties_div_count":
+        p = params(n, True, method="ties", recipe_kw={"density": 1.0, "weights": w})
+        return p.with_fields(ties_div=1, vote_w=[1.0] * n, agree_w=[1.0] * n).with_trim(
+            [key_at_rank(base, models, i, 0.4) for i in range(n)]
+        )
+    if piece == "dare_div":
+        p = params(n, True, method="dare_linear", recipe_kw={"density": [0.3, 0.7, 1.0][:n], "weights": w})
+        return p.with_fields(dare_div=True, dare_den=[0.3, 0.7, 1.0][:n])
+    raise AssertionError(piece)
+
+
+def kp_pack(keep) -> np.ndarray:
+    from m3kernels.merge.kernel_params import pack_mask
+
+    return pack_mask(keep.numpy())
+
+
+ROUND2_PIECES = ["keep_mask", "den_floor", "agree_w", "fma", "vote_count", "ties_div_count", "dare_div"]
+
+
+def round2_cases():
+    out = []
+    for piece in ROUND2_PIECES:
+        for prm in feature_backends(piece):
+            out.append(pytest.param(piece, *prm.values, marks=prm.marks, id=f"{piece}-{prm.values[0]}"))
+    return out
+
+
+def _disabled(piece, p):
+    """The same parameters with ``piece`` switched off (its default)."""
+    off = {
+        "keep_mask": {"keep_mask": None, "mask_scale": None, "mask_stride": 0},
+        "den_floor": {"den_floor": 0.0},
+        "agree_w": {"agree_w": None},
+        "fma": {"fma": False},
+        "vote_count": {"vote_kind": 0},
+        "ties_div_count": {"ties_div": 0},
+        "dare_div": {"dare_div": False},
+    }[piece]
+    return p.with_fields(**off)
+
+
+@pytest.mark.parametrize("piece,be", round2_cases())
+@pytest.mark.parametrize("dtypes", DTYPE_MIXES, ids=IDS)
+@pytest.mark.parametrize("numel", ROUND2_NUMELS)
+def test_round2_piece_bits_equal_program(piece, be, numel, dtypes, gen):
+    differs = 0
+    for n in (1, 3):
+        base, models = inputs((numel,), n, dtypes[0], dtypes[1], gen, device=_device(be))
+        p = round2_params(piece, n, numel, base.cpu(), [m.cpu() for m in models], gen)
+        out, want = run_merge(be, p, base, models, dtypes[2])
+        assert_same_bits(out, want, f"{be} {piece} n={n}")
+        plain = kp.stage_b(_disabled(piece, p), base.cpu(), [m.cpu() for m in models], dtypes[2], SEED, NAME)
+        differs += not torch.equal(plain, want)
+    if numel > 1000 and not (piece == "fma" and dtypes[2] != F32):
+        assert differs, f"{piece} changed nothing: the test would not see it"
+
+
+def test_fma32_is_one_rounding(gen):
+    """The transcription's fmaf against exact rational arithmetic (and unlike two roundings)."""
+    from fractions import Fraction
+
+    a = torch.randn(2000, generator=gen)
+    b = torch.randn(2000, generator=gen)
+    c = -(a * b) * (1 + torch.randn(2000, generator=gen) * 1e-6)  # cancellation: fma matters
+    got = kp.fma32(a, b, c)
+    two = a * b + c
+    for j in range(0, 2000, 7):
+        exact = Fraction(float(a[j])) * Fraction(float(b[j])) + Fraction(float(c[j]))
+        lo = np.float32(float(exact))  # float(Fraction) rounds correctly to float64 ...
+        # ... then to float32: correct unless float64 rounding hit a float32 midpoint; check neighbours
+        cands = [np.nextafter(lo, np.float32(-np.inf)), lo, np.nextafter(lo, np.float32(np.inf))]
+        best = min(
+            cands, key=lambda v: (abs(Fraction(float(v)) - exact), int(np.float32(v).view(np.int32)) & 1)
+        )
+        assert float(got[j]) == float(best), j
+    assert not torch.equal(got, two)
+
+
+@pytest.mark.parametrize("piece", ROUND2_PIECES)
+def test_round2_cpu_threads_simd_and_parts(piece, gen, restore_threads):
+    """Every SIMD variant and thread count give the program's bytes; merge_range parts at offsets
+    that are not multiples of 8 (the mask bit J = index_offset + j) give one merge's bytes."""
+    _C = restore_threads
+    cpu = backend("cpu")
+    if piece not in cpu.FEATURES:
+        pytest.skip(f"cpu lacks {piece!r}")
+    numel = 20_011
+    base, models = inputs((numel,), 3, BF16, [BF16, F16], gen)
+    p = round2_params(piece, 3, numel, base, models, gen)
+    want = kp.stage_b(p, base, models, BF16, SEED, NAME)
+    for level in _C.simd_levels():
+        _C.set_simd_level(level)
+        for threads in (1, 2):
+            _C.set_num_threads(threads)
+            out = poisoned((numel,), BF16)
+            cpu.merge(p, base, models, out)
+            assert_same_bits(out, want, f"{piece} {level} {threads} threads")
+    parts = poisoned((numel,), BF16)
+    for lo in range(0, numel, 3001):
+        hi = min(numel, lo + 3001)
+        cpu.merge_range(p, base[lo:hi], [m[lo:hi] for m in models], parts[lo:hi], lo)
+    assert_same_bits(parts, want, f"{piece} parts")
+    # the program's own index_offset (without DARE): a part against the program of that part
+    if not p.dare.any():
+        lo, hi = 4093, 9001
+        part = poisoned((hi - lo,), BF16)
+        cpu.merge_range(p, base[lo:hi], [m[lo:hi] for m in models], part, lo)
+        pw = kp.stage_b(p, base[lo:hi], [m[lo:hi] for m in models], BF16, SEED, NAME, index_offset=lo)
+        assert_same_bits(part, pw, f"{piece} part at {lo}")
+
+
+def test_keep_mask_in_stage_a_and_checks(gen):
+    """Stage A sees d' after the keep mask (delta_keys, histograms); merge_batch refuses a mask;
+    a short mask or a bad stride is a ValueError."""
+    if not have_backend("cpu"):
+        pytest.skip("m3kernels._C is not built")
+    cpu = backend("cpu")
+    if "keep_mask" not in cpu.FEATURES:
+        pytest.skip("cpu lacks 'keep_mask'")
+    numel = 5003
+    base, models = inputs((numel,), 3, F32, [BF16], gen)
+    p = round2_params("keep_mask", 3, numel + 1, base, models, gen)  # per-model masks
+    p = p.with_fields(keep_mask=kp_pack(_rand_mask(3, numel, gen)).reshape(-1), mask_stride=(numel + 7) // 8)
+    _, ds = kp.dropped_deltas(p, base, models, SEED, NAME)
+    keys = cpu.delta_keys(p, base, models)
+    for i, d in enumerate(ds):
+        np.testing.assert_array_equal(keys[i], d.abs().view(torch.int32).numpy().view(np.uint32))
+    hist = cpu.histogram(p, base, models, None)
+    for i, d in enumerate(ds):
+        want = np.bincount(d.abs().view(torch.int32).numpy().view(np.uint32) >> 16, minlength=1 << 16)
+        np.testing.assert_array_equal(hist[i], want)
+    out = poisoned((numel,), F32)
+    with pytest.raises(ValueError, match="keep_mask"):
+        cpu.merge(p.with_fields(keep_mask=p.keep_mask[:-1]), base, models, out)
+    with pytest.raises(ValueError, match="mask_stride"):
+        cpu.merge(p.with_fields(mask_stride=3), base, models, out)
+    with pytest.raises(ValueError, match="mask_scale"):
+        cpu.merge(p.with_fields(mask_scale=[1.0]), base, models, out)
+    with pytest.raises(ValueError, match="keep_mask"):
+        cpu.merge_batch(
+            p,
+            [base.data_ptr()],
+            F32,
+            [m.data_ptr() for m in models],
+            [BF16] * 3,
+            [numel],
+            [out.data_ptr()],
+            F32,
+        )
+    # a mask of all ones with scale 1 is the plain program
+    ones = p.with_fields(keep_mask=np.full(p.keep_mask.shape, 255, np.uint8), mask_scale=None)
+    cpu.merge(ones, base, models, out)
+    assert_same_bits(out, kp.stage_b(_disabled("keep_mask", p), base, models, F32, SEED, NAME), "all ones")
+
+
+def test_round2_argument_checks(gen):
+    if not have_backend("cpu"):
+        pytest.skip("m3kernels._C is not built")
+    cpu = backend("cpu")
+    base, models = inputs((10,), 2, F32, [F32], gen)
+    out = poisoned((10,), F32)
+    p = params(2, True, method="ties")
+    for field, bad, match in (
+        ("vote_kind", 2, "vote_kind"),
+        ("ties_div", -1, "ties_div"),
+        ("den_floor", -1.0, "den_floor"),
+        ("den_floor", float("nan"), "den_floor"),
+        ("agree_w", [1.0], "agree_w"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            cpu.merge(p.with_fields(**{field: bad}), base, models, out)
+    with pytest.raises(ValueError, match="dare_den"):
+        cpu.merge(p.with_fields(dare_div=True), base, models, out)
+    with pytest.raises(ValueError, match="dare_den"):
+        cpu.merge(p.with_fields(dare_div=True, dare_den=[1.0]), base, models, out)
+
+
+def test_make_params_round2_defaults():
+    """make_params: agree_w = vote_w (mergekit's sign(w_i·δ_i)), fma from the recipe (False when
+    absent), every other round-2 field at its default."""
+    recipe = make_recipe(3, method="ties", has_base=True, weights=[0.5, -1.0, 2.0], seed=1)
+    p = make_params(recipe, "t", True)
+    np.testing.assert_array_equal(p.agree_w, p.vote_w)
+    assert p.agree_w is not p.vote_w
+    assert p.fma is bool(getattr(recipe, "fma", False))
+    assert (p.vote_kind, p.ties_div, p.den_floor, p.keep_mask, p.dare_div) == (0, 0, 0.0, None, False)

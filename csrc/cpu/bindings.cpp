@@ -53,6 +53,8 @@ struct Call {
     CArray<uint64_t> dare_thr, trim_min, trim_max;
     CArray<float> group_coef, unique_scale;
     CArray<int64_t> tie_keep, tie_skip, tie_prefix_min, tie_prefix_max;
+    CArray<float> agree_w, mask_scale, dare_den;
+    CArray<uint8_t> keep_mask;
     std::vector<const void*> models;
     std::vector<int> dtypes;
     m3k::TensorArgs args{};
@@ -112,6 +114,58 @@ struct Call {
         args.numel = numel;
         args.index_offset = index_offset;
         read_issue8_fields(p, n);
+        read_round2_fields(p, n);
+    }
+
+    // The round-2 pieces of docs/KERNEL.md (absent or None: the defaults, the program unchanged).
+    void read_round2_fields(py::handle p, int n) {
+        args.fma = py::getattr(p, "fma", py::bool_(false)).cast<bool>() ? 1 : 0;
+        if (!py::getattr(p, "agree_w", py::none()).is_none()) {
+            agree_w = param_array<float>(p, "agree_w", n);
+            args.agree_w = agree_w.data();
+        }
+        args.vote_kind = py::getattr(p, "vote_kind", py::int_(0)).cast<int>();
+        if (args.vote_kind < 0 || args.vote_kind > 1)
+            throw py::value_error("KernelParams.vote_kind must be 0 (weighted sum) or 1 (count), got " +
+                                  std::to_string(args.vote_kind));
+        args.ties_div = py::getattr(p, "ties_div", py::int_(0)).cast<int>();
+        if (args.ties_div < 0 || args.ties_div > 1)
+            throw py::value_error(
+                "KernelParams.ties_div must be 0 (agreeing weights) or 1 (agreeing count), got " +
+                std::to_string(args.ties_div));
+        args.den_floor = py::getattr(p, "den_floor", py::float_(0.0)).cast<float>();
+        if (!(args.den_floor >= 0.0f) || args.den_floor == __builtin_inff())
+            throw py::value_error("KernelParams.den_floor must be a finite float >= 0, got " +
+                                  std::to_string(args.den_floor));
+        args.dare_div = py::getattr(p, "dare_div", py::bool_(false)).cast<bool>() ? 1 : 0;
+        if (args.dare_div) {
+            if (py::getattr(p, "dare_den", py::none()).is_none())
+                throw py::value_error("KernelParams.dare_div needs dare_den (float32[n])");
+            dare_den = param_array<float>(p, "dare_den", n);
+            args.dare_den = dare_den.data();
+        }
+        py::object km = py::getattr(p, "keep_mask", py::none());
+        if (km.is_none()) return;
+        keep_mask = CArray<uint8_t>::ensure(km);
+        if (!keep_mask) throw py::value_error("KernelParams.keep_mask: expected a uint8 array");
+        args.mask_stride = py::getattr(p, "mask_stride", py::int_(0)).cast<int64_t>();
+        const int64_t need = (args.index_offset + args.numel + 7) / 8;  // bytes of one model's mask
+        if (args.mask_stride < 0 || (args.mask_stride > 0 && args.mask_stride < need))
+            throw py::value_error(
+                "KernelParams.mask_stride must be 0 (one shared mask) or >= " + std::to_string(need) +
+                " bytes (one model's mask), got " + std::to_string(args.mask_stride));
+        const int64_t total = need == 0 ? 0 : args.mask_stride * (n - 1) + need;
+        if (int64_t(keep_mask.size()) < total)
+            throw py::value_error("KernelParams.keep_mask has " + std::to_string(keep_mask.size()) +
+                                  " bytes; flat indices up to " +
+                                  std::to_string(args.index_offset + args.numel) + " of " +
+                                  std::to_string(n) + " model(s) with mask_stride " +
+                                  std::to_string(args.mask_stride) + " need " + std::to_string(total));
+        args.keep_mask = keep_mask.data();
+        if (!py::getattr(p, "mask_scale", py::none()).is_none()) {
+            mask_scale = param_array<float>(p, "mask_scale", n);
+            args.mask_scale = mask_scale.data();
+        }
     }
 
     // The optional fields of docs/KERNEL.md's issue-8 pieces (absent or None: the defaults).
@@ -400,6 +454,8 @@ py::array_t<uint64_t> merge_batch(py::handle p, const std::vector<uintptr_t>& ba
     if (call.args.coef_group != 0)
         throw py::value_error(
             "merge_batch: KernelParams.coef_group != 0 (per-tensor group_coef) is not supported");
+    if (call.args.keep_mask)
+        throw py::value_error("merge_batch: KernelParams.keep_mask (a per-tensor mask) is not supported");
     call.check_merge();
     bool window = false;
     for (int i = 0; call.args.trim_max && i < n; ++i) window = window || call.args.trim_max[i] < 0x7fffffffu;

@@ -54,6 +54,17 @@ struct TensorArgs {
     const int64_t* tie_prefix_min;  // [n][tie_blocks] equal-to-trim_min keys before each tie block
     const int64_t* tie_prefix_max;  // [n][tie_blocks] equal-to-trim_max keys before each tie block
     int64_t tie_blocks;             // tie blocks of 1024 flat indices the prefixes cover
+    // round 2 (docs/KERNEL.md "Round-2 pieces"): all optional, the defaults leave the program unchanged
+    int fma;                   // sum / mean: m = fmaf(coef_i, d_i, m) (one rounding)
+    const float* agree_w;      // [n] ties: model i agrees by the sign of agree_w[i] * d_i; nullptr: 1
+    int vote_kind;             // ties: 0 v += vote_w * d; 1 v += sgn(vote_w * d) (count)
+    int ties_div;              // ties: 0 Σ agreeing coef (normalize); 1 the agreeing count
+    float den_floor;           // ties, ties_div 0, normalize: > 0: m = num / max(den, den_floor)
+    const uint8_t* keep_mask;  // bit J of model i at byte i * mask_stride + (J >> 3), LSB first
+    int64_t mask_stride;       // bytes between two models' masks (0: one mask for every model)
+    const float* mask_scale;   // [n] kept d_i * mask_scale[i]; nullptr: 1
+    int dare_div;              // DARE: kept d_i = round_to(dtype_i, d_i / dare_den[i])
+    const float* dare_den;     // [n] (dare_div)
 };
 
 struct KernelTable {

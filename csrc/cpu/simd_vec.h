@@ -2,7 +2,8 @@
 //
 // Included inside a variant's namespace (see variant_impl.h). `vf` holds W floats: one zmm
 // (16) with AVX-512, one ymm (8) with AVX2, one xmm (4) in the generic build; every operation
-// is the same IEEE float32 operation per lane on every variant (no FMA: -ffp-contract=off),
+// is the same IEEE float32 operation per lane on every variant (no FMA: -ffp-contract=off; the
+// `fma` piece calls vfma explicitly, one correctly rounded fused operation on every variant),
 // which is why all variants give identical bits. Conversions that the ISA has (F16C) use
 // intrinsics; the generic variant uses exact scalar code that agrees with them bit for bit.
 
@@ -121,6 +122,30 @@ M3K_INLINE uint32_t lane_bits(vi m) {
 #endif
 }
 
+// -1 in lane l iff bit l of bits is set.
+M3K_INLINE vi lanes_of(uint32_t bits) {
+#if M3K_HAVE_AVX512
+    return (vi)_mm512_movm_epi32(__mmask16(bits));
+#else
+    vu one_hot;
+    for (int l = 0; l < W; ++l) one_hot[l] = 1u << l;
+    return (vi)(((vu{} + bits) & one_hot) != 0u);
+#endif
+}
+
+// a * b + c with one rounding (the `fma` piece of docs/KERNEL.md; the only fused operation).
+M3K_INLINE vf vfma(vf a, vf b, vf c) {
+#if M3K_HAVE_AVX512
+    return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif M3K_HAVE_AVX2
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    vf r;
+    for (int l = 0; l < W; ++l) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
+    return r;
+#endif
+}
+
 // ---------------------------------------------------------------- loads (W elements -> vf)
 
 M3K_INLINE vf load_f16_vec(const uint16_t* p) {
@@ -208,6 +233,22 @@ M3K_INLINE void store_vec(void* dst, int dtype, int64_t k, vf y) {
     } else {
         store_f16_vec(static_cast<uint16_t*>(dst) + k, y);
     }
+}
+
+// y rounded to dtype (round to nearest even; fp16: overflow to inf) and back to float32: the
+// value a tensor of that dtype would hold (identity for float32; NaN stays NaN).
+M3K_INLINE vf round_to(int dtype, vf y) {
+    if (dtype == kBF16) {
+        const vu u = (vu)y;
+        const vf r = (vf)(((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) << 16);
+        return vsel(y != y, y, r);
+    }
+    if (dtype == kF16) {
+        alignas(64) uint16_t h[W];
+        store_f16_vec(h, y);
+        return load_f16_vec(h);
+    }
+    return y;
 }
 
 // The first `cnt` (< W) lanes only.

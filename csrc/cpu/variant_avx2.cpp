@@ -1,4 +1,5 @@
-// Kernel variant "avx2": AVX2 + F16C (no FMA: float32 stays unfused).
+// Kernel variant "avx2": AVX2 + F16C + FMA (FMA only where the `fma` piece asks for it: float32
+// stays unfused otherwise, -ffp-contract=off).
 //
 // System headers come first, outside the target region, so nothing from the C/C++ library is
 // compiled with this variant's instruction set; the kernels live in namespace m3k::avx2.
@@ -17,7 +18,7 @@
 #pragma GCC push_options
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positives in the intrinsic headers
-#pragma GCC target("avx2,f16c,bmi,bmi2,popcnt")
+#pragma GCC target("avx2,f16c,fma,bmi,bmi2,popcnt")
 #define M3K_VARIANT avx2
 #define M3K_HAVE_AVX2 1
 #define M3K_HAVE_F16C 1

@@ -51,6 +51,8 @@ struct ModelPlan {
                // trim_min <= bits(|d|) <= trim_max
     uint32_t trim_min;
     uint32_t trim_max;
+    int div;  // dare_div: a kept d is d / dare_den rounded to the input dtype
+    float dare_den;
     PhiloxKeys key;
 };
 
@@ -58,6 +60,8 @@ static void make_plan(const TensorArgs& a, int i, ModelPlan& p) {
     p.dare = 0;
     p.dare_le = 0;
     p.dare_scale = a.dare_scale[i];
+    p.div = a.dare_div && a.dare_den && a.dare[i];
+    p.dare_den = a.dare_den ? a.dare_den[i] : 1.0f;
     if (a.dare[i]) {
         const uint64_t thr = a.dare_thr[i];
         if (thr == 0) {
@@ -98,6 +102,13 @@ struct ModelIn {
     float vote_w;
     float unique_scale;  // ram
     const uint32_t* u;
+    // round 2 (read only by the EXT paths): dare_div, the keep mask, ties' agreement weight
+    int div;
+    float dare_den;
+    const uint8_t* mask;  // model i's keep mask (bit J = index_offset + g); nullptr: none
+    int64_t mask_off;     // index_offset
+    float mask_scale;
+    float agree_w;
 };
 
 // Model i's inputs for one block (u: its Philox words; trim = false in stage A).
@@ -113,7 +124,27 @@ static inline ModelIn model_in(const TensorArgs& a, const ModelPlan& p, int i, c
                    a.coef[i],
                    a.vote_w[i],
                    a.unique_scale ? a.unique_scale[i] : 1.0f,
-                   u};
+                   u,
+                   p.div,
+                   p.dare_den,
+                   a.keep_mask ? a.keep_mask + size_t(i) * size_t(a.mask_stride) : nullptr,
+                   a.index_offset,
+                   a.mask_scale ? a.mask_scale[i] : 1.0f,
+                   a.agree_w ? a.agree_w[i] : 1.0f};
+}
+
+// True when model_delta must run its round-2 steps (the keep mask, dare_div) for this model.
+static inline bool model_ext(const ModelIn& m) {
+    return m.mask != nullptr || m.div;
+}
+
+// True when any model of the tensor needs the round-2 steps of model_delta.
+static inline bool tensor_ext(const TensorArgs& a) {
+    if (a.keep_mask) return true;
+    if (!a.dare_div || !a.dare_den) return false;
+    for (int i = 0; i < a.n; ++i)
+        if (a.dare[i]) return true;
+    return false;
 }
 
 // ---------------------------------------------------------------- per-thread scratch
@@ -171,21 +202,53 @@ M3K_INLINE vu dare_words(const ModelIn& m, int64_t k, int rem) {
     return uu;
 }
 
+// The keep-mask bits of flat indices J .. J + W - 1 (J = mask_off + g; lanes past rem are 0):
+// bit J at byte J >> 3, LSB first; only the bytes of the lanes in use are read.
+template <bool PARTIAL>
+M3K_INLINE vi mask_lanes(const ModelIn& m, int64_t g, int rem) {
+    const int64_t J = m.mask_off + g;
+    const int64_t b0 = J >> 3, b1 = (J + (PARTIAL ? rem : W) - 1) >> 3;
+    uint64_t word = 0;
+    for (int64_t q = b0; q <= b1; ++q) word |= uint64_t(m.mask[q]) << (8 * (q - b0));
+    uint32_t bits = uint32_t(word >> (J & 7));
+    bits &= PARTIAL ? (1u << rem) - 1u : uint32_t((uint64_t(1) << W) - 1u);
+    return lanes_of(bits);
+}
+
 // d_i = f32(x_i) - b, the DARE drop and rescale, and the magnitude trim (m.trim = 0 in stage A)
-// for elements [g, g + W) of the tensor; k is g's position in the block (Philox words).
-template <bool PARTIAL, int DT = -1>
+// for elements [g, g + W) of the tensor; k is g's position in the block (Philox words). EXT
+// adds the round-2 steps: dare_div (a kept d divided by dare_den, rounded to the input dtype)
+// and the keep mask (right after the DARE step, before the trim); without EXT they are absent.
+template <bool PARTIAL, int DT = -1, bool EXT = false>
 M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b) {
     if (m.dare == 2 || m.trim == 2) return vf{};
     const int dtype = DT >= 0 ? DT : m.dtype;
     const vf x = PARTIAL ? load_vec_partial(m.src, dtype, g, rem) : load_vec(m.src, dtype, g);
     vf d = x - b;
-    if (m.dare == 1) d = vsel(dare_words<PARTIAL>(m, k, rem) <= m.dare_le, d * vsplat(m.dare_scale), vf{});
+    if (m.dare == 1) {
+        const vi keep = dare_words<PARTIAL>(m, k, rem) <= m.dare_le;
+        if (EXT && m.div)
+            d = vsel(keep, round_to(dtype, d / vsplat(m.dare_den)), vf{});
+        else
+            d = vsel(keep, d * vsplat(m.dare_scale), vf{});
+    }
+    if (EXT && m.mask) d = vsel(mask_lanes<PARTIAL>(m, g, rem), d * vsplat(m.mask_scale), vf{});
     if (m.trim == 1) d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
     if (m.trim == 3) {
         const vu ab = (vu)d & 0x7fffffffu;
         d = vsel((ab >= m.trim_min) & (ab <= m.trim_max), d, vf{});
     }
     return d;
+}
+
+// True when the TIES combine needs one of the round-2 variants (agree_w, vote_kind, ties_div,
+// den_floor): ties_combine_ext instead of ties_combine.
+static inline bool ties_ext(const TensorArgs& a) {
+    if (a.combine != kTies) return false;
+    if (a.vote_kind != 0 || a.ties_div != 0 || (a.normalize && a.den_floor > 0.0f)) return true;
+    for (int i = 0; a.agree_w && i < a.n; ++i)
+        if (a.agree_w[i] != 1.0f) return true;
+    return false;
 }
 
 // The per-tensor scalars, copied like ModelIn.
@@ -205,11 +268,19 @@ struct TensorIn {
     int64_t index_offset;
     float clip_t;
     float ram_eps;
+    // round 2: the TIES variants (ties_combine_ext)
+    int vote_kind;
+    int ties_div;
+    float den_floor;
+    int ties_ext;  // ties_ext(a): the TIES variants are in use
+    int fma;       // sum / mean: fused multiply-add
 };
 
 static inline TensorIn tensor_in(const TensorArgs& a, const float* gct = nullptr) {
-    return TensorIn{a.base,       a.base_dtype, a.has_base, a.combine, a.normalize,    a.lam,    a.mean_den,
-                    a.coef_group, a.row_len,    a.groups,   gct,       a.index_offset, a.clip_t, a.ram_eps};
+    return TensorIn{a.base,       a.base_dtype, a.has_base,  a.combine,  a.normalize, a.lam,
+                    a.mean_den,   a.coef_group, a.row_len,   a.groups,   gct,         a.index_offset,
+                    a.clip_t,     a.ram_eps,    a.vote_kind, a.ties_div, a.den_floor, ties_ext(a) ? 1 : 0,
+                    a.fma ? 1 : 0};
 }
 
 // Base of elements [g, g + W) (zeros without a base; rem lanes when PARTIAL).
@@ -291,14 +362,72 @@ M3K_INLINE vf ties_combine(const TensorIn& t, const ModelIn* mi, const vf* dv, i
     return t.normalize ? vsel(den != vf{}, num / den, vf{}) : num;
 }
 
+// sgn(x): 1, -1 or 0 (NaN: 0), as float32.
+M3K_INLINE vf vsgn(vf x) {
+    return vsel(x > vf{}, vsplat(1.0f), vsel(x < vf{}, vsplat(-1.0f), vf{}));
+}
+
+// TIES with the round-2 variants (docs/KERNEL.md combine 2): the vote by weighted sum (vote_kind
+// 0) or by count (1: Σ sgn(vote_w·d)); agreement by the sign of agree_w·d; the disjoint sum divided
+// by Σ agreeing coef (ties_div 0; den_floor > 0: by max(den, den_floor)) or by the agreeing count
+// (ties_div 1: non-agreeing terms multiplied by 0, so an inf / NaN one still poisons num).
+M3K_INLINE vf ties_combine_ext(const TensorIn& t, const ModelIn* mi, const vf* dv, int n) {
+    vf vote = vf{};
+    if (t.vote_kind == 0) {
+        for (int i = 0; i < n; ++i) vote = vote + vsplat(mi[i].vote_w) * dv[i];
+    } else {
+        for (int i = 0; i < n; ++i) vote = vote + vsgn(vsplat(mi[i].vote_w) * dv[i]);
+    }
+    const vi pos = vote >= vf{};
+    vf num = vf{};
+    if (t.ties_div == 1) {
+        const vf want = vsel(pos, vsplat(1.0f), vsplat(-1.0f));
+        vf cnt = vf{};
+        for (int i = 0; i < n; ++i) {
+            const vf d = dv[i];
+            const vi agree = vsgn(vsplat(mi[i].agree_w) * d) == want;
+            const vf one = vsel(agree, vsplat(1.0f), vf{});
+            num = num + (vsplat(mi[i].coef) * d) * one;
+            cnt = cnt + one;
+        }
+        const vf c1 = vsplat(1.0f);
+        return num / vsel(cnt < c1, c1, cnt);
+    }
+    vf den = vf{};
+    for (int i = 0; i < n; ++i) {
+        const vf d = dv[i];
+        const vf e = vsplat(mi[i].agree_w) * d;
+        const vf c = vsplat(mi[i].coef);
+        const vi agree = (e != vf{}) & ((e > vf{}) == pos);
+        num = vsel(agree, num + c * d, num);
+        den = vsel(agree, den + c, den);
+    }
+    if (!t.normalize) return num;
+    if (t.den_floor > 0.0f) {
+        const vf fl = vsplat(t.den_floor);
+        return num / vsel(den < fl, fl, den);
+    }
+    return vsel(den != vf{}, num / den, vf{});
+}
+
 // Combine classes of merge_vec (compile time): 0 sum / mean / ties (p.combine at run time), 1 sum /
-// mean with group coefficients, 2 nearswap, 3 ram.
-enum CombineClass : int { kCbPlain = 0, kCbGroup = 1, kCbNearswap = 2, kCbRam = 3 };
+// mean with group coefficients, 2 nearswap, 3 ram; round 2: 4 and 5 are 0 and 1 with the fused
+// multiply-add (sum / mean only), 6 ties with its variants (ties_combine_ext).
+enum CombineClass : int {
+    kCbPlain = 0,
+    kCbGroup = 1,
+    kCbNearswap = 2,
+    kCbRam = 3,
+    kCbPlainFma = 4,
+    kCbGroupFma = 5,
+    kCbTiesExt = 6
+};
 
 // Stage B for elements [g, g + W): combine, scale, add, round, store. NM > 0 fixes the number
 // of models at compile time (loops unrolled, deltas in registers); NM = 0 reads it from n.
 // DT >= 0: base, every model and the output have that dtype (no per-vector dtype branches).
-template <int NM, int DT, bool PARTIAL, int CB = kCbPlain>
+// EXT: model_delta with the keep mask and dare_div.
+template <int NM, int DT, bool PARTIAL, int CB = kCbPlain, bool EXT = false>
 M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
                           void* out, int out_dtype, const GroupPos& gp) {
     if (NM > 0) n = NM;
@@ -321,7 +450,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         const vf eps = vsplat(t.ram_eps);
         vf c = vf{};
         for (int i = 0; i < n; ++i) {
-            dv[i] = model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
+            dv[i] = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
             c = c + vsel(vabs(dv[i]) > eps, vsplat(1.0f), vf{});
         }
         const vi unique = c == vsplat(1.0f);
@@ -332,23 +461,33 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
             acc = vsel(vabs(d) > eps, acc + term, acc);
         }
         y0 = b + vsplat(t.lam) * acc;
-    } else if (CB == kCbGroup) {
+    } else if (CB == kCbGroup || CB == kCbGroupFma) {
         vf acc = vf{};
-        for (int i = 0; i < n; ++i)
-            acc =
-                acc + group_coef_vec<PARTIAL>(t, gp, i, rem) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
+        for (int i = 0; i < n; ++i) {
+            const vf c = group_coef_vec<PARTIAL>(t, gp, i, rem);
+            const vf d = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
+            acc = CB == kCbGroupFma ? vfma(c, d, acc) : acc + c * d;
+        }
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
         y0 = b + vsplat(t.lam) * m;
+    } else if (CB == kCbTiesExt) {
+        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
+        m = ties_combine_ext(t, mi, dv, n);
+    } else if (CB == kCbPlainFma) {
+        vf acc = vf{};
+        for (int i = 0; i < n; ++i)
+            acc = vfma(vsplat(mi[i].coef), model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b), acc);
+        m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else if (t.combine != kTies) {
         vf acc = vf{};
         for (int i = 0; i < n; ++i)
-            acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
+            acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
-        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT>(mi[i], g, k, rem, b);
+        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
         m = ties_combine(t, mi, dv, n);
     }
-    if (CB == kCbPlain) y0 = b + vsplat(t.lam) * m;
+    if (CB == kCbPlain || CB == kCbPlainFma || CB == kCbTiesExt) y0 = b + vsplat(t.lam) * m;
     const vf y = vsel(y0 != y0, vsplat(__builtin_nanf("")), y0);  // one canonical NaN (KERNEL.md)
     if (PARTIAL)
         store_vec_partial(out, out_dtype, g, rem, y);
@@ -357,7 +496,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
 }
 
 // One block of stage B: elements [start, start + cnt).
-template <int NM, int DT, int CB>
+template <int NM, int DT, int CB, bool EXT>
 static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float* gct, int64_t start,
                         int64_t cnt, Scratch& s, void* out, int out_dtype) {
     block_philox(a, plans, start, cnt, s);
@@ -369,7 +508,8 @@ static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float
     vf dv_local[NM > 0 ? NM : 1];
     vf* dv = NM > 0 ? dv_local : s.dv;
     const int64_t full = cnt / W * W;
-    if (CB == kCbGroup && t.coef_group == kGroupRow) {
+    if ((CB == kCbGroup || CB == kCbGroupFma) && t.coef_group == kGroupRow) {
+        constexpr int CP = CB == kCbGroupFma ? kCbPlainFma : kCbPlain;
         // a block inside one row (the usual case): its coefficients are constants, the plain loop
         const int64_t J = a.index_offset + start;
         const int64_t row = J / t.row_len;
@@ -377,20 +517,22 @@ static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float
             for (int i = 0; i < n; ++i) mi[i].coef = gct[size_t(i) * size_t(t.groups) + size_t(row)];
             const GroupPos none{0, 0};
             for (int64_t k = 0; k < full; k += W)
-                merge_vec<NM, DT, false, kCbPlain>(t, mi, n, dv, start + k, k, W, out, out_dtype, none);
+                merge_vec<NM, DT, false, CP, EXT>(t, mi, n, dv, start + k, k, W, out, out_dtype, none);
             if (full < cnt)
-                merge_vec<NM, DT, true, kCbPlain>(t, mi, n, dv, start + full, full, int(cnt - full), out,
-                                                  out_dtype, none);
+                merge_vec<NM, DT, true, CP, EXT>(t, mi, n, dv, start + full, full, int(cnt - full), out,
+                                                 out_dtype, none);
             return;
         }
     }
-    GroupPos gp = CB == kCbGroup ? group_pos(t, a.index_offset + start) : GroupPos{0, 0};
+    constexpr bool grouped = CB == kCbGroup || CB == kCbGroupFma;
+    GroupPos gp = grouped ? group_pos(t, a.index_offset + start) : GroupPos{0, 0};
     for (int64_t k = 0; k < full; k += W) {
-        merge_vec<NM, DT, false, CB>(t, mi, n, dv, start + k, k, W, out, out_dtype, gp);
-        if (CB == kCbGroup) group_advance(t, gp, W);
+        merge_vec<NM, DT, false, CB, EXT>(t, mi, n, dv, start + k, k, W, out, out_dtype, gp);
+        if (grouped) group_advance(t, gp, W);
     }
     if (full < cnt)
-        merge_vec<NM, DT, true, CB>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype, gp);
+        merge_vec<NM, DT, true, CB, EXT>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype,
+                                         gp);
 }
 
 // ---------------------------------------------------------------- stage B
@@ -403,29 +545,58 @@ static void merge_block_ties(const TensorArgs& a, const ModelPlan* plans, const 
 typedef void (*MergeBlockFn)(const TensorArgs&, const ModelPlan*, const float*, int64_t, int64_t, Scratch&,
                              void*, int);
 
-template <int DT, int CB>
+template <int DT, int CB, bool EXT>
 static MergeBlockFn pick_merge_block_nc(int n) {
     switch (n) {
         case 1:
-            return merge_block<1, DT, CB>;
+            return merge_block<1, DT, CB, EXT>;
         case 2:
-            return merge_block<2, DT, CB>;
+            return merge_block<2, DT, CB, EXT>;
         case 3:
-            return merge_block<3, DT, CB>;
+            return merge_block<3, DT, CB, EXT>;
         case 4:
-            return merge_block<4, DT, CB>;
+            return merge_block<4, DT, CB, EXT>;
         default:
-            return merge_block<0, DT, CB>;
+            return merge_block<0, DT, CB, EXT>;
+    }
+}
+
+// The combine class (kCb*) of a tensor.
+static int combine_class(const TensorArgs& a) {
+    const bool fma = a.fma && (a.combine == kSum || a.combine == kMean);
+    if (a.combine == kRam) return kCbRam;
+    if (a.coef_group != kGroupNone) return fma ? kCbGroupFma : kCbGroup;
+    if (ties_ext(a)) return kCbTiesExt;
+    return fma ? kCbPlainFma : kCbPlain;
+}
+
+// With EXT (keep mask, dare_div) only the sum / mean / ties classes get the unrolled model counts
+// (the masked methods' bandwidth path); ram and group coefficients with a mask run the any-N loop.
+template <int DT, bool EXT>
+static MergeBlockFn pick_merge_block_cb(const TensorArgs& a) {
+    switch (combine_class(a)) {
+        case kCbRam:
+            return EXT ? merge_block<0, DT, kCbRam, EXT> : pick_merge_block_nc<DT, kCbRam, EXT>(a.n);
+        case kCbGroup:
+            return EXT ? merge_block<0, DT, kCbGroup, EXT> : pick_merge_block_nc<DT, kCbGroup, EXT>(a.n);
+        case kCbGroupFma:
+            return EXT ? merge_block<0, DT, kCbGroupFma, EXT>
+                       : pick_merge_block_nc<DT, kCbGroupFma, EXT>(a.n);
+        case kCbTiesExt:
+            return pick_merge_block_nc<DT, kCbTiesExt, EXT>(a.n);
+        case kCbPlainFma:
+            return pick_merge_block_nc<DT, kCbPlainFma, EXT>(a.n);
+        default:
+            return pick_merge_block_nc<DT, kCbPlain, EXT>(a.n);
     }
 }
 
 template <int DT>
 static MergeBlockFn pick_merge_block_n(const TensorArgs& a) {
     if (a.tie_keep || a.tie_skip) return merge_block_ties<DT>;  // exact-k ties (sum / mean / ties only)
-    if (a.combine == kNearswap) return merge_block<1, DT, kCbNearswap>;  // n == 1 (checked by the caller)
-    if (a.combine == kRam) return pick_merge_block_nc<DT, kCbRam>(a.n);
-    if (a.coef_group != kGroupNone) return pick_merge_block_nc<DT, kCbGroup>(a.n);
-    return pick_merge_block_nc<DT, kCbPlain>(a.n);
+    if (a.combine == kNearswap)
+        return merge_block<1, DT, kCbNearswap, false>;  // n == 1 (checked by the caller); no DARE, trim, mask
+    return tensor_ext(a) ? pick_merge_block_cb<DT, true>(a) : pick_merge_block_cb<DT, false>(a);
 }
 
 // Models unrolled at compile time for N <= 4 (the common merges; any N through NM = 0), and
@@ -513,8 +684,8 @@ static bool ram_counts(const TensorArgs& a, int64_t* shared, int64_t* unique) {
                 const vf b = rem == W ? base_vec<false>(t, start + k, W) : base_vec<true>(t, start + k, rem);
                 vf c = vf{};
                 for (int i = 0; i < n; ++i) {
-                    s.dv[i] = rem == W ? model_delta<false>(s.mi[i], start + k, k, W, b)
-                                       : model_delta<true>(s.mi[i], start + k, k, rem, b);
+                    s.dv[i] = rem == W ? model_delta<false, -1, true>(s.mi[i], start + k, k, W, b)
+                                       : model_delta<true, -1, true>(s.mi[i], start + k, k, rem, b);
                     c = c + vsel(vabs(s.dv[i]) > eps, vsplat(1.0f), vf{});
                 }
                 const uint32_t one = lane_bits(c == vsplat(1.0f));
@@ -542,20 +713,31 @@ static bool ram_counts(const TensorArgs& a, int64_t* shared, int64_t* unique) {
 // ---------------------------------------------------------------- stage A: histograms
 
 // bits(|d'|) of one model for the block's elements (d' = delta after the DARE step, no trim).
-static void block_keys(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt,
-                       uint32_t* __restrict keys) {
+// (d' includes the round-2 steps of the DARE step, the keep mask and dare_div: EXT, chosen per
+// block and model, so the plain loop stays as it was.)
+template <bool EXT>
+static void block_keys_t(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt,
+                         uint32_t* __restrict keys) {
     int64_t k = 0;
     for (; k + W <= cnt; k += W) {
         const vf b = base_vec<false>(t, start + k, W);
-        const vu ab = (vu)model_delta<false>(m, start + k, k, W, b) & 0x7fffffffu;
+        const vu ab = (vu)model_delta<false, -1, EXT>(m, start + k, k, W, b) & 0x7fffffffu;
         __builtin_memcpy(keys + k, &ab, sizeof(ab));
     }
     if (k < cnt) {
         const int rem = int(cnt - k);
         const vf b = base_vec<true>(t, start + k, rem);
-        const vu ab = (vu)model_delta<true>(m, start + k, k, rem, b) & 0x7fffffffu;
+        const vu ab = (vu)model_delta<true, -1, EXT>(m, start + k, k, rem, b) & 0x7fffffffu;
         for (int l = 0; l < rem; ++l) keys[k + l] = ab[l];
     }
+}
+
+static void block_keys(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt,
+                       uint32_t* __restrict keys) {
+    if (model_ext(m))
+        block_keys_t<true>(t, m, start, cnt, keys);
+    else
+        block_keys_t<false>(t, m, start, cnt, keys);
 }
 
 // Pass 1: count the high 16 bits of bits(|d'|) into the kHistCopies copies of h (round robin).
@@ -588,18 +770,27 @@ M3K_INLINE void count_low_vec(vf d, int rem, uint32_t pre, uint32_t* __restrict 
     }
 }
 
-static void block_count_low(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt, uint32_t pre,
-                            uint32_t* __restrict h) {
+template <bool EXT>
+static void block_count_low_t(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt, uint32_t pre,
+                              uint32_t* __restrict h) {
     int64_t k = 0;
     for (; k + W <= cnt; k += W) {
         const vf b = base_vec<false>(t, start + k, W);
-        count_low_vec<false>(model_delta<false>(m, start + k, k, W, b), W, pre, h);
+        count_low_vec<false>(model_delta<false, -1, EXT>(m, start + k, k, W, b), W, pre, h);
     }
     if (k < cnt) {
         const int rem = int(cnt - k);
         const vf b = base_vec<true>(t, start + k, rem);
-        count_low_vec<true>(model_delta<true>(m, start + k, k, rem, b), rem, pre, h);
+        count_low_vec<true>(model_delta<true, -1, EXT>(m, start + k, k, rem, b), rem, pre, h);
     }
+}
+
+static void block_count_low(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt, uint32_t pre,
+                            uint32_t* __restrict h) {
+    if (model_ext(m))
+        block_count_low_t<true>(t, m, start, cnt, pre, h);
+    else
+        block_count_low_t<false>(t, m, start, cnt, pre, h);
 }
 
 template <bool PASS2>
@@ -770,6 +961,7 @@ M3K_INLINE int bracket_vec(vf d, int rem, const BracketIn& br, uint32_t& above, 
 #endif
 }
 
+template <bool EXT>
 static void block_bracket(const TensorIn& t, const ModelIn& m, int64_t start, int64_t cnt,
                           const BracketIn& br, uint32_t& above, uint32_t* __restrict buf,
                           uint32_t* __restrict range, uint32_t* __restrict fine) {
@@ -777,12 +969,12 @@ static void block_bracket(const TensorIn& t, const ModelIn& m, int64_t start, in
     int c = 0;
     for (; k + W <= cnt; k += W) {
         const vf b = base_vec<false>(t, start + k, W);
-        c += bracket_vec<false>(model_delta<false>(m, start + k, k, W, b), W, br, above, buf + c);
+        c += bracket_vec<false>(model_delta<false, -1, EXT>(m, start + k, k, W, b), W, br, above, buf + c);
     }
     if (k < cnt) {
         const int rem = int(cnt - k);
         const vf b = base_vec<true>(t, start + k, rem);
-        c += bracket_vec<true>(model_delta<true>(m, start + k, k, rem, b), rem, br, above, buf + c);
+        c += bracket_vec<true>(model_delta<true, -1, EXT>(m, start + k, k, rem, b), rem, br, above, buf + c);
     }
     const size_t span = br.span;
     for (int j = 0; j < c; ++j) {
@@ -822,8 +1014,12 @@ static void bracket_range(const TensorArgs& a, const ModelPlan* plans, const Bra
                 if (br[i].span == 0) continue;
                 const ModelIn m = model_in(a, plans[i], i, s.uptr[i], false);
                 uint32_t cnt_up = 0;
-                block_bracket(t, m, start, cnt, br[i], cnt_up, s.keys, h + roff[i] * kHistCopies,
-                              h + copies_total + size_t(i) * rows);
+                if (model_ext(m))
+                    block_bracket<true>(t, m, start, cnt, br[i], cnt_up, s.keys, h + roff[i] * kHistCopies,
+                                        h + copies_total + size_t(i) * rows);
+                else
+                    block_bracket<false>(t, m, start, cnt, br[i], cnt_up, s.keys, h + roff[i] * kHistCopies,
+                                         h + copies_total + size_t(i) * rows);
                 up[i] += cnt_up;
             }
         }

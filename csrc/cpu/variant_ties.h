@@ -31,20 +31,13 @@ M3K_INLINE uint32_t lowest_bits(uint32_t bits, int64_t k) {
     return r;
 }
 
-// -1 in lane l iff bit l of bits is set.
-M3K_INLINE vi lanes_of(uint32_t bits) {
-    vu one_hot;
-    for (int l = 0; l < W; ++l) one_hot[l] = 1u << l;
-    return (vi)(((vu{} + bits) & one_hot) != 0u);
-}
-
 // d_i of docs/KERNEL.md with the exact-k tie rule at its thresholds (lanes past rem ignored).
 template <bool PARTIAL, int DT>
 M3K_INLINE vf model_delta_ties(const ModelIn& m, const ModelPlan& p, TieState& ts, int64_t g, int64_t k,
                                int rem, vf b) {
-    const vf dz = model_delta<PARTIAL, DT>(ModelIn{m.src, m.dtype, m.dare, 0, m.dare_le, 0, 0, m.dare_scale,
-                                                   m.coef, m.vote_w, m.unique_scale, m.u},
-                                           g, k, rem, b);  // d' (DARE, no trim)
+    ModelIn m0 = m;
+    m0.trim = 0;
+    const vf dz = model_delta<PARTIAL, DT, true>(m0, g, k, rem, b);  // d' (DARE, keep mask; no trim)
     if (p.trim == 2) return vf{};
     const uint32_t lanes = PARTIAL ? (1u << rem) - 1u : uint32_t((uint64_t(1) << W) - 1u);
     const vu key = (vu)dz & 0x7fffffffu;
@@ -70,10 +63,14 @@ M3K_INLINE void merge_vec_ties(const TensorIn& t, const ModelIn* mi, const Model
     vf m;
     if (t.combine != kTies) {
         vf acc = vf{};
-        for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * dv[i];
+        if (t.fma) {
+            for (int i = 0; i < n; ++i) acc = vfma(vsplat(mi[i].coef), dv[i], acc);
+        } else {
+            for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * dv[i];
+        }
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
-        m = ties_combine(t, mi, dv, n);
+        m = t.ties_ext ? ties_combine_ext(t, mi, dv, n) : ties_combine(t, mi, dv, n);
     }
     const vf y0 = b + vsplat(t.lam) * m;
     const vf y = vsel(y0 != y0, vsplat(__builtin_nanf("")), y0);

@@ -155,7 +155,8 @@ def _sum_params(n: int, w, *, density=None, seed=0, name="", rescale=True):
         recipe = make_recipe(
             n, method="dare_linear", has_base=True, weights=w, density=density, seed=seed, rescale=rescale
         )
-    return make_params(recipe, name, has_base=False)
+    # PEFT multiplies and sums in separate roundings: no fused multiply-add (linear's recipe has it)
+    return make_params(recipe, name, has_base=False).with_fields(fma=False)
 
 
 def _one_model(p, i: int):
@@ -312,7 +313,8 @@ def _ties_by_count(tensors, weights, p, keeps) -> torch.Tensor:
     ones = np.ones(n, np.float32)
     w = np.asarray(weights.tolist(), np.float32)
     num = _kernel_sum(
-        _with_fields(p, combine=COMBINE_CODES[TIES], normalize=False, vote_w=ones, coef=w), tensors
+        _with_fields(p, combine=COMBINE_CODES[TIES], normalize=False, vote_w=ones, agree_w=ones, coef=w),
+        tensors,
     )
     v = _kernel_sum(_with_fields(p, combine=COMBINE_CODES[SUM], coef=ones, vote_w=ones), tensors)
     sign = torch.where(v >= 0, 1.0, -1.0)  # S of the vote (v = -0 counts as +, as in PEFT)

@@ -35,6 +35,8 @@ TRIM_MAX_ALL = 0xFFFFFFFF  # trim_max keeping every element (bits(|d|) <= 0x7FFF
 GRAM_CHUNK = 1 << 16  # Gram matrices: positions per chunk ...
 GRAM_LANES = 16  # ... and float64 lanes per chunk (docs/KERNEL.md)
 TIE_BLOCK = 1024  # exact-k ties: flat indices per tie block (the prefixes' granularity)
+VOTE_SUM, VOTE_COUNT = 0, 1  # KernelParams.vote_kind
+TIES_DIV_WEIGHTS, TIES_DIV_COUNT = 0, 1  # KernelParams.ties_div
 HIST_BINS = 1 << 16
 
 
@@ -54,6 +56,10 @@ _ARRAY_DTYPES = {
     "tie_skip": np.int64,
     "tie_prefix_min": np.int64,
     "tie_prefix_max": np.int64,
+    "agree_w": np.float32,
+    "keep_mask": np.uint8,
+    "mask_scale": np.float32,
+    "dare_den": np.float32,
 }
 
 
@@ -99,6 +105,17 @@ class KernelParams:
     tie_prefix_max: np.ndarray = field(
         default=None
     )  # int64[n * blocks] keys == trim_max before each tie block
+    # round 2 (docs/KERNEL.md "Round-2 pieces"); the defaults leave the program above unchanged
+    fma: bool = False  # sum / mean: m = fmaf(coef_i, d_i, m), one rounding (mergekit's linear)
+    agree_w: np.ndarray = field(default=None)  # float32[n] ties: agree by sign(agree_w_i·d_i) (None: 1)
+    vote_kind: int = VOTE_SUM  # ties: 0 v += vote_w·d, 1 v += sgn(vote_w·d) (count)
+    ties_div: int = TIES_DIV_WEIGHTS  # ties: 0 Σ agreeing coef (normalize), 1 the agreeing count
+    den_floor: float = 0.0  # float32 ties (ties_div 0, normalize): > 0: num / max(den, den_floor)
+    keep_mask: np.ndarray = field(default=None)  # uint8 bits (LSB first) of flat index J; None: keep all
+    mask_stride: int = 0  # bytes between two models' masks (0: one mask shared by every model)
+    mask_scale: np.ndarray = field(default=None)  # float32[n] kept d_i times mask_scale[i] (None: 1)
+    dare_div: bool = False  # DARE: kept d_i = round_to(dtype_i, d_i / dare_den[i]) instead of d·scale
+    dare_den: np.ndarray = field(default=None)  # float32[n] (dare_div)
 
     def with_trim(self, trim_min: Sequence[int], trim_max: Sequence[int] | None = None) -> KernelParams:
         """A copy with trim thresholds ``trim_min`` (and, if given, the window's ``trim_max``)."""
@@ -140,6 +157,7 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
             if recipe.rescale == "density":
                 scale[i] = f32(1.0 / d) if d > 0 else 0.0
     coefs = recipe.coefs
+    weights = np.asarray(recipe.weights, np.float32)
     return KernelParams(
         n=n,
         has_base=bool(has_base and recipe.uses_base),
@@ -147,7 +165,7 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
         normalize=recipe.normalize,
         lam=f32(recipe.lambda_),
         mean_den=float32_sum(coefs),
-        vote_w=np.asarray(recipe.weights, np.float32),
+        vote_w=weights,
         coef=np.asarray(coefs, np.float32),
         dare=dare,
         key0=key0,
@@ -157,7 +175,18 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
         trim_min=np.zeros(n, np.uint64),
         trim_max=np.full(n, TRIM_MAX_ALL, np.uint64),
         unique_scale=np.ones(n, np.float32),
+        # mergekit's TIES: model i agrees where sign(w_i·δ_i) is the elected sign (= sign(δ_i) for w_i > 0)
+        agree_w=weights.copy(),
+        fma=bool(getattr(recipe, "fma", False)),
     )
+
+
+def pack_mask(keep) -> np.ndarray:
+    """uint8 bytes of a boolean keep mask over flat indices (``KernelParams.keep_mask``: bit J at
+    byte J >> 3, least significant bit first, ``np.packbits(bitorder="little")``). ``keep`` of
+    shape (n, numel) packs one mask per model (``mask_stride`` = the returned row length)."""
+    k = np.asarray(keep, dtype=bool)
+    return np.packbits(k, axis=-1, bitorder="little")
 
 
 def tie_prefixes(counts) -> np.ndarray:
@@ -195,6 +224,11 @@ __all__ = [
     "GRAM_CHUNK",
     "GRAM_LANES",
     "TIE_BLOCK",
+    "VOTE_SUM",
+    "VOTE_COUNT",
+    "TIES_DIV_WEIGHTS",
+    "TIES_DIV_COUNT",
+    "pack_mask",
     "tie_prefixes",
     "HIST_BINS",
     "f32",

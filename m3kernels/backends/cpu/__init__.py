@@ -16,9 +16,24 @@ import torch
 from m3kernels.backends.tensor_args import pointer_and_code
 from m3kernels.merge.kernel_params import DTYPE_CODES, HIST_BINS, KernelParams
 
-# The issue-8 pieces of docs/KERNEL.md this backend implements (METHODS checks these names).
+# The issue-8 and round-2 pieces of docs/KERNEL.md this backend implements (METHODS checks these names).
 FEATURES: frozenset[str] = frozenset(
-    {"gram", "trim_max", "group_coef", "nearswap", "ram", "ram_counts", "trim_ties_k"}
+    {
+        "gram",
+        "trim_max",
+        "group_coef",
+        "nearswap",
+        "ram",
+        "ram_counts",
+        "trim_ties_k",
+        "keep_mask",
+        "den_floor",
+        "agree_w",
+        "fma",
+        "vote_count",
+        "ties_div_count",
+        "dare_div",
+    }
 )
 
 try:
