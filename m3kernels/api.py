@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from m3kernels.backends import get_backend
+from m3kernels.merge import trim_ties
 from m3kernels.merge.finite import finite_l1_sums, report_non_finite
 from m3kernels.merge.job import MergeJob
 from m3kernels.merge.kernel_params import DTYPE_CODES, TRIM_KEEP_ALL, TRIM_KEEP_NONE, f32, make_params, trim_k
@@ -128,7 +129,16 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
     if recipe.trim_density is not None:
         ks = None
         if trim_bits is not None:
+            if trim_ties.exact(recipe):
+                raise ValueError("thresholds: given thresholds (whole-model trim) do not take trim_ties 'k'")
             p = p.with_trim(trim_bits)
+        elif trim_ties.exact(recipe):  # exactly k per model, ties by the lowest flat index
+            from m3kernels.merge.methods import require
+
+            require(backend, recipe.method, "trim_ties_k")
+            numel = models[0].numel()
+            ks = [trim_k(d, numel) for d in recipe.trim_density]
+            p = trim_ties.top_k_params(p, b, models, backend, ks, numel)
         else:
             numel = models[0].numel()
             ks = [trim_k(d, numel) for d in recipe.trim_density]
@@ -208,6 +218,7 @@ def merge_tensors(
     nuslerp_row_wise=None,
     filter_wise=None,
     select_topk=None,
+    trim_ties=None,
 ) -> torch.Tensor:
     """Merge one tensor of N fine-tuned models (and an optional base) by ``method``.
 
@@ -288,6 +299,9 @@ def merge_tensors(
         select_topk: ``sce``: the fraction of the elements with nonzero variance over the models
             that is kept (default 1.0: no select; <= 0 keeps nothing; exactly k, ties by lowest
             flat index). ``sce`` and ``arcee_fusion`` take no weights.
+        trim_ties: ``ties``, ``ties_dare``, ``breadcrumbs*``: ``"all"`` (default: every element
+            tied with a trim threshold is kept) or ``"k"`` (exactly k kept per model, ties broken
+            by the lowest flat index; the same on every backend whose FEATURES have trim_ties_k).
 
     Returns:
         ``out`` (allocated when not given) holding the merged tensor.
@@ -329,6 +343,7 @@ def merge_tensors(
         nuslerp_row_wise=nuslerp_row_wise,
         filter_wise=filter_wise,
         select_topk=select_topk,
+        trim_ties=trim_ties,
     )
     if thresholds is not None:
         if recipe.trim_density is None or recipe.family is not None:

@@ -17,7 +17,7 @@ NaN means None (keep all); ``scalars`` has bit 0, 1, 2, 3 set when ``weights``, 
 ``drop_rate``, ``mix_ratios`` were given as a scalar (passed as a one-element list). The
 method-specific parameters (``t``, ``epsilon``, ``gamma``, ``max_iter``, …: whatever other keywords
 the API takes) travel as ``param_names`` (comma-separated) with a kind each (0 float, 1 int, 2 bool, 3 list of
-floats), the list lengths and the values flattened into ``param_values``.
+floats, 4 string: its UTF-8 bytes), the list lengths and the values flattened into ``param_values``.
 :func:`merge_tensors` here has the signature of the API function and does the encoding.
 
 The whole merge, stage A (L1 sums, exact trim thresholds: Python and NumPy on the host) and
@@ -148,7 +148,7 @@ def encode(
     )
 
 
-_FLOAT, _INT, _BOOL, _LIST = 0, 1, 2, 3
+_FLOAT, _INT, _BOOL, _LIST, _STR = 0, 1, 2, 3, 4  # _STR: the UTF-8 bytes as floats (trim_ties)
 
 
 def _encode_params(params: dict) -> tuple:
@@ -157,7 +157,9 @@ def _encode_params(params: dict) -> tuple:
         v = params[key]
         if v is None:
             continue
-        if isinstance(v, bool):
+        if isinstance(v, str):
+            kind, vals = _STR, [float(c) for c in v.encode("utf-8")]
+        elif isinstance(v, bool):
             kind, vals = _BOOL, [float(v)]
         elif isinstance(v, (int, torch.SymInt)):
             kind, vals = _INT, [float(v)]
@@ -183,6 +185,8 @@ def _decode_params(names, kinds, lengths, values) -> dict:
         pos += n
         if kind == _LIST:
             out[key] = vals
+        elif kind == _STR:
+            out[key] = bytes(int(c) for c in vals).decode("utf-8")
         elif n != 1 or kind not in (_FLOAT, _INT, _BOOL):
             raise ValueError(f"{key}: bad encoded parameter (kind {kind}, {n} values)")
         else:

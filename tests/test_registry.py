@@ -63,6 +63,8 @@ def non_default(p: registry.Param):
         return 0.45
     if p.kind == registry.INT:
         return 3
+    if p.kind == registry.CHOICE:
+        return next(c for c in p.choices if c != p.default)
     return 0.8
 
 

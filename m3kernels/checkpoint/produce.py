@@ -257,6 +257,8 @@ def _batch_key(pt: PlannedTensor):
         return None
     if getattr(r, "family", None) is not None:  # its own stage A (m3kernels.merge.methods): alone
         return None
+    if r.get("trim_ties", "all") == "k":  # per-tensor tie prefixes: merge_batch refuses them
+        return None
     return (
         r,
         pt.out_dtype,

@@ -32,6 +32,7 @@ from m3kernels.merge.mixup import (
 from m3kernels.merge.registry import (
     ALIASES,
     BOOL,
+    CHOICE,
     DEFAULT_TRIM_DENSITY,
     FRACTION,
     INT,
@@ -198,6 +199,11 @@ def resolve_sparsity(method: Method, dens: Sequence, drops: Sequence):
 
 def _leaf(p: Param, value, arg: str):
     """One value of parameter ``p`` checked against its kind (ValueError naming ``arg``)."""
+    if p.kind == CHOICE:
+        key = value.strip().lower() if isinstance(value, str) else None
+        if key not in p.choices:
+            raise ValueError(f"{arg} must be one of {', '.join(p.choices)}, got {value!r}")
+        return key
     if p.kind == BOOL:
         if isinstance(value, (bool, np.bool_)):
             return bool(value)

@@ -124,23 +124,28 @@ def reference_merge(
     base, models, recipe: Recipe, name: str = "", thresholds: Sequence[float | None] | None = None
 ):
     """Merge one tensor; returns (float64 result, info dict with thresholds, masks, sign)."""
+    from m3kernels.merge.reference_methods import exact_rank_keep, exact_window_keep
+
     if recipe.family not in (None, "breadcrumbs"):
         from m3kernels.merge.reference_methods import reference_family_merge
 
         return reference_family_merge(base, list(models), recipe, name), {}
     d32, d64, masks = sparsified_deltas(base, models, recipe, name)
+    exact = recipe.get("trim_ties", "all") == "k"  # exactly k kept, ties by the lowest flat index
+    ks = None
     if recipe.family == "breadcrumbs":
         thresholds = [None] * recipe.n
         for i, (dens, gam) in enumerate(zip(recipe.trim_density, recipe.get("gamma"))):
-            keep = window_keep(d32[i], dens, gam)
+            keep = (exact_window_keep if exact else window_keep)(d32[i], dens, gam)
             if keep is not None:
                 d32[i] = torch.where(keep, d32[i], torch.zeros((), dtype=F32))
                 d64[i] = torch.where(keep, d64[i], torch.zeros((), dtype=F64))
     if thresholds is None:
         thresholds = reference_thresholds(base, models, recipe, name)
+        ks = trim_k_values(recipe, d32[0].numel()) if exact else None
     for i, t in enumerate(thresholds):
         if t is not None:
-            keep = trim_keep(d32[i], t)
+            keep = exact_rank_keep(d32[i], 0, ks[i]) if ks is not None else trim_keep(d32[i], t)
             d32[i] = torch.where(keep, d32[i], torch.zeros((), dtype=F32))
             d64[i] = torch.where(keep, d64[i], torch.zeros((), dtype=F64))
     coefs = recipe.coefs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 F32, F64 = torch.float32, torch.float64
@@ -201,6 +202,27 @@ def _model_stock(base, models, recipe):
     return back(t * avg + (1.0 - t) * B)
 
 
+def exact_rank_keep(d32: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    """``trim_ties: k``: the elements of ranks start .. start + count − 1 in the order (bits(|δ|)
+    descending, flat index ascending), by a full sort (NaN above every finite magnitude)."""
+    keys = (d32.reshape(-1).contiguous().view(torch.int32).to(torch.int64) & 0x7FFFFFFF).numpy()
+    order = np.lexsort((np.arange(keys.size), -keys))
+    keep = np.zeros(keys.size, dtype=bool)
+    keep[order[max(start, 0) : max(start, 0) + max(count, 0)]] = True
+    return torch.from_numpy(keep).reshape(d32.shape)
+
+
+def exact_window_keep(d32: torch.Tensor, density: float, gamma: float) -> torch.Tensor | None:
+    """Breadcrumbs' window with ``trim_ties: k``: exactly the ranks D .. D + T − 1 (T = ⌊d·n⌋,
+    G = ⌊γ·n⌋, B = max(0, n − T − G), D = n − B − T); None for density >= 1 (no trim)."""
+    if density >= 1.0:
+        return None
+    n = d32.numel()
+    t = math.floor(density * n) if density > 0 else 0
+    b = max(0, n - t - math.floor(gamma * n))
+    return exact_rank_keep(d32, n - b - t, t)
+
+
 def della_keep(d32: torch.Tensor, density: float, epsilon: float, seed: int, name: str, i: int):
     """DELLA's keep mask of one float32 delta, by a full sort of each line along dim 1 on the key
     (bits(|δ|), flat index) and the whole tensor's Philox words (docs/RANDOMNESS.md, "della")."""
@@ -251,8 +273,9 @@ def _della(base, models, recipe, name):
             vote = vote + torch.tensor(w, dtype=F32) * d  # float32, model order
         pos = vote >= 0
         num, den = torch.zeros_like(b64), torch.zeros_like(b64)
-        for c, a, a64 in zip(coefs, d32, d64):
-            agree = ((a != 0) & ((a > 0) == pos)).to(F64)
+        for w, c, a, a64 in zip(recipe.weights, coefs, d32, d64):
+            e = torch.tensor(w, dtype=F32) * a  # mergekit's agreement: the sign of w_i·δ_i (float32)
+            agree = ((e != 0) & ((e > 0) == pos)).to(F64)
             num, den = num + agree * (c * a64), den + agree * c
         m = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0) if recipe.normalize else num
     else:
@@ -377,4 +400,4 @@ def reference_family_merge(base, models, recipe, name: str = "") -> torch.Tensor
     raise ValueError(f"no family reference for method {m!r}")
 
 
-__all__ = ["reference_family_merge", "ramplus_lambdas", "della_keep"]
+__all__ = ["reference_family_merge", "ramplus_lambdas", "della_keep", "exact_rank_keep", "exact_window_keep"]

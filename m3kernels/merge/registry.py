@@ -32,6 +32,7 @@ SUM, MEAN, TIES, NEARSWAP, RAM = "sum", "mean", "ties", "nearswap", "ram"
 PER_MODEL, MERGE_WIDE = "per-model", "merge-wide"
 # parameter kinds: how a value is checked (config: m3kernels.checkpoint.config._leaf)
 NUMBER, FRACTION, BOOL, RESCALE, INT = "number", "fraction", "bool", "rescale", "int"
+CHOICE = "choice"  # one of the parameter's ``choices`` (trim_ties: all | k)
 MAX_INT_PARAM = 100_000  # the largest value an INT parameter (karcher's max_iter) may take
 # how M³ (Mixup Model Merge) applies to a method
 MIX_WEIGHTS = "weights"  # the ratios multiply the per-model weights
@@ -73,6 +74,7 @@ class Param:
     gradient: bool = True
     config: bool = True
     config_default: Any = None
+    choices: tuple = ()  # the values of a CHOICE parameter
 
     @property
     def range(self) -> str:
@@ -82,6 +84,7 @@ class Param:
             BOOL: "true, false",
             RESCALE: "true, false, l1, density",
             INT: f"integer in [0, {MAX_INT_PARAM}]",
+            CHOICE: ", ".join(self.choices),
         }[self.kind]
 
     @property
@@ -211,6 +214,20 @@ def _trim_density(default) -> Param:
     )
 
 
+def _trim_ties() -> Param:
+    return Param(
+        "trim_ties",
+        "trim_ties",
+        MERGE_WIDE,
+        CHOICE,
+        "all",
+        "elements tied with the trim threshold: all kept (all), or exactly k kept in all, the "
+        "lowest flat index first (k; mergekit keeps k in an unspecified order)",
+        gradient=False,
+        choices=("all", "k"),
+    )
+
+
 def _dare_density() -> Param:
     return Param(
         "density",
@@ -327,6 +344,7 @@ register(
             _normalize(True, _TIES_NORM),
             _lambda(),
             _INT8_MASK,
+            _trim_ties(),
         ),
     )
 )
@@ -381,6 +399,7 @@ register(
             _normalize(True, _TIES_NORM),
             _lambda(),
             _INT8_MASK,
+            _trim_ties(),
         ),
     )
 )
@@ -539,6 +558,7 @@ for _name, _combine, _summary, _norm_doc in (
                 _normalize(False, _norm_doc),
                 _lambda(),
                 _INT8_MASK,
+                _trim_ties(),
             ),
             family="breadcrumbs",
             stats=(WINDOW,),
@@ -942,6 +962,7 @@ __all__ = [
     "BOOL",
     "RESCALE",
     "INT",
+    "CHOICE",
     "MIX_WEIGHTS",
     "MIX_INTERPOLATION",
     "MIX_NONE",

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from m3kernels.merge import select
+from m3kernels.merge import select, trim_ties
 from m3kernels.merge.kernel_params import TRIM_KEEP_ALL, TRIM_KEEP_NONE, make_params
 from m3kernels.merge.methods import Staged, require
 
@@ -103,5 +103,10 @@ def thresholds(p, base, models, recipe, backend) -> tuple[np.ndarray, np.ndarray
 def prepare(base, models, recipe, name: str, backend) -> Staged:
     require(backend, recipe.method, "trim_max")
     p = make_params(recipe, name, True)
+    if trim_ties.exact(recipe):  # exactly the ranks D .. D + T − 1 (ties by the lowest flat index)
+        require(backend, recipe.method, "trim_ties_k")
+        numel = models[0].numel()
+        wins = [window(d, g, numel) for d, g in zip(recipe.trim_density, recipe.get("gamma"))]
+        return Staged(trim_ties.window_params(p, base, models, backend, wins, numel), base, models)
     tmin, tmax = thresholds(p, base, models, recipe, backend)
     return Staged(p.with_trim(tmin, tmax), base, models)
