@@ -289,6 +289,28 @@ def interpolate_gradient(values, t: float) -> float:
     return (1.0 - frac) * values[lo] + frac * values[hi]
 
 
+# the values mergekit 0.1.5 (pydantic's lax bool) reads as a bool; anything else is an error
+_LAX_TRUE = frozenset({"true", "yes", "on", "1", "t", "y"})
+_LAX_FALSE = frozenset({"false", "no", "off", "0", "f", "n"})
+
+
+def lax_bool(value) -> bool | None:
+    """``value`` as mergekit reads a bool parameter (pydantic's lax mode): true/false, the
+    numbers 1/0 (1.0/0.0), and the strings true/false, yes/no, on/off, 1/0, t/f, y/n in any case;
+    None for anything else (``normalize: 1.0`` in a published config is true)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        v = value.strip().lower()
+        if v in _LAX_TRUE:
+            return True
+        if v in _LAX_FALSE:
+            return False
+    return None
+
+
 def _leaf(value, kind: str, key: str):
     """Check and normalise one scalar value of a parameter of the given kind."""
     if kind == "choice":  # trim_ties: the value is checked against its choices by make_recipe
@@ -307,14 +329,17 @@ def _leaf(value, kind: str, key: str):
             raise MergeConfigError(f"{key}: expected an integer in [0, {MAX_INT_PARAM}], got {value!r}")
         return value
     if kind == "bool":
-        if isinstance(value, bool):
-            return value
-        raise MergeConfigError(f"{key}: expected true or false, got {value!r}")
+        lax = lax_bool(value)
+        if lax is not None:
+            return lax
+        raise MergeConfigError(
+            f"{key}: expected true or false (or 1/0, yes/no, on/off as mergekit reads them), got {_short(value)}"
+        )
     if kind == "rescale":
-        if isinstance(value, bool):
-            return value
         if isinstance(value, str) and value.strip().lower() in ("l1", "density"):
             return value.strip().lower()
+        if lax_bool(value) is not None:
+            return lax_bool(value)
         raise MergeConfigError(
             f"{key}: expected true (mergekit's L1 rescale), false, 'l1' or 'density' (× 1/density, "
             f"the DARE paper's), got {_short(value)}"
