@@ -420,3 +420,44 @@ def test_killed_sliced_merge_resumes(fam, tmp_path):
     assert run(tmp_path, raw, "fresh", "--out-shard-size", "3000") == 0
     a, b = load_dir(tmp_path / "out"), load_dir(tmp_path / "fresh")
     assert set(a) == set(b) and all(same_bits(a[k], b[k]) for k in a)
+
+
+def test_a_merged_tokenizer_is_the_whole_merges(tmp_path):
+    """tokenizer_source: union over slices: one vocabulary for the merge (every referenced model,
+    the top-level base), the embeddings and head laid out on it; slices with the whole merge's
+    sources and parameters give the bytes and tokenizer files of the models form."""
+    pytest.importorskip("tokenizers")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tokenizer_models import make_tokenizer_family
+
+    d = {
+        k: str(v)
+        for k, v in make_tokenizer_family(tmp_path / "tok", keys=("base", "ft1", "ft2")).dirs.items()
+    }
+    flat = {
+        "merge_method": "task_arithmetic",
+        "base_model": d["base"],
+        "tokenizer_source": "union",
+        "parameters": {"weight": 0.6},
+        "models": [{"model": d["ft1"]}, {"model": d["ft2"]}],
+    }
+    sliced = {k: v for k, v in flat.items() if k != "models"}
+    sliced["slices"] = [{"sources": [src(d, k, i, i + 1) for k in ("base", "ft1", "ft2")]} for i in range(2)]
+    assert run(tmp_path, flat, "flat") == 0 and run(tmp_path, sliced, "sliced") == 0
+    from transformers import AutoTokenizer
+
+    a, b = load_dir(tmp_path / "flat"), load_dir(tmp_path / "sliced")
+    va, vb = (AutoTokenizer.from_pretrained(str(tmp_path / n)).get_vocab() for n in ("flat", "sliced"))
+    assert set(a) == set(b) and va.keys() == vb.keys()
+    assert len(va) > len(AutoTokenizer.from_pretrained(d["base"]).get_vocab())  # the union
+    # (compared by token: which id a token the base lacks gets is left to the tokenizer merge)
+    for k in a:
+        if k in ("model.embed_tokens.weight", "lm_head.weight"):
+            for t in va:
+                assert same_bits(a[k][va[t]], b[k][vb[t]]), (k, t)
+        else:
+            assert same_bits(a[k], b[k]), k
+    assert (tmp_path / "sliced" / "config.json").read_text() == (
+        tmp_path / "flat" / "config.json"
+    ).read_text()

@@ -318,10 +318,17 @@ def _recipe(
 
 
 def build_plan(
-    cfg: MergeConfig, base: Checkpoint | None, models: list, out_shard_size: int, *, only=None
+    cfg: MergeConfig,
+    base: Checkpoint | None,
+    models: list,
+    out_shard_size: int,
+    *,
+    only=None,
+    tokenizer: tuple | None = None,
 ) -> MergePlan:
     """Match tensors across the inputs, apply docs/SPEC.md §4, choose dtypes and shards.
-    ``only(name)``: plan just the tensors it accepts (the slice planner's pre/post weights)."""
+    ``only(name)``: plan just the tensors it accepts; ``tokenizer``: the (TokenizerOutput, notes)
+    to use instead of the config's own (the slice planner's pre/post weights: the whole merge's)."""
     if cfg.slices is not None or (
         cfg.layer_range is not None and cfg.layer_range != count_layers(base if base is not None else models[0])
     ):  # slices (or the whole-model slice over fewer layers than the models have): slices.py
@@ -337,7 +344,7 @@ def build_plan(
     notes: list[str] = []
     from m3kernels.checkpoint.tokenizer import tokenizer_for  # tokenizer_source / chat_template
 
-    tok_out, tok_notes = tokenizer_for(cfg, base, list(models))
+    tok_out, tok_notes = tokenizer if tokenizer is not None else tokenizer_for(cfg, base, list(models))
     notes += tok_notes
     vocab = tok_out.vocab if tok_out is not None else None
 

@@ -43,8 +43,10 @@ from m3kernels.checkpoint.config import (
     MergeConfig,
     MergeConfigError,
     Problems,
+    _parse_chat_template,
     _parse_method,
     _parse_parameters,
+    _parse_tokenizer_source,
     _same_path,
     parse_config,
 )
@@ -284,10 +286,7 @@ def _read_slice(i: int, sl, raw: dict, preset, top_base: str | None, shared: dic
                 f"count (mergekit 0.1.5: 'Base input is not present in merge inputs')"
             )
         base = None  # linear, karcher, passthrough: mergekit ignores a base that is not an input
-    view_raw = dict(shared)
-    if base is None:
-        for k in _TOKENIZER_KEYS:  # checked on the top level (they need the top-level base)
-            view_raw.pop(k, None)
+    view_raw = {k: v for k, v in shared.items() if k not in _TOKENIZER_KEYS}  # the merge's, not a slice's
     view_raw["models"] = [
         {
             "model": s.model,
@@ -306,10 +305,8 @@ def _read_slice(i: int, sl, raw: dict, preset, top_base: str | None, shared: dic
         raise _with_key(exc, key, f"{key}.sources") from None
     base_source = base_at if (base_at is not None and preset.uses_base) else None
     model_sources = [j for j in range(len(sources)) if j != base_source]
-    if len(model_sources) != len(view.models):  # parse_config's base rules, replayed
-        raise MergeConfigError(
-            f"{key}: internal error: {len(view.models)} models for {len(model_sources)} sources"
-        )
+    if len(model_sources) != len(view.models):  # parse_config's base rules, replayed: a bug
+        raise AssertionError(f"{key}: {len(view.models)} models for {len(model_sources)} sources")
     return SliceSpec(i, sources, base, view, base_source, model_sources)
 
 
@@ -363,9 +360,6 @@ def parse_sliced(raw: dict, force: bool = False) -> MergeConfig:
         trimmed = dict(sl[-1])
         trimmed["sources"] = list(sl[-1]["sources"])[: len(first.sources)]
         post = _read_slice(len(sl) - 1, trimmed, raw, preset, top_base, shared)
-    tok = raw.get("tokenizer_source")
-    if tok == "base" and top_base is None:
-        raise MergeConfigError("tokenizer_source: 'base' needs a base_model")
     paths: list = []
     for s in specs:
         for p in [src.model for src in s.sources] + ([s.base] if s.base is not None else []):
@@ -373,9 +367,18 @@ def parse_sliced(raw: dict, force: bool = False) -> MergeConfig:
                 _same_path(p, q) for q in paths
             ):
                 paths.append(p)
-    view0 = next((s.view for s in specs if s.view.tokenizer_source is not None), first.view)
+    # the tokenizer is the whole merge's (mergekit: over every referenced model, with the top-level base)
+    tok, settings, chat = None, None, None
+    with problems.catch():
+        tok, settings = _parse_tokenizer_source(raw, top_base, paths)
+    with problems.catch():
+        chat = _parse_chat_template(raw.get("chat_template"))
+    problems.raise_if_any()
     return dataclasses.replace(
-        view0,
+        first.view,
+        tokenizer_source=tok,
+        tokenizer=settings,
+        chat_template=chat,
         base_model=top_base,
         models=paths,
         model_parameters=[{} for _ in paths],
@@ -506,13 +509,18 @@ def build_sliced_plan(cfg: MergeConfig, base, models: list, out_shard_size: int)
             indexes[id(ck)] = _LayerIndex(ck)
         return indexes[id(ck)]
 
-    def side(spec: SliceSpec, keep):
+    def side(spec: SliceSpec, keep, tokenizer):
         v = spec.view
         vb = ckpt_of(v.base_model) if v.base_model is not None else None
-        return P.build_plan(v, vb, [ckpt_of(m) for m in v.models], out_shard_size, only=keep)
+        return P.build_plan(
+            v, vb, [ckpt_of(m) for m in v.models], out_shard_size, only=keep, tokenizer=tokenizer
+        )
 
-    pre = side(sliced.slices[0], is_pre_weight)
-    post = side(sliced.post, is_post_weight)
+    from m3kernels.checkpoint.tokenizer import tokenizer_for
+
+    tok_out, tok_notes = tokenizer_for(cfg, base, list(models))  # one vocabulary for the merge
+    pre = side(sliced.slices[0], is_pre_weight, (tok_out, []))
+    post = side(sliced.post, is_post_weight, (tok_out, []))
     recipes: dict = {}
     ratios = cfg.mix_ratios()
     preset = get_method(cfg.method)
@@ -568,7 +576,8 @@ def build_sliced_plan(cfg: MergeConfig, base, models: list, out_shard_size: int)
         out_dtype,
         pre.out_vocab_rows if pre.out_vocab_rows is not None else post.out_vocab_rows,
         post.untied_head,
-        pre.notes + notes + post.notes,
+        list(tok_notes) + pre.notes + notes + post.notes,
+        tokenizer=tok_out,
     )
     plan.tokenizer = pre.tokenizer  # a merged tokenizer / chat template (tokenizer.py), as build_plan sets it
     plan.layout = _layout(sliced)
