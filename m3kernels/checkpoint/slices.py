@@ -487,10 +487,10 @@ def build_sliced_plan(cfg: MergeConfig, base, models: list, out_shard_size: int)
         for p, ck in opened:
             if _same_path(p, path):
                 return ck
-        for _p, ck in opened:  # the same folder written two ways
-            if os.path.realpath(ck.path) == os.path.realpath(path):
+        for p, ck in opened:  # the same folder written two ways (a LoRA input only by its own name)
+            if "+" not in p and "+" not in path and os.path.realpath(ck.path) == os.path.realpath(path):
                 return ck
-        raise MergeConfigError(f"model {path!r} was not opened")  # parse_sliced lists every one
+        raise AssertionError(f"model {path!r} was not opened")  # parse_sliced lists every one
 
     counts: dict = {}
     for spec in sliced.slices:
