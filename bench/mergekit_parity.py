@@ -153,6 +153,7 @@ def driver_main(jobs_file: str, results_file: str, cli: bool = False) -> int:
         if out.exists():
             shutil.rmtree(out)
         args = [job["config"], str(out), "--quiet", "--random-seed", str(job["seed"])]
+        args += ["--lora-merge-cache", str(out) + ".lora-cache"]  # where mergekit merges LoRA inputs
         if not job.get("copy_tokenizer"):
             args.insert(2, "--no-copy-tokenizer")
         t0 = time.perf_counter()
@@ -228,6 +229,8 @@ def _jsonable(v):
 # =========================================================================== inputs
 
 SHAPES_KW = dict(vocab=131, hidden=36, intermediate=97, layers=3, heads=3, kv_heads=1)
+# ft1's PEFT LoRA adapter (m3kernels.synthetic.write_lora_adapter): linear layers and the embedding
+LORA_INPUT = dict(targets=["q_proj", "v_proj", "up_proj", "embed_tokens"], r=4, alpha=8, seed=SEED)
 NOISE = 0.02  # fine-tune noise std (base std 0.05): cos(base, ft) ≈ 0.93, slerp's spherical branch
 N_FT = 3
 
@@ -243,6 +246,7 @@ def make_inputs(work: Path, families=tuple(FAMILIES)) -> dict:
         root = work / "inputs" / fam
         stamp = root / "STAMP.json"
         want = {"version": INPUT_VERSION, "shapes": SHAPES_KW, "noise": NOISE, "n": N_FT, "seed": SEED}
+        want["lora"] = LORA_INPUT  # the PEFT adapter of the LoRA cases
         dirs = {"base": root / "base", **{f"ft{i + 1}": root / f"ft{i + 1}" for i in range(N_FT)}}
         if not (stamp.exists() and json.loads(stamp.read_text()) == want):
             if root.exists():
@@ -258,8 +262,10 @@ def make_inputs(work: Path, families=tuple(FAMILIES)) -> dict:
                 noise=NOISE,
                 tokenizer=False,
             )
+            synthetic.write_lora_adapter(root / "lora1", synthetic.LlamaShapes(**SHAPES_KW).shapes(), **LORA_INPUT)
             stamp.write_text(json.dumps(want))
         out[fam] = {k: str(v) for k, v in dirs.items()}
+        out[fam]["ft1+lora1"] = f"{dirs['ft1']}+{root / 'lora1'}"  # a LoRA reference (mergekit's MODEL+LORA)
     return out
 
 
@@ -372,6 +378,14 @@ def explicit_cases() -> list:
             E,
             [_m("ft1", weight=0.7), _m("ft2", weight=0.5), _m("ft3", weight=0.3)],
             parameters={"lambda": 0.9, "normalize": False},
+        ),
+        Case(
+            "task_arithmetic",
+            "lora-input",
+            E,
+            [_m("ft1+lora1", weight=0.7), _m("ft2", weight=0.5)],
+            parameters={"lambda": 0.9, "normalize": False},
+            note="ft1 with a PEFT LoRA adapter (MODEL+LORA): mergekit merges it into a cached copy first",
         ),
         Case(
             "task_arithmetic",
@@ -952,10 +966,31 @@ def resolve(case: Case, key: str, param: str, name: str, num_layers: int, defaul
 
 
 def _checkpoint(path):
+    if "+" in str(path) and not Path(path).exists():  # MODEL+LORA: with the adapter applied (lora.py)
+        return _LoraInput(str(path))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_mergekit import Checkpoint
 
     return Checkpoint(Path(path))
+
+
+class _LoraInput:
+    """A ``MODEL+LORA`` input with the interface of bench_mergekit.Checkpoint (names, get, where)."""
+
+    def __init__(self, ref: str):
+        from m3kernels.checkpoint.lora import LoraCheckpoint, split_reference
+
+        model, lora = split_reference(ref)
+        self._ck = LoraCheckpoint.open(model, lora, role="model", allow_bin=False, follow_symlinks=False)
+        self.where = dict.fromkeys(self._ck.names, "")
+
+    def names(self) -> list:
+        return sorted(self.where)
+
+    def get(self, name: str):
+        t = self._ck.tensor(name).clone()
+        self._ck.release(name)
+        return t
 
 
 def ulps32(a, b):
