@@ -346,7 +346,6 @@ def make_family(
     return Family(base_dir, dirs, base, models)
 
 
-
 LORA_EMBEDDING_MODULES = ("embed_tokens", "wte", "word_embeddings", "embed_in", "tok_embeddings")
 
 
@@ -405,6 +404,7 @@ def write_lora_adapter(
     (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     save_file(out, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     return folder
+
 
 # --------------------------------------------------------------------------- large models, streamed
 
