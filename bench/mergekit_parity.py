@@ -262,7 +262,8 @@ def make_inputs(work: Path, families=tuple(FAMILIES)) -> dict:
                 noise=NOISE,
                 tokenizer=False,
             )
-            synthetic.write_lora_adapter(root / "lora1", synthetic.LlamaShapes(**SHAPES_KW).shapes(), **LORA_INPUT)
+            shapes = synthetic.LlamaShapes(**SHAPES_KW).shapes()
+            synthetic.write_lora_adapter(root / "lora1", shapes, **LORA_INPUT)
             stamp.write_text(json.dumps(want))
         out[fam] = {k: str(v) for k, v in dirs.items()}
         out[fam]["ft1+lora1"] = f"{dirs['ft1']}+{root / 'lora1'}"  # a LoRA reference (mergekit's MODEL+LORA)
