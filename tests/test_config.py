@@ -663,7 +663,7 @@ REJECT = [
     (with_top_params("ties", normalize=[True, False]), "parameters.normalize"),
     (with_top_params("ties", normalize="maybe"), "parameters.normalize"),  # not a bool mergekit reads
     (with_top_params("ties", int8_mask=2), "parameters.int8_mask"),
-    (with_top_params("breadcrumbs", rescale=True), "parameters.rescale"),  # ties: implemented
+    (with_top_params("breadcrumbs", rescale="l1"), "parameters.rescale"),  # a bool there
     (with_top_params("dare_ties", density=0.5, rescale="l2"), "parameters.rescale"),
     (with_top_params("dare_linear", density=0.5, drop_rate=0.2), "drop_rate"),  # disagree
     (with_top_params("task_arithmetic", **{"lambda": ".nan"}), "parameters.lambda"),

@@ -197,14 +197,64 @@ def test_ignored_parameter_per_model_is_accepted_too():
     assert load_config(raw).tensor_kwargs(NAME, 2)["weights"] == [0.7, 1.0]
 
 
+def breadcrumbs_l1_reference(base, models, weights, densities, gammas):
+    """mergekit's breadcrumbs with rescale: true, from its semantics: per model the descending
+    ranks D .. D + T − 1 of |δ| kept (T = ⌊d·n⌋, G = ⌊γ·n⌋, B = max(0, n − T − G), D = n − B − T;
+    every element tied with an end kept, as m3kernels does), × f = Σ|δ| / Σ(those T values),
+    then the weighted sum (float64)."""
+    b = base.float()
+    out = b.double().clone()
+    for x, w, dens, gam in zip(models, weights, densities, gammas):
+        d = x.float() - b
+        a = d.abs().reshape(-1)
+        n = a.numel()
+        t, g = int(np.floor(dens * n)), int(np.floor(gam * n))
+        top = n - max(0, n - t - g) - t
+        vals = torch.sort(a, descending=True).values
+        f = np.float32(float(a.double().sum()) / float(vals[top : top + t].double().sum()))
+        keep = d.abs() >= vals[top + t - 1]
+        if top > 0:
+            keep &= d.abs() <= vals[top]
+        kept = torch.where(keep, d * torch.tensor(f), torch.zeros(()))
+        out += float(np.float32(w)) * kept.double()
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 29), (500,)])
+def test_breadcrumbs_rescale_true_is_mergekits_l1_after_the_window(dtype, shape):
+    base, models = tensors(13, n=2, shape=shape, dtype=dtype)
+    raw = {
+        "merge_method": "breadcrumbs",
+        "base_model": "m/base",
+        "models": [
+            {"model": "m/a", "parameters": {"weight": 0.6, "density": 0.6, "gamma": 0.05}},
+            {"model": "m/b", "parameters": {"weight": 0.4, "density": 0.5, "gamma": 0.0}},
+        ],
+        "parameters": {"rescale": True},
+    }
+    rec, kw = recipe_of(load_config(raw))
+    assert rec.rescale == "l1"
+    out = torch.full(base.shape, float("nan"), dtype=torch.float32)
+    m3kernels.merge_tensors(base, models, method="breadcrumbs", name=NAME, out=out, backend="cpu", **kw)
+    ref = breadcrumbs_l1_reference(base, models, [0.6, 0.4], [0.6, 0.5], [0.05, 0.0])
+    scale = float(ref.sub(base.double()).abs().max())
+    assert float((out.double() - ref).abs().max()) <= 4 * scale * 2**-23
+    plain = m3kernels.merge_tensors(
+        base, models, method="breadcrumbs", name=NAME, backend="cpu", **{**kw, "rescale": False}
+    )
+    assert float((plain.double() - ref).abs().max()) > 100 * scale * 2**-23
+
+
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
-def test_rescale_true_after_a_window_trim_says_what_mergekit_does(method):
-    with pytest.raises(MergeConfigError) as ei:
-        cfg_for(method, density=0.5, rescale=True)
-    msg = str(ei.value)
-    assert msg.startswith("parameters.rescale: true under") and "L1" in msg and "after" in msg
-    assert method in msg and "'ties'" in msg
-    cfg_for(method, density=0.5, rescale=False)  # mergekit's default: fine
+def test_breadcrumbs_rescale_keeps_one_models_l1_norm(method):
+    base, models = tensors(14, n=1, shape=(53, 31))
+    for density, gamma in ((0.5, 0.05), (0.3, 0.0), (0.9, 0.2), (0.05, 0.5)):
+        out = m3kernels.merge_tensors(
+            base, models, method=method, density=density, gamma=gamma, rescale=True, backend="cpu"
+        )
+        ratio = (out.double() - base.double()).abs().sum() / (models[0].double() - base.double()).abs().sum()
+        assert float(ratio) == pytest.approx(1.0, abs=1e-6), (density, gamma)
 
 
 def ties_l1_reference(base, models, weights, densities):

@@ -809,12 +809,9 @@ IGNORED_LIKE_MERGEKIT = {
     "sce": ("weight",),  # published sce configs set per-model weights; mergekit never reads them
 }
 # what mergekit does with a parameter we do not implement for that method (the error says so)
-NOT_IMPLEMENTED_PARAMS = {
-    (m, "rescale"): f"true under {m!r} is mergekit's L1 rescale of the kept deltas after its "
-    f"window trim (kept × Σ|δ| / Σ|kept δ| per model and tensor), which m3kernels implements for "
-    f"'ties' but not for {m!r}; remove it or set it false to merge without the rescale"
-    for m in ("breadcrumbs", "breadcrumbs_ties")
-}
+# ((method, parameter) -> message; none at present: ties' and breadcrumbs' rescale: true are
+# implemented, m3kernels/merge/trim_rescale.py)
+NOT_IMPLEMENTED_PARAMS: dict = {}
 _IGNORED = object()  # _parse_parameter's result for an accepted parameter without effect
 _warned: set = set()
 

@@ -555,6 +555,7 @@ for _name, _combine, _summary, _norm_doc in (
                 _weight(),
                 _window_density(),
                 _gamma(),
+                _trim_rescale(),
                 _normalize(False, _norm_doc),
                 _lambda(),
                 _INT8_MASK,

@@ -107,6 +107,18 @@ def prepare(base, models, recipe, name: str, backend) -> Staged:
         require(backend, recipe.method, "trim_ties_k")
         numel = models[0].numel()
         wins = [window(d, g, numel) for d, g in zip(recipe.trim_density, recipe.get("gamma"))]
-        return Staged(trim_ties.window_params(p, base, models, backend, wins, numel), base, models)
+        p = trim_ties.window_params(p, base, models, backend, wins, numel)
+        return Staged(_rescaled(p, recipe, base, models), base, models)
     tmin, tmax = thresholds(p, base, models, recipe, backend)
-    return Staged(p.with_trim(tmin, tmax), base, models)
+    return Staged(_rescaled(p.with_trim(tmin, tmax), recipe, base, models), base, models)
+
+
+def _rescaled(p, recipe, base, models):
+    """mergekit's L1 rescale after the window (``rescale: true``; m3kernels.merge.trim_rescale)."""
+    if recipe.rescale != "l1":
+        return p
+    from m3kernels.merge.trim_rescale import rescale_after_window
+
+    numel = models[0].numel()
+    wins = [window(d, g, numel) for d, g in zip(recipe.trim_density, recipe.get("gamma"))]
+    return rescale_after_window(p, base, models, wins)
