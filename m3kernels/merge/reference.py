@@ -17,6 +17,7 @@ import torch
 
 from m3kernels.merge.philox import dare_keep_mask
 from m3kernels.merge.recipe import Recipe, make_recipe
+from m3kernels.merge.reference_pieces import ties_merge64
 from m3kernels.merge.registry import MEAN, TIES
 
 F32, F64 = torch.float32, torch.float64
@@ -151,21 +152,11 @@ def reference_merge(
     coefs = recipe.coefs
     sign = None
     if recipe.combine == TIES:
-        vote = torch.zeros_like(d32[0])
-        for w, d in zip(recipe.weights, d32):
-            vote = vote + _f32(w) * d  # float32, model order, no fused multiply-add
-        sign = vote >= 0
-        num = torch.zeros_like(d64[0])
-        den = torch.zeros_like(d64[0])
-        for c, a, b in zip(coefs, d32, d64):
-            agree = (a != 0) & ((a > 0) == sign)
-            num = num + agree.to(F64) * (c * b)
-            den = den + agree.to(F64) * c
-        if recipe.normalize:
-            safe = torch.where(den != 0, den, torch.ones_like(den))
-            m = torch.where(den != 0, num / safe, torch.zeros_like(num))
-        else:
-            m = num
+        # the vote on w_i·δ_i in float32; model i agrees by the sign of w_i·δ_i (mergekit's rule,
+        # make_params' agree_w = vote_w); the values in float64 (reference_pieces)
+        m, sign = ties_merge64(
+            d32, d64, coefs, recipe.weights, agree_w=recipe.weights, normalize=recipe.normalize
+        )
     else:
         m = sum(c * d for c, d in zip(coefs, d64))
         if recipe.combine == MEAN:
