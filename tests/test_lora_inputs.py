@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -469,7 +470,7 @@ BAD = {
         lambda p: (p / "lora" / "adapter_config.json").unlink(),
         ["adapter_config.json is missing"],
     ),
-    "no folder": (lambda p: __import__("shutil").rmtree(p / "lora"), ["LoRA adapter", "does not exist"]),
+    "no folder": (lambda p: shutil.rmtree(p / "lora"), ["LoRA adapter", "does not exist"]),
     "corrupt weights": (
         lambda p: (p / "lora" / "adapter_model.safetensors").write_bytes(
             b"\x10\x00\x00\x00\x00\x00\x00\x00{}"
@@ -477,6 +478,28 @@ BAD = {
         ["adapter_model.safetensors"],
     ),
 }
+
+
+def test_a_bin_adapter_needs_allow_bin_and_gives_the_same_merge(tmp_path, capsys):
+    """adapter_model.bin (older PEFT): refused without --allow-bin (pickles can run code), and with
+    it the same output as the safetensors adapter."""
+    _family(tmp_path)
+    shutil.copytree(tmp_path / "lora", tmp_path / "lora_bin")
+    f = tmp_path / "lora_bin" / "adapter_model.safetensors"
+    torch.save(load_file(str(f)), tmp_path / "lora_bin" / "adapter_model.bin")
+    f.unlink()
+    cfg = _config(
+        tmp_path, f"{tmp_path / 'm/base'}+{tmp_path / 'lora_bin'}", "task_arithmetic", name="b.yaml"
+    )
+    assert main(["merge", str(cfg), str(tmp_path / "out_bin"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_model.bin" in err and "--allow-bin" in err and not (tmp_path / "out_bin").exists()
+    assert main(["merge", str(cfg), str(tmp_path / "out_bin"), "-q", "--allow-bin"]) == 0
+    ref = _config(tmp_path, f"{tmp_path / 'm/base'}+{tmp_path / 'lora'}", "task_arithmetic")
+    assert main(["merge", str(ref), str(tmp_path / "out"), "-q"]) == 0
+    a, b = _tensors(tmp_path / "out_bin"), _tensors(tmp_path / "out")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[n], b[n]) for n in a)
+    assert "adapter_model.bin" in (tmp_path / "out_bin" / "m3kernels_merge.yaml").read_text()
 
 
 def test_output_inside_the_adapter_folder_is_refused(tmp_path, capsys):

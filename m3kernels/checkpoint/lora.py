@@ -51,7 +51,7 @@ from m3kernels.checkpoint.safetensors_io import (
     read_input_bytes,
     short,
 )
-from m3kernels.checkpoint.source import Checkpoint, TensorMeta
+from m3kernels.checkpoint.source import Checkpoint, TensorMeta, bin_load_message
 from m3kernels.errors import CheckpointError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -158,6 +158,54 @@ def _layer_of(module: str, pattern) -> int | None:
 
 
 @dataclass(frozen=True)
+class _BinInfo:
+    dtype: torch.dtype
+    shape: tuple
+    st_dtype: str
+
+
+@dataclass(frozen=True)
+class _BinHeader:
+    file_size: int
+    sha256: None = None
+
+
+class _BinWeights:
+    """``adapter_model.bin`` (older PEFT), loaded with ``torch.load(weights_only=True)`` (only with
+    ``allow_bin``), with the parts of :class:`SafetensorsFile` the adapter uses."""
+
+    def __init__(self, path: Path, roots):
+        self.path = Path(path)
+        self.input_file = open_input(self.path, roots=roots, what="adapter weights (.bin)")
+        try:
+            try:
+                sd = torch.load(self.input_file.real, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
+                sd = torch.load(self.input_file.real, map_location="cpu", weights_only=True)
+        except Exception as exc:  # unpickling errors come in many types
+            self.input_file.close()
+            raise CheckpointError(bin_load_message(self.path, exc), path=str(self.path)) from None
+        if not isinstance(sd, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+        ):
+            self.input_file.close()
+            raise CheckpointError(f"{self.path}: not a state dict of named tensors", path=str(self.path))
+        self._sd = sd
+        self.tensors = {
+            k: _BinInfo(v.dtype, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in sd.items()
+        }
+        self.header = _BinHeader(self.input_file.size)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        self.input_file.check(name)
+        return self._sd[name]
+
+    def close(self) -> None:
+        self._sd = {}
+        self.input_file.close()
+
+
+@dataclass(frozen=True)
 class LoraDelta:
     """One adapted tensor: ``target`` += scaling · B @ A (``transpose``: of the product)."""
 
@@ -176,13 +224,22 @@ class LoraAdapter:
     ``deltas`` {base tensor: LoraDelta}, ``bias_deltas`` {base bias: (adapter key, scaling)},
     ``replaced`` {base tensor: adapter key}."""
 
-    def __init__(self, path, base: Checkpoint, *, role: str = "model", follow_symlinks: bool = False):
+    def __init__(
+        self,
+        path,
+        base: Checkpoint,
+        *,
+        role: str = "model",
+        follow_symlinks: bool = False,
+        allow_bin: bool = False,
+    ):
         self.path = Path(path)
         self.role = role
         self.deltas: dict[str, LoraDelta] = {}
         self.bias_deltas: dict[str, tuple[str, float]] = {}
         self.replaced: dict[str, str] = {}
-        self.file: SafetensorsFile | None = None
+        self.file: SafetensorsFile | _BinWeights | None = None
+        self.allow_bin = allow_bin
         self._config_sha = ""
         if not os.path.lexists(self.path):
             raise CheckpointError(f"{role}: LoRA adapter {self.path} does not exist", path=str(self.path))
@@ -276,9 +333,14 @@ class LoraAdapter:
     def _open_weights(self) -> None:
         p = self.path / ADAPTER_WEIGHTS
         if not os.path.lexists(p):
+            binary = self.path / ADAPTER_BIN
+            if os.path.lexists(binary) and self.allow_bin:
+                self.file = _BinWeights(binary, self._roots)
+                return
             other = (
-                " (only adapter_model.bin is there: save it with safe_serialization)"
-                if (os.path.lexists(self.path / ADAPTER_BIN))
+                f" (only {ADAPTER_BIN} is there: pickled files can run code when loaded, so they need "
+                f"--allow-bin, allow_bin=True)"
+                if os.path.lexists(binary)
                 else ""
             )
             raise CheckpointError(
@@ -453,7 +515,7 @@ class LoraAdapter:
         return {
             "path": str(self.path.resolve()),
             "config_sha256": self._config_sha,
-            "files": [{"name": ADAPTER_WEIGHTS, "bytes": self.file.header.file_size}],
+            "files": [{"name": self.file.path.name, "bytes": self.file.header.file_size}],
             "adapted": len(self.deltas) + len(self.bias_deltas),
             "replaced": len(self.replaced),
         }
@@ -462,7 +524,7 @@ class LoraAdapter:
         f = self.file
         return [
             (ADAPTER_CONFIG, None, None, self._config_sha),
-            (ADAPTER_WEIGHTS, f.input_file.size, f.input_file.mtime_ns, f.header.sha256),
+            (f.path.name, f.input_file.size, f.input_file.mtime_ns, f.header.sha256),
         ]
 
     def close(self) -> None:
@@ -495,7 +557,9 @@ class LoraCheckpoint:
     def open(cls, base_path, adapter_path, *, role: str, allow_bin: bool, follow_symlinks: bool):
         base = Checkpoint(base_path, role=role, allow_bin=allow_bin, follow_symlinks=follow_symlinks)
         try:
-            adapter = LoraAdapter(adapter_path, base, role=role, follow_symlinks=follow_symlinks)
+            adapter = LoraAdapter(
+                adapter_path, base, role=role, follow_symlinks=follow_symlinks, allow_bin=allow_bin
+            )
         except BaseException:
             base.close()
             raise
