@@ -79,7 +79,7 @@ def test_defaults_are_mergekits():
         (dict(gamma=1.5), r"gamma must be in \[0, 1\]"),
         (dict(gamma=[0.1, 0.2, 0.3]), "gamma: expected a scalar or 2 values"),
         (dict(density=-0.1), r"density must be in \[0, 1\]"),
-        (dict(rescale="l1"), "rescale: method 'breadcrumbs' does not take it"),
+        (dict(rescale="l1"), "rescale must be True or False for 'breadcrumbs'"),  # true: L1 after the window
         (dict(drop_rate=0.3), "drop_rate"),
         (dict(t=0.3), "t: method 'breadcrumbs' does not take it"),
     ],
