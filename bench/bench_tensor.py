@@ -164,6 +164,8 @@ FAMILY_METHODS = {
     "sce": dict(method="sce", select_topk=0.3),
     "sce_no_select": dict(method="sce"),
     "arcee_fusion": dict(method="arcee_fusion"),  # one model (its first)
+    "della": dict(method="della", density=0.5, epsilon=0.15),
+    "della_linear": dict(method="della_linear", density=0.5, epsilon=0.15),
 }
 
 

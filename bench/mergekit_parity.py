@@ -1374,7 +1374,7 @@ def write_jobs(cases, inputs: dict, work: Path, mk64: bool = True, pairs=None) -
         for case in cases:
             if pairs is not None and (fam, case.id) not in pairs:
                 continue
-            slug = re.sub(r"[^A-Za-z0-9_.+-]", "_", case.id.replace(":", "__"))
+            slug = re.sub(r"[^A-Za-z0-9_.-]", "_", case.id.replace(":", "__"))  # '+': a LoRA path
             d = work / "runs" / fam / slug
             d.mkdir(parents=True, exist_ok=True)
             c32 = d / "config_f32.yaml"
@@ -1575,7 +1575,7 @@ def run_cases(
                 else:
                     row["status"], row["why"] = "mk-error", a["error"]
                 continue
-            slug = re.sub(r"[^A-Za-z0-9_.+-]", "_", case.id.replace(":", "__"))
+            slug = re.sub(r"[^A-Za-z0-9_.-]", "_", case.id.replace(":", "__"))  # '+': a LoRA path
             d = work / "runs" / fam / slug
             mk64_dir = d / "mk64" if (b is not None and not b["error"]) else None
             if b is not None and b["error"]:
