@@ -340,3 +340,64 @@ def test_config_errors_name_the_parameter(params, match):
 def test_trim_scope_model_is_refused():
     with pytest.raises(MergeConfigError, match="trim_scope"):
         load_config(_config({"density": 0.5}, trim_scope="model"))
+
+
+def test_parts_and_checkpoint_merge_give_the_same_bytes(gen, tmp_path):
+    """Stage B in parts (merge_range at flat offsets: the mask is read at bit J of the whole
+    tensor) and the checkpoint merge (``m3kernels merge``) give merge_tensors' bytes."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from m3kernels import cli
+    from m3kernels.backends import cpu
+    from m3kernels.merge.methods import stage
+    from m3kernels.synthetic import make_family
+
+    skip_unless("cpu", "della")
+    base, models = make_inputs((41, 97), 2, (torch.bfloat16, [torch.bfloat16]), gen)
+    kw = dict(method="della", density=[0.4, 0.6], epsilon=0.2, seed=2)
+    want = m3kernels.merge_tensors(base, models, backend="cpu", name="w", **kw)
+    st = stage(base, models, make_recipe(2, has_base=True, **kw), "w", cpu)
+    parts = torch.full((41 * 97,), float("nan"), dtype=torch.bfloat16)
+    fb, fm = base.reshape(-1), [m.reshape(-1) for m in models]
+    for lo in range(0, 41 * 97, 1001):
+        hi = min(41 * 97, lo + 1001)
+        cpu.merge_range(st.params, fb[lo:hi], [m[lo:hi] for m in fm], parts[lo:hi], lo)
+    assert torch.equal(parts.view(torch.int16), want.reshape(-1).view(torch.int16))
+
+    fam = make_family(
+        tmp_path / "f", n_models=2, shards=1, seed=4, vocab=37, hidden=16, intermediate=24, layers=2
+    )
+    raw = {
+        "merge_method": "della_linear",
+        "base_model": str(fam.base_dir),
+        "models": [{"model": str(d), "parameters": {"density": 0.5, "weight": 0.7}} for d in fam.model_dirs],
+        "parameters": {"epsilon": 0.1},
+        "seed": 7,
+        "out_dtype": "bfloat16",
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert cli.main(["merge", str(path), str(tmp_path / "out"), "--device", "cpu", "-q"]) == 0
+
+    def load(folder):
+        out = {}
+        for p in sorted(folder.glob("*.safetensors")):
+            out.update(load_file(str(p)))
+        return out
+
+    got, b = load(tmp_path / "out"), load(fam.base_dir)
+    ms = [load(d) for d in fam.model_dirs]
+    for name, x in b.items():
+        mine = m3kernels.merge_tensors(
+            x,
+            [m[name] for m in ms],
+            method="della_linear",
+            density=0.5,
+            weights=0.7,
+            epsilon=0.1,
+            seed=7,
+            name=name,
+            out_dtype=torch.bfloat16,
+        )
+        assert torch.equal(got[name].view(torch.int16), mine.view(torch.int16)), name
