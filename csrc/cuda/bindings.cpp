@@ -156,10 +156,15 @@ m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
         a.tie_keep[i] = tie_keep[i];
         a.tie_skip[i] = tie_skip[i];
         a.agree_w[i] = static_cast<float>(agree_w[i]);
-        a.agree = a.agree || a.agree_w[i] != 1.0f;
         a.mask_scale[i] = static_cast<float>(mask_scale[i]);
         a.dare_den[i] = static_cast<float>(dare_den[i]);
+        a.ext_delta = a.ext_delta || (a.dare_div && a.dare[i]);
     }
+    a.ext_delta = a.ext_delta || a.keep_mask != nullptr;
+    const bool ties_variant = a.combine == m3k::kTies &&
+                              (a.vote_kind != 0 || a.ties_div != 0 || (a.normalize && a.den_floor > 0.0f));
+    const bool fma = a.fma && (a.combine == m3k::kSum || a.combine == m3k::kMean);
+    a.ext = a.ext_delta || ties_variant || fma;
     if (a.has_base) {
         if (a.numel > 0 && base == 0)
             throw std::invalid_argument("m3kernels CUDA args: has_base but null base pointer");

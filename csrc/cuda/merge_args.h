@@ -57,8 +57,9 @@ struct MergeArgs {
     const int64_t* tie_prefix_max;  // [n][tie_blocks] equal-to-trim_max keys before each tie block
     int64_t tie_blocks;             // tie blocks of kTieBlock flat indices the prefixes cover
     // Round 2 (docs/KERNEL.md V1..V7); zero / nullptr / 1.0 leave the program above unchanged.
-    int32_t fma;                   // V1: sum / mean accumulate m = fmaf(coef_i, d_i, m)
-    int32_t agree;                 // V2: some agree_w[i] != 1 (the TIES agreement uses agree_w[i] * d_i)
+    int32_t ext_delta;  // the keep mask or dare_div is on: stage A's EXT histogram kernels run
+    int32_t ext;  // ext_delta, fma (sum / mean) or a TIES vote / divisor variant: the EXT stage-B kernels
+    int32_t fma;  // V1: sum / mean accumulate m = fmaf(coef_i, d_i, m)
     int32_t vote_kind;             // V3: TIES vote 0 Σ vote_w·d, 1 Σ sgn(vote_w·d)
     int32_t ties_div;              // V4: TIES divisor 0 Σ agreeing coef (normalize), 1 the agreeing count
     float den_floor;               // V5: > 0 (ties_div 0, normalize): m = num / max(den, den_floor)

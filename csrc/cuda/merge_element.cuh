@@ -44,14 +44,14 @@ M3K_HD void base_chunk(const MergeArgs& a, int64_t j0, bool vec, float (&b)[EPT]
 
 // DARE drop and rescale of model i on chunk [j0, j0 + EPT), j0 a multiple of 4; dt: model i's
 // input dtype (dare_div rounds a kept d / dare_den to it, V7).
-template <int EPT>
+template <int EPT, bool EXT>
 M3K_HD void dare_drop(const MergeArgs& a, int i, int64_t j0, int dt, float (&d)[EPT]) {
     static_assert(EPT % 4 == 0, "dare_drop: EPT must be a multiple of 4");
     if (!a.dare[i]) return;
     const uint64_t thr = a.dare_thr[i];
     const float scale = a.dare_scale[i];
     const float den = a.dare_den[i];
-    const bool div = a.dare_div != 0;
+    const bool div = EXT && a.dare_div != 0;
 #pragma unroll
     for (int g = 0; g < EPT / 4; ++g) {
         uint32_t w[4];
@@ -148,14 +148,18 @@ M3K_HD float nearswap(float a, float x, float t) {
 }
 
 // d = x_i - b, then the DARE drop and the keep mask: the delta stage A histograms (no trim).
-template <int EPT, int DT>
+// EXT = false (stage B's default kernels, a.ext == 0): without the round-2 steps (dare_div, the
+// keep mask), so their registers and code stay those of the program without them.
+template <int EPT, int DT, bool EXT = true>
 M3K_HD void delta_chunk(const MergeArgs& a, int i, int64_t j0, bool vec, const float (&b)[EPT],
                         float (&d)[EPT]) {
     load_chunk<EPT, DT>(a.models[i], a.model_dtype[i], j0, a.numel, vec, d);
 #pragma unroll
     for (int k = 0; k < EPT; ++k) d[k] = fsub(d[k], b[k]);
-    dare_drop<EPT>(a, i, j0, DT >= 0 ? DT : a.model_dtype[i], d);
-    if (a.keep_mask) mask_drop<EPT>(a, i, j0, d);
+    dare_drop<EPT, EXT>(a, i, j0, DT >= 0 ? DT : a.model_dtype[i], d);
+    if constexpr (EXT) {
+        if (a.keep_mask) mask_drop<EPT>(a, i, j0, d);
+    }
 }
 
 template <int NMAX, bool EXACT>
@@ -226,7 +230,7 @@ M3K_HD float ties_element(const MergeArgs& a, const float (&d)[NMAX][EPT], int k
     for (int i = 0; i < NMAX; ++i) {
         if (!model_on<NMAX, EXACT>(a, i)) continue;
         const float x = d[i][k];
-        const float e = a.agree ? fmul(a.agree_w[i], x) : x;  // agree_w 1: e == x bit for bit
+        const float e = fmul(a.agree_w[i], x);  // agree_w 1 (the default): e == x bit for bit
         if (e != 0.0f && ((e > 0.0f) == pos)) {
             num = fadd(num, fmul(a.coef[i], x));
             den = fadd(den, a.coef[i]);
@@ -238,7 +242,10 @@ M3K_HD float ties_element(const MergeArgs& a, const float (&d)[NMAX][EPT], int k
 }
 
 // Stage B on chunk c: reads base and every model once, writes the output once.
-template <int NMAX, bool EXACT, int EPT, int C, int DT>
+// EXT: the round-2 pieces (a.ext: keep mask, dare_div, fma, the TIES vote / divisor variants) are
+// compiled in; the default kernels (EXT = false) run the program without them. Both read agree_w
+// (one multiply per model: cheaper in registers than a branch on it).
+template <int NMAX, bool EXACT, int EPT, int C, int DT, bool EXT = false>
 M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
     const int64_t j0 = chunk_start(c, EPT);
     const bool vec = chunk_vec<EPT>(a, j0);
@@ -259,10 +266,10 @@ M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
         for (int i = 0; i < NMAX; ++i) {
             if (model_on<NMAX, EXACT>(a, i)) {
                 float d[EPT];
-                delta_chunk<EPT, DT>(a, i, j0, vec, b, d);
+                delta_chunk<EPT, DT, EXT>(a, i, j0, vec, b, d);
                 trim<EPT>(a, i, d);
                 if (a.coef_group != kGroupNone) {
-                    if (a.fma) {
+                    if (EXT && a.fma) {
 #pragma unroll
                         for (int k = 0; k < EPT; ++k)
                             m[k] = ffma(load_coef(a.group_coef, gi[k] + i), d[k], m[k]);
@@ -273,7 +280,7 @@ M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
                     }
                 } else {
                     const float coef = a.coef[i];
-                    if (a.fma) {
+                    if (EXT && a.fma) {
 #pragma unroll
                         for (int k = 0; k < EPT; ++k) m[k] = ffma(coef, d[k], m[k]);
                     } else {
@@ -292,18 +299,18 @@ M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
 #pragma unroll
         for (int i = 0; i < NMAX; ++i) {
             if (model_on<NMAX, EXACT>(a, i)) {
-                delta_chunk<EPT, DT>(a, i, j0, vec, b, d[i]);
+                delta_chunk<EPT, DT, EXT>(a, i, j0, vec, b, d[i]);
                 trim<EPT>(a, i, d[i]);
             }
         }
 #pragma unroll
         for (int k = 0; k < EPT; ++k) m[k] = ram_element<NMAX, EXACT, EPT>(a, d, k);
-    } else {
+    } else if constexpr (EXT) {
         float d[NMAX][EPT];
 #pragma unroll
         for (int i = 0; i < NMAX; ++i) {
             if (model_on<NMAX, EXACT>(a, i)) {
-                delta_chunk<EPT, DT>(a, i, j0, vec, b, d[i]);
+                delta_chunk<EPT, DT, EXT>(a, i, j0, vec, b, d[i]);
                 trim<EPT>(a, i, d[i]);
             } else {
 #pragma unroll
@@ -312,6 +319,39 @@ M3K_HD void merge_chunk(const MergeArgs& a, int64_t c) {
         }
 #pragma unroll
         for (int k = 0; k < EPT; ++k) m[k] = ties_element<NMAX, EXACT, EPT>(a, d, k);
+    } else {  // TIES without the vote / divisor variants: the vote as the deltas come in
+        float d[NMAX][EPT];
+        float v[EPT];
+#pragma unroll
+        for (int k = 0; k < EPT; ++k) v[k] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < NMAX; ++i) {
+            if (model_on<NMAX, EXACT>(a, i)) {
+                delta_chunk<EPT, DT, EXT>(a, i, j0, vec, b, d[i]);
+                trim<EPT>(a, i, d[i]);
+                const float w = a.vote_w[i];
+#pragma unroll
+                for (int k = 0; k < EPT; ++k) v[k] = fadd(v[k], fmul(w, d[i][k]));
+            } else {
+#pragma unroll
+                for (int k = 0; k < EPT; ++k) d[i][k] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int k = 0; k < EPT; ++k) {
+            const bool pos = v[k] >= 0.0f;
+            float num = 0.0f, den = 0.0f;
+#pragma unroll
+            for (int i = 0; i < NMAX; ++i) {
+                const float x = d[i][k];
+                const float e = fmul(a.agree_w[i], x);  // agree_w 1 (the default): e == x bit for bit
+                if (model_on<NMAX, EXACT>(a, i) && e != 0.0f && ((e > 0.0f) == pos)) {
+                    num = fadd(num, fmul(a.coef[i], x));
+                    den = fadd(den, a.coef[i]);
+                }
+            }
+            m[k] = a.normalize ? (den != 0.0f ? fdiv(num, den) : 0.0f) : num;
+        }
     }
     if constexpr (C != kNearswap) {
 #pragma unroll

@@ -28,13 +28,14 @@ M3K_HD bool hist_bin(uint32_t x, int64_t prefix, uint32_t& bin) {
 }
 
 // The |d| bit patterns of chunk c of model i (the caller skips elements past numel).
-template <int DT>
+// EXT: with the keep mask and dare_div (a.ext_delta; the kernels without them keep their registers).
+template <int DT, bool EXT>
 M3K_HD void hist_chunk_bits(const MergeArgs& a, int i, int64_t c, uint32_t (&x)[kHistEPT]) {
     const int64_t j0 = c * kHistEPT;
     const bool vec = a.aligned && j0 + kHistEPT <= a.numel;
     float b[kHistEPT], d[kHistEPT];
     base_chunk<kHistEPT, DT>(a, j0, vec, b);
-    delta_chunk<kHistEPT, DT>(a, i, j0, vec, b, d);
+    delta_chunk<kHistEPT, DT, EXT>(a, i, j0, vec, b, d);
 #pragma unroll
     for (int k = 0; k < kHistEPT; ++k) x[k] = abs_bits(d[k]);
 }
@@ -42,14 +43,14 @@ M3K_HD void hist_chunk_bits(const MergeArgs& a, int i, int64_t c, uint32_t (&x)[
 // One thread of the histogram kernels: chunks first, first + stride, ... of model i. Consecutive
 // elements of one bin are counted in registers and handed to flush(bin, count) per run, so the
 // exact zeros DARE leaves cost one atomic per run, not one per element.
-template <int DT, class Flush>
+template <int DT, bool EXT, class Flush>
 M3K_HD void hist_thread(const MergeArgs& a, int i, int64_t prefix, int64_t first, int64_t stride,
                         Flush&& flush) {
     const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
     uint32_t run_bin = 0, run_count = 0;
     for (int64_t c = first; c < nchunks; c += stride) {
         uint32_t x[kHistEPT];
-        hist_chunk_bits<DT>(a, i, c, x);
+        hist_chunk_bits<DT, EXT>(a, i, c, x);
 #pragma unroll
         for (int k = 0; k < kHistEPT; ++k) {
             uint32_t bin;

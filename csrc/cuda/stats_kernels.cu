@@ -8,6 +8,7 @@
 // one bin in registers (hist_thread), one atomic per run.
 #include <cstdint>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "launch.h"
@@ -22,7 +23,7 @@ constexpr int kHistGlobalThreads = 256;
 constexpr size_t kHistSharedBytes = kPass1Bins * sizeof(uint32_t);
 constexpr int64_t kMaxElemsPerHistBlock = int64_t(1) << 30;  // keeps uint32 counts exact
 
-template <int DT, bool SHARED>
+template <int DT, bool SHARED, bool EXT>
 __global__ void __launch_bounds__(1024)
     hist_kernel(const __grid_constant__ MergeArgs a, int model, int64_t prefix, unsigned long long* hist) {
     extern __shared__ uint32_t sub[];
@@ -32,7 +33,7 @@ __global__ void __launch_bounds__(1024)
     }
     const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-    hist_thread<DT>(a, model, prefix, first, stride, [&](uint32_t bin, uint32_t count) {
+    hist_thread<DT, EXT>(a, model, prefix, first, stride, [&](uint32_t bin, uint32_t count) {
         if constexpr (SHARED)
             atomicAdd(&sub[bin], count);
         else
@@ -106,6 +107,17 @@ void with_dtype(int dt, F&& f) {
     }
 }
 
+// with_dtype, and f's second argument std::bool_constant<ext> (the histograms' EXT kernels).
+template <class F>
+void with_dtype_ext(int dt, bool ext, F&& f) {
+    with_dtype(dt, [&](auto d) {
+        if (ext)
+            f(d, std::true_type{});
+        else
+            f(d, std::false_type{});
+    });
+}
+
 void check_model(const MergeArgs& a, int model) {
     if (model < 0 || model >= a.n) throw std::invalid_argument("m3kernels CUDA: model index out of range");
 }
@@ -129,10 +141,11 @@ void launch_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* h
     const int64_t nchunks = (a.numel + kHistEPT - 1) / kHistEPT;
     const int64_t min_grid = (a.numel + kMaxElemsPerHistBlock - 1) / kMaxElemsPerHistBlock;
     const bool shared = prefix < 0 && shared_pass1_fits(device);
-    with_dtype(pair_dtype(a, model), [&](auto dt) {
+    with_dtype_ext(pair_dtype(a, model), a.ext_delta != 0, [&](auto dt, auto ext) {
         constexpr int DT = decltype(dt)::value;
+        constexpr bool EXT = decltype(ext)::value;
         if (shared) {
-            auto kernel = hist_kernel<DT, true>;
+            auto kernel = hist_kernel<DT, true, EXT>;
             check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(kHistSharedBytes)),
                        "histogram shared memory");
@@ -142,7 +155,7 @@ void launch_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* h
             if (grid < min_grid) grid = static_cast<unsigned>(min_grid);
             kernel<<<grid, kHistSharedThreads, kHistSharedBytes, s>>>(a, model, prefix, h);
         } else {
-            auto kernel = hist_kernel<DT, false>;
+            auto kernel = hist_kernel<DT, false, EXT>;
             const int64_t work = (nchunks + kHistGlobalThreads - 1) / kHistGlobalThreads;
             unsigned grid =
                 grid_size(reinterpret_cast<const void*>(kernel), device, kHistGlobalThreads, 0, work);
@@ -163,9 +176,10 @@ void emulate_histogram(const MergeArgs& a, int model, int64_t prefix, uint64_t* 
     check_model(a, model);
     // The device threads' loops, run one thread after the other over a small odd-sized grid.
     constexpr int64_t kEmulatedThreads = 3 * 97;
-    with_dtype(pair_dtype(a, model), [&](auto dt) {
+    with_dtype_ext(pair_dtype(a, model), a.ext_delta != 0, [&](auto dt, auto ext) {
         for (int64_t t = 0; t < kEmulatedThreads; ++t)
-            hist_thread<decltype(dt)::value>(a, model, prefix, t, kEmulatedThreads, HostFlush{hist});
+            hist_thread<decltype(dt)::value, decltype(ext)::value>(a, model, prefix, t, kEmulatedThreads,
+                                                                   HostFlush{hist});
     });
 }
 

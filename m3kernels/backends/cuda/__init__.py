@@ -32,7 +32,6 @@ from m3kernels.backends.param_arrays import (
 )
 from m3kernels.backends.tensor_args import pointer_and_code
 from m3kernels.backends.v2_arrays import (
-    agree_weights_on,
     dare_div_on,
     fma_on,
     has_keep_mask,
@@ -229,8 +228,7 @@ def _v2_args(p, numel: int, device) -> tuple[dict, torch.Tensor | None]:
     if int(p.combine) == 2:
         vote_kind, ties_div, den_floor = ties_variant(p)
         args |= {"vote_kind": vote_kind, "ties_div": ties_div, "den_floor": den_floor}
-        if agree_weights_on(p):
-            args["agree_w"] = [float(x) for x in per_model_f32(p, "agree_w")]
+        args["agree_w"] = [float(x) for x in per_model_f32(p, "agree_w")]
     if dare_div_on(p):
         args |= {"dare_div": True, "dare_den": [float(x) for x in per_model_f32(p, "dare_den")]}
     mask = None
