@@ -388,6 +388,36 @@ def test_keep_mask(be, dtypes, gen):
 
 
 @pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("dtypes", DTYPES[:2] + DTYPES[3:4], ids=IDS)
+def test_ram_and_group_coef_with_mask_and_dare_div(be, dtypes, gen):
+    """The combines without an EXT kernel of their own on CUDA (RAM: the generic kernel) and the group
+    coefficients, with the keep mask and dare_div."""
+    shape, n = (7, 147), 3
+    base, models = inputs(shape, n, dtypes[0], dtypes[1], gen)
+    for m in models[:2]:  # equal to the base in places: RAM's count c varies
+        same = torch.rand(shape, generator=gen) < 0.3
+        m[same] = base[same].to(m.dtype)
+    mask, stride = random_mask(n, base.numel(), gen)
+    for combine, extra in ((RAM, {"ram_eps": 1e-3, "unique_scale": [1.5, 1.0, 0.5]}), (SUM, {})):
+        if combine == SUM:
+            gc = (torch.rand(7 * n, generator=gen) * 2 - 0.5).numpy().astype(np.float32)
+            extra = {"coef_group": 1, "row_len": 147, "group_coef": gc}
+        p = params(
+            n,
+            "dare_linear",
+            recipe_kw={"density": 0.7},
+            combine=combine,
+            keep_mask=mask,
+            mask_stride=stride,
+            mask_scale=[1.25, 0.5, 2.0],
+            dare_div=True,
+            dare_den=[0.7] * n,
+            **extra,
+        )
+        check(be, p, base, models, dtypes[2], {"keep_mask", "dare_div"}, f"combine {combine}")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
 def test_keep_mask_with_trim_window(be, gen):
     numel, n = 1029, 3
     base, models = inputs((numel,), n, BF16, [BF16], gen)
