@@ -3,7 +3,8 @@
 #   bench/gpu_session.sh test      build for the GPU, GPU tests, compute-sanitizer
 #   bench/gpu_session.sh bench     bench/bench_gpu.py and bench/bench_gpu_pipeline.py
 #   bench/gpu_session.sh features  the issue-8 pieces (trim window, group coefficients, nearswap, ram, gram,
-#                                  ram_counts, exact-k ties): their tests, compute-sanitizer, timings (< 8 min)
+#                                  ram_counts, exact-k ties) and the round-2 pieces (V1..V7): their tests,
+#                                  compute-sanitizer, timings (< 9 min)
 # Results go to $OUT (the device tool brings them back): at most 8 files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,12 +23,16 @@ features_tests() {  # the issue-8 kernel pieces on the GPU (both backends, launc
   echo "== issue-8 kernel pieces (trim window, group coefficients, nearswap, ram, gram, ram_counts, ties)" >> "$OUT/$phase.log"
   timeout 200 $PY -m pytest tests/test_kernel_features.py tests/test_kernel_features_gpu.py \
     -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1; echo "features pytest rc=$?" >> "$OUT/$phase.log"
+  echo "== round-2 kernel pieces (keep mask, den_floor, agree_w, fma, count vote / divisor, dare_div)" >> "$OUT/$phase.log"
+  timeout 150 $PY -m pytest tests/test_gpu_kernel_v2.py -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1
+  echo "round-2 pytest rc=$?" >> "$OUT/$phase.log"
 }
 
 features_sanitizer() {  # the issue-8 kernels (merge combines, gram, ram_counts) on small sizes
   for tool in memcheck racecheck; do
     M3K_SANITIZE_SMALL=1 timeout 60 compute-sanitizer --tool $tool --error-exitcode 9 $PY -m pytest \
-      tests/test_kernel_features_gpu.py -k "gpu_" -q -p no:cacheprovider >> "$OUT/sanitizer.log" 2>&1
+      tests/test_kernel_features_gpu.py tests/test_gpu_kernel_v2.py -k "gpu_" -q -p no:cacheprovider \
+      >> "$OUT/sanitizer.log" 2>&1
     echo "features $tool rc=$?" >> "$OUT/sanitizer.log"
   done
 }
@@ -51,12 +56,21 @@ cases = {
     "sum": (p(n), n), "group_row": (p(n, coef_group=1, row_len=cols, group_coef=gc), n),
     "ram": (p(n, combine=4, ram_eps=1e-5), n), "nearswap": (p(1, combine=3, clip_t=0.01), 1),
 }
+def pt(**f):  # round 2 (docs/KERNEL.md V1..V7): TIES with negative weights, fma, keep mask
+    q = make_params(make_recipe(n, has_base=True, method="ties", weights=[1.0, -0.5]), "w", True)
+    return q.with_fields(**f)
+mask = np.random.default_rng(0).integers(0, 256, (n, (base.numel() + 7) // 8), dtype=np.uint8)  # ~50 % kept
+cases |= {
+    "ties": (pt(agree_w=None), n), "ties_agree": (pt(), n), "ties_v2": (pt(den_floor=1e-6), n),
+    "ties_count": (pt(vote_kind=1, ties_div=1), n), "sum_fma": (p(n, fma=True), n),
+    "ties_mask": (pt(keep_mask=mask.reshape(-1), mask_stride=mask.shape[1], mask_scale=[2.0] * n), n),
+}
 gbytes = base.numel() * 2 * (n + 2) / 1e9
 def timed(fn, reps=5):
     fn(); torch.cuda.synchronize(); t = time.perf_counter()
     for _ in range(reps): fn()
     torch.cuda.synchronize(); return (time.perf_counter() - t) / reps
-print(torch.cuda.get_device_name(), f"{rows}x{cols} bf16, n={n}")
+print(torch.cuda.get_device_name(), f"{rows}x{cols} bf16, n={n} (ties_mask: includes the mask's upload)")
 for name, be in (("cuda", cuda), ("triton", triton)):
     for case, (q, k) in cases.items():
         s = timed(lambda: be.merge(q, base, models[:k], out))
