@@ -138,6 +138,19 @@ def test_stage_a_masks_equal_the_reference_for_any_chunking(gen, monkeypatch):
             assert np.array_equal(unpack(mask, stride, i, base.numel()), ref.reshape(-1).numpy()), (shape, i)
 
 
+def test_philox_words_at_any_offset():
+    """Stage A's in-place Philox gives the stream of docs/RANDOMNESS.md at any start and length."""
+    from m3kernels.merge.philox import dare_key, philox4x32_10
+
+    key = dare_key(123, "layers.0.w", 2)
+    whole = dare_uniform_u32(123, "layers.0.w", 2, 5003)
+    for start, count in ((0, 5003), (1, 7), (3, 1), (4, 4), (1001, 2002), (4999, 4)):
+        assert np.array_equal(della.u32_range(key, start, count), whole[start : start + count])
+    q = 2**33 + 5  # counters above 2**32 use the second counter word
+    ctr = np.array([[q & 0xFFFFFFFF, q >> 32, 0, 0]], dtype=np.uint64)
+    assert np.array_equal(della.u32_range(key, 4 * q, 4), philox4x32_10(ctr, key).reshape(-1))
+
+
 def test_keep_probability_rises_with_the_rank():
     """Per rank decile, the kept fraction is the mean of p_r = (d − ε) + 2ε·r/(C − 1) within 5
     binomial standard deviations; the whole keep fraction is d."""
