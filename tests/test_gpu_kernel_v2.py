@@ -722,6 +722,69 @@ def test_stage_a_histograms_see_dare_div_and_mask(be, gen):
         np.testing.assert_array_equal(h[i], np.bincount(keys[i] >> 16, minlength=65536), err_msg=f"model {i}")
 
 
+# ------------------------------------------------------------------------ whole methods
+
+# the methods whose kernels use a round-2 piece (registry features, linear's fma) and TIES with a
+# negative weight (agree_w = vote_w by default), with parameters that exercise them
+V2_METHODS = {
+    "linear": dict(weights=[0.3, 0.61, 1.7]),
+    "ties": dict(density=0.6, weights=[1.0, -0.5, 0.7]),
+    "dare_ties": dict(density=0.7, weights=[1.0, -0.5, 0.7]),
+    "della": dict(density=0.6, epsilon=0.1),
+    "della_linear": dict(density=0.6, epsilon=0.1),
+    "sce": dict(select_topk=0.5),
+    "arcee_fusion": dict(),
+}
+
+
+class EmulatedCuda:
+    """The cuda backend's kernels run on the host, as a backend object for merge_job."""
+
+    FEATURES = cuda_backend.FEATURES if HAVE_CUDA_EXT else frozenset()
+    l1_sums = staticmethod(cuda_backend.emulate_l1_sums) if HAVE_CUDA_EXT else None
+    histogram = staticmethod(cuda_backend.emulate_histogram) if HAVE_CUDA_EXT else None
+    merge = staticmethod(cuda_backend.emulate_merge) if HAVE_CUDA_EXT else None
+    gram = staticmethod(cuda_backend.emulate_gram) if HAVE_CUDA_EXT else None
+    ram_counts = staticmethod(cuda_backend.emulate_ram_counts) if HAVE_CUDA_EXT else None
+    tie_counts = staticmethod(cuda_backend.emulate_tie_counts) if HAVE_CUDA_EXT else None
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("method", list(V2_METHODS))
+def test_methods_on_the_gpu_kernels_equal_cpu(method, be, gen):
+    """merge_tensors on Triton (interpreter) and merge_job with the emulated CUDA kernels give the CPU
+    backend's bytes for the methods built on the round-2 pieces."""
+    import m3kernels
+    from m3kernels.api import merge_job
+    from m3kernels.merge.job import MergeJob
+    from m3kernels.merge.registry import METHODS
+
+    if not have_backend("cpu"):
+        pytest.skip("the CPU backend (m3kernels._C) is the reference here")
+    if method not in METHODS:
+        pytest.skip(f"{method} is not registered")
+    n = 1 if METHODS[method].models[1] == 1 else 3
+    shape = (33, 65)
+    base, models = inputs(shape, n, F32, [F32, BF16], gen, scale=0.1)  # float32 out: fma shows
+    kw = V2_METHODS[method]
+    if "weights" in kw:
+        kw = dict(kw, weights=kw["weights"][:n])
+    want = torch.full(shape, float("nan"), dtype=F32)
+    m3kernels.merge_tensors(base, models, out=want, name="w", backend="cpu", method=method, **kw)
+    assert not torch.isnan(want).any()
+    got = torch.full(shape, float("nan"), dtype=F32)
+    if be == "triton":
+        o = got.to(DEV)
+        m3kernels.merge_tensors(
+            _to(base), [_to(m) for m in models], out=o, name="w", backend="triton", method=method, **kw
+        )
+        got.copy_(o.cpu())
+    else:
+        recipe = make_recipe(n, method=method, has_base=True, **kw)
+        merge_job(MergeJob("w", base, models, F32, recipe, None), EmulatedCuda, got)
+    same_bits(got, want, f"{method} on {be} vs cpu")
+
+
 # ------------------------------------------------------------------------ FEATURES and PTX
 
 
