@@ -361,3 +361,40 @@ def test_bool_parameters_read_like_mergekit(value, expect):
 def test_other_bool_values_are_refused(value):
     with pytest.raises(MergeConfigError, match="parameters.normalize"):
         cfg_for("ties", density=0.5, normalize=value)
+
+
+def test_l1_kept_sums_equal_mergekits_exact_counts_under_ties():
+    """The kept sums behind the factors equal those of exactly k (ties) / the window's T ranks
+    (breadcrumbs) taken from a full sort, on inputs full of ties (the ends tied included)."""
+    from m3kernels.merge.methods.breadcrumbs import window
+    from m3kernels.merge.trim_rescale import l1_factors, window_l1_factors
+
+    g = torch.Generator().manual_seed(1)
+    checked = 0
+    for _ in range(300):
+        n = int(torch.randint(5, 300, (1,), generator=g))
+        sign = torch.randint(0, 2, (n,), generator=g).float() * 2 - 1
+        x = torch.randint(0, 6, (n,), generator=g).float() * 0.25 * sign
+        base = torch.zeros(n)
+        dens, gam = float(torch.rand(1, generator=g)), float(torch.rand(1, generator=g)) * 0.5
+        a = x.abs()
+        srt = torch.sort(a, descending=True).values
+        total = float(a.double().sum())
+
+        def want(kept, total=total):
+            return 1.0 if total < 1e-7 or kept < 1e-7 else float(np.float32(total / kept))
+
+        def bits(v):
+            return int(v.view(torch.int32))
+
+        k = max(1, int(np.floor(dens * n)))
+        if bits(srt[k - 1]) != 0:
+            assert l1_factors(base, [x], [bits(srt[k - 1])], [k])[0] == want(float(srt[:k].double().sum()))
+        w = window(dens, gam, n)
+        if w is not None and w[1] > 0:
+            d0, t = w
+            hi = bits(srt[d0]) if d0 > 0 else 0xFFFFFFFF
+            got = window_l1_factors(base, [x], [bits(srt[d0 + t - 1])], [hi], [w])[0]
+            assert got == want(float(srt[d0 : d0 + t].double().sum())), (n, dens, gam, w)
+            checked += 1
+    assert checked > 100

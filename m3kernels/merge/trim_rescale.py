@@ -38,6 +38,57 @@ def _bits_value(bits: int) -> float:
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
+CHUNK = 1 << 16  # elements per step of the statistics pass (cache-resident temporaries)
+INF_BITS = 0x7F800000  # bits(+inf): a magnitude is finite iff its bits are below
+
+
+def magnitude_stats(base, x, cuts) -> tuple:
+    """One pass over |δ| = |f32(x) − f32(base)| (base None: 0) in chunks: (Σ|δ| over the finite
+    deltas, in float64; and per cut c (bits of |δ|): [Σ finite |δ| with bits > c, #(bits > c),
+    #(bits == c)]). NaN and inf count in the ranks (their bits are above every finite value)
+    but not in the sums, as ``rescale: l1`` (m3kernels/merge/finite.py)."""
+    threads = torch.get_num_threads()
+    if x.device.type == "cpu":
+        torch.set_num_threads(1)  # chunk-sized ops: one thread is faster, much faster on a busy machine
+    try:
+        return _magnitude_stats(base, x, cuts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _magnitude_stats(base, x, cuts) -> tuple:
+    xf = x.reshape(-1)
+    bf = base.reshape(-1) if base is not None else None
+    total = 0.0
+    stats = [[0.0, 0, 0] for _ in cuts]
+    for s in range(0, xf.numel(), CHUNK):
+        d = xf[s : s + CHUNK].to(torch.float32, copy=True)
+        if bf is not None:
+            d.sub_(bf[s : s + CHUNK].to(torch.float32))
+        mag = d.abs_()
+        keys = mag.view(torch.int32)
+        finite = keys < INF_BITS
+        vals = mag if bool(finite.all()) else mag.masked_fill(~finite, 0.0)
+        total += float(vals.sum(dtype=torch.float64))
+        for st, c in zip(stats, cuts):
+            gt = keys > c
+            st[0] += float(torch.where(gt, vals, 0.0).sum(dtype=torch.float64))
+            st[1] += int(gt.sum())
+            st[2] += int((keys == c).sum())
+    return total, stats
+
+
+def _factor(total: float, kept: float) -> float:
+    if total < MERGEKIT_EPS or kept < MERGEKIT_EPS:
+        return 1.0
+    return float(np.float32(total / kept))
+
+
+def _value_or_zero(bits: int) -> float:
+    v = _bits_value(bits)
+    return v if np.isfinite(v) else 0.0  # a non-finite tie adds nothing to the sums
+
+
 def l1_factors(base, models, trim_min, ks) -> list:
     """f_i = f32(Σ|δ_i| / Σ|kept δ_i|) per model (1.0 where mergekit rescales nothing).
 
@@ -50,22 +101,9 @@ def l1_factors(base, models, trim_min, ks) -> list:
         if tb >= TRIM_KEEP_NONE or tb == 0:  # nothing kept, or everything: no rescale
             out.append(1.0)
             continue
-        d = x.float() - base.float() if base is not None else x.float()
-        a = d.abs().reshape(-1)
-        keys = a.view(torch.int32)  # bits(|δ|): non-negative, ordered as the values (NaN above inf)
-        finite = torch.isfinite(a)
-        total = float(torch.where(finite, a, 0.0).double().sum())
-        above = keys > tb
-        kept = float(torch.where(above & finite, a, 0.0).double().sum())
-        thr = _bits_value(tb)
-        if np.isfinite(thr):
-            at = int(((keys == tb) & finite).sum())
-            n_ties = at if ks is None or ks[i] is None else max(0, min(at, int(ks[i]) - int(above.sum())))
-            kept += n_ties * thr
-        if total < MERGEKIT_EPS or kept < MERGEKIT_EPS:
-            out.append(1.0)
-        else:
-            out.append(float(np.float32(total / kept)))
+        total, ((above_sum, n_above, n_at),) = magnitude_stats(base, x, [tb])
+        n_ties = n_at if ks is None or ks[i] is None else max(0, min(n_at, int(ks[i]) - n_above))
+        out.append(_factor(total, above_sum + n_ties * _value_or_zero(tb)))
     return out
 
 
@@ -85,25 +123,19 @@ def window_l1_factors(base, models, trim_min, trim_max, windows) -> list:
             out.append(1.0)
             continue
         d0, t = w
-        d = x.float() - base.float() if base is not None else x.float()
-        a = d.abs().reshape(-1)
-        keys = a.view(torch.int32).to(torch.int64)
-        finite = torch.isfinite(a)
-        total = float(torch.where(finite, a, 0.0).double().sum())
-        upper = hi_b if hi_b < TRIM_MAX_ALL else None
-        inside = (keys > lo_b) if upper is None else ((keys > lo_b) & (keys < upper))
-        kept = float(torch.where(inside & finite, a, 0.0).double().sum())
-        # each threshold's ties occupy descending ranks [#(keys > bits), + #(keys == bits)); as
-        # many of them count as fall in the window [D, D + T)
-        for bits in (upper, lo_b) if upper is not None and upper != lo_b else (lo_b,):
-            v = _bits_value(bits)
-            if np.isfinite(v):
-                start, count = int((keys > bits).sum()), int((keys == bits).sum())
-                kept += _overlap(start, start + count, d0, d0 + t) * v
-        if total < MERGEKIT_EPS or kept < MERGEKIT_EPS:
-            out.append(1.0)
-        else:
-            out.append(float(np.float32(total / kept)))
+        cuts = [lo_b] if hi_b >= TRIM_MAX_ALL or hi_b == lo_b else [lo_b, hi_b]
+        total, stats = magnitude_stats(base, x, cuts)
+        if hi_b == lo_b:  # every kept rank has the one value: only the ties count
+            kept = 0.0
+        else:  # Σ over bits > lo_b, less those at or above the upper cut (if any)
+            kept = stats[0][0]
+            if len(cuts) == 2:
+                kept -= stats[1][0] + stats[1][2] * _value_or_zero(hi_b)
+        # each cut's ties occupy descending ranks [#(bits > c), + #(bits == c)); as many of them
+        # count as fall in the window [D, D + T)
+        for (_, n_gt, n_eq), c in zip(stats, cuts):
+            kept += _overlap(n_gt, n_gt + n_eq, d0, d0 + t) * _value_or_zero(c)
+        out.append(_factor(total, kept))
     return out
 
 
