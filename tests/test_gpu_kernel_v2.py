@@ -722,6 +722,68 @@ def test_stage_a_histograms_see_dare_div_and_mask(be, gen):
         np.testing.assert_array_equal(h[i], np.bincount(keys[i] >> 16, minlength=65536), err_msg=f"model {i}")
 
 
+# ------------------------------------------------------------------------ exact-k ties
+
+
+def exact_k_fields(p, base, models, windows) -> dict:
+    """The exact-k tie fields of ``windows[i] = (D, T)`` (keep ranks D .. D + T - 1 of model i, key
+    descending then flat index ascending) from this file's deltas (after DARE and the keep mask),
+    by a full sort; the prefixes from NumPy counts per 1024-index tie block."""
+    from m3kernels.merge.kernel_params import TRIM_MAX_ALL, tie_prefixes
+
+    _, ds = deltas(p, base, models)
+    numel = models[0].numel()
+    blocks = np.arange(numel) // 1024
+    f = {k: [] for k in ("trim_min", "trim_max", "tie_keep", "tie_skip")}
+    cmin, cmax = [], []
+    for i, (d, t) in enumerate(windows):
+        key = _abs_bits(ds[i]).reshape(-1).numpy()
+        order = np.lexsort((np.arange(numel), -key))
+        lo = int(key[order[d + t - 1]])
+        f["trim_min"].append(lo)
+        f["tie_keep"].append(int((key[order[: d + t]] == lo).sum()))
+        hi = int(key[order[d]]) if d > 0 else TRIM_MAX_ALL
+        f["trim_max"].append(hi)
+        f["tie_skip"].append(int((key[order[: d + 1]] == hi).sum()) - 1 if d > 0 else 0)
+        nb = -(-numel // 1024)
+        cmin.append(np.bincount(blocks[key == lo], minlength=nb))
+        cmax.append(np.bincount(blocks[key == hi], minlength=nb))
+    f["tie_prefix_min"] = tie_prefixes(np.stack(cmin))
+    f["tie_prefix_max"] = tie_prefixes(np.stack(cmax))
+    return f, (np.stack(cmin), np.stack(cmax))
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_exact_k_ties_with_round2_pieces(be, gen):
+    """trim_ties: k (CUDA: its own tie-block kernel) with the keep mask, negative agree weights,
+    den_floor and the count variants: kernel_program's bytes, and tie_counts see the masked deltas."""
+    if "tie_keep" not in KernelParams.__dataclass_fields__ or not kp_has("keep_mask"):
+        pytest.skip("KernelParams' tie fields and kernel_program's keep mask are needed")
+    numel, n = 3001, 3
+    base, models = inputs((numel,), n, BF16, [BF16, F16], gen)
+    w = signed_weights(n, gen)
+    mask, stride = random_mask(n, numel, gen)
+    windows = [(0, 900), (300, 1200), (1400, 1)]
+    cases = [
+        dict(keep_mask=mask, mask_stride=stride, mask_scale=[1.5, 1.0, 0.5], vote_w=w, coef=w, agree_w=w),
+        dict(vote_w=w, coef=w, agree_w=w, den_floor=1e-6),
+        dict(vote_w=w, coef=w, agree_w=w, vote_kind=1, ties_div=1, keep_mask=mask, mask_stride=0),
+    ]
+    for k, fields in enumerate(cases):
+        p = params(n, "dare_ties", recipe_kw={"density": 0.8}, **fields)
+        tf, counts = exact_k_fields(p, base, models, windows)
+        q = p.with_fields(**tf)
+        if be == "cuda":
+            got_counts = cuda_backend.emulate_tie_counts(q, base, models)
+        else:
+            got_counts = triton_backend.tie_counts(q, _to(base), [_to(m) for m in models])
+        for g, want in zip(got_counts, counts):
+            np.testing.assert_array_equal(np.asarray(g), want, err_msg=f"{be} case {k} tie counts")
+        out = torch.full((numel,), float("nan"), dtype=F32)
+        MERGE[be](q, base, models, out)
+        same_bits(out, kp.stage_b(q, base, models, F32, SEED, NAME), f"{be} exact-k case {k}")
+
+
 # ------------------------------------------------------------------------ whole methods
 
 # the methods whose kernels use a round-2 piece (registry features, linear's fma) and TIES with a
