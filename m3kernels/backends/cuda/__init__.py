@@ -8,9 +8,10 @@ what the radix select and the L1 rescale need.
 
 :data:`FEATURES` names the issue-8 pieces of docs/KERNEL.md implemented here (all of them: the trim
 window, per-row / per-column coefficients, the NEARSWAP and RAM combines, :func:`gram`,
-:func:`ram_counts`, and the exact-k tie rule with :func:`tie_counts`). :func:`gram` follows KERNEL.md's summation order exactly (chunks of 65,536
-positions, 16 lanes, then lanes and chunks added in order), so it is bit-identical to the CPU
-backend's whatever the grid. This backend merges whole tensors (``index_offset`` 0).
+:func:`ram_counts`, and the exact-k tie rule with :func:`tie_counts`) and the round-2 pieces V1..V7
+(keep mask, den_floor, agree_w, fma, count vote, count divisor, dare_div; their own EXT kernels).
+:func:`gram` follows KERNEL.md's summation order exactly (chunks of 65,536 positions, 16 lanes, then
+lanes and chunks added in order), so it is bit-identical to the CPU backend's whatever the grid. This backend merges whole tensors (``index_offset`` 0).
 
 The ``emulate_*`` functions run the same kernel code on the host, on CPU tensors: they are how
 the tests check the CUDA kernel bodies on a machine without a GPU.

@@ -10,7 +10,9 @@ Per tensor the only host synchronisations are the read-backs of the histograms a
 sums that stage A exists to produce; stage B launches one kernel and returns. :data:`FEATURES`
 names the issue-8 pieces of docs/KERNEL.md implemented here (all of them: window trim, per-group
 coefficients, NEARSWAP and RAM combines, gram sums in the documented order, RAM counts, and the
-exact-k tie rule with its ``tie_counts``).
+exact-k tie rule with its ``tie_counts``) and the round-2 pieces V1..V7 (keep mask, den_floor,
+agree_w, fma, count vote, count divisor, dare_div), each a ``tl.constexpr`` switch of the kernels so
+the default variants compile as before.
 :func:`gram` follows KERNEL.md's summation order exactly, so it equals the CPU backend's bit for bit
 (in the interpreter it is slow: 4096 dependent steps per chunk of 65,536 positions).
 """
