@@ -7,6 +7,7 @@ Validates the arguments, resolves the method preset (:mod:`m3kernels.merge.recip
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -388,6 +389,8 @@ def trim_thresholds(base, models, *, method, name="", backend="auto", **kwargs) 
             raise ValueError(f"trim_thresholds: method {recipe.method!r} trims a window, not the top k")
         return [None] * recipe.n
     be = get_backend(backend, models[0].device)
+    if recipe.rescale == "l1" and recipe.dare_density is None:  # ties' L1 rescale: thresholds of |δ|
+        recipe = dataclasses.replace(recipe, rescale="none")
     p, _ = prepare(base, models, recipe, name, be)
     if recipe.trim_density is None:
         return [None] * recipe.n

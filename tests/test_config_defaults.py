@@ -398,3 +398,11 @@ def test_l1_kept_sums_equal_mergekits_exact_counts_under_ties():
             assert got == want(float(srt[d0 : d0 + t].double().sum())), (n, dens, gam, w)
             checked += 1
     assert checked > 100
+
+
+def test_trim_thresholds_are_of_the_unscaled_deltas_with_rescale():
+    base, models = tensors(15, n=2, shape=(41, 17))
+    kw = dict(method="ties", density=[0.3, 0.6], backend="cpu")
+    assert m3kernels.trim_thresholds(base, models, rescale=True, **kw) == m3kernels.trim_thresholds(
+        base, models, **kw
+    )
