@@ -249,6 +249,22 @@ def test_tokens_force_zero_model_token_and_padding(fam, tmp_path):
     _close(tensors[EMB][vocab["<alias>"]], fam.row("ft2", EMB, "the").double(), "<alias>")
 
 
+def test_base_source_with_new_tokens(fam, tmp_path):
+    """tokenizer: {source: base, tokens: ...} with tokens the base lacks: added after the base's
+    (mergekit 0.1.5 adds them to the base's own tokenizer and fails with a KeyError)."""
+    tokens = {"<new>": {"source": {"kind": "zero"}}, "<|im_start|>": {"source": str(fam.dirs["ft1"])}}
+    cfg = _cfg(fam, tokenizer={"source": "base", "tokens": tokens})
+    out = tmp_path / "bt"
+    merge_checkpoints(cfg, out, progress=False, device="cpu")
+    tensors, tok = _load(out)
+    vocab = tok.get_vocab()
+    assert set(vocab) == set(fam.vocabs["base"]) | set(tokens)
+    assert all(vocab[t] == i for t, i in fam.vocabs["base"].items())
+    for name in (EMB, HEAD):
+        ref = reference_inputs(fam, ["ft1", "ft2", "base"], "base", vocab, len(vocab), name, tokens)
+        _close(tensors[name], task_arithmetic(ref, "base", {"ft1": 0.6, "ft2": 0.4}), name)
+
+
 def test_linear_without_base_and_three_way_mean(fam, tmp_path):
     """No base model: the first model's tokenizer is the base of the union; a token two of three
     inputs have gets their mean (no base to prefer)."""

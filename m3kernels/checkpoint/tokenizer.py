@@ -446,6 +446,10 @@ def build_vocab_plan(settings: TokenizerSettings, base, models: list, *, paths=(
         else:
             out = load_tokenizer(path, follow_symlinks=False, what=settings.key)
     existing = set(out.get_vocab())
+    if out is stripped and any(t not in existing for t in settings.tokens):
+        # a copy: the base's own vocabulary (its row map below) must not get the new tokens
+        # (mergekit 0.1.5 adds them to the base's tokenizer itself and then fails with a KeyError)
+        out = _fresh_copy(stripped)
     for t in settings.tokens:
         if t not in existing:
             out.add_tokens(t)
