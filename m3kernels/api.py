@@ -150,6 +150,8 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
                 p = p.with_trim(large_tensor_thresholds(p, b, models, backend, ks, numel))
         if recipe.rescale == "l1" and recipe.dare_density is None:  # ties: mergekit's L1 after the trim
             p = rescale_after_trim(p, b, models, ks)
+            if trim_ties.exact(recipe) and ks is not None:  # the moved thresholds: exactly k again
+                p = trim_ties.top_k_params(p, b, models, backend, ks, models[0].numel())
     return p, b
 
 

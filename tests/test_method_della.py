@@ -101,14 +101,18 @@ def test_bit_identical_across_threads_and_backends(backend, gen):
     skip_unless("cpu", "della")
     base, models = make_inputs((67, 301), 3, (torch.bfloat16, [torch.bfloat16]), gen)
     kw = dict(method="della", density=[0.3, 0.5, 0.7], epsilon=0.2, seed=9, name="m.w")
-    threads = torch.get_num_threads()
+    from m3kernels import _C
+
+    threads, kernel_threads = torch.get_num_threads(), _C.get_num_threads()
     outs = []
     try:
-        for t in (1, 2):
+        for t in (1, 2):  # stage A's torch ops and the kernel's OpenMP threads
             torch.set_num_threads(t)
+            _C.set_num_threads(t)
             outs.append(m3kernels.merge_tensors(base, models, backend="cpu", **kw))
     finally:
         torch.set_num_threads(threads)
+        _C.set_num_threads(kernel_threads)
     assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
     dev = "cuda" if backend == "cuda" else "cpu"
     got = m3kernels.merge_tensors(base.to(dev), [m.to(dev) for m in models], backend=backend, **kw).cpu()

@@ -237,3 +237,20 @@ def test_checkpoint_merge_matches_merge_tensors(tmp_path):
             b, [m[name] for m in models], method="ties", density=0.3, trim_ties="k", name=name, out_dtype=BF16
         )
         assert torch.equal(got[name].view(torch.int16), want.view(torch.int16)), name
+
+
+def test_exactly_k_with_the_l1_rescale_after_the_trim():
+    """ties with rescale true (mergekit's L1 rescale after the trim moves the thresholds): still
+    exactly k kept, and the kept values carry one factor Σ|δ| / Σ|kept δ|."""
+    if not have_backend("cpu"):
+        pytest.skip("m3kernels._C is not built")
+    for numel in (1000, 70_001):
+        d, _ = _one_model_kept("cpu", "ties", numel, 0.3)
+        out = m3kernels.merge_tensors(
+            torch.zeros(numel, dtype=BF16), [d], method="ties", density=0.3, rescale=True, trim_ties="k"
+        )
+        k = trim_k(0.3, numel)
+        kept = out != 0
+        assert int(kept.sum()) == k
+        ratio = out.float()[kept] / d.float()[kept]
+        assert float(ratio.max() - ratio.min()) < 0.02 and float(ratio.mean()) > 1.0
