@@ -21,6 +21,8 @@ the TIES election (della) or the weighted sum (della_linear) as for the other ta
 from __future__ import annotations
 
 import math
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -31,6 +33,7 @@ from m3kernels.merge.methods import Staged, require
 from m3kernels.merge.philox import M32, PHILOX_M0, PHILOX_M1, PHILOX_ROUNDS, PHILOX_W0, PHILOX_W1, dare_key
 
 CHUNK = 1 << 20  # elements per stage-A chunk (whole dim-0 slabs; at least one slab)
+WORKERS = 2  # stage-A chunks in flight (NumPy's Philox runs on one core; the sort on torch's threads)
 L1_GUARD = 1e-7  # mergekit's rescale guard: no rescale when Σ|δ| or Σ|δ kept| is below it
 TWO32 = 4294967296.0
 
@@ -123,36 +126,47 @@ def _host_f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32)
 
 
+def _chunk_keep(flat_x, flat_b, s: int, e: int, c: int, inner: int, thr, key) -> tuple:
+    """The keep bits of flat elements s .. e − 1 (whole dim-0 slabs) and their float64
+    (Σ|δ|, Σ|δ|·keep, non-finite count)."""
+    d32 = (_host_f32(flat_x[s:e]) - _host_f32(flat_b[s:e])).view(-1, c, inner)  # the kernel's δ
+    keys = d32.view(torch.int32) & 0x7FFFFFFF  # bits(|δ|): equal keys keep their index order
+    perm = torch.sort(keys, dim=1, stable=True).indices
+    u = torch.from_numpy(u32_range(key, s, e - s).astype(np.int64)).view(perm.shape)
+    keep = torch.empty(perm.shape, dtype=torch.bool)
+    keep.scatter_(1, perm, torch.gather(u, 1, perm) < thr)  # rank r's threshold at its element
+    keep_np = keep.reshape(-1).numpy()
+    a64 = np.abs(d32.reshape(-1).numpy().astype(np.float64))
+    finite = np.isfinite(a64)
+    bad = 0
+    if not finite.all():
+        bad = int(a64.size - np.count_nonzero(finite))
+        a64 = np.where(finite, a64, 0.0)
+    return keep_np, float(np.sum(a64)), float(np.sum(np.where(keep_np, a64, 0.0))), bad
+
+
 def model_keep(base, model, density, epsilon, key, out: np.ndarray) -> tuple[float, float, int]:
     """One model's keep bits packed into ``out`` (uint8[ceil(numel / 8)]), for 0 < density < 1;
-    returns (Σ|δ|, Σ|δ|·keep, non-finite count), float64 over the finite deltas."""
+    returns (Σ|δ|, Σ|δ|·keep, non-finite count), float64 over the finite deltas. Chunks run on
+    :data:`WORKERS` threads, at most that many ahead; their sums are added in chunk order, so the
+    result does not depend on the threads."""
     slabs, c, inner = rank_layout(model.shape)
     slab = c * inner
     rows = max(1, CHUNK // max(1, slab))
     thr = torch.from_numpy(keep_thresholds(density, epsilon, c).astype(np.int64)).view(1, c, 1)
-    flat_x = model.reshape(-1)
-    flat_b = base.reshape(-1)
+    flat_x, flat_b = model.reshape(-1), base.reshape(-1)
+    bounds = [(a0 * slab, min(slabs, a0 + rows) * slab) for a0 in range(0, slabs, rows)]
     packer = _Packer(out)
     total = kept = 0.0
     bad = 0
-    for a0 in range(0, slabs, rows):
-        a1 = min(slabs, a0 + rows)
-        s, e = a0 * slab, a1 * slab
-        d32 = (_host_f32(flat_x[s:e]) - _host_f32(flat_b[s:e])).view(a1 - a0, c, inner)  # the kernel's δ
-        keys = d32.view(torch.int32) & 0x7FFFFFFF  # bits(|δ|): equal keys keep their index order
-        perm = torch.sort(keys, dim=1, stable=True).indices
-        u = torch.from_numpy(u32_range(key, s, e - s).astype(np.int64)).view(a1 - a0, c, inner)
-        keep = torch.empty(perm.shape, dtype=torch.bool)
-        keep.scatter_(1, perm, torch.gather(u, 1, perm) < thr)  # rank r's threshold at its element
-        keep_np = keep.reshape(-1).numpy()
-        a64 = np.abs(d32.reshape(-1).numpy().astype(np.float64))
-        finite = np.isfinite(a64)
-        if not finite.all():
-            bad += int(a64.size - np.count_nonzero(finite))
-            a64 = np.where(finite, a64, 0.0)
-        total += float(np.sum(a64))
-        kept += float(np.sum(np.where(keep_np, a64, 0.0)))
-        packer.add(keep_np)
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        pending = deque()
+        for s, e in bounds:
+            pending.append(pool.submit(_chunk_keep, flat_x, flat_b, s, e, c, inner, thr, key))
+            while len(pending) > WORKERS or (pending and s == bounds[-1][0]):
+                keep_np, t, k, nb = pending.popleft().result()
+                total, kept, bad = total + t, kept + k, bad + nb
+                packer.add(keep_np)
     packer.close()
     return total, kept, bad
 
