@@ -120,7 +120,7 @@ def test_bit_identical_across_threads_and_backends(backend, gen):
 
 
 def test_stage_a_masks_equal_the_reference_for_any_chunking(gen, monkeypatch):
-    """Stage A's bitmask (chunks of dim-0 slabs, packed with carries) is the reference's full-sort
+    """Stage A's bitmask (chunks of dim-0 slabs on 1 or 2 threads, packed with carries) is the reference's full-sort
     mask, bit for bit, for shapes with one element, one column, odd lengths and 3 dims."""
     for shape in [(1,), (13,), (5, 1), (9, 13), (4, 3, 5), (2, 1, 3)]:
         base, models = make_inputs(shape, 3, (torch.bfloat16, [torch.float32, torch.bfloat16]), gen)
@@ -128,8 +128,9 @@ def test_stage_a_masks_equal_the_reference_for_any_chunking(gen, monkeypatch):
             3, method="della", has_base=True, density=[0.5, 0.3, 0.8], epsilon=[0.1, 0.2, 0.15], seed=5
         )
         got = []
-        for chunk in (1, 7, 64, 1 << 20):
+        for chunk, workers in ((1, 2), (7, 1), (7, 2), (64, 2), (1 << 20, 1)):
             monkeypatch.setattr(della, "CHUNK", chunk)
+            monkeypatch.setattr(della, "WORKERS", workers)
             got.append(della.keep_masks(base, models, recipe, "x"))
         for mask, stride, scale in got[1:]:
             assert (
