@@ -372,6 +372,8 @@ METHOD_PARAMS = {
     "model_stock": {"filter_wise": True},
     "della": {"weight": [0.5, 1.0], "density": [0.3, 0.7], "epsilon": 0.1},
     "della_linear": {"weight": 1.0, "density": 0.5, "epsilon": [0.05, 0.2], "rescale": False},
+    "sce": {"select_topk": [0.2, 0.8], "int8_mask": True},
+    "arcee_fusion": {},
 }
 
 
@@ -587,8 +589,8 @@ REJECT = [
     (base_cfg(merge_method="task_arithmetic", base_model=None, parameters=None), "base_model"),
     (base_cfg(merge_method="linear", models=[{"model": "m/a"}]), "base_model"),
     # methods
-    (base_cfg(merge_method="sce"), "merge_method"),
-    (base_cfg(merge_method="arcee_fusion"), "merge_method"),
+    (base_cfg(merge_method="sce", parameters={"select_topk": "half"}), "select_topk"),
+    (base_cfg(merge_method="arcee_fusion"), "models"),  # exactly one model besides the base
     (base_cfg(merge_method="slerp"), "weight"),  # slerp takes t, not weight
     (
         base_cfg(
@@ -686,9 +688,9 @@ def test_rejections_name_the_key(raw, key):
 
 def test_rejections_list_what_is_supported():
     with pytest.raises(MergeConfigError) as ei:
-        load_config(base_cfg(merge_method="sce"))
+        load_config(base_cfg(merge_method="frankenmerge"))
     msg = str(ei.value)
-    assert "mergekit" in msg and all(m in msg for m in sorted(PRESETS))
+    assert all(m in msg for m in sorted(PRESETS))
     with pytest.raises(MergeConfigError) as ei:
         load_config(with_model_params(gamma=0.01))
     assert all(p in str(ei.value) for p in ("gamma", "breadcrumbs", "breadcrumbs_ties"))

@@ -106,7 +106,7 @@ def test_fifo_config_does_not_block(tmp_path):
         ("merge_method: ties\n---\nmerge_method: linear\n", "YAML"),
         ("merge_method: [ties\n", "YAML"),
         ("merge_method: \x1b[31mties\n", ""),
-        ("\ufeffmerge_method: sce\n", "merge_method"),
+        ("\ufeffmerge_method: frankenmerge\n", "merge_method"),
     ],
 )
 def test_odd_yaml(text, match):

@@ -39,7 +39,7 @@ def call(**kw):
         (dict(models=[X, torch.zeros(8, dtype=torch.int32)]), "models"),
         (dict(base=None), "base"),
         (dict(method="task_arithmetic", base=None), "base"),
-        (dict(method="sce"), "method"),
+        (dict(method="frankenmerge"), "method"),
         (dict(method="slerp"), "t"),  # one model, but no t
         (dict(weights=[1.0, 2.0, 3.0]), "weights"),
         (dict(method="linear", weights=[1.0, -1.0]), "weights"),
