@@ -15,7 +15,8 @@ bits are torch's and the same whichever backend runs stage B):
 * τ = f32(Q50 + f32(1.5·f32(Q75 − Q25))); the keep mask importance >= τ (NaN: not kept), packed.
 
 Stage B: the SUM combine with the keep mask, coef 1, lam 1: y = b + d where kept, b + 0 elsewhere.
-The importance array is the one float32 tensor-sized temporary.
+The importance (float32) and its order keys (uint32, for the select) are the two
+tensor-sized temporaries; everything else is chunked.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from m3kernels.merge.methods import Staged, plain_params, require
-from m3kernels.merge.methods.element_select import key_value, kth_largest, order_keys, pack
+from m3kernels.merge.methods.element_select import CHUNK, key_value, kth_largest, order_keys, pack
 
 SOFTMAX_EPS = 1e-8  # mergekit adds it to both softmaxes
 ROW_CHUNK = 1 << 20  # about this many elements per chunk of rows
@@ -89,7 +90,7 @@ def fusion_mask(base, model) -> np.ndarray:
     imp = importance(base, model)
     tau = threshold(imp)
     with np.errstate(invalid="ignore"):
-        return pack(imp >= tau)
+        return np.concatenate([pack(imp[s : s + CHUNK] >= tau) for s in range(0, imp.size, CHUNK)])
 
 
 def prepare(base, models, recipe, name: str, backend) -> Staged:

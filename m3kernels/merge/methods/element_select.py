@@ -29,11 +29,17 @@ _SIGN = np.uint32(0x80000000)
 
 
 def order_keys(v: np.ndarray) -> np.ndarray:
-    """uint32 keys of a float32 array, ordered as the values (-0 = +0, NaN above +inf)."""
-    u = np.ascontiguousarray(v, dtype=np.float32).view(np.uint32)
-    keys = np.where(u >= _SIGN, ~u, u | _SIGN)
-    keys[u == _SIGN] = _SIGN  # -0 -> the key of +0
-    keys[np.isnan(v)] = NAN_KEY
+    """uint32 keys of a float32 array, ordered as the values (-0 = +0, NaN above +inf); computed
+    in chunks, so the keys are the only array of the input's size it allocates."""
+    v = np.ascontiguousarray(v, dtype=np.float32).reshape(-1)
+    keys = np.empty(v.size, dtype=np.uint32)
+    for s in range(0, v.size, CHUNK):
+        c = v[s : s + CHUNK]
+        u = c.view(np.uint32)
+        k = np.where(u >= _SIGN, ~u, u | _SIGN)
+        k[u == _SIGN] = _SIGN  # -0 -> the key of +0
+        k[np.isnan(c)] = NAN_KEY
+        keys[s : s + CHUNK] = k
     return keys
 
 

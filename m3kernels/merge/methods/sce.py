@@ -15,7 +15,7 @@ With task vectors τ_i = f32(x_i) − f32(b) (float32):
   agree_w = 1, coef = w_i, normalize, den_floor = f32(1e-6): y = b + Σ w_i e_i τ_i / max(Σ w_i e_i,
   1e-6), and the mask as one shared keep_mask (mask_stride 0).
 
-Stage A: one pass for σ² (kept as the one float32 tensor-sized temporary, its keys for the select),
+Stage A: one pass for σ² (its uint32 order keys are the one tensor-sized temporary),
 the radix select (:mod:`m3kernels.merge.methods.element_select`), one pass for the mask (n/8
 bytes) and the sums of squares. On the CPU, from chunks of the inputs (GPU tensors are copied
 chunk by chunk), so the statistics are the same bits whichever backend runs stage B.
