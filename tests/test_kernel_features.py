@@ -1023,3 +1023,21 @@ def test_make_params_round2_defaults():
     assert p.agree_w is not p.vote_w
     assert p.fma is bool(getattr(recipe, "fma", False))
     assert (p.vote_kind, p.ties_div, p.den_floor, p.keep_mask, p.dare_div) == (0, 0, 0.0, None, False)
+
+
+@pytest.mark.parametrize("be", feature_backends("fma"))
+@pytest.mark.parametrize("group,shape", GROUP_CASES, ids=str)
+def test_fma_with_group_coef_bits_equal_program(be, group, shape, gen):
+    """Group coefficients honour ``fma`` (sum and mean, n = 1 .. 5, the any-N loop included)."""
+    if "group_coef" not in getattr(backend(be), "FEATURES", ()):
+        pytest.skip(f"{be} lacks 'group_coef'")
+    differs = 0
+    for n, combine in ((1, 0), (3, 1), (5, 0)):
+        base, models = inputs(shape, n, F32, [F32, BF16], gen, device=_device(be))
+        p = group_params(n, True, group, shape, gen, combine=combine).with_fields(fma=True)
+        out, want = run_merge(be, p, base, models, F32)
+        assert_same_bits(out, want, f"{be} fma group {group} n={n}")
+        plain = kp.stage_b(p.with_fields(fma=False), base.cpu(), [m.cpu() for m in models], F32, SEED, NAME)
+        differs += not torch.equal(plain, want)
+    if base.numel() > 1000:
+        assert differs

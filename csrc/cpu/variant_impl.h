@@ -571,7 +571,8 @@ static int combine_class(const TensorArgs& a) {
 }
 
 // With EXT (keep mask, dare_div) only the sum / mean / ties classes get the unrolled model counts
-// (the masked methods' bandwidth path); ram and group coefficients with a mask run the any-N loop.
+// (the masked methods' bandwidth path); ram and group coefficients with a mask, and group
+// coefficients with the fused multiply-add, run the any-N loop (fewer instances to compile).
 template <int DT, bool EXT>
 static MergeBlockFn pick_merge_block_cb(const TensorArgs& a) {
     switch (combine_class(a)) {
@@ -579,9 +580,8 @@ static MergeBlockFn pick_merge_block_cb(const TensorArgs& a) {
             return EXT ? merge_block<0, DT, kCbRam, EXT> : pick_merge_block_nc<DT, kCbRam, EXT>(a.n);
         case kCbGroup:
             return EXT ? merge_block<0, DT, kCbGroup, EXT> : pick_merge_block_nc<DT, kCbGroup, EXT>(a.n);
-        case kCbGroupFma:
-            return EXT ? merge_block<0, DT, kCbGroupFma, EXT>
-                       : pick_merge_block_nc<DT, kCbGroupFma, EXT>(a.n);
+        case kCbGroupFma:  // no method asks for it on the bandwidth path: the any-N loop
+            return merge_block<0, DT, kCbGroupFma, EXT>;
         case kCbTiesExt:
             return pick_merge_block_nc<DT, kCbTiesExt, EXT>(a.n);
         case kCbPlainFma:
