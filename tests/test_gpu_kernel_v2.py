@@ -13,8 +13,7 @@ Stage B is compared bit for bit with :func:`program`, a float32 transcription of
 V1..V7 written here from the contract (torch operations, one rounding each, in the documented order;
 the fused multiply-add from float64 with the one double-rounding case resolved exactly), with
 tests/kernel_program.py once it has the piece, and with the CPU backend once its ``FEATURES`` lists
-it. Until KernelParams has a field, :func:`with_v2` attaches it to a proxy (the backends read every
-new field with ``getattr``).
+it (the backends read every new field with ``getattr``, so they also run KernelParams without it).
 """
 
 from __future__ import annotations
@@ -50,34 +49,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 # ------------------------------------------------------------------------ parameters
 
 
-class _Proxy:
-    """A KernelParams with extra (not yet declared) fields: attribute reads fall back to ``p``."""
-
-    def __init__(self, p, extra):
-        self._p = p
-        self.__dict__.update(extra)
-
-    def __getattr__(self, name):
-        return getattr(self.__dict__["_p"], name)
-
-    def with_fields(self, **changes):
-        return with_v2(self._p, **({k: v for k, v in self.__dict__.items() if k != "_p"} | changes))
-
-    def with_trim(self, lo, hi=None):
-        return with_v2(self._p.with_trim(lo, hi), **{k: v for k, v in self.__dict__.items() if k != "_p"})
-
-
-def with_v2(p, **fields):
-    """``p`` with ``fields`` set: declared KernelParams fields through with_fields, the others on a proxy."""
-    declared = {k: v for k, v in fields.items() if k in KernelParams.__dataclass_fields__}
-    extra = {k: v for k, v in fields.items() if k not in KernelParams.__dataclass_fields__}
-    q = p.with_fields(**declared) if declared else p
-    return _Proxy(q, extra) if extra else q
-
-
 def params(n, method="task_arithmetic", has_base=True, recipe_kw=None, **fields):
+    """make_params of ``method`` with ``fields`` replaced (with_fields casts the arrays)."""
     recipe = make_recipe(n, has_base=has_base, method=method, seed=SEED, **(recipe_kw or {}))
-    return with_v2(make_params(recipe, NAME, has_base), **fields)
+    p = make_params(recipe, NAME, has_base)
+    return p.with_fields(**fields) if fields else p
 
 
 def field(p, name, default=None):
@@ -263,9 +239,9 @@ def references(p, base, models, out_dtype, features) -> list:
     """[(name, result)]: this file's program, kernel_program's stage_b and the CPU backend where
     they have every piece in ``features``."""
     refs = [("program", program(p, base, models, out_dtype))]
-    if all(kp_has(KP_WORD[f]) for f in features) and isinstance(p, KernelParams):
+    if all(kp_has(KP_WORD[f]) for f in features):
         refs.append(("kernel_program", kp.stage_b(p, base, models, out_dtype, SEED, NAME)))
-    if all(cpu_has(f) for f in features) and isinstance(p, KernelParams):
+    if all(cpu_has(f) for f in features):
         from m3kernels.backends import cpu
 
         out = torch.full(models[0].shape, float("nan"), dtype=out_dtype)
@@ -438,8 +414,7 @@ def test_keep_mask_checks(be, gen):
         MERGE[be](params(2, keep_mask=mask[:-1], mask_stride=stride), base, models, out)
     with pytest.raises(ValueError, match="keep_mask"):
         p = params(2, keep_mask=mask, mask_stride=stride)
-        p = dataclasses.replace(p, keep_mask=mask.astype(np.int32)) if isinstance(p, KernelParams) else p
-        p.keep_mask = mask.astype(np.int32)  # with_fields would cast it
+        p = dataclasses.replace(p, keep_mask=mask.astype(np.int32))  # with_fields would cast it
         MERGE[be](p, base, models, out)
     with pytest.raises(ValueError, match="mask_stride"):
         MERGE[be](params(2, keep_mask=mask, mask_stride=-1), base, models, out)
