@@ -565,3 +565,27 @@ def test_relative_paths_next_to_the_config(tmp_path, monkeypatch):
     assert set(vocab) == set(fam.vocabs["ft2"]) | {"<|im_end|>"}
     # ft1's <|im_end|> row in every input (only ft1 has it): the merge gives it back
     _close(tensors[EMB][vocab["<|im_end|>"]], fam.row("ft1", EMB, "<|im_end|>").double(), "<|im_end|>")
+
+
+def test_union_ids_follow_each_inputs_id_order():
+    """The ids the union gives new tokens follow the inputs' own id order, not the order of a
+    hash map (tokenizers' get_vocab() changes its order from run to run), so a union merge
+    writes the same tokenizer every time."""
+    from tokenizer_models import BASE_MERGES, make_tokenizer
+
+    from m3kernels.checkpoint.tokenizer import _Loaded, _union
+
+    letters = "bcdfghjklmpqstvwxyz"
+    merges = [(a, b) for a in letters[:6] for b in "aeiou"]  # 30 new plain tokens
+    base = make_tokenizer()
+    other = make_tokenizer(BASE_MERGES + tuple(merges), added=(("<tool>", False),))
+    size = len(other.get_vocab())
+    out = _union(
+        base, [_Loaded(None, base, None, len(base.get_vocab())), _Loaded(None, other, size, size)], []
+    )
+    got, theirs = out.get_vocab(), other.get_vocab()
+    new = [t for t in theirs if t not in base.get_vocab()]
+    assert len(new) == 31
+    by_theirs = sorted(new, key=theirs.__getitem__)
+    assert sorted(new, key=got.__getitem__) == by_theirs
+    assert [got[t] for t in by_theirs] == list(range(len(base.get_vocab()), len(got)))

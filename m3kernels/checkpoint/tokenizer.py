@@ -356,10 +356,12 @@ def _union(base_tok, inputs: list, notes: list):
         tok = iv.tokenizer
         decoder = tok.added_tokens_decoder
         added_names = {info.content for info in decoder.values()}
-        for t, i in tok.get_vocab().items():
+        # in id order: get_vocab()'s order comes from a hash map (it changes from run to run),
+        # and the new tokens' ids must not (mergekit's union order is a Python set's)
+        for t, i in sorted(tok.get_vocab().items(), key=lambda kv: kv[1]):
             if i < iv.size and t not in added_names and t not in plain:
                 plain[t] = True
-        for i, info in decoder.items():
+        for i, info in sorted(decoder.items()):
             if i >= iv.size:
                 continue
             prev = added.get(info.content)
