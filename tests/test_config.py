@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from m3kernels.checkpoint.config import MergeConfig, MergeConfigError, load_config
-from m3kernels.merge.recipe import PRESETS, make_recipe
+from m3kernels.merge.recipe import DEFAULT_TRIM_DENSITY, PRESETS, make_recipe
 from m3kernels.merge.reference import reference_merge
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "python" / "configs"
@@ -333,9 +333,9 @@ def test_drop_rate_and_density_for_dare_methods():
     )
     kw = cfg.tensor_kwargs("model.layers.1.mlp.up_proj.weight", 2)
     assert kw["drop_rate"] == pytest.approx([0.9, 0.5])
-    assert kw["density"] == [1.0, 0.3]  # a config's unset trim density: mergekit's 1
+    assert kw["density"] == [DEFAULT_TRIM_DENSITY, 0.3]  # ties_dare is ours: its own default
     rec = make_recipe(2, method="ties_dare", has_base=True, **kw)
-    assert rec.dare_density == pytest.approx((0.1, 0.5)) and rec.trim_density == (1.0, 0.3)
+    assert rec.dare_density == pytest.approx((0.1, 0.5)) and rec.trim_density == (0.2, 0.3)
 
 
 def test_numbers_written_as_strings():

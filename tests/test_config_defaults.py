@@ -45,18 +45,21 @@ def tensors(seed, n=2, shape=(37, 29), dtype=torch.float32):
 # ------------------------------------------------------------------ D6 / D7: density defaults to 1
 
 
-@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_dare"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
 def test_trim_density_defaults_to_one_in_a_config(method):
-    top = {"drop_rate": 0.5} if method == "ties_dare" else {}
-    rec, kw = recipe_of(cfg_for(method, **top))
+    rec, kw = recipe_of(cfg_for(method))
     assert kw["density"] == [1.0, 1.0]
     assert rec.trim_density == (1.0, 1.0)
     # the tensor API keeps its documented default
-    api = make_recipe(
-        2, method=method, has_base=True, **({"drop_rate": 0.5} if method == "ties_dare" else {})
-    )
-    expect = DEFAULT_TRIM_DENSITY if method in ("ties", "ties_dare") else 1.0
-    assert api.trim_density == (expect, expect)
+    expect = DEFAULT_TRIM_DENSITY if method == "ties" else 1.0
+    assert make_recipe(2, method=method, has_base=True).trim_density == (expect, expect)
+
+
+def test_ties_dare_is_ours_and_keeps_its_defaults_in_a_config():
+    rec, _ = recipe_of(cfg_for("ties_dare", drop_rate=0.5))
+    assert rec.trim_density == (DEFAULT_TRIM_DENSITY,) * 2 and rec.rescale == "density"
+    rec, _ = recipe_of(cfg_for("ties_dare", drop_rate=0.5, rescale=True))
+    assert rec.rescale == "density"
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
@@ -121,9 +124,9 @@ def test_dare_linear_without_density_drops_nothing():
     "value,mode",
     [(None, "l1"), (True, "l1"), ("l1", "l1"), ("density", "density"), (False, "none")],
 )
-@pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "ties_dare"])
+@pytest.mark.parametrize("method", ["dare_linear", "dare_ties"])
 def test_rescale_in_a_config(method, value, mode):
-    top = {"density": 0.5} if method != "ties_dare" else {"drop_rate": 0.5}
+    top = {"density": 0.5}
     if value is not None:
         top["rescale"] = value
     rec, _ = recipe_of(cfg_for(method, **top))

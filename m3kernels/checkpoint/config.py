@@ -424,9 +424,10 @@ def parse_setting(raw, name: str, key: str, method: Method | str) -> Setting:
 
 def _mergekit_densities(method: Method, dens: list, drops: list) -> list:
     """The per-model densities with mergekit's default filled in where a model sets none: 1.0
-    (no trim, no drop) for every method that takes density (docs/MERGEKIT_PARITY.md D6, D7).
-    A DARE model with a drop_rate keeps it (density = 1 − drop_rate); ``ties_dare``'s density
-    is its trim. The tensor API keeps its own defaults (ties 0.2; DARE needs a density)."""
+    (no trim, no drop) for every mergekit method that takes density (docs/MERGEKIT_PARITY.md D6,
+    D7; the registry's ``config_default``). A DARE model with a drop_rate keeps it (density =
+    1 − drop_rate). The tensor API keeps its own defaults (ties 0.2; DARE needs a density), and
+    so does ``ties_dare`` (ours) in a config."""
     p = method.param("density")
     if p is None or not p.config:
         return dens
@@ -438,11 +439,14 @@ def _mergekit_densities(method: Method, dens: list, drops: list) -> list:
 
 
 def config_rescale(method: Method, value):
-    """A DARE method's ``rescale`` as a config means it, for make_recipe: true (and unset: the
-    default) is mergekit 0.1.5's L1 norm-preserving rescale ('l1', D8); 'density' the DARE
-    paper's × 1/density (the tensor API's true); false no rescale."""
+    """A DARE method's ``rescale`` as a config means it, for make_recipe: for mergekit's methods
+    (dare_linear, dare_ties) true (and unset: the default) is mergekit 0.1.5's L1
+    norm-preserving rescale ('l1', D8), 'density' the DARE paper's × 1/density (the tensor API's
+    true), false no rescale; ``ties_dare`` (ours) keeps the API's meaning."""
     p = method.param("rescale")
-    if value is None and p is not None:
+    if p is None or p.config_default != "l1":  # ties_dare (ours): the API's meaning
+        return value
+    if value is None:
         value = p.config_default
     return "l1" if value is True else value
 

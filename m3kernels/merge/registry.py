@@ -202,7 +202,8 @@ def _lambda(config: bool = True) -> Param:
     return Param("lambda", "lambda_", MERGE_WIDE, NUMBER, 1.0, "scale s of the merged delta", config=config)
 
 
-def _trim_density(default) -> Param:
+def _trim_density(default, config_default=1.0) -> Param:
+    """``config_default``: mergekit's 1 (no trim) for its methods; None (= ``default``) for ours."""
     return Param(
         "density",
         "density",
@@ -210,7 +211,7 @@ def _trim_density(default) -> Param:
         FRACTION,
         default,
         "fraction of the largest |δ| the magnitude trim keeps (k = max(1, ⌊density·n⌋); 0: none)",
-        config_default=1.0,
+        config_default=config_default,
     )
 
 
@@ -251,7 +252,18 @@ def _drop_rate(required: bool) -> Param:
     )
 
 
-def _rescale() -> Param:
+def _rescale(mergekit: bool = True) -> Param:
+    """``mergekit``: a mergekit method, whose config ``true`` (and default) is the L1 rule."""
+    if not mergekit:  # ties_dare (ours): true is × 1/density in a config too
+        return Param(
+            "rescale",
+            "rescale",
+            MERGE_WIDE,
+            RESCALE,
+            True,
+            "kept values × 1/density (true, density), unscaled (false), or × Σ|δ| / Σ|δ kept| (l1)",
+            gradient=False,
+        )
     return Param(
         "rescale",
         "rescale",
@@ -393,9 +405,9 @@ register(
         program=Program(uses_base=True, combine=TIES, dare=True, trim=True, normalize_default=True),
         params=(
             _weight(),
-            _trim_density(DEFAULT_TRIM_DENSITY),
+            _trim_density(DEFAULT_TRIM_DENSITY, config_default=None),
             _drop_rate(True),
-            _rescale(),
+            _rescale(mergekit=False),
             _normalize(True, _TIES_NORM),
             _lambda(),
             _INT8_MASK,
