@@ -1,7 +1,8 @@
 """PEFT LoRA adapters as merge inputs: ``model: path/to/base+path/to/adapter``.
 
 mergekit 0.1.5 reads such a reference as a base model and a PEFT adapter folder
-(``adapter_config.json`` + ``adapter_model.safetensors``); it loads both with transformers and
+(``adapter_config.json`` + ``adapter_model.safetensors``, or older PEFT's ``adapter_model.bin``,
+read here only with ``allow_bin``); it loads both with transformers and
 PEFT, calls ``merge_and_unload`` and saves a merged copy of the whole model before merging.
 Here the adapter is applied tensor by tensor while the merge streams, with the same arithmetic
 as that PEFT merge, and no merged copy is written anywhere:
