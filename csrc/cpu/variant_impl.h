@@ -207,6 +207,11 @@ M3K_INLINE vu dare_words(const ModelIn& m, int64_t k, int rem) {
 template <bool PARTIAL>
 M3K_INLINE vi mask_lanes(const ModelIn& m, int64_t g, int rem) {
     const int64_t J = m.mask_off + g;
+    if (!PARTIAL && W >= 8 && (J & 7) == 0) {  // byte-aligned (index_offset % 8 == 0): W / 8 bytes
+        uint16_t w = 0;
+        __builtin_memcpy(&w, m.mask + (J >> 3), W / 8);
+        return lanes_of(w);
+    }
     const int64_t b0 = J >> 3, b1 = (J + (PARTIAL ? rem : W) - 1) >> 3;
     uint64_t word = 0;
     for (int64_t q = b0; q <= b1; ++q) word |= uint64_t(m.mask[q]) << (8 * (q - b0));
