@@ -188,6 +188,12 @@ def _traced(base, models, out) -> bool:
     return any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in ts)
 
 
+# merge_tensors keywords of fisher / regmean only (m3kernels.merge.methods.data_aware)
+_DATA_AWARE = ("fisher", "regmean")
+_NOT_DATA_AWARE_KWARGS = ("base", "models", "method", "out", "out_dtype", "name", "backend")  # torch code
+_DATA_AWARE_KEYWORDS = ("fishers", "grams", "floor", "floor_mode", "ridge", "transposed", "precision")
+
+
 def merge_tensors(
     base,
     models,
@@ -222,6 +228,13 @@ def merge_tensors(
     filter_wise=None,
     select_topk=None,
     trim_ties=None,
+    fishers=None,
+    grams=None,
+    floor=None,
+    floor_mode=None,
+    ridge=None,
+    transposed=None,
+    precision=None,
 ) -> torch.Tensor:
     """Merge one tensor of N fine-tuned models (and an optional base) by ``method``.
 
@@ -305,6 +318,17 @@ def merge_tensors(
         trim_ties: ``ties``, ``ties_dare``, ``breadcrumbs*``: ``"all"`` (default: every element
             tied with a trim threshold is kept) or ``"k"`` (exactly k kept per model, ties broken
             by the lowest flat index; the same on every backend whose FEATURES have trim_ties_k).
+        fishers: ``fisher``: one diagonal-Fisher tensor per model (the tensor's shape; float32,
+            bfloat16, float16 or float64; ``m3kernels stats fisher``), required. θ = Σ cᵢF̃ᵢθᵢ /
+            Σ cᵢF̃ᵢ per element, cᵢ = wᵢ·rᵢ (docs/DATA_AWARE.md): ``floor`` (>= 0, default 1e-6)
+            and ``floor_mode`` (``"max"``: F̃ = max(F, floor), default; ``"add"``: F + floor).
+        grams: ``regmean``: one Gram matrix XᵀX of the layer's inputs per model ([in, in];
+            ``m3kernels stats regmean``), required; the tensor is a linear weight [out, in]
+            (``transposed=True``: [in, out]). ``alpha`` (in [0, 1], default 0.1) scales the
+            off-diagonal, ``ridge`` (>= 0, default 0) adds ridge·mean(diag)·I, ``precision``
+            ``"float64"`` (CPU Cholesky, default) or ``"float32"`` (on the Grams' device, residual
+            checked). ``fisher`` and ``regmean`` do not use ``base`` and run
+            :mod:`m3kernels.merge.data_aware` (torch code, not the fused kernel).
 
     Returns:
         ``out`` (allocated when not given) holding the merged tensor.
@@ -313,8 +337,17 @@ def merge_tensors(
         ValueError: naming the offending argument (unknown method, bad shape, dtype or device,
             value out of range, a parameter the method does not take, a missing base).
     """
+    if isinstance(method, str) and method.strip().lower() in _DATA_AWARE:  # statistics: not the kernel
+        kwargs = {k: v for k, v in locals().items() if k not in _NOT_DATA_AWARE_KWARGS}
+        from m3kernels.merge.methods.data_aware import merge_data_aware
+
+        return merge_data_aware(base, models, method, kwargs, out=out, out_dtype=out_dtype, name=name)
     if _traced(base, models, out):  # torch.compile, meta or fake tensors: the custom op (ops.py)
-        kwargs = {k: v for k, v in locals().items() if k not in ("base", "models")}
+        kwargs = {
+            k: v
+            for k, v in locals().items()
+            if k not in ("base", "models") and not (k in _DATA_AWARE_KEYWORDS and v is None)
+        }
         from m3kernels.ops import merge_tensors as op_merge
 
         return op_merge(base, models, **kwargs)
@@ -347,6 +380,13 @@ def merge_tensors(
         filter_wise=filter_wise,
         select_topk=select_topk,
         trim_ties=trim_ties,
+        fishers=fishers,
+        grams=grams,
+        floor=floor,
+        floor_mode=floor_mode,
+        ridge=ridge,
+        transposed=transposed,
+        precision=precision,
     )
     if thresholds is not None:
         if recipe.trim_density is None or recipe.family is not None:

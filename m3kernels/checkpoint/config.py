@@ -313,6 +313,10 @@ def lax_bool(value) -> bool | None:
 
 def _leaf(value, kind: str, key: str):
     """Check and normalise one scalar value of a parameter of the given kind."""
+    if kind == "path":  # fisher / regmean statistics folder (m3kernels.checkpoint.data_aware_run)
+        if isinstance(value, str) and value.strip():
+            return value
+        raise MergeConfigError(f"{key}: expected a statistics folder path (string), got {_short(value)}")
     if kind == "choice":  # trim_ties: the value is checked against its choices by make_recipe
         if isinstance(value, str):
             return value.strip().lower()
@@ -572,7 +576,7 @@ class MergeConfig:
             lam = self._merge_wide("lambda", tensor_name, t)
             out["lambda_"] = 1.0 if lam is None else float(lam)
         for p in method.params:  # the method's own parameters
-            if p.name in GENERIC_PARAMS or not p.config:
+            if p.name in GENERIC_PARAMS or not p.config or not p.api:  # no API keyword: config only
                 continue
             if p.scope == PER_MODEL:
                 vals = self._per_model(p.name, tensor_name, t)
@@ -1014,6 +1018,10 @@ def _check_top_level_keys(raw: dict) -> list:
 # the parse then goes on and reports its own): every blocker of a config is reported at once.
 # A feature that gets supported removes its message from its check (or its entry from here).
 CONFIG_CHECKS: list = [_check_top_level_keys]
+
+from m3kernels.checkpoint.data_aware_run import check_statistics_keys  # noqa: E402  (fisher, regmean)
+
+CONFIG_CHECKS.append(check_statistics_keys)
 
 
 def _parse_tokenizer_source(raw: dict, base, models):

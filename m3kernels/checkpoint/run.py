@@ -356,6 +356,23 @@ def merge_checkpoints(
             plan.rank_shares = assign_shards(plan.shards, world)
         if strict:
             check_finite_inputs(plan, progress)
+        if cfg.method in ("fisher", "regmean"):  # statistics from data: m3kernels.checkpoint.data_aware_run
+            from m3kernels.checkpoint.data_aware_run import merge_data_aware_config
+
+            return merge_data_aware_config(
+                cfg,
+                cfg_dir,
+                models,
+                opened,
+                plan,
+                out_dir,
+                dry_run=dry_run,
+                force=force,
+                resume=resume,
+                progress=progress,
+                device=device,
+                distributed=bool(distributed),
+            )
         if dry_run:
             return plan
         if distributed:

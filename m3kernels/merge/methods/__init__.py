@@ -21,7 +21,16 @@ from m3kernels.errors import M3KError
 from m3kernels.merge.kernel_params import KernelParams, make_params
 from m3kernels.merge.registry import SUM
 
-FAMILIES = ("passthrough", "elementwise", "breadcrumbs", "gram", "della", "sce", "arcee_fusion")
+FAMILIES = (
+    "passthrough",
+    "elementwise",
+    "breadcrumbs",
+    "gram",
+    "della",
+    "sce",
+    "arcee_fusion",
+    "data_aware",
+)
 
 
 @dataclass

@@ -1,0 +1,304 @@
+"""Config merges with ``merge_method: fisher`` or ``regmean`` (statistics from ``m3kernels stats``).
+
+A config names each model's statistics folder as ``models[i].parameters.fisher: PATH`` (or
+``gram: PATH``; relative paths: from the working directory, else the config's folder, as model
+paths). :func:`check_statistics_keys` (one of the config parser's ``CONFIG_CHECKS``) reports
+every missing or malformed statistics key with the config's other blockers. After the config is
+parsed, the inputs opened and the plan built, :func:`merge_data_aware_config` (called by
+:func:`m3kernels.checkpoint.run.merge_checkpoints`) opens every statistics folder, checks its
+kind and its model fingerprint against the model's, and every statistics tensor the merge will
+read (``--dry-run`` stops there: the plan, with one note per folder); then it runs
+:func:`m3kernels.datastats.merge_checkpoints_data_aware` under the output lock with the config's
+weights, the plan's M³ ratios, seed, output dtype and the method's parameters.
+
+Not yet wired through the main planner's writer: no journal, so ``--resume`` is refused (a
+merge that dies starts over), and the output is written by the data-aware merge's own streamed
+writer (the same shard layout and metadata record, ``m3kernels_merge.json``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger("m3kernels")
+
+METHODS = {"fisher": "fisher", "regmean": "gram"}  # method -> the per-model statistics key
+# config-only parameters (no merge_tensors keyword) -> merge_checkpoints_data_aware's keyword
+CONFIG_ONLY = {"fisher_normalize": "normalize", "fallback": "fallback", "gram_normalize": "gram_normalize"}
+# merge_tensors keywords -> merge_checkpoints_data_aware's
+API_KEYWORDS = {
+    "floor": "floor",
+    "floor_mode": "floor_mode",
+    "alpha": "alpha",
+    "ridge": "ridge",
+    "precision": "precision",
+}
+UNSUPPORTED_TOP = ("tokenizer_source", "tokenizer", "chat_template")
+
+
+def _method_of(raw: dict) -> str | None:
+    m = raw.get("merge_method")
+    return m.strip().lower() if isinstance(m, str) and m.strip().lower() in METHODS else None
+
+
+def _is_filters(value) -> bool:
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, dict) for v in value))
+
+
+def _config_only_choices(method: str, top: dict) -> list:
+    """The config-only choices (fisher_normalize, fallback, gram_normalize: no merge_tensors
+    keyword, so make_recipe does not see them) checked against their values."""
+    from m3kernels.merge.registry import CHOICE, get_method
+
+    out = []
+    for p in get_method(method).params:
+        if p.kind == CHOICE and not p.api and p.name in top and not _is_filters(top[p.name]):
+            v = top[p.name]
+            if not (isinstance(v, str) and v.strip().lower() in p.choices):
+                out.append(f"parameters.{p.name}: must be one of {', '.join(p.choices)}, got {v!r}")
+    return out
+
+
+def check_statistics_keys(raw: dict) -> list:
+    """The blockers of a fisher / regmean config the generic parser does not see: a model without
+    its statistics folder, a folder given at the top level (one folder for every model), filters
+    on a parameter (these methods take one value per model / merge), a config-only choice out of
+    its values, a LoRA reference (the statistics fingerprint a checkpoint folder), and the keys
+    the data-aware writer does not implement. One message each; [] for any other method."""
+    method = _method_of(raw)
+    if method is None:
+        return []
+    key = METHODS[method]
+    out = []
+    top = raw.get("parameters")
+    if isinstance(top, dict):
+        if top.get(key) is not None:
+            out.append(
+                f"parameters.{key}: per model only (each model has its own statistics folder): "
+                f"set models[i].parameters.{key}"
+            )
+        for name, value in top.items():
+            if _is_filters(value):
+                out.append(
+                    f"parameters.{name}: method {method!r} takes one value (no filters by tensor name)"
+                )
+        out += _config_only_choices(method, top)
+    for name in UNSUPPORTED_TOP:
+        if raw.get(name) is not None:
+            out.append(
+                f"{name}: not implemented for {method} yet (the output gets model 0's tokenizer files)"
+            )
+    entries = raw.get("models")
+    if not isinstance(entries, list):
+        return out
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            continue  # the parser reports it
+        model = entry.get("model")
+        if isinstance(model, str) and "+" in model:
+            out.append(
+                f"models[{i}].model: a LoRA reference (MODEL+ADAPTER) is not supported with merge_method "
+                f"{method} (the statistics are of a checkpoint folder: merge the adapter first)"
+            )
+        params = entry.get("parameters")
+        params = params if isinstance(params, dict) else {}
+        value = params.get(key)
+        if value is None:
+            out.append(
+                f"models[{i}].parameters.{key}: required for merge_method {method}: the folder of this "
+                f"model's statistics (m3kernels stats {method} MODEL DATA OUT)"
+            )
+        elif not isinstance(value, str) or not value.strip():
+            out.append(
+                f"models[{i}].parameters.{key}: expected a statistics folder path (string), got {value!r}"
+            )
+        for name, v in params.items():
+            if name != key and _is_filters(v):
+                out.append(
+                    f"models[{i}].parameters.{name}: method {method!r} takes one value per model "
+                    f"(no filters by tensor name)"
+                )
+    return out
+
+
+def _options(cfg, first_tensor: str) -> tuple[list, dict]:
+    """(weights, merge_checkpoints_data_aware's method keywords) from a parsed config."""
+    from m3kernels.merge.registry import get_method
+
+    method = get_method(cfg.method)
+    kw = cfg.kwargs_at(first_tensor, 0.0)  # one value per model / merge (no gradients, no filters)
+    weights = list(kw.get("weights") or [1.0] * len(cfg.models))
+    opts = {}
+    for p in method.params:
+        if p.api in API_KEYWORDS:  # unset: the registry's default
+            opts[API_KEYWORDS[p.api]] = p.default if kw.get(p.api) is None else kw[p.api]
+        elif p.name in CONFIG_ONLY and p.config:
+            s = cfg.parameters.get(p.name)
+            value = p.default if s is None else s.at(first_tensor, 0.0)
+            opts[CONFIG_ONLY[p.name]] = value
+    if "alpha" in opts:
+        opts["alpha"] = float(opts["alpha"])
+    return weights, opts
+
+
+def statistics_paths(cfg, cfg_dir) -> list:
+    """Each model's statistics folder, resolved as model paths are."""
+    from m3kernels.checkpoint.inputs import _resolve_model_path
+
+    key = METHODS[cfg.method]
+    return [_resolve_model_path(params[key].value, cfg_dir) for params in cfg.model_parameters]
+
+
+def check_statistics(cfg, cfg_dir, models, plan) -> list:
+    """Open every statistics folder: finished, of the method's kind, computed from its model
+    (fingerprint), holding a statistics tensor of the right shape for every tensor the merge
+    reads from it (Fisher: every tensor; RegMean: its manifest's layers, in every folder alike).
+    Returns one note per folder; M3KError (a user error, naming the folder / tensor) otherwise."""
+    from m3kernels.datastats.fingerprint import model_fingerprint
+    from m3kernels.datastats.output import StatsFolder
+    from m3kernels.errors import TensorMismatchError
+
+    notes = []
+    names = [t.name for t in plan.tensors]
+    layers0 = None
+    for i, (ck, sp) in enumerate(zip(models, statistics_paths(cfg, cfg_dir))):
+        role = f"models[{i}].parameters.{METHODS[cfg.method]}"
+        st = StatsFolder(sp, kind=cfg.method, role=role)
+        try:
+            st.check_model(model_fingerprint(ck.path), ck.path)
+            if cfg.method == "fisher":
+                for n in names:
+                    if n not in st.ck:
+                        raise TensorMismatchError(
+                            f"{role}: {sp} has no Fisher tensor {n!r}", path=str(sp), tensor=n
+                        )
+                    shape, want = tuple(st.ck.meta(n).shape), tuple(ck.meta(n).shape)
+                    if shape != want:
+                        raise TensorMismatchError(
+                            f"{role}: {sp}: Fisher tensor {n!r} has shape {shape}, expected {want}",
+                            path=str(sp),
+                            tensor=n,
+                        )
+            else:
+                layers = st.manifest.get("layers") or {}
+                if layers0 is None:
+                    layers0 = layers
+                for n in names:
+                    if n in layers0 and n not in layers:
+                        raise TensorMismatchError(
+                            f"{role}: {sp} has no Gram matrix for layer {n!r} (models[0]'s statistics have one)",
+                            path=str(sp),
+                            tensor=n,
+                        )
+                    if n in layers:
+                        g = layers[n]
+                        shape = tuple(ck.meta(n).shape)
+                        want = (shape[1], shape[1]) if len(shape) == 2 else None
+                        if g not in st.ck or want is None or tuple(st.ck.meta(g).shape) != want:
+                            raise TensorMismatchError(
+                                f"{role}: {sp}: no Gram matrix {g!r} of shape {want} for layer {n!r}",
+                                path=str(sp),
+                                tensor=n,
+                            )
+            c = st.manifest.get("counts", {})
+            notes.append(
+                f"{cfg.method} statistics of models[{i}]: {sp} ({c.get('examples', '?')} examples, "
+                f"{c.get('tokens', '?')} tokens; fingerprint matches {ck.path})"
+            )
+        finally:
+            st.close()
+    if cfg.method == "regmean":
+        n_layers = sum(1 for n in names if n in (layers0 or {}))
+        notes.append(
+            f"regmean: {n_layers} linear weights solved, {len(names) - n_layers} tensors by the fallback"
+        )
+    return notes
+
+
+def merge_data_aware_config(
+    cfg,
+    cfg_dir,
+    models,
+    opened,
+    plan,
+    out_dir: Path,
+    *,
+    dry_run: bool,
+    force: bool,
+    resume: bool,
+    progress: bool,
+    device: str,
+    distributed: bool,
+):
+    """merge_checkpoints' path for fisher / regmean (module docstring): the plan (``dry_run``),
+    else a :class:`~m3kernels.checkpoint.run.MergeResult`."""
+    from m3kernels.checkpoint.output_guard import OutputLock, check_out_dir
+    from m3kernels.checkpoint.writer import tidy_temp_folders
+    from m3kernels.datastats.merge import merge_checkpoints_data_aware
+    from m3kernels.errors import M3KError
+
+    if distributed:
+        raise M3KError(
+            f"merge_method {cfg.method}: a distributed (torchrun) merge is not implemented; run one process"
+        )
+    plan.notes.extend(check_statistics(cfg, cfg_dir, models, plan))
+    if dry_run:
+        return plan
+    if resume:
+        raise M3KError(
+            f"--resume: a {cfg.method} merge keeps no journal yet (it is not wired through the main "
+            f"merge's writer): rerun without --resume, it starts over"
+        )
+    if device not in ("auto", "cpu"):
+        log.warning(
+            "merge_method %s: the config merge runs on the CPU (device %s not used)", cfg.method, device
+        )
+    weights, opts = _options(cfg, plan.tensors[0].name)
+    name = cfg.out_dtype or cfg.dtype
+    out_dtype = None
+    if name is not None:
+        import torch
+
+        out_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    with OutputLock(out_dir) as lock:
+        if lock.exclusive:
+            tidy_temp_folders(out_dir)
+        check_out_dir(out_dir, force, opened, under_lock=True)
+        record = merge_checkpoints_data_aware(
+            cfg.method,
+            [ck.path for ck in models],
+            statistics_paths(cfg, cfg_dir),
+            out_dir,
+            weights=weights,
+            mix_ratios=plan.mix_ratios,
+            seed=cfg.seed,
+            out_dtype=out_dtype,
+            force=force,
+            progress=progress,
+            **opts,
+        )
+    return _result(plan, out_dir, record)
+
+
+def _result(plan, out_dir: Path, record: dict):
+    from m3kernels.checkpoint.run import MergeResult
+
+    files = sorted(p.name for p in Path(out_dir).glob("*.safetensors"))
+    total = sum((Path(out_dir) / f).stat().st_size for f in files)
+    return MergeResult(
+        Path(out_dir),
+        files,
+        len(plan.tensors),
+        total,
+        float(record.get("seconds", 0.0)),
+        "cpu",
+        plan.mix_ratios,
+        plan.seed,
+        None,
+        [],
+        list(plan.notes),
+    )
+
+
+__all__ = ["check_statistics_keys", "check_statistics", "merge_data_aware_config", "statistics_paths"]
