@@ -193,6 +193,10 @@ static void block_philox(const TensorArgs& a, const ModelPlan* plans, int64_t st
 
 // ---------------------------------------------------------------- the per-element pipeline
 
+// The model loops of stage B: fully unrolled when the model count is a compile-time constant
+// (NM > 0; GCC otherwise keeps some EXT instances rolled, with the per-model state in memory).
+#define M3K_UNROLL _Pragma("GCC unroll 4")
+
 // The model's Philox words for block positions [k, k + W) (lanes past rem are 0 when PARTIAL).
 template <bool PARTIAL>
 M3K_INLINE vu dare_words(const ModelIn& m, int64_t k, int rem) {
@@ -354,9 +358,11 @@ M3K_INLINE vf group_coef_vec(const TensorIn& t, const GroupPos& gp, int i, int r
 // normalising (0 where none agrees). Shared by merge_vec and merge_vec_ties.
 M3K_INLINE vf ties_combine(const TensorIn& t, const ModelIn* mi, const vf* dv, int n) {
     vf vote = vf{};
+    M3K_UNROLL
     for (int i = 0; i < n; ++i) vote = vote + vsplat(mi[i].vote_w) * dv[i];
     const vi pos = vote >= vf{};
     vf num = vf{}, den = vf{};
+    M3K_UNROLL
     for (int i = 0; i < n; ++i) {
         const vf d = dv[i];
         const vf c = vsplat(mi[i].coef);
@@ -379,8 +385,10 @@ M3K_INLINE vf vsgn(vf x) {
 M3K_INLINE vf ties_combine_ext(const TensorIn& t, const ModelIn* mi, const vf* dv, int n) {
     vf vote = vf{};
     if (t.vote_kind == 0) {
+        M3K_UNROLL
         for (int i = 0; i < n; ++i) vote = vote + vsplat(mi[i].vote_w) * dv[i];
     } else {
+        M3K_UNROLL
         for (int i = 0; i < n; ++i) vote = vote + vsgn(vsplat(mi[i].vote_w) * dv[i]);
     }
     const vi pos = vote >= vf{};
@@ -388,6 +396,7 @@ M3K_INLINE vf ties_combine_ext(const TensorIn& t, const ModelIn* mi, const vf* d
     if (t.ties_div == 1) {
         const vf want = vsel(pos, vsplat(1.0f), vsplat(-1.0f));
         vf cnt = vf{};
+        M3K_UNROLL
         for (int i = 0; i < n; ++i) {
             const vf d = dv[i];
             const vi agree = vsgn(vsplat(mi[i].agree_w) * d) == want;
@@ -399,6 +408,7 @@ M3K_INLINE vf ties_combine_ext(const TensorIn& t, const ModelIn* mi, const vf* d
         return num / vsel(cnt < c1, c1, cnt);
     }
     vf den = vf{};
+    M3K_UNROLL
     for (int i = 0; i < n; ++i) {
         const vf d = dv[i];
         const vf e = vsplat(mi[i].agree_w) * d;
@@ -454,12 +464,14 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
     } else if (CB == kCbRam) {
         const vf eps = vsplat(t.ram_eps);
         vf c = vf{};
+        M3K_UNROLL
         for (int i = 0; i < n; ++i) {
             dv[i] = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
             c = c + vsel(vabs(dv[i]) > eps, vsplat(1.0f), vf{});
         }
         const vi unique = c == vsplat(1.0f);
         vf acc = vf{};
+        M3K_UNROLL
         for (int i = 0; i < n; ++i) {
             const vf d = dv[i];
             const vf term = vsel(unique, d * vsplat(mi[i].unique_scale), d / c);
@@ -468,6 +480,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         y0 = b + vsplat(t.lam) * acc;
     } else if (CB == kCbGroup || CB == kCbGroupFma) {
         vf acc = vf{};
+        M3K_UNROLL
         for (int i = 0; i < n; ++i) {
             const vf c = group_coef_vec<PARTIAL>(t, gp, i, rem);
             const vf d = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
@@ -476,19 +489,23 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
         y0 = b + vsplat(t.lam) * m;
     } else if (CB == kCbTiesExt) {
+        M3K_UNROLL
         for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
         m = ties_combine_ext(t, mi, dv, n);
     } else if (CB == kCbPlainFma) {
         vf acc = vf{};
+        M3K_UNROLL
         for (int i = 0; i < n; ++i)
             acc = vfma(vsplat(mi[i].coef), model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b), acc);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else if (t.combine != kTies) {
         vf acc = vf{};
+        M3K_UNROLL
         for (int i = 0; i < n; ++i)
             acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
+        M3K_UNROLL
         for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
         m = ties_combine(t, mi, dv, n);
     }
