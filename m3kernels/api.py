@@ -117,6 +117,12 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
     two histogram passes on the GPU backends); the same result every way.
     """
     trim_bits = thresholds_to_bits(thresholds) if thresholds is not None else None  # validates first
+    from m3kernels.merge.ties_variants import features as ties_features
+
+    if ties_features(recipe):  # vote / divide_by "count": the backend must have the pieces
+        from m3kernels.merge.methods import require
+
+        require(backend, recipe.method, *ties_features(recipe))
     p = make_params(recipe, name, base is not None)
     b = base if p.has_base else None
     if recipe.rescale == "l1" and recipe.dare_density is not None:  # DARE's L1 rescale
@@ -188,12 +194,6 @@ def _traced(base, models, out) -> bool:
     return any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in ts)
 
 
-# merge_tensors keywords of fisher / regmean only (m3kernels.merge.methods.data_aware)
-_DATA_AWARE = ("fisher", "regmean")
-_NOT_DATA_AWARE_KWARGS = ("base", "models", "method", "out", "out_dtype", "name", "backend")  # torch code
-_DATA_AWARE_KEYWORDS = ("fishers", "grams", "floor", "floor_mode", "ridge", "transposed", "precision")
-
-
 def merge_tensors(
     base,
     models,
@@ -228,13 +228,9 @@ def merge_tensors(
     filter_wise=None,
     select_topk=None,
     trim_ties=None,
-    fishers=None,
-    grams=None,
-    floor=None,
-    floor_mode=None,
-    ridge=None,
-    transposed=None,
-    precision=None,
+    vote=None,
+    divide_by=None,
+    deltas=False,
 ) -> torch.Tensor:
     """Merge one tensor of N fine-tuned models (and an optional base) by ``method``.
 
@@ -318,6 +314,16 @@ def merge_tensors(
         trim_ties: ``ties``, ``ties_dare``, ``breadcrumbs*``: ``"all"`` (default: every element
             tied with a trim threshold is kept) or ``"k"`` (exactly k kept per model, ties broken
             by the lowest flat index; the same on every backend whose FEATURES have trim_ties_k).
+        vote: ``ties``, ``dare_ties``, ``ties_dare``: the sign vote, ``"weighted"`` (default: the
+            sign of Σ w_i·δ_i, agreement by sign(w_i·δ_i)), ``"unweighted"`` (of Σ δ_i, agreement
+            by sign(δ_i); the weights, negative allowed, only scale the values: PEFT's "total")
+            or ``"count"`` (of Σ sgn(δ_i): PEFT's "frequency"). m3kernels/merge/ties_variants.py.
+        divide_by: the same methods: the disjoint merge's divisor, ``"weights"`` (the agreeing
+            weights; = normalize True), ``"count"`` (the number of agreeing models, at least 1:
+            PEFT's) or ``"none"`` (= normalize False); default: what ``normalize`` says.
+        deltas: True: ``models`` are task vectors and ``base`` is None (θ0 = 0; the result is the
+            merged delta s·m). For the task-vector methods (``task_arithmetic``, ``ties``,
+            ``dare_*``, ``ties_dare``, ``magnitude_prune``).
         fishers: ``fisher``: one diagonal-Fisher tensor per model (the tensor's shape; float32,
             bfloat16, float16 or float64; ``m3kernels stats fisher``), required. θ = Σ cᵢF̃ᵢθᵢ /
             Σ cᵢF̃ᵢ per element, cᵢ = wᵢ·rᵢ (docs/DATA_AWARE.md): ``floor`` (>= 0, default 1e-6)
@@ -337,17 +343,8 @@ def merge_tensors(
         ValueError: naming the offending argument (unknown method, bad shape, dtype or device,
             value out of range, a parameter the method does not take, a missing base).
     """
-    if isinstance(method, str) and method.strip().lower() in _DATA_AWARE:  # statistics: not the kernel
-        kwargs = {k: v for k, v in locals().items() if k not in _NOT_DATA_AWARE_KWARGS}
-        from m3kernels.merge.methods.data_aware import merge_data_aware
-
-        return merge_data_aware(base, models, method, kwargs, out=out, out_dtype=out_dtype, name=name)
     if _traced(base, models, out):  # torch.compile, meta or fake tensors: the custom op (ops.py)
-        kwargs = {
-            k: v
-            for k, v in locals().items()
-            if k not in ("base", "models") and not (k in _DATA_AWARE_KEYWORDS and v is None)
-        }
+        kwargs = {k: v for k, v in locals().items() if k not in ("base", "models")}
         from m3kernels.ops import merge_tensors as op_merge
 
         return op_merge(base, models, **kwargs)
@@ -380,13 +377,9 @@ def merge_tensors(
         filter_wise=filter_wise,
         select_topk=select_topk,
         trim_ties=trim_ties,
-        fishers=fishers,
-        grams=grams,
-        floor=floor,
-        floor_mode=floor_mode,
-        ridge=ridge,
-        transposed=transposed,
-        precision=precision,
+        vote=vote,
+        divide_by=divide_by,
+        deltas=deltas,
     )
     if thresholds is not None:
         if recipe.trim_density is None or recipe.family is not None:

@@ -107,16 +107,39 @@ def test_dare_masks_are_the_kernels_and_the_reference_stream(gen):
         assert torch.equal(m.bool(), dare_keep_mask(5, "m", i, ts[0].shape, 0.37))
 
 
-def test_fused_paths_are_taken(gen, monkeypatch):
-    """The fused cases really run the kernel (a broken eager path would not hide in them)."""
-    ts = task_tensors(gen, 3, (37, 29), torch.float32)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_paths_are_taken(gen, monkeypatch, dtype):
+    """The fused cases really run the kernel (a broken eager path would not hide in them), and
+    give PEFT's bytes: both votes, DARE at any density > 0 (division rounded to the dtype)."""
+    ts = task_tensors(gen, 3, (37, 29), dtype)
     w = torch.tensor(WEIGHTS[3])
-    monkeypatch.setattr(dropin, "_combine", lambda *a, **k: pytest.fail("eager path taken"))
-    dropin.task_arithmetic(ts, w)
-    dropin.magnitude_prune(ts, w, 0.3)  # float32 random: the k-th magnitude is unique
-    dropin.dare_linear(ts, w, 0.5, seed=1, name="x")
-    dropin.ties(ts, w, 0.3)  # "total": two kernel passes and the count
-    dropin.dare_ties(ts, w, 0.25, seed=1, name="y")
+    cuts = dropin._magnitude_cuts(ts, 0.3)
+    unique = all(exact for _, _, exact in cuts)  # bf16 / fp16: a tie at the cut is likely
+    want = {}
+    for vote in ("total", "frequency"):
+        want["ties", vote] = peft_merge.ties(ts, w, 0.3, vote) if unique else None
+        for d in (0.25, 0.3, 0.77):
+            want["dare_ties", vote, d] = peft_call(
+                monkeypatch, "dare_ties", ts, w, d, vote, bern=_bern(3, d, 1, f"y{d}")
+            )
+    for d in (0.5, 0.3, 0.77):
+        want["dare_linear", d] = peft_call(monkeypatch, "dare_linear", ts, w, d, bern=_bern(3, d, 1, f"x{d}"))
+    with monkeypatch.context() as m:
+        m.setattr(dropin, "_combine", lambda *a, **k: pytest.fail("eager path taken"))
+        got = {}
+        same(dropin.task_arithmetic(ts, w), peft_merge.task_arithmetic(ts, w))
+        for vote in ("total", "frequency"):
+            if unique:
+                got["ties", vote] = dropin.ties(ts, w, 0.3, vote)
+            for d in (0.25, 0.3, 0.77):
+                got["dare_ties", vote, d] = dropin.dare_ties(ts, w, d, vote, seed=1, name=f"y{d}")
+        for d in (0.5, 0.3, 0.77):
+            got["dare_linear", d] = dropin.dare_linear(ts, w, d, seed=1, name=f"x{d}")
+        with pytest.warns(UserWarning, match="no pruning"):
+            for vote in ("total", "frequency"):
+                same(dropin.ties(ts, w, 1.0, vote), peft_call(monkeypatch, "ties", ts, w, 1.0, vote))
+    for key, value in got.items():
+        same(value, want[key])
 
 
 def test_against_float64(gen):

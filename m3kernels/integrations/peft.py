@@ -14,24 +14,21 @@ trimmed deltas (``"total"``: the sign of their sum, ``"frequency"``: of the sum 
 ties to +); the weights (negative allowed) scale the deltas after the vote; the disjoint merge
 divides by the *number* of agreeing models (at least 1); DARE divides kept values by density.
 
-What runs fused (one m3kernels stage-B pass, after our stage A) and what runs as PyTorch ops
-(``eager``; docs/INTEGRATIONS.md lists the kernel variants that would fuse the rest):
+What runs fused (our stage A, then one m3kernels stage-B pass with the tensor API's TIES variants
+``vote`` / ``divide_by`` and the kernel's ``dare_div``, docs/INTEGRATIONS.md) and what runs as
+PyTorch ops (``eager``):
 
 * ``task_arithmetic``: fused.
-* ``magnitude_prune``: fused when the k-th largest magnitude of every tensor is unique (the
-  usual case in float32); at a tie at the threshold (common in bf16) PEFT's pick among equal
-  magnitudes is ``torch.topk``'s, so that tensor's mask comes from ``torch.topk`` and the rest is
-  eager (needs: an exact-k trim variant with topk's tie order, which no kernel can promise).
-* ``dare_linear``: fused when density is a power of two (x / density is then exactly
-  x · (1 / density)) and the tensors are finite (PEFT's dropped inf is inf · 0 = NaN); else eager
-  with the kernel's DARE mask (needs: a rescale-by-division variant that rounds the quotient to
-  the input dtype).
-* ``ties``, ``dare_ties`` with the ``"total"`` vote (and, for ``ties``, unique cuts; for
-  ``dare_ties``, a power-of-two density), finite products w_i·x_i: two kernel passes (the
-  weighted agreeing sum with vote weights 1, and the vote itself) and the agreeing count in
-  PyTorch, since the kernel has no count divisor yet. Otherwise (``"frequency"``, ties at the
-  cut, non-finite values) PyTorch ops in PEFT's order, with our trim thresholds and the kernel's
-  DARE masks (needs: the count divisor, the ``frequency`` vote and PEFT's NaN agreement).
+* ``magnitude_prune``, ``ties`` (both votes): fused when the k-th largest magnitude of every
+  tensor is unique (the usual case in float32); at a tie at the threshold (common in bf16)
+  PEFT's pick among equal magnitudes is ``torch.topk``'s, which no kernel can reproduce, so that
+  tensor's mask comes from ``torch.topk`` and the rest is eager.
+* ``dare_linear``, ``dare_ties`` (both votes): fused for density > 0 and finite tensors (PEFT's
+  dropped inf is inf · 0 = NaN, the kernel's is 0); density 0 (PEFT: 0 / 0) and non-finite
+  inputs run eager with the kernel's DARE masks.
+* Everything else eager: inputs that autograd tracks (PEFT's result is differentiable), float64
+  tensors or weights, more models than the fused sum's order allows (below), ``"frequency"`` with
+  NaN inputs off the CPU (the kernel's sgn(NaN) = 0 is ``torch.sign``'s on the CPU only).
 
 The fused sum is bit-identical to PyTorch's ``sum(dim=0)`` for N ≤ 4 models on the CPU (which adds
 in order) and N ≤ 2 on CUDA (order-free); beyond that the eager path runs. NaN results of a fused
@@ -59,7 +56,6 @@ from m3kernels.merge.recipe import make_recipe
 
 FUNCTIONS = ("task_arithmetic", "magnitude_prune", "ties", "dare_linear", "dare_ties")
 MAX_FUSED_MODELS = {"cpu": 4, "cuda": 2}  # sum(dim=0) adds in model order up to this many
-_FP16_MAX = 65504.0
 
 _stream = {"seed": 0, "calls": itertools.count()}
 _originals: dict = {}
@@ -284,48 +280,33 @@ def _dare_pruned(tensors, density: float, seed: int, name: str):
     return [(t * m) / density for t, m in zip(tensors, masks)]
 
 
-# ---------------------------------------------------------------- TIES by count, two kernel passes
-def _with_fields(p, **changes):
-    vals = {k: getattr(p, k) for k in p.__dataclass_fields__}
-    vals.update(changes)
-    return type(p)(**vals)
+# ---------------------------------------------------------------- TIES by count, one kernel pass
+_VOTES = {"total": "unweighted", "frequency": "count"}  # PEFT's names -> merge_tensors' ``vote``
 
 
-def _products_finite(tensors, weights) -> bool:
-    """Every w_i · x_i finite in float32 (then PEFT's masked-out terms are ±0, never NaN)."""
-    for t, w in zip(tensors, weights.tolist()):
-        m = float(t.detach().abs().max()) if t.numel() else 0.0
-        if not (m * abs(w) < 3.0e38):  # NaN or inf inputs fail here too
-            return False
-    return True
+def _ties_params(n: int, w, majority_sign_method: str, *, density=None, seed=0, name=""):
+    """KernelParams of PEFT's TIES combine over task vectors (no base): the vote on the unweighted
+    deltas (``"total"``: Σ d_i, ``"frequency"``: Σ sgn(d_i)), agreement by sign(d_i), values w_i·d_i
+    times 0 or 1, divided by the agreeing count (the ``vote`` / ``divide_by`` variants of the
+    tensor API); with ``density``, PEFT's DARE step first (kept values divided by density and
+    rounded to the input dtype: the kernel's ``dare_div``)."""
+    kw = dict(vote=_VOTES[majority_sign_method], divide_by="count", weights=w, deltas=True)
+    if density is None:
+        recipe = make_recipe(n, method="ties", has_base=False, density=1.0, **kw)
+    else:
+        recipe = make_recipe(n, method="dare_ties", has_base=False, density=density, seed=seed, **kw)
+    p = make_params(recipe, name, has_base=False)
+    return _dare_by_division(p, density) if density is not None else p
 
 
-def _ties_by_count(tensors, weights, p, keeps) -> torch.Tensor:
-    """PEFT's vote ("total") and disjoint merge divided by the agreeing count, from two kernel
-    passes: ``num`` = Σ_agree w_i·d_i (combine ties, vote weights 1, no divisor) and the vote
-    ``v`` = Σ d_i (combine sum, coefficients 1), with ``p``'s trim or DARE step; the count is
-    Σ_i [keep_i and d_i ≠ 0 and (d_i > 0) == (v ≥ 0)] in PyTorch (``keeps``: the kept elements,
-    None: all). Exact where PEFT's order is the kernel's (finite products, N ≤ MAX_FUSED_MODELS)."""
-    from m3kernels.merge.kernel_params import COMBINE_CODES
-    from m3kernels.merge.registry import SUM, TIES
+def _dare_by_division(p, density: float):
+    """PEFT's DARE rescale: kept d / density, rounded to the input dtype (``dare_div``)."""
+    return p.with_fields(dare_div=True, dare_den=np.full(p.n, np.float32(density)))
 
-    n = len(tensors)
-    ones = np.ones(n, np.float32)
-    w = np.asarray(weights.tolist(), np.float32)
-    num = _kernel_sum(
-        _with_fields(p, combine=COMBINE_CODES[TIES], normalize=False, vote_w=ones, agree_w=ones, coef=w),
-        tensors,
-    )
-    v = _kernel_sum(_with_fields(p, combine=COMBINE_CODES[SUM], coef=ones, vote_w=ones), tensors)
-    sign = torch.where(v >= 0, 1.0, -1.0)  # S of the vote (v = -0 counts as +, as in PEFT)
-    del v
-    count = torch.zeros(tensors[0].shape, dtype=torch.uint8, device=tensors[0].device)
-    for t, keep in zip(tensors, keeps):
-        agree = (t * sign) > 0  # d_i != 0 with the sign S (finite inputs: no NaN here)
-        if keep is not None:
-            agree &= keep.reshape(t.shape)
-        count += agree
-    return num / torch.clamp(count, min=1).to(torch.float32)
+
+def _vote_sign_safe(tensors, majority_sign_method: str) -> bool:
+    """The kernel's sgn(NaN) = 0 is torch.sign's on the CPU; elsewhere only finite inputs."""
+    return tensors[0].device.type == "cpu" or all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 # ---------------------------------------------------------------- PEFT's five functions
@@ -359,27 +340,22 @@ def ties(
     majority_sign_method: str = "total",
 ) -> torch.Tensor:
     """PEFT's ``ties``: exact-k magnitude trim, sign vote on the unweighted trimmed tensors,
-    weighted disjoint merge divided by the agreeing count. ``"total"`` with unique cuts and finite
-    products: two kernel passes and a count in PyTorch; otherwise PyTorch ops (module docstring)."""
+    weighted disjoint merge divided by the agreeing count. Both votes fused (one kernel pass)
+    when every tensor's cut is unique; at a tie at the cut, PyTorch ops with ``torch.topk``'s
+    mask (module docstring)."""
     _check_vote(majority_sign_method)
     tensors, weights = _arguments(task_tensors, weights)
     density = _check_density(density)
+    fused = _fusable(tensors, weights) and _vote_sign_safe(tensors, majority_sign_method)
     if density >= 1:
         _no_pruning_warning(density, len(tensors))
+        if fused:
+            return _kernel_sum(_ties_params(len(tensors), weights.tolist(), majority_sign_method), tensors)
         return _combine(tensors, weights, majority_sign_method)
     cuts = _magnitude_cuts(tensors, density)
-    if (
-        majority_sign_method == "total"
-        and _fusable(tensors, weights)
-        and all(exact for _, _, exact in cuts)
-        and _products_finite(tensors, weights)
-    ):
-        p = _sum_params(len(tensors), [1.0] * len(tensors)).with_trim([thr for thr, _, _ in cuts])
-        keeps = [
-            keep if keep is not None else torch.zeros_like(t, dtype=torch.bool)
-            for t, (_, keep, _) in zip(tensors, cuts)
-        ]
-        return _ties_by_count(tensors, weights, p, keeps)
+    if fused and all(exact for _, _, exact in cuts):
+        p = _ties_params(len(tensors), weights.tolist(), majority_sign_method)
+        return _kernel_sum(p.with_trim([thr for thr, _, _ in cuts]), tensors)
     return _combine(_magnitude_pruned(tensors, density, cuts), weights, majority_sign_method)
 
 
@@ -392,7 +368,7 @@ def dare_linear(
     name: str | None = None,
 ) -> torch.Tensor:
     """PEFT's ``dare_linear`` with our DARE mask (keyed ``(seed, name, i)``): Σ_i w_i · (t_i ·
-    mask_i / density). Fused when density is a power of two, else eager (module docstring)."""
+    mask_i / density). Fused for density > 0 and finite tensors (module docstring)."""
     tensors, weights = _arguments(task_tensors, weights)
     density = _check_density(density)
     if density >= 1:
@@ -401,14 +377,11 @@ def dare_linear(
     seed, name = _key(seed, name)
     if (
         density > 0
-        and math.frexp(density)[0] == 0.5
         and _fusable(tensors, weights)
         and all(bool(torch.isfinite(t).all()) for t in tensors)  # a dropped inf is NaN in PEFT
     ):
-        fp16 = [t for t in tensors if t.dtype == torch.float16]
-        if not fp16 or max(float(t.abs().max()) for t in fp16) / density <= _FP16_MAX:
-            p = _sum_params(len(tensors), weights.tolist(), density=density, seed=seed, name=name)
-            return _kernel_sum(p, tensors)
+        p = _sum_params(len(tensors), weights.tolist(), density=density, seed=seed, name=name)
+        return _kernel_sum(_dare_by_division(p, density), tensors)
     return _combine(_dare_pruned(tensors, density, seed, name), weights)
 
 
@@ -421,25 +394,24 @@ def dare_ties(
     seed: int | None = None,
     name: str | None = None,
 ) -> torch.Tensor:
-    """PEFT's ``dare_ties`` with our DARE mask: DARE drop and rescale, then the vote and the
-    disjoint merge by count of :func:`ties`. Not fused yet (the mask is the kernel's)."""
+    """PEFT's ``dare_ties`` with our DARE mask: DARE drop and rescale (division rounded to the
+    input dtype), then the vote and the disjoint merge by count of :func:`ties`; fused for
+    density > 0 and finite tensors (module docstring)."""
     _check_vote(majority_sign_method)
     tensors, weights = _arguments(task_tensors, weights)
     density = _check_density(density)
+    fused = _fusable(tensors, weights) and _vote_sign_safe(tensors, majority_sign_method)
     if density >= 1:
         _no_pruning_warning(density, len(tensors))
+        if fused:
+            return _kernel_sum(_ties_params(len(tensors), weights.tolist(), majority_sign_method), tensors)
         return _combine(tensors, weights, majority_sign_method)
     seed, name = _key(seed, name)
-    if (
-        majority_sign_method == "total"
-        and density > 0
-        and math.frexp(density)[0] == 0.5  # x / density == x · (1 / density) exactly
-        and _fusable(tensors, weights)
-        and _products_finite([t / density for t in tensors], weights)  # no fp16 / f32 overflow
-    ):
-        p = _sum_params(len(tensors), [1.0] * len(tensors), density=density, seed=seed, name=name)
-        keeps = [m.bool() for m in _dare_masks(tensors, density, seed, name)]
-        return _ties_by_count(tensors, weights, p, keeps)
+    if density > 0 and fused and all(bool(torch.isfinite(t).all()) for t in tensors):
+        p = _ties_params(
+            len(tensors), weights.tolist(), majority_sign_method, density=density, seed=seed, name=name
+        )
+        return _kernel_sum(p, tensors)
     return _combine(_dare_pruned(tensors, density, seed, name), weights, majority_sign_method)
 
 

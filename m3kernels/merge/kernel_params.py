@@ -158,6 +158,10 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
                 scale[i] = f32(1.0 / d) if d > 0 else 0.0
     coefs = recipe.coefs
     weights = np.asarray(recipe.weights, np.float32)
+    from m3kernels.merge.ties_variants import kernel_fields
+
+    # TIES vote and divisor (vote / divide_by; default: mergekit's rule, agree_w = vote_w = w)
+    ties = kernel_fields(recipe, weights)
     return KernelParams(
         n=n,
         has_base=bool(has_base and recipe.uses_base),
@@ -165,7 +169,7 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
         normalize=recipe.normalize,
         lam=f32(recipe.lambda_),
         mean_den=float32_sum(coefs),
-        vote_w=weights,
+        vote_w=ties["vote_w"],
         coef=np.asarray(coefs, np.float32),
         dare=dare,
         key0=key0,
@@ -176,7 +180,9 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
         trim_max=np.full(n, TRIM_MAX_ALL, np.uint64),
         unique_scale=np.ones(n, np.float32),
         # mergekit's TIES: model i agrees where sign(w_i·δ_i) is the elected sign (= sign(δ_i) for w_i > 0)
-        agree_w=weights.copy(),
+        agree_w=ties["agree_w"],
+        vote_kind=ties["vote_kind"],
+        ties_div=ties["ties_div"],
         fma=bool(getattr(recipe, "fma", False)),
     )
 

@@ -199,10 +199,6 @@ def resolve_sparsity(method: Method, dens: Sequence, drops: Sequence):
 
 def _leaf(p: Param, value, arg: str):
     """One value of parameter ``p`` checked against its kind (ValueError naming ``arg``)."""
-    if p.kind == "path":  # a config's statistics folder (fisher / regmean), opened by the config merge
-        if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"{arg} must be a folder path (a non-empty string), got {value!r}")
-        return value
     if p.kind == CHOICE:
         key = value.strip().lower() if isinstance(value, str) else None
         if key not in p.choices:
@@ -311,6 +307,7 @@ def make_recipe(
     mix_ratios=None,
     mixup_alpha=None,
     seed=0,
+    deltas=False,
     **extra,
 ) -> Recipe:
     """Validate the merge arguments for ``n`` models against the method's registry entry.
@@ -318,12 +315,17 @@ def make_recipe(
     ``extra``: the method-specific keywords of :func:`m3kernels.merge_tensors` (``t``,
     ``scale``, ``epsilon``, ``r``, ``alpha``, ``gamma``, ``max_iter``, ``tol``, ``eps``,
     ``normalize_weights``, ``nuslerp_flatten``, ``nuslerp_row_wise``, ``filter_wise``; None:
-    unset)."""
+    unset). ``deltas``: the models are task vectors and there is no base (``has_base`` false;
+    the task-vector methods only, m3kernels.merge.deltas_input)."""
     preset = get_method(method)
     key = preset.name
     if n < 1:
         raise ValueError("models: at least one model is needed (N = 0)")
-    if preset.needs_base and not has_base:
+    if deltas is not False:
+        from m3kernels.merge.deltas_input import check_deltas
+
+        check_deltas(preset, deltas, has_base)
+    elif preset.needs_base and not has_base:
         raise ValueError(f"base: method {key!r} needs a base model, got base=None")
     preset.check_model_count(n)
     check_seed(seed)
@@ -368,7 +370,9 @@ def make_recipe(
         raise ValueError(not_taken(preset, "rescale"))
     mode = _rescale_mode(rescale) if preset.program.dare else _bool_rescale(preset, rescale)
 
-    norm = preset.default_normalize if normalize is None else bool(normalize)
+    from m3kernels.merge.ties_variants import resolve_normalize
+
+    norm = resolve_normalize(key, preset.default_normalize, normalize, dict(params).get("divide_by"))
     combine = preset.program.combine
     if combine == MEAN and not norm:
         combine = SUM

@@ -154,8 +154,18 @@ def reference_merge(
     if recipe.combine == TIES:
         # the vote on w_i·δ_i in float32; model i agrees by the sign of w_i·δ_i (mergekit's rule,
         # make_params' agree_w = vote_w); the values in float64 (reference_pieces)
+        from m3kernels.merge.ties_variants import reference_arguments
+
+        v = reference_arguments(recipe)  # vote / divide_by (default: the two lines above)
         m, sign = ties_merge64(
-            d32, d64, coefs, recipe.weights, agree_w=recipe.weights, normalize=recipe.normalize
+            d32,
+            d64,
+            coefs,
+            v["vote_w"],
+            agree_w=v["agree_w"],
+            normalize=recipe.normalize,
+            vote_kind=v["vote_kind"],
+            ties_div=v["ties_div"],
         )
     else:
         m = sum(c * d for c, d in zip(coefs, d64))
