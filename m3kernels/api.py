@@ -194,6 +194,12 @@ def _traced(base, models, out) -> bool:
     return any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in ts)
 
 
+# merge_tensors keywords of fisher / regmean only (m3kernels.merge.methods.data_aware)
+_DATA_AWARE = ("fisher", "regmean")
+_NOT_DATA_AWARE_KWARGS = ("base", "models", "method", "out", "out_dtype", "name", "backend")  # torch code
+_DATA_AWARE_KEYWORDS = ("fishers", "grams", "floor", "floor_mode", "ridge", "transposed", "precision")
+
+
 def merge_tensors(
     base,
     models,
@@ -228,6 +234,13 @@ def merge_tensors(
     filter_wise=None,
     select_topk=None,
     trim_ties=None,
+    fishers=None,
+    grams=None,
+    floor=None,
+    floor_mode=None,
+    ridge=None,
+    transposed=None,
+    precision=None,
     vote=None,
     divide_by=None,
     deltas=False,
@@ -343,8 +356,17 @@ def merge_tensors(
         ValueError: naming the offending argument (unknown method, bad shape, dtype or device,
             value out of range, a parameter the method does not take, a missing base).
     """
+    if isinstance(method, str) and method.strip().lower() in _DATA_AWARE:  # statistics: not the kernel
+        kwargs = {k: v for k, v in locals().items() if k not in _NOT_DATA_AWARE_KWARGS}
+        from m3kernels.merge.methods.data_aware import merge_data_aware
+
+        return merge_data_aware(base, models, method, kwargs, out=out, out_dtype=out_dtype, name=name)
     if _traced(base, models, out):  # torch.compile, meta or fake tensors: the custom op (ops.py)
-        kwargs = {k: v for k, v in locals().items() if k not in ("base", "models")}
+        kwargs = {
+            k: v
+            for k, v in locals().items()
+            if k not in ("base", "models") and not (k in _DATA_AWARE_KEYWORDS and v is None)
+        }
         from m3kernels.ops import merge_tensors as op_merge
 
         return op_merge(base, models, **kwargs)
@@ -377,6 +399,13 @@ def merge_tensors(
         filter_wise=filter_wise,
         select_topk=select_topk,
         trim_ties=trim_ties,
+        fishers=fishers,
+        grams=grams,
+        floor=floor,
+        floor_mode=floor_mode,
+        ridge=ridge,
+        transposed=transposed,
+        precision=precision,
         vote=vote,
         divide_by=divide_by,
         deltas=deltas,

@@ -199,6 +199,10 @@ def resolve_sparsity(method: Method, dens: Sequence, drops: Sequence):
 
 def _leaf(p: Param, value, arg: str):
     """One value of parameter ``p`` checked against its kind (ValueError naming ``arg``)."""
+    if p.kind == "path":  # a config's statistics folder (fisher / regmean), opened by the config merge
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{arg} must be a folder path (a non-empty string), got {value!r}")
+        return value
     if p.kind == CHOICE:
         key = value.strip().lower() if isinstance(value, str) else None
         if key not in p.choices:

@@ -33,6 +33,7 @@ PER_MODEL, MERGE_WIDE = "per-model", "merge-wide"
 # parameter kinds: how a value is checked (config: m3kernels.checkpoint.config._leaf)
 NUMBER, FRACTION, BOOL, RESCALE, INT = "number", "fraction", "bool", "rescale", "int"
 CHOICE = "choice"  # one of the parameter's ``choices`` (trim_ties: all | k)
+PATH = "path"  # a folder path in a config (fisher / regmean statistics), relative to the config
 MAX_INT_PARAM = 100_000  # the largest value an INT parameter (karcher's max_iter) may take
 # how M³ (Mixup Model Merge) applies to a method
 MIX_WEIGHTS = "weights"  # the ratios multiply the per-model weights
@@ -85,6 +86,7 @@ class Param:
             RESCALE: "true, false, l1, density",
             INT: f"integer in [0, {MAX_INT_PARAM}]",
             CHOICE: ", ".join(self.choices),
+            PATH: "a statistics folder (m3kernels stats)",
         }[self.kind]
 
     @property
@@ -872,6 +874,165 @@ register(
     )
 )
 
+# fisher and regmean: merges with statistics computed from data (m3kernels stats; docs/DATA_AWARE.md).
+# Not stage-B programs: merge_tensors dispatches them to m3kernels.merge.data_aware, a config merge to
+# m3kernels.checkpoint.data_aware_run; the "data_aware" family hook refuses a call without statistics.
+FISHER_STATS = "diagonal Fisher per parameter (m3kernels stats fisher)"
+GRAM_STATS = "Gram matrix XᵀX per linear layer (m3kernels stats regmean)"
+_DATA_FALLBACKS = ("average", "linear", "multislerp")  # no base, weights, any N: what a config may name
+
+
+def _stats_path(name: str, api: str, what: str) -> Param:
+    return Param(
+        name,
+        api,
+        PER_MODEL,
+        PATH,
+        REQUIRED,
+        f"the model's {what} folder (relative: to the config's folder, as model paths); the API "
+        f"takes the tensors ({api}=[...], one per model)",
+        gradient=False,
+    )
+
+
+def _data_weight() -> Param:
+    return Param(
+        "weight",
+        "weights",
+        PER_MODEL,
+        NUMBER,
+        1.0,
+        "coefficient of the model (times its M³ ratio when M³ is on); >= 0, one value per model",
+        gradient=False,
+    )
+
+
+register(
+    Method(
+        "fisher",
+        "Fisher-weighted average: Σ wᵢF̃ᵢθᵢ / Σ wᵢF̃ᵢ per element, F̃ the floored diagonal Fisher",
+        "https://arxiv.org/abs/2111.09832",
+        needs_base=False,
+        program=_raw_program(False),
+        params=(
+            _data_weight(),
+            _stats_path("fisher", "fishers", "Fisher statistics"),
+            Param(
+                "floor",
+                "floor",
+                MERGE_WIDE,
+                NUMBER,
+                1e-6,
+                "floor on F (>= 0): F̃ = max(F, floor) (floor_mode max) or F + floor (add)",
+                gradient=False,
+            ),
+            Param(
+                "floor_mode",
+                "floor_mode",
+                MERGE_WIDE,
+                CHOICE,
+                "max",
+                "max: the Fisher-merging paper's floor; add: FusionBench's minimal_fisher_weight",
+                gradient=False,
+                choices=("max", "add"),
+            ),
+            Param(
+                "fisher_normalize",
+                "",
+                MERGE_WIDE,
+                CHOICE,
+                "none",
+                "l2: each model's F scaled by sᵢ ∝ 1/‖Fᵢ‖₂ over all its parameters (FusionBench's "
+                "normalize_fisher_weight; one more read of the statistics); none: unscaled",
+                gradient=False,
+                choices=("none", "l2"),
+            ),
+        ),
+        family="data_aware",
+        mixup_note="the ratios weigh each model: rᵢwᵢF̃ᵢ",
+        stats=(FISHER_STATS,),
+    )
+)
+register(
+    Method(
+        "regmean",
+        "per linear layer W = (Σ wᵢG̃ᵢ)⁻¹ Σ wᵢG̃ᵢWᵢ (least squares on each model's inputs), "
+        "G̃ = α·G + (1 − α)·diag(G); other tensors by a fallback method",
+        "https://arxiv.org/abs/2212.09849",
+        needs_base=False,
+        program=_raw_program(False),
+        params=(
+            _data_weight(),
+            _stats_path("gram", "grams", "RegMean Gram matrices"),
+            Param(
+                "alpha",
+                "alpha",
+                MERGE_WIDE,
+                FRACTION,
+                0.1,
+                "off-diagonal scaling of the Grams (1: plain RegMean; 0: per-feature weighted "
+                "average; not M³'s mixup.alpha)",
+                gradient=False,
+            ),
+            Param(
+                "ridge",
+                "ridge",
+                MERGE_WIDE,
+                NUMBER,
+                0.0,
+                "ridge (>= 0): adds ridge·mean(diag)·I to the system (a singular layer is an error without)",
+                gradient=False,
+            ),
+            Param(
+                "fallback",
+                "",
+                MERGE_WIDE,
+                CHOICE,
+                "average",
+                "the method for every tensor without a Gram matrix (biases, norms, embeddings), "
+                "with the same weights and M³ ratios",
+                gradient=False,
+                choices=_DATA_FALLBACKS,
+            ),
+            Param(
+                "gram_normalize",
+                "",
+                MERGE_WIDE,
+                CHOICE,
+                "none",
+                "tokens: each model's Grams divided by its token count (the same say whatever its "
+                "data size); none: the sums XᵀX",
+                gradient=False,
+                choices=("none", "tokens"),
+            ),
+            Param(
+                "precision",
+                "precision",
+                MERGE_WIDE,
+                CHOICE,
+                "float64",
+                "float64: Cholesky on the CPU; float32: on the Grams' device, checked by the "
+                "residual (float64 on the CPU when the check fails)",
+                gradient=False,
+                choices=("float64", "float32"),
+            ),
+            Param(
+                "transposed",
+                "transposed",
+                MERGE_WIDE,
+                BOOL,
+                False,
+                "the weight is [in, out] (GPT-2's Conv1D), not nn.Linear's [out, in]",
+                gradient=False,
+                config=False,
+            ),
+        ),
+        family="data_aware",
+        mixup_note="the ratios weigh each model: rᵢwᵢG̃ᵢ",
+        stats=(GRAM_STATS,),
+    )
+)
+
 # mergekit methods not implemented yet: named in the error so users know it is not a typo
 MERGEKIT_ONLY_METHODS = ()
 
@@ -1036,6 +1197,7 @@ __all__ = [
     "RESCALE",
     "INT",
     "CHOICE",
+    "PATH",
     "MIX_WEIGHTS",
     "MIX_INTERPOLATION",
     "MIX_NONE",
