@@ -110,6 +110,8 @@ def test_every_parameter_is_parsed(method, top, want):
         ("regmean", {"floor": 0.1}, ["parameters.floor", "methods that do: fisher"]),
         ("fisher", {"alpha": 0.1}, ["parameters.alpha", "methods that do"]),
         ("regmean", {"transposed": True}, ["parameters.transposed"]),
+        ("fisher", {"weight": -1.0}, ["weight", "weights >= 0"]),
+        ("regmean", {"weight": 0.0}, ["weight", "not all 0"]),
     ],
 )
 def test_bad_values_name_the_parameter_and_range(method, top, words):

@@ -65,9 +65,14 @@ def _is_default(value, default) -> bool:
 
 
 def check_recipe(recipe) -> None:
-    """``floor`` (fisher) and ``ridge`` (regmean) >= 0; ValueError naming the parameter."""
+    """``floor`` (fisher) and ``ridge`` (regmean) >= 0, weights >= 0 and not all 0; ValueError
+    naming the parameter."""
     _non_negative(recipe.get("floor"), "floor")
     _non_negative(recipe.get("ridge"), "ridge")
+    if any(w < 0 for w in recipe.weights) or not any(w > 0 for w in recipe.weights):
+        raise ValueError(
+            f"weight: method {recipe.method!r} takes weights >= 0, not all 0, got {list(recipe.weights)}"
+        )
 
 
 def prepare(base, models, recipe, name: str, backend) -> Staged:
