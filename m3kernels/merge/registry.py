@@ -877,8 +877,8 @@ register(
 # fisher and regmean: merges with statistics computed from data (m3kernels stats; docs/DATA_AWARE.md).
 # Not stage-B programs: merge_tensors dispatches them to m3kernels.merge.data_aware, a config merge to
 # m3kernels.checkpoint.data_aware_run; the "data_aware" family hook refuses a call without statistics.
-FISHER_STATS = "diagonal Fisher per parameter (m3kernels stats fisher)"
-GRAM_STATS = "Gram matrix XᵀX per linear layer (m3kernels stats regmean)"
+FISHER_STATS = "none: a diagonal Fisher per parameter, precomputed (m3kernels stats fisher)"
+GRAM_STATS = "none: a Gram matrix XᵀX per linear layer, precomputed (m3kernels stats regmean)"
 _DATA_FALLBACKS = ("average", "linear", "multislerp")  # no base, weights, any N: what a config may name
 
 
