@@ -16,8 +16,9 @@ from helpers import have_backend
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 BITS = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
-TIES_FAMILY = ("ties", "dare_ties", "ties_dare")
+TIES_FAMILY = ("ties", "dare_ties", "ties_dare", "breadcrumbs_ties")
 SPARSITY = {
+    "breadcrumbs_ties": dict(density=0.6, gamma=0.05),
     "ties": dict(density=0.4),
     "dare_ties": dict(density=0.6),
     "ties_dare": dict(density=0.5, drop_rate=0.3),
@@ -110,6 +111,7 @@ def test_variants_match_the_reference(method, dtype, gen):
     """Every vote x divisor on the CPU kernel against the float64 reference, with a base and as
     deltas only, N = 2, 3, 5 with negative weights, odd sizes, a poisoned output."""
     for n, shape, deltas in [(2, (37, 29), False), (3, (301, 7), True), (5, (13,), False)]:
+        deltas = deltas and METHODS[method].family is None  # breadcrumbs_ties: a base
         base, models = _inputs(gen, shape, n, dtype, base=not deltas)
         for var in VARIANTS:
             kw = dict(
@@ -146,6 +148,7 @@ def test_backends_give_the_cpu_bytes(method, be, gen):
         pytest.skip("CUDA extension not built")
     variants = VARIANTS if method in TIES_FAMILY else [{}]
     for n, shape, dtype, out_dtype, deltas in [(3, (33, 65), BF16, F32, False), (2, (1031,), F16, F16, True)]:
+        deltas = deltas and METHODS[method].family is None  # breadcrumbs_ties: a base
         base, models = _inputs(gen, shape, n, dtype, base=not deltas)
         for var in variants:
             kw = dict(method=method, weights=_weights(n), seed=7, name="t", deltas=deltas, **var)

@@ -634,7 +634,8 @@ for _name, _combine, _summary, _norm_doc in (
                 _lambda(),
                 _INT8_MASK,
                 _trim_ties(),
-            ),
+            )
+            + ((_vote(), _divide_by()) if _combine == TIES else ()),
             family="breadcrumbs",
             stats=(WINDOW,),
             features=("trim_max",),
