@@ -232,3 +232,19 @@ def test_variants_are_api_only():
         for key in ("vote", "divide_by"):
             p = m.param(key)
             assert p is not None and not p.config and "mergekit has no such key" in p.doc
+
+
+def test_through_the_custom_op(gen):
+    """vote / divide_by / deltas pass through torch.ops.m3kernels.merge (its generic parameters)
+    with the API's bytes, and meta inputs give the output's shape and dtype."""
+    from m3kernels import ops
+
+    _, models = _inputs(gen, (41, 23), 3, BF16, base=False)
+    kw = dict(
+        method="dare_ties", density=0.5, vote="count", divide_by="count", deltas=True, weights=_weights(3)
+    )
+    want = m3kernels.merge_tensors(None, models, name="w", **kw)
+    got = ops.merge_tensors(None, models, name="w", **kw)
+    assert torch.equal(_bits(got), _bits(want))
+    meta = m3kernels.merge_tensors(None, [m.to("meta") for m in models], name="w", **kw)
+    assert meta.is_meta and meta.shape == want.shape and meta.dtype == want.dtype
