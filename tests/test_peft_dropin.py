@@ -326,3 +326,20 @@ def test_example_runs(capsys):
     assert mod["main"](["--rows", "64", "--cols", "96"]) == 0
     out = capsys.readouterr().out
     assert "identical to PEFT's: True" in out and "identical: False" not in out
+
+
+def test_dare_fp16_overflow_is_pefts(monkeypatch, gen):
+    """PEFT's x / density rounded to fp16 overflows to inf for |x| > 65504·density: the fused
+    path (dare_div) gives the same infs, and the vote / count divisor treats them as PEFT does."""
+    ts = task_tensors(gen, 2, (23, 17), torch.float16)
+    ts[0][0, :5] = torch.tensor([60000.0, -50000.0, 30000.0, 1.0, -20000.0], dtype=torch.float16)
+    ts[1][0, :5] = torch.tensor([-40000.0, 50000.0, 0.5, -65000.0, 20000.0], dtype=torch.float16)
+    w = torch.tensor(WEIGHTS[2])
+    with monkeypatch.context() as m:
+        m.setattr(dropin, "_combine", lambda *a, **k: pytest.fail("eager path taken"))
+        ours = dropin.dare_linear(ts, w, 0.3, seed=4, name="o")
+        ours_ties = {v: dropin.dare_ties(ts, w, 0.3, v, seed=4, name="p") for v in ("total", "frequency")}
+    assert torch.isinf(ours).any() or torch.isnan(ours).any()
+    same(ours, peft_call(monkeypatch, "dare_linear", ts, w, 0.3, bern=_bern(2, 0.3, 4, "o")))
+    for v, got in ours_ties.items():
+        same(got, peft_call(monkeypatch, "dare_ties", ts, w, 0.3, v, bern=_bern(2, 0.3, 4, "p")))
