@@ -359,6 +359,7 @@ METHOD_PARAMS = {
     "dare_linear": {"weight": 0.5, "density": 0.6, "rescale": True},
     "dare_ties": {"weight": 1.0, "drop_rate": 0.4, "rescale": False},
     "ties_dare": {"weight": 1.0, "density": 0.5, "drop_rate": 0.3},
+    "magnitude_prune": {"weight": [0.5, -1.0], "density": [0.3, 0.9], "lambda": 0.5},
     "passthrough": {"scale": 0.5},
     "nearswap": {"t": 0.01},
     "ram": {"epsilon": 0.001},
