@@ -211,6 +211,21 @@ def merge_range(p: KernelParams, base, models, out: torch.Tensor, start: int) ->
     _C.merge(p, base_ptr, base_code, ptrs, codes, numel, out_ptr, out_code, int(start))
 
 
+def has_della_stage_a() -> bool:
+    """Whether the extension is importable and has della's C++ stage A."""
+    return _C is not None and hasattr(_C, "della_stage_a")
+
+
+def della_stage_a(delta: np.ndarray, slabs: int, c: int, inner: int, first: int, key, thr, mask: np.ndarray):
+    """della's stage A on a chunk of whole dim-0 slabs (csrc/cpu/della_stage_a.cpp): ORs the keep
+    bits of the float32 ``delta`` ([slabs, c, inner], flat elements first ..) into ``mask`` and
+    returns (per-slab Σ|δ|, per-slab Σ|δ|·keep, non-finite count)."""
+    thr = np.ascontiguousarray(thr, dtype=np.uint64)
+    return _C.della_stage_a(
+        delta, int(slabs), int(c), int(inner), int(first), int(key[0]), int(key[1]), thr, mask
+    )
+
+
 __all__ = [
     "available",
     "unavailable_reason",
@@ -229,4 +244,6 @@ __all__ = [
     "merge_batch",
     "simd_level",
     "simd_levels",
+    "has_della_stage_a",
+    "della_stage_a",
 ]

@@ -36,6 +36,7 @@ CHUNK = 1 << 20  # elements per stage-A chunk (whole dim-0 slabs; at least one s
 WORKERS = 2  # stage-A chunks in flight (NumPy's Philox runs on one core; the sort on torch's threads)
 L1_GUARD = 1e-7  # mergekit's rescale guard: no rescale when Σ|δ| or Σ|δ kept| is below it
 TWO32 = 4294967296.0
+FAST = True  # use the C++ stage A when the CPU extension has it (False: the NumPy path, the oracle)
 
 
 def rank_layout(shape) -> tuple[int, int, int]:
@@ -126,10 +127,32 @@ def _host_f32(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32)
 
 
+def _chunk_delta(flat_x, flat_b, s: int, e: int) -> torch.Tensor:
+    """float32 δ of flat elements s .. e − 1, as the kernel computes it (both paths share it, so
+    even a NaN's bits, which rank it, are the same)."""
+    return _host_f32(flat_x[s:e]) - _host_f32(flat_b[s:e])
+
+
+def _slab_sums(a64: np.ndarray, keep: np.ndarray, slab: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """float64 per-slab (Σ|δ|, Σ|δ|·keep) over the finite deltas, each summed in flat order (the
+    order the C++ stage A uses; ``np.cumsum`` is sequential), and the non-finite count."""
+    finite = np.isfinite(a64)
+    bad = 0
+    if not finite.all():
+        bad = int(a64.size - np.count_nonzero(finite))
+        a64 = np.where(finite, a64, 0.0)
+    a2 = a64.reshape(-1, slab)
+    return (
+        np.cumsum(a2, axis=1)[:, -1],
+        np.cumsum(np.where(keep.reshape(a2.shape), a2, 0.0), axis=1)[:, -1],
+        bad,
+    )
+
+
 def _chunk_keep(flat_x, flat_b, s: int, e: int, c: int, inner: int, thr, key) -> tuple:
-    """The keep bits of flat elements s .. e − 1 (whole dim-0 slabs) and their float64
-    (Σ|δ|, Σ|δ|·keep, non-finite count)."""
-    d32 = (_host_f32(flat_x[s:e]) - _host_f32(flat_b[s:e])).view(-1, c, inner)  # the kernel's δ
+    """The keep bits of flat elements s .. e − 1 (whole dim-0 slabs), their per-slab float64
+    (Σ|δ|, Σ|δ|·keep) and non-finite count: the NumPy / torch path (the oracle of the C++ one)."""
+    d32 = _chunk_delta(flat_x, flat_b, s, e).view(-1, c, inner)
     keys = d32.view(torch.int32) & 0x7FFFFFFF  # bits(|δ|): equal keys keep their index order
     perm = torch.sort(keys, dim=1, stable=True).indices
     u = torch.from_numpy(u32_range(key, s, e - s).astype(np.int64)).view(perm.shape)
@@ -137,27 +160,63 @@ def _chunk_keep(flat_x, flat_b, s: int, e: int, c: int, inner: int, thr, key) ->
     keep.scatter_(1, perm, torch.gather(u, 1, perm) < thr)  # rank r's threshold at its element
     keep_np = keep.reshape(-1).numpy()
     a64 = np.abs(d32.reshape(-1).numpy().astype(np.float64))
-    finite = np.isfinite(a64)
-    bad = 0
-    if not finite.all():
-        bad = int(a64.size - np.count_nonzero(finite))
-        a64 = np.where(finite, a64, 0.0)
-    return keep_np, float(np.sum(a64)), float(np.sum(np.where(keep_np, a64, 0.0))), bad
+    return (keep_np, *_slab_sums(a64, keep_np, c * inner))
+
+
+def _ordered_sum(parts: list) -> float:
+    """The per-slab sums added in slab order (sequentially), the same on every path and thread count."""
+    v = np.concatenate(parts) if parts else np.zeros(0)
+    return float(np.cumsum(v)[-1]) if v.size else 0.0
+
+
+def _fast_stage_a():
+    """The C++ stage A (``m3kernels._C.della_stage_a``) when the CPU extension has it, else None."""
+    if not FAST:
+        return None
+    from m3kernels.backends import cpu
+
+    return cpu.della_stage_a if cpu.has_della_stage_a() else None
+
+
+def _model_keep_fast(fast, base, model, density, epsilon, key, out: np.ndarray) -> tuple[float, float, int]:
+    """model_keep through the C++ stage A: chunks of whole slabs one after the other (each on the
+    OpenMP threads), the keep bits ORed into ``out`` (zeroed here) at their flat offsets."""
+    slabs, c, inner = rank_layout(model.shape)
+    slab = c * inner
+    rows = max(1, CHUNK // slab)
+    thr = keep_thresholds(density, epsilon, c)
+    flat_x, flat_b = model.reshape(-1), base.reshape(-1)
+    out[:] = 0
+    tots, kepts, bad = [], [], 0
+    for a0 in range(0, slabs, rows):
+        a1 = min(slabs, a0 + rows)
+        d32 = _chunk_delta(flat_x, flat_b, a0 * slab, a1 * slab).contiguous().numpy()
+        t, k, nb = fast(d32, a1 - a0, c, inner, a0 * slab, key, thr, out)
+        tots.append(t)
+        kepts.append(k)
+        bad += nb
+    return _ordered_sum(tots), _ordered_sum(kepts), bad
 
 
 def model_keep(base, model, density, epsilon, key, out: np.ndarray) -> tuple[float, float, int]:
     """One model's keep bits packed into ``out`` (uint8[ceil(numel / 8)]), for 0 < density < 1;
-    returns (Σ|δ|, Σ|δ|·keep, non-finite count), float64 over the finite deltas. Chunks run on
-    :data:`WORKERS` threads, at most that many ahead; their sums are added in chunk order, so the
-    result does not depend on the threads."""
+    returns (Σ|δ|, Σ|δ|·keep, non-finite count), float64 over the finite deltas, each slab summed
+    in flat order and the slabs added in order. The C++ stage A when the extension has it (see
+    :func:`_fast_stage_a`), else chunks on :data:`WORKERS` threads, at most that many ahead; the
+    same bits either way, whatever the threads."""
     slabs, c, inner = rank_layout(model.shape)
     slab = c * inner
-    rows = max(1, CHUNK // max(1, slab))
+    if slabs * slab == 0:
+        return 0.0, 0.0, 0
+    fast = _fast_stage_a()
+    if fast is not None and c < (1 << 32):
+        return _model_keep_fast(fast, base, model, density, epsilon, key, out)
+    rows = max(1, CHUNK // slab)
     thr = torch.from_numpy(keep_thresholds(density, epsilon, c).astype(np.int64)).view(1, c, 1)
     flat_x, flat_b = model.reshape(-1), base.reshape(-1)
     bounds = [(a0 * slab, min(slabs, a0 + rows) * slab) for a0 in range(0, slabs, rows)]
     packer = _Packer(out)
-    total = kept = 0.0
+    tots, kepts = [], []
     bad = 0
     with ThreadPoolExecutor(max_workers=WORKERS) as pool:
         pending = deque()
@@ -165,10 +224,12 @@ def model_keep(base, model, density, epsilon, key, out: np.ndarray) -> tuple[flo
             pending.append(pool.submit(_chunk_keep, flat_x, flat_b, s, e, c, inner, thr, key))
             while len(pending) > WORKERS or (pending and s == bounds[-1][0]):
                 keep_np, t, k, nb = pending.popleft().result()
-                total, kept, bad = total + t, kept + k, bad + nb
+                tots.append(t)
+                kepts.append(k)
+                bad += nb
                 packer.add(keep_np)
     packer.close()
-    return total, kept, bad
+    return _ordered_sum(tots), _ordered_sum(kepts), bad
 
 
 def keep_masks(base, models, recipe, name: str):
