@@ -327,7 +327,7 @@ def merge_tensors(
         trim_ties: ``ties``, ``ties_dare``, ``breadcrumbs*``: ``"all"`` (default: every element
             tied with a trim threshold is kept) or ``"k"`` (exactly k kept per model, ties broken
             by the lowest flat index; the same on every backend whose FEATURES have trim_ties_k).
-        vote: ``ties``, ``dare_ties``, ``ties_dare``, ``breadcrumbs_ties``: the sign vote, ``"weighted"`` (default: the
+        vote: ``ties``, ``dare_ties``, ``ties_dare``, ``breadcrumbs_ties``, ``della``: the sign vote, ``"weighted"`` (default: the
             sign of Σ w_i·δ_i, agreement by sign(w_i·δ_i)), ``"unweighted"`` (of Σ δ_i, agreement
             by sign(δ_i); the weights, negative allowed, only scale the values: PEFT's "total")
             or ``"count"`` (of Σ sgn(δ_i): PEFT's "frequency"). m3kernels/merge/ties_variants.py.

@@ -16,9 +16,10 @@ from helpers import have_backend
 
 F32, BF16, F16, F64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 BITS = {F32: torch.int32, BF16: torch.int16, F16: torch.int16}
-TIES_FAMILY = ("ties", "dare_ties", "ties_dare", "breadcrumbs_ties")
+TIES_FAMILY = ("ties", "dare_ties", "ties_dare", "breadcrumbs_ties", "della")
 SPARSITY = {
     "breadcrumbs_ties": dict(density=0.6, gamma=0.05),
+    "della": dict(density=0.6, epsilon=0.1),
     "ties": dict(density=0.4),
     "dare_ties": dict(density=0.6),
     "ties_dare": dict(density=0.5, drop_rate=0.3),

@@ -268,16 +268,22 @@ def _della(base, models, recipe, name):
         d64.append(torch.where(keep, a64 * s64, zero64))
     coefs = recipe.coefs
     if recipe.combine == "ties":
-        vote = torch.zeros_like(d32[0])
-        for w, d in zip(recipe.weights, d32):
-            vote = vote + torch.tensor(w, dtype=F32) * d  # float32, model order
-        pos = vote >= 0
-        num, den = torch.zeros_like(b64), torch.zeros_like(b64)
-        for w, c, a, a64 in zip(recipe.weights, coefs, d32, d64):
-            e = torch.tensor(w, dtype=F32) * a  # mergekit's agreement: the sign of w_i·δ_i (float32)
-            agree = ((e != 0) & ((e > 0) == pos)).to(F64)
-            num, den = num + agree * (c * a64), den + agree * c
-        m = torch.where(den != 0, num / torch.where(den != 0, den, 1.0), 0.0) if recipe.normalize else num
+        # the vote on f32(w_i)·δ_i in model order, agreement by the sign of w_i·δ_i (mergekit's),
+        # or the vote / divide_by variants (m3kernels.merge.ties_variants); values in float64
+        from m3kernels.merge.reference_pieces import ties_merge64
+        from m3kernels.merge.ties_variants import reference_arguments
+
+        v = reference_arguments(recipe)
+        m, _ = ties_merge64(
+            d32,
+            d64,
+            coefs,
+            v["vote_w"],
+            agree_w=v["agree_w"],
+            normalize=recipe.normalize,
+            vote_kind=v["vote_kind"],
+            ties_div=v["ties_div"],
+        )
     else:
         m = sum(c * a64 for c, a64 in zip(coefs, d64))
         if recipe.combine == "mean":

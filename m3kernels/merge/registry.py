@@ -710,7 +710,8 @@ for _name, _combine, _norm, _summary, _norm_doc in (
                 _normalize(_norm, _norm_doc),
                 _lambda(),
                 _INT8_MASK,
-            ),
+            )
+            + ((_vote(), _divide_by()) if _combine == TIES else ()),
             family="della",
             stats=(KEEP_MASK,),
             features=("keep_mask",),
