@@ -249,3 +249,22 @@ def test_through_the_custom_op(gen):
     assert torch.equal(_bits(got), _bits(want))
     meta = m3kernels.merge_tensors(None, [m.to("meta") for m in models], name="w", **kw)
     assert meta.is_meta and meta.shape == want.shape and meta.dtype == want.dtype
+
+
+@pytest.mark.parametrize("be", ["cpu", "triton", "cuda"])
+def test_magnitude_prune_exact_k(be, gen):
+    """magnitude_prune with trim_ties="k" keeps exactly k = ⌊density·n⌋ of a tensor full of ties."""
+    if be == "triton" and not HAVE_TRITON:
+        pytest.skip("Triton not usable here")
+    if be == "cuda" and not HAVE_CUDA_EXT:
+        pytest.skip("CUDA extension not built")
+    shape = (53, 37)
+    signs = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    d = (torch.randint(1, 5, shape, generator=gen).float() * 0.25 * signs).to(BF16)
+    for density in (0.3, 0.71):
+        kw = dict(method="magnitude_prune", density=density, trim_ties="k", deltas=True, weights=[1.5])
+        out = _merge(None, [d], F32, be, **kw)
+        assert int((out != 0).sum()) == int(density * d.numel())
+        kept = out != 0
+        assert torch.equal(out[kept], 1.5 * d.to(F32)[kept])
+        assert float(d[~kept].abs().max()) <= float(d[kept].abs().min())
