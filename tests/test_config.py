@@ -572,7 +572,7 @@ def with_top_params(method="ties", **params):
 
 REJECT = [
     # keys and structure
-    (base_cfg(foo=1), "foo"),
+    ({**base_cfg(), 3: 4}, "3"),  # a key that is not a string (an unknown string one is ignored)
     (base_cfg(slices=[{"sources": []}]), "slices"),
     (base_cfg(modules={"text": {}}), "modules"),
     (base_cfg(tokenizer={"source": "union", "vocab": 1}), "tokenizer"),  # tests/test_tokenizer_merge.py
@@ -583,7 +583,7 @@ REJECT = [
     (base_cfg(models=[{"model": "m/a", "weight": 1}]), "models[0].weight"),
     (base_cfg(models=[{"parameters": {}}]), "models[0].model"),
     (base_cfg(models=[{"model": "m/a"}, {"model": "m/a/"}]), "models[1].model"),
-    (base_cfg(models=[{"model": "m/base"}]), "models"),
+    (base_cfg(merge_method="model_stock", models=[{"model": "m/base"}]), "models"),  # no base-only rule
     (base_cfg(models=[{"model": "m/a+lora/x+y"}]), "models[0].model"),  # one '+' is a LoRA (lora.py)
     (base_cfg(models=[{"model": "org/model@main"}]), "models[0].model"),
     (base_cfg(base_model="m/base+lora+"), "base_model"),
@@ -700,7 +700,7 @@ def test_rejections_list_what_is_supported():
         load_config(with_model_params(bogus_param=0.01))
     assert all(p in str(ei.value) for p in ("weight", "density", "drop_rate", "lambda"))
     with pytest.raises(MergeConfigError) as ei:
-        load_config(base_cfg(bogus=1))
+        load_config({**base_cfg(), 7: 1})
     assert all(k in str(ei.value) for k in ("merge_method", "models", "mixup", "trim_scope"))
     with pytest.raises(MergeConfigError, match="float32, bfloat16 or float16"):
         load_config(base_cfg(dtype="int4"))
@@ -768,3 +768,24 @@ def test_the_full_example_in_docs_parses():
     kw = cfg.tensor_kwargs("model.embed_tokens.weight", 40)
     assert kw["weights"] == [1.0, 1.0] and kw["density"] == [0.2, 0.25] and kw["lambda_"] == 0.8
     assert cfg.mixup == {"alpha": 2.0, "seed": 42} and cfg.seed == 1234
+
+
+def test_unknown_top_level_keys_are_ignored_with_a_warning(caplog):
+    """mergekit 0.1.5 drops top-level keys it does not know, so a config with one runs there:
+    it runs here too, with a warning naming the key (and what it may have meant)."""
+    with caplog.at_level("WARNING", logger="m3kernels"):
+        cfg = load_config(base_cfg(dype="bfloat16", int8_mask=True))
+    assert cfg.dtype is None and cfg.method == "ties"
+    text = caplog.text
+    assert "dype: unknown top-level key, ignored" in text and "did you mean 'dtype'" in text
+    assert "int8_mask: unknown top-level key" in text and "belongs under 'parameters:'" in text
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "sce"])
+def test_only_the_base_model_writes_the_base(method, caplog):
+    """mergekit 0.1.5's task-vector methods return the base when no other model is given (the
+    'lorablated' recipe: the base with a LoRA): such a config is a copy of the base."""
+    with caplog.at_level("WARNING", logger="m3kernels"):
+        cfg = load_config({"merge_method": method, "base_model": "m/base", "models": [{"model": "m/base"}]})
+    assert cfg.method == "passthrough" and cfg.models == [cfg.base_model]
+    assert "the output is the base model" in caplog.text

@@ -24,12 +24,12 @@ models:
 parameters:
   weight: 0.5
 dtype: int8
-colour: blue
+trim_scope: layer
 """
 # what each of the four must name (and the alternatives it lists)
 EXPECT = [
     ("merge_method", "supported: "),  # the method first
-    ("colour: unknown key", "merge_method, base_model"),
+    ("trim_scope", "use 'tensor' or 'model'"),
     ("models[1].model", "only local checkpoint directories"),
     ("dtype", "float32, bfloat16 or float16"),
 ]
@@ -100,8 +100,10 @@ def test_one_problem_is_a_plain_message():
 
 
 def test_many_problems_stay_one_bounded_line():
-    raw = {"merge_method": "nope", "models": [{"model": "a"}]}
-    raw.update({f"key_{i:03d}_" + "x" * 150: i for i in range(100)})
+    raw = {
+        "merge_method": "nope",
+        "models": [{"model": f"org/m{i:03d}_" + "x" * 150 + "@main"} for i in range(100)],
+    }
     with pytest.raises(ConfigProblems) as ei:
         load_config(raw)
     msg = str(ei.value)
@@ -117,7 +119,7 @@ def test_config_checks_are_a_list_a_feature_can_extend():
 
     config_mod.CONFIG_CHECKS.append(no_colour)
     try:
-        problems = _problems(FOUR_PROBLEMS)
+        problems = _problems(FOUR_PROBLEMS + "colour: blue\n")
     finally:
         config_mod.CONFIG_CHECKS.remove(no_colour)
     assert "colour: not a merge key" in problems and len(problems) == 5

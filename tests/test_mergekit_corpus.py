@@ -61,41 +61,10 @@ EXPECTED_FAILURES: dict[str, tuple[str, str, bool]] = {
     "hf__mistral-ft-optimized-1218": _SLERP_BASE,
     "hf__openchat-3.5-1210-Seraph-Slerp": _SLERP_BASE,
     "hf__Nous-Hermes-2-SUS-Chat-34B-Slerp": (
-        "slerp with a base outside the slice's sources (mergekit 0.1.5 fails too), and `t` written at "
-        "the top level under an empty `parameters:` (an unknown key)",
-        "t: unknown key",
+        "slerp with a base outside the slice's sources (mergekit 0.1.5 fails too); its `t` is written "
+        "at the top level under an empty `parameters:` (an unknown key: ignored, as mergekit does)",
+        "method 'slerp' takes exactly 1 model(s) besides the base model, got 2",
         False,
-    ),
-    "hf__CapyTessBorosYi-34B-200K-DARE-Ties": (
-        "`int8_mask` at the top level (not indented under `parameters:`): an unknown key here; "
-        "mergekit 0.1.5 ignores unknown top-level keys",
-        "int8_mask: unknown key",
-        True,
-    ),
-    "hf__L3.3-GeneticLemonade-Final-70B__1": (
-        "`select_topk` at the top level and `dype` (a typo of dtype): unknown keys here; mergekit "
-        "0.1.5 ignores them (so it runs sce with its default select_topk)",
-        "select_topk: unknown key",
-        True,
-    ),
-    "hf__L3.3-GeneticLemonade-Final-70B__2": (
-        "`select_topk` at the top level and `dype` (a typo of dtype): unknown keys here; mergekit "
-        "0.1.5 ignores them",
-        "select_topk: unknown key",
-        True,
-    ),
-    "hf__Llama_3.x_70b_Smarteaz_V1__1": (
-        "task_arithmetic whose only model is the base (with a LoRA: the 'lorablated' recipe); "
-        "mergekit 0.1.5 writes the base (here: with the LoRA applied), ours rejects a merge with no "
-        "model besides the base",
-        "no model to merge besides the base model",
-        True,
-    ),
-    "hf__Llama_3.x_70b_Smarteaz_V1__2": (
-        "`normalize` at the top level (an unknown key) and `weight` under model_stock (a parameter "
-        "it does not take); mergekit 0.1.5 ignores both",
-        "normalize: unknown key",
-        True,
     ),
 }
 

@@ -157,6 +157,23 @@ REJECTED_TOP_LEVEL: dict = {}
 PER_MODEL_PARAMETERS = all_config_params(PER_MODEL)
 MERGE_WIDE_PARAMETERS = all_config_params(MERGE_WIDE)
 ALL_PARAMETERS = tuple(dict.fromkeys(PER_MODEL_PARAMETERS + MERGE_WIDE_PARAMETERS))
+# methods whose mergekit 0.1.5 implementation returns the base when no other model is given
+# (generalized task arithmetic, ram, sce): such a config writes the base model
+BASE_ONLY_GIVES_BASE = frozenset(
+    {
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "ram",
+        "ramplus_tl",
+        "sce",
+    }
+)
 # a parameter a method does not take is an error, except mergekit's own no-op default for it
 NO_OP_WHEN_NOT_TAKEN = {"rescale": False}
 
@@ -815,6 +832,8 @@ IGNORED_LIKE_MERGEKIT = {
     "task_arithmetic": ("density", "rescale"),
     "linear": ("density", "rescale", "lambda"),
     "sce": ("weight",),  # published sce configs set per-model weights; mergekit never reads them
+    "model_stock": ("weight",),  # the same for model_stock (its average is unweighted)
+    "karcher": ("weight",),  # and karcher (equal weights)
 }
 # what mergekit does with a parameter we do not implement for that method (the error says so)
 # ((method, parameter) -> message; none at present: ties' and breadcrumbs' rescale: true are
@@ -1002,15 +1021,34 @@ def _dry_run(cfg: MergeConfig) -> None:
 
 
 def _check_top_level_keys(raw: dict) -> list:
-    """Keys we do not know, and mergekit keys we do not implement (REJECTED_TOP_LEVEL; null is fine)."""
+    """mergekit keys we do not implement (REJECTED_TOP_LEVEL; null is fine). A top-level key
+    neither tool knows is ignored by mergekit 0.1.5 (its configuration model drops it), so it
+    is ignored here too, with a warning that names the key and the keys it may stand for (a
+    top-level ``int8_mask``, ``normalize`` or ``select_topk`` belongs under ``parameters:``; a
+    typo such as ``dype``); a key that is not a string is an error."""
     out = []
     for key in raw:
         if key in REJECTED_TOP_LEVEL:
             if raw[key] is not None:
                 out.append(f"{key}: {REJECTED_TOP_LEVEL[key]}")
         elif key not in TOP_LEVEL_KEYS:
-            name = key if isinstance(key, str) else _short(key)
-            out.append(f"{name}: unknown key; supported: {', '.join(TOP_LEVEL_KEYS)}")
+            if not isinstance(key, str):
+                out.append(f"{_short(key)}: unknown key; supported: {', '.join(TOP_LEVEL_KEYS)}")
+                continue
+            import difflib
+
+            hint = ""
+            if key in ALL_PARAMETERS:
+                hint = "; as a merge parameter it belongs under 'parameters:'"
+            else:
+                near = difflib.get_close_matches(key, TOP_LEVEL_KEYS, n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+            log.warning(
+                "%s: unknown top-level key, ignored as mergekit 0.1.5 ignores it%s (supported: %s)",
+                key,
+                hint,
+                ", ".join(TOP_LEVEL_KEYS),
+            )
     return out
 
 
@@ -1121,8 +1159,12 @@ def parse_config(raw: dict) -> MergeConfig:
                 f"unlisted base_model as one more averaged model. List it under models (with its "
                 f"weight) to average it in, or remove base_model"
             )
+    base_only = False
     if entries is not None and not models and not problems:
-        problems.add("models: no model to merge besides the base model")
+        if preset is not None and preset.name in BASE_ONLY_GIVES_BASE and base is not None:
+            base_only = True  # mergekit 0.1.5: the base, unchanged (with its LoRA, if any)
+        else:
+            problems.add("models: no model to merge besides the base model")
 
     top = _parse_parameters(raw.get("parameters"), "parameters", None, preset, problems)
     if preset is not None and models:
@@ -1155,6 +1197,14 @@ def parse_config(raw: dict) -> MergeConfig:
         with problems.catch():
             mixup = _parse_mixup(raw.get("mixup"), len(models), seed, preset)
     problems.raise_if_any()
+    if base_only:
+        log.warning(
+            "models: no model besides the base model: the output is the base model (%s), as "
+            "mergekit 0.1.5's %s writes it",
+            base,
+            method,
+        )
+        method, models, per_model, top, mixup = "passthrough", [base], [(0, {})], {}, None
 
     cfg = MergeConfig(
         method=method,
