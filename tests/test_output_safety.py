@@ -474,13 +474,13 @@ def test_kill_9_of_one_of_two_merges_on_one_out(models, tmp_path, capsys):
     """Two merges started on one OUT; the one holding the lock is killed -9: the other failed at
     once (exit 2); a third run with --resume then publishes exactly an uninterrupted run."""
     out = tmp_path / "out"
-    first = start(models, out, M3K_TEST_DELAY="0.1")
+    paused = tmp_path / "paused"
+    # the first merge pauses at its 4th write (shard 2), so it still holds the lock however long
+    # the second takes to start on a loaded machine
+    first = start(models, out, M3K_TEST_PAUSE_AT="4", M3K_TEST_PAUSED=str(paused))
     try:
-        wait_for(
-            lambda: (read_holder(out) or {}).get("pid") == first.pid,
-            "the first merge holds the lock",
-            proc=first,
-        )
+        wait_for(paused.exists, "the first merge pauses", proc=first)
+        assert (read_holder(out) or {}).get("pid") == first.pid
         second = start(models, out)
         _, err2 = second.communicate(timeout=60)
         first.kill()
