@@ -330,7 +330,8 @@ def build_plan(
     ``only(name)``: plan just the tensors it accepts; ``tokenizer``: the (TokenizerOutput, notes)
     to use instead of the config's own (the slice planner's pre/post weights: the whole merge's)."""
     if cfg.slices is not None or (
-        cfg.layer_range is not None and cfg.layer_range != count_layers(base if base is not None else models[0])
+        cfg.layer_range is not None
+        and cfg.layer_range != count_layers(base if base is not None else models[0])
     ):  # slices (or the whole-model slice over fewer layers than the models have): slices.py
         from m3kernels.checkpoint.slices import build_sliced_plan
 
