@@ -154,6 +154,7 @@ def driver_main(jobs_file: str, results_file: str, cli: bool = False) -> int:
         if out.exists():
             shutil.rmtree(out)
         args = [job["config"], str(out), "--quiet", "--random-seed", str(job["seed"])]
+        args += ["--lora-merge-cache", str(out) + ".lora-cache"]  # where mergekit merges LoRA inputs
         if not job.get("copy_tokenizer"):
             args.insert(2, "--no-copy-tokenizer")
         t0 = time.perf_counter()
@@ -229,6 +230,8 @@ def _jsonable(v):
 # =========================================================================== inputs
 
 SHAPES_KW = dict(vocab=131, hidden=36, intermediate=97, layers=3, heads=3, kv_heads=1)
+# ft1's PEFT LoRA adapter (m3kernels.synthetic.write_lora_adapter): linear layers and the embedding
+LORA_INPUT = dict(targets=["q_proj", "v_proj", "up_proj", "embed_tokens"], r=4, alpha=8, seed=SEED)
 NOISE = 0.02  # fine-tune noise std (base std 0.05): cos(base, ft) ≈ 0.93, slerp's spherical branch
 N_FT = 3
 
@@ -244,6 +247,7 @@ def make_inputs(work: Path, families=tuple(FAMILIES)) -> dict:
         root = work / "inputs" / fam
         stamp = root / "STAMP.json"
         want = {"version": INPUT_VERSION, "shapes": SHAPES_KW, "noise": NOISE, "n": N_FT, "seed": SEED}
+        want["lora"] = LORA_INPUT  # the PEFT adapter of the LoRA cases
         dirs = {"base": root / "base", **{f"ft{i + 1}": root / f"ft{i + 1}" for i in range(N_FT)}}
         if not (stamp.exists() and json.loads(stamp.read_text()) == want):
             if root.exists():
@@ -259,8 +263,11 @@ def make_inputs(work: Path, families=tuple(FAMILIES)) -> dict:
                 noise=NOISE,
                 tokenizer=False,
             )
+            shapes = synthetic.LlamaShapes(**SHAPES_KW).shapes()
+            synthetic.write_lora_adapter(root / "lora1", shapes, **LORA_INPUT)
             stamp.write_text(json.dumps(want))
         out[fam] = {k: str(v) for k, v in dirs.items()}
+        out[fam]["ft1+lora1"] = f"{dirs['ft1']}+{root / 'lora1'}"  # a LoRA reference (mergekit's MODEL+LORA)
     return out
 
 
@@ -373,6 +380,14 @@ def explicit_cases() -> list:
             E,
             [_m("ft1", weight=0.7), _m("ft2", weight=0.5), _m("ft3", weight=0.3)],
             parameters={"lambda": 0.9, "normalize": False},
+        ),
+        Case(
+            "task_arithmetic",
+            "lora-input",
+            E,
+            [_m("ft1+lora1", weight=0.7), _m("ft2", weight=0.5)],
+            parameters={"lambda": 0.9, "normalize": False},
+            note="ft1 with a PEFT LoRA adapter (MODEL+LORA): mergekit merges it into a cached copy first",
         ),
         Case(
             "task_arithmetic",
@@ -760,7 +775,10 @@ def slice_cases() -> list:
                 {"sources": [("ft1", [0, 2], None)]},
                 {"sources": [("ft2", [1, 3], None)]},
                 {"sources": [("ft1", [1, 2], None)]},  # ft1's layer 1 a second time
-                {"sources": [("ft3", [0, 1], None)], "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}]}},
+                {
+                    "sources": [("ft3", [0, 1], None)],
+                    "parameters": {"scale": [{"filter": "o_proj", "value": 0.5}]},
+                },
             ],
             note="6 output layers from 3-layer models; embeddings from ft1, norm and lm_head from ft3",
         ),
@@ -832,7 +850,13 @@ def slice_cases() -> list:
             parameters={"weight": 0.6},
             slice_spec=[
                 {"sources": [("base", [0, 1], None), ("ft1", [2, 3], None)]},
-                {"sources": [("base", [1, 3], None), ("ft1", [0, 2], None), ("ft2", [1, 3], {"weight": 0.2})]},
+                {
+                    "sources": [
+                        ("base", [1, 3], None),
+                        ("ft1", [0, 2], None),
+                        ("ft2", [1, 3], {"weight": 0.2}),
+                    ]
+                },
             ],
             note="mergekit merges the post weights from the last slice's first 2 sources (the first slice's count)",
         ),
@@ -875,7 +899,14 @@ def slice_cases() -> list:
             S,
             ft,
             slice_spec=[
-                {"sources": [("base", [0, 3], None), ("ft1", [0, 3], None), ("ft2", [0, 3], None), ("ft3", [0, 3], None)]},
+                {
+                    "sources": [
+                        ("base", [0, 3], None),
+                        ("ft1", [0, 3], None),
+                        ("ft2", [0, 3], None),
+                        ("ft3", [0, 3], None),
+                    ]
+                },
                 {"sources": [("base", [2, 3], None), ("ft3", [1, 2], None), ("ft2", [2, 3], None)]},
             ],
         ),
@@ -954,10 +985,31 @@ def resolve(case: Case, key: str, param: str, name: str, num_layers: int, defaul
 
 
 def _checkpoint(path):
+    if "+" in str(path) and not Path(path).exists():  # MODEL+LORA: with the adapter applied (lora.py)
+        return _LoraInput(str(path))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from bench_mergekit import Checkpoint
 
     return Checkpoint(Path(path))
+
+
+class _LoraInput:
+    """A ``MODEL+LORA`` input with the interface of bench_mergekit.Checkpoint (names, get, where)."""
+
+    def __init__(self, ref: str):
+        from m3kernels.checkpoint.lora import LoraCheckpoint, split_reference
+
+        model, lora = split_reference(ref)
+        self._ck = LoraCheckpoint.open(model, lora, role="model", allow_bin=False, follow_symlinks=False)
+        self.where = dict.fromkeys(self._ck.names, "")
+
+    def names(self) -> list:
+        return sorted(self.where)
+
+    def get(self, name: str):
+        t = self._ck.tensor(name).clone()
+        self._ck.release(name)
+        return t
 
 
 def ulps32(a, b):
@@ -1242,7 +1294,10 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
             "only_mergekit": sorted(names_m - names_o)[:8],
         }
     names = sorted(names_o & names_m)
-    layers = [json.loads((Path(d) / "config.json").read_text()).get("num_hidden_layers") for d in (ours_dir, mk32_dir)]
+    layers = [
+        json.loads((Path(d) / "config.json").read_text()).get("num_hidden_layers")
+        for d in (ours_dir, mk32_dir)
+    ]
     if layers[0] != layers[1]:  # slices rewrite it
         res["config_layers"] = {"ours": layers[0], "mergekit": layers[1]}
     num_layers = SHAPES_KW["layers"]
@@ -1279,7 +1334,9 @@ def compare_case(case: Case, dirs: dict, ours_dir, mk32_dir, mk64_dir) -> dict:
         o32, a32 = o.float(), a.float()
         excl = None  # (slices: the output names are not the inputs')
         if case.method in TRIM_METHODS or case.method == "sce":
-            excl = trim_tie_mask(case, name, base.get(name), {k: v.get(name) for k, v in fts.items()}, num_layers)
+            excl = trim_tie_mask(
+                case, name, base.get(name), {k: v.get(name) for k, v in fts.items()}, num_layers
+            )
         agg.add(name, o32, a32, r.double() if r is not None else None, excl)
     res["dtypes"] = sorted(dtypes)
     if deciles is not None:
