@@ -20,7 +20,8 @@ ram (a count of |δ_i| > ε over the stacked deltas, δ_i / count summed), slerp
 of the whole tensors, their dot product, the spherical or, beyond 0.9995, linear blend),
 breadcrumbs / breadcrumbs_ties (an ascending sort of |δ| per model, a mask keeping the window
 between the small and the outlier ranks, then the sum or the sign consensus); nuslerp, multislerp,
-karcher, model_stock and ramplus_tl in :mod:`.eager_family`.
+karcher, model_stock and ramplus_tl in :mod:`.eager_family`; sce, della, della_linear,
+arcee_fusion and magnitude_prune in :mod:`.eager_sparsify`.
 
 M³ ratios (``mix_ratios``, or ``mixup_alpha`` drawn as the package draws them) multiply the
 combine weights; the TIES vote keeps the user weights. :func:`eager_supported` says which
@@ -32,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from m3kernels.benchmark.eager_family import FAMILY_METHODS, family_merge
+from m3kernels.benchmark.eager_sparsify import SPARSIFY_METHODS, sparsify_merge
 
 EAGER_METHODS = (
     "linear",
@@ -48,6 +50,7 @@ EAGER_METHODS = (
     "breadcrumbs",
     "breadcrumbs_ties",
     *FAMILY_METHODS,
+    *SPARSIFY_METHODS,
 )
 
 
@@ -81,6 +84,7 @@ def eager_supported(method: str, kwargs: dict | None = None) -> str:
         "filter_wise",
         "r",
         "alpha",
+        "select_topk",
     }
     return f"eager merge does not take {', '.join(sorted(unknown))}" if unknown else ""
 
@@ -228,6 +232,14 @@ def eager_merge(
             raise ValueError(f"no eager version of {method} with M3 ratios")
         kw = dict(family_kw, weights=weights, epsilon=epsilon)
         return family_merge(method, base if method != "karcher" else None, models, out_dtype, kw)
+    if method in SPARSIFY_METHODS:
+        if mixup_alpha is not None or mix_ratios is not None:
+            raise ValueError(f"no eager version of {method} with M3 ratios")
+        kw = dict(
+            family_kw, weights=weights, density=density, epsilon=epsilon, normalize=normalize, lambda_=lambda_
+        )
+        gen = torch.Generator(device=models[0].device).manual_seed(seed)
+        return sparsify_merge(method, base, models, out_dtype, kw, gen)
     if method in ("passthrough", "nearswap", "ram", "slerp"):
         return _later_method(method, base, models, out_dtype, {"t": t, "scale": scale, "epsilon": epsilon})
     if mixup_alpha is not None and mix_ratios is None:
