@@ -23,29 +23,30 @@ namespace py = pybind11;
 
 namespace {
 
-// Sorts v[0..n) (key << 32 | index, keys < 2^31, indices ascending) by key, stably; tmp has n slots.
-void sort_line(uint64_t* v, uint64_t* tmp, int64_t n) {
-    if (n < 64) {
-        std::sort(v, v + n);  // the values are distinct: any sort gives the stable order
-        return;
-    }
-    static constexpr int kShift[3] = {32, 43, 54};
-    static constexpr uint32_t kMask[3] = {0x7FF, 0x7FF, 0x1FF};
-    uint32_t cnt[2048];
+// Digits of the LSD radix sort of the 31-bit keys (bits 32 .. 62 of a packed value): 11, 11, 9.
+constexpr int kShift[3] = {32, 43, 54};
+constexpr uint32_t kMask[3] = {0x7FF, 0x7FF, 0x1FF};
+
+// Sorts v[0..n) (key << 32 | index, keys < 2^31, indices ascending) by key, stably; tmp has n
+// slots; cnt[p] holds the counts of pass p's digits (counted while v was filled), zeroed here.
+void sort_line(uint64_t* v, uint64_t* tmp, int64_t n, uint32_t (*cnt)[2048]) {
     uint64_t *src = v, *dst = tmp;
     for (int pass = 0; pass < 3; ++pass) {
         const int sh = kShift[pass];
         const uint32_t mk = kMask[pass];
-        std::memset(cnt, 0, sizeof(uint32_t) * (mk + 1));
-        for (int64_t i = 0; i < n; ++i) ++cnt[(src[i] >> sh) & mk];
-        if (cnt[(src[0] >> sh) & mk] == uint32_t(n)) continue;  // one bucket: the pass is a no-op
+        uint32_t* cp = cnt[pass];
+        if (cp[(src[0] >> sh) & mk] == uint32_t(n)) {  // one bucket: the pass is a no-op
+            std::memset(cp, 0, sizeof(uint32_t) * (mk + 1));
+            continue;
+        }
         uint32_t sum = 0;
         for (uint32_t b = 0; b <= mk; ++b) {
-            const uint32_t c = cnt[b];
-            cnt[b] = sum;
+            const uint32_t c = cp[b];
+            cp[b] = sum;
             sum += c;
         }
-        for (int64_t i = 0; i < n; ++i) dst[cnt[(src[i] >> sh) & mk]++] = src[i];
+        for (int64_t i = 0; i < n; ++i) dst[cp[(src[i] >> sh) & mk]++] = src[i];
+        std::memset(cp, 0, sizeof(uint32_t) * (mk + 1));
         std::swap(src, dst);
     }
     if (src != v) std::memcpy(v, src, sizeof(uint64_t) * size_t(n));
@@ -81,6 +82,7 @@ py::tuple della_stage_a(py::array_t<float, py::array::c_style> delta, int64_t sl
         {
             std::vector<uint32_t> u(static_cast<size_t>(slab) + 256);
             std::vector<uint64_t> v(static_cast<size_t>(c)), tmp(static_cast<size_t>(c));
+            uint32_t cnt[3][2048] = {};
 #pragma omp for schedule(dynamic, 1)
             for (int64_t s = 0; s < slabs; ++s) {
                 const int64_t off = s * slab;
@@ -88,12 +90,25 @@ py::tuple della_stage_a(py::array_t<float, py::array::c_style> delta, int64_t sl
                 uint8_t* ks = kb + off;
                 t.philox_u32(key0, key1, first + off, slab, u.data());
                 for (int64_t q = 0; q < inner; ++q) {
-                    for (int64_t j = 0; j < c; ++j) {
-                        uint32_t bits;
-                        std::memcpy(&bits, ds + j * inner + q, sizeof(bits));
-                        v[size_t(j)] = (uint64_t(bits & 0x7FFFFFFFu) << 32) | uint64_t(j);
+                    if (c < 64) {  // short line: the values are distinct, so any sort is the stable order
+                        for (int64_t j = 0; j < c; ++j) {
+                            uint32_t bits;
+                            std::memcpy(&bits, ds + j * inner + q, sizeof(bits));
+                            v[size_t(j)] = (uint64_t(bits & 0x7FFFFFFFu) << 32) | uint64_t(j);
+                        }
+                        std::sort(v.begin(), v.end());
+                    } else {
+                        for (int64_t j = 0; j < c; ++j) {
+                            uint32_t bits;
+                            std::memcpy(&bits, ds + j * inner + q, sizeof(bits));
+                            bits &= 0x7FFFFFFFu;
+                            v[size_t(j)] = (uint64_t(bits) << 32) | uint64_t(j);
+                            ++cnt[0][bits & 0x7FF];
+                            ++cnt[1][(bits >> 11) & 0x7FF];
+                            ++cnt[2][bits >> 22];
+                        }
+                        sort_line(v.data(), tmp.data(), c, cnt);
                     }
-                    sort_line(v.data(), tmp.data(), c);
                     for (int64_t r = 0; r < c; ++r) {
                         const int64_t e = int64_t(uint32_t(v[size_t(r)])) * inner + q;
                         ks[e] = uint64_t(u[size_t(e)]) < th[r];
@@ -116,7 +131,7 @@ py::tuple della_stage_a(py::array_t<float, py::array::c_style> delta, int64_t sl
             }
             // Pack: byte b of the mask holds elements 8b .. 8b + 7 (first is the chunk's flat start).
             const int64_t b0 = first >> 3, b1 = (first + n - 1) >> 3;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8192)
             for (int64_t b = b0; b <= b1; ++b) {
                 uint32_t byte = 0;
                 for (int bit = 0; bit < 8; ++bit) {

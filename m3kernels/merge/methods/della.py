@@ -14,7 +14,11 @@ in float64 over the finite deltas, rounded to float32 (1 when either sum is belo
 Stage A (here, on the host, one model at a time in chunks of whole dim-0 slabs, so the memory is
 bounded by :data:`CHUNK` elements for any tensor whose slab fits) computes the keep bits into one
 bitmask per model (``np.packbits`` little bit order, ``ceil(numel / 8)`` bytes each) and the L1
-factors; stage B is the fused kernel with ``keep_mask`` / ``mask_scale`` (docs/KERNEL.md), then
+factors (each dim-0 slab's Σ|δ| summed in flat order, the slabs added in order: the same bits
+on every path and thread count). When the CPU extension has it, ``m3kernels._C.della_stage_a``
+(csrc/cpu/della_stage_a.cpp: OpenMP over slabs, a radix sort per line) does stage A chunk by
+chunk; the NumPy / torch path stays as the fallback and the oracle (tests/test_della_stage_a.py).
+Stage B is the fused kernel with ``keep_mask`` / ``mask_scale`` (docs/KERNEL.md), then
 the TIES election (della) or the weighted sum (della_linear) as for the other task-vector methods.
 """
 
