@@ -78,6 +78,8 @@ def test_fast_masks_and_scales_equal_the_numpy_path(dtype, kind, threads, monkey
     for shape in SHAPES:
         base, models = inputs(shape, dtype, gen, kind)
         want = run_keep(base, models, recipe, False, monkeypatch, chunk=1 << 20)
+        key, stride = dare_key(11, "blk.w", 1), (base.numel() + 7) // 8
+        want_sums = della.model_keep(base, models[1], 0.3, 0.1, key, np.zeros(stride, np.uint8))
         for n_threads in (1, 2):
             threads(n_threads)
             for chunk in (1 << 20, 7, 1):
@@ -85,6 +87,11 @@ def test_fast_masks_and_scales_equal_the_numpy_path(dtype, kind, threads, monkey
                 assert got[1] == want[1], shape
                 assert np.array_equal(got[0], want[0]), (shape, n_threads, chunk)
                 assert got[2].tobytes() == want[2].tobytes(), (shape, n_threads, chunk)
+                # the float64 L1 sums themselves (mask_scale is only their float32 ratio)
+                out = np.full(stride, 0x5A, np.uint8)  # poisoned: model_keep zeroes it first
+                sums = della.model_keep(base, models[1], 0.3, 0.1, key, out)
+                assert np.array_equal(out, got[0][stride:]), (shape, n_threads, chunk)
+                assert np.array(sums).tobytes() == np.array(want_sums).tobytes(), (shape, n_threads, chunk)
         # the float64 reference's full sort, on the kernel's float32 δ
         mask, stride = want[0], want[1]
         numel = base.numel()
