@@ -303,6 +303,8 @@ def _read_slice(i: int, sl, raw: dict, preset, top_base: str | None, shared: dic
         view = parse_config(view_raw)
     except MergeConfigError as exc:
         raise _with_key(exc, key, f"{key}.sources") from None
+    if view.method != preset.name:  # parse_config's "only the base: write the base" (flat configs only)
+        raise MergeConfigError(f"{key}.sources: no model to merge besides the base model")
     base_source = base_at if (base_at is not None and preset.uses_base) else None
     model_sources = [j for j in range(len(sources)) if j != base_source]
     if len(model_sources) != len(view.models):  # parse_config's base rules, replayed: a bug
