@@ -72,8 +72,8 @@ def method_spec(method, mk_base):
         kw = {}
         if p.default == reg.REQUIRED:
             kw["default"] = None  # our make_recipe names what is missing (e.g. density or drop_rate)
-        else:
-            kw["default"] = p.default
+        else:  # a config's default where it differs from the API's (mergekit's density 1, L1 rescale)
+            kw["default"] = p.default if p.config_default is None else p.config_default
         params.append(mk_base.ParameterSpec(p.name, _value_type(p, reg), scope, description=p.doc, **kw))
     names = {p.name for p in params}
     if "mix_ratio" not in names:
@@ -136,6 +136,10 @@ def merge_group(method_name: str, group, parameters: dict):
                 continue
         elif value is None:
             continue
+        if p.name == "rescale" and method.dare:  # as in our config: true is mergekit's L1 rescale
+            from m3kernels.checkpoint.config import config_rescale
+
+            value = config_rescale(method, value)
         kwargs[p.api] = value
     ratios = [parameters["mix_ratio"][e.id] for e in entries] if "mix_ratio" in parameters else []
     if any(r is not None for r in ratios):
@@ -153,8 +157,9 @@ def merge_group(method_name: str, group, parameters: dict):
 
 
 def register(seed: int = 0, replace: bool = False) -> list[str]:
-    """Register ``m3k_<name>`` for every m3kernels method (and, with ``replace``, put ours in place
-    of mergekit's methods of the same names). Idempotent; returns the names now served by us."""
+    """Register ``m3k_<name>`` for every m3kernels method but the data-aware ones (fisher,
+    regmean: mergekit has no way to hand a method their statistics) (and, with ``replace``, put
+    ours in place of mergekit's methods of the same names). Idempotent; returns the names now served by us."""
     from m3kernels.merge import registry as reg
 
     mk_base, mk_registry = _mergekit()
@@ -162,6 +167,8 @@ def register(seed: int = 0, replace: bool = False) -> list[str]:
     cls = _make_class(mk_base)
     names = []
     for method in reg.METHODS.values():
+        if method.family == "data_aware":  # fisher, regmean: their statistics are no mergekit input
+            continue
         key = PREFIX + method.name
         if key not in mk_registry._METHODS:
             obj = cls(method_name=method.name, spec=method_spec(method, mk_base))

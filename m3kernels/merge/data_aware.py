@@ -78,7 +78,10 @@ def _check_floor(floor, floor_mode) -> float:
 def _check_pairs(models, stats, what: str, stat_shape=None):
     if isinstance(models, torch.Tensor) or isinstance(stats, torch.Tensor):
         raise ValueError(f"models and {what} must be sequences of tensors (one per model)")
-    models, stats = list(models), list(stats)
+    try:
+        models, stats = list(models), list(stats)
+    except TypeError:
+        raise ValueError(f"models and {what} must be sequences of tensors (one per model)") from None
     if not models:
         raise ValueError("models: at least one model is needed (N = 0)")
     if len(stats) != len(models):
