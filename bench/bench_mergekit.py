@@ -54,7 +54,15 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 CONFIG_PREFIX = "/work/bench_data/l13x2"  # the model prefix written in bench/configs/*.yaml
 MERGEKIT_VERSION = "0.1.5"
 TORCH_PIN = "torch==2.13.0"
-METHODS = ("ties", "dare_ties", "linear", "slerp", "model_stock", "breadcrumbs")  # bench/configs/<name>.yaml
+METHODS = (
+    "ties",
+    "dare_ties",
+    "linear",
+    "slerp",
+    "model_stock",
+    "breadcrumbs",
+    "della",
+)  # bench/configs/<name>.yaml
 TARGET_SPEEDUP = {  # issue 7 (the first three), issue 8 (the others)
     "ties": 50.0,
     "dare_ties": 20.0,
@@ -62,6 +70,7 @@ TARGET_SPEEDUP = {  # issue 7 (the first three), issue 8 (the others)
     "slerp": 10.0,
     "model_stock": 10.0,
     "breadcrumbs": 10.0,
+    "della": 10.0,
 }
 TARGET_RSS_GB = 2.5
 GB = 1e9
@@ -415,7 +424,7 @@ def compare_outputs(method: str, cfg_path: Path, ours_dir: Path, mk_dir: Path) -
       (slerp / model_stock: mergekit's float32 norms vs our float64 Gram, docs/MERGEKIT_METHODS.md
       C0); breadcrumbs excluding the ties at both ends of its window (mergekit keeps exactly the
       window's count of them, we keep all, as for ties).
-    * ``dare_ties``: distribution statistics only (see :class:`DistStats`).
+    * ``dare_ties``, ``della``: distribution statistics only (see :class:`DistStats`).
     """
     base_path, model_paths, params = config_models(cfg_path)
     ours, mk = Checkpoint(ours_dir), Checkpoint(mk_dir)
@@ -425,14 +434,15 @@ def compare_outputs(method: str, cfg_path: Path, ours_dir: Path, mk_dir: Path) -
         raise ValueError(f"tensor names differ: only ours {only_o[:5]}, only mergekit {only_m[:5]}")
     base = Checkpoint(Path(base_path)) if base_path else None
     fts = [Checkpoint(Path(p)) for p in model_paths]
-    stats = DistStats() if method == "dare_ties" else ExactStats()
+    by_stats = method in ("dare_ties", "della")  # random masks: distribution statistics only
+    stats = DistStats() if by_stats else ExactStats()
     dtypes = set()
     for name in ours.names():
         o, m = ours.get(name), mk.get(name)
         if o.shape != m.shape:
             raise ValueError(f"{name}: shapes differ, ours {tuple(o.shape)}, mergekit {tuple(m.shape)}")
         dtypes.add((str(o.dtype), str(m.dtype)))
-        if method == "dare_ties":
+        if by_stats:
             stats.add(base.get(name), o, m)
             continue
         excluded = None
