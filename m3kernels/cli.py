@@ -198,10 +198,23 @@ class _Formatter(logging.Formatter):
         return f"m3kernels: {record.levelname.lower()}: {msg}"
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is written (not the stream of the
+    first call: a caller that swaps stderr, as pytest's capture does, gets the messages)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _setup_logging(verbose: bool) -> None:
     log = logging.getLogger("m3kernels")
     if not any(getattr(h, "_m3k_cli", False) for h in log.handlers):
-        h = logging.StreamHandler(sys.stderr)
+        h = _StderrHandler()
         h.setFormatter(_Formatter())
         h._m3k_cli = True
         log.addHandler(h)

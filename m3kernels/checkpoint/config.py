@@ -1197,12 +1197,11 @@ def parse_config(raw: dict) -> MergeConfig:
         with problems.catch():
             mixup = _parse_mixup(raw.get("mixup"), len(models), seed, preset)
     problems.raise_if_any()
+    base_only_note = None
     if base_only:
-        log.warning(
-            "models: no model besides the base model: the output is the base model (%s), as "
-            "mergekit 0.1.5's %s writes it",
-            base,
-            method,
+        base_only_note = (
+            f"models: no model besides the base model: the output is the base model ({base}), "
+            f"as mergekit 0.1.5's {method} writes it"
         )
         method, models, per_model, top, mixup = "passthrough", [base], [(0, {})], {}, None
 
@@ -1226,12 +1225,16 @@ def parse_config(raw: dict) -> MergeConfig:
     if scope == "model":
         _check_model_trim(cfg)
     _dry_run(cfg)
+    cfg.base_only_note = base_only_note  # load_config says it (a slice's view refuses it instead)
     return cfg
 
 
 def load_config(source) -> MergeConfig:
     """Read and validate a merge config: a YAML file path (str or Path), YAML text or a dict."""
-    return parse_config(read_config_source(source))
+    cfg = parse_config(read_config_source(source))
+    if getattr(cfg, "base_only_note", None):
+        log.warning("%s", cfg.base_only_note)
+    return cfg
 
 
 __all__ = [

@@ -32,6 +32,8 @@ def config_and_folder(config, seed: int | None) -> tuple[MergeConfig, Path | Non
         cfg = parse_config({**read_config_source(config), "seed": seed})
     else:
         cfg = load_config(config)
+    if seed is not None and getattr(cfg, "base_only_note", None):  # (load_config says it itself)
+        log.warning("%s", cfg.base_only_note)
     return cfg, cfg_dir
 
 
