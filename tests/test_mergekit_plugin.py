@@ -8,8 +8,8 @@ with ``replace=True`` (ours in mergekit's place), and the command-line wrapper. 
 plugin's outputs are the bytes of ``m3kernels merge`` of the same config (DARE included: same
 seed, same tensor names), and mergekit's own ``ties`` / ``linear`` (``dtype: float32``) are within
 one float32 ulp of ours, or within a few float32 roundings of the terms where a sum nearly cancels, with positive weights (mergekit's magnitude trim and ours agree when the
-k-th magnitude is unique, which it is in these float32 tensors; with a negative weight mergekit's
-agreement test, on the sign of w_i·δ_i, differs from ours: docs/MERGEKIT_METHODS.md §2).
+k-th magnitude is unique, which it is in these float32 tensors; the agreement test is on the sign
+of w_i·δ_i in both, so negative weights agree too).
 """
 
 from __future__ import annotations
