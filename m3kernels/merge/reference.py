@@ -149,15 +149,24 @@ def reference_merge(
             keep = exact_rank_keep(d32[i], 0, ks[i]) if ks is not None else trim_keep(d32[i], t)
             d32[i] = torch.where(keep, d32[i], torch.zeros((), dtype=F32))
             d64[i] = torch.where(keep, d64[i], torch.zeros((), dtype=F64))
+    m, sign = combine64(recipe, d32, d64)
+    b64 = base.to(F64) if recipe.uses_base else torch.zeros_like(d64[0])
+    out = b64 + recipe.lambda_ * m
+    return out, {"thresholds": list(thresholds), "dare_masks": masks, "sign": sign}
+
+
+def combine64(recipe, d32: list, d64: list):
+    """The combine of ``recipe`` on the deltas after the drop and the trim (``d32`` float32 for
+    the vote, ``d64`` float64 for the values): (m in float64, the elected sign or None).
+    TIES: the vote on w_i·δ_i in float32, model i agreeing by the sign of w_i·δ_i (mergekit's
+    rule, make_params' agree_w = vote_w) or the vote / divide_by variants
+    (m3kernels.merge.ties_variants); SUM / MEAN: Σ c_i·δ_i (/ Σ c_i)."""
     coefs = recipe.coefs
-    sign = None
     if recipe.combine == TIES:
-        # the vote on w_i·δ_i in float32; model i agrees by the sign of w_i·δ_i (mergekit's rule,
-        # make_params' agree_w = vote_w); the values in float64 (reference_pieces)
         from m3kernels.merge.ties_variants import reference_arguments
 
-        v = reference_arguments(recipe)  # vote / divide_by (default: the two lines above)
-        m, sign = ties_merge64(
+        v = reference_arguments(recipe)
+        return ties_merge64(
             d32,
             d64,
             coefs,
@@ -167,13 +176,10 @@ def reference_merge(
             vote_kind=v["vote_kind"],
             ties_div=v["ties_div"],
         )
-    else:
-        m = sum(c * d for c, d in zip(coefs, d64))
-        if recipe.combine == MEAN:
-            m = m / sum(coefs)
-    b64 = base.to(F64) if recipe.uses_base else torch.zeros_like(d64[0])
-    out = b64 + recipe.lambda_ * m
-    return out, {"thresholds": list(thresholds), "dare_masks": masks, "sign": sign}
+    m = sum(c * d for c, d in zip(coefs, d64))
+    if recipe.combine == MEAN:
+        m = m / sum(coefs)
+    return m, None
 
 
 def reference_merge_tensors(
@@ -187,6 +193,7 @@ def reference_merge_tensors(
 
 __all__ = [
     "reference_merge",
+    "combine64",
     "reference_merge_tensors",
     "reference_thresholds",
     "kth_largest",

@@ -266,28 +266,9 @@ def _della(base, models, recipe, name):
         zero32, zero64 = torch.zeros((), dtype=F32), torch.zeros((), dtype=F64)
         d32.append(torch.where(keep, a * torch.tensor(s64, dtype=F32), zero32))
         d64.append(torch.where(keep, a64 * s64, zero64))
-    coefs = recipe.coefs
-    if recipe.combine == "ties":
-        # the vote on f32(w_i)·δ_i in model order, agreement by the sign of w_i·δ_i (mergekit's),
-        # or the vote / divide_by variants (m3kernels.merge.ties_variants); values in float64
-        from m3kernels.merge.reference_pieces import ties_merge64
-        from m3kernels.merge.ties_variants import reference_arguments
+    from m3kernels.merge.reference import combine64
 
-        v = reference_arguments(recipe)
-        m, _ = ties_merge64(
-            d32,
-            d64,
-            coefs,
-            v["vote_w"],
-            agree_w=v["agree_w"],
-            normalize=recipe.normalize,
-            vote_kind=v["vote_kind"],
-            ties_div=v["ties_div"],
-        )
-    else:
-        m = sum(c * a64 for c, a64 in zip(coefs, d64))
-        if recipe.combine == "mean":
-            m = m / sum(coefs)
+    m, _ = combine64(recipe, d32, d64)
     return b64 + recipe.lambda_ * m
 
 
