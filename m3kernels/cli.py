@@ -222,6 +222,22 @@ def _setup_logging(verbose: bool) -> None:
     log.propagate = False
 
 
+def merge_options(args) -> dict:
+    """The ``merge`` options every merge of the command takes (one config or each document of a
+    multi-document file), as :func:`m3kernels.merge_checkpoints` keywords."""
+    return dict(
+        device=args.device,
+        out_shard_size=args.out_shard_size,
+        seed=args.seed,
+        progress=not args.quiet,
+        allow_bin=args.allow_bin,
+        backend=args.backend,
+        strict=args.strict,
+        follow_symlinks=args.follow_symlinks,
+        dist_timeout=args.dist_timeout,
+    )
+
+
 def cmd_merge(args) -> int:
     from m3kernels.checkpoint import multi
     from m3kernels.checkpoint.run import merge_checkpoints
@@ -231,19 +247,11 @@ def cmd_merge(args) -> int:
     result = merge_checkpoints(
         args.config,
         args.out_dir,
-        device=args.device,
-        out_shard_size=args.out_shard_size,
         force=args.force,
         resume=args.resume,
-        seed=args.seed,
-        progress=not args.quiet,
         dry_run=args.dry_run,
-        allow_bin=args.allow_bin,
-        backend=args.backend,
-        strict=args.strict,
-        follow_symlinks=args.follow_symlinks,
         ranks=args.ranks,
-        dist_timeout=args.dist_timeout,
+        **merge_options(args),
     )
     import os
 

@@ -412,17 +412,9 @@ def _relation_inside(a: Path, b: Path) -> bool:
 
 def run_cli(args) -> int:
     """``m3kernels merge FILE OUT`` for a multi-document FILE (m3kernels.cli calls this)."""
-    kwargs = dict(
-        device=args.device,
-        out_shard_size=args.out_shard_size,
-        seed=args.seed,
-        progress=not args.quiet,
-        allow_bin=args.allow_bin,
-        backend=args.backend,
-        strict=args.strict,
-        follow_symlinks=args.follow_symlinks,
-        dist_timeout=args.dist_timeout,
-    )
+    from m3kernels.cli import merge_options
+
+    kwargs = merge_options(args)
     if args.dry_run:
         kwargs = {
             k: v
