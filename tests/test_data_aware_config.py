@@ -2,11 +2,11 @@
 statistics keys checked with the config's other blockers, and ``m3kernels merge`` on a tiny Llama
 with statistics computed from data: the same bytes as merge_checkpoints_data_aware, M³ ratios
 recorded, a dry run that checks the fingerprints, statistics of another model refused (exit 2,
-nothing written), --resume refused."""
+nothing written), --resume without an unfinished run starts over (tests/test_data_aware_resume.py:
+kill and resume)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -240,7 +240,7 @@ def test_config_merge_equals_merge_checkpoints_data_aware(fam, tmp_path, method,
     for name in want:
         assert got[name].dtype == torch.bfloat16
         assert torch.equal(got[name].view(torch.int16), want[name].view(torch.int16)), name
-    record = json.loads((out / "m3kernels_merge.json").read_text())
+    record = yaml.safe_load((out / "m3kernels_merge.yaml").read_text())  # the main merge's record
     assert record["mix_ratios"] == pytest.approx(list(ratios)) and record["seed"] == 5
     assert record["mix_ratios"] == rec["mix_ratios"] and record["weights"] == [2.0, 1.0]
     assert record["options"] == rec["options"]
@@ -278,6 +278,6 @@ def test_wrong_kind_missing_folder_and_resume(fam, tmp_path, capsys):
     assert "stats0" in capsys.readouterr().err
     (tmp_path / "r").mkdir()
     cfg = write_config(fam, tmp_path / "r", "fisher")
-    assert cli.main(["merge", str(cfg), str(tmp_path / "o3"), "-q", "--resume"]) == 2
-    assert "--resume" in capsys.readouterr().err
-    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2, 3))
+    assert cli.main(["merge", str(cfg), str(tmp_path / "o3"), "-q", "--resume"]) == 0
+    assert "no unfinished run of this merge" in capsys.readouterr().err  # so it starts over
+    assert not any((tmp_path / f"o{i}").exists() for i in (1, 2))

@@ -216,6 +216,47 @@ def check_statistics(cfg, cfg_dir, models, plan) -> list:
     return notes
 
 
+def statistics_stamps(stats) -> list:
+    """What the resume fingerprint knows of each opened statistics folder: its manifest's hash
+    and every tensor file's (name, size, mtime, header hash): a folder recomputed, replaced or
+    touched since a killed merge makes ``--resume`` start over."""
+    import hashlib
+
+    from m3kernels.datastats.output import MANIFEST
+
+    out = []
+    for s in stats:
+        manifest = hashlib.sha256((s.path / MANIFEST).read_bytes()).hexdigest()
+        out.append({"path": str(s.path.resolve()), "manifest": manifest, "files": s.ck.file_stamps()})
+    return out
+
+
+def data_aware_producer(plan, merger):
+    """A ``producer`` for :func:`~m3kernels.checkpoint.run.write_shards`: the plan's tensors in
+    write order, each merged by ``merger`` (:class:`~m3kernels.datastats.merge.DataAwareMerger`)
+    from the planned models' tensors (memory-mapped views, released once merged); COPY tensors
+    (integer buffers) as the main merge copies them."""
+    from m3kernels.checkpoint.plan import COPY, MERGE
+    from m3kernels.errors import M3KError
+
+    def produce(todo):
+        for pt in todo:
+            if pt.action == COPY:
+                yield pt, pt.models[0].tensor(), pt.release
+                continue
+            if pt.action != MERGE:
+                raise M3KError(
+                    f"tensor {pt.name!r}: merge_method {plan.config.method} needs the same shape in "
+                    f"every model (planned as {pt.action})",
+                    tensor=pt.name,
+                )
+            out = merger.merge(pt.name, [s.tensor() for s in pt.models], pt.out_dtype)
+            pt.release()
+            yield pt, out, None
+
+    return produce
+
+
 def merge_data_aware_config(
     cfg,
     cfg_dir,
@@ -230,75 +271,76 @@ def merge_data_aware_config(
     progress: bool,
     device: str,
     distributed: bool,
+    backend: str = "auto",
+    out_shard_size: int | None = None,
 ):
     """merge_checkpoints' path for fisher / regmean (module docstring): the plan (``dry_run``),
     else a :class:`~m3kernels.checkpoint.run.MergeResult`."""
+    from m3kernels.checkpoint import DEFAULT_SHARD_SIZE
     from m3kernels.checkpoint.output_guard import OutputLock, check_out_dir
+    from m3kernels.checkpoint.run import resolve_device, run_merge
     from m3kernels.checkpoint.writer import tidy_temp_folders
-    from m3kernels.datastats.merge import merge_checkpoints_data_aware
+    from m3kernels.datastats.merge import DataAwareMerger, check_options
+    from m3kernels.datastats.output import StatsFolder
     from m3kernels.errors import M3KError
 
     if distributed:
         raise M3KError(
             f"merge_method {cfg.method}: a distributed (torchrun) merge is not implemented; run one process"
         )
-    plan.notes.extend(check_statistics(cfg, cfg_dir, models, plan))
+    notes = check_statistics(cfg, cfg_dir, models, plan)
     if dry_run:
+        plan.notes.extend(notes)
         return plan
-    if resume:
-        raise M3KError(
-            f"--resume: a {cfg.method} merge keeps no journal yet (it is not wired through the main "
-            f"merge's writer): rerun without --resume, it starts over"
-        )
-    if device not in ("auto", "cpu"):
-        log.warning(
-            "merge_method %s: the config merge runs on the CPU (device %s not used)", cfg.method, device
-        )
+    dev = resolve_device(device, backend)
     weights, opts = _options(cfg, plan.tensors[0].name)
-    name = cfg.out_dtype or cfg.dtype
-    out_dtype = None
-    if name is not None:
-        import torch
-
-        out_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    with OutputLock(out_dir) as lock:
-        if lock.exclusive:
-            tidy_temp_folders(out_dir)
-        check_out_dir(out_dir, force, opened, under_lock=True)
-        record = merge_checkpoints_data_aware(
-            cfg.method,
-            [ck.path for ck in models],
-            statistics_paths(cfg, cfg_dir),
-            out_dir,
-            weights=weights,
-            mix_ratios=plan.mix_ratios,
-            seed=cfg.seed,
-            out_dtype=out_dtype,
-            force=force,
-            progress=progress,
-            **opts,
-        )
-    return _result(plan, out_dir, record)
-
-
-def _result(plan, out_dir: Path, record: dict):
-    from m3kernels.checkpoint.run import MergeResult
-
-    files = sorted(p.name for p in Path(out_dir).glob("*.safetensors"))
-    total = sum((Path(out_dir) / f).stat().st_size for f in files)
-    return MergeResult(
-        Path(out_dir),
-        files,
-        len(plan.tensors),
-        total,
-        float(record.get("seconds", 0.0)),
-        "cpu",
-        plan.mix_ratios,
-        plan.seed,
-        None,
-        [],
-        list(plan.notes),
+    if cfg.method == "regmean" and cfg.kwargs_at(plan.tensors[0].name, 0.0).get("precision") is None:
+        opts["precision"] = "float32" if dev.type == "cuda" else "float64"  # unset: the GPU solves in float32
+    fallback = opts.pop("fallback", "average")
+    checked = check_options(
+        cfg.method, len(models), weights=weights, mix_ratios=plan.mix_ratios, seed=plan.seed, **opts
     )
+    sts = []
+    try:
+        for i, sp in enumerate(statistics_paths(cfg, cfg_dir)):
+            sts.append(StatsFolder(sp, kind=cfg.method, role=f"models[{i}].parameters.{METHODS[cfg.method]}"))
+        names = [t.name for t in plan.tensors if t.action != "copy"]
+        merger = DataAwareMerger(sts, checked, names, fallback=fallback, device=dev)
+        record_extra = {
+            "weights": checked["weights"],
+            "options": merger.options,
+            "statistics": merger.statistics_record(),
+        }
+        stamps = {"device": dev.type, "statistics": statistics_stamps(sts)}
+        with OutputLock(out_dir) as lock:  # as the main merge (run.merge_checkpoints)
+            if lock.exclusive:
+                tidy_temp_folders(out_dir)
+            check_out_dir(out_dir, force, opened, under_lock=True)
+            result = run_merge(
+                plan,
+                out_dir,
+                device=dev,
+                backend=backend,
+                out_shard_size=DEFAULT_SHARD_SIZE if out_shard_size is None else out_shard_size,
+                force=force,
+                resume=resume,
+                progress=progress,
+                producer=data_aware_producer(plan, merger),
+                record_extra=record_extra,
+                fingerprint_extra=stamps,
+            )
+    finally:
+        for s in sts:
+            s.close()
+    result.notes.extend(notes)
+    return result
 
 
-__all__ = ["check_statistics_keys", "check_statistics", "merge_data_aware_config", "statistics_paths"]
+__all__ = [
+    "check_statistics_keys",
+    "check_statistics",
+    "data_aware_producer",
+    "merge_data_aware_config",
+    "statistics_paths",
+    "statistics_stamps",
+]

@@ -165,11 +165,14 @@ def write_shards(
     *,
     total_bytes: int | None = None,
     poll=None,
+    producer=None,
 ) -> None:
     """Step 4: merge the tensors ``todo`` and write every shard not in ``skip`` into ``tmp``, each
     finished shard recorded in ``journal``. ``total_bytes``: what the progress bar counts to (the
     plan's bytes; a rank's share in a distributed merge). ``poll()`` (optional) is called after
-    every tensor and may raise to stop the merge (the distributed merge: another rank failed)."""
+    every tensor and may raise to stop the merge (the distributed merge: another rank failed).
+    ``producer(todo)`` (optional) yields what produce_cpu would, in the same order (the
+    fisher / regmean merge: m3kernels.checkpoint.data_aware_run)."""
     from tqdm import tqdm
 
     total = plan.total_bytes if total_bytes is None else total_bytes
@@ -202,7 +205,9 @@ def write_shards(
     )
     stream = None
     try:
-        if device.type == "cpu":
+        if producer is not None:
+            stream = producer(todo)
+        elif device.type == "cpu":
             stream = produce_cpu(plan, todo, backend, thresholds)
         else:
             stream = produce_gpu(plan, todo, device, backend, thresholds)
@@ -230,13 +235,27 @@ def run_merge(
     force: bool,
     resume: bool,
     progress: bool,
+    producer=None,
+    record_extra: dict | None = None,
+    fingerprint_extra=None,
 ) -> MergeResult:
-    """Steps 3-5 of the module docstring for a built plan."""
+    """Steps 3-5 of the module docstring for a built plan. A merge that makes its tensors
+    otherwise (fisher / regmean: m3kernels.checkpoint.data_aware_run) passes ``producer`` (see
+    :func:`write_shards`), ``record_extra`` (more keys of the merge record) and
+    ``fingerprint_extra`` (JSON-able: what else the output bytes depend on, e.g. its statistics
+    files' stamps), both in the resume fingerprint."""
     t0 = time.perf_counter()
     for note in plan.notes:
         log.warning(note)
     record = make_record(plan, out_shard_size)
+    record.update(record_extra or {})
     fp = fingerprint(plan, record)
+    if fingerprint_extra is not None:
+        import hashlib
+        import json
+
+        extra = json.dumps(fingerprint_extra, sort_keys=True, default=str)
+        fp = hashlib.sha256(f"{fp}:{extra}".encode()).hexdigest()
     partial = partial_runs(out_dir)
     tmp, journal, done = None, None, set()
     if resume:
@@ -279,7 +298,9 @@ def run_merge(
                 journal.save()
         record["model_trim_thresholds"] = thresholds
         todo = [t for s in plan.shards if s.index not in done for t in s.tensors]
-        write_shards(plan, tmp, journal, done, todo, record, device, backend, thresholds, progress)
+        write_shards(
+            plan, tmp, journal, done, todo, record, device, backend, thresholds, progress, producer=producer
+        )
         write_side_files(tmp, plan, record)
         publish(tmp, out_dir, force)
     except OutputExistsError:
@@ -372,6 +393,8 @@ def merge_checkpoints(
                 progress=progress,
                 device=device,
                 distributed=bool(distributed),
+                backend=backend,
+                out_shard_size=out_shard_size,
             )
         if dry_run:
             return plan

@@ -21,9 +21,11 @@ inputs and N statistics (for regmean: the largest layer's N Gram matrices in flo
 
 M³: ratios rᵢ (``mix_ratios``, or drawn from ``mixup_alpha`` and ``seed``) multiply each model's
 coefficient, cᵢ = wᵢrᵢ. The output folder gets config.json and the tokenizer files of model 0 and
-a ``m3kernels_merge`` record in each shard's metadata. This is the function the config
-integration (``models[].parameters.fisher: PATH`` / ``gram: PATH``) is to call; it does not use the
-main merge's planner, journal and resume (see docs/DATA_AWARE.md).
+a ``m3kernels_merge`` record in each shard's metadata. This function has its own streamed writer
+(no journal: a call that dies starts over). The per-tensor arithmetic is :class:`DataAwareMerger`,
+which the config merge (``m3kernels merge`` with ``merge_method: fisher|regmean``,
+:mod:`m3kernels.checkpoint.data_aware_run`) runs inside the main merge's writer, with its journal,
+``--resume`` and ``--device`` (see docs/DATA_AWARE.md).
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _shard_name(i, n):
     return "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
 
-def _fisher_norms(stats, names, progress) -> list[float]:
+def _fisher_norms(stats, names) -> list[float]:
     norms = []
     for s in stats:
         total = 0.0
@@ -73,6 +75,199 @@ def _fisher_norms(stats, names, progress) -> list[float]:
             s.release(n)
         norms.append(total**0.5)
     return norms
+
+
+def check_options(
+    method: str,
+    n: int,
+    *,
+    weights=None,
+    mix_ratios=None,
+    mixup_alpha=None,
+    seed: int = 0,
+    floor: float | None = None,
+    floor_mode: str = "max",
+    normalize: str = "none",
+    alpha: float | None = None,
+    ridge: float = 0.0,
+    precision: str = "float64",
+    gram_normalize: str = "none",
+) -> dict:
+    """The merge's options checked and resolved (M3KError naming the bad one): a dict with
+    ``ratios`` (the M³ ratios used, ones without M³), ``ratios_record`` (those ratios, None
+    without M³), ``weights`` (one per model), ``floor``, ``alpha`` and the other options as given."""
+    from m3kernels.merge import data_aware as da
+    from m3kernels.merge.mixup import as_per_model, resolve_mix_ratios
+
+    if method not in METHODS:
+        raise M3KError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if normalize not in ("none", "l2"):
+        raise M3KError(f"normalize must be 'none' or 'l2', got {normalize!r}")
+    if gram_normalize not in ("none", "tokens"):
+        raise M3KError(f"gram_normalize must be 'none' or 'tokens', got {gram_normalize!r}")
+    if method == "regmean" and precision not in ("float64", "float32"):
+        raise M3KError(f"precision must be 'float64' or 'float32', got {precision!r}")
+    floor = da.FISHER_FLOOR if floor is None else floor
+    alpha = da.REGMEAN_ALPHA if alpha is None else alpha
+    try:
+        ratios = resolve_mix_ratios(n, mix_ratios, mixup_alpha, seed)
+        da.coefficients(n, weights, ratios)  # validates: finite, >= 0, not all 0
+        w = [1.0] * n if weights is None else list(as_per_model(weights, n, "weights"))
+        if method == "fisher":
+            da._check_floor(floor, floor_mode)
+        else:
+            da._check_alpha_ridge(alpha, ridge)
+    except ValueError as exc:
+        raise M3KError(str(exc)) from None
+    return {
+        "method": method,
+        "ratios": ratios,
+        "ratios_record": list(ratios) if (mix_ratios is not None or mixup_alpha is not None) else None,
+        "weights": w,
+        "seed": seed,
+        "floor": floor,
+        "floor_mode": floor_mode,
+        "normalize": normalize,
+        "alpha": alpha,
+        "ridge": ridge,
+        "precision": precision,
+        "gram_normalize": gram_normalize,
+    }
+
+
+class DataAwareMerger:
+    """The per-tensor arithmetic of one ``fisher`` / ``regmean`` checkpoint merge.
+
+    ``stats``: the opened :class:`~m3kernels.datastats.output.StatsFolder` of each model (checked
+    against its model by the caller), ``opts``: :func:`check_options`'s dict, ``names``: every
+    tensor the merge writes (for ``normalize="l2"``'s pre-pass over the Fisher tensors).
+    :meth:`merge` computes one output tensor from the models' tensors on ``device`` (the inputs
+    are moved there; the RegMean solve follows ``precision``: float32 on the Grams' device with
+    the residual check, float64 on the CPU) and returns it on the CPU. ``options`` is what the
+    merge record says about the method's options."""
+
+    def __init__(
+        self,
+        stats: list,
+        opts: dict,
+        names,
+        *,
+        fallback: str = "average",
+        fallback_kwargs: dict | None = None,
+        device="cpu",
+    ):
+        from m3kernels.merge import data_aware as da
+
+        self.stats, self.opts, self.method = list(stats), opts, opts["method"]
+        self.fallback, self.fallback_kwargs = fallback, dict(fallback_kwargs or {})
+        self.device = torch.device(device)
+        self.regmean_layers = 0
+        self.scales = None
+        if self.method == "fisher" and opts["normalize"] == "l2":
+            floor = opts["floor"]
+            self.scales = da.fisher_norm_scales(
+                _fisher_norms(self.stats, list(names)), floor if floor > 0 else da.FISHER_FLOOR
+            )
+        self.gram_scale = [1.0] * len(self.stats)
+        if self.method == "regmean" and opts["gram_normalize"] == "tokens":
+            self.gram_scale = [1.0 / max(s.manifest["counts"]["tokens"], 1) for s in self.stats]
+        o = opts
+        if self.method == "fisher":
+            self.options = {
+                "floor": o["floor"],
+                "floor_mode": o["floor_mode"],
+                "normalize": o["normalize"],
+                "model_scales": self.scales,
+            }
+        else:
+            self.options = {
+                "alpha": o["alpha"],
+                "ridge": o["ridge"],
+                "precision": o["precision"],
+                "gram_normalize": o["gram_normalize"],
+                "fallback": fallback,
+            }
+
+    def statistics_record(self) -> list:
+        """Each statistics folder as the merge record names it."""
+        return [
+            {
+                "path": str(s.path),
+                "fingerprint": s.fingerprint,
+                "data_sha256": s.manifest["data"]["sha256"],
+                "counts": s.manifest["counts"],
+            }
+            for s in self.stats
+        ]
+
+    def _to(self, t: torch.Tensor) -> torch.Tensor:
+        return t if t.device == self.device else t.to(self.device)
+
+    def merge(self, name: str, models: list, out_dtype: torch.dtype, base=None) -> torch.Tensor:
+        """Output tensor ``name`` from the models' tensors ``models`` (same order as the statistics),
+        in ``out_dtype``, on the CPU. A missing or misshapen statistics tensor is a
+        TensorMismatchError naming the folder and the tensor; a ValueError of the method an
+        M3KError naming the tensor."""
+        from m3kernels.api import merge_tensors
+        from m3kernels.merge import data_aware as da
+
+        o, shape = self.opts, tuple(models[0].shape)
+        try:
+            if self.method == "fisher":
+                fs = [self._to(s.tensor(name, shape, "Fisher tensor")) for s in self.stats]
+                out = da.fisher_merge(
+                    [self._to(m) for m in models],
+                    fs,
+                    weights=o["weights"],
+                    mix_ratios=o["ratios"],
+                    model_scales=self.scales,
+                    floor=o["floor"],
+                    floor_mode=o["floor_mode"],
+                    out_dtype=out_dtype,
+                )
+                for s in self.stats:
+                    s.release(name)
+            elif name in self.stats[0].manifest["layers"]:
+                gs, layers = [], []
+                for i, s in enumerate(self.stats):
+                    g = s.manifest["layers"].get(name)
+                    if g is None:
+                        raise TensorMismatchError(
+                            f"statistics {i}: {s.path} has no Gram matrix for layer {name!r} (statistics 0 has one)",
+                            path=str(s.path),
+                            tensor=name,
+                        )
+                    layers.append(g)
+                    gs.append(self._to(s.tensor(g, (shape[1], shape[1]), f"Gram matrix (layer {name})")))
+                out = da.regmean_merge(
+                    [self._to(m) for m in models],
+                    gs,
+                    weights=[a * b for a, b in zip(o["weights"], self.gram_scale)],
+                    mix_ratios=o["ratios"],
+                    alpha=o["alpha"],
+                    ridge=o["ridge"],
+                    precision=o["precision"],
+                    name=name,
+                    out_dtype=out_dtype,
+                )
+                for s, g in zip(self.stats, layers):
+                    s.release(g)
+                self.regmean_layers += 1
+            else:
+                out = merge_tensors(
+                    self._to(base) if base is not None else None,
+                    [self._to(m) for m in models],
+                    method=self.fallback,
+                    weights=o["weights"],
+                    mix_ratios=o["ratios_record"],  # None without M³, as the main merge
+                    seed=o["seed"],
+                    name=name,
+                    out_dtype=out_dtype,
+                    **self.fallback_kwargs,
+                )
+        except ValueError as exc:
+            raise M3KError(f"tensor {name!r}: {exc}", tensor=name) from None
+        return out.cpu() if out.device.type != "cpu" else out
 
 
 def merge_checkpoints_data_aware(
@@ -106,11 +301,8 @@ def merge_checkpoints_data_aware(
     from tqdm import tqdm
 
     import m3kernels
-    from m3kernels.api import merge_tensors
     from m3kernels.checkpoint.source import Checkpoint
     from m3kernels.datastats.fingerprint import model_fingerprint
-    from m3kernels.merge import data_aware as da
-    from m3kernels.merge.mixup import as_per_model, resolve_mix_ratios
 
     if method not in METHODS:
         raise M3KError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -119,12 +311,6 @@ def merge_checkpoints_data_aware(
         raise M3KError("at least one model is needed")
     if len(stats) != len(models):
         raise M3KError(f"{len(stats)} statistics folders for {len(models)} models (one each, same order)")
-    if normalize not in ("none", "l2"):
-        raise M3KError(f"normalize must be 'none' or 'l2', got {normalize!r}")
-    if gram_normalize not in ("none", "tokens"):
-        raise M3KError(f"gram_normalize must be 'none' or 'tokens', got {gram_normalize!r}")
-    floor = da.FISHER_FLOOR if floor is None else floor
-    alpha = da.REGMEAN_ALPHA if alpha is None else alpha
     out_dir = Path(out_dir).expanduser().absolute()
     real_out = Path(os.path.realpath(out_dir))
     for what, p in (
@@ -142,16 +328,21 @@ def merge_checkpoints_data_aware(
         raise OutputExistsError(f"{out_dir} exists (force=True replaces it)", path=str(out_dir))
     t0 = time.perf_counter()
     n = len(models)
-    try:
-        ratios = resolve_mix_ratios(n, mix_ratios, mixup_alpha, seed)
-        da.coefficients(n, weights, ratios)  # validates: finite, >= 0, not all 0
-        w = [1.0] * n if weights is None else list(as_per_model(weights, n, "weights"))
-        if method == "fisher":
-            da._check_floor(floor, floor_mode)
-        else:
-            da._check_alpha_ridge(alpha, ridge)
-    except ValueError as exc:
-        raise M3KError(str(exc)) from None
+    opts = check_options(
+        method,
+        n,
+        weights=weights,
+        mix_ratios=mix_ratios,
+        mixup_alpha=mixup_alpha,
+        seed=seed,
+        floor=floor,
+        floor_mode=floor_mode,
+        normalize=normalize,
+        alpha=alpha,
+        ridge=ridge,
+        precision=precision,
+        gram_normalize=gram_normalize,
+    )
     cks, sts, base_ck = [], [], None
     tmp = out_dir.with_name(f".{out_dir.name}.m3k-tmp-{os.getpid()}")
     try:
@@ -177,14 +368,7 @@ def merge_checkpoints_data_aware(
                         f"tensor {t!r} has shape {ck.meta(t).shape} in {ck.path}, {cks[0].meta(t).shape} in {cks[0].path}",
                         tensor=t,
                     )
-        scales = None
-        if method == "fisher" and normalize == "l2":
-            scales = da.fisher_norm_scales(
-                _fisher_norms(sts, names, progress), floor if floor > 0 else da.FISHER_FLOOR
-            )
-        gram_scale = [1.0] * n
-        if method == "regmean" and gram_normalize == "tokens":
-            gram_scale = [1.0 / max(s.manifest["counts"]["tokens"], 1) for s in sts]
+        merger = DataAwareMerger(sts, opts, names, fallback=fallback, fallback_kwargs=fallback_kwargs)
         items = []
         for t in names:
             meta = cks[0].meta(t)
@@ -198,32 +382,11 @@ def merge_checkpoints_data_aware(
             "m3kernels_version": m3kernels.__version__,
             "merge_method": method,
             "seed": seed,
-            "mix_ratios": list(ratios) if (mix_ratios is not None or mixup_alpha is not None) else None,
-            "weights": w,
-            "options": {
-                "floor": floor,
-                "floor_mode": floor_mode,
-                "normalize": normalize,
-                "model_scales": scales,
-            }
-            if method == "fisher"
-            else {
-                "alpha": alpha,
-                "ridge": ridge,
-                "precision": precision,
-                "gram_normalize": gram_normalize,
-                "fallback": fallback,
-            },
+            "mix_ratios": opts["ratios_record"],
+            "weights": opts["weights"],
+            "options": merger.options,
             "models": [str(m) for m in models],
-            "statistics": [
-                {
-                    "path": str(s.path),
-                    "fingerprint": s.fingerprint,
-                    "data_sha256": s.manifest["data"]["sha256"],
-                    "counts": s.manifest["counts"],
-                }
-                for s in sts
-            ],
+            "statistics": merger.statistics_record(),
         }
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -236,7 +399,6 @@ def merge_checkpoints_data_aware(
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        n_regmean = 0
         try:
             for si, shard in enumerate(shards):
                 wr = StreamWriter(
@@ -245,60 +407,11 @@ def merge_checkpoints_data_aware(
                     {"format": "pt", "m3kernels_merge": json.dumps(record)},
                 )
                 try:
-                    for t, dt, shape, _ in shard:
+                    for t, dt, _shape, _ in shard:
                         ms = [ck.tensor(t) for ck in cks]
-                        try:
-                            if method == "fisher":
-                                fs = [s.tensor(t, shape, "Fisher tensor") for s in sts]
-                                out = da.fisher_merge(
-                                    ms,
-                                    fs,
-                                    weights=w,
-                                    mix_ratios=ratios,
-                                    model_scales=scales,
-                                    floor=floor,
-                                    floor_mode=floor_mode,
-                                    out_dtype=dt,
-                                )
-                            elif t in sts[0].manifest["layers"]:
-                                gs = []
-                                for i, s in enumerate(sts):
-                                    g = s.manifest["layers"].get(t)
-                                    if g is None:
-                                        raise TensorMismatchError(
-                                            f"statistics {i}: {s.path} has no Gram matrix for layer {t!r} (statistics 0 has one)",
-                                            tensor=t,
-                                        )
-                                    gs.append(s.tensor(g, (shape[1], shape[1]), f"Gram matrix (layer {t})"))
-                                out = da.regmean_merge(
-                                    ms,
-                                    gs,
-                                    weights=[a * b for a, b in zip(w, gram_scale)],
-                                    mix_ratios=ratios,
-                                    alpha=alpha,
-                                    ridge=ridge,
-                                    precision=precision,
-                                    name=t,
-                                    out_dtype=dt,
-                                )
-                                n_regmean += 1
-                            else:
-                                b = base_ck.tensor(t) if base_ck is not None else None
-                                out = merge_tensors(
-                                    b,
-                                    ms,
-                                    method=fallback,
-                                    weights=w,
-                                    mix_ratios=record["mix_ratios"],  # None without M³, as the main merge
-                                    seed=seed,
-                                    name=t,
-                                    out_dtype=dt,
-                                    **(fallback_kwargs or {}),
-                                )
-                        except ValueError as exc:
-                            raise M3KError(f"tensor {t!r}: {exc}", tensor=t) from None
-                        wr.write(t, out)
-                        for ck in cks:
+                        b = base_ck.tensor(t) if base_ck is not None else None
+                        wr.write(t, merger.merge(t, ms, dt, base=b))
+                        for ck in cks + ([base_ck] if base_ck is not None else []):
                             ck.release(t)
                         bar.update(1)
                     wr.finish()
@@ -341,9 +454,9 @@ def merge_checkpoints_data_aware(
         for s in sts:
             s.close()
     record["seconds"] = round(time.perf_counter() - t0, 3)
-    record["regmean_layers"] = n_regmean
+    record["regmean_layers"] = merger.regmean_layers
     log.info("%s merge of %d models into %s in %.1f s", method, n, out_dir, record["seconds"])
     return record
 
 
-__all__ = ["merge_checkpoints_data_aware"]
+__all__ = ["merge_checkpoints_data_aware", "DataAwareMerger", "check_options"]
