@@ -7,7 +7,6 @@ Each yields ``(planned tensor, output tensor, callback once written)``.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import mmap
@@ -21,6 +20,7 @@ from m3kernels.api import merge_job, merge_tensors, prepare, thresholds_to_bits
 from m3kernels.backends import get_backend
 from m3kernels.checkpoint.plan import COPY, MERGE, VOCAB, MergePlan, PlannedTensor
 from m3kernels.checkpoint.writer import DIRECT_ALIGN, TensorPart, output_offset
+from m3kernels.gc_policy import frozen_heap
 from m3kernels.merge import methods
 from m3kernels.merge.job import MergeJob
 from m3kernels.merge.kernel_params import make_params, trim_k
@@ -229,24 +229,6 @@ def merge_one(
     _merge_tensors(pt, b, ms, out[: pt.common_rows], kw)
     fill_extra_rows(pt, out)
     return out
-
-
-@contextlib.contextmanager
-def frozen_heap():
-    """Keep the objects alive now (the plan, the headers, the imported modules) out of the garbage
-    collector's full collections while the merge runs (``gc.freeze``): those then scan only what
-    the merge itself allocates. A plan of 20,000 tensors holds some 300,000 objects, and a full
-    collection over them cost 60-300 ms, several times a second. Nothing is done when the program
-    has frozen objects of its own (unfreezing at the end would release them too) or has turned
-    the collector off."""
-    if gc.get_freeze_count() or not gc.isenabled():
-        yield
-        return
-    gc.freeze()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
 
 
 def _batch_key(pt: PlannedTensor):
