@@ -542,8 +542,14 @@ def entry() -> None:
     :func:`main` with the garbage collector kept off the start-up and the exit
     (:mod:`m3kernels.gc_policy`; 0.2-0.4 s per run on the 2-core machine of bench/RESULTS.md).
     In-process callers of :func:`main` (tests, other tools) keep their own collector settings."""
+    import os
+
     from m3kernels import gc_policy
 
+    # NumPy's OpenBLAS starts a thread per core that spins after its first call, on cores our
+    # kernels' OpenMP threads need; nothing here uses NumPy's BLAS (torch's is MKL), so one thread
+    # unless the user chose otherwise (set before NumPy is first imported)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     with gc_policy.process_run():
         status = main()
     sys.exit(status)
