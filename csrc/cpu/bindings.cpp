@@ -670,6 +670,7 @@ void set_simd_level(const std::string& name) {
 }  // namespace
 
 void register_della_stage_a(py::module_& m);  // della_stage_a.cpp
+void register_fisher_kernel(py::module_& m);  // fisher_kernel.cpp
 
 PYBIND11_MODULE(_C, m) {
     m.doc() = "m3kernels fused CPU kernels (stage A statistics, stage B merge); see docs/KERNEL.md";
@@ -738,4 +739,5 @@ PYBIND11_MODULE(_C, m) {
         py::arg("n"), "OpenMP threads of later calls made from this thread.");
     m.def("get_num_threads", [] { return omp_get_max_threads(); });
     register_della_stage_a(m);
+    register_fisher_kernel(m);
 }
