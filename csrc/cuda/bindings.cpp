@@ -182,6 +182,37 @@ m3k::MergeArgs parse_args(const py::dict& d, bool need_out) {
 
 }  // namespace
 
+namespace m3k {  // fisher_kernel.cu (docs/DATA_AWARE.md, "Fisher in the fused kernel")
+void launch_fisher(int n, const uintptr_t* models, const int* model_dtypes, const uintptr_t* stats,
+                   const int* stat_dtypes, const float* coef, float coef_sum, float floor, int floor_mode,
+                   int64_t numel, uintptr_t out, int out_dtype, int device, uintptr_t stream);
+void emulate_fisher(int n, const uintptr_t* models, const int* model_dtypes, const uintptr_t* stats,
+                    const int* stat_dtypes, const float* coef, float coef_sum, float floor, int floor_mode,
+                    int64_t numel, uintptr_t out, int out_dtype);
+}  // namespace m3k
+
+namespace {
+
+// Fisher stage B: the same arguments for the launch and the host emulation (device < 0).
+void fisher_call(const std::vector<uintptr_t>& models, const std::vector<int>& model_dtypes,
+                 const std::vector<uintptr_t>& stats, const std::vector<int>& stat_dtypes,
+                 const std::vector<float>& coef, float coef_sum, float floor, int floor_mode, int64_t numel,
+                 uintptr_t out, int out_dtype, int device, uintptr_t stream) {
+    const size_t n = models.size();
+    if (model_dtypes.size() != n || stats.size() != n || stat_dtypes.size() != n || coef.size() != n)
+        throw std::invalid_argument("m3kernels CUDA fisher: expected " + std::to_string(n) +
+                                    " model dtypes, statistic pointers, statistic dtypes and coefficients");
+    py::gil_scoped_release release;
+    if (device < 0)
+        m3k::emulate_fisher(int(n), models.data(), model_dtypes.data(), stats.data(), stat_dtypes.data(),
+                            coef.data(), coef_sum, floor, floor_mode, numel, out, out_dtype);
+    else
+        m3k::launch_fisher(int(n), models.data(), model_dtypes.data(), stats.data(), stat_dtypes.data(),
+                           coef.data(), coef_sum, floor, floor_mode, numel, out, out_dtype, device, stream);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_cuda, m) {
     m.doc() = "m3kernels CUDA kernels (stage A statistics, stage B fused merge) on raw device pointers";
     m.attr("MAX_MODELS") = m3k::kMaxModels;
@@ -275,6 +306,12 @@ PYBIND11_MODULE(_cuda, m) {
         },
         py::arg("args"), py::arg("cmin"), py::arg("cmax"), "Host emulation of tie_counts on host pointers.");
 
+    m.def("fisher_merge", &fisher_call, py::arg("models"), py::arg("model_dtypes"), py::arg("stats"),
+          py::arg("stat_dtypes"), py::arg("coef"), py::arg("coef_sum"), py::arg("floor"),
+          py::arg("floor_mode"), py::arg("numel"), py::arg("out"), py::arg("out_dtype"), py::arg("device"),
+          py::arg("stream"),
+          "Fisher stage B (docs/DATA_AWARE.md) on the stream; device < 0: the host emulation on host "
+          "pointers.");
     m.def(
         "emulate_merge",
         [](const py::dict& args) {
