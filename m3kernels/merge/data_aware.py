@@ -4,9 +4,12 @@
 Fisher-Weighted Averaging"), cᵢ = wᵢ·rᵢ·sᵢ (weight, M³ ratio, per-model normalisation scale) and
 F̃ᵢ = max(Fᵢ, floor) (the paper's floor, ``floor_mode="max"``) or Fᵢ + floor (FusionBench's
 ``minimal_fisher_weight``, ``floor_mode="add"``). Where Σ cᵢF̃ᵢ = 0 (floor 0 and every F 0) the
-element is the c-weighted average. Computed in float32 (as the kernels' arithmetic), in chunks
-of ``chunk`` elements: memory O(N·chunk) beside the inputs. **This is chunked torch code, not
-yet the fused stage-B kernel** (docs/DATA_AWARE.md says how it maps onto the kernel program).
+element is the c-weighted average. Computed in float32 by the fused Fisher stage-B kernel of the
+chosen backend (``backend``: ``"auto"`` = the C++ kernel on the CPU, the CUDA kernel, else Triton,
+on a GPU; ``"cpu"``, ``"triton"``, ``"cuda"``; ``"torch"`` = chunked torch code, ``chunk`` elements
+at a time, also the fallback where no kernel is built): one pass over 2N + 1 streams, every float32
+operation separately rounded in the order of docs/DATA_AWARE.md ("Fisher in the fused kernel"),
+the same bits on every kernel backend and thread count.
 
 ``regmean_merge``: for a linear weight, W = argmin Σᵢ cᵢ‖XᵢWᵀ − XᵢWᵢᵀ‖² with the Gram matrices
 Gᵢ = XᵢᵀXᵢ: Wᵀ = (Σ cᵢG̃ᵢ)⁻¹ Σ cᵢG̃ᵢWᵢᵀ, G̃ = α·G + (1 − α)·diag(G) (Jin et al., "Dataless
@@ -23,6 +26,7 @@ from __future__ import annotations
 import logging
 import math
 
+import numpy as np
 import torch
 
 from m3kernels.merge.mixup import as_per_model
@@ -123,26 +127,121 @@ def _out(out, out_dtype, models):
 
 
 # ----------------------------------------------------------------------------- fisher
-def fisher_merge(
-    models,
-    fishers,
-    *,
-    weights=None,
-    mix_ratios=None,
-    model_scales=None,
-    floor: float = FISHER_FLOOR,
-    floor_mode: str = "max",
-    out_dtype=None,
-    out=None,
-    chunk: int = CHUNK,
-) -> torch.Tensor:
-    """Fisher-weighted average of one tensor (module docstring); float32 arithmetic, chunked."""
-    models, fishers = _check_pairs(models, fishers, "fishers")
-    floor = _check_floor(floor, floor_mode)
-    c = coefficients(len(models), weights, mix_ratios, model_scales)
-    out = _out(out, out_dtype, models)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+FISHER_BACKENDS = ("auto", "cpu", "triton", "cuda", "torch")
+DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+CUDA_MAX_MODELS = 16  # the CUDA kernel's argument block (csrc/cuda/merge_args.h kMaxModels)
+
+
+def _cpu_kernel():
+    try:
+        from m3kernels import _C
+    except ImportError:
+        return None
+    return getattr(_C, "fisher_merge", None)
+
+
+def _cuda_kernel():
+    try:
+        from m3kernels import _cuda
+    except ImportError:  # not built, or no libcudart
+        return None
+    return getattr(_cuda, "fisher_merge", None)
+
+
+def _triton_ok(device) -> bool:
+    from m3kernels.backends import triton as triton_backend
+
+    return triton_backend.supports(device)
+
+
+def fisher_backend(backend: str, device, n: int) -> str:
+    """The backend that merges n models on ``device``: ``backend`` itself once checked, or for
+    ``"auto"`` the C++ kernel (CPU) / the CUDA kernel (n <= 16), else Triton (GPU), else torch."""
+    if backend not in FISHER_BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(FISHER_BACKENDS)}; got {backend!r}")
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cpu":
+            return "cpu" if _cpu_kernel() is not None else "torch"
+        if device.type == "cuda":
+            if n <= CUDA_MAX_MODELS and _cuda_kernel() is not None:
+                return "cuda"
+            if _triton_ok(device):
+                return "triton"
+        return "torch"
+    if backend == "cpu" and (device.type != "cpu" or _cpu_kernel() is None):
+        raise ValueError(
+            f"backend 'cpu': needs CPU tensors (got {device}) and m3kernels._C with fisher_merge (rebuild)"
+        )
+    if backend == "cuda" and (device.type != "cuda" or n > CUDA_MAX_MODELS or _cuda_kernel() is None):
+        raise ValueError(
+            f"backend 'cuda': needs CUDA tensors (got {device}), at most {CUDA_MAX_MODELS} models "
+            f"(got {n}) and m3kernels._cuda with fisher_merge"
+        )
+    if backend == "triton" and not _triton_ok(device):
+        raise ValueError(f"backend 'triton' does not run on {device} (CPU tensors need TRITON_INTERPRET=1)")
+    return backend
+
+
+def fisher_kernel_args(models, fishers, c, floor: float, floor_mode: str, out) -> dict:
+    """The kernels' arguments: contiguous inputs (float64 statistics as float32, which is the
+    kernel's first operation on them), coef = f32(cᵢ), coef_sum = f32(Σ cᵢ), floor = f32(floor)."""
+    ms = [m.contiguous() for m in models]
+    fs = [(f.to(F32) if f.dtype == F64 else f).contiguous() for f in fishers]
+    return dict(
+        models=ms,
+        stats=fs,
+        coef=np.asarray(c, dtype=np.float32),
+        coef_sum=float(np.float32(math.fsum(c))),
+        floor=float(np.float32(floor)),
+        floor_mode=0 if floor_mode == "max" else 1,
+        out=out,
+    )
+
+
+def run_fisher_kernel(kind: str, a: dict) -> None:
+    """One fused stage-B call on ``kind`` ("cpu", "triton", "cuda", or "cuda-emulated": the CUDA
+    kernel's chunk code on the host, on CPU tensors) with :func:`fisher_kernel_args`' arguments."""
+    ms, fs, out = a["models"], a["stats"], a["out"]
+    ptrs = dict(
+        model_dtypes=[DTYPE_CODE[m.dtype] for m in ms],
+        stat_dtypes=[DTYPE_CODE[f.dtype] for f in fs],
+        coef_sum=a["coef_sum"],
+        floor=a["floor"],
+        floor_mode=a["floor_mode"],
+        numel=out.numel(),
+        out_dtype=DTYPE_CODE[out.dtype],
+    )
+    if kind == "cpu":
+        _cpu_kernel()(
+            model_ptrs=[m.data_ptr() for m in ms],
+            stat_ptrs=[f.data_ptr() for f in fs],
+            coef=a["coef"],
+            out_ptr=out.data_ptr(),
+            **ptrs,
+        )
+    elif kind in ("cuda", "cuda-emulated"):
+        emulated = kind == "cuda-emulated"
+        dev = out.device
+        _cuda_kernel()(
+            models=[m.data_ptr() for m in ms],
+            stats=[f.data_ptr() for f in fs],
+            coef=[float(x) for x in a["coef"]],
+            out=out.data_ptr(),
+            device=-1 if emulated else dev.index,
+            stream=0 if emulated else torch.cuda.current_stream(dev).cuda_stream,
+            **ptrs,
+        )
+    elif kind == "triton":
+        from m3kernels.backends.triton.fisher import fisher_merge as triton_fisher
+
+        triton_fisher(ms, fs, a["coef"], a["coef_sum"], a["floor"], a["floor_mode"], out)
+    else:
+        raise ValueError(f"unknown Fisher kernel {kind!r}")
+
+
+def _fisher_torch(models, fishers, c, floor, floor_mode, out, chunk):
+    """The chunked torch code (no kernel built): the same formula, addcmul may fuse."""
     flat_out = out.view(-1)
     flat_m = [m.reshape(-1) for m in models]
     flat_f = [f.reshape(-1) for f in fishers]
@@ -164,6 +263,36 @@ def fisher_merge(
             avg = sum(ci * m[s:e][idx].to(F32) for ci, m in zip(c, flat_m))
             num[idx] = avg / csum
         flat_out[s:e] = num
+    return out
+
+
+def fisher_merge(
+    models,
+    fishers,
+    *,
+    weights=None,
+    mix_ratios=None,
+    model_scales=None,
+    floor: float = FISHER_FLOOR,
+    floor_mode: str = "max",
+    out_dtype=None,
+    out=None,
+    chunk: int = CHUNK,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fisher-weighted average of one tensor (module docstring): the fused stage-B kernel of
+    ``backend`` (default: the best one for the tensors' device), or chunked torch code."""
+    models, fishers = _check_pairs(models, fishers, "fishers")
+    floor = _check_floor(floor, floor_mode)
+    c = coefficients(len(models), weights, mix_ratios, model_scales)
+    out = _out(out, out_dtype, models)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise ValueError(f"chunk must be an integer >= 1, got {chunk!r}")
+    kind = fisher_backend(backend, out.device, len(models))
+    if kind == "torch":
+        return _fisher_torch(models, fishers, c, floor, floor_mode, out, chunk)
+    if out.numel():
+        run_fisher_kernel(kind, fisher_kernel_args(models, fishers, c, floor, floor_mode, out))
     return out
 
 
@@ -336,6 +465,8 @@ def regmean_merge_reference(
 __all__ = [
     "fisher_merge",
     "fisher_merge_reference",
+    "fisher_backend",
+    "FISHER_BACKENDS",
     "fisher_norm_scales",
     "regmean_merge",
     "regmean_merge_reference",
