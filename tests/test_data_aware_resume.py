@@ -282,3 +282,41 @@ def test_on_the_gpu_against_the_cpu_merge(fam, tmp_path, method):
     record = yaml.safe_load((gpu / "m3kernels_merge.yaml").read_text())
     if method == "regmean":
         assert record["options"]["precision"] == "float32"  # unset: the GPU solves in float32
+
+
+TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
+
+
+@pytest.mark.skipif(not Path(TORCHRUN).exists(), reason="torchrun not installed")
+def test_two_processes_publish_what_one_process_does_and_a_killed_rank_resumes(fam, tmp_path):
+    """torchrun --nproc-per-node 2 (gloo, CPU): each rank merges its shards with the statistics;
+    the output equals the one-process merge file for file. A run whose rank 1 is killed after
+    its first shard is finished by --resume in one process (the same resume fingerprint)."""
+    cfg = write_config(fam, tmp_path / "c", "regmean", alpha=0.5)
+    one = tmp_path / "one"
+    assert merge(cfg, one) == 0
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith("M3KERNELS_TEST_")}
+
+    def torchrun(out, **env):
+        cmd = [TORCHRUN, "--standalone", "--nproc-per-node=2", "-m", "m3kernels", "merge", str(cfg), str(out)]
+        cmd += ["--device", "cpu", "--quiet", "--out-shard-size", SHARD, "--dist-timeout", "60"]
+        return subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**base_env, "OMP_NUM_THREADS": "1", **env},
+        )
+
+    res = torchrun(tmp_path / "dist")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_folders(tmp_path / "dist", one)
+    nothing_beside(tmp_path / "dist")
+    res = torchrun(tmp_path / "killed", M3KERNELS_TEST_CRASH_AFTER_SHARDS="1", M3KERNELS_TEST_CRASH_RANK="1")
+    assert res.returncode != 0 and not (tmp_path / "killed").exists()
+    result = m3kernels.merge_checkpoints(
+        str(cfg), tmp_path / "killed", device="cpu", out_shard_size=int(SHARD), resume=True, progress=False
+    )
+    assert result.resumed_shards  # what the ranks had finished is not merged again
+    assert_same_folders(tmp_path / "killed", one)

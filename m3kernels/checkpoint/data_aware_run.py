@@ -7,13 +7,20 @@ every missing or malformed statistics key with the config's other blockers. Afte
 parsed, the inputs opened and the plan built, :func:`merge_data_aware_config` (called by
 :func:`m3kernels.checkpoint.run.merge_checkpoints`) opens every statistics folder, checks its
 kind and its model fingerprint against the model's, and every statistics tensor the merge will
-read (``--dry-run`` stops there: the plan, with one note per folder); then it runs
-:func:`m3kernels.datastats.merge_checkpoints_data_aware` under the output lock with the config's
-weights, the plan's M³ ratios, seed, output dtype and the method's parameters.
+read (``--dry-run`` stops there: the plan, with one note per folder).
 
-Not yet wired through the main planner's writer: no journal, so ``--resume`` is refused (a
-merge that dies starts over), and the output is written by the data-aware merge's own streamed
-writer (the same shard layout and metadata record, ``m3kernels_merge.json``).
+Then the merge runs through the main merge's writer, as every other method's: the plan's tensors,
+in shard order, are merged by :class:`~m3kernels.datastats.merge.DataAwareMerger` (the arithmetic
+of :func:`m3kernels.datastats.merge_checkpoints_data_aware`, bit for bit) in
+:func:`data_aware_producer`, the ``producer`` that :func:`m3kernels.checkpoint.run.run_merge` (one
+process, under OUT's lock) or :func:`m3kernels.checkpoint.distributed.run_distributed`
+(``torchrun``) hands to the main :class:`~m3kernels.checkpoint.writer.ShardedWriter`: the journal,
+``--resume``, ``--force``, the atomic publish and the merge record (``m3kernels_merge.yaml``, with
+the ``weights``, ``options`` and ``statistics`` keys added) are the main merge's. The resume
+fingerprint adds :func:`statistics_stamps` (each statistics folder's manifest hash and file
+stamps) and the device kind. ``--device cuda`` (or ``auto`` with a GPU) moves each tensor's inputs
+and statistics to the GPU: the Fisher combine, the RegMean solve (``precision`` unset: float32
+there) and the fallback run on it.
 """
 
 from __future__ import annotations
@@ -236,10 +243,13 @@ def data_aware_producer(plan, merger):
     write order, each merged by ``merger`` (:class:`~m3kernels.datastats.merge.DataAwareMerger`)
     from the planned models' tensors (memory-mapped views, released once merged); COPY tensors
     (integer buffers) as the main merge copies them."""
+    import torch
+
     from m3kernels.checkpoint.plan import COPY, MERGE
     from m3kernels.errors import M3KError
 
-    def produce(todo):
+    def produce(todo, device):
+        merger.device = torch.device(device)  # a distributed rank: its own cuda:LOCAL_RANK
         for pt in todo:
             if pt.action == COPY:
                 yield pt, pt.models[0].tensor(), pt.release
@@ -273,6 +283,7 @@ def merge_data_aware_config(
     distributed: bool,
     backend: str = "auto",
     out_shard_size: int | None = None,
+    dist_timeout: float | None = None,
 ):
     """merge_checkpoints' path for fisher / regmean (module docstring): the plan (``dry_run``),
     else a :class:`~m3kernels.checkpoint.run.MergeResult`."""
@@ -282,12 +293,7 @@ def merge_data_aware_config(
     from m3kernels.checkpoint.writer import tidy_temp_folders
     from m3kernels.datastats.merge import DataAwareMerger, check_options
     from m3kernels.datastats.output import StatsFolder
-    from m3kernels.errors import M3KError
 
-    if distributed:
-        raise M3KError(
-            f"merge_method {cfg.method}: a distributed (torchrun) merge is not implemented; run one process"
-        )
     notes = check_statistics(cfg, cfg_dir, models, plan)
     if dry_run:
         plan.notes.extend(notes)
@@ -312,6 +318,27 @@ def merge_data_aware_config(
             "statistics": merger.statistics_record(),
         }
         stamps = {"device": dev.type, "statistics": statistics_stamps(sts)}
+        shard_size = DEFAULT_SHARD_SIZE if out_shard_size is None else out_shard_size
+        if distributed:  # rank 0 takes OUT's lock (distributed.run_distributed)
+            from m3kernels.checkpoint.distributed import DEFAULT_TIMEOUT_S, run_distributed
+
+            result = run_distributed(
+                plan,
+                out_dir,
+                opened=opened,
+                device=dev.type,
+                backend=backend,
+                out_shard_size=shard_size,
+                force=force,
+                resume=resume,
+                progress=progress,
+                timeout_s=DEFAULT_TIMEOUT_S if dist_timeout is None else float(dist_timeout),
+                producer=data_aware_producer(plan, merger),
+                record_extra=record_extra,
+                fingerprint_extra=stamps,
+            )
+            result.notes.extend(notes)
+            return result
         with OutputLock(out_dir) as lock:  # as the main merge (run.merge_checkpoints)
             if lock.exclusive:
                 tidy_temp_folders(out_dir)
@@ -321,7 +348,7 @@ def merge_data_aware_config(
                 out_dir,
                 device=dev,
                 backend=backend,
-                out_shard_size=DEFAULT_SHARD_SIZE if out_shard_size is None else out_shard_size,
+                out_shard_size=shard_size,
                 force=force,
                 resume=resume,
                 progress=progress,

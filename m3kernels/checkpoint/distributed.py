@@ -286,7 +286,7 @@ def _start_on_rank0(plan, out_dir, opened, force, resume, fp, lock) -> dict:
     return {"tmp": str(tmp), "done": done, "thresholds": journal.data["extra"].get("thresholds")}
 
 
-def _merge_share(plan, ranks, tmp, fp, setup, mine, record, device, backend, progress):
+def _merge_share(plan, ranks, tmp, fp, setup, mine, record, device, backend, progress, producer=None):
     """This rank's part: the statistics pass (``trim_scope: model``, histograms all-reduced),
     then its shards; then the exchange of statuses. Returns the model-wide thresholds."""
     from m3kernels.checkpoint.model_stats import model_thresholds
@@ -328,6 +328,7 @@ def _merge_share(plan, ranks, tmp, fp, setup, mine, record, device, backend, pro
             progress and ranks.rank == 0,
             total_bytes=sum(t.nbytes for i in mine for t in plan.shards[i].tensors),
             poll=_poll_failures(tmp, ranks.rank),
+            producer=producer,
         )
     except BaseException as exc:  # every failure is reported to the other ranks
         error = exc
@@ -385,13 +386,16 @@ def run_distributed(
     resume: bool,
     progress: bool,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    producer=None,
+    record_extra: dict | None = None,
+    fingerprint_extra=None,
 ):
-    """The distributed merge of a built plan (see the module docstring); returns MergeResult."""
+    """The distributed merge of a built plan (see the module docstring); returns MergeResult.
+    ``producer``, ``record_extra``, ``fingerprint_extra``: as for run.run_merge (fisher / regmean)."""
     import time
 
     from m3kernels.checkpoint.output_guard import OutputLock
-    from m3kernels.checkpoint.record import fingerprint, make_record
-    from m3kernels.checkpoint.run import MergeResult, resolve_device
+    from m3kernels.checkpoint.run import MergeResult, record_and_fingerprint, resolve_device
 
     t0 = time.perf_counter()
     dev_kind = "cpu" if device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -401,8 +405,7 @@ def run_distributed(
         if local_device.type == "cuda":
             local_device = torch.device("cuda", ranks.local_rank % max(1, torch.cuda.device_count()))
             torch.cuda.set_device(local_device)
-        record = make_record(plan, out_shard_size)
-        fp = fingerprint(plan, record)
+        record, fp = record_and_fingerprint(plan, out_shard_size, record_extra, fingerprint_extra)
         fps = ranks.gather(fp, "comparing plans")
         if len(set(fps)) != 1:
             bad = [r for r, f in enumerate(fps) if f != fps[0]]
@@ -432,7 +435,7 @@ def run_distributed(
             tmp = Path(setup["tmp"])
             done = set(setup["done"])
             thresholds = _merge_share(
-                plan, ranks, tmp, fp, setup, mine, record, local_device, backend, progress
+                plan, ranks, tmp, fp, setup, mine, record, local_device, backend, progress, producer
             )
             published = None
             if ranks.rank == 0:

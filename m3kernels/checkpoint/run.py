@@ -171,7 +171,7 @@ def write_shards(
     finished shard recorded in ``journal``. ``total_bytes``: what the progress bar counts to (the
     plan's bytes; a rank's share in a distributed merge). ``poll()`` (optional) is called after
     every tensor and may raise to stop the merge (the distributed merge: another rank failed).
-    ``producer(todo)`` (optional) yields what produce_cpu would, in the same order (the
+    ``producer(todo, device)`` (optional) yields what produce_cpu would, in the same order (the
     fisher / regmean merge: m3kernels.checkpoint.data_aware_run)."""
     from tqdm import tqdm
 
@@ -206,7 +206,7 @@ def write_shards(
     stream = None
     try:
         if producer is not None:
-            stream = producer(todo)
+            stream = producer(todo, device)
         elif device.type == "cpu":
             stream = produce_cpu(plan, todo, backend, thresholds)
         else:
@@ -223,6 +223,21 @@ def write_shards(
         raise
     finally:
         bar.close()
+
+
+def record_and_fingerprint(plan: MergePlan, out_shard_size: int, record_extra=None, fingerprint_extra=None):
+    """(the merge record, the resume fingerprint); ``record_extra``: more keys of the record,
+    ``fingerprint_extra``: JSON-able, what else the output bytes depend on (see run_merge)."""
+    record = make_record(plan, out_shard_size)
+    record.update(record_extra or {})
+    fp = fingerprint(plan, record)
+    if fingerprint_extra is not None:
+        import hashlib
+        import json
+
+        extra = json.dumps(fingerprint_extra, sort_keys=True, default=str)
+        fp = hashlib.sha256(f"{fp}:{extra}".encode()).hexdigest()
+    return record, fp
 
 
 def run_merge(
@@ -247,15 +262,7 @@ def run_merge(
     t0 = time.perf_counter()
     for note in plan.notes:
         log.warning(note)
-    record = make_record(plan, out_shard_size)
-    record.update(record_extra or {})
-    fp = fingerprint(plan, record)
-    if fingerprint_extra is not None:
-        import hashlib
-        import json
-
-        extra = json.dumps(fingerprint_extra, sort_keys=True, default=str)
-        fp = hashlib.sha256(f"{fp}:{extra}".encode()).hexdigest()
+    record, fp = record_and_fingerprint(plan, out_shard_size, record_extra, fingerprint_extra)
     partial = partial_runs(out_dir)
     tmp, journal, done = None, None, set()
     if resume:
@@ -395,6 +402,7 @@ def merge_checkpoints(
                 distributed=bool(distributed),
                 backend=backend,
                 out_shard_size=out_shard_size,
+                dist_timeout=DEFAULT_TIMEOUT_S if dist_timeout is None else float(dist_timeout),
             )
         if dry_run:
             return plan
