@@ -246,23 +246,29 @@ def data_aware_producer(plan, merger):
     import torch
 
     from m3kernels.checkpoint.plan import COPY, MERGE
+    from m3kernels.checkpoint.produce import Prefetcher
     from m3kernels.errors import M3KError
 
     def produce(todo, device):
         merger.device = torch.device(device)  # a distributed rank: its own cuda:LOCAL_RANK
-        for pt in todo:
-            if pt.action == COPY:
-                yield pt, pt.models[0].tensor(), pt.release
-                continue
-            if pt.action != MERGE:
-                raise M3KError(
-                    f"tensor {pt.name!r}: merge_method {plan.config.method} needs the same shape in "
-                    f"every model (planned as {pt.action})",
-                    tensor=pt.name,
-                )
-            out = merger.merge(pt.name, [s.tensor() for s in pt.models], pt.out_dtype)
-            pt.release()
-            yield pt, out, None
+        pre = Prefetcher(todo)  # the OS reads the next tensors' model bytes ahead, as produce_cpu
+        try:
+            for k, pt in enumerate(todo):
+                pre.advance(k)
+                if pt.action == COPY:
+                    yield pt, pt.models[0].tensor(), pt.release
+                    continue
+                if pt.action != MERGE:
+                    raise M3KError(
+                        f"tensor {pt.name!r}: merge_method {plan.config.method} needs the same shape in "
+                        f"every model (planned as {pt.action})",
+                        tensor=pt.name,
+                    )
+                out = merger.merge(pt.name, [s.tensor() for s in pt.models], pt.out_dtype)
+                pt.release()
+                yield pt, out, None
+        finally:
+            pre.close()
 
     return produce
 
