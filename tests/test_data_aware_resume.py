@@ -85,11 +85,35 @@ def merge(cfg, out, *flags) -> int:
     return cli.main(["merge", str(cfg), str(out), "--device", "cpu", "--out-shard-size", SHARD, "-q", *flags])
 
 
-def killed_merge(cfg, out):
-    """The CLI merge in a subprocess that SIGKILLs itself right after its first finished shard."""
-    env = {**os.environ, run_mod.CRASH_ENV: "1"}
-    cmd = [sys.executable, "-m", "m3kernels", "merge", str(cfg), str(out), "--device", "cpu"]
-    cmd += ["--out-shard-size", SHARD, "--quiet"]
+# the CLI, killed (SIGKILL) in the middle of its 4th output write: 1 the journal, 2 shard 1, 3 the
+# journal again, 4 shard 2 (half of its bytes written): as tests/test_kill_resume.py does
+MID_WRITE_KILLER = r"""
+import os, signal, sys
+from m3kernels.checkpoint import writer
+real, count = writer._write_bytes, [0]
+def write(fd, data):
+    count[0] += 1
+    if count[0] == 4:
+        view = memoryview(data).cast("B")
+        os.write(fd, view[: len(view) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(fd, data)
+writer._write_bytes = write
+from m3kernels import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def killed_merge(cfg, out, kill: str = "after-shard"):
+    """The CLI merge in a subprocess that SIGKILLs itself right after its first finished shard
+    (the crash hook of run.py), or in the middle of writing its second shard (``mid-write``)."""
+    env = {k: v for k, v in os.environ.items() if k != run_mod.CRASH_ENV}
+    if kill == "after-shard":
+        env[run_mod.CRASH_ENV] = "1"
+        cmd = [sys.executable, "-m", "m3kernels"]
+    else:
+        cmd = [sys.executable, "-c", MID_WRITE_KILLER]
+    cmd += ["merge", str(cfg), str(out), "--device", "cpu", "--out-shard-size", SHARD, "--quiet"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists()  # a killed merge never leaves a folder that looks finished
@@ -137,19 +161,28 @@ def nothing_beside(out: Path):
 
 
 @pytest.mark.parametrize(
-    "method,top",
-    [("fisher", {"floor": 1e-5, "fisher_normalize": "l2"}), ("regmean", {"alpha": 0.3, "ridge": 1e-3})],
+    "method,top,kill",
+    [
+        ("fisher", {"floor": 1e-5, "fisher_normalize": "l2"}, "after-shard"),
+        ("regmean", {"alpha": 0.3, "ridge": 1e-3}, "mid-write"),
+    ],
 )
-def test_kill_then_resume_gives_the_same_bytes(fam, tmp_path, method, top):
+def test_kill_then_resume_gives_the_same_bytes(fam, tmp_path, method, top, kill):
     cfg = write_config(fam, tmp_path / "c", method, **top)
     out = tmp_path / "out"
-    tmp = killed_merge(cfg, out)
+    tmp = killed_merge(cfg, out, kill)
     (first,) = tmp.glob("model-00001-of-*.safetensors")  # the shard the journal records
-    assert (tmp / ".m3k-journal.json").exists()
+    journal = yaml.safe_load((tmp / ".m3k-journal.json").read_text())
+    assert list(journal["shards"]) == [first.name]
+    if kill == "mid-write":  # the second shard is there, half written, and not in the journal
+        (second,) = tmp.glob("model-00002-of-*.safetensors")
+        half = second.stat().st_size
     st = first.stat()
     assert merge(cfg, out, "--resume") == 0
     reused = out / first.name
     assert (reused.stat().st_ino, reused.stat().st_mtime_ns) == (st.st_ino, st.st_mtime_ns)  # not rewritten
+    if kill == "mid-write":
+        assert (out / second.name).stat().st_size > half  # written again, whole
     nothing_beside(out)
     clean = tmp_path / "clean"
     assert merge(cfg, clean) == 0
