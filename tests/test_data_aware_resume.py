@@ -4,8 +4,9 @@ again, nothing that looks like a finished output before the end). A resume after
 changed (another data file, or a statistics file rewritten in place) does not reuse the unfinished
 run: the statistics are part of the resume fingerprint. ``--device cuda`` without a GPU: exit 2,
 one line. The output lock and ``--force`` as for the other methods; a bad statistics tensor: exit
-2 naming the folder and the tensor, nothing written. On a GPU: the merge on ``cuda`` against the
-CPU merge.
+2 naming the folder and the tensor, nothing written. ``torchrun`` with 2 ranks (gloo): the
+one-process bytes, and a run with a killed rank finished by ``--resume``. On a GPU: the merge on
+``cuda`` against the CPU merge.
 """
 
 from __future__ import annotations
