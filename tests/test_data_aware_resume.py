@@ -354,3 +354,21 @@ def test_two_processes_publish_what_one_process_does_and_a_killed_rank_resumes(f
     )
     assert result.resumed_shards  # what the ranks had finished is not merged again
     assert_same_folders(tmp_path / "killed", one)
+
+
+def test_an_output_at_in_or_above_a_statistics_folder_is_refused(fam, tmp_path, capsys):
+    """The statistics folders are inputs: OUT equal to, inside or above one is exit 2 (with
+    --force and --dry-run too), and the folder is left as it was."""
+    cfg = write_config(fam, tmp_path / "c", "regmean")
+    stats = tmp_path / "c" / "stats1"
+    before = sorted((p.name, p.stat().st_size) for p in stats.iterdir())
+    for out in (stats, stats / "sub", tmp_path / "c"):
+        for flags in ([], ["--force"], ["--dry-run"]):
+            assert merge(cfg, out, *flags) == 2, (out, flags)
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1, err
+            if out.exists() and "--force" not in flags:  # refused before the statistics are opened
+                assert "already exists" in err, err
+            else:
+                assert "inputs are never written" in err, err
+    assert sorted((p.name, p.stat().st_size) for p in stats.iterdir()) == before

@@ -301,21 +301,25 @@ def merge_data_aware_config(
     from m3kernels.datastats.output import StatsFolder
 
     notes = check_statistics(cfg, cfg_dir, models, plan)
-    if dry_run:
-        plan.notes.extend(notes)
-        return plan
-    dev = resolve_device(device, backend)
-    weights, opts = _options(cfg, plan.tensors[0].name)
-    if cfg.method == "regmean" and cfg.kwargs_at(plan.tensors[0].name, 0.0).get("precision") is None:
-        opts["precision"] = "float32" if dev.type == "cuda" else "float64"  # unset: the GPU solves in float32
-    fallback = opts.pop("fallback", "average")
-    checked = check_options(
-        cfg.method, len(models), weights=weights, mix_ratios=plan.mix_ratios, seed=plan.seed, **opts
-    )
     sts = []
     try:
         for i, sp in enumerate(statistics_paths(cfg, cfg_dir)):
             sts.append(StatsFolder(sp, kind=cfg.method, role=f"models[{i}].parameters.{METHODS[cfg.method]}"))
+        inputs = list(opened) + [s.ck for s in sts]  # OUT in, at or above a statistics folder: refused
+        check_out_dir(out_dir, force, inputs)
+        if dry_run:
+            plan.notes.extend(notes)
+            return plan
+        dev = resolve_device(device, backend)
+        weights, opts = _options(cfg, plan.tensors[0].name)
+        if cfg.method == "regmean" and cfg.kwargs_at(plan.tensors[0].name, 0.0).get("precision") is None:
+            opts["precision"] = (
+                "float32" if dev.type == "cuda" else "float64"
+            )  # unset: the GPU solves in float32
+        fallback = opts.pop("fallback", "average")
+        checked = check_options(
+            cfg.method, len(models), weights=weights, mix_ratios=plan.mix_ratios, seed=plan.seed, **opts
+        )
         names = [t.name for t in plan.tensors if t.action != "copy"]
         merger = DataAwareMerger(sts, checked, names, fallback=fallback, device=dev)
         record_extra = {
@@ -331,7 +335,7 @@ def merge_data_aware_config(
             result = run_distributed(
                 plan,
                 out_dir,
-                opened=opened,
+                opened=inputs,
                 device=dev.type,
                 backend=backend,
                 out_shard_size=shard_size,
@@ -348,7 +352,7 @@ def merge_data_aware_config(
         with OutputLock(out_dir) as lock:  # as the main merge (run.merge_checkpoints)
             if lock.exclusive:
                 tidy_temp_folders(out_dir)
-            check_out_dir(out_dir, force, opened, under_lock=True)
+            check_out_dir(out_dir, force, inputs, under_lock=True)
             result = run_merge(
                 plan,
                 out_dir,
