@@ -241,3 +241,47 @@ def test_public_api(gen):
         fisher_merge(models, fishers, backend="gpu")
     with pytest.raises(ValueError, match="backend 'cuda': needs CUDA tensors"):
         fisher_merge(models, fishers, backend="cuda")
+
+
+@need_cpu
+@pytest.mark.parametrize("out_dt", DTYPES)
+def test_large_output_non_temporal_stores(gen, out_dt):
+    """Outputs of >= 8 MiB on a 64-byte boundary take the non-temporal store path: the same bits as
+    the plain stores (the same output one element off the boundary) and the reference's values."""
+    numel = (1 << 23) // (4 if out_dt == F32 else 2) + 37
+    models = [torch.randn(numel, generator=gen).to(BF16)]
+    fishers = [torch.rand(numel, generator=gen) * 1e-3]
+    aligned = torch.full((numel + 64,), float("nan"), dtype=out_dt)
+    off = (-aligned.data_ptr() % 64) // aligned.element_size()
+    a = fisher_merge(models, fishers, out=aligned[off : off + numel], backend="cpu")
+    plain = torch.full((numel + 64,), float("nan"), dtype=out_dt)
+    off = (-plain.data_ptr() % 64) // plain.element_size() + 1  # not on a 64-byte boundary
+    b = fisher_merge(models, fishers, out=plain[off : off + numel], backend="cpu")
+    assert a.data_ptr() % 64 == 0 and b.data_ptr() % 64 != 0
+    assert torch.equal(bits(a), bits(b))
+    assert_close_ulp(a, fisher_merge_reference(models, fishers), models[0].double().abs(), "nt")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@need_cpu
+def test_gpu_kernels_bit_identical_to_the_cpu_kernel(gen):
+    """On a GPU: the compiled CUDA and Triton kernels give the C++ kernel's bits (odd sizes, mixed
+    dtypes, NaN / inf, an unaligned view for the CUDA scalar path)."""
+    for shape, n in [((333, 77), 3), (((1 << 20) + 3,), 2)]:
+        models, fishers = hostile(gen, shape, n)
+        w = [0.3 + i for i in range(n)]
+        for out_dt in DTYPES:
+            for mode in ("max", "add"):
+                want = fisher_merge(
+                    models, fishers, weights=w, floor_mode=mode, out_dtype=out_dt, backend="cpu"
+                )
+                dm, df = [m.cuda() for m in models], [f.cuda() for f in fishers]
+                for kind in ("cuda", "triton"):
+                    if kind == "cuda" and not _has("cuda-emulated"):
+                        continue
+                    got = fisher_merge(dm, df, weights=w, floor_mode=mode, out_dtype=out_dt, backend=kind)
+                    assert torch.equal(bits(got.cpu()), bits(want)), (kind, shape, out_dt, mode)
+                un = [torch.cat([m.new_zeros(1), m.reshape(-1)])[1:].view(shape) for m in dm]  # 2-byte offset
+                got = fisher_merge(un, df, weights=w, floor_mode=mode, out_dtype=out_dt, backend="auto")
+                assert torch.equal(bits(got.cpu()), bits(want)), ("unaligned", shape, out_dt, mode)
