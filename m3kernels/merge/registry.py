@@ -1014,7 +1014,8 @@ register(
                 CHOICE,
                 "float64",
                 "float64: Cholesky on the CPU; float32: on the Grams' device, checked by the "
-                "residual (float64 on the CPU when the check fails)",
+                "residual (float64 on the CPU when the check fails); unset in a config merge on a "
+                "GPU (--device cuda, or auto with one): float32 there",
                 gradient=False,
                 choices=("float64", "float32"),
             ),
