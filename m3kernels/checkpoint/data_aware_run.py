@@ -25,10 +25,7 @@ there) and the fallback run on it.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-
-log = logging.getLogger("m3kernels")
 
 METHODS = {"fisher": "fisher", "regmean": "gram"}  # method -> the per-model statistics key
 # config-only parameters (no merge_tensors keyword) -> merge_checkpoints_data_aware's keyword
