@@ -1,5 +1,5 @@
 """Data-statistics benchmark (CPU): ``m3kernels stats`` throughput, statistics file sizes, the
-chunked Fisher merge's bandwidth and RegMean's solve time per layer.
+Fisher merge's bandwidth and RegMean's solve time per layer.
 
 * A small Llama (default hidden 512, 4 layers, intermediate 1376, 8 heads / 4 KV heads, a
   byte-level BPE tokenizer trained on random-word text; ``m3kernels.datastats.tiny``) is trained
@@ -8,9 +8,11 @@ chunked Fisher merge's bandwidth and RegMean's solve time per layer.
   batch 4) and ``compute_regmean`` (batch 8), end to end (model load and fingerprint included)
   and of the pass over the data alone (the run's time minus that of the same run on one
   example: model load, fingerprint and output), with the sizes of the files against the model's.
-* Fisher merge (chunked torch code, not the fused kernel): GB/s over the 2N+1 streams (N bf16
-  models, N float32 Fisher tensors, one bf16 output) of a 4096 x 4096 tensor, N = 2, against
-  torch's copy bandwidth over the same bytes.
+* Fisher merge: GB/s of the fused stage-B kernel (``fisher_merge``'s default backend: the C++
+  kernel on the CPU) and of the chunked torch code (``backend="torch"``) over the 2N+1 streams (N
+  bf16 models, N float32 Fisher tensors, one bf16 output) of a 4096 x 4096 tensor, N = 2, against
+  the copy bandwidth over the same bytes in the same run (``m3kernels._C.copy``, the reference of
+  the other benchmarks, and torch's ``copy_``). ``--fisher-only`` runs this part alone.
 * RegMean: one layer at Llama-2-13B size, W 5120 x 5120, N = 2 float32 Grams, the float64
   Cholesky solve on the CPU and the float32 one with its residual check (``--big`` adds the
   13824-input down projection: minutes on 2 cores).
@@ -37,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from m3kernels.datastats import compute_fisher, compute_regmean  # noqa: E402
 from m3kernels.datastats.tiny import make_tiny_llama, sample_texts  # noqa: E402
-from m3kernels.merge.data_aware import fisher_merge, regmean_merge  # noqa: E402
+from m3kernels.merge.data_aware import fisher_backend, fisher_merge, regmean_merge  # noqa: E402
 
 
 def folder_bytes(folder, suffix=".safetensors") -> int:
@@ -122,21 +124,42 @@ def fisher_bandwidth(args) -> dict:
     fishers = [torch.rand(shape, generator=g) for _ in range(n)]
     out = torch.empty(shape, dtype=torch.bfloat16)
     streams = sum(t.nbytes for t in models + fishers) + out.nbytes
-    load0, c0 = os.getloadavg()[0], time.process_time()
-    t = best_of(lambda: fisher_merge(models, fishers, out=out), args.repeats)
-    cpu = (time.process_time() - c0) / args.repeats
+    r = {"bytes": streams, "fused_backend": fisher_backend("auto", "cpu", n)}
+    load0 = os.getloadavg()[0]
     src = torch.empty(streams // 2, dtype=torch.uint8)
     dst = torch.empty_like(src)
-    tc = best_of(lambda: dst.copy_(src), args.repeats)
-    copy_gbs = 2 * src.nbytes / tc / 1e9  # read + write
-    r = {
-        "fisher_merge_ms": round(t * 1e3, 1),
-        "bytes": streams,
-        "GB_per_s": round(streams / t / 1e9, 2),
-        "copy_GB_per_s": round(copy_gbs, 2),
+    fns = {
+        "fused": lambda: fisher_merge(models, fishers, out=out),
+        "torch_copy": lambda: dst.copy_(src),
     }
-    r["pct_of_copy"] = round(100 * r["GB_per_s"] / copy_gbs, 1)
-    r["cpu_s_per_call"] = round(cpu, 3)
+    try:
+        from m3kernels import _C
+
+        fns["kernel_copy"] = lambda: _C.copy(dst.data_ptr(), src.data_ptr(), src.nbytes)
+    except ImportError:
+        pass
+    best = dict.fromkeys(fns, float("inf"))
+    cpu = 0.0
+    for _ in range(args.repeats):  # interleaved: the kernel and the copies see the same machine load
+        for key, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            best[key] = min(best[key], time.perf_counter() - t0)
+            cpu += time.process_time() - c0 if key == "fused" else 0.0
+    r["fused_ms"] = round(best["fused"] * 1e3, 1)
+    r["fused_GB_per_s"] = round(streams / best["fused"] / 1e9, 2)
+    r["fused_cpu_s_per_call"] = round(cpu / args.repeats, 3)
+    for key in ("kernel_copy", "torch_copy"):
+        if key in best:
+            r[f"{key}_GB_per_s"] = round(streams / best[key] / 1e9, 2)  # read + write of streams / 2
+    c0 = time.process_time()
+    t = best_of(lambda: fisher_merge(models, fishers, out=out, backend="torch"), max(1, args.repeats // 3))
+    r["torch_chunked_ms"] = round(t * 1e3, 1)
+    r["torch_chunked_GB_per_s"] = round(streams / t / 1e9, 2)
+    r["torch_chunked_cpu_s_per_call"] = round((time.process_time() - c0) / max(1, args.repeats // 3), 3)
+    copy_gbs = max(r.get("kernel_copy_GB_per_s", 0.0), r["torch_copy_GB_per_s"])
+    r["fused_pct_of_copy"] = round(100 * r["fused_GB_per_s"] / copy_gbs, 1)
+    r["torch_chunked_pct_of_copy"] = round(100 * r["torch_chunked_GB_per_s"] / copy_gbs, 1)
     r["load1"] = round((load0 + os.getloadavg()[0]) / 2, 2)
     print(json.dumps(r))
     return r
@@ -171,21 +194,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--big", action="store_true", help="also the 13824-input layer (minutes)")
     ap.add_argument("--skip-solve", action="store_true")
+    ap.add_argument("--fisher-only", action="store_true", help="only the Fisher merge bandwidth")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        try:
+            from m3kernels import _C
+
+            _C.set_num_threads(args.threads)  # the fused kernel's OpenMP threads too
+        except ImportError:
+            pass
     res = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load1_start": os.getloadavg()[0],
     }
-    with tempfile.TemporaryDirectory() as tmp:
-        res["stats"], res["model_params"] = stats_runs(Path(tmp), args)
+    if not args.fisher_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            res["stats"], res["model_params"] = stats_runs(Path(tmp), args)
     res["fisher_merge"] = fisher_bandwidth(args)
-    if not args.skip_solve:
+    if not args.skip_solve and not args.fisher_only:
         res["regmean"] = [regmean_solve(5120, 5120)]
         if args.big:
             res["regmean"].append(regmean_solve(13824, 5120))

@@ -91,6 +91,7 @@ PYEOF
 if [ "$phase" = test ]; then
   echo "== GPU tests" >> "$OUT/$phase.log"
   timeout 330 $PY -m pytest tests/test_gpu_backends.py tests/test_triton_backend.py tests/test_merge_tensors.py \
+    tests/test_fisher_kernel.py \
     -q -p no:cacheprovider -x >> "$OUT/$phase.log" 2>&1; echo "pytest rc=$?" >> "$OUT/$phase.log"
   echo "== compute-sanitizer" > "$OUT/sanitizer.log"
   for tool in memcheck racecheck initcheck synccheck; do
