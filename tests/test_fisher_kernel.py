@@ -145,9 +145,9 @@ def test_zero_fisher_is_the_weighted_average(gen, kind):
         assert_close_ulp(out, ref, reference_scale(models, fishers, w, 0.0, mode), kind)
 
 
-def hostile(gen, shape, n):
+def hostile(gen, shape, n, model_dts=(BF16, F32, F16), stat_dts=(F16, BF16, F32)):
     """Inputs with NaN / inf / -inf models, NaN / inf / zero Fisher values, bf16 / fp16 subnormals."""
-    models, fishers = inputs(gen, shape, n, [BF16, F32, F16], [F16, BF16, F32])
+    models, fishers = inputs(gen, shape, n, list(model_dts), list(stat_dts))
     numel = models[0].numel()
     for i in range(n):
         m, f = models[i].view(-1), fishers[i].view(-1)
@@ -186,8 +186,14 @@ def test_nan_and_inf_inputs(gen, kind, floor_mode):
 def test_bit_identical_to_the_cpu_kernel(gen, kind):
     if not _has("cpu"):
         pytest.skip("m3kernels._C without fisher_merge")
-    for shape, n in [((9, 7), 1), ((1000,), 2), ((33, 65), 3)]:
-        models, fishers = hostile(gen, shape, n)
+    # mixed dtypes (the any-N loop on the CPU), one model dtype with float32 statistics (its
+    # unrolled instances, N <= 4), N = 5 (the loop again)
+    cases = [((9, 7), 1, None), ((1000,), 2, None), ((33, 65), 3, None), ((5, 201), 5, BF16)]
+    cases += [((77, 13), n, dt) for n, dt in ((1, F32), (2, BF16), (3, F16), (4, BF16))]
+    for shape, n, dt in cases:
+        models, fishers = hostile(gen, shape, n) if dt is None else hostile(gen, shape, n, [dt], [F32])
+        if kind == "cuda-emulated" and n > 2:  # one element off the 16-byte boundary: the scalar path
+            models = [torch.cat([m.new_zeros(1), m.reshape(-1)])[1:].view(shape) for m in models]
         w = [0.3 + i for i in range(n)]
         for out_dt in DTYPES:
             for mode, floor in (("max", 1e-6), ("add", 1e-4), ("max", 0.0)):
