@@ -107,9 +107,16 @@ struct ModelIn {
     float dare_den;
     const uint8_t* mask;  // model i's keep mask (bit J = index_offset + g); nullptr: none
     int64_t mask_off;     // index_offset
-    float mask_scale;
+    float mask_scale;     // 1 without a mask
     float agree_w;
+    // what the EXT loop reads (branch-free): byte (J >> 3) & mask_and of mask_bytes; without a
+    // mask, byte 0 of an all-ones row (mask_and 0), so every lane is kept and d * 1.0f == d
+    const uint8_t* mask_bytes;
+    int64_t mask_and;
 };
+
+// The keep-mask row of a model without a mask (ModelIn.mask_bytes, mask_and 0: only byte 0 .. 7 read).
+alignas(8) static const uint8_t kMaskAllOnes[8] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
 
 // Model i's inputs for one block (u: its Philox words; trim = false in stage A).
 static inline ModelIn model_in(const TensorArgs& a, const ModelPlan& p, int i, const uint32_t* u, bool trim) {
@@ -129,8 +136,10 @@ static inline ModelIn model_in(const TensorArgs& a, const ModelPlan& p, int i, c
                    p.dare_den,
                    a.keep_mask ? a.keep_mask + size_t(i) * size_t(a.mask_stride) : nullptr,
                    a.index_offset,
-                   a.mask_scale ? a.mask_scale[i] : 1.0f,
-                   a.agree_w ? a.agree_w[i] : 1.0f};
+                   a.keep_mask && a.mask_scale ? a.mask_scale[i] : 1.0f,
+                   a.agree_w ? a.agree_w[i] : 1.0f,
+                   a.keep_mask ? a.keep_mask + size_t(i) * size_t(a.mask_stride) : kMaskAllOnes,
+                   a.keep_mask ? int64_t(-1) : int64_t(0)};
 }
 
 // True when model_delta must run its round-2 steps (the keep mask, dare_div) for this model.
@@ -206,29 +215,42 @@ M3K_INLINE vu dare_words(const ModelIn& m, int64_t k, int rem) {
     return uu;
 }
 
-// The keep-mask bits of flat indices J .. J + W - 1 (J = mask_off + g; lanes past rem are 0):
-// bit J at byte J >> 3, LSB first; only the bytes of the lanes in use are read.
+// The keep-mask bits of flat indices J .. J + W - 1 (J = mask_off + g; bits past rem are 0):
+// bit J at byte J >> 3, LSB first; only the bytes of the lanes in use are read. Branch-free in
+// the mask (a model without one reads its all-ones row); J & 7 is the same for every vector of a
+// block on the AVX2 / AVX-512 variants (W a multiple of 8), so its branch is predicted.
 template <bool PARTIAL>
-M3K_INLINE vi mask_lanes(const ModelIn& m, int64_t g, int rem) {
+M3K_INLINE uint32_t mask_bits(const ModelIn& m, int64_t g, int rem) {
     const int64_t J = m.mask_off + g;
     if (!PARTIAL && W >= 8 && (J & 7) == 0) {  // byte-aligned (index_offset % 8 == 0): W / 8 bytes
         uint16_t w = 0;
-        __builtin_memcpy(&w, m.mask + (J >> 3), W / 8);
-        return lanes_of(w);
+        __builtin_memcpy(&w, m.mask_bytes + ((J >> 3) & m.mask_and), W / 8);
+        return w;
     }
     const int64_t b0 = J >> 3, b1 = (J + (PARTIAL ? rem : W) - 1) >> 3;
     uint64_t word = 0;
-    for (int64_t q = b0; q <= b1; ++q) word |= uint64_t(m.mask[q]) << (8 * (q - b0));
-    uint32_t bits = uint32_t(word >> (J & 7));
-    bits &= PARTIAL ? (1u << rem) - 1u : uint32_t((uint64_t(1) << W) - 1u);
-    return lanes_of(bits);
+    for (int64_t q = b0; q <= b1; ++q) word |= uint64_t(m.mask_bytes[q & m.mask_and]) << (8 * (q - b0));
+    const uint32_t bits = uint32_t(word >> (J & 7));
+    return bits & (PARTIAL ? (1u << rem) - 1u : uint32_t((uint64_t(1) << W) - 1u));
+}
+
+// bits l set: a, else 0 (per lane; AVX-512: one zero-masking move, no vector mask built).
+M3K_INLINE vf vsel_bits_zero(uint32_t bits, vf a) {
+#if M3K_HAVE_AVX512
+    return (vf)_mm512_maskz_mov_ps(__mmask16(bits), (__m512)a);
+#else
+    return vsel(lanes_of(bits), a, vf{});
+#endif
 }
 
 // d_i = f32(x_i) - b, the DARE drop and rescale, and the magnitude trim (m.trim = 0 in stage A)
 // for elements [g, g + W) of the tensor; k is g's position in the block (Philox words). EXT
-// adds the round-2 steps: dare_div (a kept d divided by dare_den, rounded to the input dtype)
-// and the keep mask (right after the DARE step, before the trim); without EXT they are absent.
-template <bool PARTIAL, int DT = -1, bool EXT = false>
+// adds dare_div (a kept d divided by dare_den, rounded to the input dtype; a per-model branch
+// inside the DARE one), MASK the keep mask (right after the DARE step, before the trim; no
+// branch: without a mask the model reads an all-ones row with mask_scale 1, and d * 1.0f == d);
+// without them these steps are absent. A per-vector branch on the mask made GCC spill the
+// unrolled loop's state: the masked TIES pass ran at half speed.
+template <bool PARTIAL, int DT = -1, bool EXT = false, bool MASK = EXT>
 M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b) {
     if (m.dare == 2 || m.trim == 2) return vf{};
     const int dtype = DT >= 0 ? DT : m.dtype;
@@ -241,7 +263,7 @@ M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b)
         else
             d = vsel(keep, d * vsplat(m.dare_scale), vf{});
     }
-    if (EXT && m.mask) d = vsel(mask_lanes<PARTIAL>(m, g, rem), d * vsplat(m.mask_scale), vf{});
+    if (MASK) d = vsel_bits_zero(mask_bits<PARTIAL>(m, g, rem), d * vsplat(m.mask_scale));
     if (m.trim == 1) d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
     if (m.trim == 3) {
         const vu ab = (vu)d & 0x7fffffffu;
@@ -441,8 +463,8 @@ enum CombineClass : int {
 // Stage B for elements [g, g + W): combine, scale, add, round, store. NM > 0 fixes the number
 // of models at compile time (loops unrolled, deltas in registers); NM = 0 reads it from n.
 // DT >= 0: base, every model and the output have that dtype (no per-vector dtype branches).
-// EXT: model_delta with the keep mask and dare_div.
-template <int NM, int DT, bool PARTIAL, int CB = kCbPlain, bool EXT = false>
+// EXT, MASK: model_delta's round-2 steps (dare_div; the keep mask).
+template <int NM, int DT, bool PARTIAL, int CB = kCbPlain, bool EXT = false, bool MASK = EXT>
 M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
                           void* out, int out_dtype, const GroupPos& gp) {
     if (NM > 0) n = NM;
@@ -466,7 +488,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         vf c = vf{};
         M3K_UNROLL
         for (int i = 0; i < n; ++i) {
-            dv[i] = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
+            dv[i] = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
             c = c + vsel(vabs(dv[i]) > eps, vsplat(1.0f), vf{});
         }
         const vi unique = c == vsplat(1.0f);
@@ -483,30 +505,30 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         M3K_UNROLL
         for (int i = 0; i < n; ++i) {
             const vf c = group_coef_vec<PARTIAL>(t, gp, i, rem);
-            const vf d = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
+            const vf d = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
             acc = CB == kCbGroupFma ? vfma(c, d, acc) : acc + c * d;
         }
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
         y0 = b + vsplat(t.lam) * m;
     } else if (CB == kCbTiesExt) {
         M3K_UNROLL
-        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
+        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
         m = ties_combine_ext(t, mi, dv, n);
     } else if (CB == kCbPlainFma) {
         vf acc = vf{};
         M3K_UNROLL
         for (int i = 0; i < n; ++i)
-            acc = vfma(vsplat(mi[i].coef), model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b), acc);
+            acc = vfma(vsplat(mi[i].coef), model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b), acc);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else if (t.combine != kTies) {
         vf acc = vf{};
         M3K_UNROLL
         for (int i = 0; i < n; ++i)
-            acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
+            acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
         m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
     } else {
         M3K_UNROLL
-        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT>(mi[i], g, k, rem, b);
+        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
         m = ties_combine(t, mi, dv, n);
     }
     if (CB == kCbPlain || CB == kCbPlainFma || CB == kCbTiesExt) y0 = b + vsplat(t.lam) * m;
@@ -517,10 +539,10 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         store_vec(out, out_dtype, g, y);
 }
 
-// One block of stage B: elements [start, start + cnt).
-template <int NM, int DT, int CB, bool EXT>
-static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float* gct, int64_t start,
-                        int64_t cnt, Scratch& s, void* out, int out_dtype) {
+// One block of stage B: elements [start, start + cnt) (merge_block below picks MASK).
+template <int NM, int DT, int CB, bool EXT, bool MASK>
+M3K_INLINE void merge_block_run(const TensorArgs& a, const ModelPlan* plans, const float* gct, int64_t start,
+                                int64_t cnt, Scratch& s, void* out, int out_dtype) {
     block_philox(a, plans, start, cnt, s);
     const int n = NM > 0 ? NM : a.n;
     ModelIn local[NM > 0 ? NM : 1];
@@ -539,22 +561,36 @@ static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float
             for (int i = 0; i < n; ++i) mi[i].coef = gct[size_t(i) * size_t(t.groups) + size_t(row)];
             const GroupPos none{0, 0};
             for (int64_t k = 0; k < full; k += W)
-                merge_vec<NM, DT, false, CP, EXT>(t, mi, n, dv, start + k, k, W, out, out_dtype, none);
+                merge_vec<NM, DT, false, CP, EXT, MASK>(t, mi, n, dv, start + k, k, W, out, out_dtype, none);
             if (full < cnt)
-                merge_vec<NM, DT, true, CP, EXT>(t, mi, n, dv, start + full, full, int(cnt - full), out,
-                                                 out_dtype, none);
+                merge_vec<NM, DT, true, CP, EXT, MASK>(t, mi, n, dv, start + full, full, int(cnt - full), out,
+                                                       out_dtype, none);
             return;
         }
     }
     constexpr bool grouped = CB == kCbGroup || CB == kCbGroupFma;
     GroupPos gp = grouped ? group_pos(t, a.index_offset + start) : GroupPos{0, 0};
     for (int64_t k = 0; k < full; k += W) {
-        merge_vec<NM, DT, false, CB, EXT>(t, mi, n, dv, start + k, k, W, out, out_dtype, gp);
+        merge_vec<NM, DT, false, CB, EXT, MASK>(t, mi, n, dv, start + k, k, W, out, out_dtype, gp);
         if (grouped) group_advance(t, gp, W);
     }
     if (full < cnt)
-        merge_vec<NM, DT, true, CB, EXT>(t, mi, n, dv, start + full, full, int(cnt - full), out, out_dtype,
-                                         gp);
+        merge_vec<NM, DT, true, CB, EXT, MASK>(t, mi, n, dv, start + full, full, int(cnt - full), out,
+                                               out_dtype, gp);
+}
+
+// One block of stage B. EXT: the round-2 steps of model_delta, the keep mask branch-free (a model
+// without one reads an all-ones row). dare_div without a mask (PEFT's DARE: sum and ties, few
+// models) skips the mask step through one branch per block, a second copy of the loop for those
+// instances only (build time); the other classes read the all-ones row.
+template <int NM, int DT, int CB, bool EXT>
+static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float* gct, int64_t start,
+                        int64_t cnt, Scratch& s, void* out, int out_dtype) {
+    constexpr bool div_copy = EXT && NM > 0 && (CB == kCbPlain || CB == kCbTiesExt);
+    if (div_copy && !a.keep_mask)
+        merge_block_run<NM, DT, CB, EXT, false>(a, plans, gct, start, cnt, s, out, out_dtype);
+    else
+        merge_block_run<NM, DT, CB, EXT, EXT>(a, plans, gct, start, cnt, s, out, out_dtype);
 }
 
 // ---------------------------------------------------------------- stage B
