@@ -27,29 +27,58 @@ namespace {
 constexpr int kShift[3] = {32, 43, 54};
 constexpr uint32_t kMask[3] = {0x7FF, 0x7FF, 0x1FF};
 
-// Sorts v[0..n) (key << 32 | index, keys < 2^31, indices ascending) by key, stably; tmp has n
-// slots; cnt[p] holds the counts of pass p's digits (counted while v was filled), zeroed here.
-void sort_line(uint64_t* v, uint64_t* tmp, int64_t n, uint32_t (*cnt)[2048]) {
-    uint64_t *src = v, *dst = tmp;
-    for (int pass = 0; pass < 3; ++pass) {
-        const int sh = kShift[pass];
-        const uint32_t mk = kMask[pass];
-        uint32_t* cp = cnt[pass];
-        if (cp[(src[0] >> sh) & mk] == uint32_t(n)) {  // one bucket: the pass is a no-op
-            std::memset(cp, 0, sizeof(uint32_t) * (mk + 1));
-            continue;
-        }
-        uint32_t sum = 0;
-        for (uint32_t b = 0; b <= mk; ++b) {
-            const uint32_t c = cp[b];
-            cp[b] = sum;
-            sum += c;
-        }
-        for (int64_t i = 0; i < n; ++i) dst[cp[(src[i] >> sh) & mk]++] = src[i];
+// One LSD pass on digit `pass` (counts in cp, zeroed here): src into dst, stably. False: every
+// key has the same digit (nothing moved, cp zeroed).
+bool radix_pass(const uint64_t* src, uint64_t* dst, int64_t n, int pass, uint32_t* cp) {
+    const int sh = kShift[pass];
+    const uint32_t mk = kMask[pass];
+    if (cp[(src[0] >> sh) & mk] == uint32_t(n)) {  // one bucket: the pass is a no-op
         std::memset(cp, 0, sizeof(uint32_t) * (mk + 1));
-        std::swap(src, dst);
+        return false;
     }
+    uint32_t sum = 0;
+    for (uint32_t b = 0; b <= mk; ++b) {
+        const uint32_t c = cp[b];
+        cp[b] = sum;
+        sum += c;
+    }
+    for (int64_t i = 0; i < n; ++i) dst[cp[(src[i] >> sh) & mk]++] = src[i];
+    std::memset(cp, 0, sizeof(uint32_t) * (mk + 1));
+    return true;
+}
+
+// Sorts v[0..n) (key << 32 | index, keys < 2^31, indices ascending) by key, stably: the order of
+// the packed values, which are distinct. tmp has n slots; cnt[1], cnt[2] hold the counts of the
+// high digits (counted while v was filled), cnt[0] is zero; nz is the number of keys whose low
+// digit is not 0 (nz). Zeroes cnt. Few such keys (bf16 / fp16 deltas: their low mantissa
+// bits are 0): the two high passes, then insertion on the packed value, which moves only those
+// few within their runs of equal high digits (past a budget of moves: std::sort of the packed
+// values, the same order). Otherwise the three passes.
+void sort_line(uint64_t* v, uint64_t* tmp, int64_t n, uint32_t (*cnt)[2048], int64_t nz) {
+    const bool low_pass = nz * 32 > n;
+    if (low_pass)
+        for (int64_t i = 0; i < n; ++i) ++cnt[0][v[i] >> 32 & 0x7FF];
+    uint64_t *src = v, *dst = tmp;
+    for (int pass = low_pass ? 0 : 1; pass < 3; ++pass)
+        if (radix_pass(src, dst, n, pass, cnt[pass])) std::swap(src, dst);
     if (src != v) std::memcpy(v, src, sizeof(uint64_t) * size_t(n));
+    if (low_pass || nz == 0) return;
+    int64_t moves = 0;
+    for (int64_t i = 1; i < n; ++i) {
+        const uint64_t x = v[i];
+        if (v[i - 1] <= x) continue;
+        int64_t j = i;
+        do {
+            v[j] = v[j - 1];
+            --j;
+        } while (j > 0 && v[j - 1] > x);
+        v[j] = x;
+        moves += i - j;
+        if (moves > 8 * n) {
+            std::sort(v, v + n);
+            return;
+        }
+    }
 }
 
 py::tuple della_stage_a(py::array_t<float, py::array::c_style> delta, int64_t slabs, int64_t c, int64_t inner,
@@ -98,32 +127,35 @@ py::tuple della_stage_a(py::array_t<float, py::array::c_style> delta, int64_t sl
                         }
                         std::sort(v.begin(), v.end());
                     } else {
+                        int64_t nz = 0;  // keys with a nonzero low digit (counted without a chain)
                         for (int64_t j = 0; j < c; ++j) {
                             uint32_t bits;
                             std::memcpy(&bits, ds + j * inner + q, sizeof(bits));
                             bits &= 0x7FFFFFFFu;
                             v[size_t(j)] = (uint64_t(bits) << 32) | uint64_t(j);
-                            ++cnt[0][bits & 0x7FF];
+                            nz += (bits & 0x7FF) != 0;
                             ++cnt[1][(bits >> 11) & 0x7FF];
                             ++cnt[2][bits >> 22];
                         }
-                        sort_line(v.data(), tmp.data(), c, cnt);
+                        sort_line(v.data(), tmp.data(), c, cnt, nz);
                     }
                     for (int64_t r = 0; r < c; ++r) {
                         const int64_t e = int64_t(uint32_t(v[size_t(r)])) * inner + q;
                         ks[e] = uint64_t(u[size_t(e)]) < th[r];
                     }
                 }
+                // Branch-free (the keep bits are random: a branch on them mispredicts half the time):
+                // a dropped or non-finite term adds +0.0, which leaves the non-negative sums as they are
+                // (they start at +0.0), as the NumPy oracle's np.where(keep, a, 0.0) does.
                 double at = 0.0, ak = 0.0;
                 int64_t nb = 0;
                 for (int64_t j = 0; j < slab; ++j) {
                     const double a = std::fabs(double(ds[j]));
-                    if (std::isfinite(a)) {
-                        at += a;
-                        if (ks[j]) ak += a;
-                    } else {
-                        ++nb;
-                    }
+                    const bool fin = std::isfinite(a);
+                    const double af = fin ? a : 0.0;
+                    at += af;
+                    ak += af * double(ks[j]);  // ks[j] is 0 or 1: af or +0.0
+                    nb += !fin;
                 }
                 tp[s] = at;
                 kp[s] = ak;
