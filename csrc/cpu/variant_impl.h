@@ -582,11 +582,11 @@ M3K_INLINE void merge_block_run(const TensorArgs& a, const ModelPlan* plans, con
 // One block of stage B. EXT: the round-2 steps of model_delta, the keep mask branch-free (a model
 // without one reads an all-ones row). dare_div without a mask (PEFT's DARE: sum and ties, few
 // models) skips the mask step through one branch per block, a second copy of the loop for those
-// instances only (build time); the other classes read the all-ones row.
+// instances only (build time; not in the generic variant); the other classes read the all-ones row.
 template <int NM, int DT, int CB, bool EXT>
 static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float* gct, int64_t start,
                         int64_t cnt, Scratch& s, void* out, int out_dtype) {
-    constexpr bool div_copy = EXT && NM > 0 && (CB == kCbPlain || CB == kCbTiesExt);
+    constexpr bool div_copy = M3K_HAVE_AVX2 && EXT && NM > 0 && (CB == kCbPlain || CB == kCbTiesExt);
     if (div_copy && !a.keep_mask)
         merge_block_run<NM, DT, CB, EXT, false>(a, plans, gct, start, cnt, s, out, out_dtype);
     else
