@@ -549,11 +549,29 @@ class MergeConfig:
         """``tensor_kwargs`` at the gradient position ``t`` (a slice's own: slices.py);
         ``model_names``: the input tensor name of each model, which its per-model filters match
         (mergekit: a source's own layer index), else ``tensor_name``."""
+        if self._all_scalar():  # the same for every tensor: resolved once (20,000-tensor plans)
+            cached = self.__dict__.get("_scalar_kwargs")
+            if cached is None:
+                cached = self.__dict__["_scalar_kwargs"] = self._kwargs_at(tensor_name, t)
+            return {k: list(v) if isinstance(v, list) else v for k, v in cached.items()}
         self._model_names = model_names
         try:
             return self._kwargs_at(tensor_name, t)
         finally:
             self._model_names = None
+
+    def _all_scalar(self) -> bool:
+        """Whether every parameter is a plain value (no gradient, no filters): then
+        :meth:`kwargs_at` does not depend on the tensor's name or position."""
+        got = self.__dict__.get("_scalar_only")
+        if got is None:
+            settings = [*self.parameters.values()]
+            for params in self.model_parameters:
+                settings.extend(params.values())
+            got = self.__dict__["_scalar_only"] = all(
+                isinstance(v, Setting) and v.is_scalar for v in settings
+            )
+        return got
 
     def _kwargs_at(self, tensor_name: str, t: float) -> dict:
         method = get_method(self.method)

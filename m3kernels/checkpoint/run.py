@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from m3kernels import gc_policy
 from m3kernels.backends import get_backend
 from m3kernels.checkpoint import DEFAULT_SHARD_SIZE  # re-exported
 from m3kernels.checkpoint.distributed import (
@@ -262,7 +263,8 @@ def run_merge(
     t0 = time.perf_counter()
     for note in plan.notes:
         log.warning(note)
-    record, fp = record_and_fingerprint(plan, out_shard_size, record_extra, fingerprint_extra)
+    with gc_policy.paused():
+        record, fp = record_and_fingerprint(plan, out_shard_size, record_extra, fingerprint_extra)
     partial = partial_runs(out_dir)
     tmp, journal, done = None, None, set()
     if resume:
@@ -368,10 +370,12 @@ def merge_checkpoints(
         raise M3KError(f"out_shard_size must be a positive number of bytes, got {out_shard_size!r}")
     cfg, cfg_dir = config_and_folder(config, seed)
     out_dir = Path(out_dir).expanduser().absolute()
-    base, models, opened = open_inputs(cfg, cfg_dir, allow_bin, follow_symlinks)
+    with gc_policy.paused():
+        base, models, opened = open_inputs(cfg, cfg_dir, allow_bin, follow_symlinks)
     try:
         check_out_dir(out_dir, force, opened)  # before anything is created or deleted
-        plan = build_plan(cfg, base, models, out_shard_size)
+        with gc_policy.paused():
+            plan = build_plan(cfg, base, models, out_shard_size)
         _ = plan.config_source.side_files  # the tokenizer files to copy: checked now, copied at the end
         if distributed is None:
             distributed = launched_distributed()

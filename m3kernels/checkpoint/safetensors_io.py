@@ -156,11 +156,13 @@ class _JSONLimit(ValueError):
 
 
 def _unique_pairs(pairs):
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise _JSONLimit(f"key {short(k)} appears twice in one object")
-        obj[k] = v
+    obj = dict(pairs)  # in C; only when a key repeats is the slow loop needed to name it
+    if len(obj) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _JSONLimit(f"key {short(k)} appears twice in one object")
+            seen.add(k)
     return obj
 
 
@@ -449,10 +451,6 @@ def _bad(path, msg, tensor=None) -> CheckpointError:
     return CheckpointError(f"{path}: corrupt safetensors file{where}: {msg}", path=str(path), tensor=tensor)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _parse_entry(path, name, entry, data_len) -> TensorInfo:
     if not isinstance(entry, dict):
         raise _bad(path, f"header entry is {short(entry)}, not an object", name)
@@ -461,7 +459,8 @@ def _parse_entry(path, name, entry, data_len) -> TensorInfo:
         raise _bad(path, f"dtype is {short(dtype)}, not a dtype name such as 'BF16'", name)
     if dtype not in ST_DTYPES:
         raise _bad(path, f"unknown dtype {short(dtype)} (m3kernels reads {', '.join(ST_DTYPES)})", name)
-    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= INT_MAX for d in shape):
+    # (type(d) is int: JSON gives int or bool, and bool is not an int shape here)
+    if type(shape) is not list or not all(type(d) is int and 0 <= d <= INT_MAX for d in shape):
         raise _bad(
             path,
             f"shape {short(shape) if not isinstance(shape, list) or len(shape) > 8 else shape!r} "
@@ -470,7 +469,7 @@ def _parse_entry(path, name, entry, data_len) -> TensorInfo:
         )
     if len(shape) > MAX_DIMS:
         raise _bad(path, f"shape has {len(shape)} dimensions (at most {MAX_DIMS})", name)
-    if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+    if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int:
         raise _bad(
             path,
             f"data_offsets {short(offs) if not isinstance(offs, list) or len(offs) > 2 else offs!r} "

@@ -138,6 +138,7 @@ class Checkpoint:
         self.allow_bin = allow_bin
         self.follow_symlinks = follow_symlinks
         self._st: dict[str, SafetensorsFile] = {}  # file name -> mapped file
+        self._metas: dict[str, TensorMeta] = {}  # safetensors tensor name -> its TensorMeta
         self._bin: dict[str, torch.Tensor] = {}  # tensor name -> loaded tensor (.bin only)
         self._bin_files: dict[str, InputFile] = {}  # file name -> the open .bin file (its lease, stamps)
         self.weight_map: dict[str, str] = {}  # tensor name -> file name, in read order
@@ -362,8 +363,11 @@ class Checkpoint:
         if name in self._bin:
             t = self._bin[name]
             return TensorMeta(name, t.dtype, tuple(t.shape), fname)
-        info = self._st[fname].tensors[name]
-        return TensorMeta(name, info.dtype, info.shape, fname)
+        got = self._metas.get(name)
+        if got is None:  # made once: a plan asks several times per tensor (20,000-tensor checkpoints)
+            info = self._st[fname].tensors[name]
+            got = self._metas[name] = TensorMeta(name, info.dtype, info.shape, fname)
+        return got
 
     def tensor(self, name: str) -> torch.Tensor:
         """The tensor, a zero-copy view of the mapped file (CPU); checks first that its file is unchanged."""
