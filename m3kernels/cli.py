@@ -550,6 +550,11 @@ def entry() -> None:
     # kernels' OpenMP threads need; nothing here uses NumPy's BLAS (torch's is MKL), so one thread
     # unless the user chose otherwise (set before NumPy is first imported)
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    # OpenMP threads that wait at a barrier sleep instead of spinning: beside the writer and
+    # read-ahead threads a spinning waiter takes the core the late thread needs (l13x2 TIES on
+    # 2 cores: 3.5 -> 3.1 CPU-s, 3.06 -> 2.98 s; bench/RESULTS.md issue 7). Set before torch
+    # loads libgomp; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     with gc_policy.process_run():
         status = main()
     sys.exit(status)
