@@ -84,3 +84,65 @@ def test_the_command_line_entry_point_runs_main_and_keeps_its_exit_status(tmp_pa
         text=True,
     )
     assert r.returncode == 0 and "merge" in r.stdout
+
+
+def test_paused_turns_the_collector_off_and_back_as_it_was():
+    with gc_policy.paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+    gc.disable()
+    with gc_policy.paused():
+        assert not gc.isenabled()
+    assert not gc.isenabled()  # a caller's choice kept
+
+
+def test_paused_restores_the_collector_after_an_error():
+    with pytest.raises(RuntimeError):
+        with gc_policy.paused():
+            raise RuntimeError("boom")
+    assert gc.isenabled()
+
+
+def test_scalar_config_kwargs_resolved_once_are_handed_out_as_copies():
+    from m3kernels.checkpoint.config import parse_config
+
+    cfg = parse_config(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": [
+                {"model": "m1", "parameters": {"weight": 0.7, "density": 0.4}},
+                {"model": "m2", "parameters": {"weight": 0.3, "density": 0.6}},
+            ],
+            "parameters": {"normalize": True},
+        }
+    )
+    a = cfg.kwargs_at("model.layers.0.mlp.up_proj.weight", 0.0)
+    a["weights"][0] = 99.0  # a caller's change must not reach the next tensor
+    b = cfg.kwargs_at("lm_head.weight", 1.0)
+    assert b["weights"] == [0.7, 0.3] and b["density"] == [0.4, 0.6] and b["normalize"] is True
+
+
+def test_gradient_config_kwargs_still_follow_the_tensor():
+    from m3kernels.checkpoint.config import parse_config
+
+    cfg = parse_config(
+        {
+            "merge_method": "ties",
+            "base_model": "b",
+            "models": [
+                {"model": "m1", "parameters": {"weight": [0.0, 1.0], "density": 0.5}},
+                {
+                    "model": "m2",
+                    "parameters": {
+                        "weight": 1.0,
+                        "density": [{"filter": "mlp", "value": 0.2}, {"value": 0.9}],
+                    },
+                },
+            ],
+        }
+    )
+    lo = cfg.kwargs_at("model.layers.0.self_attn.q_proj.weight", 0.0)
+    hi = cfg.kwargs_at("model.layers.9.mlp.up_proj.weight", 1.0)
+    assert lo["weights"] == [0.0, 1.0] and hi["weights"] == [1.0, 1.0]
+    assert lo["density"][1] == 0.9 and hi["density"][1] == 0.2
