@@ -38,22 +38,6 @@ def process_run():
 
 
 @contextlib.contextmanager
-def imports():
-    """Imports with the collector off, their objects frozen after (only in a process run)."""
-    if not _state["process"]:
-        yield
-        return
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if was:
-            gc.enable()
-
-
-@contextlib.contextmanager
 def paused():
     """No collections while the body runs (then the collector as it was): for the phases that
     allocate many long-lived objects and no cyclic garbage, opening the inputs' headers and
@@ -68,6 +52,20 @@ def paused():
         yield
     finally:
         gc.enable()
+
+
+@contextlib.contextmanager
+def imports():
+    """Imports with the collector off (:func:`paused`), their objects frozen after (only in a
+    process run)."""
+    if not _state["process"]:
+        yield
+        return
+    try:
+        with paused():
+            yield
+    finally:
+        gc.freeze()
 
 
 @contextlib.contextmanager

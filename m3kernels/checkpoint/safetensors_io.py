@@ -26,10 +26,7 @@ resident while it is merged).
 :class:`SafetensorsFile` maps the file read-only and hands out ``torch`` tensors that are views
 of the mapping (no copy; bf16 through a uint8 view), plus page hints: :meth:`prefetch`
 (``MADV_WILLNEED``: start reading ahead) and :meth:`release` (``MADV_DONTNEED``: drop the pages
-from this process once a tensor is merged, so resident memory stays bounded). The mapping asks
-for transparent huge pages (``MADV_HUGEPAGE``): pages read from disk through it come into the page
-cache as 2 MB folios where the file system allows (ext4 on Linux >= 6.16), so later mappings of the
-file need 512 times fewer page-table entries and faults (bench/RESULTS.md, issue 7).
+from this process once a tensor is merged, so resident memory stays bounded).
 """
 
 from __future__ import annotations
@@ -90,18 +87,6 @@ INT_MAX = 2**63 - 1  # every shape, offset and size must fit an int64
 NO_LEASE_ENV = "M3KERNELS_NO_LEASE"  # set to 1: no read leases, size/mtime checks only
 PAGE = mmap.PAGESIZE
 RELEASE_BATCH = 4 << 20  # consecutive released tensors are dropped together once they span this
-
-
-def _ask_huge_pages(mm: mmap.mmap) -> None:
-    """MADV_HUGEPAGE on a read-only file mapping: a hint (no effect where THP is off or the file
-    system has no large folios); never an error."""
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if advice is None or len(mm) < (2 << 20):
-        return
-    try:
-        mm.madvise(advice)
-    except (OSError, ValueError):
-        pass
 
 
 @dataclass(frozen=True)
@@ -647,7 +632,6 @@ class SafetensorsFile:
                     raise CheckpointError(
                         f"{self.path}: cannot map the file: {exc}", path=str(self.path)
                     ) from None
-                _ask_huge_pages(self._map)
             return self._map
 
     def _whole(self) -> torch.Tensor:
