@@ -19,7 +19,7 @@ import torch
 from m3kernels.api import merge_job, merge_tensors, prepare, thresholds_to_bits
 from m3kernels.backends import get_backend
 from m3kernels.checkpoint.plan import COPY, MERGE, VOCAB, MergePlan, PlannedTensor
-from m3kernels.checkpoint.writer import DIRECT_ALIGN, TensorPart, output_offset
+from m3kernels.checkpoint.writer import DIRECT_ALIGN, QUEUE_BYTES, TensorPart, output_offset
 from m3kernels.gc_policy import frozen_heap
 from m3kernels.merge import methods
 from m3kernels.merge.job import MergeJob
@@ -308,7 +308,8 @@ def produce_cpu(plan: MergePlan, todo: list, backend: str, thresholds) -> Iterat
     small tensors then costs a few microseconds of Python per tensor, not a kernel call each."""
     pre = Prefetcher(todo)
     pool = BufferPool()
-    parts = BufferPool(keep=4)  # one part merged, one queued, one written, one spare
+    # parts: one being merged, one being written, QUEUE_BYTES of them queued, one spare
+    parts = BufferPool(keep=QUEUE_BYTES // PART_BYTES + 3)
     be = get_backend(backend, torch.device("cpu"))
     batching = hasattr(be, "merge_batch")
     try:

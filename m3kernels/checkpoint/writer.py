@@ -613,7 +613,10 @@ def publish(tmp: Path, out_dir: Path, force: bool) -> None:
 
 
 # ------------------------------------------------------------------------------ shard writer
-SMALL_BATCH_BYTES = 16 << 20  # beyond queue_size tensors, more may queue while they total this little
+QUEUE_BYTES = 256 << 20  # beyond queue_size tensors, more may queue while they total this much:
+# merged bytes wait here while the producer runs ahead, so the writer goes on writing while the
+# producer spends time on a stage A that makes no output (l13x2 TIES on 2 cores: 2.98 -> 2.75 s
+# against 32 MiB, bench/RESULTS.md issue 7)
 WAKE_BYTES = 1 << 20  # an idle writer thread is woken for this many queued bytes ...
 WAKE_ITEMS = 256  # ... or tensors (or a last one)
 
@@ -622,15 +625,16 @@ class _Handover:
     """Tensors from the producer to the writer thread, in order.
 
     Holds up to ``count`` tensors of any size or, beyond that, more while they total at most
-    SMALL_BATCH_BYTES. The writer takes everything queued at once and an idle writer is woken
+    ``max_bytes`` (QUEUE_BYTES). The writer takes everything queued at once and an idle writer is woken
     only when there is a batch worth writing, so a checkpoint of many small tensors crosses in a
     few thread switches, not two per tensor; large tensors go one by one, as through a queue of
     ``count``. (Producer and writer never wait at the same time: one waits for room, the other
     for items.)
     """
 
-    def __init__(self, count: int):
+    def __init__(self, count: int, max_bytes: int = QUEUE_BYTES):
         self.count = max(1, int(count))
+        self.max_bytes = int(max_bytes)
         self.items: collections.deque = collections.deque()
         self.bytes = 0
         self.cond = threading.Condition(threading.Lock())
@@ -638,7 +642,7 @@ class _Handover:
 
     def put(self, item, nbytes: int = 0) -> None:
         with self.cond:
-            while self.items and len(self.items) >= self.count and self.bytes + nbytes > SMALL_BATCH_BYTES:
+            while self.items and len(self.items) >= self.count and self.bytes + nbytes > self.max_bytes:
                 self.cond.notify()  # full: the writer may be idle below the wake-up sizes
                 self.cond.wait()
             self.items.append(item)
