@@ -274,6 +274,7 @@ def main(argv=None) -> int:
         "comparisons": {},
     }
     print("before:", results["uptime_before"], file=sys.stderr)
+    bm.precompile_package()
     for m in methods:
         cfg = configs[(m, "user")]
         outs = {t: work / f"{m}.{t}" for t in TOOLS}

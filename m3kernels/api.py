@@ -18,7 +18,15 @@ from m3kernels.backends import get_backend
 from m3kernels.merge import trim_ties
 from m3kernels.merge.finite import finite_l1_sums, report_non_finite
 from m3kernels.merge.job import MergeJob
-from m3kernels.merge.kernel_params import DTYPE_CODES, TRIM_KEEP_ALL, TRIM_KEEP_NONE, f32, make_params, trim_k
+from m3kernels.merge.kernel_params import (
+    DTYPE_CODES,
+    TRIM_KEEP_ALL,
+    TRIM_KEEP_NONE,
+    dare_as_keep_mask,
+    f32,
+    make_params,
+    trim_k,
+)
 from m3kernels.merge.recipe import Recipe, make_recipe
 from m3kernels.merge.select import (
     bits_to_float,
@@ -125,14 +133,21 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
         require(backend, recipe.method, *ties_features(recipe))
     p = make_params(recipe, name, base is not None)
     b = base if p.has_base else None
+    keep_bits = None  # DARE's keep bits from the L1 pass, for stage B (CPU backend)
     if recipe.rescale == "l1" and recipe.dare_density is not None:  # DARE's L1 rescale
-        total, kept = backend.l1_sums(p, b, models)
+        with_keep = getattr(backend, "l1_sums_keep", None)
+        if with_keep is not None and p.keep_mask is None and not p.dare_div and not trim_ties.exact(recipe):
+            total, kept, keep_bits = with_keep(p, b, models)
+        else:
+            total, kept = backend.l1_sums(p, b, models)
         if not (
             np.all(np.isfinite(total)) and np.all(np.isfinite(kept))
         ):  # a NaN/inf delta: finite ones only
             total, kept, bad = finite_l1_sums(recipe, name, b, models)
             report_non_finite(name, bad)
         p = p.with_dare_scale([f32(t / k) if k > 0 else 1.0 for t, k in zip(total, kept)])
+        if keep_bits is not None:  # stage B (and the trim's counts) read the bits, no Philox again
+            p = dare_as_keep_mask(p, keep_bits)
     if recipe.trim_density is not None:
         ks = None
         if trim_bits is not None:

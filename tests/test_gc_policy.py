@@ -146,3 +146,24 @@ def test_gradient_config_kwargs_still_follow_the_tensor():
     hi = cfg.kwargs_at("model.layers.9.mlp.up_proj.weight", 1.0)
     assert lo["weights"] == [0.0, 1.0] and hi["weights"] == [1.0, 1.0]
     assert lo["density"][1] == 0.9 and hi["density"][1] == 0.2
+
+
+def _entry(code: str, *args: str) -> subprocess.CompletedProcess:
+    prog = f"import sys; {code}; sys.argv = ['m3kernels', *{list(args)!r}]; from m3kernels.cli import entry; entry()"
+    return subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=300)
+
+
+def test_the_entry_point_ends_with_atexit_handlers_run_and_output_flushed():
+    r = _entry("import atexit; atexit.register(lambda: print('atexit ran'))", "backends")
+    assert r.returncode == 0, r.stderr
+    assert "cpu" in r.stdout and r.stdout.rstrip().endswith("atexit ran")
+
+
+def test_the_entry_point_waits_for_a_live_thread_as_a_normal_exit_does():
+    code = (
+        "import threading, time; "
+        "threading.Thread(target=lambda: (time.sleep(0.5), print('thread done', flush=True))).start()"
+    )
+    r = _entry(code, "backends")
+    assert r.returncode == 0, r.stderr
+    assert "thread done" in r.stdout

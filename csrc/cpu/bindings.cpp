@@ -531,17 +531,23 @@ py::array_t<uint64_t> merge_batch(py::handle p, const std::vector<uintptr_t>& ba
 }
 
 py::tuple l1_sums(py::handle p, uintptr_t base_ptr, int base_dtype, const std::vector<uintptr_t>& model_ptrs,
-                  const std::vector<int>& model_dtypes, int64_t numel, int64_t index_offset) {
+                  const std::vector<int>& model_dtypes, int64_t numel, int64_t index_offset, bool keep_mask) {
     Call call(p, base_ptr, base_dtype, model_ptrs, model_dtypes, numel, index_offset);
     const int n = call.args.n;
     py::array_t<double> total(n), kept(n);
     double* tp = total.mutable_data();
     double* kp = kept.mutable_data();
+    const int64_t stride = numel > 0 ? (numel + 7) / 8 : 0;
+    py::array_t<uint8_t> mask(keep_mask ? std::vector<py::ssize_t>{n, stride}
+                                        : std::vector<py::ssize_t>{0, 0});
+    uint8_t* mp = keep_mask ? mask.mutable_data() : nullptr;
+    if (mp) std::memset(mp, 0, size_t(n) * size_t(stride));
     const m3k::KernelTable& t = m3k::active_table();
     {
         py::gil_scoped_release nogil;
-        t.l1_sums(call.args, tp, kp);
+        t.l1_sums(call.args, tp, kp, mp);
     }
+    if (keep_mask) return py::make_tuple(total, kept, mask);
     return py::make_tuple(total, kept);
 }
 
@@ -706,7 +712,9 @@ PYBIND11_MODULE(_C, m) {
           "Stage A (exact select) and B for many small tensors in one call; returns the thresholds used.");
     m.def("l1_sums", &l1_sums, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"),
           py::arg("model_ptrs"), py::arg("model_dtypes"), py::arg("numel"), py::arg("index_offset") = 0,
-          "Stage A: (total, kept) float64[n] sums of |delta| for rescale: l1.");
+          py::arg("keep_mask") = false,
+          "Stage A: (total, kept) float64[n] sums of |delta| for rescale: l1; with keep_mask, also "
+          "uint8[n, (numel + 7) // 8] the DARE keep bits (LSB first, bit g = element g of the call).");
     m.def("gram", &gram, py::arg("p"), py::arg("base_ptr"), py::arg("base_dtype"), py::arg("model_ptrs"),
           py::arg("model_dtypes"), py::arg("numel"),
           "Stage A: float64[groups, n, n] Gram matrices of f32(x_i) - b per tensor, row or column "

@@ -75,7 +75,7 @@ struct KernelTable {
     // prefix == nullptr: high-16 pass; else low-16 of elements whose high 16 equal prefix[i].
     void (*histogram)(const TensorArgs& a, const uint32_t* prefix, int64_t* hist);
     // stage A: float64 sums of |d| and of |d| over DARE-kept elements (fixed chunk order).
-    void (*l1_sums)(const TensorArgs& a, double* total, double* kept);
+    void (*l1_sums)(const TensorArgs& a, double* total, double* kept, uint8_t* keep_mask);
     // Philox words u32 for flat indices [first, first + count) (tests and tools).
     void (*philox_u32)(uint32_t key0, uint32_t key1, int64_t first, int64_t count, uint32_t* out);
     // stage A, small tensors: keys is uint32[n][numel], filled with bits(|d'|) (the values the

@@ -200,6 +200,45 @@ static void block_philox(const TensorArgs& a, const ModelPlan* plans, int64_t st
     }
 }
 
+// ---------------------------------------------------------------- the block grid
+
+// The blocks of a pass over elements [lo, hi). Passes whose result does not depend on where
+// blocks begin (stage B's elementwise merge, stage A's integer counts; not the float64 L1 sums,
+// the Gram sums or the exact-k tie blocks) start them where the first input (the base, else model
+// 0) is on a cache line: block 0 is [lo, lo + head), then kBlock elements each. Safetensors data
+// is only 8-byte aligned; an input 16 bytes past a line splits every other 32-byte bf16 load,
+// about 10% of such a pass on the machine of bench/RESULTS.md (issue 7). Inputs of one checkpoint
+// family share their phase, so one choice aligns them all.
+constexpr int64_t kLine = 64;
+
+struct BlockGrid {
+    int64_t lo, hi, head, nblocks;
+    inline __attribute__((always_inline)) void at(int64_t bi, int64_t& start, int64_t& cnt) const {
+        if (head > 0 && bi == 0) {
+            start = lo;
+            cnt = head;
+            return;
+        }
+        start = lo + head + (head > 0 ? bi - 1 : bi) * kBlock;
+        cnt = hi - start < kBlock ? hi - start : kBlock;
+    }
+};
+
+// kBlock blocks from lo (the fixed grid).
+static inline BlockGrid fixed_grid(int64_t lo, int64_t hi) {
+    return BlockGrid{lo, hi, 0, (hi - lo + kBlock - 1) / kBlock};
+}
+
+static inline BlockGrid line_grid(const TensorArgs& a, int64_t lo, int64_t hi) {
+    const void* ref = a.has_base ? a.base : (a.n > 0 ? a.models[0] : nullptr);
+    if (ref == nullptr || hi - lo <= 4 * kBlock) return fixed_grid(lo, hi);
+    const int64_t size = (a.has_base ? a.base_dtype : a.model_dtypes[0]) == kF32 ? 4 : 2;
+    const int64_t mis = int64_t((reinterpret_cast<uintptr_t>(ref) + uintptr_t(lo * size)) % uintptr_t(kLine));
+    if (mis == 0 || mis % size != 0) return fixed_grid(lo, hi);
+    const int64_t head = (kLine - mis) / size;
+    return BlockGrid{lo, hi, head, 1 + (hi - lo - head + kBlock - 1) / kBlock};
+}
+
 // ---------------------------------------------------------------- the per-element pipeline
 
 // The model loops of stage B: fully unrolled when the model count is a compile-time constant
@@ -688,8 +727,11 @@ static bool merge(const TensorArgs& a, void* out, int out_dtype) {
         free(gct);
         return false;
     }
-    const int64_t nblocks = (a.numel + kBlock - 1) / kBlock;
     const MergeBlockFn block = pick_merge_block(a, out_dtype);
+    // the exact-k tie rule counts in fixed blocks; row coefficients run fastest in blocks inside a row
+    const BlockGrid grid = a.tie_keep || a.tie_skip || a.coef_group != kGroupNone ? fixed_grid(0, a.numel)
+                                                                                  : line_grid(a, 0, a.numel);
+    const int64_t nblocks = grid.nblocks;
 #pragma omp parallel if (nblocks > 4)
     {
         Scratch s = {};
@@ -697,8 +739,8 @@ static bool merge(const TensorArgs& a, void* out, int out_dtype) {
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < nblocks; ++bi) {
             if (!ok) continue;
-            const int64_t start = bi * kBlock;
-            const int64_t cnt = a.numel - start < kBlock ? a.numel - start : kBlock;
+            int64_t start, cnt;
+            grid.at(bi, start, cnt);
             block(a, plans, gct, start, cnt, s, out, out_dtype);
         }
         free(s.mem);
@@ -855,7 +897,8 @@ template <bool PASS2>
 static void histogram_range(const TensorArgs& a, const ModelPlan* plans, const uint32_t* prefix, int64_t lo,
                             int64_t hi, int64_t* hist) {
     const int n = a.n;
-    const int64_t nblocks = (hi - lo + kBlock - 1) / kBlock;
+    const BlockGrid grid = line_grid(a, lo, hi);  // integer counts: any grid
+    const int64_t nblocks = grid.nblocks;
     const size_t per_model = size_t(kHistCopies) * kBins;
     const TensorIn t = tensor_in(a);
 #pragma omp parallel if (nblocks > 4)
@@ -867,8 +910,8 @@ static void histogram_range(const TensorArgs& a, const ModelPlan* plans, const u
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < nblocks; ++bi) {
             if (!ok) continue;
-            const int64_t start = lo + bi * kBlock;
-            const int64_t cnt = hi - start < kBlock ? hi - start : kBlock;
+            int64_t start, cnt;
+            grid.at(bi, start, cnt);
             block_philox(a, plans, start, cnt, s);
             for (int i = 0; i < n; ++i) {
                 uint32_t* hm = h + size_t(i) * per_model;
@@ -1050,7 +1093,8 @@ static void bracket_range(const TensorArgs& a, const ModelPlan* plans, const Bra
                           const size_t* roff, size_t range_total, int64_t lo, int64_t hi, int64_t* above,
                           int64_t* range, int64_t* fine, bool& failed) {
     const int n = a.n;
-    const int64_t nblocks = (hi - lo + kBlock - 1) / kBlock;
+    const BlockGrid grid = line_grid(a, lo, hi);  // integer counts: any grid
+    const int64_t nblocks = grid.nblocks;
     const size_t rows = size_t(kMaxFine + 1) * kBins;
     const size_t fine_total = size_t(n) * rows;
     const size_t copies_total = range_total * kHistCopies;
@@ -1065,8 +1109,8 @@ static void bracket_range(const TensorArgs& a, const ModelPlan* plans, const Bra
 #pragma omp for schedule(static)
         for (int64_t bi = 0; bi < nblocks; ++bi) {
             if (!ok) continue;
-            const int64_t start = lo + bi * kBlock;
-            const int64_t cnt = hi - start < kBlock ? hi - start : kBlock;
+            int64_t start, cnt;
+            grid.at(bi, start, cnt);
             block_philox(a, plans, start, cnt, s);
             for (int i = 0; i < n; ++i) {
                 if (br[i].span == 0) continue;
@@ -1163,29 +1207,50 @@ static inline void l1_accumulate(const float* __restrict ad, const float* __rest
     }
 }
 
-// |d| and |d| * keep of one model for elements [g, g + W) into s.ad / s.kd (k: block position).
+// OR the low cnt bits of bits into row at bit position g (LSB first; row zeroed before). Bytes
+// are shared only by consecutive vectors of one block (W = 4) or not at all (W >= 8).
+M3K_INLINE void put_bits(uint8_t* __restrict row, int64_t g, uint32_t bits, int cnt) {
+    const int sh = int(g & 7);
+    const uint64_t w = uint64_t(bits) << sh;
+    const int64_t b0 = g >> 3;
+    const int nb = (sh + cnt + 7) >> 3;
+    for (int q = 0; q < nb; ++q) row[b0 + q] |= uint8_t(w >> (8 * q));
+}
+
+// |d| and |d| * keep of one model for elements [g, g + W) into s.ad / s.kd (k: block position);
+// with a mask row, the keep bits of those elements into it (bit g).
 template <bool PARTIAL>
-M3K_INLINE void l1_vec(const TensorIn& t, const ModelIn& m, int64_t g, int64_t k, int rem, Scratch& s) {
+M3K_INLINE void l1_vec(const TensorIn& t, const ModelIn& m, int64_t g, int64_t k, int rem, Scratch& s,
+                       uint8_t* __restrict mrow) {
     const vf b = base_vec<PARTIAL>(t, g, rem);
     const vf x = PARTIAL ? load_vec_partial(m.src, m.dtype, g, rem) : load_vec(m.src, m.dtype, g);
     const vf ad = vabs(x - b);
     vf kd = ad;
+    uint32_t bits = 0xffffffffu;
     if (m.dare == 1) {
-        kd = vsel(dare_words<PARTIAL>(m, k, rem) <= m.dare_le, ad, vf{});
+        const vi keep = dare_words<PARTIAL>(m, k, rem) <= m.dare_le;
+        kd = vsel(keep, ad, vf{});
+        bits = lane_bits(keep);
     } else if (m.dare == 2) {
         kd = vf{};
+        bits = 0;
     }
     __builtin_memcpy(s.ad + k, &ad, sizeof(ad));
     __builtin_memcpy(s.kd + k, &kd, sizeof(kd));
+    if (mrow) {
+        const int cnt = PARTIAL ? rem : W;
+        put_bits(mrow, g, bits & uint32_t((uint64_t(1) << cnt) - 1u), cnt);
+    }
 }
 
 // float64 sums of |d| and |d| * keep over one chunk [start, end): blocks in order, lanes added
 // in a fixed order at the end, so the result depends on the data only.
 static void l1_chunk(const TensorArgs& a, const ModelPlan* plans, int64_t start, int64_t end, Scratch& s,
-                     double* tot_out, double* kept_out) {
+                     double* tot_out, double* kept_out, uint8_t* mask, int64_t mask_stride) {
     const TensorIn t = tensor_in(a);
     for (int i = 0; i < a.n; ++i) {
         const ModelPlan& p = plans[i];
+        uint8_t* mrow = mask ? mask + size_t(i) * size_t(mask_stride) : nullptr;
         double tot[kL1Lanes], kept[kL1Lanes];
         for (int l = 0; l < kL1Lanes; ++l) tot[l] = kept[l] = 0.0;
         for (int64_t blk = start; blk < end; blk += kBlock) {
@@ -1194,8 +1259,8 @@ static void l1_chunk(const TensorArgs& a, const ModelPlan* plans, int64_t start,
             if (p.dare == 1) u = philox_block(p.key, uint64_t(a.index_offset + blk), cnt, s.u);
             const ModelIn m = model_in(a, p, i, u, false);
             int64_t k = 0;
-            for (; k + W <= cnt; k += W) l1_vec<false>(t, m, blk + k, k, W, s);
-            if (k < cnt) l1_vec<true>(t, m, blk + k, k, int(cnt - k), s);
+            for (; k + W <= cnt; k += W) l1_vec<false>(t, m, blk + k, k, W, s, mrow);
+            if (k < cnt) l1_vec<true>(t, m, blk + k, k, int(cnt - k), s, mrow);
             l1_accumulate(s.ad, s.kd, cnt, tot, kept);
         }
         double t = 0.0, q = 0.0;
@@ -1208,10 +1273,14 @@ static void l1_chunk(const TensorArgs& a, const ModelPlan* plans, int64_t start,
     }
 }
 
-static void l1_sums(const TensorArgs& a, double* total, double* kept) {
+// keep_mask (nullable, zeroed, [n][(numel + 7) / 8] bytes): model i's DARE keep bits, bit g of
+// its row for element g of this call (all ones without DARE, all zeros at density 0). A later
+// stage B may read them as its keep mask instead of drawing the Philox words again.
+static void l1_sums(const TensorArgs& a, double* total, double* kept, uint8_t* keep_mask) {
     const int n = a.n;
     for (int i = 0; i < n; ++i) total[i] = kept[i] = 0.0;
     if (a.numel <= 0) return;
+    const int64_t mask_stride = (a.numel + 7) / 8;
     const int64_t nchunks = (a.numel + kL1Chunk - 1) / kL1Chunk;
     ModelPlan* plans = make_plans(a);
     double* part = static_cast<double*>(malloc(sizeof(double) * size_t(2 * n) * size_t(nchunks)));
@@ -1230,7 +1299,7 @@ static void l1_sums(const TensorArgs& a, double* total, double* kept) {
             const int64_t start = c * kL1Chunk;
             const int64_t end = a.numel - start < kL1Chunk ? a.numel : start + kL1Chunk;
             double* pc = part + size_t(2 * n) * size_t(c);
-            l1_chunk(a, plans, start, end, s, pc, pc + n);
+            l1_chunk(a, plans, start, end, s, pc, pc + n, keep_mask, mask_stride);
         }
         free(s.mem);
     }

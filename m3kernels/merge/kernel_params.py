@@ -187,6 +187,24 @@ def make_params(recipe: Recipe, name: str, has_base: bool) -> KernelParams:
     )
 
 
+def dare_as_keep_mask(p: KernelParams, mask: np.ndarray) -> KernelParams:
+    """The same stage B with DARE's keep decisions read from ``mask`` (uint8[n, stride], the keep
+    bits a stage A drew, e.g. the CPU backend's ``l1_sums_keep``) instead of drawn again: DARE
+    off, each model's mask row its keep bits, ``mask_scale`` its ``dare_scale`` (1 for a model
+    without DARE, whose row keeps everything). docs/KERNEL.md: a kept d_i becomes d_i · scale and
+    a dropped one 0 either way, so the bytes are the same; stage B no longer runs Philox."""
+    if p.dare_div or p.keep_mask is not None:
+        raise ValueError("dare_as_keep_mask: the params already have dare_div or a keep mask")
+    on = np.asarray(p.dare, dtype=bool)
+    mask = np.ascontiguousarray(mask, dtype=np.uint8)
+    return p.with_fields(
+        dare=np.zeros(p.n, np.uint8),
+        keep_mask=mask.reshape(-1),
+        mask_stride=int(mask.shape[1]),
+        mask_scale=np.where(on, p.dare_scale, np.float32(1.0)),
+    )
+
+
 def pack_mask(keep) -> np.ndarray:
     """uint8 bytes of a boolean keep mask over flat indices (``KernelParams.keep_mask``: bit J at
     byte J >> 3, least significant bit first, ``np.packbits(bitorder="little")``). ``keep`` of

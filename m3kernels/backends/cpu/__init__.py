@@ -105,6 +105,15 @@ def l1_sums(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(total, dtype=np.float64), np.asarray(kept, dtype=np.float64)
 
 
+def l1_sums_keep(p: KernelParams, base, models) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`l1_sums` and, from the same pass, uint8[n, (numel + 7) // 8] the DARE keep bits of
+    every element (LSB first; all ones for a model without DARE): stage B can read them as its
+    keep mask instead of drawing the Philox words again (``kernel_params.dare_as_keep_mask``)."""
+    base_ptr, base_code, ptrs, codes, numel = _inputs(p, base, models)
+    total, kept, mask = _C.l1_sums(p, base_ptr, base_code, ptrs, codes, numel, 0, True)
+    return np.asarray(total, dtype=np.float64), np.asarray(kept, dtype=np.float64), np.asarray(mask)
+
+
 def gram(p: KernelParams, base, models) -> np.ndarray:
     """float64[groups, n, n] Gram matrices of v_i = f32(x_i) - b (b = 0 without a base): per tensor
     (``p.coef_group`` 0, groups = 1), per row (1, numel // row_len) or per column (2, row_len), in
@@ -232,6 +241,7 @@ __all__ = [
     "supports",
     "FEATURES",
     "l1_sums",
+    "l1_sums_keep",
     "gram",
     "ram_counts",
     "tie_counts",
