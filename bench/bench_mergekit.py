@@ -7,7 +7,9 @@ One run does everything:
 2. generates the seeded l13x2 checkpoints (``bench/gen_models.py``) when they are missing;
 3. for each config in ``bench/configs/`` (the same YAML for both tools) times
    ``m3kernels merge`` and ``mergekit-yaml`` under ``/usr/bin/time -v`` (wall time, peak RSS),
-   with the inputs read into the page cache first. mergekit runs twice: the config as a user
+   with the inputs read into the page cache first; the wall time ends when the output is on
+   disk (a ``sync`` after each command, timed with it: ours fsyncs its output itself, mergekit
+   leaves it to the page cache; ``command_wall_s`` in the JSON is the command alone). mergekit runs twice: the config as a user
    writes it (``user``: mergekit computes in the models' bf16) and with ``dtype: float32`` +
    ``out_dtype: bfloat16`` (``f32``: the same float32 arithmetic as ours, for the value
    comparison). Ours computes in float32 either way, so it runs the user config only;
@@ -242,8 +244,14 @@ def parse_gnu_time(text: str) -> dict:
 
 def timed_run(cmd: list[str], time_exe: str, log: Path, env=None) -> dict:
     """Run ``cmd`` under GNU time; wall time, peak RSS (max RSS of the process, as the kernel
-    counts it: anonymous + touched file pages), sampled anon/file RSS and other processes' CPU."""
+    counts it: anonymous + touched file pages), sampled anon/file RSS and other processes' CPU.
+
+    ``wall_s`` ends when the output is on disk: the command, then ``sync`` (``sync_s``; the
+    command alone: ``command_wall_s``). m3kernels fsyncs its output itself, so its sync finds
+    little to do; mergekit leaves its output in the page cache, to be written back later (during
+    the next timed run, before this). Pending writes are flushed before the timing starts."""
     tfile = log.with_suffix(".time")
+    os.sync()  # no earlier run's write-back during this one
     busy0, load0 = _busy_cpu_seconds(), os.getloadavg()[0]
     t0 = time.perf_counter()
     with open(log, "w") as fh:
@@ -265,6 +273,8 @@ def timed_run(cmd: list[str], time_exe: str, log: Path, env=None) -> dict:
         rc = proc.wait()
         stop.set()
         th.join()
+    command_wall = time.perf_counter() - t0
+    os.sync()  # the output on disk, as m3kernels' fsync puts it
     wall = time.perf_counter() - t0
     res = parse_gnu_time(tfile.read_text() if tfile.exists() else "")
     cpu_ours = (res["user_s"] or 0.0) + (res["sys_s"] or 0.0)
@@ -273,6 +283,8 @@ def timed_run(cmd: list[str], time_exe: str, log: Path, env=None) -> dict:
             "cmd": cmd,
             "rc": rc,
             "wall_s": wall,
+            "command_wall_s": command_wall,
+            "sync_s": wall - command_wall,
             "log": str(log),
             "peak_rss_anon_gb_sampled": peak["anon"] / GB,
             "peak_rss_file_gb_sampled": peak["file"] / GB,
@@ -639,7 +651,7 @@ def main(argv=None) -> int:
             warm_page_cache(inputs)
             ours_runs.append(run_ours(configs[(m, "user")], ours_out, time_exe, logs, f"{m}.ours.{r}", extra))
             print(
-                f"  {m} ours run {r + 1}: {ours_runs[-1]['wall_s']:.2f} s, "
+                f"  {m} ours run {r + 1}: {ours_runs[-1]['wall_s']:.2f} s (sync {ours_runs[-1]['sync_s']:.2f} s), "
                 f"{ours_runs[-1]['peak_rss_gb']:.2f} GB",
                 file=sys.stderr,
             )
@@ -670,7 +682,10 @@ def main(argv=None) -> int:
             mk = run_mergekit(mk_exe, configs[(m, v)], mk_out, time_exe, logs, f"{m}.mergekit.{v}", args.seed)
             mk["speedup_ours"] = mk["wall_s"] / ours["wall_s"]
             res[f"mergekit_{v}"] = mk
-            print(f"  {m} mergekit ({v}): {mk['wall_s']:.2f} s, {mk['peak_rss_gb']:.2f} GB", file=sys.stderr)
+            print(
+                f"  {m} mergekit ({v}): {mk['wall_s']:.2f} s (sync {mk['sync_s']:.2f} s), {mk['peak_rss_gb']:.2f} GB",
+                file=sys.stderr,
+            )
             rows.append(
                 {
                     "method": m,

@@ -344,13 +344,67 @@ struct TensorIn {
     float den_floor;
     int ties_ext;  // ties_ext(a): the TIES variants are in use
     int fma;       // sum / mean: fused multiply-add
+    // divisions that are multiplications: num / x == num * (1 / x) bit for bit when x is a power
+    // of two whose reciprocal is a normal float (both are the correctly rounded num * 2^-e), and a
+    // vector division costs ~10 cycles (TIES bf16 stage B, N = 2, weights 1: a third of the pass)
+    float mean_rcp;  // 1 / mean_den when mean_den is such a power of two, else 0 (divide)
+    int den_pow2;    // every nonzero TIES divisor (Σ coef over a subset of the models) is one
 };
 
+// x a positive power of two 2^e with -126 <= e <= 126 (x and 1 / x both normal floats).
+static inline bool pow2_with_rcp(float x) {
+    uint32_t u;
+    __builtin_memcpy(&u, &x, sizeof(u));
+    const uint32_t e = u >> 23;  // the sign bit above the biased exponent: negative x fails
+    return (u & 0x7fffffu) == 0 && e >= 1 && e <= 253;
+}
+
+// 1 when every nonzero Σ coef[i] over a subset of the models, summed in model order as the TIES
+// combines do, is pow2_with_rcp (N <= 5; else 0: divide).
+static inline int ties_den_pow2(const TensorArgs& a) {
+    if (a.n <= 0 || a.n > 5) return 0;
+    for (uint32_t set = 1; set < (1u << a.n); ++set) {
+        float den = 0.0f;
+        for (int i = 0; i < a.n; ++i)
+            if ((set >> i) & 1u) den = den + a.coef[i];
+        if (den != 0.0f && !pow2_with_rcp(den)) return 0;
+    }
+    return 1;
+}
+
 static inline TensorIn tensor_in(const TensorArgs& a, const float* gct = nullptr) {
-    return TensorIn{a.base,       a.base_dtype, a.has_base,  a.combine,  a.normalize, a.lam,
-                    a.mean_den,   a.coef_group, a.row_len,   a.groups,   gct,         a.index_offset,
-                    a.clip_t,     a.ram_eps,    a.vote_kind, a.ties_div, a.den_floor, ties_ext(a) ? 1 : 0,
-                    a.fma ? 1 : 0};
+    const int tied = a.combine == kTies && a.normalize;
+    return TensorIn{a.base,
+                    a.base_dtype,
+                    a.has_base,
+                    a.combine,
+                    a.normalize,
+                    a.lam,
+                    a.mean_den,
+                    a.coef_group,
+                    a.row_len,
+                    a.groups,
+                    gct,
+                    a.index_offset,
+                    a.clip_t,
+                    a.ram_eps,
+                    a.vote_kind,
+                    a.ties_div,
+                    a.den_floor,
+                    ties_ext(a) ? 1 : 0,
+                    a.fma ? 1 : 0,
+                    pow2_with_rcp(a.mean_den) ? 1.0f / a.mean_den : 0.0f,
+                    tied ? ties_den_pow2(a) : 0};
+}
+
+// 1 / x for lanes holding a pow2_with_rcp x (an integer subtraction: the exponent negated).
+M3K_INLINE vf vrcp_pow2(vf x) {
+    return (vf)(0x7f000000u - (vu)x);
+}
+
+// acc / mean_den (the mean's division; a multiplication when that is the same).
+M3K_INLINE vf mean_of(const TensorIn& t, vf acc) {
+    return t.mean_rcp != 0.0f ? acc * vsplat(t.mean_rcp) : acc / vsplat(t.mean_den);
 }
 
 // Base of elements [g, g + W) (zeros without a base; rem lanes when PARTIAL).
@@ -431,7 +485,8 @@ M3K_INLINE vf ties_combine(const TensorIn& t, const ModelIn* mi, const vf* dv, i
         num = vsel(agree, num + c * d, num);
         den = vsel(agree, den + c, den);
     }
-    return t.normalize ? vsel(den != vf{}, num / den, vf{}) : num;
+    if (!t.normalize) return num;
+    return vsel(den != vf{}, t.den_pow2 ? num * vrcp_pow2(den) : num / den, vf{});
 }
 
 // sgn(x): 1, -1 or 0 (NaN: 0), as float32.
@@ -483,7 +538,7 @@ M3K_INLINE vf ties_combine_ext(const TensorIn& t, const ModelIn* mi, const vf* d
         const vf fl = vsplat(t.den_floor);
         return num / vsel(den < fl, fl, den);
     }
-    return vsel(den != vf{}, num / den, vf{});
+    return vsel(den != vf{}, t.den_pow2 ? num * vrcp_pow2(den) : num / den, vf{});
 }
 
 // Combine classes of merge_vec (compile time): 0 sum / mean / ties (p.combine at run time), 1 sum /
@@ -547,7 +602,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
             const vf d = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
             acc = CB == kCbGroupFma ? vfma(c, d, acc) : acc + c * d;
         }
-        m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
+        m = t.combine == kMean ? mean_of(t, acc) : acc;
         y0 = b + vsplat(t.lam) * m;
     } else if (CB == kCbTiesExt) {
         M3K_UNROLL
@@ -558,13 +613,13 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         M3K_UNROLL
         for (int i = 0; i < n; ++i)
             acc = vfma(vsplat(mi[i].coef), model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b), acc);
-        m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
+        m = t.combine == kMean ? mean_of(t, acc) : acc;
     } else if (t.combine != kTies) {
         vf acc = vf{};
         M3K_UNROLL
         for (int i = 0; i < n; ++i)
             acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
-        m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
+        m = t.combine == kMean ? mean_of(t, acc) : acc;
     } else {
         M3K_UNROLL
         for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);

@@ -68,7 +68,7 @@ M3K_INLINE void merge_vec_ties(const TensorIn& t, const ModelIn* mi, const Model
         } else {
             for (int i = 0; i < n; ++i) acc = acc + vsplat(mi[i].coef) * dv[i];
         }
-        m = t.combine == kMean ? acc / vsplat(t.mean_den) : acc;
+        m = t.combine == kMean ? mean_of(t, acc) : acc;
     } else {
         m = t.ties_ext ? ties_combine_ext(t, mi, dv, n) : ties_combine(t, mi, dv, n);
     }
