@@ -104,6 +104,8 @@ def thresholds_to_bits(thresholds: Sequence[float | None]) -> np.ndarray:
     return np.asarray(bits, dtype=np.uint64)
 
 
+KEEP_BITS_MAX_BYTES = 256 << 20  # DARE keep bits kept from stage A for stage B up to this size
+# (N models x numel / 8 bytes: 41 MB for a 13B embedding and 2 models); above it, Philox again
 SMALL_TENSOR_NUMEL = 1 << 16  # up to this many elements, stage A selects the trim thresholds directly
 
 
@@ -136,7 +138,14 @@ def prepare(base, models, recipe: Recipe, name: str, backend, thresholds=None):
     keep_bits = None  # DARE's keep bits from the L1 pass, for stage B (CPU backend)
     if recipe.rescale == "l1" and recipe.dare_density is not None:  # DARE's L1 rescale
         with_keep = getattr(backend, "l1_sums_keep", None)
-        if with_keep is not None and p.keep_mask is None and not p.dare_div and not trim_ties.exact(recipe):
+        bits_bytes = recipe.n * ((models[0].numel() + 7) // 8)
+        if (
+            with_keep is not None
+            and bits_bytes <= KEEP_BITS_MAX_BYTES
+            and p.keep_mask is None
+            and not p.dare_div
+            and not trim_ties.exact(recipe)
+        ):
             total, kept, keep_bits = with_keep(p, b, models)
         else:
             total, kept = backend.l1_sums(p, b, models)

@@ -116,3 +116,19 @@ def test_the_keep_mask_params_merge_in_parts_as_one():
     same_bits(parts, whole, "parts")
     with pytest.raises(ValueError, match="already"):
         dare_as_keep_mask(p, mask)
+
+
+def test_keep_bits_above_the_memory_cap_are_drawn_again(monkeypatch):
+    from m3kernels import api
+
+    gen = torch.Generator().manual_seed(8)
+    base, models = make_inputs((3001,), 2, (torch.bfloat16, [torch.bfloat16]), gen)
+    kw = kwargs_for("dare_ties_l1", 2)
+    want = _merge(base, models, kw, torch.bfloat16)
+    calls = []
+    real = cpu.l1_sums_keep
+    monkeypatch.setattr(cpu, "l1_sums_keep", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(api, "KEEP_BITS_MAX_BYTES", 2 * (3001 + 7) // 8 - 1)  # one byte short
+    got = _merge(base, models, kw, torch.bfloat16)
+    assert not calls
+    same_bits(got, want, "above the cap")
