@@ -258,3 +258,26 @@ M3K_INLINE void store_vec_partial(void* dst, int dtype, int64_t k, int cnt, vf y
     const int size = dtype == kF32 ? 4 : 2;
     __builtin_memcpy(static_cast<unsigned char*>(dst) + k * size, buf, size_t(cnt) * size);
 }
+
+// y with every NaN made the one canonical quiet NaN (docs/KERNEL.md), then store_vec. bf16 in one
+// step: a NaN lane becomes 0x7FC0 (the canonical NaN's bf16) instead of being canonicalised
+// first and then rounded, which gives the same 0x7FC0 (0x7FC00000 + 0x7FFF >> 16).
+M3K_INLINE void store_vec_canon(void* dst, int dtype, int64_t k, vf y) {
+    if (dtype == kBF16) {
+        const vu u = (vu)y;
+        const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+        const vu r = y != y ? vu{} + 0x7fc0u : rounded;
+        const vh h = __builtin_convertvector(r, vh);
+        __builtin_memcpy(static_cast<uint16_t*>(dst) + k, &h, sizeof(h));
+        return;
+    }
+    store_vec(dst, dtype, k, vsel(y != y, vsplat(__builtin_nanf("")), y));
+}
+
+// store_vec_canon of the first `cnt` (< W) lanes only.
+M3K_INLINE void store_vec_partial_canon(void* dst, int dtype, int64_t k, int cnt, vf y) {
+    alignas(64) unsigned char buf[4 * W];
+    store_vec_canon(buf, dtype, 0, y);
+    const int size = dtype == kF32 ? 4 : 2;
+    __builtin_memcpy(static_cast<unsigned char*>(dst) + k * size, buf, size_t(cnt) * size);
+}

@@ -282,6 +282,13 @@ M3K_INLINE vf vsel_bits_zero(uint32_t bits, vf a) {
 #endif
 }
 
+// What stage B knows of every model's plan at compile time (merge_block picks it per block):
+// kPlRun nothing (ModelIn.dare / .trim read per vector); kPlTrim dare 0 and trim 1 for every
+// model; kPlTies that, and TIES with a base, normalised, den_pow2 2 (mergekit's TIES; pick_plan).
+// Predicted branches all, but a dozen of them per vector, and they made GCC lay the trim and the
+// division out of line, rematerialising constants there.
+enum PlanKind : int { kPlRun = 0, kPlTrim = 1, kPlTies = 2 };
+
 // d_i = f32(x_i) - b, the DARE drop and rescale, and the magnitude trim (m.trim = 0 in stage A)
 // for elements [g, g + W) of the tensor; k is g's position in the block (Philox words). EXT
 // adds dare_div (a kept d divided by dare_den, rounded to the input dtype; a per-model branch
@@ -289,13 +296,13 @@ M3K_INLINE vf vsel_bits_zero(uint32_t bits, vf a) {
 // branch: without a mask the model reads an all-ones row with mask_scale 1, and d * 1.0f == d);
 // without them these steps are absent. A per-vector branch on the mask made GCC spill the
 // unrolled loop's state: the masked TIES pass ran at half speed.
-template <bool PARTIAL, int DT = -1, bool EXT = false, bool MASK = EXT>
+template <bool PARTIAL, int DT = -1, bool EXT = false, bool MASK = EXT, int PL = kPlRun>
 M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b) {
-    if (m.dare == 2 || m.trim == 2) return vf{};
+    if (PL == kPlRun && (m.dare == 2 || m.trim == 2)) return vf{};
     const int dtype = DT >= 0 ? DT : m.dtype;
     const vf x = PARTIAL ? load_vec_partial(m.src, dtype, g, rem) : load_vec(m.src, dtype, g);
     vf d = x - b;
-    if (m.dare == 1) {
+    if (PL == kPlRun && m.dare == 1) {
         const vi keep = dare_words<PARTIAL>(m, k, rem) <= m.dare_le;
         if (EXT && m.div)
             d = vsel(keep, round_to(dtype, d / vsplat(m.dare_den)), vf{});
@@ -303,8 +310,9 @@ M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b)
             d = vsel(keep, d * vsplat(m.dare_scale), vf{});
     }
     if (MASK) d = vsel_bits_zero(mask_bits<PARTIAL>(m, g, rem), d * vsplat(m.mask_scale));
-    if (m.trim == 1) d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
-    if (m.trim == 3) {
+    if (PL == kPlTrim || PL == kPlTies || (PL == kPlRun && m.trim == 1))
+        d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
+    if (PL == kPlRun && m.trim == 3) {
         const vu ab = (vu)d & 0x7fffffffu;
         d = vsel((ab >= m.trim_min) & (ab <= m.trim_max), d, vf{});
     }
@@ -348,7 +356,7 @@ struct TensorIn {
     // of two whose reciprocal is a normal float (both are the correctly rounded num * 2^-e), and a
     // vector division costs ~10 cycles (TIES bf16 stage B, N = 2, weights 1: a third of the pass)
     float mean_rcp;  // 1 / mean_den when mean_den is such a power of two, else 0 (divide)
-    int den_pow2;    // every nonzero TIES divisor (Σ coef over a subset of the models) is one
+    int den_pow2;    // every nonzero TIES divisor (Σ coef over a subset of the models) is one (2: none is 0)
 };
 
 // x a positive power of two 2^e with -126 <= e <= 126 (x and 1 / x both normal floats).
@@ -360,16 +368,19 @@ static inline bool pow2_with_rcp(float x) {
 }
 
 // 1 when every nonzero Σ coef[i] over a subset of the models, summed in model order as the TIES
-// combines do, is pow2_with_rcp (N <= 5; else 0: divide).
+// combines do, is pow2_with_rcp, 2 when moreover no nonempty subset sums to 0 (N <= 5; else 0:
+// divide).
 static inline int ties_den_pow2(const TensorArgs& a) {
     if (a.n <= 0 || a.n > 5) return 0;
+    int zero = 0;
     for (uint32_t set = 1; set < (1u << a.n); ++set) {
         float den = 0.0f;
         for (int i = 0; i < a.n; ++i)
             if ((set >> i) & 1u) den = den + a.coef[i];
+        if (den == 0.0f) zero = 1;
         if (den != 0.0f && !pow2_with_rcp(den)) return 0;
     }
-    return 1;
+    return zero ? 1 : 2;
 }
 
 static inline TensorIn tensor_in(const TensorArgs& a, const float* gct = nullptr) {
@@ -408,9 +419,9 @@ M3K_INLINE vf mean_of(const TensorIn& t, vf acc) {
 }
 
 // Base of elements [g, g + W) (zeros without a base; rem lanes when PARTIAL).
-template <bool PARTIAL, int DT = -1>
+template <bool PARTIAL, int DT = -1, bool HAS_BASE = false>  // HAS_BASE: known to have one
 M3K_INLINE vf base_vec(const TensorIn& t, int64_t g, int rem) {
-    if (!t.has_base) return vf{};
+    if (!HAS_BASE && !t.has_base) return vf{};
     const int dtype = DT >= 0 ? DT : t.base_dtype;
     return PARTIAL ? load_vec_partial(t.base, dtype, g, rem) : load_vec(t.base, dtype, g);
 }
@@ -471,21 +482,36 @@ M3K_INLINE vf group_coef_vec(const TensorIn& t, const GroupPos& gp, int i, int r
 // TIES on the deltas dv[0..n): the sign of Σ vote_w·d elected (>= 0: +; the user weights only),
 // then Σ coef·d over the models whose nonzero d has it, divided by Σ coef over them when
 // normalising (0 where none agrees). Shared by merge_vec and merge_vec_ties.
+//
+// The same bits as docs/KERNEL.md's program, in fewer operations (a third of the TIES pass was
+// the agreement test):
+// - the vote starts from the first term, not from 0 + it: the sums differ at most in the sign
+//   of a zero, and -0 >= 0 like +0;
+// - d agrees iff !(d ^ flip <= 0), flip the sign bit when the elected sign is -: d ^ flip is d
+//   or -d exactly, so this is "d nonzero with the elected sign", or d NaN. A NaN d makes the vote
+//   NaN (vote_w·NaN is NaN), hence the sign -, where the program's test (d != 0) & ((d > 0) ==
+//   pos) also lets a NaN d agree;
+// - den_pow2 2 (no subset of the coefs sums to 0): den == 0 only where none agrees, and there
+//   num is +0, and +0 · vrcp_pow2(+0) = +0 · 2^127 = +0, the program's 0: no select.
+template <bool P2 = false>  // P2: normalise with den_pow2 2 (kPlTies), known at compile time
 M3K_INLINE vf ties_combine(const TensorIn& t, const ModelIn* mi, const vf* dv, int n) {
-    vf vote = vf{};
+    if (n <= 0) return vf{};
+    vf vote = vsplat(mi[0].vote_w) * dv[0];
     M3K_UNROLL
-    for (int i = 0; i < n; ++i) vote = vote + vsplat(mi[i].vote_w) * dv[i];
-    const vi pos = vote >= vf{};
+    for (int i = 1; i < n; ++i) vote = vote + vsplat(mi[i].vote_w) * dv[i];
+    const vu flip = (vu)vsel(vote >= vf{}, vf{}, vsplat(-0.0f));
     vf num = vf{}, den = vf{};
     M3K_UNROLL
     for (int i = 0; i < n; ++i) {
         const vf d = dv[i];
         const vf c = vsplat(mi[i].coef);
-        const vi agree = (d != vf{}) & ((d > vf{}) == pos);
+        const vi agree = ~((vf)((vu)d ^ flip) <= vf{});
         num = vsel(agree, num + c * d, num);
         den = vsel(agree, den + c, den);
     }
+    if (P2) return num * vrcp_pow2(den);
     if (!t.normalize) return num;
+    if (t.den_pow2 == 2) return num * vrcp_pow2(den);
     return vsel(den != vf{}, t.den_pow2 ? num * vrcp_pow2(den) : num / den, vf{});
 }
 
@@ -558,15 +584,18 @@ enum CombineClass : int {
 // of models at compile time (loops unrolled, deltas in registers); NM = 0 reads it from n.
 // DT >= 0: base, every model and the output have that dtype (no per-vector dtype branches).
 // EXT, MASK: model_delta's round-2 steps (dare_div; the keep mask).
-template <int NM, int DT, bool PARTIAL, int CB = kCbPlain, bool EXT = false, bool MASK = EXT>
-M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
-                          void* out, int out_dtype, const GroupPos& gp) {
+template <int NM, int DT, bool PARTIAL, int CB = kCbPlain, bool EXT = false, bool MASK = EXT, int PL = kPlRun>
+M3K_INLINE vf merge_y(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
+                      const GroupPos& gp) {
     if (NM > 0) n = NM;
-    if (DT >= 0) out_dtype = DT;
-    const vf b = base_vec<PARTIAL, DT>(t, g, rem);
+    const vf b = base_vec<PARTIAL, DT, PL == kPlTies>(t, g, rem);
     vf m;
     vf y0;
-    if (CB == kCbNearswap) {  // model 0 itself, no DARE / trim (docs/KERNEL.md, combine 3)
+    if (PL == kPlTies) {
+        M3K_UNROLL
+        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK, PL>(mi[i], g, k, rem, b);
+        m = ties_combine<true>(t, mi, dv, n);
+    } else if (CB == kCbNearswap) {  // model 0 itself, no DARE / trim (docs/KERNEL.md, combine 3)
         const int dtype = DT >= 0 ? DT : mi[0].dtype;
         const vf x = PARTIAL ? load_vec_partial(mi[0].src, dtype, g, rem) : load_vec(mi[0].src, dtype, g);
         vf dist = vabs(b - x);
@@ -582,7 +611,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         vf c = vf{};
         M3K_UNROLL
         for (int i = 0; i < n; ++i) {
-            dv[i] = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
+            dv[i] = model_delta<PARTIAL, DT, EXT, MASK, PL>(mi[i], g, k, rem, b);
             c = c + vsel(vabs(dv[i]) > eps, vsplat(1.0f), vf{});
         }
         const vi unique = c == vsplat(1.0f);
@@ -599,42 +628,50 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
         M3K_UNROLL
         for (int i = 0; i < n; ++i) {
             const vf c = group_coef_vec<PARTIAL>(t, gp, i, rem);
-            const vf d = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
+            const vf d = model_delta<PARTIAL, DT, EXT, MASK, PL>(mi[i], g, k, rem, b);
             acc = CB == kCbGroupFma ? vfma(c, d, acc) : acc + c * d;
         }
         m = t.combine == kMean ? mean_of(t, acc) : acc;
         y0 = b + vsplat(t.lam) * m;
     } else if (CB == kCbTiesExt) {
         M3K_UNROLL
-        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
+        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK, PL>(mi[i], g, k, rem, b);
         m = ties_combine_ext(t, mi, dv, n);
     } else if (CB == kCbPlainFma) {
         vf acc = vf{};
         M3K_UNROLL
         for (int i = 0; i < n; ++i)
-            acc = vfma(vsplat(mi[i].coef), model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b), acc);
+            acc = vfma(vsplat(mi[i].coef), model_delta<PARTIAL, DT, EXT, MASK, PL>(mi[i], g, k, rem, b), acc);
         m = t.combine == kMean ? mean_of(t, acc) : acc;
     } else if (t.combine != kTies) {
         vf acc = vf{};
         M3K_UNROLL
         for (int i = 0; i < n; ++i)
-            acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
+            acc = acc + vsplat(mi[i].coef) * model_delta<PARTIAL, DT, EXT, MASK, PL>(mi[i], g, k, rem, b);
         m = t.combine == kMean ? mean_of(t, acc) : acc;
     } else {
         M3K_UNROLL
-        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK>(mi[i], g, k, rem, b);
+        for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK, PL>(mi[i], g, k, rem, b);
         m = ties_combine(t, mi, dv, n);
     }
     if (CB == kCbPlain || CB == kCbPlainFma || CB == kCbTiesExt) y0 = b + vsplat(t.lam) * m;
-    const vf y = vsel(y0 != y0, vsplat(__builtin_nanf("")), y0);  // one canonical NaN (KERNEL.md)
+    return y0;
+}
+
+// merge_y stored (rounded to the output dtype, one canonical NaN: KERNEL.md).
+template <int NM, int DT, bool PARTIAL, int CB = kCbPlain, bool EXT = false, bool MASK = EXT, int PL = kPlRun>
+M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
+                          void* out, int out_dtype, const GroupPos& gp) {
+    if (DT >= 0) out_dtype = DT;
+    const vf y0 = merge_y<NM, DT, PARTIAL, CB, EXT, MASK, PL>(t, mi, n, dv, g, k, rem, gp);
     if (PARTIAL)
-        store_vec_partial(out, out_dtype, g, rem, y);
+        store_vec_partial_canon(out, out_dtype, g, rem, y0);
     else
-        store_vec(out, out_dtype, g, y);
+        store_vec_canon(out, out_dtype, g, y0);
 }
 
 // One block of stage B: elements [start, start + cnt) (merge_block below picks MASK).
-template <int NM, int DT, int CB, bool EXT, bool MASK>
+template <int NM, int DT, int CB, bool EXT, bool MASK, int PL = kPlRun>
 M3K_INLINE void merge_block_run(const TensorArgs& a, const ModelPlan* plans, const float* gct, int64_t start,
                                 int64_t cnt, Scratch& s, void* out, int out_dtype) {
     block_philox(a, plans, start, cnt, s);
@@ -655,33 +692,37 @@ M3K_INLINE void merge_block_run(const TensorArgs& a, const ModelPlan* plans, con
             for (int i = 0; i < n; ++i) mi[i].coef = gct[size_t(i) * size_t(t.groups) + size_t(row)];
             const GroupPos none{0, 0};
             for (int64_t k = 0; k < full; k += W)
-                merge_vec<NM, DT, false, CP, EXT, MASK>(t, mi, n, dv, start + k, k, W, out, out_dtype, none);
+                merge_vec<NM, DT, false, CP, EXT, MASK, PL>(t, mi, n, dv, start + k, k, W, out, out_dtype,
+                                                            none);
             if (full < cnt)
-                merge_vec<NM, DT, true, CP, EXT, MASK>(t, mi, n, dv, start + full, full, int(cnt - full), out,
-                                                       out_dtype, none);
+                merge_vec<NM, DT, true, CP, EXT, MASK, PL>(t, mi, n, dv, start + full, full, int(cnt - full),
+                                                           out, out_dtype, none);
             return;
         }
     }
     constexpr bool grouped = CB == kCbGroup || CB == kCbGroupFma;
     GroupPos gp = grouped ? group_pos(t, a.index_offset + start) : GroupPos{0, 0};
     for (int64_t k = 0; k < full; k += W) {
-        merge_vec<NM, DT, false, CB, EXT, MASK>(t, mi, n, dv, start + k, k, W, out, out_dtype, gp);
+        merge_vec<NM, DT, false, CB, EXT, MASK, PL>(t, mi, n, dv, start + k, k, W, out, out_dtype, gp);
         if (grouped) group_advance(t, gp, W);
     }
     if (full < cnt)
-        merge_vec<NM, DT, true, CB, EXT, MASK>(t, mi, n, dv, start + full, full, int(cnt - full), out,
-                                               out_dtype, gp);
+        merge_vec<NM, DT, true, CB, EXT, MASK, PL>(t, mi, n, dv, start + full, full, int(cnt - full), out,
+                                                   out_dtype, gp);
 }
 
 // One block of stage B. EXT: the round-2 steps of model_delta, the keep mask branch-free (a model
 // without one reads an all-ones row). dare_div without a mask (PEFT's DARE: sum and ties, few
 // models) skips the mask step through one branch per block, a second copy of the loop for those
 // instances only (build time; not in the generic variant); the other classes read the all-ones row.
-template <int NM, int DT, int CB, bool EXT>
+// PL: a compile-time plan (kPl*; only without EXT, picked by pick_plan).
+template <int NM, int DT, int CB, bool EXT, int PL = kPlRun>
 static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float* gct, int64_t start,
                         int64_t cnt, Scratch& s, void* out, int out_dtype) {
     constexpr bool div_copy = M3K_HAVE_AVX2 && EXT && NM > 0 && (CB == kCbPlain || CB == kCbTiesExt);
-    if (div_copy && !a.keep_mask)
+    if (PL != kPlRun)
+        merge_block_run<NM, DT, CB, false, false, PL>(a, plans, gct, start, cnt, s, out, out_dtype);
+    else if (div_copy && !a.keep_mask)
         merge_block_run<NM, DT, CB, EXT, false>(a, plans, gct, start, cnt, s, out, out_dtype);
     else
         merge_block_run<NM, DT, CB, EXT, EXT>(a, plans, gct, start, cnt, s, out, out_dtype);
@@ -697,20 +738,30 @@ static void merge_block_ties(const TensorArgs& a, const ModelPlan* plans, const 
 typedef void (*MergeBlockFn)(const TensorArgs&, const ModelPlan*, const float*, int64_t, int64_t, Scratch&,
                              void*, int);
 
-template <int DT, int CB, bool EXT>
+template <int DT, int CB, bool EXT, int PL = kPlRun>
 static MergeBlockFn pick_merge_block_nc(int n) {
     switch (n) {
         case 1:
-            return merge_block<1, DT, CB, EXT>;
+            return merge_block<1, DT, CB, EXT, PL>;
         case 2:
-            return merge_block<2, DT, CB, EXT>;
+            return merge_block<2, DT, CB, EXT, PL>;
         case 3:
-            return merge_block<3, DT, CB, EXT>;
+            return merge_block<3, DT, CB, EXT, PL>;
         case 4:
-            return merge_block<4, DT, CB, EXT>;
+            return merge_block<4, DT, CB, EXT, PL>;
         default:
-            return merge_block<0, DT, CB, EXT>;
+            return merge_block<0, DT, CB, EXT>;  // no compile-time plan for the any-N loop
     }
+}
+
+// The compile-time plan of a kCbPlain tensor without EXT (kPl*): N <= 4 models all with dare 0
+// and trim 1 (stage B's plans), on the AVX2 / AVX-512 variants; kPlTies for mergekit's TIES.
+static int pick_plan(const TensorArgs& a, const ModelPlan* plans) {
+    if (!M3K_HAVE_AVX2 || a.n < 1 || a.n > 4) return kPlRun;
+    for (int i = 0; i < a.n; ++i)
+        if (plans[i].dare != 0 || plans[i].trim != 1) return kPlRun;
+    const bool ties = a.combine == kTies && a.normalize && a.has_base && ties_den_pow2(a) == 2;
+    return ties ? kPlTies : kPlTrim;
 }
 
 // The combine class (kCb*) of a tensor.
@@ -726,7 +777,7 @@ static int combine_class(const TensorArgs& a) {
 // (the masked methods' bandwidth path); ram and group coefficients with a mask, and group
 // coefficients with the fused multiply-add, run the any-N loop (fewer instances to compile).
 template <int DT, bool EXT>
-static MergeBlockFn pick_merge_block_cb(const TensorArgs& a) {
+static MergeBlockFn pick_merge_block_cb(const TensorArgs& a, const ModelPlan* plans) {
     switch (combine_class(a)) {
         case kCbRam:
             return EXT ? merge_block<0, DT, kCbRam, EXT> : pick_merge_block_nc<DT, kCbRam, EXT>(a.n);
@@ -739,27 +790,32 @@ static MergeBlockFn pick_merge_block_cb(const TensorArgs& a) {
         case kCbPlainFma:
             return pick_merge_block_nc<DT, kCbPlainFma, EXT>(a.n);
         default:
+            if constexpr (!EXT && M3K_HAVE_AVX2) {
+                const int pl = pick_plan(a, plans);
+                if (pl == kPlTies) return pick_merge_block_nc<DT, kCbPlain, false, kPlTies>(a.n);
+                if (pl == kPlTrim) return pick_merge_block_nc<DT, kCbPlain, false, kPlTrim>(a.n);
+            }
             return pick_merge_block_nc<DT, kCbPlain, EXT>(a.n);
     }
 }
 
 template <int DT>
-static MergeBlockFn pick_merge_block_n(const TensorArgs& a) {
+static MergeBlockFn pick_merge_block_n(const TensorArgs& a, const ModelPlan* plans) {
     if (a.tie_keep || a.tie_skip) return merge_block_ties<DT>;  // exact-k ties (sum / mean / ties only)
     if (a.combine == kNearswap)
         return merge_block<1, DT, kCbNearswap, false>;  // n == 1 (checked by the caller); no DARE, trim, mask
-    return tensor_ext(a) ? pick_merge_block_cb<DT, true>(a) : pick_merge_block_cb<DT, false>(a);
+    return tensor_ext(a) ? pick_merge_block_cb<DT, true>(a, plans) : pick_merge_block_cb<DT, false>(a, plans);
 }
 
 // Models unrolled at compile time for N <= 4 (the common merges; any N through NM = 0), and
 // a dtype-specialised loop when base, models and output share one dtype.
-static MergeBlockFn pick_merge_block(const TensorArgs& a, int out_dtype) {
+static MergeBlockFn pick_merge_block(const TensorArgs& a, const ModelPlan* plans, int out_dtype) {
     bool uniform = !a.has_base || a.base_dtype == out_dtype;
     for (int i = 0; i < a.n; ++i) uniform = uniform && a.model_dtypes[i] == out_dtype;
-    if (!uniform) return pick_merge_block_n<-1>(a);
-    if (out_dtype == kBF16) return pick_merge_block_n<kBF16>(a);
-    if (out_dtype == kF16) return pick_merge_block_n<kF16>(a);
-    return pick_merge_block_n<kF32>(a);
+    if (!uniform) return pick_merge_block_n<-1>(a, plans);
+    if (out_dtype == kBF16) return pick_merge_block_n<kBF16>(a, plans);
+    if (out_dtype == kF16) return pick_merge_block_n<kF16>(a, plans);
+    return pick_merge_block_n<kF32>(a, plans);
 }
 
 // group_coef transposed to [n][groups] (coefficients of consecutive columns side by side).
@@ -782,7 +838,7 @@ static bool merge(const TensorArgs& a, void* out, int out_dtype) {
         free(gct);
         return false;
     }
-    const MergeBlockFn block = pick_merge_block(a, out_dtype);
+    const MergeBlockFn block = pick_merge_block(a, plans, out_dtype);
     // the exact-k tie rule counts in fixed blocks; row coefficients run fastest in blocks inside a row
     const BlockGrid grid = a.tie_keep || a.tie_skip || a.coef_group != kGroupNone ? fixed_grid(0, a.numel)
                                                                                   : line_grid(a, 0, a.numel);

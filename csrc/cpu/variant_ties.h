@@ -73,11 +73,10 @@ M3K_INLINE void merge_vec_ties(const TensorIn& t, const ModelIn* mi, const Model
         m = t.ties_ext ? ties_combine_ext(t, mi, dv, n) : ties_combine(t, mi, dv, n);
     }
     const vf y0 = b + vsplat(t.lam) * m;
-    const vf y = vsel(y0 != y0, vsplat(__builtin_nanf("")), y0);
-    if (PARTIAL)
-        store_vec_partial(out, out_dtype, g, rem, y);
+    if (PARTIAL)  // one canonical NaN (KERNEL.md)
+        store_vec_partial_canon(out, out_dtype, g, rem, y0);
     else
-        store_vec(out, out_dtype, g, y);
+        store_vec_canon(out, out_dtype, g, y0);
 }
 
 template <int DT>
