@@ -7,7 +7,8 @@ The shortcuts: the vote starts from the first term (not 0 + it); a delta agrees 
 ``!(d ^ flip <= 0)`` (flip: the sign bit when the elected sign is -) instead of ``(d != 0) &
 ((d > 0) == pos)``; no select after ``num * 2^-e`` when no subset of the coefficients sums to 0;
 the compile-time plan (every model trimmed, none dropped). Every pair (and triple) of delta classes
-is tried: NaN, ±inf, ±0, subnormals, opposite signs, values whose weighted vote cancels.
+is tried: NaN, ±inf, ±0, subnormals, opposite signs, values whose weighted vote cancels; and
+subnormal outputs, which the AVX512_BF16 conversion (``store_bf16_cvt``) must not flush to zero.
 """
 
 import itertools
@@ -69,10 +70,25 @@ def combos(n):
     return cols
 
 
+def subnormal_part(n):
+    """Elements whose output is a subnormal (bf16 and f32 share the exponent range): a subnormal
+    base with deltas of 0 or a few subnormal steps, both signs, each vector of 16 holding some."""
+    g = torch.Generator().manual_seed(11)
+    k = 160
+    tiny = 2.0**-133
+    base = (torch.randint(-40, 40, (k,), generator=g) * tiny).to(F32)
+    models = [base + torch.randint(-3, 4, (k,), generator=g) * tiny for _ in range(n)]
+    base[::5] = 0.5  # normal lanes among them
+    return base, models
+
+
 def inputs(n, dtype):
     ds = combos(n)
     base = torch.full_like(ds[0], 0.5)
     models = [base + d for d in ds]
+    sb, sm = subnormal_part(n)
+    base = torch.cat([base, sb])
+    models = [torch.cat([m, s]) for m, s in zip(models, sm)]
     # x = 0.5 + (-0.5) = +0; make some of them -0 (d = -0 - 0.5 stays -0.5, the sign of x differs)
     for m in models:
         m[::7] = torch.where(m[::7] == 0, torch.tensor(-0.0), m[::7])
@@ -125,3 +141,5 @@ def test_the_cases_reach_nan_inf_and_cancelled_votes():
     assert bool(((d0 + d1) == 0).logical_and(d0 != 0).any())
     out = m3kernels.merge_tensors(base, models, backend="cpu", method="ties", density=1.0)
     assert bool(torch.isnan(out).any()) and bool(torch.isinf(out).any())
+    tiny = (out != 0) & (out.abs() < torch.finfo(F32).tiny)
+    assert int(tiny.sum()) > 50  # subnormal outputs (the bf16 conversion's fix-up path)

@@ -274,6 +274,32 @@ M3K_INLINE void store_vec_canon(void* dst, int dtype, int64_t k, vf y) {
     store_vec(dst, dtype, k, vsel(y != y, vsplat(__builtin_nanf("")), y));
 }
 
+// The CPU has AVX512_BF16 (vcvtneps2bf16), checked once; false outside the AVX-512 variant.
+static inline bool cpu_has_bf16_cvt() {
+#if M3K_HAVE_AVX512
+    static const bool has = __builtin_cpu_supports("avx512bf16");
+    return has;
+#else
+    return false;
+#endif
+}
+
+#if M3K_HAVE_AVX512
+
+// store_vec_canon for bf16 (W = 16 lanes from k) through vcvtneps2bf16: one instruction where
+// to_bf16's rounding takes seven. Its rounding is the same (nearest even on the bits) for normal
+// numbers, zeros and infinities; it flushes subnormals to zero and keeps a NaN's sign and payload,
+// so a vector holding either (vfpclassps: QNaN, SNaN, denormal) takes store_vec_canon. Inline asm:
+// the intrinsic would need the avx512bf16 target on every function it is inlined into; only
+// CPUs with cpu_has_bf16_cvt() run this.
+M3K_INLINE void store_bf16_cvt(void* dst, int64_t k, vf y) {
+    if (_mm512_fpclass_ps_mask((__m512)y, 0xa1)) return store_vec_canon(dst, kBF16, k, y);
+    __m256i h;
+    __asm__("vcvtneps2bf16 %1, %0" : "=v"(h) : "v"((__m512)y));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(dst) + k), h);
+}
+#endif
+
 // store_vec_canon of the first `cnt` (< W) lanes only.
 M3K_INLINE void store_vec_partial_canon(void* dst, int dtype, int64_t k, int cnt, vf y) {
     alignas(64) unsigned char buf[4 * W];

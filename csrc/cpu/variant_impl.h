@@ -286,8 +286,13 @@ M3K_INLINE vf vsel_bits_zero(uint32_t bits, vf a) {
 // kPlRun nothing (ModelIn.dare / .trim read per vector); kPlTrim dare 0 and trim 1 for every
 // model; kPlTies that, and TIES with a base, normalised, den_pow2 2 (mergekit's TIES; pick_plan).
 // Predicted branches all, but a dozen of them per vector, and they made GCC lay the trim and the
-// division out of line, rematerialising constants there.
-enum PlanKind : int { kPlRun = 0, kPlTrim = 1, kPlTies = 2 };
+// division out of line, rematerialising constants there. kPlCvt, added to a plan: bf16 output
+// through AVX512_BF16's conversion (store_bf16_cvt; AVX-512 variant, CPUs that have it).
+enum PlanKind : int { kPlRun = 0, kPlTrim = 1, kPlTies = 2, kPlCvt = 4 };
+
+constexpr int plan_of(int pl) {
+    return pl & 3;
+}
 
 // d_i = f32(x_i) - b, the DARE drop and rescale, and the magnitude trim (m.trim = 0 in stage A)
 // for elements [g, g + W) of the tensor; k is g's position in the block (Philox words). EXT
@@ -298,11 +303,12 @@ enum PlanKind : int { kPlRun = 0, kPlTrim = 1, kPlTies = 2 };
 // unrolled loop's state: the masked TIES pass ran at half speed.
 template <bool PARTIAL, int DT = -1, bool EXT = false, bool MASK = EXT, int PL = kPlRun>
 M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b) {
-    if (PL == kPlRun && (m.dare == 2 || m.trim == 2)) return vf{};
+    constexpr int P = plan_of(PL);
+    if (P == kPlRun && (m.dare == 2 || m.trim == 2)) return vf{};
     const int dtype = DT >= 0 ? DT : m.dtype;
     const vf x = PARTIAL ? load_vec_partial(m.src, dtype, g, rem) : load_vec(m.src, dtype, g);
     vf d = x - b;
-    if (PL == kPlRun && m.dare == 1) {
+    if (P == kPlRun && m.dare == 1) {
         const vi keep = dare_words<PARTIAL>(m, k, rem) <= m.dare_le;
         if (EXT && m.div)
             d = vsel(keep, round_to(dtype, d / vsplat(m.dare_den)), vf{});
@@ -310,9 +316,9 @@ M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b)
             d = vsel(keep, d * vsplat(m.dare_scale), vf{});
     }
     if (MASK) d = vsel_bits_zero(mask_bits<PARTIAL>(m, g, rem), d * vsplat(m.mask_scale));
-    if (PL == kPlTrim || PL == kPlTies || (PL == kPlRun && m.trim == 1))
+    if (P == kPlTrim || P == kPlTies || (P == kPlRun && m.trim == 1))
         d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
-    if (PL == kPlRun && m.trim == 3) {
+    if (P == kPlRun && m.trim == 3) {
         const vu ab = (vu)d & 0x7fffffffu;
         d = vsel((ab >= m.trim_min) & (ab <= m.trim_max), d, vf{});
     }
@@ -588,10 +594,10 @@ template <int NM, int DT, bool PARTIAL, int CB = kCbPlain, bool EXT = false, boo
 M3K_INLINE vf merge_y(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
                       const GroupPos& gp) {
     if (NM > 0) n = NM;
-    const vf b = base_vec<PARTIAL, DT, PL == kPlTies>(t, g, rem);
+    const vf b = base_vec<PARTIAL, DT, plan_of(PL) == kPlTies>(t, g, rem);
     vf m;
     vf y0;
-    if (PL == kPlTies) {
+    if (plan_of(PL) == kPlTies) {
         M3K_UNROLL
         for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK, PL>(mi[i], g, k, rem, b);
         m = ties_combine<true>(t, mi, dv, n);
@@ -666,6 +672,10 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
     const vf y0 = merge_y<NM, DT, PARTIAL, CB, EXT, MASK, PL>(t, mi, n, dv, g, k, rem, gp);
     if (PARTIAL)
         store_vec_partial_canon(out, out_dtype, g, rem, y0);
+#if M3K_HAVE_AVX512
+    else if (PL & kPlCvt)
+        store_bf16_cvt(out, g, y0);
+#endif
     else
         store_vec_canon(out, out_dtype, g, y0);
 }
@@ -792,6 +802,12 @@ static MergeBlockFn pick_merge_block_cb(const TensorArgs& a, const ModelPlan* pl
         default:
             if constexpr (!EXT && M3K_HAVE_AVX2) {
                 const int pl = pick_plan(a, plans);
+                if constexpr (DT == kBF16 && M3K_HAVE_AVX512) {
+                    if (pl == kPlTies && cpu_has_bf16_cvt())
+                        return pick_merge_block_nc<DT, kCbPlain, false, kPlTies | kPlCvt>(a.n);
+                    if (pl == kPlTrim && cpu_has_bf16_cvt())
+                        return pick_merge_block_nc<DT, kCbPlain, false, kPlTrim | kPlCvt>(a.n);
+                }
                 if (pl == kPlTies) return pick_merge_block_nc<DT, kCbPlain, false, kPlTies>(a.n);
                 if (pl == kPlTrim) return pick_merge_block_nc<DT, kCbPlain, false, kPlTrim>(a.n);
             }
