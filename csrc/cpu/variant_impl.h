@@ -282,13 +282,14 @@ M3K_INLINE vf vsel_bits_zero(uint32_t bits, vf a) {
 #endif
 }
 
-// What stage B knows of every model's plan at compile time (merge_block picks it per block):
-// kPlRun nothing (ModelIn.dare / .trim read per vector); kPlTrim dare 0 and trim 1 for every
-// model; kPlTies that, and TIES with a base, normalised, den_pow2 2 (mergekit's TIES; pick_plan).
-// Predicted branches all, but a dozen of them per vector, and they made GCC lay the trim and the
-// division out of line, rematerialising constants there. kPlCvt, added to a plan: bf16 output
-// through AVX512_BF16's conversion (store_bf16_cvt; AVX-512 variant, CPUs that have it).
-enum PlanKind : int { kPlRun = 0, kPlTrim = 1, kPlTies = 2, kPlCvt = 4 };
+// What stage B knows at compile time (merge_block's PL; pick_plan picks it per tensor). The model
+// plan (PL & 3): kPlRun nothing (ModelIn.dare / .trim read per vector), kPlTrim dare 0 and trim
+// 1 for every model, kPlNoTrim dare 0 and trim 0 (sums; the keep-mask methods). Flags: kPlTies,
+// TIES with a base, normalised, den_pow2 2 (mergekit's TIES, della); kPlCvt, bf16 output through
+// AVX512_BF16's conversion (store_bf16_cvt; the AVX-512 variant on CPUs that have it). The
+// run-time tests are predicted branches, but a dozen of them per vector, and they made GCC lay
+// the trim and the division out of line, rematerialising constants there.
+enum PlanKind : int { kPlRun = 0, kPlTrim = 1, kPlNoTrim = 2, kPlCvt = 4, kPlTies = 8 };
 
 constexpr int plan_of(int pl) {
     return pl & 3;
@@ -316,8 +317,7 @@ M3K_INLINE vf model_delta(const ModelIn& m, int64_t g, int64_t k, int rem, vf b)
             d = vsel(keep, d * vsplat(m.dare_scale), vf{});
     }
     if (MASK) d = vsel_bits_zero(mask_bits<PARTIAL>(m, g, rem), d * vsplat(m.mask_scale));
-    if (P == kPlTrim || P == kPlTies || (P == kPlRun && m.trim == 1))
-        d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
+    if (P == kPlTrim || (P == kPlRun && m.trim == 1)) d = vsel(((vu)d & 0x7fffffffu) >= m.trim_min, d, vf{});
     if (P == kPlRun && m.trim == 3) {
         const vu ab = (vu)d & 0x7fffffffu;
         d = vsel((ab >= m.trim_min) & (ab <= m.trim_max), d, vf{});
@@ -594,10 +594,10 @@ template <int NM, int DT, bool PARTIAL, int CB = kCbPlain, bool EXT = false, boo
 M3K_INLINE vf merge_y(const TensorIn& t, const ModelIn* mi, int n, vf* dv, int64_t g, int64_t k, int rem,
                       const GroupPos& gp) {
     if (NM > 0) n = NM;
-    const vf b = base_vec<PARTIAL, DT, plan_of(PL) == kPlTies>(t, g, rem);
+    const vf b = base_vec<PARTIAL, DT, (PL & kPlTies) != 0>(t, g, rem);
     vf m;
     vf y0;
-    if (plan_of(PL) == kPlTies) {
+    if (PL & kPlTies) {
         M3K_UNROLL
         for (int i = 0; i < n; ++i) dv[i] = model_delta<PARTIAL, DT, EXT, MASK, PL>(mi[i], g, k, rem, b);
         m = ties_combine<true>(t, mi, dv, n);
@@ -670,8 +670,7 @@ M3K_INLINE void merge_vec(const TensorIn& t, const ModelIn* mi, int n, vf* dv, i
                           void* out, int out_dtype, const GroupPos& gp) {
     if (DT >= 0) out_dtype = DT;
     const vf y0 = merge_y<NM, DT, PARTIAL, CB, EXT, MASK, PL>(t, mi, n, dv, g, k, rem, gp);
-    if (PARTIAL)
-        store_vec_partial_canon(out, out_dtype, g, rem, y0);
+    if (PARTIAL) store_vec_partial_canon(out, out_dtype, g, rem, y0);
 #if M3K_HAVE_AVX512
     else if (PL & kPlCvt)
         store_bf16_cvt(out, g, y0);
@@ -725,13 +724,13 @@ M3K_INLINE void merge_block_run(const TensorArgs& a, const ModelPlan* plans, con
 // without one reads an all-ones row). dare_div without a mask (PEFT's DARE: sum and ties, few
 // models) skips the mask step through one branch per block, a second copy of the loop for those
 // instances only (build time; not in the generic variant); the other classes read the all-ones row.
-// PL: a compile-time plan (kPl*; only without EXT, picked by pick_plan).
+// PL: a compile-time plan (kPl*, picked by pick_plan; with EXT the keep mask, as no model has DARE).
 template <int NM, int DT, int CB, bool EXT, int PL = kPlRun>
 static void merge_block(const TensorArgs& a, const ModelPlan* plans, const float* gct, int64_t start,
                         int64_t cnt, Scratch& s, void* out, int out_dtype) {
     constexpr bool div_copy = M3K_HAVE_AVX2 && EXT && NM > 0 && (CB == kCbPlain || CB == kCbTiesExt);
     if (PL != kPlRun)
-        merge_block_run<NM, DT, CB, false, false, PL>(a, plans, gct, start, cnt, s, out, out_dtype);
+        merge_block_run<NM, DT, CB, EXT, EXT, PL>(a, plans, gct, start, cnt, s, out, out_dtype);
     else if (div_copy && !a.keep_mask)
         merge_block_run<NM, DT, CB, EXT, false>(a, plans, gct, start, cnt, s, out, out_dtype);
     else
@@ -764,14 +763,55 @@ static MergeBlockFn pick_merge_block_nc(int n) {
     }
 }
 
-// The compile-time plan of a kCbPlain tensor without EXT (kPl*): N <= 4 models all with dare 0
-// and trim 1 (stage B's plans), on the AVX2 / AVX-512 variants; kPlTies for mergekit's TIES.
-static int pick_plan(const TensorArgs& a, const ModelPlan* plans) {
+// The compile-time plan (kPl*, without kPlCvt) of a tensor of combine class CB: N <= 4 models, all
+// with dare 0 and one trim mode, 1 or 0 (stage B's plans), on the AVX2 / AVX-512 variants. The
+// instances compiled: kCbPlain without EXT kPlTrim (+ kPlTies) and kPlNoTrim; kCbPlain with EXT
+// (the keep mask) kPlNoTrim (+ kPlTies); kCbTiesExt kPlNoTrim. Else kPlRun.
+static int pick_plan(const TensorArgs& a, const ModelPlan* plans, int cb, bool ext) {
     if (!M3K_HAVE_AVX2 || a.n < 1 || a.n > 4) return kPlRun;
+    const int trim = plans[0].trim;
     for (int i = 0; i < a.n; ++i)
-        if (plans[i].dare != 0 || plans[i].trim != 1) return kPlRun;
+        if (plans[i].dare != 0 || plans[i].trim != trim) return kPlRun;
+    if (trim != 0 && trim != 1) return kPlRun;
+    const int model = trim == 1 ? kPlTrim : kPlNoTrim;
+    if (cb == kCbTiesExt) return model == kPlNoTrim ? kPlNoTrim : kPlRun;
+    if (cb != kCbPlain || (ext && model == kPlTrim)) return kPlRun;
     const bool ties = a.combine == kTies && a.normalize && a.has_base && ties_den_pow2(a) == 2;
-    return ties ? kPlTies : kPlTrim;
+    if (ties && (ext || model == kPlTrim)) return model | kPlTies;
+    return ties ? kPlRun : model;  // ties without EXT and without a trim: the run-time plan
+}
+
+// The stage B instance of a compile-time plan (CVT: kPlCvt or 0), one of pick_plan's.
+template <int DT, int CB, bool EXT, int CVT>
+static MergeBlockFn pick_planned_nc(int n, int pl) {
+    if constexpr (CB == kCbTiesExt) {
+        return pick_merge_block_nc<DT, CB, EXT, kPlNoTrim | CVT>(n);
+    } else if constexpr (EXT) {
+        if (pl & kPlTies) return pick_merge_block_nc<DT, CB, EXT, kPlNoTrim | kPlTies | CVT>(n);
+        return pick_merge_block_nc<DT, CB, EXT, kPlNoTrim | CVT>(n);
+    } else {
+        if (pl == kPlNoTrim) return pick_merge_block_nc<DT, CB, EXT, kPlNoTrim | CVT>(n);
+        if (pl & kPlTies) return pick_merge_block_nc<DT, CB, EXT, kPlTrim | kPlTies | CVT>(n);
+        return pick_merge_block_nc<DT, CB, EXT, kPlTrim | CVT>(n);
+    }
+}
+
+// A compile-time plan's instance for a uniform dtype (DT >= 0), or nullptr: the run-time plan.
+// bf16 on the AVX-512 variant: only with the AVX512_BF16 conversion (kPlCvt); on AVX-512 CPUs
+// without it, bf16 runs the run-time plan (fewer instances to compile).
+template <int DT, int CB, bool EXT>
+static MergeBlockFn pick_planned(const TensorArgs& a, const ModelPlan* plans) {
+    if constexpr (DT < 0 || !M3K_HAVE_AVX2) {
+        return nullptr;
+    } else {
+        const int pl = pick_plan(a, plans, CB, EXT);
+        if (pl == kPlRun) return nullptr;
+        if constexpr (DT == kBF16 && M3K_HAVE_AVX512) {
+            return cpu_has_bf16_cvt() ? pick_planned_nc<DT, CB, EXT, kPlCvt>(a.n, pl) : nullptr;
+        } else {
+            return pick_planned_nc<DT, CB, EXT, 0>(a.n, pl);
+        }
+    }
 }
 
 // The combine class (kCb*) of a tensor.
@@ -796,21 +836,12 @@ static MergeBlockFn pick_merge_block_cb(const TensorArgs& a, const ModelPlan* pl
         case kCbGroupFma:  // no method asks for it on the bandwidth path: the any-N loop
             return merge_block<0, DT, kCbGroupFma, EXT>;
         case kCbTiesExt:
+            if (const MergeBlockFn f = pick_planned<DT, kCbTiesExt, EXT>(a, plans)) return f;
             return pick_merge_block_nc<DT, kCbTiesExt, EXT>(a.n);
         case kCbPlainFma:
             return pick_merge_block_nc<DT, kCbPlainFma, EXT>(a.n);
         default:
-            if constexpr (!EXT && M3K_HAVE_AVX2) {
-                const int pl = pick_plan(a, plans);
-                if constexpr (DT == kBF16 && M3K_HAVE_AVX512) {
-                    if (pl == kPlTies && cpu_has_bf16_cvt())
-                        return pick_merge_block_nc<DT, kCbPlain, false, kPlTies | kPlCvt>(a.n);
-                    if (pl == kPlTrim && cpu_has_bf16_cvt())
-                        return pick_merge_block_nc<DT, kCbPlain, false, kPlTrim | kPlCvt>(a.n);
-                }
-                if (pl == kPlTies) return pick_merge_block_nc<DT, kCbPlain, false, kPlTies>(a.n);
-                if (pl == kPlTrim) return pick_merge_block_nc<DT, kCbPlain, false, kPlTrim>(a.n);
-            }
+            if (const MergeBlockFn f = pick_planned<DT, kCbPlain, EXT>(a, plans)) return f;
             return pick_merge_block_nc<DT, kCbPlain, EXT>(a.n);
     }
 }
