@@ -48,3 +48,14 @@ def fresh_cli_logging():
     drop()
     yield
     drop()
+
+
+@pytest.fixture
+def restore_simd():
+    """A test that picks the CPU kernels' SIMD variant (``_C.set_simd_level``) leaves the level
+    it found."""
+    from m3kernels.backends.cpu import _C
+
+    level = _C.simd_level()
+    yield
+    _C.set_simd_level(level)

@@ -95,13 +95,6 @@ def inputs(n, dtype):
     return base.to(dtype), [m.to(dtype) for m in models]
 
 
-@pytest.fixture
-def restore_simd():
-    level = _C.simd_level()
-    yield
-    _C.set_simd_level(level)
-
-
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("level", ["generic", "avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
