@@ -204,10 +204,15 @@ M3K_INLINE vu load_u32(const uint32_t* p) {
 
 // ---------------------------------------------------------------- stores (vf -> W elements)
 
+// The bf16 bits of float32 bits u, rounded to nearest even (docs/KERNEL.md; not for NaN).
+M3K_INLINE vu bf16_rne_bits(vu u) {
+    return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+
 // bf16: round to nearest even on the bits; NaN -> 0x7FC0 with its sign (docs/KERNEL.md).
 M3K_INLINE vh to_bf16(vf y) {
     const vu u = (vu)y;
-    const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const vu rounded = bf16_rne_bits(u);
     const vu nan = ((u >> 16) & 0x8000u) | 0x7fc0u;
     const vu r = y != y ? nan : rounded;
     return __builtin_convertvector(r, vh);
@@ -240,7 +245,7 @@ M3K_INLINE void store_vec(void* dst, int dtype, int64_t k, vf y) {
 M3K_INLINE vf round_to(int dtype, vf y) {
     if (dtype == kBF16) {
         const vu u = (vu)y;
-        const vf r = (vf)(((u + 0x7fffu + ((u >> 16) & 1u)) >> 16) << 16);
+        const vf r = (vf)(bf16_rne_bits(u) << 16);
         return vsel(y != y, y, r);
     }
     if (dtype == kF16) {
@@ -264,9 +269,7 @@ M3K_INLINE void store_vec_partial(void* dst, int dtype, int64_t k, int cnt, vf y
 // first and then rounded, which gives the same 0x7FC0 (0x7FC00000 + 0x7FFF >> 16).
 M3K_INLINE void store_vec_canon(void* dst, int dtype, int64_t k, vf y) {
     if (dtype == kBF16) {
-        const vu u = (vu)y;
-        const vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-        const vu r = y != y ? vu{} + 0x7fc0u : rounded;
+        const vu r = y != y ? vu{} + 0x7fc0u : bf16_rne_bits((vu)y);
         const vh h = __builtin_convertvector(r, vh);
         __builtin_memcpy(static_cast<uint16_t*>(dst) + k, &h, sizeof(h));
         return;
